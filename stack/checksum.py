@@ -1,0 +1,52 @@
+"""The Internet checksum (RFC 1071), fast in pure Python.
+
+The ones'-complement sum of 16-bit big-endian words equals the whole buffer,
+read as one big integer, modulo 0xFFFF (because 2**16 == 1 mod 0xFFFF).
+int.from_bytes and the modulo both run in C, so this costs a few hundred
+nanoseconds for a 1500-byte frame instead of a Python loop per word.
+"""
+from __future__ import annotations
+
+__all__ = ["ones_sum", "checksum", "pseudo_sum", "fold", "finish"]
+
+
+def ones_sum(data, start: int = 0) -> int:
+    """Ones'-complement sum of data (odd length padded with a zero byte), folded to 16 bits.
+
+    Returns 0..0xFFFF; 0xFFFF stands for "negative zero" only when data is non-zero.
+    `start` is an already folded partial sum to add in.
+    """
+    n = len(data)
+    if n & 1:
+        v = int.from_bytes(data, "big") << 8
+    else:
+        v = int.from_bytes(data, "big")
+    v += start
+    if v == 0:
+        return 0
+    r = v % 0xFFFF
+    return r if r else 0xFFFF
+
+
+def fold(v: int) -> int:
+    """Fold any non-negative sum of 16-bit words to 16 bits (ones' complement)."""
+    if v == 0:
+        return 0
+    r = v % 0xFFFF
+    return r if r else 0xFFFF
+
+
+def finish(s: int) -> int:
+    """Checksum field value for a folded sum."""
+    return (~s) & 0xFFFF
+
+
+def checksum(data, start: int = 0) -> int:
+    """Value to store in a checksum field: ~sum. A correct packet re-sums to 0xFFFF."""
+    return (~ones_sum(data, start)) & 0xFFFF
+
+
+def pseudo_sum(src_ip: bytes, dst_ip: bytes, proto: int, length: int) -> int:
+    """Folded sum of the IPv4 pseudo-header (RFC 793 / 768)."""
+    return fold(int.from_bytes(src_ip, "big") + int.from_bytes(dst_ip, "big")
+                + proto + length)
