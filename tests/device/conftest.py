@@ -1,0 +1,45 @@
+import pytest
+import trio
+
+from stack import NetConfig
+from vhostnet.net import NetDevice
+from vhostnet.server import Server
+
+from .frontend import Frontend
+
+
+def make_server(path, **device_kw):
+    def make_device():
+        return NetDevice(NetConfig(), **device_kw)
+    srv = Server(str(path), make_device)
+    srv.listen()
+    return srv
+
+
+@pytest.fixture
+async def server(tmp_path, nursery):
+    srv = make_server(tmp_path / "vhost.sock")
+    nursery.start_soon(srv.serve)
+    await srv.ready.wait()
+    yield srv
+
+
+@pytest.fixture
+async def fe(server):
+    f = Frontend()
+    await f.connect(server.socket_path)
+    yield f
+    await f.close()
+    # Let the server notice the disconnect before memory goes.
+    with trio.move_on_after(2):
+        while server.current is not None:
+            await trio.sleep(0.005)
+    f.release()
+
+
+@pytest.fixture
+async def ready(fe):
+    await fe.handshake()
+    fe.post_rx()
+    fe.rx.kick()
+    return fe

@@ -1,0 +1,315 @@
+"""An in-process vhost-user frontend: what QEMU and a guest driver do, for tests.
+
+Real parts throughout: guest memory is a memfd shared through SCM_RIGHTS,
+kicks and calls are eventfds, and the messages go over a Unix socket to the
+real server. The "driver" half writes split-ring descriptors and avail
+entries into that memory and reads the used ring back, so tests can also
+play a hostile driver (bad addresses, loops, index jumps) with raw writes.
+"""
+from __future__ import annotations
+
+import array
+import os
+import socket
+import struct
+
+import trio
+
+from vhostnet import protocol as P
+from vhostnet.protocol import Req
+
+HDR = struct.Struct("<III")
+U64 = struct.Struct("<Q")
+STATE = struct.Struct("<II")
+ADDR = struct.Struct("<IIQQQQ")
+REGION = struct.Struct("<QQQQ")
+NET_HDR = struct.Struct("<BBHHHHH")
+DESC = struct.Struct("<QIHH")
+
+UVA_BASE = 0x7F00_0000_0000
+F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
+RXQ, TXQ = 0, 1
+
+
+class Ring:
+    """The driver's side of one split virtqueue in shared memory."""
+
+    def __init__(self, mem: memoryview, index: int, size: int, desc: int, avail: int, used: int,
+                 buf_base: int, buf_size: int):
+        self.mem, self.index, self.size = mem, index, size
+        self.desc, self.avail, self.used = desc, avail, used
+        self.buf_base, self.buf_size = buf_base, buf_size
+        self.free = list(range(size))
+        self.avail_idx = 0
+        self.last_used = 0
+        self.chains: dict[int, list[int]] = {}
+        self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def buf(self, i: int) -> int:
+        return self.buf_base + i * self.buf_size
+
+    def write_desc(self, i: int, addr: int, length: int, flags: int, nxt: int = 0) -> None:
+        DESC.pack_into(self.mem, self.desc + 16 * i, addr, length, flags, nxt)
+
+    def add(self, bufs: list[tuple[int, int, int]]) -> int:
+        """bufs = [(addr, len, flags)], NEXT filled in. Returns the head."""
+        if len(bufs) > len(self.free):
+            raise RuntimeError("ring full")
+        ids = [self.free.pop() for _ in bufs]
+        for k, (addr, length, flags) in enumerate(bufs):
+            nxt = ids[k + 1] if k + 1 < len(ids) else 0
+            self.write_desc(ids[k], addr, length, flags | (F_NEXT if k + 1 < len(ids) else 0), nxt)
+        self.chains[ids[0]] = ids
+        self.push_avail(ids[0])
+        return ids[0]
+
+    def push_avail(self, head: int) -> None:
+        struct.pack_into("<H", self.mem, self.avail + 4 + 2 * (self.avail_idx % self.size), head)
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.mem[self.avail + 2:self.avail + 4] = struct.pack("<H", self.avail_idx)
+
+    def set_avail_idx(self, idx: int) -> None:
+        self.avail_idx = idx & 0xFFFF
+        self.mem[self.avail + 2:self.avail + 4] = struct.pack("<H", self.avail_idx)
+
+    def set_avail_flags(self, flags: int) -> None:
+        struct.pack_into("<H", self.mem, self.avail, flags)
+
+    def set_used_event(self, v: int) -> None:
+        struct.pack_into("<H", self.mem, self.avail + 4 + 2 * self.size, v)
+
+    def used_idx(self) -> int:
+        return struct.unpack_from("<H", self.mem, self.used + 2)[0]
+
+    def avail_event(self) -> int:
+        return struct.unpack_from("<H", self.mem, self.used + 4 + 8 * self.size)[0]
+
+    def take_used(self) -> list[tuple[int, int]]:
+        out = []
+        idx = self.used_idx()
+        while self.last_used != idx:
+            slot = self.last_used % self.size
+            head, length = struct.unpack_from("<II", self.mem, self.used + 4 + 8 * slot)
+            out.append((head, length))
+            for i in self.chains.pop(head, [head]):
+                if i not in self.free:
+                    self.free.append(i)
+            self.last_used = (self.last_used + 1) & 0xFFFF
+        return out
+
+    def kick(self) -> None:
+        os.eventfd_write(self.kick_fd, 1)
+
+    def calls(self) -> int:
+        try:
+            return os.eventfd_read(self.call_fd)
+        except BlockingIOError:
+            return 0
+
+    async def wait_call(self, timeout: float = 5.0) -> bool:
+        with trio.move_on_after(timeout):
+            while True:
+                if self.calls():
+                    return True
+                await trio.lowlevel.wait_readable(self.call_fd)
+        return False
+
+    def close(self) -> None:
+        for fd in (self.kick_fd, self.call_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class Frontend:
+    def __init__(self, mem_size: int = 32 << 20, queue_size: int = 256, two_regions: bool = False):
+        self.mem_size = mem_size
+        self.memfd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+        os.ftruncate(self.memfd, mem_size)
+        import mmap
+        self.mm = mmap.mmap(self.memfd, mem_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.mem = memoryview(self.mm)
+        self.two_regions = two_regions
+        self.qsize = queue_size
+        n = queue_size
+        # Rings low in memory, RX buffers at 1 MiB, TX buffers (64 KiB + header each) at 4 MiB.
+        self.rx = Ring(self.mem, RXQ, n, 0x1000, 0x1000 + 16 * n, 0x1000 + 16 * n + 0x2000,
+                       0x100000, 0x1000)
+        self.tx = Ring(self.mem, TXQ, n, 0x40000, 0x40000 + 16 * n, 0x40000 + 16 * n + 0x2000,
+                       0x400000, 0x10000 + 0x100)
+        assert self.tx.buf(n - 1) + self.tx.buf_size <= mem_size, "guest memory too small for the TX buffers"
+        self.rings = [self.rx, self.tx]
+        self.sock: trio.socket.SocketType | None = None
+        self.features = 0
+        self.protocol_features = 0
+        self.hdr_len = 12
+
+    # -- messages --------------------------------------------------------
+
+    async def connect(self, path: str) -> None:
+        self.sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await self.sock.connect(path)
+
+    async def send_raw(self, data: bytes, fds=()) -> None:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        await self.sock.sendmsg([data], anc)
+
+    async def recv_reply(self, timeout: float = 5.0) -> tuple[int, int, bytes]:
+        with trio.fail_after(timeout):
+            head = b""
+            while len(head) < 12:
+                chunk = await self.sock.recv(12 - len(head))
+                if not chunk:
+                    raise EOFError("backend closed the connection")
+                head += chunk
+            req, flags, size = HDR.unpack(head)
+            body = b""
+            while len(body) < size:
+                chunk = await self.sock.recv(size - len(body))
+                if not chunk:
+                    raise EOFError("backend closed the connection")
+                body += chunk
+        return req, flags, body
+
+    async def request(self, req: int, payload: bytes = b"", fds=(), need_reply: bool = False,
+                      expect_reply: bool | None = None):
+        flags = P.FLAG_VERSION | (P.FLAG_NEED_REPLY if need_reply else 0)
+        await self.send_raw(HDR.pack(req, flags, len(payload)) + payload, fds)
+        if expect_reply is None:
+            expect_reply = need_reply or req in (Req.GET_FEATURES, Req.GET_PROTOCOL_FEATURES,
+                                                 Req.GET_QUEUE_NUM, Req.GET_VRING_BASE, Req.GET_CONFIG)
+        if not expect_reply:
+            return None
+        rreq, rflags, body = await self.recv_reply()
+        assert rreq == req, f"reply for request {rreq}, expected {req}"
+        assert rflags & P.FLAG_REPLY
+        return body
+
+    async def get_u64(self, req: int) -> int:
+        return U64.unpack(await self.request(req))[0]
+
+    async def ack(self, req: int, payload: bytes = b"", fds=()) -> int:
+        """Send with NEED_REPLY (REPLY_ACK negotiated); returns the status (0 = ok)."""
+        return U64.unpack(await self.request(req, payload, fds, need_reply=True))[0]
+
+    def mem_table(self) -> tuple[bytes, list[int]]:
+        if self.two_regions:
+            half = self.mem_size // 2
+            regions = [(0, half, UVA_BASE, 0), (half, half, UVA_BASE + half, half)]
+        else:
+            regions = [(0, self.mem_size, UVA_BASE, 0)]
+        payload = struct.pack("<II", len(regions), 0) + b"".join(REGION.pack(*r) for r in regions)
+        return payload, [self.memfd] * len(regions)
+
+    async def handshake(self, features: int | None = None, enable: bool = True,
+                        reply_ack: bool = True) -> None:
+        """The sequence QEMU 7.2 sends for -netdev vhost-user + virtio-net-pci."""
+        offered = await self.get_u64(Req.GET_FEATURES)
+        pf = await self.get_u64(Req.GET_PROTOCOL_FEATURES)
+        self.protocol_features = pf if reply_ack else pf & ~(1 << P.ProtoFeat.REPLY_ACK)
+        await self.request(Req.SET_PROTOCOL_FEATURES, U64.pack(self.protocol_features))
+        await self.request(Req.SET_OWNER)
+        self.features = offered if features is None else features
+        await self.request(Req.SET_FEATURES, U64.pack(self.features))
+        self.hdr_len = 12 if self.features & (1 << 32 | 1 << 15) else 10
+        payload, fds = self.mem_table()
+        await self.request(Req.SET_MEM_TABLE, payload, fds)
+        for r in self.rings:
+            await self.setup_ring(r)
+        if enable and self.features >> 30 & 1:
+            for r in self.rings:
+                await self.request(Req.SET_VRING_ENABLE, STATE.pack(r.index, 1))
+        # A round trip so every message above has been handled.
+        await self.get_u64(Req.GET_FEATURES)
+
+    async def setup_ring(self, r: Ring, base: int = 0) -> None:
+        await self.request(Req.SET_VRING_NUM, STATE.pack(r.index, r.size))
+        await self.request(Req.SET_VRING_BASE, STATE.pack(r.index, base))
+        await self.request(Req.SET_VRING_ADDR, ADDR.pack(r.index, 0, UVA_BASE + r.desc,
+                                                         UVA_BASE + r.used, UVA_BASE + r.avail, 0))
+        await self.request(Req.SET_VRING_CALL, U64.pack(r.index), [r.call_fd])
+        await self.request(Req.SET_VRING_KICK, U64.pack(r.index), [r.kick_fd])
+
+    async def get_vring_base(self, index: int) -> int:
+        body = await self.request(Req.GET_VRING_BASE, STATE.pack(index, 0))
+        return STATE.unpack(body)[1]
+
+    # -- driver: frames --------------------------------------------------
+
+    def net_hdr(self, flags=0, gso_type=0, hdr_len=0, gso_size=0, csum_start=0, csum_offset=0,
+                num_buffers=0) -> bytes:
+        h = NET_HDR.pack(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers)
+        return h[:self.hdr_len]
+
+    def post_tx(self, frame: bytes, hdr: bytes | None = None, split: bool = False) -> int:
+        """Place one frame (with its virtio-net header) in the TX ring. Does not kick."""
+        r = self.tx
+        hdr = self.net_hdr() if hdr is None else hdr
+        slot = r.free[-1]
+        addr = r.buf(slot)
+        if split:
+            self.mem[addr:addr + len(hdr)] = hdr
+            self.mem[addr + 0x80:addr + 0x80 + len(frame)] = frame
+            return r.add([(addr, len(hdr), 0), (addr + 0x80, len(frame), 0)])
+        data = hdr + frame
+        self.mem[addr:addr + len(data)] = data
+        return r.add([(addr, len(data), 0)])
+
+    def post_rx(self, count: int | None = None, size: int = 0x1000) -> int:
+        r = self.rx
+        n = 0
+        while r.free and (count is None or n < count):
+            slot = r.free[-1]
+            r.add([(r.buf(slot), size, F_WRITE)])
+            n += 1
+        return n
+
+    def read_rx(self) -> list[tuple[bytes, bytes]]:
+        """(virtio-net header, frame) for every RX buffer the device returned."""
+        out = []
+        pending: list[tuple[int, int]] = self.rx.take_used()
+        i = 0
+        while i < len(pending):
+            head, length = pending[i]
+            data = bytes(self.mem[self.rx.buf(head):self.rx.buf(head) + length])
+            hdr = data[:self.hdr_len]
+            nbuf = NET_HDR.unpack(hdr)[6] if self.hdr_len == 12 and self.features >> 15 & 1 else 1
+            body = data[self.hdr_len:]
+            for k in range(1, nbuf):
+                h2, l2 = pending[i + k]
+                body += bytes(self.mem[self.rx.buf(h2):self.rx.buf(h2) + l2])
+            out.append((hdr, body))
+            i += max(nbuf, 1)
+        return out
+
+    async def exchange(self, frames: list[bytes], want: int, timeout: float = 5.0) -> list[bytes]:
+        """Send frames, then collect at least `want` frames from the device."""
+        for f in frames:
+            self.post_tx(f)
+        self.tx.kick()
+        got: list[bytes] = []
+        with trio.move_on_after(timeout):
+            while len(got) < want:
+                got.extend(b for _h, b in self.read_rx())
+                if len(got) >= want:
+                    break
+                if self.rx.free:
+                    self.post_rx()
+                    self.rx.kick()
+                await self.rx.wait_call(0.05)
+        self.tx.take_used()
+        return got
+
+    async def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def release(self) -> None:
+        for r in self.rings:
+            r.close()
+        self.mem.release()
+        self.mm.close()
+        os.close(self.memfd)

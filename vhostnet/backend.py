@@ -1,0 +1,393 @@
+"""The vhost-user backend: one connection's protocol state, no I/O.
+
+`Backend.handle()` takes one request (already read off the socket, with its
+fds) and returns the reply bytes to send, if any. It owns guest memory and
+the virtqueues; the device (vhostnet/net.py) sees only started queues and
+kicks. The server (vhostnet/server.py) does the socket and eventfd I/O and
+is told through `on_queue_start` / `on_queue_stop` when to wait on a kick fd.
+
+Ring rules (docs/interop/vhost-user.rst): a ring is *started* by
+SET_VRING_KICK and *stopped* by GET_VRING_BASE. If PROTOCOL_FEATURES was not
+negotiated a started ring is enabled at once; otherwise it starts disabled
+and SET_VRING_ENABLE switches it.
+
+A bad request never raises out of handle(): it is logged (rate-limited),
+counted, and answered with failure where a reply is owed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+
+from . import protocol as P
+from .memory import GuestMemory, MemoryError_
+from .protocol import Req, BadMessage
+from .ratelimit import RateLimitedLog
+from .virtqueue import Virtqueue, MAX_QUEUE_SIZE
+
+__all__ = ["Backend"]
+
+log = logging.getLogger("vhostnet.backend")
+
+_HDR = struct.Struct("<III")
+_U64 = struct.Struct("<Q")
+_STATE = struct.Struct("<II")
+
+# Requests whose answer is a reply message of their own (not a REPLY_ACK).
+_HAS_REPLY = {Req.GET_FEATURES, Req.GET_PROTOCOL_FEATURES, Req.GET_QUEUE_NUM,
+              Req.GET_VRING_BASE, Req.GET_CONFIG, Req.GET_MAX_MEM_SLOTS, Req.GET_STATUS}
+# How many fds each request may carry.
+_FDS = {Req.SET_MEM_TABLE: P.MAX_MEM_REGIONS, Req.SET_VRING_KICK: 1, Req.SET_VRING_CALL: 1,
+        Req.SET_VRING_ERR: 1, Req.SET_LOG_FD: 1, Req.SET_LOG_BASE: 1, Req.SET_BACKEND_REQ_FD: 1,
+        Req.ADD_MEM_REG: 1, Req.SET_INFLIGHT_FD: 1}
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None and fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class Backend:
+    def __init__(self, device, *, rlog: RateLimitedLog | None = None):
+        self.device = device
+        self.rlog = rlog or RateLimitedLog(log)
+        self.queues = [Virtqueue(i, device.queue_names[i]) for i in range(device.num_queues)]
+        for q in self.queues:
+            q.on_error = self._queue_error
+        self.mem: GuestMemory | None = None
+        self.features = 0
+        self.protocol_features = 0
+        self.owner = False
+        self.mtu: int | None = None
+        self.requests: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        # Set by the server: called with a Virtqueue.
+        self.on_queue_start = lambda q: None
+        self.on_queue_stop = lambda q: None
+
+    # -- what we offer ---------------------------------------------------
+
+    @property
+    def offered_features(self) -> int:
+        return self.device.device_features | (1 << P.VHOST_USER_F_PROTOCOL_FEATURES)
+
+    @property
+    def offered_protocol_features(self) -> int:
+        return ((1 << P.ProtoFeat.REPLY_ACK) | (1 << P.ProtoFeat.MTU)
+                | (1 << P.ProtoFeat.CONFIG) | (1 << P.ProtoFeat.RESET_DEVICE))
+
+    def proto(self, feat: P.ProtoFeat) -> bool:
+        return bool(self.protocol_features >> feat & 1)
+
+    # -- entry point -----------------------------------------------------
+
+    def handle(self, request: int, flags: int, payload: bytes, fds: list[int]) -> bytes | None:
+        name = P.request_name(request)
+        self.requests[name] = self.requests.get(name, 0) + 1
+        need_reply = bool(flags & P.FLAG_NEED_REPLY) and self.proto(P.ProtoFeat.REPLY_ACK)
+        fds = list(fds)
+        try:
+            if flags & P.VERSION_MASK != P.FLAG_VERSION:
+                raise BadMessage(f"{name}: protocol version {flags & P.VERSION_MASK}, expected 1")
+            allowed = _FDS.get(request, 0)
+            if len(fds) > allowed:
+                extra = fds[allowed:]
+                del fds[allowed:]
+                for fd in extra:
+                    _close(fd)
+                raise BadMessage(f"{name}: carried {len(extra) + allowed} fds, at most {allowed} expected")
+            handler = getattr(self, "_" + name.lower(), None) if request in P.Req._value2member_map_ else None
+            if handler is None:
+                raise BadMessage(f"unsupported request {name}")
+            body = P.parse_payload(request, payload)
+            result = handler(body, fds, payload)
+            fds = []  # the handler owns them now
+        except BadMessage as e:
+            return self._fail(request, name, str(e), fds, need_reply)
+        except (MemoryError_, ValueError, OverflowError) as e:
+            return self._fail(request, name, f"{name}: {e}", fds, need_reply)
+        if request in _HAS_REPLY:
+            return self._reply(request, result)
+        if need_reply:
+            return self._reply(request, _U64.pack(0))
+        return None
+
+    def refuse(self, request: int, flags: int, detail: str) -> bytes | None:
+        """Answer a request that could not even be parsed (e.g. oversized)."""
+        name = P.request_name(request)
+        need_reply = bool(flags & P.FLAG_NEED_REPLY) and self.proto(P.ProtoFeat.REPLY_ACK)
+        return self._fail(request, name, f"{name}: {detail}", [], need_reply)
+
+    def _fail(self, request, name, detail, fds, need_reply) -> bytes | None:
+        for fd in fds:
+            _close(fd)
+        reason = "bad_" + name.lower() if not name.startswith("UNKNOWN") else "unknown_request"
+        self.errors[reason] = self.errors.get(reason, 0) + 1
+        self.rlog.warning(reason, "refused vhost-user request: %s", detail)
+        if request in _HAS_REPLY:
+            # The frontend waits for a reply of this type; a zero value with
+            # the right header is the least surprising answer.
+            if request == Req.GET_VRING_BASE:
+                return self._reply(request, _STATE.pack(0, 0))
+            return self._reply(request, _U64.pack(0))
+        if need_reply:
+            return self._reply(request, _U64.pack(1))
+        return None
+
+    @staticmethod
+    def _reply(request: int, payload: bytes) -> bytes:
+        return _HDR.pack(request, P.FLAG_VERSION | P.FLAG_REPLY, len(payload)) + payload
+
+    def _queue(self, index: int) -> Virtqueue:
+        if not 0 <= index < len(self.queues):
+            raise BadMessage(f"queue index {index} out of range 0..{len(self.queues) - 1}")
+        return self.queues[index]
+
+    def _queue_error(self, q: Virtqueue, reason: str, detail: str) -> None:
+        self.rlog.warning(f"{q.name}:{reason}", "%s: guest driver error (%s): %s", q.name, reason, detail)
+        if q.broken is not None and q.err_fd is not None:
+            try:
+                os.write(q.err_fd, _U64.pack(1))
+            except OSError:
+                pass
+
+    # -- features and ownership ------------------------------------------
+
+    def _get_features(self, body, fds, raw):
+        return _U64.pack(self.offered_features)
+
+    def _set_features(self, body, fds, raw):
+        want = body.value
+        extra = want & ~self.offered_features
+        if extra:
+            raise BadMessage(f"SET_FEATURES asks for bits we did not offer: {extra:#x}")
+        self.features = want
+        for q in self.queues:
+            q.event_idx = bool(want >> 29 & 1)
+        self.device.set_features(want)
+
+    def _get_protocol_features(self, body, fds, raw):
+        return _U64.pack(self.offered_protocol_features)
+
+    def _set_protocol_features(self, body, fds, raw):
+        want = body.value
+        extra = want & ~self.offered_protocol_features
+        if extra:
+            raise BadMessage(f"SET_PROTOCOL_FEATURES asks for bits we did not offer: {extra:#x}")
+        self.protocol_features = want
+
+    def _get_queue_num(self, body, fds, raw):
+        return _U64.pack(len(self.queues))
+
+    def _get_max_mem_slots(self, body, fds, raw):
+        return _U64.pack(P.MAX_MEM_REGIONS)
+
+    def _set_owner(self, body, fds, raw):
+        self.owner = True
+
+    def _reset_owner(self, body, fds, raw):
+        self.reset()
+
+    def _reset_device(self, body, fds, raw):
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the state of a fresh connection (rings stopped, memory kept)."""
+        for q in self.queues:
+            self._stop(q)
+            q.enabled = False
+            q.last_avail_idx = q.used_idx = 0
+            q.broken = None
+        self.features = 0
+        self.device.set_features(0)
+
+    # -- memory ----------------------------------------------------------
+
+    def _set_mem_table(self, body, fds, raw):
+        try:
+            new = GuestMemory.from_fds(body, fds)
+        finally:
+            # The mappings keep the memory; the fds are no longer needed.
+            for fd in fds:
+                _close(fd)
+        old = self.mem
+        for q in self.queues:
+            q.detach()
+        self.mem = new
+        if old is not None:
+            old.close()
+        for q in self.queues:
+            if q.num and q.desc_uva:
+                try:
+                    q.attach(new)
+                except (MemoryError_, ValueError) as e:
+                    self._stop(q)
+                    raise BadMessage(f"{q.name}: rings are not inside the new memory table: {e}") from None
+        log.info("memory table: %d region(s), %d MiB", len(new.regions), new.total_size >> 20)
+
+    def _set_log_base(self, body, fds, raw):
+        for fd in fds:
+            _close(fd)
+        raise BadMessage("dirty logging (migration) is not supported")
+
+    _set_log_fd = _set_log_base
+
+    # -- rings -----------------------------------------------------------
+
+    def _set_vring_num(self, body, fds, raw):
+        q = self._queue(body.index)
+        n = body.num
+        if not n or n & (n - 1) or n > MAX_QUEUE_SIZE:
+            raise BadMessage(f"{q.name}: size {n} is not a power of two in 1..{MAX_QUEUE_SIZE}")
+        if q.started:
+            raise BadMessage(f"{q.name}: size changed while the ring is started")
+        q.num = n
+
+    def _set_vring_addr(self, body, fds, raw):
+        q = self._queue(body.index)
+        if q.started:
+            raise BadMessage(f"{q.name}: addresses changed while the ring is started")
+        q.detach()
+        q.addr_flags = body.flags
+        q.desc_uva, q.used_uva, q.avail_uva = body.desc_user_addr, body.used_user_addr, body.avail_user_addr
+        q.log_gpa = body.log_guest_addr
+        if self.mem is not None:
+            try:
+                q.attach(self.mem)
+            except (MemoryError_, ValueError) as e:
+                q.detach()
+                raise BadMessage(f"{q.name}: {e}") from None
+
+    def _set_vring_base(self, body, fds, raw):
+        q = self._queue(body.index)
+        if q.started:
+            raise BadMessage(f"{q.name}: base changed while the ring is started")
+        if body.num > 0xFFFF:
+            raise BadMessage(f"{q.name}: base {body.num} does not fit 16 bits")
+        q.last_avail_idx = body.num
+        q.used_idx = body.num
+
+    def _get_vring_base(self, body, fds, raw):
+        q = self._queue(body.index)
+        self._stop(q)
+        return _STATE.pack(q.index, q.last_avail_idx)
+
+    def _take_fd(self, body, fds, what):
+        q = self._queue(body.value & P.VRING_IDX_MASK)
+        nofd = bool(body.value & P.VRING_NOFD_MASK)
+        if body.value & ~(P.VRING_IDX_MASK | P.VRING_NOFD_MASK):
+            for fd in fds:
+                _close(fd)
+            raise BadMessage(f"{what}: unknown bits in {body.value:#x}")
+        if not nofd and len(fds) != 1:
+            raise BadMessage(f"{what} for {q.name}: expected one fd, got {len(fds)}")
+        if nofd:
+            for fd in fds:
+                _close(fd)
+            return q, None
+        fd = fds[0]
+        os.set_blocking(fd, False)
+        return q, fd
+
+    def _set_vring_kick(self, body, fds, raw):
+        q, fd = self._take_fd(body, fds, "SET_VRING_KICK")
+        self._stop(q)
+        q.kick_fd = fd
+        q.kick_polled = fd is None
+        if self.mem is None or q._desc is None:
+            try:
+                if self.mem is None:
+                    raise ValueError("no memory table yet")
+                q.attach(self.mem)
+            except (MemoryError_, ValueError) as e:
+                raise BadMessage(f"{q.name}: cannot start: {e}") from None
+        q.used_idx = q.guest_used_idx()
+        q.started = True
+        if not self.features >> P.VHOST_USER_F_PROTOCOL_FEATURES & 1:
+            q.enabled = True
+        log.debug("%s started (size %d, base %d, kick %s)", q.name, q.num, q.last_avail_idx,
+                  "polled" if fd is None else f"fd {fd}")
+        self.on_queue_start(q)
+
+    def _set_vring_call(self, body, fds, raw):
+        q, fd = self._take_fd(body, fds, "SET_VRING_CALL")
+        _close(q.call_fd)
+        q.call_fd = fd
+        q.call_none = fd is None
+
+    def _set_vring_err(self, body, fds, raw):
+        q, fd = self._take_fd(body, fds, "SET_VRING_ERR")
+        _close(q.err_fd)
+        q.err_fd = fd
+
+    def _set_vring_enable(self, body, fds, raw):
+        q = self._queue(body.index)
+        if not self.features >> P.VHOST_USER_F_PROTOCOL_FEATURES & 1:
+            raise BadMessage("SET_VRING_ENABLE without PROTOCOL_FEATURES negotiated")
+        if body.num not in (0, 1):
+            raise BadMessage(f"SET_VRING_ENABLE: value {body.num} (expected 0 or 1)")
+        q.enabled = bool(body.num)
+        if q.started and q.enabled:
+            self.on_queue_start(q)
+
+    def _stop(self, q: Virtqueue) -> None:
+        was = q.started
+        q.started = False
+        self.on_queue_stop(q)
+        if was:
+            log.debug("%s stopped at avail %d used %d", q.name, q.last_avail_idx, q.used_idx)
+        _close(q.kick_fd)
+        q.kick_fd = None
+
+    # -- net-specific and misc ------------------------------------------
+
+    def _send_rarp(self, body, fds, raw):
+        # Only used after migration, which we do not support; harmless to accept.
+        pass
+
+    def _net_set_mtu(self, body, fds, raw):
+        if not 68 <= body.value <= 65535:
+            raise BadMessage(f"NET_SET_MTU {body.value} out of range 68..65535")
+        self.mtu = body.value
+        self.device.set_mtu(body.value)
+
+    def _get_config(self, body, fds, raw):
+        data = self.device.get_config(body.offset, body.size)
+        return _HDR.pack(body.offset, len(data), body.flags) + data
+
+    def _set_config(self, body, fds, raw):
+        # virtio-net config is read-only for the driver except through
+        # control commands; accept and ignore, as QEMU does.
+        pass
+
+    # -- teardown --------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop every ring, close every fd we were given, unmap guest memory."""
+        for q in self.queues:
+            self._stop(q)
+            _close(q.call_fd)
+            _close(q.err_fd)
+            q.call_fd = q.err_fd = None
+            q.detach()
+        if self.mem is not None:
+            self.mem.close()
+            self.mem = None
+
+    # -- introspection ---------------------------------------------------
+
+    def describe(self) -> dict:
+        return {
+            "features": self.features,
+            "protocol_features": self.protocol_features,
+            "owner": self.owner,
+            "mtu": self.mtu,
+            "memory": self.mem.describe() if self.mem else [],
+            "queues": [q.describe() for q in self.queues],
+            "requests": dict(self.requests),
+            "errors": dict(self.errors),
+        }

@@ -1,0 +1,360 @@
+"""The virtio-net device: TX chains in, RX buffers out, offloads translated.
+
+Data path, top to bottom:
+
+    kick fd -> TX virtqueue -> NetDevice.drain_tx -> taps (pcap) -> stack
+    stack -> NetDevice.flush_rx -> taps -> RX virtqueue buffers -> call fd
+
+The 12-byte virtio-net header (10 bytes for a legacy driver without
+MRG_RXBUF) becomes the offload fields of a stack Frame and back: NEEDS_CSUM
+is a partial checksum, GSO_TCPV4 a TSO segment, DATA_VALID a vouched-for
+checksum. With CSUM/TSO negotiated both ways the guest and the stack move
+64 KiB segments without computing a checksum, which is how a Python
+backend keeps up with a guest.
+
+Bounded: frames for the guest wait in `rx_pending` (at most
+`rx_pending_limit` frames) while the guest has posted no RX buffers; past
+that they are dropped and counted. A TX frame larger than 64 KiB plus
+headers is dropped. Every driver mistake is counted by reason and logged
+rate-limited.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import struct
+
+from stack import Frame, NetConfig, Stack
+
+from . import features as F
+from .ratelimit import RateLimitedLog
+
+__all__ = ["NetDevice"]
+
+log = logging.getLogger("vhostnet.net")
+
+HDR10 = struct.Struct("<BBHHHH")
+HDR12 = struct.Struct("<BBHHHHH")
+NEEDS_CSUM = 1
+DATA_VALID = 2
+GSO_NONE = 0
+GSO_TCPV4 = 1
+GSO_ECN = 0x80
+MAX_FRAME = 14 + 65535
+_ONE = (1).to_bytes(8, "little")
+_ETH_IP_TCP = struct.Struct("!12xH")  # ethertype
+RX, TX = 0, 1
+
+
+def _scatter(views, hdr, data) -> int:
+    """Copy hdr then data into consecutive views; returns bytes written."""
+    written = 0
+    src = hdr
+    spos = 0
+    second = data
+    for v in views:
+        vpos = 0
+        vlen = len(v)
+        while vpos < vlen:
+            left = len(src) - spos
+            if left == 0:
+                if second is None:
+                    return written
+                src, spos, second = second, 0, None
+                continue
+            n = min(left, vlen - vpos)
+            v[vpos:vpos + n] = src[spos:spos + n]
+            vpos += n
+            spos += n
+            written += n
+    return written
+
+
+class NetDevice:
+    num_queues = 2
+    queue_names = ("rx", "tx")
+
+    def __init__(self, config: NetConfig | None = None, *, features: int = F.DEFAULT_FEATURES,
+                 rx_pending_limit: int = 1024, rlog: RateLimitedLog | None = None):
+        self.config = config or NetConfig()
+        self.device_features = features
+        self.stack = Stack(self.config)
+        self.rlog = rlog or RateLimitedLog(log)
+        self.backend = None  # set by attach()
+        self.negotiated = 0
+        self.hdr_len = 12
+        self.mrg = False
+        self.guest_csum = False
+        self.guest_tso = False
+        self.host_csum = False
+        self.host_tso = False
+        self.rx_pending: collections.deque[Frame] = collections.deque()
+        self.rx_pending_limit = rx_pending_limit
+        self.counters = collections.Counter()
+        self.taps: list = []  # callables (direction "tx"/"rx", bytes-like); tx = from the guest
+        self.mtu = self.config.mtu
+
+    def attach(self, backend) -> None:
+        self.backend = backend
+
+    # -- negotiation (called by the backend) -----------------------------
+
+    def set_features(self, feats: int) -> None:
+        self.negotiated = feats
+        has = lambda bit: bool(feats >> bit & 1)
+        self.mrg = has(F.MRG_RXBUF)
+        self.hdr_len = 12 if (self.mrg or has(F.VERSION_1)) else 10
+        self.guest_csum = has(F.GUEST_CSUM)
+        self.guest_tso = has(F.GUEST_TSO4) and self.guest_csum
+        self.host_csum = has(F.CSUM)
+        self.host_tso = has(F.HOST_TSO4) and self.host_csum
+        self.stack.set_offloads(csum=self.guest_csum, tso=self.guest_tso)
+        if feats:
+            log.info("features negotiated: %s", " ".join(F.names(feats)))
+
+    def set_mtu(self, mtu: int) -> None:
+        self.mtu = mtu
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        # struct virtio_net_config: mac, status (LINK_UP), max_virtqueue_pairs, mtu
+        cfg = self.config.guest_mac_b + struct.pack("<HHH", 1, 1, self.mtu)
+        return cfg[offset:offset + size].ljust(size, b"\0") if 0 <= offset <= 0x100 and size <= 0x100 else b""
+
+    # -- events ----------------------------------------------------------
+
+    def process(self, q, now: float) -> bool:
+        """Work on queue q after a kick (or a poll). True if more work is waiting."""
+        if q.index == TX:
+            return self.drain_tx(now)
+        return self.flush_rx()
+
+    def poll(self, now: float) -> None:
+        self.stack.poll(now)
+        self.flush_rx()
+
+    def next_deadline(self):
+        return self.stack.next_deadline()
+
+    def _signal(self, q) -> None:
+        if q.call_fd is None:
+            return
+        try:
+            os.write(q.call_fd, _ONE)
+            q.stats["calls"] += 1
+        except BlockingIOError:
+            q.stats["calls"] += 1  # counter saturated: the guest has an interrupt pending anyway
+        except OSError as e:
+            self.rlog.warning("call_fd", "%s: cannot signal call fd: %s", q.name, e)
+
+    def _count(self, reason: str, detail: str = "", *args) -> None:
+        self.counters[reason] += 1
+        if detail:
+            self.rlog.warning(reason, detail, *args)
+
+    # -- TX: guest -> stack ----------------------------------------------
+
+    def drain_tx(self, now: float, budget: int = 512) -> bool:
+        q = self.backend.queues[TX]
+        if not q.ready:
+            return False
+        n = 0
+        while n < budget:
+            chain = q.pop()
+            if chain is None:
+                break
+            try:
+                self._tx_one(chain, now)
+            except Exception:  # a stack bug must not take the device down
+                self.counters["tx_internal_error"] += 1
+                log.exception("internal error handling a TX frame")
+            # The buffer goes back only after the stack is done with it:
+            # frame views point into guest memory.
+            q.push(chain.head, 0)
+            chain = None
+            n += 1
+        # Chains refused by pop() were pushed too, so publish regardless.
+        if q.used_idx != q.guest_used_idx():
+            if q.publish():
+                self._signal(q)
+            else:
+                q.stats["calls_suppressed"] += 1
+        more = n >= budget or q.want_kick_at_next()
+        self.flush_rx()
+        return more
+
+    def _tx_one(self, chain, now: float) -> None:
+        hl = self.hdr_len
+        total = chain.read_len
+        if total < hl + 14:
+            return self._count("tx_runt", "tx: chain of %d bytes is shorter than the %d-byte virtio-net header plus an Ethernet header",
+                               total, hl)
+        if total > hl + MAX_FRAME:
+            return self._count("tx_oversize", "tx: frame of %d bytes exceeds the %d-byte maximum", total - hl, MAX_FRAME)
+        views = chain.readable
+        first = views[0]
+        if len(views) == 1:
+            hdr = first
+            data = first[hl:]
+        elif len(first) == hl and len(views) == 2:
+            hdr = first
+            data = views[1]
+        else:
+            buf = b"".join(views)
+            hdr = buf
+            data = memoryview(buf)[hl:]
+        flags, gso_type, _hl, gso_size, csum_start, csum_offset = HDR10.unpack_from(hdr)
+        frame = Frame(data)
+        if flags & NEEDS_CSUM:
+            if csum_start + csum_offset + 2 > len(data) or csum_start < 14:
+                return self._count("tx_bad_csum_offset",
+                                   "tx: NEEDS_CSUM with csum_start %d + csum_offset %d outside the %d-byte frame",
+                                   csum_start, csum_offset, len(data))
+            frame.csum_start = csum_start
+            frame.csum_offset = csum_offset
+        elif flags & DATA_VALID:
+            frame.csum_valid = True
+        if gso_type != GSO_NONE:
+            if gso_type & ~GSO_ECN != GSO_TCPV4 or not self.host_tso or gso_size == 0:
+                return self._count("tx_bad_gso",
+                                   "tx: gso_type %d gso_size %d not allowed by the negotiated features (HOST_TSO4=%s)",
+                                   gso_type, gso_size, self.host_tso)
+            frame.gso_size = gso_size
+        self.counters["tx_frames"] += 1
+        self.counters["tx_bytes"] += len(data)
+        for tap in self.taps:
+            tap("tx", frame)
+        self.stack.receive(frame, now)
+
+    # -- RX: stack -> guest ----------------------------------------------
+
+    def flush_rx(self) -> bool:
+        out = self.stack.take_frames()
+        pending = self.rx_pending
+        if out:
+            room = self.rx_pending_limit - len(pending)
+            if len(out) > room:
+                dropped = len(out) - max(room, 0)
+                out = out[:max(room, 0)]
+                self.counters["rx_dropped_no_buffers"] += dropped
+                self.rlog.warning("rx_dropped_no_buffers",
+                                  "rx: guest posts no RX buffers; %d frame(s) dropped (%d waiting)",
+                                  dropped, len(pending))
+            pending.extend(out)
+        if not pending or self.backend is None:
+            return False
+        q = self.backend.queues[RX]
+        if not q.ready:
+            return False
+        wrote = 0
+        while True:
+            while pending:
+                if not self._rx_one(q, pending[0]):
+                    break
+                pending.popleft()
+                wrote += 1
+            if not pending or not q.want_kick_at_next():
+                break
+        if q.used_idx != q.guest_used_idx():
+            if q.publish():
+                self._signal(q)
+            else:
+                q.stats["calls_suppressed"] += 1
+        return False
+
+    def _rx_one(self, q, f: Frame) -> bool:
+        """Write one frame into posted RX buffers. False: no room yet, try later."""
+        data = f.data
+        n = len(data)
+        flags = gso_type = hdr_len = gso_size = cs = co = 0
+        if f.gso_size:
+            if not self.guest_tso:
+                self._count("rx_gso_not_negotiated")
+                return True
+            gso_type, gso_size = GSO_TCPV4, f.gso_size
+        if f.csum_start:
+            if self.guest_csum:
+                flags = NEEDS_CSUM
+                cs, co = f.csum_start, f.csum_offset
+            else:
+                from stack.interface import finalize_l4_checksum
+                finalize_l4_checksum(f)
+                data = f.data
+        elif f.csum_valid and self.guest_csum:
+            flags = DATA_VALID
+        need = self.hdr_len + n
+        if self.mrg:
+            chains = []
+            room = 0
+            while room < need:
+                c = q.pop()
+                if c is None:
+                    if chains:
+                        q.unpop(len(chains))
+                    return False
+                if not c.writable:
+                    q.push(c.head, 0)
+                    self._count("rx_readonly_buffer",
+                                "rx: buffer at descriptor %d has no device-writable part", c.head)
+                    continue
+                chains.append(c)
+                room += c.write_len
+            hdr = HDR12.pack(flags, gso_type, hdr_len, gso_size, cs, co, len(chains))
+            if len(chains) == 1:
+                c = chains[0]
+                v = c.writable[0]
+                if len(v) >= need:
+                    v[:12] = hdr
+                    v[12:need] = data
+                else:
+                    _scatter(c.writable, hdr, data)
+                q.push(c.head, need)
+            else:
+                src_hdr, src_data = hdr, data
+                left = need
+                pos = 0
+                for c in chains:
+                    take = min(c.write_len, left)
+                    # Split the (hdr + data) stream at pos..pos+take for this chain.
+                    if pos < 12:
+                        h = src_hdr[pos:min(12, pos + take)]
+                        d = src_data[0:max(0, pos + take - 12)]
+                    else:
+                        h = b""
+                        d = src_data[pos - 12:pos - 12 + take]
+                    _scatter(c.writable, h, d)
+                    q.push(c.head, take)
+                    pos += take
+                    left -= take
+        else:
+            c = q.pop()
+            if c is None:
+                return False
+            if c.write_len < need:
+                q.unpop()
+                self._count("rx_buffer_too_small",
+                            "rx: posted buffer of %d bytes cannot hold a %d-byte frame plus the %d-byte header "
+                            "(without MRG_RXBUF each buffer must hold a whole frame); frame dropped",
+                            c.write_len, n, self.hdr_len)
+                return True
+            hdr = (HDR12.pack(flags, gso_type, hdr_len, gso_size, cs, co, 1) if self.hdr_len == 12
+                   else HDR10.pack(flags, gso_type, hdr_len, gso_size, cs, co))
+            _scatter(c.writable, hdr, data)
+            q.push(c.head, need)
+        self.counters["rx_frames"] += 1
+        self.counters["rx_bytes"] += n
+        for tap in self.taps:
+            tap("rx", f)
+        return True
+
+    def describe(self) -> dict:
+        return {
+            "features": self.negotiated,
+            "feature_names": F.names(self.negotiated),
+            "hdr_len": self.hdr_len,
+            "mergeable_rx_buffers": self.mrg,
+            "offloads": {"guest_csum": self.guest_csum, "guest_tso4": self.guest_tso,
+                         "host_csum": self.host_csum, "host_tso4": self.host_tso},
+            "rx_pending": len(self.rx_pending),
+            "counters": dict(self.counters),
+        }

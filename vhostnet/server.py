@@ -1,0 +1,246 @@
+"""The vhost-user server: one QEMU at a time, one trio nursery per connection.
+
+The nursery owns every task of a connection: the message loop, a kick
+waiter per started queue, and the stack's timer. When QEMU goes away the
+nursery is cancelled, the backend unmaps guest memory and closes every fd it
+was given, and the server listens for the next QEMU (or exits with --once).
+
+Work runs in the trio thread between awaits; a kick handler processes at
+most a budget of chains before yielding so the message loop stays
+responsive even when the guest floods a queue.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import socket
+import stat
+
+import trio
+
+from .backend import Backend
+from .channel import FramingError, close_all, read_message
+from .protocol import request_name
+from .ratelimit import RateLimitedLog
+
+__all__ = ["Server", "SocketInUse"]
+
+log = logging.getLogger("vhostnet.server")
+
+# While a polled ("no fd") kick is in use we look at the ring this often.
+POLL_INTERVAL = 0.001
+
+
+async def send_all(sock, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = await sock.send(view)
+        view = view[n:]
+
+
+class SocketInUse(Exception):
+    pass
+
+
+def bind_unix(path: str, backlog: int = 1) -> socket.socket:
+    """Listen on a Unix socket path; replace a stale socket file, refuse a live one."""
+    if os.path.lexists(path):
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: nobody listens there
+        else:
+            raise SocketInUse(f"{path} is in use by another running process")
+        finally:
+            probe.close()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(path)
+        s.listen(backlog)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+class Connection:
+    """Tasks and state for one connected frontend."""
+
+    def __init__(self, server: "Server", sock, nursery: trio.Nursery):
+        self.server = server
+        self.sock = sock
+        self.nursery = nursery
+        self.device = server.make_device()
+        self.backend = Backend(self.device, rlog=server.rlog)
+        self.device.attach(self.backend)
+        self.backend.on_queue_start = self._queue_start
+        self.backend.on_queue_stop = self._queue_stop
+        self._kick_scopes: dict[int, trio.CancelScope] = {}
+        self._timer_wake = trio.Event()
+        self._armed = math.inf
+        self.messages = 0
+
+    # -- queues ----------------------------------------------------------
+
+    def _queue_start(self, q) -> None:
+        if not q.ready or q.index in self._kick_scopes:
+            return
+        scope = trio.CancelScope()
+        self._kick_scopes[q.index] = scope
+        if q.kick_fd is None:
+            self.nursery.start_soon(self._poll_loop, q, scope)
+        else:
+            self.nursery.start_soon(self._kick_loop, q, q.kick_fd, scope)
+
+    def _queue_stop(self, q) -> None:
+        scope = self._kick_scopes.pop(q.index, None)
+        if scope is not None:
+            scope.cancel()
+        if q.kick_fd is not None:
+            # Wake any task waiting on the fd before the backend closes it.
+            trio.lowlevel.notify_closing(q.kick_fd)
+
+    def _work(self, q) -> bool:
+        more = self.device.process(q, trio.current_time())
+        self._rearm()
+        return more
+
+    async def _drain(self, q) -> None:
+        while self._work(q):
+            await trio.sleep(0)
+
+    async def _kick_loop(self, q, fd: int, scope: trio.CancelScope) -> None:
+        with scope:
+            try:
+                await self._drain(q)  # chains posted before the kick fd arrived
+                while True:
+                    await trio.lowlevel.wait_readable(fd)
+                    try:
+                        os.read(fd, 8)
+                    except BlockingIOError:
+                        continue
+                    q.stats["kicks"] += 1
+                    if q.ready:
+                        await self._drain(q)
+            except (trio.ClosedResourceError, OSError) as e:
+                if getattr(e, "errno", None) not in (None, errno.EBADF):
+                    log.warning("%s: kick fd error: %s", q.name, e)
+
+    async def _poll_loop(self, q, scope: trio.CancelScope) -> None:
+        with scope:
+            while True:
+                if q.ready:
+                    await self._drain(q)
+                await trio.sleep(POLL_INTERVAL)
+
+    # -- stack timers ----------------------------------------------------
+
+    def _rearm(self) -> None:
+        dl = self.device.next_deadline()
+        if dl is not None and dl < self._armed:
+            self._timer_wake.set()
+
+    async def timer_loop(self) -> None:
+        while True:
+            dl = self.device.next_deadline()
+            self._armed = math.inf if dl is None else dl
+            self._timer_wake = trio.Event()
+            with trio.move_on_at(self._armed):
+                await self._timer_wake.wait()
+            now = trio.current_time()
+            if now >= self._armed:
+                self.device.poll(now)
+
+    # -- messages --------------------------------------------------------
+
+    async def message_loop(self) -> None:
+        while True:
+            try:
+                msg = await read_message(self.sock)
+            except FramingError as e:
+                self.server.rlog.warning("framing", "vhost-user framing lost, closing connection: %s", e)
+                self.backend.errors["framing"] = self.backend.errors.get("framing", 0) + 1
+                return
+            except OSError as e:
+                log.info("connection error: %s", e)
+                return
+            if msg is None:
+                return
+            request, flags, payload, fds, oversize = msg
+            self.messages += 1
+            log.debug("request %s flags %#x size %d fds %d", request_name(request), flags, len(payload), len(fds))
+            if oversize:
+                close_all(fds)
+                reply = self.backend.refuse(request, flags, f"payload of {len(payload)} bytes is larger than any request")
+            else:
+                reply = self.backend.handle(request, flags, payload, fds)
+            if reply is not None:
+                try:
+                    await send_all(self.sock, reply)
+                except OSError as e:
+                    log.info("cannot reply: %s", e)
+                    return
+
+    def close(self) -> None:
+        for index in list(self._kick_scopes):
+            self._queue_stop(self.backend.queues[index])
+        self.backend.close()
+
+
+class Server:
+    def __init__(self, socket_path: str, make_device, *, once: bool = False,
+                 rlog: RateLimitedLog | None = None):
+        self.socket_path = socket_path
+        self.make_device = make_device
+        self.once = once
+        self.rlog = rlog or RateLimitedLog(log)
+        self.current: Connection | None = None
+        self.connections = 0
+        self.listener: socket.socket | None = None
+        self.ready = trio.Event()
+
+    def listen(self) -> None:
+        if self.listener is None:
+            self.listener = bind_unix(self.socket_path)
+
+    async def serve(self) -> None:
+        self.listen()
+        lsock = trio.socket.from_stdlib_socket(self.listener)
+        self.ready.set()
+        log.info("listening on %s", self.socket_path)
+        try:
+            while True:
+                sock, _ = await lsock.accept()
+                self.connections += 1
+                log.info("frontend connected (connection %d)", self.connections)
+                try:
+                    await self._serve_connection(sock)
+                finally:
+                    sock.close()
+                log.info("frontend disconnected; guest memory unmapped, fds closed")
+                if self.once:
+                    return
+        finally:
+            lsock.close()
+            try:
+                os.unlink(self.socket_path)
+            except OSError:
+                pass
+
+    async def _serve_connection(self, sock) -> None:
+        async with trio.open_nursery() as nursery:
+            conn = Connection(self, sock, nursery)
+            self.current = conn
+            try:
+                nursery.start_soon(conn.timer_loop)
+                await conn.message_loop()
+            finally:
+                nursery.cancel_scope.cancel()
+                conn.close()
+                self.current = None

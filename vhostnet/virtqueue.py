@@ -1,0 +1,319 @@
+"""Split virtqueues over mapped guest memory (virtio 1.x, section 2.7).
+
+The driver (guest) owns the descriptor table and the avail ring; we own the
+used ring. We keep `last_avail_idx` (next avail entry to take) and a shadow
+of used->idx, and publish used->idx once per batch.
+
+Ordering, since the guest reads concurrently on another CPU:
+- used elements are written before used->idx is published, and used->idx is
+  written with one aligned 16-bit store (item assignment on a memoryview
+  cast to 'H'); struct.pack_into would zero the field first and let the
+  guest see a passing value.
+- a store followed by a load of guest-shared memory (publish used->idx, then
+  read used_event; write avail_event, then re-read avail->idx) needs a full
+  barrier on x86. An uncontended lock round trip is a locked instruction in
+  CPython's thread layer, which is such a barrier; `full_barrier` wraps it.
+
+A hostile or buggy driver cannot make us touch memory outside the regions
+(every buffer goes through GuestMemory) nor loop: chains are bounded by the
+queue size (or the indirect table size), nested indirect tables, descriptors
+out of range and index jumps are refused and counted by reason.
+"""
+from __future__ import annotations
+
+import struct
+import threading
+
+from .memory import GuestMemory, OutOfBounds
+
+__all__ = ["Virtqueue", "Chain", "VRING_DESC_F_NEXT", "VRING_DESC_F_WRITE",
+           "VRING_DESC_F_INDIRECT", "MAX_QUEUE_SIZE", "full_barrier"]
+
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+VRING_DESC_F_INDIRECT = 4
+VRING_AVAIL_F_NO_INTERRUPT = 1
+VRING_USED_F_NO_NOTIFY = 1
+MAX_QUEUE_SIZE = 32768
+
+DESC = struct.Struct("<QIHH")
+_desc_unpack = DESC.unpack_from
+
+_barrier_lock = threading.Lock()
+
+
+def full_barrier() -> None:
+    _barrier_lock.acquire()
+    _barrier_lock.release()
+
+
+class ChainError(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+class Chain:
+    """One descriptor chain taken from the avail ring.
+
+    `readable` / `writable` are views straight into guest memory; drop the
+    chain before the memory is unmapped. `descs` keeps the raw descriptors
+    for debugging dumps.
+    """
+    __slots__ = ("head", "readable", "writable", "read_len", "write_len")
+
+    def __init__(self, head, readable, writable, read_len, write_len):
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+        self.read_len = read_len
+        self.write_len = write_len
+
+
+class Virtqueue:
+    def __init__(self, index: int, name: str = ""):
+        self.index = index
+        self.name = name or f"q{index}"
+        self.num = 0
+        self.desc_uva = self.avail_uva = self.used_uva = self.log_gpa = 0
+        self.addr_flags = 0
+        self.last_avail_idx = 0
+        self.used_idx = 0
+        self.started = False
+        self.enabled = False
+        self.kick_fd: int | None = None
+        self.call_fd: int | None = None
+        self.err_fd: int | None = None
+        self.kick_polled = False   # "no fd" kick: we must poll the ring
+        self.call_none = False     # "no fd" call: the frontend polls
+        self.event_idx = False
+        self.broken: str | None = None
+        self.mem: GuestMemory | None = None
+        self._desc: memoryview | None = None
+        self._avail_h: memoryview | None = None
+        self._used_h: memoryview | None = None
+        self._used_i: memoryview | None = None
+        self.stats = {"kicks": 0, "calls": 0, "calls_suppressed": 0,
+                      "chains": 0, "bytes": 0}
+        self.errors: dict[str, int] = {}
+        self.on_error = None  # callback(queue, reason, detail) for logging
+
+    # -- set-up ------------------------------------------------------------
+
+    def attach(self, mem: GuestMemory) -> None:
+        """Resolve ring addresses (QEMU user addresses) to views. Raises OutOfBounds."""
+        n = self.num
+        if not n or n & (n - 1) or n > MAX_QUEUE_SIZE:
+            raise ValueError(f"{self.name}: queue size {n} is not a power of two in 1..{MAX_QUEUE_SIZE}")
+        if self.desc_uva % 16 or self.avail_uva % 2 or self.used_uva % 4:
+            raise ValueError(f"{self.name}: ring addresses are misaligned "
+                             f"(desc {self.desc_uva:#x}, avail {self.avail_uva:#x}, used {self.used_uva:#x})")
+        self.mem = mem
+        self._desc = mem.uva_view(self.desc_uva, 16 * n)
+        self._avail_h = mem.uva_view(self.avail_uva, 6 + 2 * n).cast("H")
+        used = mem.uva_view(self.used_uva, 6 + 8 * n)
+        self._used_h = used.cast("H")
+        self._used_i = used[:4 + 8 * n].cast("I")
+
+    def detach(self) -> None:
+        for v in (self._desc, self._avail_h, self._used_h, self._used_i):
+            if v is not None:
+                v.release()
+        self._desc = self._avail_h = self._used_h = self._used_i = None
+        self.mem = None
+
+    @property
+    def ready(self) -> bool:
+        """Rings mapped, started and enabled: we may process it."""
+        return self.started and self.enabled and self._desc is not None and self.broken is None
+
+    def count_error(self, reason: str, detail: str) -> None:
+        self.errors[reason] = self.errors.get(reason, 0) + 1
+        if self.on_error is not None:
+            self.on_error(self, reason, detail)
+
+    # -- guest-visible indices ---------------------------------------------
+
+    def avail_idx(self) -> int:
+        return self._avail_h[1]
+
+    def pending(self) -> int:
+        """Chains the driver made available that we have not taken."""
+        if self._avail_h is None:
+            return 0
+        return (self._avail_h[1] - self.last_avail_idx) & 0xFFFF
+
+    def guest_used_idx(self) -> int:
+        return self._used_h[1] if self._used_h is not None else 0
+
+    # -- taking chains -----------------------------------------------------
+
+    def pop(self) -> Chain | None:
+        """Next well-formed chain, or None. Bad chains are returned used with length 0."""
+        avail_h = self._avail_h
+        while True:
+            avail = avail_h[1]
+            last = self.last_avail_idx
+            if avail == last:
+                return None
+            if (avail - last) & 0xFFFF > self.num:
+                self.broken = "avail_idx_jump"
+                self.count_error("avail_idx_jump",
+                                 f"avail->idx jumped from {last} to {avail}, more than the queue size {self.num}")
+                return None
+            head = avail_h[2 + (last & (self.num - 1))]
+            self.last_avail_idx = (last + 1) & 0xFFFF
+            if head >= self.num:
+                # No valid id to return: the slot is consumed and counted.
+                self.count_error("head_out_of_range",
+                                 f"avail ring slot {last} names descriptor {head}, queue size is {self.num}")
+                continue
+            try:
+                chain = self._walk(head)
+            except ChainError as e:
+                self.count_error(e.reason, f"chain at descriptor {head}: {e}")
+                self.push(head, 0)
+                continue
+            self.stats["chains"] += 1
+            return chain
+
+    def unpop(self, n: int = 1) -> None:
+        """Give back the last n chains taken (not yet pushed): no RX room after all."""
+        self.last_avail_idx = (self.last_avail_idx - n) & 0xFFFF
+        self.stats["chains"] -= n
+
+    def _walk(self, head: int) -> Chain:
+        mem = self.mem
+        table = self._desc
+        limit = self.num
+        readable = []
+        writable = []
+        rlen = wlen = 0
+        i = head
+        count = 0
+        indirect = False
+        while True:
+            addr, length, flags, nxt = _desc_unpack(table, i << 4)
+            if flags & VRING_DESC_F_INDIRECT:
+                if indirect:
+                    raise ChainError("nested_indirect", "indirect descriptor inside an indirect table")
+                if flags & VRING_DESC_F_NEXT:
+                    raise ChainError("indirect_with_next", "indirect descriptor also has NEXT set")
+                if length == 0 or length % 16 or length // 16 > self.num:
+                    raise ChainError("bad_indirect_len",
+                                     f"indirect table length {length} (must be a non-zero multiple of 16, at most {self.num} entries)")
+                try:
+                    table = mem.gpa_view(addr, length)
+                except OutOfBounds as e:
+                    raise ChainError("indirect_out_of_bounds", str(e)) from None
+                limit = length >> 4
+                indirect = True
+                i = 0
+                continue
+            count += 1
+            if count > limit:
+                raise ChainError("chain_too_long", f"chain longer than {limit} descriptors (a loop?)")
+            if length:
+                try:
+                    if flags & VRING_DESC_F_WRITE:
+                        writable.extend(mem.gpa_views(addr, length))
+                        wlen += length
+                    else:
+                        if writable:
+                            raise ChainError("read_after_write",
+                                             "device-readable descriptor after a device-writable one")
+                        readable.extend(mem.gpa_views(addr, length))
+                        rlen += length
+                except OutOfBounds as e:
+                    raise ChainError("desc_out_of_bounds", str(e)) from None
+            if not flags & VRING_DESC_F_NEXT:
+                break
+            if nxt >= limit:
+                raise ChainError("next_out_of_range", f"next index {nxt} is out of range 0..{limit - 1}")
+            i = nxt
+        return Chain(head, readable, writable, rlen, wlen)
+
+    def describe_chain(self, head: int) -> list[dict]:
+        """Raw descriptors of a chain for dumps; never raises on a bad chain."""
+        out = []
+        if self._desc is None or not 0 <= head < self.num:
+            return out
+        table = self._desc
+        limit = self.num
+        i = head
+        indirect = False
+        while len(out) <= limit:
+            addr, length, flags, nxt = _desc_unpack(table, i << 4)
+            inside = self.mem.contains_gpa(addr, length) if self.mem else False
+            out.append({"index": i, "indirect_table": indirect, "addr": addr, "len": length,
+                        "flags": flags, "next": nxt, "in_guest_memory": inside})
+            if flags & VRING_DESC_F_INDIRECT and not indirect and length and length % 16 == 0 and inside:
+                try:
+                    table = self.mem.gpa_view(addr, length)
+                except OutOfBounds:
+                    break
+                limit = length >> 4
+                indirect = True
+                i = 0
+                continue
+            if not flags & VRING_DESC_F_NEXT or nxt >= limit:
+                break
+            i = nxt
+        return out
+
+    # -- returning chains --------------------------------------------------
+
+    def push(self, head: int, length: int) -> None:
+        """Write one used element; it becomes visible at the next publish()."""
+        slot = self.used_idx & (self.num - 1)
+        ui = self._used_i
+        ui[1 + 2 * slot] = head
+        ui[2 + 2 * slot] = length
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        self.stats["bytes"] += length
+
+    def publish(self) -> bool:
+        """Publish used->idx; True if the driver wants an interrupt for it."""
+        old = self._used_h[1]
+        new = self.used_idx
+        if old == new:
+            return False
+        self._used_h[1] = new
+        full_barrier()
+        if self.event_idx:
+            used_event = self._avail_h[2 + self.num]
+            return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        return not self._avail_h[0] & VRING_AVAIL_F_NO_INTERRUPT
+
+    def want_kick_at_next(self) -> bool:
+        """With EVENT_IDX, ask for a kick when the next chain arrives.
+
+        Returns True if chains arrived meanwhile (re-check after the barrier),
+        so the caller goes round again instead of sleeping on a lost kick.
+        """
+        if not self.event_idx or self._used_h is None:
+            return self.pending() > 0 if self._avail_h is not None else False
+        self._used_h[2 + 4 * self.num] = self.last_avail_idx
+        full_barrier()
+        return self._avail_h[1] != self.last_avail_idx
+
+    def describe(self) -> dict:
+        mem = self.mem
+        d = {
+            "index": self.index, "name": self.name, "size": self.num,
+            "started": self.started, "enabled": self.enabled, "broken": self.broken,
+            "desc_user_addr": self.desc_uva, "avail_user_addr": self.avail_uva,
+            "used_user_addr": self.used_uva,
+            "desc_guest_addr": mem.uva_to_gpa(self.desc_uva) if mem else None,
+            "avail_guest_addr": mem.uva_to_gpa(self.avail_uva) if mem else None,
+            "used_guest_addr": mem.uva_to_gpa(self.used_uva) if mem else None,
+            "last_avail_idx": self.last_avail_idx, "used_idx": self.used_idx,
+            "avail_idx": self._avail_h[1] if self._avail_h is not None else None,
+            "guest_used_idx": self._used_h[1] if self._used_h is not None else None,
+            "pending": self.pending(),
+            "kick_fd": self.kick_fd, "call_fd": self.call_fd,
+            "kick_polled": self.kick_polled, "event_idx": self.event_idx,
+        }
+        d.update(self.stats)
+        d["errors"] = dict(self.errors)
+        return d
