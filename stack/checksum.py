@@ -50,3 +50,34 @@ def pseudo_sum(src_ip: bytes, dst_ip: bytes, proto: int, length: int) -> int:
     """Folded sum of the IPv4 pseudo-header (RFC 793 / 768)."""
     return fold(int.from_bytes(src_ip, "big") + int.from_bytes(dst_ip, "big")
                 + proto + length)
+
+
+def finalize_l4_checksum(frame) -> None:
+    """Turn a CHECKSUM_PARTIAL frame into a fully checksummed one, in place.
+
+    The field at csum_start + csum_offset holds the pseudo-header sum (not
+    complemented); the final checksum covers data[csum_start:]. A UDP result
+    of 0 (csum_offset 6) is sent as 0xFFFF, since 0 means "no checksum".
+    frame.data becomes a bytearray if it was not one. Frames that are not
+    partial are left alone; a partial frame whose field lies beyond the data
+    raises ValueError.
+    """
+    start = frame.csum_start
+    if not start:
+        return
+    d = frame.data
+    if not isinstance(d, bytearray):
+        d = frame.data = bytearray(d)
+    pos = start + frame.csum_offset
+    if pos + 2 > len(d):
+        raise ValueError(f"partial checksum field at {pos} beyond frame of {len(d)} bytes")
+    cs = (~ones_sum(memoryview(d)[start:])) & 0xFFFF
+    if cs == 0 and frame.csum_offset == 6:
+        cs = 0xFFFF
+    d[pos] = cs >> 8
+    d[pos + 1] = cs & 0xFF
+    frame.csum_start = 0
+    frame.csum_offset = 0
+
+
+__all__.append("finalize_l4_checksum")

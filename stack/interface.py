@@ -1,0 +1,543 @@
+"""The interface: the stack's one entry point for frames from the guest.
+
+`Stack` owns addressing (it answers for the gateway and DNS addresses with
+the gateway MAC), the neighbour table, fragment reassembly, ICMP, and the
+dispatch to the UDP sockets and the TCP layer. Everything it sends to the
+guest is appended to an output list that `take_frames` hands over.
+
+Receive path, top to bottom (`receive`):
+  Ethernet type -> ARP (`_rx_arp`) or IPv4 (`_rx_ipv4`): header checks ->
+  learn the guest's MAC -> loopback if addressed to the guest -> reassembly
+  -> local delivery (ICMP / UDP / TCP) or "host unreachable".
+
+Hot path: the ICMP echo of a single-frame request is answered in place from
+one copy of the frame (RFC 1624 checksum patch), with no objects beyond the
+reply bytearray and its Frame. Everything else goes through `_send_ip`,
+which picks full or partial L4 checksums, fragments to the MTU and resolves
+the destination MAC (queueing behind ARP when needed).
+
+Every drop is counted as `drop_<reason>`; ICMP errors are rate-limited by
+a token bucket (`icmp_rate` per second, `icmp_burst` deep).
+"""
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections import Counter
+
+from .arp_cache import ArpCache
+from .checksum import checksum, finalize_l4_checksum, ones_sum, pseudo_sum
+from .config import NetConfig
+from .frame import Frame
+from .loopback import loop_back
+from .reassembly import Reassembler
+from .segment import SegmentError, segment_tcp
+from .services import udp_services
+from .udp import UdpLayer
+from .wire import arp as arpw
+from .wire import icmp as icmpw
+from .wire.ethernet import BROADCAST, MIN_FRAME
+from .wire.ipv4 import FLAG_DF, FLAG_MF, HEADER as IPH, fragment_payload
+
+try:
+    from .tcp.layer import TcpLayer
+except ModuleNotFoundError as e:  # only "not written yet"; a broken layer must fail loudly
+    if e.name not in ("stack.tcp.layer", "stack.tcp"):
+        raise
+    TcpLayer = None
+
+__all__ = ["Stack", "finalize_l4_checksum"]
+
+_ETH_IP = b"\x08\x00"
+_ETH_ARP = b"\x08\x06"
+_ZERO_IP = b"\0\0\0\0"
+_U16 = struct.Struct("!H")
+TSO_MAX_PAYLOAD = 65535 - 40 - 20
+
+
+class _TokenBucket:
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: int):
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.stamp = None
+
+    def take(self, now: float) -> bool:
+        if self.stamp is not None and now > self.stamp:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now if self.stamp is None else max(self.stamp, now)
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class Stack:
+    def __init__(self, config: NetConfig | None = None, *, icmp_rate: float = 100.0,
+                 icmp_burst: int = 20, arp_ttl: float = 300.0, reasm_timeout: float = 30.0,
+                 reasm_max_total: int = 1 << 20):
+        cfg = self.config = config or NetConfig()
+        self.counters: Counter = Counter()
+        self._out: list[Frame] = []
+        self._now = 0.0
+        self._csum = False
+        self._tso = False
+        self._ip_id = 0
+        self._guest_ip = cfg.guest_ip_b
+        self._gw_ip = cfg.gateway_ip_b
+        self._dns_ip = cfg.dns_ip_b
+        self._gw_mac = cfg.gateway_mac_b
+        self._mtu = cfg.mtu
+        net = ipaddress.IPv4Network(f"{cfg.guest_ip}/{cfg.prefix_len}", strict=False)
+        self._net = int(net.network_address)
+        self._mask = int(net.netmask)
+        self._bcast = net.broadcast_address.packed
+        self._netaddr = net.network_address.packed
+        self._hosts = frozenset(cfg.host_ips)
+        self._errors = _TokenBucket(icmp_rate, icmp_burst)
+        self.arp = ArpCache(self.counters, ttl=arp_ttl)
+        self.reasm = Reassembler(self.counters, timeout=reasm_timeout, max_total=reasm_max_total)
+        self.udp = UdpLayer(self._udp_output, self.counters, self._gw_ip)
+        self.udp_services = udp_services.install(self.udp, self._gw_ip)
+        self.tcp = None
+        if TcpLayer is not None:
+            self.tcp = TcpLayer(self._tcp_emit)
+            from .services import tcp_services
+            tcp_services.install(self.tcp, self._gw_ip)
+
+    # ------------------------------------------------------------------ API
+    def set_offloads(self, csum: bool, tso: bool) -> None:
+        """What the guest accepts on RX. TSO without checksum offload is
+        impossible in virtio (GSO frames are always partial), so it is off."""
+        self._csum = bool(csum)
+        self._tso = bool(tso) and self._csum
+        if self.tcp is not None:
+            self.tcp.set_tso(TSO_MAX_PAYLOAD if self._tso else None)
+
+    def take_frames(self) -> list[Frame]:
+        out = self._out
+        self._out = []
+        return out
+
+    def poll(self, now: float) -> None:
+        self._now = now
+        for ip in self.arp.poll(now):
+            self._send_arp_request(ip)
+        for quote in self.reasm.poll(now):
+            src = quote[12:16]
+            self._icmp_error(now, icmpw.TIME_EXCEEDED, 1, quote, quote[16:20], src, None)
+        if self.tcp is not None:
+            self.tcp.poll(now)
+
+    def next_deadline(self) -> float | None:
+        ds = [self.arp.next_deadline(), self.reasm.next_deadline()]
+        if self.tcp is not None:
+            ds.append(self.tcp.next_deadline())
+        ds = [d for d in ds if d is not None]
+        return min(ds) if ds else None
+
+    def snapshot(self) -> dict:
+        return {
+            "arp": self.arp.snapshot(),
+            "udp": self.udp.snapshot(),
+            "tcp": self.tcp.snapshot() if self.tcp is not None else [],
+            "reassembly": self.reasm.snapshot(),
+            "counters": self.all_counters(),
+        }
+
+    def all_counters(self) -> dict:
+        out = dict(self.counters)
+        if self.tcp is not None:
+            for k, v in self.tcp.counters.items():
+                out["tcp_" + k if not k.startswith("tcp_") else k] = v
+        return out
+
+    # ------------------------------------------------------------- receive
+    def receive(self, frame: Frame, now: float) -> None:
+        """One frame the guest transmitted. Never raises on bad input."""
+        self._now = now
+        c = self.counters
+        c["rx_frames"] += 1
+        data = frame.data
+        # Private copy: the frame may be a view of guest memory the guest
+        # can rewrite while we look at it.
+        buf = data if type(data) is bytes else bytes(data)
+        n = len(buf)
+        if n < 14:
+            c["drop_eth_truncated"] += 1
+            return
+        et = buf[12:14]
+        if et == _ETH_IP:
+            self._rx_ipv4(frame, buf, n, now)
+        elif et == _ETH_ARP:
+            self._rx_arp(buf, now)
+        else:
+            c["drop_eth_unknown_type"] += 1
+
+    # ----------------------------------------------------------------- ARP
+    def _rx_arp(self, buf: bytes, now: float) -> None:
+        c = self.counters
+        try:
+            a = arpw.ArpRepr.parse(buf, 14)
+        except arpw.ArpError as e:
+            c["drop_" + e.reason] += 1
+            return
+        c["arp_rx"] += 1
+        smac = a.sender_mac
+        if smac[0] & 1 or smac == b"\0" * 6:
+            c["drop_arp_bad_sender_mac"] += 1
+            return
+        sip = a.sender_ip
+        if sip in self._hosts:
+            # The guest claims one of our addresses: do not let it poison us.
+            c["arp_conflict"] += 1
+            return
+        if sip != _ZERO_IP and self._on_link(sip):
+            for f in self.arp.learn(sip, smac, now):
+                self._emit(f)
+        if a.op != arpw.OP_REQUEST:
+            return
+        if a.is_gratuitous or a.target_ip not in self._hosts:
+            c["arp_ignored"] += 1
+            return
+        # A probe (sender 0.0.0.0) for one of our addresses is answered too:
+        # RFC 5227 hosts defend their addresses.
+        reply = arpw.ArpRepr(arpw.OP_REPLY, self._gw_mac, a.target_ip, smac, sip)
+        f = bytearray(smac + self._gw_mac + _ETH_ARP)
+        f += reply.emit()
+        f += bytes(MIN_FRAME - len(f))
+        c["arp_replies"] += 1
+        self._emit(Frame(f))
+
+    def _send_arp_request(self, ip: bytes) -> None:
+        req = arpw.ArpRepr(arpw.OP_REQUEST, self._gw_mac, self._gw_ip, b"\0" * 6, ip)
+        f = bytearray(BROADCAST + self._gw_mac + _ETH_ARP)
+        f += req.emit()
+        f += bytes(MIN_FRAME - len(f))
+        self.counters["arp_requests"] += 1
+        self._emit(Frame(f))
+
+    def _on_link(self, ip: bytes) -> bool:
+        return (int.from_bytes(ip, "big") & self._mask) == self._net \
+            and ip != self._bcast and ip != self._netaddr
+
+    # ---------------------------------------------------------------- IPv4
+    def _rx_ipv4(self, frame: Frame, buf: bytes, n: int, now: float) -> None:
+        c = self.counters
+        if n < 34:
+            c["drop_ipv4_truncated"] += 1
+            return
+        vihl, tos, tot, ident, ff, ttl, proto, _cs, src, dst = IPH.unpack_from(buf, 14)
+        if vihl == 0x45:
+            ihl = 20
+        else:
+            if vihl >> 4 != 4:
+                c["drop_ipv4_bad_version"] += 1
+                return
+            ihl = (vihl & 15) << 2
+            if ihl < 20:
+                c["drop_ipv4_bad_ihl"] += 1
+                return
+            if 14 + ihl > n:
+                c["drop_ipv4_truncated"] += 1
+                return
+        if tot < ihl:
+            c["drop_ipv4_bad_total_length"] += 1
+            return
+        end = 14 + tot
+        if end > n:
+            c["drop_ipv4_truncated"] += 1
+            return
+        if int.from_bytes(buf[14:14 + ihl], "big") % 0xFFFF:
+            c["drop_ipv4_bad_checksum"] += 1
+            return
+        b0 = src[0]
+        if b0 >= 224 or b0 == 127:
+            c["drop_ipv4_bad_src"] += 1
+            return
+        smac = buf[6:12]
+        # Learn/refresh the sender's MAC (normally just the guest).
+        e = self.arp.entries.get(src)
+        if e is not None and e[0] == smac:
+            e[1] = now + self.arp.ttl
+        elif src != _ZERO_IP and self._on_link(src) and src not in self._hosts \
+                and not smac[0] & 1:
+            for f in self.arp.learn(src, smac, now):
+                self._emit(f)
+        if dst == self._guest_ip:
+            c["loopback_frames"] += 1
+            for f in loop_back(frame, buf, self._csum, self._tso, c):
+                self._emit(f)
+            return
+        dmac = buf[0:6]
+        l2bcast = dmac[0] & 1
+        if dmac != self._gw_mac and not l2bcast:
+            c["drop_eth_not_for_us"] += 1
+            return
+        if dst in self._hosts:
+            bcast = False
+        elif dst[0] >= 224 or dst == self._bcast or dst == self._netaddr or dst[0] == 0:
+            bcast = True
+        else:
+            if not l2bcast:
+                self._not_for_us(buf, ihl, end, ttl, src, smac, now)
+            else:
+                c["drop_ipv4_no_route"] += 1
+            return
+        # RFC 1122: no ICMP error about broadcast (IP or link layer) or from
+        # a source that is not a host yet.
+        noerr = bcast or l2bcast or b0 == 0
+        if ff & 0x3FFF:
+            whole = self.reasm.add(now, buf[14:14 + ihl], buf[14 + ihl:end])
+            if whole is None:
+                return
+            buf = buf[:14] + whole
+            tot = len(whole)
+            end = 14 + tot
+            ihl = (whole[0] & 15) << 2
+            reassembled = True
+        else:
+            reassembled = False
+        off = 14 + ihl
+        if proto == 1:
+            self._rx_icmp(frame, buf, off, end, ihl, tos, src, dst, smac, bcast, reassembled, now)
+        elif proto == 17:
+            self._rx_udp(frame, buf, off, end, src, dst, smac, bcast, noerr, now)
+        elif proto == 6:
+            self._rx_tcp(frame, buf, off, end, src, dst, bcast, now)
+        else:
+            c["drop_ipv4_unknown_proto"] += 1
+            if not noerr:
+                self._icmp_error(now, icmpw.DEST_UNREACH, icmpw.UNREACH_PROTO,
+                                 buf[14:end], dst, src, smac)
+
+    def _not_for_us(self, buf, ihl, end, ttl, src, smac, now) -> None:
+        """An address beyond the gateway: there is no route out yet (NAT
+        comes later), so answer Time Exceeded or Host Unreachable."""
+        c = self.counters
+        if ttl <= 1:
+            c["drop_ipv4_ttl_exceeded"] += 1
+            self._icmp_error(now, icmpw.TIME_EXCEEDED, 0, buf[14:end], self._gw_ip, src, smac)
+        else:
+            c["drop_ipv4_no_route"] += 1
+            self._icmp_error(now, icmpw.DEST_UNREACH, icmpw.UNREACH_HOST, buf[14:end],
+                             self._gw_ip, src, smac)
+
+    # ---------------------------------------------------------------- ICMP
+    def _rx_icmp(self, frame, buf, off, end, ihl, tos, src, dst, smac, bcast, reassembled, now):
+        c = self.counters
+        if end - off < 8:
+            c["drop_icmp_truncated"] += 1
+            return
+        verified = not (frame.csum_valid or frame.csum_start) or reassembled
+        if verified and ones_sum(buf[off:end]) != 0xFFFF:
+            c["drop_icmp_bad_checksum"] += 1
+            return
+        t = buf[off]
+        if t != icmpw.ECHO_REQUEST:
+            c["icmp_rx_type_%d" % t if t < 19 else "icmp_rx_type_other"] += 1
+            return
+        if bcast:
+            c["icmp_echo_broadcast_ignored"] += 1
+            return
+        if buf[off + 1] != 0:
+            c["drop_icmp_bad_code"] += 1
+            return
+        c["icmp_echo"] += 1
+        tot = end - 14
+        if ihl == 20 and tot <= self._mtu and verified:
+            r = bytearray(buf if end == len(buf) else buf[:end])
+            r[0:6] = smac
+            r[6:12] = self._gw_mac
+            ident = self._ip_id = (self._ip_id + 1) & 0xFFFF
+            IPH.pack_into(r, 14, 0x45, tos, tot, ident, 0, 64, 1, 0, dst, src)
+            cs = checksum(r[14:34])
+            r[24] = cs >> 8
+            r[25] = cs & 0xFF
+            r[34] = 0
+            cs = icmpw.echo_reply_checksum((buf[36] << 8) | buf[37])
+            if cs == 0:
+                # Only an all-zero message sums to zero; canonical form is 0xFFFF
+                # then, and a recomputation gives exactly that.
+                r[36] = r[37] = 0
+                cs = checksum(r[34:])
+            r[36] = cs >> 8
+            r[37] = cs & 0xFF
+            if len(r) < MIN_FRAME:
+                r += bytes(MIN_FRAME - len(r))
+            c["tx_frames"] += 1
+            self._out.append(Frame(r))
+            return
+        msg = bytearray(buf[off:end])
+        msg[0] = 0
+        msg[2] = msg[3] = 0
+        cs = checksum(msg)
+        msg[2] = cs >> 8
+        msg[3] = cs & 0xFF
+        self._send_ip(dst, src, 1, msg, now, dst_mac=smac, tos=tos)
+
+    def _icmp_error(self, now, typ, code, orig, src_ip, dst_ip, dst_mac, rest: int = 0) -> None:
+        """Send an ICMP error about IP packet `orig` (header onwards), unless
+        RFC 1122 forbids it or the rate limit says no."""
+        c = self.counters
+        if len(orig) < 20:
+            return
+        ihl = (orig[0] & 15) << 2
+        ff = (orig[6] << 8) | orig[7]
+        if not icmpw.may_send_error(orig[9], ff, orig[ihl:ihl + 1], False, orig[12:16]):
+            c["icmp_err_suppressed"] += 1
+            return
+        if not self._errors.take(now):
+            c["icmp_err_ratelimited"] += 1
+            return
+        c["icmp_err_tx"] += 1
+        self._send_ip(src_ip, dst_ip, 1, icmpw.build_error(typ, code, orig, rest), now,
+                      dst_mac=dst_mac)
+
+    # ----------------------------------------------------------------- UDP
+    def _rx_udp(self, frame, buf, off, end, src, dst, smac, bcast, noerr, now) -> None:
+        c = self.counters
+        if end - off < 8:
+            c["drop_udp_truncated"] += 1
+            return
+        sport, dport, ulen, ucs = struct.unpack_from("!HHHH", buf, off)
+        if ulen < 8 or off + ulen > end:
+            c["drop_udp_bad_length"] += 1
+            return
+        uend = off + ulen
+        if ucs and not (frame.csum_valid or frame.csum_start):
+            if ones_sum(buf[off:uend], pseudo_sum(src, dst, 17, ulen)) != 0xFFFF:
+                c["drop_udp_bad_checksum"] += 1
+                return
+        c["udp_rx"] += 1
+        if self.udp.deliver(src, dst, sport, dport, buf[off + 8:uend], bcast):
+            return
+        c["drop_udp_no_socket"] += 1
+        if not noerr:
+            self._icmp_error(now, icmpw.DEST_UNREACH, icmpw.UNREACH_PORT, buf[14:end],
+                             dst, src, smac)
+
+    def _udp_output(self, src_ip, dst_ip, src_port, dst_port, payload) -> None:
+        n = 8 + len(payload)
+        d = bytearray(struct.pack("!HHHH", src_port, dst_port, n, 0))
+        d += payload
+        self.counters["udp_tx"] += 1
+        self._send_ip(src_ip, dst_ip, 17, d, self._now, csum_off=6)
+
+    # ----------------------------------------------------------------- TCP
+    def _rx_tcp(self, frame, buf, off, end, src, dst, bcast, now) -> None:
+        c = self.counters
+        if self.tcp is None:
+            c["drop_tcp_unavailable"] += 1
+            return
+        if bcast:
+            c["drop_tcp_broadcast"] += 1
+            return
+        if end - off < 20:
+            c["drop_tcp_truncated"] += 1
+            return
+        if not (frame.csum_valid or frame.csum_start):
+            if ones_sum(buf[off:end], pseudo_sum(src, dst, 6, end - off)) != 0xFFFF:
+                c["drop_tcp_bad_checksum"] += 1
+                return
+        self.tcp.receive(now, src, dst, memoryview(buf)[off:end])
+
+    def _tcp_emit(self, src_ip: bytes, dst_ip: bytes, segment, gso_size: int) -> None:
+        seg = segment if isinstance(segment, bytearray) else bytearray(segment)
+        self.counters["tcp_tx_segments"] += 1
+        self._send_ip(src_ip, dst_ip, 6, seg, self._now, csum_off=16, df=True,
+                      gso_size=gso_size)
+
+    # -------------------------------------------------------------- output
+    def _emit(self, f: Frame) -> None:
+        self.counters["tx_frames"] += 1
+        self._out.append(f)
+
+    def _send_ip(self, src, dst, proto, l4: bytearray, now, *, csum_off=None, df=False,
+                 dst_mac=None, tos=0, gso_size=0) -> None:
+        """Wrap an L4 payload in IPv4 + Ethernet and send it to the guest.
+
+        csum_off: offset of an L4 checksum field (zero on entry) that this
+        function fills: partial when the guest accepts it and the datagram
+        travels whole, else in full. Datagrams over the MTU are fragmented
+        unless `df`; gso_size > 0 sends one TSO frame (or software segments)."""
+        c = self.counters
+        n = len(l4)
+        mtu = self._mtu
+        fits = 20 + n <= mtu
+        if 20 + n > 65535:
+            c["drop_tx_too_big"] += 1
+            return
+        if gso_size and fits:
+            gso_size = 0
+        partial = csum_off is not None and self._csum and (fits or gso_size)
+        if csum_off is not None:
+            ps = pseudo_sum(src, dst, proto, n)
+            if partial:
+                l4[csum_off] = ps >> 8
+                l4[csum_off + 1] = ps & 0xFF
+            else:
+                cs = (~ones_sum(l4, ps)) & 0xFFFF
+                if cs == 0 and proto == 17:
+                    cs = 0xFFFF
+                l4[csum_off] = cs >> 8
+                l4[csum_off + 1] = cs & 0xFF
+        if dst_mac is None:
+            dst_mac = self.arp.lookup(dst, now)
+        mac = dst_mac if dst_mac is not None else b"\0" * 6
+        eth = mac + self._gw_mac + _ETH_IP
+        frames = []
+        ident = self._ip_id = (self._ip_id + 1) & 0xFFFF
+        if fits or gso_size:
+            f = bytearray(eth)
+            f += _ip_header(src, dst, proto, n, ident, FLAG_DF if df else 0, tos)
+            f += l4
+            if gso_size and not self._tso:
+                try:
+                    segs = segment_tcp(f, gso_size, partial=self._csum)
+                except SegmentError:
+                    c["drop_tx_bad_gso"] += 1
+                    return
+                frames = [Frame(s, 34, csum_off) if self._csum else Frame(s) for s in segs]
+            elif gso_size:
+                frames = [Frame(f, 34, csum_off, gso_size)]
+            else:
+                if len(f) < MIN_FRAME:
+                    f += bytes(MIN_FRAME - len(f))
+                frames = [Frame(f, 34, csum_off) if partial else Frame(f)]
+        elif df:
+            c["drop_tx_df_too_big"] += 1
+            return
+        else:
+            pieces = fragment_payload(n, mtu)
+            last = len(pieces) - 1
+            mv = memoryview(l4)
+            for i, (o, k) in enumerate(pieces):
+                f = bytearray(eth)
+                f += _ip_header(src, dst, proto, k, ident,
+                                (o >> 3) | (FLAG_MF if i != last else 0), tos)
+                f += mv[o:o + k]
+                if len(f) < MIN_FRAME:
+                    f += bytes(MIN_FRAME - len(f))
+                frames.append(Frame(f))
+            c["tx_fragmented"] += 1
+        if dst_mac is None:
+            start = False
+            for f in frames:
+                start = self.arp.enqueue(dst, f, now) or start
+            if start:
+                self._send_arp_request(dst)
+            return
+        for f in frames:
+            self._emit(f)
+
+
+def _ip_header(src, dst, proto, payload_len, ident, flags_frag, tos) -> bytearray:
+    h = bytearray(IPH.pack(0x45, tos, 20 + payload_len, ident, flags_frag, 64, proto, 0,
+                           src, dst))
+    cs = checksum(h)
+    h[10] = cs >> 8
+    h[11] = cs & 0xFF
+    return h
