@@ -306,6 +306,7 @@ class Backend:
             except (MemoryError_, ValueError) as e:
                 raise BadMessage(f"{q.name}: cannot start: {e}") from None
         q.used_idx = q.guest_used_idx()
+        q.broken = None  # a restart is the driver's way out of a broken ring
         q.started = True
         if not self.features >> P.VHOST_USER_F_PROTOCOL_FEATURES & 1:
             q.enabled = True

@@ -43,6 +43,7 @@ class Ring:
         self.avail_idx = 0
         self.last_used = 0
         self.chains: dict[int, list[int]] = {}
+        self.auto_used_event = True
         self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
@@ -96,6 +97,9 @@ class Ring:
                 if i not in self.free:
                     self.free.append(i)
             self.last_used = (self.last_used + 1) & 0xFFFF
+        # Like Linux's virtqueue_enable_cb with EVENT_IDX: interrupt me at the next one.
+        if self.auto_used_event:
+            self.set_used_event(self.last_used)
         return out
 
     def kick(self) -> None:
@@ -273,6 +277,9 @@ class Frontend:
         i = 0
         while i < len(pending):
             head, length = pending[i]
+            if length == 0:   # a buffer the device refused, returned unused
+                i += 1
+                continue
             data = bytes(self.mem[self.rx.buf(head):self.rx.buf(head) + length])
             hdr = data[:self.hdr_len]
             nbuf = NET_HDR.unpack(hdr)[6] if self.hdr_len == 12 and self.features >> 15 & 1 else 1
