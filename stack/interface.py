@@ -126,8 +126,10 @@ class Stack:
         for ip in self.arp.poll(now):
             self._send_arp_request(ip)
         for quote in self.reasm.poll(now):
-            src = quote[12:16]
-            self._icmp_error(now, icmpw.TIME_EXCEEDED, 1, quote, quote[16:20], src, None)
+            # Only datagrams unicast to us: never an error about a broadcast.
+            if quote[16:20] in self._hosts:
+                self._icmp_error(now, icmpw.TIME_EXCEEDED, 1, quote, quote[16:20],
+                                 quote[12:16], None)
         if self.tcp is not None:
             self.tcp.poll(now)
 

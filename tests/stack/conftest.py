@@ -33,8 +33,13 @@ def send_raw(stack: Stack, pkt, now: float = 0.0, **meta) -> list:
     return stack.take_frames()
 
 
-def eth(dst: str = GW_MAC):
-    return Ether(src=GUEST_MAC, dst=dst)
+def eth(dst: str = GW_MAC, **kw):
+    return Ether(src=GUEST_MAC, dst=dst, **kw)
+
+
+def eth_ip_header(dst: str = GW_MAC) -> bytes:
+    """14 raw bytes of an IPv4 Ethernet header (scapy alone would pick another type)."""
+    return bytes(Ether(src=GUEST_MAC, dst=dst, type=0x0800))
 
 
 def ip(dst: str = GW_IP, **kw):
@@ -60,5 +65,5 @@ def assert_checksums(p) -> None:
         assert IP(bytes(q))[UDP].chksum == got, "UDP checksum"
 
 
-__all__ = ["st", "send", "send_raw", "eth", "ip", "assert_checksums", "ARP", "Ether",
+__all__ = ["st", "send", "eth_ip_header", "send_raw", "eth", "ip", "assert_checksums", "ARP", "Ether",
            "IP", "ICMP", "UDP", "GUEST_MAC", "GW_MAC", "GUEST_IP", "GW_IP", "DNS_IP", "CFG"]
