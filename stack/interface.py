@@ -444,6 +444,7 @@ class Stack:
             if ones_sum(buf[off:end], pseudo_sum(src, dst, 6, end - off)) != 0xFFFF:
                 c["drop_tcp_bad_checksum"] += 1
                 return
+        c["tcp_rx"] += 1
         self.tcp.receive(now, src, dst, memoryview(buf)[off:end])
 
     def _tcp_emit(self, src_ip: bytes, dst_ip: bytes, segment, gso_size: int) -> None:

@@ -77,6 +77,7 @@ class Reassembler:
         more = bool(ff & 0x2000)
         n = len(payload)
         c = self._c
+        c["reasm_fragments"] += 1
         if more and (n == 0 or n & 7):
             c["drop_reasm_bad_length"] += 1
             return None
