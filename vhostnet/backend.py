@@ -77,8 +77,10 @@ class Backend:
 
     @property
     def offered_protocol_features(self) -> int:
+        # CONFIG is left out: QEMU's virtio-net keeps its own config space
+        # and warns about a backend offering it. GET_CONFIG is still answered.
         return ((1 << P.ProtoFeat.REPLY_ACK) | (1 << P.ProtoFeat.MTU)
-                | (1 << P.ProtoFeat.CONFIG) | (1 << P.ProtoFeat.RESET_DEVICE))
+                | (1 << P.ProtoFeat.RESET_DEVICE))
 
     def proto(self, feat: P.ProtoFeat) -> bool:
         return bool(self.protocol_features >> feat & 1)
@@ -327,8 +329,8 @@ class Backend:
 
     def _set_vring_enable(self, body, fds, raw):
         q = self._queue(body.index)
-        if not self.features >> P.VHOST_USER_F_PROTOCOL_FEATURES & 1:
-            raise BadMessage("SET_VRING_ENABLE without PROTOCOL_FEATURES negotiated")
+        # QEMU sends this before SET_FEATURES: like QEMU, we only require
+        # that PROTOCOL_FEATURES was offered (it always is).
         if body.num not in (0, 1):
             raise BadMessage(f"SET_VRING_ENABLE: value {body.num} (expected 0 or 1)")
         q.enabled = bool(body.num)

@@ -215,6 +215,11 @@ class Frontend:
         self.protocol_features = pf if reply_ack else pf & ~(1 << P.ProtoFeat.REPLY_ACK)
         await self.request(Req.SET_PROTOCOL_FEATURES, U64.pack(self.protocol_features))
         await self.request(Req.SET_OWNER)
+        # QEMU 7.2 disables the rings (and hands over call fds) before it
+        # has sent SET_FEATURES.
+        for r in self.rings:
+            await self.request(Req.SET_VRING_CALL, U64.pack(r.index), [r.call_fd])
+            await self.request(Req.SET_VRING_ENABLE, STATE.pack(r.index, 0))
         self.features = offered if features is None else features
         await self.request(Req.SET_FEATURES, U64.pack(self.features))
         self.hdr_len = 12 if self.features & (1 << 32 | 1 << 15) else 10
