@@ -26,6 +26,7 @@ import os
 import struct
 
 from stack import Frame, NetConfig, Stack
+from stack.checksum import finalize_l4_checksum
 
 from . import features as F
 from .ratelimit import RateLimitedLog
@@ -277,8 +278,11 @@ class NetDevice:
                 flags = NEEDS_CSUM
                 cs, co = f.csum_start, f.csum_offset
             else:
-                from stack.interface import finalize_l4_checksum
-                finalize_l4_checksum(f)
+                try:
+                    finalize_l4_checksum(f)
+                except ValueError as e:
+                    self._count("rx_bad_partial_checksum", "rx: %s", e)
+                    return True
                 data = f.data
         elif f.csum_valid and self.guest_csum:
             flags = DATA_VALID
