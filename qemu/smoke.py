@@ -32,6 +32,7 @@ Switches, from the environment or the matching --options (1 on, 0 off):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import queue
 import re
@@ -238,11 +239,22 @@ def watch_console(proc: subprocess.Popen, plan: Plan, console_log: Path,
     return c
 
 
-def context(lines: list[str], needle: str, n: int = 3) -> list[str]:
+@dataclass
+class Excerpt:
+    range: range
+    lines: list[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.lines)
+
+
+def context(lines: list[str], needle: str, n: int = 3) -> Excerpt:
+    """The lines around the first one containing NEEDLE."""
     for i, line in enumerate(lines):
         if needle in line:
-            return lines[max(0, i - n):i + n + 1]
-    return []
+            r = range(max(0, i - n), min(len(lines), i + n + 1))
+            return Excerpt(r, lines[r.start:r.stop])
+    return Excerpt(range(0), [])
 
 
 def run(plan: Plan, args: argparse.Namespace) -> int:
@@ -255,6 +267,7 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
     backend = qemu_proc = None
     problems: list[str] = []
     c = Console()
+    boot_secs = 0.0
     accel = qemu.choose_accel(plan.accel)
     if plan.accel == "auto" and accel == "tcg" and os.path.exists("/dev/kvm"):
         log(f"accel tcg: {qemu.kvm_verdict().reason}")
@@ -286,7 +299,6 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
             problems.append(f"the backend exited with status {backend_rc}")
     except Failure as e:
         problems.append(str(e))
-        boot_secs = 0.0
     finally:
         stop(qemu_proc, 0)
         stop(backend, 0)
@@ -302,6 +314,14 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
     missing = [m for m in plan.expected() if m not in c.seen]
     problems += [f"missing marker: {m!r}" for m in missing]
 
+    if args.result_json:
+        Path(args.result_json).write_text(json.dumps({
+            "passed": not problems, "problems": problems,
+            "markers": {m: c.seen.get(m) for m in plan.expected()},
+            "guest_vars": plan.guest_vars(), "backend": plan.backend, "accel": accel,
+            "guest_seconds": boot_secs, "run_dir": str(run_dir),
+            "console_log": str(console_log), "backend_log": str(backend_log)}, indent=2))
+
     print()
     for m in plan.expected():
         print(f"  {'ok  ' if m in c.seen else 'MISS'} {m}"
@@ -313,10 +333,12 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
         return 0
     for p in problems:
         log(f"FAIL: {p}")
-    for needle in [*(c.fails[:3]), *([c.fallback] if c.fallback else [])]:
-        around = context(c.lines, needle)
-        if around:
-            print("  console around it:\n" + "\n".join(f"    {line}" for line in around))
+    shown: set[int] = set()
+    for needle in [*c.fails, *([c.fallback] if c.fallback else [])]:
+        around = context(c.lines, needle, 4)
+        if around and not shown.intersection(around.range):
+            shown.update(around.range)
+            print("  console around it:\n" + "\n".join(f"    {line}" for line in around.lines))
     tail = backend_text.strip().splitlines()[-15:]
     if tail and plan.backend == "vhostnet":
         print("  backend log (last lines):\n" + "\n".join(f"    {line}" for line in tail))
@@ -342,13 +364,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory", help=f"guest RAM (default {qemu.DEFAULT_MEMORY})")
     p.add_argument("--no-build", action="store_true", help="use the image as built")
     p.add_argument("-q", "--quiet", action="store_true", help="do not echo the console")
+    p.add_argument("--result-json", metavar="PATH", help="also write the verdict as JSON to PATH")
     args = p.parse_args(argv)
     if shutil.which(qemu.QEMU) is None:
         log(f"{qemu.QEMU} not found (install qemu-system-x86: make setup)")
         return 2
     try:
         return run(make_plan(args), args)
-    except qemu.ImageNotBuilt as e:
+    except (qemu.ImageNotBuilt, Failure) as e:
         log(f"FAIL: {e}")
         return 1
 

@@ -1,0 +1,36 @@
+# vhostnet: common tasks.  `make help` lists them.
+#
+# Python: .venv/bin/python when scripts/setup.sh made one (Debian's system
+# Python is externally managed), else python3; override with PYTHON=...
+
+PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
+
+.PHONY: help setup guest test test-qemu-smoke bench
+
+help:
+	@echo "make setup            install apt packages (root) and pip install -e '.[test]'"
+	@echo "make guest            build the QEMU test guest into qemu/build/ (cached)"
+	@echo "make test             run the whole pytest suite (includes the QEMU smoke test)"
+	@echo "make test-qemu-smoke  boot the guest on a vhostnet backend and check its markers"
+	@echo "                      e.g. NET=1 TCP_ECHO_TEST=1 make test-qemu-smoke; BACKEND=slirp ..."
+	@echo "make bench            run every scripts/bench_*.py"
+
+setup:
+	bash scripts/setup.sh
+
+guest:
+	bash scripts/build-guest.sh
+
+test:
+	$(PYTHON) -m pytest
+
+# The smoke runner reads NET, EXPECT_NET, ICMP_TEST, TCP_ECHO_TEST,
+# UDP_ECHO_TEST, NET_LOOPBACK_TEST, BACKEND, SMOKE_TIMEOUT, ACCEL and
+# BACKEND_ARGS from the environment (see qemu/smoke.py).
+test-qemu-smoke:
+	$(PYTHON) qemu/smoke.py
+
+bench:
+	@set -e; for b in scripts/bench_*.py; do \
+		echo "== $$b"; $(PYTHON) $$b; \
+	done

@@ -1,0 +1,130 @@
+"""The QEMU smoke test: boot the test guest on a real vhostnet backend.
+
+qemu/smoke.py does the work (build the image if needed, start
+`vhostnet serve`, boot QEMU, read the console); this module runs it once with
+NET=1 (every network test on) and turns its verdict into one test per
+marker, so a report says which parts of the data path work.
+
+Also here: fast checks of vhostnet/qemu.py's argv and of the embedded KVM
+probe against its source.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vhostnet import qemu
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "qemu" / "smoke.py"
+sys.path.insert(0, str(ROOT / "qemu"))
+import smoke  # noqa: E402
+
+# Every marker the guest prints with NET=1 against our backend.
+MARKERS = ["init: start", *smoke.NET_MARKERS, *(m for _, m in smoke.TEST_MARKERS), "init: done"]
+SMOKE_ENV_VARS = ["NET", "EXPECT_NET", "BACKEND", "BACKEND_ARGS", "ACCEL",
+                  *(name for name, _ in smoke.TEST_MARKERS)]
+
+needs_qemu = pytest.mark.skipif(shutil.which(qemu.QEMU) is None,
+                                reason=f"{qemu.QEMU} is not installed (make setup installs it)")
+
+
+@pytest.fixture(scope="module")
+def smoke_result(tmp_path_factory):
+    """Run qemu/smoke.py once with NET=1 on the vhostnet backend."""
+    result = tmp_path_factory.mktemp("smoke") / "result.json"
+    env = {k: v for k, v in os.environ.items() if k not in SMOKE_ENV_VARS}
+    env.update(NET="1", BACKEND="vhostnet")
+    proc = subprocess.run([sys.executable, str(SMOKE), "--quiet", "--result-json", str(result)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    report = proc.stdout + proc.stderr
+    if not result.exists():
+        pytest.fail(f"qemu/smoke.py gave no verdict (exit {proc.returncode}):\n{report}")
+    return proc.returncode, json.loads(result.read_text()), report
+
+
+@pytest.mark.qemu
+@needs_qemu
+def test_smoke_passes(smoke_result):
+    rc, verdict, report = smoke_result
+    assert rc == 0 and verdict["passed"], (
+        "smoke test failed:\n  " + "\n  ".join(verdict["problems"]) +
+        f"\nconsole log: {verdict['console_log']}\nbackend log: {verdict['backend_log']}\n\n{report}")
+
+
+@pytest.mark.qemu
+@needs_qemu
+@pytest.mark.parametrize("marker", MARKERS)
+def test_smoke_marker(smoke_result, marker):
+    _, verdict, _ = smoke_result
+    assert marker in verdict["markers"], f"the smoke run did not expect {marker!r}"
+    assert verdict["markers"][marker] is not None, (
+        f"the guest never printed {marker!r}; console log: {verdict['console_log']}, "
+        f"backend log: {verdict['backend_log']}")
+
+
+# --- vhostnet/qemu.py, no QEMU needed -------------------------------------------
+
+def test_argv_has_the_vhost_user_workarounds():
+    argv = qemu.qemu_argv("/tmp/x.sock", accel="tcg", memory="512M")
+    line = " ".join(argv)
+    assert "memory-backend-memfd,id=mem,size=512M,share=on" in line
+    assert "q35,memory-backend=mem" in line
+    assert "socket,id=chr0,path=/tmp/x.sock" in line
+    assert "vhost-user,id=net0,chardev=chr0" in line
+    device = argv[argv.index("-device") + 1]
+    assert device.startswith("virtio-net-pci,netdev=net0,")
+    assert "vectors=0" in device.split(",") and "romfile=" in device.split(",")
+    assert argv[1:3] == ["-accel", "tcg"]
+    assert "-no-reboot" in argv and "-nodefaults" in argv
+
+
+def test_argv_boots_the_image_with_guest_vars(tmp_path):
+    image = qemu.GuestImage(kernel=tmp_path / "vmlinux", initrd=tmp_path / "initrd")
+    argv = qemu.qemu_argv(netdev="user", image=image, guest_vars={"NET": 1, "TCP_ECHO_TEST": 0},
+                          append="quiet", accel="tcg", extra_args=["-s"])
+    assert argv[argv.index("-kernel") + 1] == str(image.kernel)
+    assert argv[argv.index("-initrd") + 1] == str(image.initrd)
+    append = argv[argv.index("-append") + 1]
+    assert append.startswith(qemu.BASE_APPEND)
+    assert "vhostnet.NET=1 vhostnet.TCP_ECHO_TEST=0 quiet" in append
+    assert "user,id=net0" in argv and "-chardev" not in argv
+    assert argv[-1] == "-s"
+
+
+def test_argv_refuses_vhost_user_without_socket():
+    with pytest.raises(ValueError):
+        qemu.qemu_argv(accel="tcg")
+
+
+def test_find_image_reads_the_manifest(tmp_path):
+    with pytest.raises(qemu.ImageNotBuilt):
+        qemu.find_image(tmp_path)
+    (tmp_path / "vmlinux").write_bytes(b"\x7fELF")
+    (tmp_path / "initramfs.cpio.gz").write_bytes(b"")
+    (tmp_path / "image.env").write_text(
+        f"KERNEL={tmp_path / 'vmlinux'}\nINITRD={tmp_path / 'initramfs.cpio.gz'}\nKERNEL_VERSION=6.1.0-x\n")
+    image = qemu.find_image(tmp_path)
+    assert image.kernel == tmp_path / "vmlinux" and image.kernel_version == "6.1.0-x"
+
+
+@pytest.mark.skipif(not (shutil.which("gcc") and shutil.which("objcopy")),
+                    reason="needs gcc and objcopy to assemble qemu/kvm-probe.S")
+def test_kvm_probe_bytes_match_the_source(tmp_path):
+    obj, binary = tmp_path / "p.o", tmp_path / "p.bin"
+    subprocess.run(["gcc", "-c", str(ROOT / "qemu" / "kvm-probe.S"), "-o", str(obj)], check=True)
+    subprocess.run(["objcopy", "-O", "binary", str(obj), str(binary)], check=True)
+    assert binary.read_bytes() == qemu.KVM_PROBE
+
+
+def test_explicit_accel_skips_the_probe(monkeypatch):
+    monkeypatch.setattr(qemu, "kvm_usable", lambda *a: pytest.fail("probed"))
+    assert qemu.choose_accel("tcg") == "tcg"
+    monkeypatch.setenv("VHOSTNET_ACCEL", "tcg")
+    assert qemu.choose_accel("auto") == "tcg"
