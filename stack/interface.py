@@ -21,6 +21,7 @@ a token bucket (`icmp_rate` per second, `icmp_burst` deep).
 """
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import struct
 from collections import Counter
@@ -104,8 +105,14 @@ class Stack:
         self.tcp = None
         if TcpLayer is not None:
             self.tcp = TcpLayer(self._tcp_emit)
-            from .services import tcp_services
-            tcp_services.install(self.tcp, self._gw_ip)
+            try:
+                tcp_services = importlib.import_module(".services.tcp_services", __package__)
+            except ModuleNotFoundError as e:  # the TCP services may land after the layer
+                if e.name != __package__ + ".services.tcp_services":
+                    raise
+                tcp_services = None
+            if tcp_services is not None:
+                tcp_services.install(self.tcp, self._gw_ip)
 
     # ------------------------------------------------------------------ API
     def set_offloads(self, csum: bool, tso: bool) -> None:
