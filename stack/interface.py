@@ -17,7 +17,9 @@ which picks full or partial L4 checksums, fragments to the MTU and resolves
 the destination MAC (queueing behind ARP when needed).
 
 Every drop is counted as `drop_<reason>`; ICMP errors are rate-limited by
-a token bucket (`icmp_rate` per second, `icmp_burst` deep).
+a token bucket (`icmp_rate` per second, `icmp_burst` deep). At most
+`max_out` frames wait for `take_frames`. `counters` holds this layer's
+counters; `snapshot()["counters"]` adds the TCP layer's (prefixed tcp_).
 """
 from __future__ import annotations
 
@@ -78,10 +80,11 @@ class _TokenBucket:
 class Stack:
     def __init__(self, config: NetConfig | None = None, *, icmp_rate: float = 100.0,
                  icmp_burst: int = 20, arp_ttl: float = 300.0, reasm_timeout: float = 30.0,
-                 reasm_max_total: int = 1 << 20):
+                 reasm_max_total: int = 1 << 20, max_out: int = 8192):
         cfg = self.config = config or NetConfig()
         self.counters: Counter = Counter()
         self._out: list[Frame] = []
+        self.max_out = max_out
         self._now = 0.0
         self._csum = False
         self._tso = False
@@ -376,8 +379,7 @@ class Stack:
             r[37] = cs & 0xFF
             if len(r) < MIN_FRAME:
                 r += bytes(MIN_FRAME - len(r))
-            c["tx_frames"] += 1
-            self._out.append(Frame(r))
+            self._emit(Frame(r))
             return
         msg = bytearray(buf[off:end])
         msg[0] = 0
@@ -462,6 +464,10 @@ class Stack:
 
     # -------------------------------------------------------------- output
     def _emit(self, f: Frame) -> None:
+        if len(self._out) >= self.max_out:
+            # Nobody is taking frames: refuse new ones rather than grow.
+            self.counters["drop_tx_queue_full"] += 1
+            return
         self.counters["tx_frames"] += 1
         self._out.append(f)
 

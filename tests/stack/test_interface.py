@@ -206,3 +206,11 @@ def test_tcp_closed_port_gets_rst():
     st = Stack(NetConfig())
     out = send(st, eth() / ip() / TCP(sport=41000, dport=5556, flags="S", seq=5), now=0.0)
     assert len(out) == 1 and "R" in str(out[0][TCP].flags) and out[0][TCP].ack == 6
+
+
+def test_output_queue_bounded():
+    st = Stack(NetConfig(), max_out=5)
+    for i in range(8):
+        st.receive(Frame(bytes(eth() / ip() / ICMP(type=8, seq=i))), 0.0)
+    assert len(st.take_frames()) == 5
+    assert st.counters["drop_tx_queue_full"] == 3
