@@ -77,6 +77,9 @@ class Connection:
         self.sock = sock
         self.nursery = nursery
         self.device = server.make_device()
+        if not self.device.taps:
+            # One list for every connection: a capture outlives a reconnect.
+            self.device.taps = server.taps
         self.backend = Backend(self.device, rlog=server.rlog)
         self.device.attach(self.backend)
         self.backend.on_queue_start = self._queue_start
@@ -201,6 +204,9 @@ class Server:
         self.once = once
         self.rlog = rlog or RateLimitedLog(log)
         self.current: Connection | None = None
+        # Link taps, callables tap(direction, frame), shared with each
+        # connection's device (vhostnet/net.py); empty means no cost.
+        self.taps: list = []
         self.connections = 0
         self.listener: socket.socket | None = None
         self.ready = trio.Event()

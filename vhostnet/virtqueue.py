@@ -313,6 +313,15 @@ class Virtqueue:
             "pending": self.pending(),
             "kick_fd": self.kick_fd, "call_fd": self.call_fd,
             "kick_polled": self.kick_polled, "event_idx": self.event_idx,
+            # Taken from the avail ring but not yet returned in the used ring.
+            "in_flight": (self.last_avail_idx - self.used_idx) & 0xFFFF,
+            # What each side asked of the other about notifications.
+            "avail_flags": self._avail_h[0] if self._avail_h is not None else None,
+            "used_flags": self._used_h[0] if self._used_h is not None else None,
+            "used_event": (self._avail_h[2 + self.num]
+                           if self._avail_h is not None and self.event_idx else None),
+            "avail_event": (self._used_h[2 + 4 * self.num]
+                            if self._used_h is not None and self.event_idx else None),
         }
         d.update(self.stats)
         d["errors"] = dict(self.errors)
