@@ -48,6 +48,12 @@ _ETH_IP_TCP = struct.Struct("!12xH")  # ethertype
 RX, TX = 0, 1
 
 
+def _one_line_traceback(e: BaseException) -> str:
+    import traceback
+    return " | ".join(line.strip() for chunk in traceback.format_exception(e)
+                      for line in chunk.splitlines() if line.strip())
+
+
 def _scatter(views, hdr, data) -> int:
     """Copy hdr then data into consecutive views; returns bytes written."""
     written = 0
@@ -166,9 +172,11 @@ class NetDevice:
                 break
             try:
                 self._tx_one(chain, now)
-            except Exception:  # a stack bug must not take the device down
+            except Exception as e:  # a stack bug must not take the device down
                 self.counters["tx_internal_error"] += 1
-                log.exception("internal error handling a TX frame")
+                # A guest can trigger this per frame: rate-limited, one line.
+                self.rlog.log(logging.ERROR, "tx_internal_error",
+                              "internal error handling a TX frame: %s", _one_line_traceback(e))
             # The buffer goes back only after the stack is done with it:
             # frame views point into guest memory.
             q.push(chain.head, 0)
