@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import importlib
 import ipaddress
-import struct
 from collections import Counter
 
 from .arp_cache import ArpCache
@@ -39,6 +38,7 @@ from .services import udp_services
 from .udp import UdpLayer
 from .wire import arp as arpw
 from .wire import icmp as icmpw
+from .wire.udp import HEADER as _UDPH
 from .wire.ethernet import BROADCAST, MIN_FRAME
 from .wire.ipv4 import FLAG_DF, FLAG_MF, HEADER as IPH, fragment_payload
 
@@ -54,7 +54,6 @@ __all__ = ["Stack", "finalize_l4_checksum"]
 _ETH_IP = b"\x08\x00"
 _ETH_ARP = b"\x08\x06"
 _ZERO_IP = b"\0\0\0\0"
-_U16 = struct.Struct("!H")
 TSO_MAX_PAYLOAD = 65535 - 40 - 20
 
 
@@ -266,7 +265,9 @@ class Stack:
             c["drop_ipv4_bad_checksum"] += 1
             return
         b0 = src[0]
-        if b0 >= 224 or b0 == 127:
+        if b0 >= 224 or b0 == 127 or src in self._hosts:
+            # Multicast, loopback, or one of our own addresses (a spoof that
+            # would make us answer ourselves): never a real source.
             c["drop_ipv4_bad_src"] += 1
             return
         smac = buf[6:12]
@@ -413,7 +414,7 @@ class Stack:
         if end - off < 8:
             c["drop_udp_truncated"] += 1
             return
-        sport, dport, ulen, ucs = struct.unpack_from("!HHHH", buf, off)
+        sport, dport, ulen, ucs = _UDPH.unpack_from(buf, off)
         if ulen < 8 or off + ulen > end:
             c["drop_udp_bad_length"] += 1
             return
@@ -432,7 +433,7 @@ class Stack:
 
     def _udp_output(self, src_ip, dst_ip, src_port, dst_port, payload) -> None:
         n = 8 + len(payload)
-        d = bytearray(struct.pack("!HHHH", src_port, dst_port, n, 0))
+        d = bytearray(_UDPH.pack(src_port, dst_port, n, 0))
         d += payload
         self.counters["udp_tx"] += 1
         self._send_ip(src_ip, dst_ip, 17, d, self._now, csum_off=6)

@@ -5,7 +5,7 @@ import pytest
 from stack import Frame, NetConfig
 from stack.interface import TSO_MAX_PAYLOAD, Stack
 from stack.checksum import finalize_l4_checksum
-from tests.stack.conftest import (GUEST_IP, GUEST_MAC, GW_IP, GW_MAC, ICMP, IP, UDP, Ether,
+from tests.stack.conftest import (GUEST_IP, GUEST_MAC, GW_IP, GW_MAC, ICMP, IP, Ether,
                                   assert_checksums, eth, ip, send, send_raw)
 from scapy.layers.inet import TCP
 

@@ -73,6 +73,12 @@ def test_multicast_source_dropped(st):
     assert st.counters["drop_ipv4_bad_src"] == 1
 
 
+def test_our_own_address_as_source_dropped(st):
+    req = eth() / IP(src=GW_IP, dst=GW_IP) / UDP(sport=7, dport=7) / b"loop?"
+    assert send(st, req) == []
+    assert st.counters["drop_ipv4_bad_src"] == 1
+
+
 def test_wrong_destination_mac_dropped(st):
     req = Ether(src=GUEST_MAC, dst="52:54:00:aa:bb:cc") / ip() / ICMP(type=8)
     assert send(st, req) == []

@@ -1,7 +1,6 @@
 import pytest
 from scapy.layers.inet import TCP
 
-from stack import Frame
 from stack.checksum import finalize_l4_checksum, pseudo_sum
 from stack.segment import SegmentError, segment_tcp
 from tests.stack.conftest import (GUEST_IP, GUEST_MAC, IP, UDP, Ether, assert_checksums,
