@@ -193,6 +193,7 @@ class Console:
     seen: dict[str, float] = field(default_factory=dict)   # marker -> seconds
     fails: list[str] = field(default_factory=list)
     fallback: str | None = None
+    qemu_said: list[str] = field(default_factory=list)     # QEMU's own warnings/errors
     timed_out: bool = False
 
 
@@ -236,6 +237,8 @@ def watch_console(proc: subprocess.Popen, plan: Plan, console_log: Path,
             c.fails.append(text.strip())
         if FALLBACK in text and c.fallback is None:
             c.fallback = text.strip()
+        if text.startswith("qemu-system-") and len(c.qemu_said) < 50:
+            c.qemu_said.append(f"{now:6.1f} s  {text}")
     return c
 
 
@@ -311,8 +314,8 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
     if c.fallback:
         problems.append(f"QEMU fell back on userspace virtio: {c.fallback!r}")
     problems += [f"guest: {line}" for line in c.fails]
-    missing = [m for m in plan.expected() if m not in c.seen]
-    problems += [f"missing marker: {m!r}" for m in missing]
+    if qemu_proc is not None:   # else the run failed before the guest started
+        problems += [f"missing marker: {m!r}" for m in plan.expected() if m not in c.seen]
 
     if args.result_json:
         Path(args.result_json).write_text(json.dumps({
@@ -322,11 +325,14 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
             "guest_seconds": boot_secs, "run_dir": str(run_dir),
             "console_log": str(console_log), "backend_log": str(backend_log)}, indent=2))
 
-    print()
-    for m in plan.expected():
-        print(f"  {'ok  ' if m in c.seen else 'MISS'} {m}"
-              + (f"  ({c.seen[m]:.1f} s)" if m in c.seen else ""))
-    print()
+    if c.qemu_said:
+        print("\n  QEMU said:\n" + "\n".join(f"    {line}" for line in c.qemu_said))
+    if qemu_proc is not None:
+        print()
+        for m in plan.expected():
+            print(f"  {'ok  ' if m in c.seen else 'MISS'} {m}"
+                  + (f"  ({c.seen[m]:.1f} s)" if m in c.seen else ""))
+        print()
     if not problems:
         log(f"PASS in {time.monotonic() - t_start:.1f} s (guest {boot_secs:.1f} s, "
             f"init: start at {c.seen.get('init: start', 0):.1f} s); logs in {run_dir}")
@@ -339,12 +345,15 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
         if around and not shown.intersection(around.range):
             shown.update(around.range)
             print("  console around it:\n" + "\n".join(f"    {line}" for line in around.lines))
+    if not shown and c.lines:
+        print("  console (last lines):\n" + "\n".join(f"    {line}" for line in c.lines[-12:]))
     tail = backend_text.strip().splitlines()[-15:]
     if tail and plan.backend == "vhostnet":
         print("  backend log (last lines):\n" + "\n".join(f"    {line}" for line in tail))
     log(f"console log: {console_log}")
     log(f"backend log: {backend_log}")
-    log(f"qemu command: {run_dir / 'qemu.cmd'}")
+    if qemu_proc is not None:
+        log(f"qemu command: {run_dir / 'qemu.cmd'}")
     return 1
 
 

@@ -72,29 +72,38 @@ apt_lists_ready() { apt-cache show busybox-static >/dev/null 2>&1; }
 # --- package resolution ------------------------------------------------------
 
 resolve_packages() {
-    if ! apt_lists_ready; then
-        [ "$(id -u)" -eq 0 ] || die "apt has no package lists; run 'sudo apt-get update' first"
-        say "apt has no package lists yet: apt-get update"
+    local try
+    for try in 1 2; do
+        query_packages && return
+        [ "$try" = 1 ] && [ "$(id -u)" -eq 0 ] || break
+        say "apt does not know the guest packages yet: apt-get update"
         apt-get update -qq
-    fi
-    if [ -z "${KERNEL_PKG:-}" ]; then
-        # Newest ABI first; at equal ABI prefer -unsigned (same kernel, no
-        # shim signature) over the signed package.
-        KERNEL_PKG=$(apt-cache pkgnames linux-image-6.1.0- |
-            grep -E '^linux-image-6\.1\.0-[0-9]+-amd64(-unsigned)?$' |
-            sed -E 's/^(linux-image-6\.1\.0-([0-9]+)-amd64)(-unsigned)?$/\2 \3 &/' |
-            sort -k1,1nr -k2,2r | head -n1 | awk '{print $NF}')
-        [ -n "$KERNEL_PKG" ] || die "no linux-image-6.1.0-*-amd64 package in apt's lists"
-    fi
-    KERNEL_VER=$(pkg_version "$KERNEL_PKG")
-    BUSYBOX_VER=$(pkg_version busybox-static)
+    done
+    die "apt knows no ${KERNEL_PKG:-linux-image-6.1.0-N-amd64} or busybox-static package" \
+        "(run 'apt-get update' as root)"
 }
 
-pkg_version() {
-    local v
-    v=$(apt-cache policy "$1" | awk '/Candidate:/ {print $2}')
-    [ -n "$v" ] && [ "$v" != "(none)" ] || die "apt does not know package $1"
-    printf '%s' "$v"
+# Set KERNEL_PKG (unless given), KERNEL_VER and BUSYBOX_VER from apt's lists.
+# Two apt-cache calls (each costs ~0.4 s): this is most of a warm build.
+query_packages() {
+    local kpkg=${KERNEL_PKG:-} versions
+    if [ -z "$kpkg" ]; then
+        # Newest ABI (the N in linux-image-6.1.0-N-amd64) first; at equal ABI
+        # prefer -unsigned (the same kernel without the EFI signature).
+        kpkg=$(apt-cache pkgnames linux-image-6.1.0- | awk '
+            /^linux-image-6\.1\.0-[0-9]+-amd64(-unsigned)?$/ {
+                split($0, f, "-"); score = f[4] * 2 + ($0 ~ /-unsigned$/)
+                if (score > best) { best = score; pkg = $0 }
+            }
+            END { print pkg }')
+        [ -n "$kpkg" ] || return 1
+    fi
+    versions=$(apt-cache policy "$kpkg" busybox-static 2>/dev/null |
+        awk '/^[^ ]/ { pkg = $1; sub(/:$/, "", pkg) } /Candidate:/ { print pkg, $2 }')
+    KERNEL_VER=$(awk -v p="$kpkg" '$1 == p && $2 != "(none)" { print $2 }' <<<"$versions")
+    BUSYBOX_VER=$(awk '$1 == "busybox-static" && $2 != "(none)" { print $2 }' <<<"$versions")
+    [ -n "$KERNEL_VER" ] && [ -n "$BUSYBOX_VER" ] || return 1
+    KERNEL_PKG=$kpkg
 }
 
 # Download PKG=VERSION into debs/ unless it is already there; print the path.
@@ -251,6 +260,11 @@ EOF
 
 main() {
     mkdir -p "$OUT/debs"
+    # One build at a time per output directory (parallel smoke runs share it).
+    if command -v flock >/dev/null; then
+        exec 9>"$OUT/.lock"
+        flock -n 9 || { say "waiting for another build of $OUT"; flock 9; }
+    fi
     ensure_tools
     resolve_packages
     build_kernel
