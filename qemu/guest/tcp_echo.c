@@ -19,7 +19,7 @@ int main(int argc, char **argv)
     const char *ip = argv[1];
     int port = atoi(argv[2]);
     size_t total = argc > 3 ? strtoul(argv[3], NULL, 0) : 1 << 20;
-    alarm(120); /* the last resort; tcp_pump fails on a 15 s stall first */
+    alarm(60); /* the last resort; tcp_pump fails on a 15 s stall first */
 
     double t0 = now();
     int fd = tcp_connect(ip, port, 10000);
