@@ -1,22 +1,151 @@
-"""The `vhostnet` command line."""
+"""The `vhostnet` command line: serve, run, qemu-args, and the looking-inside tools.
+
+    serve      the backend on a vhost-user socket (+ control socket, + --pcap)
+    run        the backend and a QEMU guest together, in one process
+    qemu-args  the QEMU flags that attach a guest to a backend
+    inspect    rings, indices, features, memory; one descriptor chain with --desc
+    stats      frames, drops by reason, ARP/UDP/TCP tables, live with --watch
+    capture    the guest's frames as pcap (-w) or as tcpdump-like lines
+
+The looking-inside tools talk to the backend over its control socket
+(vhostnet/control.py); each finds it from --control, or --socket + ".ctl",
+or the default socket. User mistakes get a one-line message and exit
+status 2 (bad arguments) or 1 (nothing to talk to, refused); inspect and
+stats exit 3 when the backend runs but no QEMU is connected.
+"""
 from __future__ import annotations
 
 import argparse
-import logging
+import json
+import os
 import sys
+import time
 
 from . import __version__
 
+EXIT_NO_QEMU = 3
+
 EPILOG_SERVE = """\
-Start the backend first, then QEMU. Attach a guest with (see `vhostnet qemu-args`):
-  -object memory-backend-memfd,id=mem,size=512M,share=on -M q35,memory-backend=mem
+Start the backend first, then QEMU with the flags of `vhostnet qemu-args`:
+  -object memory-backend-memfd,id=mem,size=256M,share=on -M q35,memory-backend=mem -m 256M
   -chardev socket,id=chr0,path=SOCKET -netdev vhost-user,id=net0,chardev=chr0
   -device virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,vectors=0,romfile=
 
 The guest sees a user-mode network: it is 10.0.2.15/24, the gateway 10.0.2.2
 answers ARP and ping and runs echo (TCP/UDP 7), discard (9) and chargen (TCP 19);
 DNS is 10.0.2.3. Frames the guest sends to its own address come back to it.
+
+While it runs, look inside from another terminal:
+  vhostnet inspect            rings, indices, features, memory
+  vhostnet stats --watch 1    traffic, drops, ARP/UDP/TCP tables
+  vhostnet capture -w g.pcap  the guest's frames, for tshark/wireshark
+
+examples:
+  vhostnet serve
+  vhostnet serve --socket /tmp/v.sock --pcap all.pcap --log-level debug
+  vhostnet serve --disable-feature offloads --disable-feature mrg-rxbuf
 """
+
+EPILOG_RUN = """\
+Without QEMU arguments, boots the project's test guest (qemu/build/, made by
+`make guest`) with vhostnet.NET=1 on its command line: it configures eth0,
+pings the gateway, runs the echo tests and powers off. With QEMU arguments
+after `--` that boot something (-kernel, -drive, -hda, -cdrom, -bios...), only
+those are used; vhostnet adds memory, console and NIC flags (`vhostnet
+qemu-args` shows them). The console is on stdout; Ctrl-C stops QEMU and the
+backend. Exit status: QEMU's own, 128+N after signal N, 1 if QEMU fell back
+on userspace virtio.
+
+examples:
+  vhostnet run
+  vhostnet run --append "vhostnet.TCP_ECHO_TEST=0" --pcap guest.pcap
+  vhostnet run --mem 1G -- -kernel bzImage -initrd rootfs.cpio -append "console=ttyS0"
+  vhostnet run -- -drive file=disk.qcow2,if=virtio -smp 2
+"""
+
+EPILOG_QEMU_ARGS = """\
+examples:
+  qemu-system-x86_64 -accel kvm -nographic -kernel bzImage \\
+      $(vhostnet qemu-args --socket /tmp/v.sock --mem 1G)
+  vhostnet qemu-args --json
+"""
+
+EPILOG_INSPECT = """\
+Fields: avail->idx is what the driver published, last_avail_idx the next
+entry the device takes; pending = the difference (for rx: buffers posted).
+used->idx is what the device published. in flight = taken, not yet used.
+Docs: docs/looking-inside.md; JSON fields: docs/json.md.
+
+examples:
+  vhostnet inspect
+  vhostnet inspect --queue 1 --watch 0.5
+  vhostnet inspect --queue 1 --desc 0        # the chain at descriptor 0 of tx
+  vhostnet inspect --json | jq '.queues[1].used_idx'
+"""
+
+EPILOG_STATS = """\
+examples:
+  vhostnet stats
+  vhostnet stats --watch 1
+  vhostnet stats --json | jq .device.drops
+"""
+
+EPILOG_CAPTURE = """\
+The file is classic pcap (LINKTYPE_ETHERNET). Partial checksums (checksum
+offload) are completed so tshark shows them valid; --raw-csum keeps the bytes
+as the guest left them. TSO frames appear as one large segment. The file has
+no direction field: tx (from the guest) frames have the guest's MAC as source.
+
+examples:
+  vhostnet capture -w guest.pcap                 # until Ctrl-C
+  vhostnet capture -w guest.pcap --count 100
+  vhostnet capture                               # live, one line per frame
+  vhostnet capture -w - | tshark -r -
+"""
+
+
+def default_socket() -> str:
+    env = os.environ.get("VHOSTNET_SOCKET")
+    if env:
+        return env
+    run = os.environ.get("XDG_RUNTIME_DIR")
+    if run and os.path.isdir(run):
+        return os.path.join(run, "vhostnet.sock")
+    return f"/tmp/vhostnet-{os.getuid()}.sock"
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number of seconds")
+    return v
+
+
+def _count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return v
+
+
+def _index(text: str) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} must not be negative")
+    return v
 
 
 def _add_net_options(p: argparse.ArgumentParser) -> None:
@@ -33,41 +162,120 @@ def _add_net_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mtu", type=int, default=1500, help="link MTU (default %(default)s)")
 
 
+def _add_backend_options(p: argparse.ArgumentParser) -> None:
+    from .logging_setup import LEVELS
+    p.add_argument("--control", metavar="PATH",
+                   help="control socket for inspect/stats/capture (default: the socket path + .ctl)")
+    p.add_argument("--no-control", action="store_true", help="do not open a control socket")
+    p.add_argument("--pcap", metavar="FILE", help="write every frame of the link to FILE (classic pcap) from the start")
+    p.add_argument("--raw-csum", action="store_true",
+                   help="in pcap output, keep partial checksums as the guest/stack left them "
+                        "(default: complete them, so tshark shows them valid)")
+    p.add_argument("--log-level", default="info", choices=LEVELS, help="log level (default %(default)s)")
+    p.add_argument("--log-file", metavar="FILE", help="append the log to FILE instead of stderr")
+    p.add_argument("--disable-feature", action="append", default=[], metavar="NAME",
+                   help="do not offer a virtio feature; repeatable. Names: csum, guest-csum, "
+                        "guest-tso4, host-tso4, mrg-rxbuf, event-idx, indirect-desc, status, mac; "
+                        "'offloads' for all four offloads. Handy to test a driver's simple paths")
+    p.add_argument("--rx-pending", type=int, default=1024, metavar="N",
+                   help="frames held for the guest while it posts no RX buffers, before dropping (default %(default)s)")
+    _add_net_options(p)
+
+
+def _add_client_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("which backend")
+    g.add_argument("--control", metavar="PATH", help="the backend's control socket")
+    g.add_argument("--socket", metavar="PATH",
+                   help=f"the backend's vhost-user socket; its control socket is PATH.ctl "
+                        f"(default {default_socket()}, or $VHOSTNET_SOCKET)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import qemu
+    p = argparse.ArgumentParser(
+        prog="vhostnet", formatter_class=Formatter,
+        description="A virtio-net device for QEMU over vhost-user, backed by an embedded "
+                    "Python TCP/IP stack you can look inside.",
+        epilog="Start with `vhostnet run` (backend + test guest), or `vhostnet serve` and "
+               "your own QEMU (`vhostnet qemu-args`). `vhostnet COMMAND --help` for more.")
+    p.add_argument("--version", action="version", version=f"vhostnet {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the backend on a vhost-user socket", formatter_class=Formatter,
+                       description="Listen on a vhost-user Unix socket and serve one QEMU at a time.",
+                       epilog=EPILOG_SERVE)
+    s.add_argument("--socket", default=default_socket(), metavar="PATH",
+                   help="vhost-user socket to listen on (default %(default)s, or $VHOSTNET_SOCKET)")
+    s.add_argument("--once", action="store_true", help="exit when the first QEMU disconnects")
+    _add_backend_options(s)
+
+    r = sub.add_parser("run", help="run the backend and a QEMU guest together", formatter_class=Formatter,
+                       usage="vhostnet run [options] [-- QEMU ARGS...]",
+                       description="Start the backend and QEMU in one process; stop both together.",
+                       epilog=EPILOG_RUN)
+    r.add_argument("--socket", metavar="PATH",
+                   help="vhost-user socket (default: in a private temporary directory, removed at exit)")
+    r.add_argument("--mem", default=qemu.DEFAULT_MEMORY, metavar="SIZE", help="guest RAM (default %(default)s)")
+    r.add_argument("--append", default="", metavar="WORDS",
+                   help="extra kernel command-line words for the test guest, e.g. 'vhostnet.TCP_ECHO_TEST=0'")
+    r.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"],
+                   help="accelerator; auto uses KVM if it can really run a guest (default %(default)s)")
+    r.add_argument("--image", metavar="DIR", help="test guest image directory (default qemu/build/)")
+    r.add_argument("--qemu", default=qemu.QEMU, metavar="BINARY", help="QEMU binary (default %(default)s)")
+    _add_backend_options(r)
+
+    a = sub.add_parser("qemu-args", help="print the QEMU flags that attach a guest", formatter_class=Formatter,
+                       description="Print the QEMU flags for shared guest memory and a virtio-net NIC "
+                                   "served by a vhostnet backend.", epilog=EPILOG_QEMU_ARGS)
+    a.add_argument("--socket", default=default_socket(), metavar="PATH",
+                   help="the backend's vhost-user socket (default %(default)s)")
+    a.add_argument("--mem", default=qemu.DEFAULT_MEMORY, metavar="SIZE",
+                   help="guest RAM, shared with the backend (default %(default)s)")
+    a.add_argument("--mac", default=qemu.DEFAULT_MAC, metavar="MAC", help="guest MAC (default %(default)s)")
+    a.add_argument("--json", action="store_true", help="print a JSON list of arguments")
+
+    i = sub.add_parser("inspect", help="show rings, indices, features and memory of a running backend",
+                       formatter_class=Formatter, epilog=EPILOG_INSPECT,
+                       description="Show what the backend knows about the connected guest's virtio-net device.")
+    i.add_argument("--queue", type=_index, metavar="N", help="only queue N (0 = rx, 1 = tx)")
+    i.add_argument("--desc", type=_index, metavar="N",
+                   help="dump the descriptor chain at descriptor N of --queue and decode its frame")
+    i.add_argument("--json", action="store_true", help="print JSON (docs/json.md)")
+    i.add_argument("--watch", type=_positive_float, metavar="SECONDS", help="repeat every SECONDS until Ctrl-C")
+    _add_client_options(i)
+
+    t = sub.add_parser("stats", help="show traffic, drops and the stack's tables", formatter_class=Formatter,
+                       epilog=EPILOG_STATS,
+                       description="Frames and bytes per direction, drops by reason, ARP table, "
+                                   "UDP sockets and TCP connections (like ss -ti).")
+    t.add_argument("--json", action="store_true", help="print JSON (docs/json.md); with --watch one document per line")
+    t.add_argument("--watch", type=_positive_float, metavar="SECONDS",
+                   help="repeat every SECONDS until Ctrl-C, with rates")
+    _add_client_options(t)
+
+    c = sub.add_parser("capture", help="capture the guest's frames to pcap", formatter_class=Formatter,
+                       epilog=EPILOG_CAPTURE,
+                       description="Stream the frames of a running backend's link: to a pcap file "
+                                   "with -w, else as one decoded line per frame.")
+    c.add_argument("-w", "--write", metavar="FILE", help="write classic pcap to FILE ('-' for stdout)")
+    c.add_argument("-c", "--count", type=_count, metavar="N", help="stop after N frames")
+    c.add_argument("--print", action="store_true", help="also print a line per frame (to stderr if -w -)")
+    c.add_argument("--raw-csum", action="store_true", help="keep partial checksums as they are")
+    _add_client_options(c)
+    return p
+
+
+# -- serve and run ----------------------------------------------------------------
+
+def _fail(msg: str, status: int = 1) -> int:
+    print(f"vhostnet: {msg}", file=sys.stderr)
+    return status
+
+
 def _net_config(args):
     from stack import NetConfig
     return NetConfig(guest_ip=args.guest_ip, prefix_len=args.prefix, gateway_ip=args.gateway_ip,
                      dns_ip=args.dns_ip, guest_mac=args.mac, gateway_mac=args.gateway_mac, mtu=args.mtu)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vhostnet",
-        description="A virtio-net device for QEMU over vhost-user, backed by an embedded "
-                    "Python TCP/IP stack you can look inside.")
-    p.add_argument("--version", action="version", version=f"vhostnet {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    s = sub.add_parser("serve", help="run the backend on a vhost-user socket",
-                       description="Listen on a vhost-user Unix socket and serve one QEMU at a time.",
-                       epilog=EPILOG_SERVE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--socket", required=True, metavar="PATH", help="vhost-user socket to listen on")
-    s.add_argument("--once", action="store_true", help="exit when the first QEMU disconnects")
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                   help="log level (default %(default)s)")
-    s.add_argument("--disable-feature", action="append", default=[], metavar="NAME",
-                   help="do not offer a virtio feature; repeatable. Names: csum, guest-csum, "
-                        "guest-tso4, host-tso4, mrg-rxbuf, event-idx, indirect-desc, status, mac; "
-                        "'offloads' for all four offloads. Handy to test a driver's simple paths")
-    s.add_argument("--rx-pending", type=int, default=1024, metavar="N",
-                   help="frames held for the guest while it posts no RX buffers, before dropping (default %(default)s)")
-    _add_net_options(s)
-    return p
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()),
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
 
 
 def _features(disabled: list[str]) -> int:
@@ -79,46 +287,325 @@ def _features(disabled: list[str]) -> int:
         elif name in F.BY_NAME:
             feats &= ~(1 << F.BY_NAME[name])
         else:
-            raise SystemExit(f"vhostnet: unknown feature {name!r}; known: offloads, {', '.join(F.BY_NAME)}")
+            raise ValueError(f"unknown feature {name!r}; known: offloads, {', '.join(F.BY_NAME)}")
     return feats
 
 
-def cmd_serve(args) -> int:
-    import trio
+def _make_backend(args, socket_path: str):
+    """Server, control server and pcap tap, listening; or ValueError/OSError with a message."""
+    from .control import ControlServer, default_control_path
     from .net import NetDevice
+    from .pcap import FileTap
     from .server import Server, SocketInUse
 
-    _setup_logging(args.log_level)
-    try:
-        config = _net_config(args)
-    except ValueError as e:
-        print(f"vhostnet: {e}", file=sys.stderr)
-        return 2
+    config = _net_config(args)
     feats = _features(args.disable_feature)
     if args.rx_pending < 1:
-        print("vhostnet: --rx-pending must be at least 1", file=sys.stderr)
-        return 2
+        raise ValueError("--rx-pending must be at least 1")
 
     def make_device():
         return NetDevice(config, features=feats, rx_pending_limit=args.rx_pending)
 
-    server = Server(args.socket, make_device, once=args.once)
+    server = Server(socket_path, make_device, once=getattr(args, "once", False))
+    control = None
+    if not args.no_control:
+        control = ControlServer(server, args.control or default_control_path(socket_path),
+                                complete_csum=not args.raw_csum)
+    tap = None
     try:
-        server.listen()
-    except (SocketInUse, OSError) as e:
-        print(f"vhostnet: cannot listen on {args.socket}: {e}", file=sys.stderr)
-        return 1
+        try:
+            server.listen()
+        except (SocketInUse, OSError) as e:
+            raise OSError(f"cannot listen on {socket_path}: {e}") from None
+        if control is not None:
+            try:
+                control.listen()
+            except (SocketInUse, OSError) as e:
+                raise OSError(f"cannot open the control socket {control.path}: {e}") from None
+        if args.pcap:
+            try:
+                tap = FileTap(args.pcap, complete_csum=not args.raw_csum)
+            except OSError as e:
+                raise OSError(f"cannot write {args.pcap}: {e.strerror or e}") from None
+    except OSError:
+        _close_listeners(server, control)
+        raise
+    return server, control, tap
+
+
+def _close_listeners(server, control) -> None:
+    for obj in (server, control):
+        if obj is not None and obj.listener is not None:
+            obj.listener.close()
+            obj.listener = None
+            path = obj.socket_path if obj is server else obj.path
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def cmd_serve(args) -> int:
+    import functools
+    import logging
+
+    import trio
+
+    from .launch import serve_backend
+    from .logging_setup import setup
+
+    setup(args.log_level, args.log_file)
     try:
-        trio.run(server.serve)
+        server, control, tap = _make_backend(args, args.socket)
+    except (ValueError, OSError) as e:
+        return _fail(str(e), 2 if isinstance(e, ValueError) else 1)
+    print(f"vhostnet: vhost-user socket {args.socket}", file=sys.stderr)
+    if control is not None:
+        print(f"vhostnet: control socket {control.path} (vhostnet inspect --control {control.path})",
+              file=sys.stderr)
+    if tap is not None:
+        print(f"vhostnet: writing every frame to {args.pcap}", file=sys.stderr)
+    sys.stderr.flush()
+    try:
+        trio.run(functools.partial(serve_backend, server, control, tap, handle_signals=True))
     except KeyboardInterrupt:
         logging.getLogger("vhostnet").info("interrupted; exiting")
+    finally:
+        _close_listeners(server, control)
     return 0
 
 
+def cmd_run(args) -> int:
+    import functools
+
+    import trio
+
+    from . import launch, qemu
+    from .logging_setup import setup
+
+    extra = args.qemu_args
+    try:
+        mem = launch.parse_mem(args.mem)
+        mac = launch.check_mac(args.mac)
+        own = launch.uses_own_boot(extra)
+        if own and args.append:
+            raise launch.RunError("--append is for the test guest; with your own -kernel, "
+                                  "put -append in the QEMU arguments")
+        image = None if own else qemu.find_image(args.image)
+        accel = qemu.choose_accel(args.accel, args.qemu)
+    except qemu.ImageNotBuilt as e:
+        return _fail(f"{e}; or boot your own guest: vhostnet run -- -kernel ... (see --help)")
+    except (launch.RunError, ValueError) as e:
+        return _fail(str(e), 2)
+    import shutil
+    if shutil.which(args.qemu) is None:
+        return _fail(f"{args.qemu} not found (install qemu-system-x86, e.g. scripts/setup.sh)")
+    setup(args.log_level, args.log_file)
+    tmp = None if args.socket else launch.temp_socket_dir()
+    sock = args.socket or os.path.join(tmp, "vhost.sock")
+    try:
+        try:
+            server, control, tap = _make_backend(args, sock)
+        except (ValueError, OSError) as e:
+            return _fail(str(e), 2 if isinstance(e, ValueError) else 1)
+        argv = qemu.qemu_argv(sock, memory=mem, mac=mac, image=image,
+                              guest_vars=None if own else {"NET": 1}, append=args.append,
+                              extra_args=extra, accel=accel, qemu=args.qemu)
+        what = "your QEMU arguments" if own else f"the test guest ({image.kernel.name}, {image.kernel_version})"
+        print(f"vhostnet: backend on {sock}; booting {what} with {accel}", file=sys.stderr)
+        if control is not None:
+            print(f"vhostnet: look inside: vhostnet inspect --control {control.path}", file=sys.stderr)
+        sys.stderr.flush()
+        import logging
+        logging.getLogger("vhostnet.launch").info("qemu: %s", " ".join(argv))
+        try:
+            return trio.run(functools.partial(launch.run_guest, server, control, argv, pcap_tap=tap,
+                                              forward_stdin=sys.stdin.isatty()))
+        finally:
+            _close_listeners(server, control)
+    finally:
+        if tmp is not None:
+            launch.remove_dir(tmp)
+
+
+def cmd_qemu_args(args) -> int:
+    import shlex
+
+    from .launch import RunError, attach_flags
+    try:
+        flags = attach_flags(args.socket, args.mem, args.mac)
+    except RunError as e:
+        return _fail(str(e), 2)
+    print(json.dumps(flags) if args.json else shlex.join(flags))
+    return 0
+
+
+# -- the looking-inside tools --------------------------------------------------------
+
+def _control_path(args) -> str:
+    from .control import default_control_path
+    if args.control:
+        return args.control
+    return default_control_path(args.socket or default_socket())
+
+
+def _watch(interval: float | None, once) -> int:
+    """Call ONCE() (it prints, returns a status); with INTERVAL, again until Ctrl-C."""
+    if interval is None:
+        return once()
+    clear = sys.stdout.isatty()
+    try:
+        while True:
+            if clear:
+                sys.stdout.write("\x1b[H\x1b[2J")
+            status = once()
+            sys.stdout.flush()
+            if status not in (0, EXIT_NO_QEMU):
+                return status
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _print_json(doc, watch: bool) -> None:
+    print(json.dumps(doc, separators=(",", ":")) if watch else json.dumps(doc, indent=2))
+
+
+def cmd_inspect(args) -> int:
+    from .control import ControlClient, ControlError
+    from .render import desc_text, inspect_text
+    if args.desc is not None and args.queue is None:
+        return _fail("--desc needs --queue (0 = rx, 1 = tx)", 2)
+    try:
+        with ControlClient(_control_path(args)) as c:
+            def once() -> int:
+                if args.desc is not None:
+                    try:
+                        doc = c.request("desc", queue=args.queue, head=args.desc)
+                    except ControlError as e:
+                        if str(e).startswith("no QEMU"):
+                            print(f"vhostnet: {e}")
+                            return EXIT_NO_QEMU
+                        raise
+                    _print_json(doc, args.watch) if args.json else print(desc_text(doc))
+                    return 0
+                doc = c.request("inspect")
+                if doc["connected"] and args.queue is not None:
+                    names = [f"{q['index']}={q['name']}" for q in doc["queues"]]
+                    doc["queues"] = [q for q in doc["queues"] if q["index"] == args.queue]
+                    if not doc["queues"]:
+                        raise ControlError(f"no queue {args.queue}; queues: {', '.join(names)}")
+                _print_json(doc, args.watch) if args.json else print(inspect_text(doc))
+                return 0 if doc["connected"] else EXIT_NO_QEMU
+            return _watch(args.watch, once)
+    except ControlError as e:
+        return _fail(str(e))
+
+
+def cmd_stats(args) -> int:
+    from .control import ControlClient, ControlError
+    from .render import stats_text
+    prev = {}
+    try:
+        with ControlClient(_control_path(args)) as c:
+            def once() -> int:
+                doc = c.request("stats")
+                _print_json(doc, args.watch) if args.json else print(stats_text(doc, prev.get("doc")))
+                prev["doc"] = doc
+                return 0 if doc["connected"] else EXIT_NO_QEMU
+            return _watch(args.watch, once)
+    except ControlError as e:
+        return _fail(str(e))
+
+
+def cmd_capture(args) -> int:
+    import base64
+
+    from .control import ControlClient, ControlError
+    from .decode import summarize
+    from .pcap import PcapWriter
+
+    to_stdout = args.write == "-"
+    lines = sys.stderr if to_stdout else sys.stdout
+    show = args.print or not args.write
+    writer = None
+    frames = dropped = 0
+    ended = "interrupted"
+    try:
+        with ControlClient(_control_path(args)) as c:
+            c.send({"cmd": "capture", "count": args.count, "raw_csum": args.raw_csum})
+            reply = c.read()
+            if reply is None or not reply.get("ok"):
+                raise ControlError(reply.get("error", "capture refused") if reply else
+                                   "the backend closed the connection")
+            if args.write:
+                try:
+                    f = sys.stdout.buffer if to_stdout else open(args.write, "wb")
+                except OSError as e:
+                    return _fail(f"cannot write {args.write}: {e.strerror or e}")
+                writer = PcapWriter(f)
+                writer.flush()
+            if not to_stdout:
+                print(f"vhostnet: capturing on {c.path}" + (f" to {args.write}" if args.write else "")
+                      + (f", {args.count} frames" if args.count else ", Ctrl-C to stop"), file=sys.stderr)
+            c.sock.settimeout(None)
+            try:
+                while True:
+                    msg = c.read()
+                    if msg is None:
+                        ended = "the backend went away"
+                        break
+                    if "end" in msg:
+                        dropped = msg["end"].get("dropped", 0)
+                        ended = "done"
+                        break
+                    fr = msg.get("frame")
+                    if fr is None:
+                        continue
+                    data = base64.b64decode(fr["data"])
+                    frames += 1
+                    if writer is not None:
+                        writer.write(data, fr["ts"])
+                        writer.flush()
+                    if show:
+                        stamp = time.strftime("%H:%M:%S", time.localtime(fr["ts"]))
+                        usec = int((fr["ts"] % 1) * 1e6)
+                        print(f"{stamp}.{usec:06d} {fr['dir']} {summarize(data)}", file=lines, flush=True)
+            except KeyboardInterrupt:
+                pass
+    except ControlError as e:
+        return _fail(str(e))
+    except BrokenPipeError:
+        return 0
+    finally:
+        if writer is not None and not to_stdout:
+            writer.close()
+    where = f" to {args.write}" if args.write and not to_stdout else ""
+    print(f"vhostnet: {frames} frame(s){where}"
+          + (f", {dropped} dropped by the backend (this client was too slow)" if dropped else "")
+          + ("" if ended in ("done", "interrupted") else f"; {ended}"), file=sys.stderr)
+    return 0 if ended != "the backend went away" else 1
+
+
+COMMANDS = {"serve": cmd_serve, "run": cmd_run, "qemu-args": cmd_qemu_args,
+            "inspect": cmd_inspect, "stats": cmd_stats, "capture": cmd_capture}
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        k = argv.index("--")
+        argv, extra = argv[:k], argv[k + 1:]
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    return {"serve": cmd_serve}[args.command](args)
+    if extra and args.command != "run":
+        parser.error(f"only `vhostnet run` takes QEMU arguments after --, not `{args.command}`")
+    args.qemu_args = extra
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,226 @@
+"""What `inspect`, `inspect --desc` and `stats` report: JSON documents built from a live server.
+
+These functions run inside the backend (the control socket calls them
+between two steps of the data path) and only read state: the backend's
+`describe()`, each virtqueue's `describe()` and `describe_chain()`, the
+device counters and `Stack.snapshot()`. Field by field, the documents are
+described in docs/json.md; tests/test_control.py holds the code to that
+page. Text rendering for people lives in vhostnet/render.py.
+
+Bounded: a descriptor dump reads at most MAX_DUMP bytes of guest memory,
+however long the chain claims to be; the avail-ring scan looks at most at
+one queue's worth of entries.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from . import decode
+from . import features as F
+from .memory import OutOfBounds
+
+__all__ = ["inspect_doc", "desc_doc", "stats_doc", "VERSION", "MAX_DUMP"]
+
+VERSION = 1
+MAX_DUMP = 12 + 14 + 65535  # virtio-net header + the largest frame
+_FRAME_COUNTERS = ("tx_frames", "tx_bytes", "rx_frames", "rx_bytes")
+
+
+class ReportError(Exception):
+    """A request about something that is not there (no QEMU, no such queue)."""
+
+
+def _backend_info(server, control=None) -> dict:
+    return {
+        "pid": os.getpid(),
+        "socket": server.socket_path,
+        "control": getattr(control, "path", None),
+        "uptime": round(time.monotonic() - control.started, 3) if control else None,
+        "connections": server.connections,
+        "log_suppressed": server.rlog.suppressed_total + (
+            server.current.device.rlog.suppressed_total if server.current else 0),
+        "taps": len(server.taps),
+    }
+
+
+def _bits(value: int, table) -> dict:
+    return {"value": value, "hex": f"{value:#x}", "names": F.names(value, table)}
+
+
+def _addr(q: dict, which: str) -> dict:
+    return {"guest": q[f"{which}_guest_addr"], "qemu": q[f"{which}_user_addr"]}
+
+
+def _queue(q: dict) -> dict:
+    return {
+        "index": q["index"], "name": q["name"], "size": q["size"],
+        "started": q["started"], "enabled": q["enabled"], "broken": q["broken"],
+        "desc": _addr(q, "desc"), "avail": _addr(q, "avail"), "used": _addr(q, "used"),
+        "avail_idx": q["avail_idx"], "used_idx": q["guest_used_idx"],
+        "last_avail_idx": q["last_avail_idx"], "next_used_idx": q["used_idx"],
+        "pending": q["pending"], "in_flight": q["in_flight"],
+        "rx_buffers_posted": q["pending"] if q["name"] == "rx" else None,
+        "kicks": q["kicks"], "calls": q["calls"], "calls_suppressed": q["calls_suppressed"],
+        "chains": q["chains"], "bytes": q["bytes"],
+        "event_idx": q["event_idx"], "avail_flags": q["avail_flags"], "used_flags": q["used_flags"],
+        "used_event": q["used_event"], "avail_event": q["avail_event"],
+        "kick": "polled" if q["kick_polled"] else ("eventfd" if q["kick_fd"] is not None else None),
+        "call": "eventfd" if q["call_fd"] is not None else None,
+        "errors": q["errors"],
+    }
+
+
+def inspect_doc(server, control=None) -> dict:
+    doc = {"version": VERSION, "backend": _backend_info(server, control)}
+    conn = server.current
+    if conn is None:
+        doc["connected"] = False
+        return doc
+    b = conn.backend
+    d = b.describe()
+    dev = conn.device.describe()
+    doc.update({
+        "connected": True,
+        "features": {"offered": _bits(b.offered_features, F.FEATURE_NAMES),
+                     "negotiated": _bits(d["features"], F.FEATURE_NAMES)},
+        "protocol_features": {"offered": _bits(b.offered_protocol_features, F.PROTOCOL_FEATURE_NAMES),
+                              "negotiated": _bits(d["protocol_features"], F.PROTOCOL_FEATURE_NAMES)},
+        "owner": d["owner"], "mtu": d["mtu"],
+        "hdr_len": dev["hdr_len"], "mergeable_rx_buffers": dev["mergeable_rx_buffers"],
+        "offloads": dev["offloads"], "rx_pending": dev["rx_pending"],
+        "memory": d["memory"],
+        "queues": [_queue(q) for q in d["queues"]],
+        "requests": d["requests"], "request_errors": d["errors"],
+        "messages": conn.messages,
+    })
+    return doc
+
+
+# -- one descriptor chain -------------------------------------------------------
+
+def _chain_bytes(mem, descs: list[dict], writable: bool) -> tuple[bytes, bool]:
+    """Concatenated buffers of one kind (device-readable or -writable), bounded."""
+    out = bytearray()
+    for d in descs:
+        if d["flags"] & 4 or bool(d["flags"] & 2) != writable or not d["in_guest_memory"]:
+            continue
+        want = min(d["len"], MAX_DUMP - len(out))
+        if want <= 0:
+            return bytes(out), True
+        try:
+            for v in mem.gpa_views(d["addr"], want):
+                out += v
+        except OutOfBounds:
+            continue
+    total = sum(d["len"] for d in descs if not d["flags"] & 4 and bool(d["flags"] & 2) == writable)
+    return bytes(out), total > len(out)
+
+
+def _avail_positions(vq, head: int) -> list[int]:
+    """Avail ring indices between last_avail_idx and avail->idx naming HEAD."""
+    if vq._avail_h is None or not vq.num:
+        return []
+    out = []
+    idx = vq.last_avail_idx
+    for _ in range(min(vq.pending(), vq.num)):
+        if vq._avail_h[2 + (idx & (vq.num - 1))] == head:
+            out.append(idx)
+        idx = (idx + 1) & 0xFFFF
+    return out
+
+
+def desc_doc(server, queue: int, head: int) -> dict:
+    conn = server.current
+    if conn is None:
+        raise ReportError("no QEMU is connected")
+    queues = conn.backend.queues
+    if not 0 <= queue < len(queues):
+        raise ReportError(f"no queue {queue}; this device has {len(queues)} "
+                          f"({', '.join(f'{q.index}={q.name}' for q in queues)})")
+    vq = queues[queue]
+    if vq._desc is None or vq.mem is None:
+        raise ReportError(f"queue {queue} ({vq.name}) is not set up: no ring mapped yet")
+    if not 0 <= head < vq.num:
+        raise ReportError(f"descriptor {head} is out of range: queue {queue} has size {vq.num}")
+    descs = vq.describe_chain(head)
+    for d in descs:
+        d["flag_names"] = decode.desc_flags(d["flags"]).split("|") if d["flags"] else []
+    hdr_len = conn.device.hdr_len
+    readable, rtrunc = _chain_bytes(vq.mem, descs, writable=False)
+    writable, wtrunc = _chain_bytes(vq.mem, descs, writable=True)
+    pending = _avail_positions(vq, head)
+    used = _last_used(vq, head)
+    doc = {
+        "version": VERSION, "queue": queue, "name": vq.name, "head": head, "size": vq.num,
+        "descriptors": descs,
+        "readable_bytes": sum(d["len"] for d in descs if not d["flags"] & 6),
+        "writable_bytes": sum(d["len"] for d in descs if d["flags"] & 2 and not d["flags"] & 4),
+        "pending_in_avail_ring": pending,
+        "last_used": used,
+        "source": None, "note": None, "vnet_hdr": None, "frame": None,
+    }
+    # A TX chain carries its frame in the device-readable part. An RX
+    # buffer holds, in its writable part, what the device last wrote there
+    # (the used ring says how much) until the driver posts it again.
+    if readable:
+        data, trunc, doc["source"] = readable, rtrunc, "readable"
+    elif writable and used is not None and not pending:
+        data, trunc, doc["source"] = writable[:used["len"]], wtrunc and used["len"] > len(writable), "writable"
+        doc["note"] = f"as the device last wrote it (used ring idx {used['idx']}, {used['len']} bytes)"
+    else:
+        doc["note"] = ("posted by the driver, not yet filled by the device" if writable and pending else
+                       "no buffer inside guest memory" if not (readable or writable) else
+                       "nothing written by the device within the last ring's worth of used entries")
+        return doc
+    doc["vnet_hdr"] = decode.vnet_hdr(data, hdr_len)
+    frame = data[hdr_len:]
+    doc["frame"] = {"len": len(frame), "truncated": trunc,
+                    "summary": decode.summarize(frame) if frame else "(empty)",
+                    "hex": frame[:256].hex()}
+    return doc
+
+
+def _last_used(vq, head: int) -> dict | None:
+    """The newest used ring entry (within one ring's worth) returning HEAD."""
+    if vq._used_i is None or not vq.num:
+        return None
+    idx = vq.guest_used_idx()
+    for _ in range(vq.num):
+        idx = (idx - 1) & 0xFFFF
+        slot = idx & (vq.num - 1)
+        if vq._used_i[1 + 2 * slot] == head:
+            return {"idx": idx, "len": vq._used_i[2 + 2 * slot]}
+    return None
+
+
+# -- statistics -------------------------------------------------------------------
+
+def stats_doc(server, control=None) -> dict:
+    doc = {"version": VERSION, "time": time.time(), "backend": _backend_info(server, control),
+           "capture": control.capture_stats() if control else None}
+    conn = server.current
+    if conn is None:
+        doc["connected"] = False
+        return doc
+    dev = conn.device
+    c = dict(dev.counters)
+    snap = dev.stack.snapshot()
+    sc = snap["counters"]
+    doc.update({
+        "connected": True,
+        "device": {
+            **{k: c.get(k, 0) for k in _FRAME_COUNTERS},
+            "rx_pending": len(dev.rx_pending),
+            "drops": {k: v for k, v in sorted(c.items()) if k not in _FRAME_COUNTERS},
+        },
+        "queues": [{"name": q.name, **q.stats, "errors": dict(q.errors)} for q in conn.backend.queues],
+        "stack": {
+            "drops": {k: v for k, v in sorted(sc.items()) if "drop" in k},
+            "loopback_frames": sc.get("loopback_frames", 0),
+            "counters": dict(sorted(sc.items())),
+            "arp": snap["arp"], "udp": snap["udp"], "tcp": snap["tcp"],
+            "reassembly": snap["reassembly"],
+        },
+    })
+    return doc
