@@ -1,0 +1,155 @@
+"""`vhostnet run` supervision with a stand-in QEMU: exit statuses, the fallback
+warning, signals, and that no process, socket or directory is left behind.
+(The same with a real QEMU guest: tests/test_qemu_observe.py.)"""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from vhostnet.launch import uses_own_boot
+
+from .observe import sockdir  # noqa: F401 (fixture)
+
+FAKE = textwrap.dedent('''\
+    #!{python}
+    """Plays QEMU: connects to the vhost-user socket, prints, then does what $FAKE_QEMU says."""
+    import os, signal, socket, sys, time
+    argv = sys.argv[1:]
+    path = next(a.split("path=", 1)[1] for a in argv if a.startswith("socket,id=chr0,path="))
+    with open(os.environ["FAKE_QEMU_INFO"], "w") as f:
+        f.write(f"{{os.getpid()}}\\n{{path}}\\n" + "\\n".join(argv))
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)                       # the backend listens before QEMU starts
+    print("console: hello from the guest", flush=True)
+    mode = os.environ.get("FAKE_QEMU", "poweroff")
+    if mode == "poweroff":
+        print("reboot: Power down", flush=True)
+        sys.exit(0)
+    if mode == "exit3":
+        print("qemu-system-x86_64: -device foo: not found", file=sys.stderr, flush=True)
+        sys.exit(3)
+    if mode == "segv":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if mode == "fallback":
+        print("qemu-system-x86_64: warning: vhost-user: falling back on userspace virtio",
+              file=sys.stderr, flush=True)
+    if mode == "stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print("ready", flush=True)
+    time.sleep(60)
+    ''')
+
+
+@pytest.fixture
+def fake_qemu(sockdir):
+    p = sockdir / "fake-qemu"
+    p.write_text(FAKE.format(python=sys.executable))
+    p.chmod(0o755)
+    return p
+
+
+def start(fake, info, mode, *extra, socket=None):
+    argv = [sys.executable, "-m", "vhostnet", "run", "--qemu", str(fake), "--accel", "tcg",
+            "--log-level", "warning"]
+    if socket:
+        argv += ["--socket", str(socket)]
+    argv += ["--", "-kernel", "bzImage", *extra]
+    env = {**os.environ, "FAKE_QEMU": mode, "FAKE_QEMU_INFO": str(info)}
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for(pred, timeout=15):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def gone(pid: int) -> bool:
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def info_of(info: Path) -> tuple[int, str, list[str]]:
+    pid, path, *argv = info.read_text().splitlines()
+    return int(pid), path, argv
+
+
+def test_own_boot_detection():
+    assert uses_own_boot(["-kernel", "bzImage"])
+    assert uses_own_boot(["-drive", "file=x.qcow2,if=virtio"])
+    assert not uses_own_boot(["-smp", "2", "-device", "virtio-rng-pci"])
+
+
+def test_poweroff_exits_0_and_cleans_up(fake_qemu, sockdir):
+    info = sockdir / "info"
+    p = start(fake_qemu, info, "poweroff")
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert "console: hello from the guest" in out and "reboot: Power down" in out
+    pid, path, argv = info_of(info)
+    assert gone(pid)
+    assert path.startswith("/tmp/vhostnet-run-") and not os.path.exists(os.path.dirname(path))
+    assert "memory-backend-memfd,id=mem,size=256M,share=on" in argv and "-kernel" in argv
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("mode,status", [("exit3", 3), ("segv", 128 + signal.SIGSEGV)])
+def test_qemu_failure_status_is_passed_on(fake_qemu, sockdir, mode, status):
+    info = sockdir / "info"
+    sock = sockdir / "v.sock"
+    p = start(fake_qemu, info, mode, socket=sock)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == status, err
+    assert f"QEMU exited with status {status}" in err
+    if mode == "exit3":
+        assert "-device foo: not found" in err      # QEMU's stderr is forwarded
+    assert not sock.exists() and not Path(str(sock) + ".ctl").exists()
+    assert gone(info_of(info)[0])
+
+
+def test_fallback_warning_is_an_error(fake_qemu, sockdir):
+    info = sockdir / "info"
+    p = start(fake_qemu, info, "fallback")
+    t0 = time.monotonic()
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 1
+    assert time.monotonic() - t0 < 15            # QEMU was stopped, not waited for
+    assert 'QEMU said it is "falling back on userspace virtio"' in err
+    assert gone(info_of(info)[0])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_qemu_and_backend(fake_qemu, sockdir, sig):
+    info = sockdir / "info"
+    sock = sockdir / "v.sock"
+    p = start(fake_qemu, info, "hang", socket=sock)
+    wait_for(lambda: info.exists() and Path(str(sock) + ".ctl").exists())
+    line = p.stdout.readline()
+    while "ready" not in line:
+        line = p.stdout.readline()
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 128 + sig, err
+    assert f"{signal.Signals(sig).name}: stopping QEMU" in err
+    assert gone(info_of(info)[0])
+    assert not sock.exists() and not Path(str(sock) + ".ctl").exists()
+    assert "Traceback" not in err
+
+
+def test_qemu_ignoring_sigterm_is_killed(fake_qemu, sockdir):
+    info = sockdir / "info"
+    p = start(fake_qemu, info, "stubborn")
+    wait_for(info.exists)
+    while "ready" not in p.stdout.readline():
+        pass
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 130
+    assert 4 < time.monotonic() - t0 < 15         # SIGTERM ignored, SIGKILL after 5 s
+    assert gone(info_of(info)[0])
