@@ -292,7 +292,10 @@ class ControlClient:
         self.file = self.sock.makefile("rb")
 
     def send(self, obj: dict) -> None:
-        self.sock.sendall(json.dumps(obj).encode() + b"\n")
+        try:
+            self.sock.sendall(json.dumps(obj).encode() + b"\n")
+        except OSError as e:
+            raise ControlError(f"lost the backend at {self.path}: {e}") from None
 
     def read(self) -> dict | None:
         try:
