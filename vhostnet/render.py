@@ -89,6 +89,11 @@ def _queue_text(q: dict) -> list[str]:
         notif += (f"  avail flags {_v(q['avail_flags'])}"
                   f"{' (NO_INTERRUPT)' if (q['avail_flags'] or 0) & 1 else ''}")
     lines.append(notif)
+    lu, na = q.get("last_used"), q.get("next_avail_head")
+    if lu or na is not None:
+        lines.append("  " + "  ".join(
+            ([f"last used: id {lu['id']} len {lu['len']} (used ring idx {lu['idx']})"] if lu else [])
+            + ([f"next avail: id {na}"] if na is not None else [])))
     lines.append(f"  errors: {_kv(q['errors'])}")
     return lines
 
@@ -163,6 +168,10 @@ def _tcp_lines(conns: list[dict]) -> list[str]:
     for c in conns:
         g = c.get
         out.append(f"  {str(g('state', '?')):<12} {str(g('local', '?')):<21} {g('remote', '?')}")
+        if g("state") == "LISTEN":
+            if g("backlog") is not None:
+                out[-1] += f"  backlog {g('pending', 0)}/{g('backlog')}"
+            continue
         detail = [f"snd_una {g('snd_una')}", f"snd_nxt {g('snd_nxt')}", f"rcv_nxt {g('rcv_nxt')}",
                   f"snd_wnd {g('snd_wnd')}", f"rcv_wnd {g('rcv_wnd')}"]
         if g("wscale") is not None:

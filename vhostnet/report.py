@@ -71,6 +71,18 @@ def _queue(q: dict) -> dict:
     }
 
 
+def _ring_heads(vq) -> dict:
+    """Descriptor ids worth a `--desc` look: the newest used element, the next avail entry."""
+    out = {"last_used": None, "next_avail_head": None}
+    if vq._used_i is not None and vq.num:
+        idx = (vq.guest_used_idx() - 1) & 0xFFFF
+        slot = idx & (vq.num - 1)
+        out["last_used"] = {"idx": idx, "id": vq._used_i[1 + 2 * slot], "len": vq._used_i[2 + 2 * slot]}
+    if vq._avail_h is not None and vq.num and vq.pending():
+        out["next_avail_head"] = vq._avail_h[2 + (vq.last_avail_idx & (vq.num - 1))]
+    return out
+
+
 def inspect_doc(server, control=None) -> dict:
     doc = {"version": VERSION, "backend": _backend_info(server, control)}
     conn = server.current
@@ -90,7 +102,7 @@ def inspect_doc(server, control=None) -> dict:
         "hdr_len": dev["hdr_len"], "mergeable_rx_buffers": dev["mergeable_rx_buffers"],
         "offloads": dev["offloads"], "rx_pending": dev["rx_pending"],
         "memory": d["memory"],
-        "queues": [_queue(q) for q in d["queues"]],
+        "queues": [{**_queue(q), **_ring_heads(vq)} for q, vq in zip(d["queues"], b.queues)],
         "requests": d["requests"], "request_errors": d["errors"],
         "messages": conn.messages,
     })
