@@ -1,7 +1,6 @@
 """The control socket against the real server and the in-process frontend:
 inspect/desc/stats documents (checked against docs/json.md), several
 clients, garbage, stalls, captures."""
-import base64
 import json
 import os
 import socket
@@ -344,6 +343,8 @@ def _capture(path: str, count: int | None, out: list, raw_csum=False):
         out.append(c.read())
         while True:
             msg = c.read()
+            if msg is not None and "frame" in msg:
+                msg["frame"]["data"] = c.read_bytes(msg["frame"]["len"])
             out.append(msg)
             if msg is None or "end" in msg:
                 return
@@ -362,9 +363,9 @@ async def test_capture_streams_frames_then_ends(backend, guest):
         await guest.exchange([ping(seq=3)], want=1)
     assert out[0]["ok"] and out[0]["result"]["linktype"] == 1
     frames = [m["frame"] for m in out[1:-1]]
-    assert out[-1] == {"end": {"frames": 4, "dropped": 0}}
+    assert out[-1] == {"end": {"frames": 4, "dropped": 0, "reason": "count"}}
     assert [f["dir"] for f in frames] == ["tx", "tx", "rx", "rx"]
-    pkts = [Ether(base64.b64decode(f["data"])) for f in frames]
+    pkts = [Ether(f["data"]) for f in frames]
     assert [p[ICMP].type for p in pkts] == [8, 8, 0, 0]
     assert pkts[2][IP].src == "10.0.2.2"
     with trio.fail_after(5):   # removed when the count was reached
@@ -407,3 +408,17 @@ async def test_capture_bad_count(backend):
         await ask(ctl.path, "capture", count=0)
     with pytest.raises(ControlError, match='"count" must be an integer'):
         await ask(ctl.path, "capture", count="10")
+
+
+async def test_capture_told_when_the_backend_stops(sockdir):
+    srv = make_server(sockdir / "v.sock")
+    ctl = ControlServer(srv, str(sockdir / "v.sock.ctl"))
+    async with trio.open_nursery() as n:
+        await n.start(serve_backend, srv, ctl)
+        c = await trio.to_thread.run_sync(ControlClient, ctl.path)
+        c.send({"cmd": "capture"})
+        assert (await trio.to_thread.run_sync(c.read))["ok"]
+        n.cancel_scope.cancel()
+    assert c.read() == {"end": {"frames": 0, "dropped": 0, "reason": "backend stopping"}}
+    assert c.read() is None
+    c.close()

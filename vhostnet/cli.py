@@ -519,8 +519,6 @@ def cmd_stats(args) -> int:
 
 
 def cmd_capture(args) -> int:
-    import base64
-
     from .control import ControlClient, ControlError
     from .decode import summarize
     from .pcap import PcapWriter
@@ -557,12 +555,12 @@ def cmd_capture(args) -> int:
                         break
                     if "end" in msg:
                         dropped = msg["end"].get("dropped", 0)
-                        ended = "done"
+                        ended = "done" if msg["end"].get("reason") == "count" else "the backend stopped"
                         break
                     fr = msg.get("frame")
                     if fr is None:
                         continue
-                    data = base64.b64decode(fr["data"])
+                    data = c.read_bytes(fr["len"])
                     frames += 1
                     if writer is not None:
                         writer.write(data, fr["ts"])

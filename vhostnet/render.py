@@ -183,7 +183,9 @@ def _tcp_lines(conns: list[dict]) -> list[str]:
         if g("rto_ms") is not None:
             detail.append(f"rto {g('rto_ms')} ms")
         if g("cwnd") is not None:
-            detail.append(f"cwnd {g('cwnd')} ssthresh {g('ssthresh')}")
+            detail.append(f"cwnd {g('cwnd')}")
+        if g("ssthresh") is not None and g("ssthresh") < 1 << 30:   # ss leaves out "infinity" too
+            detail.append(f"ssthresh {g('ssthresh')}")
         detail.append(f"retrans {g('retransmits', 0)}")
         if g("bytes_in") is not None:
             detail.append(f"bytes in {g('bytes_in')} out {g('bytes_out')}")
