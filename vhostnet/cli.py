@@ -449,8 +449,11 @@ def _control_path(args) -> str:
     return default_control_path(args.socket or default_socket())
 
 
-def _watch(interval: float | None, once) -> int:
-    """Call ONCE() (it prints, returns a status); with INTERVAL, again until Ctrl-C."""
+def _watch(interval: float | None, once, header: bool = True) -> int:
+    """Call ONCE() (it prints, returns a status); with INTERVAL, again until Ctrl-C.
+
+    On a terminal the screen is redrawn; otherwise each round starts with a
+    header line (unless HEADER is false: JSON, one document per line)."""
     if interval is None:
         return once()
     clear = sys.stdout.isatty()
@@ -458,6 +461,8 @@ def _watch(interval: float | None, once) -> int:
         while True:
             if clear:
                 sys.stdout.write("\x1b[H\x1b[2J")
+            if header:
+                print(f"--- {time.strftime('%H:%M:%S')}, every {interval:g} s (Ctrl-C to stop)")
             status = once()
             sys.stdout.flush()
             if status not in (0, EXIT_NO_QEMU):
@@ -497,7 +502,7 @@ def cmd_inspect(args) -> int:
                         raise ControlError(f"no queue {args.queue}; queues: {', '.join(names)}")
                 _print_json(doc, args.watch) if args.json else print(inspect_text(doc))
                 return 0 if doc["connected"] else EXIT_NO_QEMU
-            return _watch(args.watch, once)
+            return _watch(args.watch, once, header=not args.json)
     except ControlError as e:
         return _fail(str(e))
 
@@ -513,7 +518,7 @@ def cmd_stats(args) -> int:
                 _print_json(doc, args.watch) if args.json else print(stats_text(doc, prev.get("doc")))
                 prev["doc"] = doc
                 return 0 if doc["connected"] else EXIT_NO_QEMU
-            return _watch(args.watch, once)
+            return _watch(args.watch, once, header=not args.json)
     except ControlError as e:
         return _fail(str(e))
 

@@ -111,7 +111,7 @@ class ControlServer:
 
     def capture_stats(self) -> dict:
         return {"clients": len(self.captures), "frames": self.capture_frames,
-                "dropped": self.capture_dropped}
+                "dropped": self.capture_dropped + sum(c.dropped for c in self.captures)}
 
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.listen()
@@ -248,7 +248,7 @@ class ControlServer:
         finally:
             if cap in taps:
                 taps.remove(cap)
-            self.captures.remove(cap)
+            self.captures.remove(cap)   # its drops move from the running ones to the total
             self.capture_dropped += cap.dropped
             if not ended:   # the backend is stopping (or the client left): say so, briefly
                 with trio.CancelScope(shield=True):

@@ -175,11 +175,14 @@ def desc_doc(server, queue: int, head: int) -> dict:
     # A TX chain carries its frame in the device-readable part. An RX
     # buffer holds, in its writable part, what the device last wrote there
     # (the used ring says how much) until the driver posts it again.
+    # The device writes an RX buffer only after taking it, so a buffer the
+    # driver posted again still holds the frame last written there.
     if readable:
         data, trunc, doc["source"] = readable, rtrunc, "readable"
-    elif writable and used is not None and not pending:
+    elif writable and used is not None:
         data, trunc, doc["source"] = writable[:used["len"]], wtrunc and used["len"] > len(writable), "writable"
-        doc["note"] = f"as the device last wrote it (used ring idx {used['idx']}, {used['len']} bytes)"
+        doc["note"] = (("posted again by the driver; " if pending else "")
+                       + f"as the device last wrote it (used ring idx {used['idx']}, {used['len']} bytes)")
     else:
         doc["note"] = ("posted by the driver, not yet filled by the device" if writable and pending else
                        "no buffer inside guest memory" if not (readable or writable) else
