@@ -16,7 +16,7 @@ from vhostnet.control import ControlClient, ControlError, ControlServer
 from vhostnet.launch import serve_backend
 
 from .device.conftest import make_server
-from .device.frontend import F_INDIRECT, F_NEXT, F_WRITE
+from .device.frontend import F_INDIRECT, F_NEXT, F_WRITE, Frontend
 from .device.test_datapath import arp_request, ping
 from .observe import ask, backend, check_doc, guest, sockdir  # noqa: F401 (fixtures)
 
@@ -434,3 +434,41 @@ async def test_capture_told_when_the_backend_stops(sockdir):
     assert c.read() == {"end": {"frames": 0, "dropped": 0, "reason": "backend stopping"}}
     assert c.read() is None
     c.close()
+
+
+async def test_desc_of_a_frame_merged_over_rx_buffers(backend):
+    """MRG_RXBUF: a reply spread over 3 small RX buffers is found from any of them."""
+    srv, ctl = backend
+    fe = Frontend()
+    await fe.connect(srv.socket_path)
+    try:
+        await fe.handshake()
+        fe.post_rx(size=512)
+        fe.rx.kick()
+        for seq in range(3):   # some history in the used ring first
+            fe.post_tx(ping(seq=seq, payload=b"z" * 1200))
+            fe.tx.kick()
+            with trio.fail_after(5):
+                while fe.rx.used_idx() < 3 * (seq + 1):
+                    await trio.sleep(0.005)
+        import struct
+        used = fe.rx.used_idx()
+        entries = [struct.unpack_from("<II", fe.mem, fe.rx.used + 4 + 8 * (k % fe.rx.size))
+                   for k in range(used - 3, used)]
+        first, second, third = (head for head, _len in entries)
+        doc = await ask(ctl.path, "desc", queue=0, head=first)
+        assert doc["vnet_hdr"]["num_buffers"] == 3
+        assert "MRG_RXBUF" in doc["note"] and f"idx {used - 3}" in doc["note"]
+        assert "ICMP echo reply, id 4660, seq 2, length 1208" in doc["frame"]["summary"]
+        assert doc["frame"]["len"] == len(ping(seq=2, payload=b"z" * 1200))
+        for k, head in ((2, second), (3, third)):
+            doc = await ask(ctl.path, "desc", queue=0, head=head)
+            assert doc["frame"] is None
+            assert doc["note"].startswith(f"part {k} of 3 of a frame merged over several RX buffers: "
+                                          f"its header and start are in descriptor {first}")
+    finally:
+        await fe.close()
+        with trio.move_on_after(2):
+            while srv.current is not None:
+                await trio.sleep(0.005)
+        fe.release()

@@ -174,15 +174,26 @@ def desc_doc(server, queue: int, head: int) -> dict:
     }
     # A TX chain carries its frame in the device-readable part. An RX
     # buffer holds, in its writable part, what the device last wrote there
-    # (the used ring says how much) until the driver posts it again.
-    # The device writes an RX buffer only after taking it, so a buffer the
-    # driver posted again still holds the frame last written there.
+    # (the used ring says how much). The device writes a buffer only after
+    # taking it, so one the driver posted again still holds that frame.
     if readable:
         data, trunc, doc["source"] = readable, rtrunc, "readable"
     elif writable and used is not None:
-        data, trunc, doc["source"] = writable[:used["len"]], wtrunc and used["len"] > len(writable), "writable"
-        doc["note"] = (("posted again by the driver; " if pending else "")
-                       + f"as the device last wrote it (used ring idx {used['idx']}, {used['len']} bytes)")
+        doc["source"] = "writable"
+        again = "posted again by the driver; " if pending else ""
+        part = _merged_frame(vq, used["idx"]) if conn.device.mrg else None
+        if part is not None and part["first"] != used["idx"]:
+            doc["note"] = (f"{again}part {part['part'] + 1} of {part['buffers']} of a frame merged over "
+                           f"several RX buffers: its header and start are in descriptor {part['first_id']} "
+                           f"(used ring idx {part['first']})")
+            return doc
+        if part is not None and part["buffers"] > 1:
+            data, trunc = _used_bytes(vq, part["first"], part["buffers"])
+            doc["note"] = (f"{again}as the device last wrote it: {part['buffers']} RX buffers from used ring "
+                           f"idx {used['idx']} (MRG_RXBUF), {len(data)} bytes")
+        else:
+            data, trunc = writable[:used["len"]], wtrunc and used["len"] > len(writable)
+            doc["note"] = f"{again}as the device last wrote it (used ring idx {used['idx']}, {used['len']} bytes)"
     else:
         doc["note"] = ("posted by the driver, not yet filled by the device" if writable and pending else
                        "no buffer inside guest memory" if not (readable or writable) else
@@ -194,6 +205,78 @@ def desc_doc(server, queue: int, head: int) -> dict:
                     "summary": decode.summarize(frame) if frame else "(empty)",
                     "hex": frame[:256].hex()}
     return doc
+
+
+def _used_entry(vq, idx: int) -> tuple[int, int]:
+    slot = idx & (vq.num - 1)
+    return vq._used_i[1 + 2 * slot], vq._used_i[2 + 2 * slot]
+
+
+def _used_bytes(vq, idx: int, count: int = 1) -> tuple[bytes, bool]:
+    """What the device wrote into the buffers of COUNT used entries from IDX, bounded."""
+    out = b""
+    trunc = False
+    for k in range(count):
+        head, length = _used_entry(vq, (idx + k) & 0xFFFF)
+        if head >= vq.num:
+            break
+        data, t = _chain_bytes(vq.mem, vq.describe_chain(head), writable=True)
+        out += data[:length]
+        trunc |= t and length > len(data)
+        if len(out) >= MAX_DUMP:
+            return out[:MAX_DUMP], True
+    return out, trunc
+
+
+def _num_buffers(vq, idx: int) -> int | None:
+    """num_buffers of the header at the start of used entry IDX's buffer
+    (0 for a refused, zero-length entry: a boundary of its own)."""
+    head, length = _used_entry(vq, idx)
+    if length == 0:
+        return 0
+    if head >= vq.num or length < 12:
+        return None
+    first = vq.describe_chain(head)[0]
+    if not first["in_guest_memory"] or first["len"] < 12:
+        return None
+    try:
+        return int.from_bytes(vq.mem.gpa_view(first["addr"] + 10, 2), "little")
+    except OutOfBounds:
+        return None
+
+
+def _merged_frame(vq, idx: int) -> dict | None:
+    """With MRG_RXBUF: which frame the buffer at used entry IDX belongs to.
+
+    The published used->idx is always a frame boundary (a frame's buffers
+    are pushed together, then published). Walking back from a boundary B,
+    the frame ending there starts at the nearest entry S whose header says
+    num_buffers == B - S (a continuation buffer's payload matching that by
+    chance is a 1 in 65536 event). Repeat until IDX's frame is found; stop
+    at one ring's worth, older entries are overwritten.
+    """
+    boundary = vq.guest_used_idx()
+    back = (boundary - idx) & 0xFFFF
+    if not 0 < back <= vq.num:
+        return None
+    window = vq.num
+    while True:
+        start = None
+        for d in range(1, window + 1):
+            nb = _num_buffers(vq, (boundary - d) & 0xFFFF)
+            if nb == d or (nb == 0 and d == 1):
+                start = (boundary - d) & 0xFFFF
+                break
+        if start is None:
+            return None
+        if (boundary - idx) & 0xFFFF <= (boundary - start) & 0xFFFF:
+            n = (boundary - start) & 0xFFFF
+            return {"first": start, "first_id": _used_entry(vq, start)[0], "buffers": n,
+                    "part": (idx - start) & 0xFFFF}
+        window -= (boundary - start) & 0xFFFF
+        boundary = start
+        if window <= 0:
+            return None
 
 
 def _last_used(vq, head: int) -> dict | None:
