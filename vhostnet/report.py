@@ -173,27 +173,38 @@ def desc_doc(server, queue: int, head: int) -> dict:
         "source": None, "note": None, "vnet_hdr": None, "frame": None,
     }
     # A TX chain carries its frame in the device-readable part. An RX
-    # buffer holds, in its writable part, what the device last wrote there
-    # (the used ring says how much). The device writes a buffer only after
-    # taking it, so one the driver posted again still holds that frame.
+    # buffer holds what the device last wrote there (the used ring says how
+    # much) until the driver posts the descriptor again, often pointing it
+    # at a fresh buffer (Linux does): from then on the frame is gone.
     if readable:
         data, trunc, doc["source"] = readable, rtrunc, "readable"
+        if not pending and used is not None:
+            doc["note"] = (f"returned by the device at used ring idx {used['idx']}; the driver may "
+                           f"have reused these buffers since")
+    elif writable and used is not None and pending:
+        doc["note"] = ("posted again by the driver, which may have pointed it at a fresh buffer: "
+                       "what the device wrote last is not here any more (vhostnet capture records "
+                       "RX frames)")
+        return doc
     elif writable and used is not None:
         doc["source"] = "writable"
-        again = "posted again by the driver; " if pending else ""
         part = _merged_frame(vq, used["idx"]) if conn.device.mrg else None
+        if conn.device.mrg and part is None:
+            doc["note"] = ("with MRG_RXBUF a frame may span several buffers, and which frame this one "
+                           "belongs to cannot be told: its neighbours in the used ring were posted again")
+            return doc
         if part is not None and part["first"] != used["idx"]:
-            doc["note"] = (f"{again}part {part['part'] + 1} of {part['buffers']} of a frame merged over "
+            doc["note"] = (f"part {part['part'] + 1} of {part['buffers']} of a frame merged over "
                            f"several RX buffers: its header and start are in descriptor {part['first_id']} "
                            f"(used ring idx {part['first']})")
             return doc
         if part is not None and part["buffers"] > 1:
             data, trunc = _used_bytes(vq, part["first"], part["buffers"])
-            doc["note"] = (f"{again}as the device last wrote it: {part['buffers']} RX buffers from used ring "
+            doc["note"] = (f"as the device last wrote it: {part['buffers']} RX buffers from used ring "
                            f"idx {used['idx']} (MRG_RXBUF), {len(data)} bytes")
         else:
             data, trunc = writable[:used["len"]], wtrunc and used["len"] > len(writable)
-            doc["note"] = f"{again}as the device last wrote it (used ring idx {used['idx']}, {used['len']} bytes)"
+            doc["note"] = f"as the device last wrote it (used ring idx {used['idx']}, {used['len']} bytes)"
     else:
         doc["note"] = ("posted by the driver, not yet filled by the device" if writable and pending else
                        "no buffer inside guest memory" if not (readable or writable) else
@@ -234,8 +245,8 @@ def _num_buffers(vq, idx: int) -> int | None:
     head, length = _used_entry(vq, idx)
     if length == 0:
         return 0
-    if head >= vq.num or length < 12:
-        return None
+    if head >= vq.num or length < 12 or _avail_positions(vq, head):
+        return None   # posted again: the descriptor may point at a fresh buffer now
     first = vq.describe_chain(head)[0]
     if not first["in_guest_memory"] or first["len"] < 12:
         return None
