@@ -5,12 +5,14 @@
 
 PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 
-.PHONY: help setup guest test test-qemu-smoke bench
+.PHONY: help setup guest demo test check test-qemu-smoke bench
 
 help:
 	@echo "make setup            install apt packages (root) and pip install -e '.[test]'"
 	@echo "make guest            build the QEMU test guest into qemu/build/ (cached)"
-	@echo "make test             run the whole pytest suite (includes the QEMU smoke test)"
+	@echo "make demo             setup + guest, then boot the test guest on vhostnet (vhostnet run)"
+	@echo "make test             setup, then run the whole pytest suite (includes the QEMU guests)"
+	@echo "make check            the pytest suite alone, without the setup step"
 	@echo "make test-qemu-smoke  boot the guest on a vhostnet backend and check its markers"
 	@echo "                      e.g. NET=1 TCP_ECHO_TEST=1 make test-qemu-smoke; BACKEND=slirp ..."
 	@echo "make bench            run every scripts/bench_*.py"
@@ -21,7 +23,18 @@ setup:
 guest:
 	bash scripts/build-guest.sh
 
-test:
+# The two commands of the README. Both install what a fresh machine lacks
+# first; the sub-make re-reads PYTHON, which setup may have just created.
+demo: setup guest
+	$(MAKE) --no-print-directory run-guest
+
+run-guest:
+	$(PYTHON) -m vhostnet run
+
+test: setup
+	$(MAKE) --no-print-directory check
+
+check:
 	$(PYTHON) -m pytest
 
 # The smoke runner reads NET, EXPECT_NET, ICMP_TEST, TCP_ECHO_TEST,
