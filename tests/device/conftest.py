@@ -29,12 +29,7 @@ async def fe(server):
     f = Frontend()
     await f.connect(server.socket_path)
     yield f
-    await f.close()
-    # Let the server notice the disconnect before memory goes.
-    with trio.move_on_after(2):
-        while server.current is not None:
-            await trio.sleep(0.005)
-    f.release()
+    await f.shutdown(server)
 
 
 @pytest.fixture

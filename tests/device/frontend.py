@@ -319,6 +319,14 @@ class Frontend:
             self.sock.close()
             self.sock = None
 
+    async def shutdown(self, server, timeout: float = 5.0) -> None:
+        """Disconnect, wait until the server has torn the connection down, free memory."""
+        await self.close()
+        with trio.fail_after(timeout):
+            while server.current is not None:
+                await trio.sleep(0.005)
+        self.release()
+
     def release(self) -> None:
         for r in self.rings:
             r.close()

@@ -88,8 +88,4 @@ async def test_rx_pending_is_bounded(tmp_path, nursery):
     dev = srv.current.device
     assert len(dev.rx_pending) == 5
     assert dev.counters["rx_dropped_no_buffers"] == 7
-    await fe.close()
-    with trio.move_on_after(2):
-        while srv.current is not None:
-            await trio.sleep(0.005)
-    fe.release()
+    await fe.shutdown(srv)

@@ -209,11 +209,7 @@ async def test_buffer_crossing_contiguous_regions(server):
     got = await fe.exchange([], want=1)
     assert [Ether(g)[ICMP].seq for g in got] == [11]
     assert not server.current.backend.queues[1].errors
-    await fe.close()
-    with trio.move_on_after(2):
-        while server.current is not None:
-            await trio.sleep(0.005)
-    fe.release()
+    await fe.shutdown(server)
 
 
 # -- the ring walker against arbitrary driver-controlled bytes ------------

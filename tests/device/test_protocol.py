@@ -141,11 +141,7 @@ async def test_disconnect_unmaps_and_closes_fds_then_reconnect(server):
         await fe.handshake()
         got = await fe.exchange([ping(seq=round_)], want=1)
         assert Ether(got[0])[ICMP].seq == round_
-        await fe.close()
-        with trio.fail_after(5):
-            while server.current is not None:
-                await trio.sleep(0.005)
-        fe.release()
+        await fe.shutdown(server)
         assert _fd_count() == before, "fds leaked across a connection"
     assert server.connections == 3
 
@@ -162,11 +158,7 @@ async def test_garbage_bytes_do_not_kill_the_server(server):
         await fe2.handshake()
     got = await fe2.exchange([ping(seq=2)], want=1)
     assert len(got) == 1
-    await fe2.close()
-    with trio.move_on_after(2):
-        while server.current is not None:
-            await trio.sleep(0.005)
-    fe2.release()
+    await fe2.shutdown(server)
 
 
 async def test_too_many_fds_are_closed(fe, server):
