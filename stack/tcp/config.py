@@ -29,7 +29,8 @@ class TcpConfig:
     min_rto: float = 0.2
     max_rto: float = 60.0
     delack: float = 0.04            # delayed-ACK timeout (RFC 9293 allows up to 0.5 s)
-    fin_timeout: float = 60.0       # FIN-WAIT-2 idle limit (Linux tcp_fin_timeout)
+    fin_timeout: float = 180.0      # FIN-WAIT-2 idle limit; > 2 * max_rto so a live but
+                                    # backed-off peer is not cut off (Linux: 60 s, orphans only)
     ooo_max_ranges: int = 32        # out-of-order ranges per connection
     challenge_ack_limit: int = 1000  # RFC 5961 challenge ACKs per second, whole layer
     keepalive_idle: float = 7200.0  # defaults for set_keepalive(True)

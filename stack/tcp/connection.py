@@ -140,6 +140,8 @@ class TcpConnection:
         # --- RTT, congestion, loss recovery ---
         self.rtt = RttEstimator(cfg.initial_rto, cfg.min_rto, cfg.max_rto)
         self.rtt_seq: int | None = None  # Karn: the end of the one segment being timed
+        self.rtt_start = 0
+        self.rto_ts: int | None = None  # our TSval when the last RTO fired
         self.rtt_time = 0.0
         self.syn_time = 0.0
         self.cc = NewReno(self.mss, max_cwnd=4 * cfg.sndbuf + (1 << 20))
@@ -384,10 +386,11 @@ class TcpConnection:
         if self.t_fw2 is not None and now >= self.t_fw2:
             self.t_fw2 = None
             if self.state is FIN_WAIT_2:
-                if now - self.last_rx >= self._cfg.fin_timeout:
+                due = self.last_rx + self._cfg.fin_timeout   # same expression both ways (floats)
+                if now >= due:
                     self._give_up("FIN-WAIT-2 timeout")
                 else:
-                    self._arm("t_fw2", self.last_rx + self._cfg.fin_timeout)
+                    self._arm("t_fw2", due)
         if self.state is not CLOSED:
             nd = self.next_deadline()
             if nd is not None:
@@ -426,6 +429,8 @@ class TcpConnection:
             self.sb.clear()
         self.rtt.on_timeout()
         self.rtt_seq = None
+        if self.ts_ok:
+            self.rto_ts = self._tsval(now)
         self.force_retx = True
         self._output(now)
 
@@ -778,6 +783,16 @@ class TcpConnection:
             self._send_ack(now)
 
     def _ts_sample(self, now: float, tsecr: int) -> None:
+        # Karn's rule for timestamps: after an RTO, an ACK echoing a timestamp
+        # from before the timeout was not caused by the retransmission. It is
+        # typically an ACK that was lost and repeated only when the peer
+        # retransmitted (minutes later with backoff); as a sample it would
+        # push the RTO to its ceiling, and with both sides losing ACKs that
+        # feeds itself. RFC 7323 4.1 leaves such samples to judgement.
+        if self.rto_ts is not None:
+            if (tsecr - self.rto_ts) & M >= HALF:
+                return
+            self.rto_ts = None
         r = (self._tsval(now) - tsecr) & M
         if r < HALF:
             self.rtt.sample(r / 1000.0)
@@ -904,7 +919,6 @@ class TcpConnection:
         self.lost_end = max(self.sb.highest, una + min(self.mss, nxt - una))
         self.retx_nxt = una
         self.force_retx = True
-        self.rtt_seq = None
 
     def _rx_data(self, now: float, seq: int, payload) -> None:
         plen = len(payload)
@@ -1091,11 +1105,13 @@ class TcpConnection:
             self.retransmits += 1
             self._c["retransmitted_segments"] += 1
             self._c["retransmitted_bytes"] += plen
-            self.rtt_seq = None
+            if self.rtt_seq is not None and seq < self.rtt_seq and end > self.rtt_start:
+                self.rtt_seq = None         # Karn: the timed segment is now ambiguous
         else:
             if end > self.snd_nxt:
                 self.snd_nxt = end
             if self.rtt_seq is None and not self.ts_ok:
+                self.rtt_start = seq
                 self.rtt_seq = end
                 self.rtt_time = now
 
