@@ -131,7 +131,9 @@ class TcpConnection:
         self.rcv_mss = cfg.mss          # what we expect the peer to send per segment
         self.ts_ok = False
         self.ts_recent = 0
-        self.ts_offset = (iss * 2654435761) & M   # RFC 7323 5.4: per-connection random-looking offset
+        # RFC 7323 5.4: a keyed hash of the 4-tuple, so a new connection on the
+        # same pair continues the clock (needed for TIME-WAIT reuse, RFC 6191).
+        self.ts_offset = layer._ts_offset(self.key)
         self.last_ack_sent = 0
         self.sack_ok = False
         self.ws_ok = False

@@ -246,6 +246,11 @@ class TcpLayer:
                             + key[3].to_bytes(2, "big"), key=self._secret, digest_size=4)
         return (int(now * 250_000) + int.from_bytes(h.digest(), "big")) & M
 
+    def _ts_offset(self, key: tuple) -> int:
+        h = hashlib.blake2s(b"ts" + key[0] + key[1].to_bytes(2, "big") + key[2]
+                            + key[3].to_bytes(2, "big"), key=self._secret, digest_size=4)
+        return int.from_bytes(h.digest(), "big")
+
     def _ephemeral(self, local_ip: bytes, remote_ip: bytes, remote_port: int) -> int:
         lo, hi = EPHEMERAL
         for _ in range(hi - lo + 1):
