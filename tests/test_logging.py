@@ -105,3 +105,25 @@ async def test_flood_of_bad_frames_is_bounded(flood_server, caplog):
     assert len(runts) == 5
     assert srv.current.device.counters["tx_runt"] == 400
     assert srv.current.device.rlog.suppressed_total == 395
+
+
+async def test_disconnect_logs_every_count_once(sockdir, nursery, caplog):
+    """When a flood just stops, the per-connection summary still tells what was held back."""
+    caplog.set_level(logging.WARNING, logger="vhostnet")
+    clock = FakeClock()
+    rlog = RateLimitedLog(logging.getLogger("vhostnet.backend"), clock=clock)
+    srv = Server(str(sockdir / "v.sock"), lambda: NetDevice(NetConfig()), rlog=rlog)
+    srv.listen()
+    nursery.start_soon(srv.serve)
+    await srv.ready.wait()
+    fe = Frontend()
+    await fe.connect(srv.socket_path)
+    await fe.handshake()
+    await _post_bad(fe, srv, 50)
+    await fe.close()
+    with trio.fail_after(2):
+        while srv.current is not None:
+            await trio.sleep(0.005)
+    fe.release()
+    [line] = [r.getMessage() for r in caplog.records if "connection 1 errors" in r.getMessage()]
+    assert line == "connection 1 errors: tx:desc_out_of_bounds 50; 45 log line(s) suppressed so far"

@@ -248,5 +248,18 @@ class Server:
                 await conn.message_loop()
             finally:
                 nursery.cancel_scope.cancel()
+                self._log_errors(conn)
                 conn.close()
                 self.current = None
+
+    def _log_errors(self, conn: Connection) -> None:
+        """One line per connection with every error count, so what rate limiting held back is told."""
+        errors = {f"{q.name}:{k}": v for q in conn.backend.queues for k, v in q.errors.items()}
+        errors.update(conn.backend.errors)
+        errors.update({k: v for k, v in getattr(conn.device, "counters", {}).items()
+                       if not k.endswith(("_frames", "_bytes"))})
+        suppressed = self.rlog.suppressed_total + getattr(getattr(conn.device, "rlog", None),
+                                                          "suppressed_total", 0)
+        if errors:
+            log.warning("connection %d errors: %s; %d log line(s) suppressed so far", self.connections,
+                        ", ".join(f"{k} {v}" for k, v in sorted(errors.items())), suppressed)
