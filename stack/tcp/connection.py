@@ -186,6 +186,7 @@ class TcpConnection:
         self.on_established = None
         self.on_closed = None
         self._n_read = self._n_write = self._n_est = self._n_closed = False
+        self._in_rx = False             # inside _rx: callbacks' ACKs can wait for the end
 
     # ------------------------------------------------------------------ app API
 
@@ -232,7 +233,10 @@ class TcpConnection:
             old = self.rcv_adv - self.rcv_nxt
             new = self.rcvbuf.cap - len(self.rcvbuf.buf)
             if new - old >= self.rcv_mss and new >= 2 * old:
-                self._send_ack(self._layer.now)
+                if self._in_rx:
+                    self.ack_now = True     # goes out with whatever we send next
+                else:
+                    self._send_ack(self._layer.now)
         return data
 
     def close(self) -> None:
@@ -570,7 +574,11 @@ class TcpConnection:
         elif st is not CLOSED:
             self._rx_synchronized(now, seg)
         # App callbacks first, so a reply written in on_readable carries the ACK.
-        self._notify()
+        self._in_rx = True
+        try:
+            self._notify()
+        finally:
+            self._in_rx = False
         st = self.state
         if st in CAN_SEND:
             self._output(now)
