@@ -116,6 +116,19 @@ def cpu_seconds(pid: int, tid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def host_busy_seconds() -> float:
+    """CPU seconds all cores have spent busy (not idle/iowait) since boot."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(f[:8]) - f[3] - f[4]) / CLK_TCK
+
+
+def host_load(seconds: float = 1.0) -> float:
+    """Host-wide busy CPU over SECONDS, in % of one core."""
+    a = host_busy_seconds()
+    time.sleep(seconds)
+    return 100.0 * (host_busy_seconds() - a) / seconds
+
+
 def vcpu_tid(pid: int) -> int | None:
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
@@ -132,7 +145,7 @@ def vcpu_tid(pid: int) -> int | None:
 class Run:
     backend: str
     results: dict = field(default_factory=dict)     # test -> (value, unit, details)
-    cpu: dict = field(default_factory=dict)         # test -> {"backend": %, "qemu_main": %, "vcpu": %}
+    cpu: dict = field(default_factory=dict)         # test -> {"backend", "qemu_main", "vcpu", "host": %}
     problems: list = field(default_factory=list)
     skipped: str | None = None
     notes: list = field(default_factory=list)
@@ -156,7 +169,7 @@ class Meters:
         backend = main if self.backend_is_qemu_main else (
             cpu_seconds(self.backend_pid) if self.backend_pid else float("nan"))
         vcpu = cpu_seconds(self.qemu_pid, self.vcpu) if self.vcpu else float("nan")
-        return time.monotonic(), backend, main, vcpu
+        return time.monotonic(), backend, main, vcpu, host_busy_seconds()
 
     def start(self, test: str) -> None:
         self.marks[test] = self.sample()
@@ -167,7 +180,7 @@ class Meters:
         t1, *b = self.sample()
         t0, *a = self.marks.pop(test)
         dt = t1 - t0
-        names = ("backend", "qemu_main", "vcpu")
+        names = ("backend", "qemu_main", "vcpu", "host")
         return {n: 100.0 * (y - x) / dt for n, x, y in zip(names, a, b)} if dt > 0 else {}
 
 
@@ -363,8 +376,9 @@ def table(runs: list[Run], tests: list[str]) -> str:
             cells.append(f"{v[0]:>18,.1f}" if v else f"{'-':>18}")
         lines.append(f"{r.backend:<{w0}}" + "".join(f"  {c}" for c in cells))
     lines.append("")
-    lines.append("CPU during each test, % of one core (backend / QEMU main thread / guest vCPU):")
-    head = f"{'backend':<{w0}}" + "".join(f"  {t:>17}" for t, _ in cols)
+    lines.append("CPU during each test, % of one core: backend / QEMU main thread / guest vCPU "
+                 f"/ whole host (max {100 * (os.cpu_count() or 1)}):")
+    head = f"{'backend':<{w0}}" + "".join(f"  {t:>20}" for t, _ in cols)
     lines += [head, "-" * len(head)]
     for r in runs:
         if r.skipped:
@@ -372,9 +386,9 @@ def table(runs: list[Run], tests: list[str]) -> str:
         cells = []
         for t, _ in cols:
             c = r.cpu.get(t)
-            cells.append(f"{c['backend']:>5.0f}/{c['qemu_main']:>4.0f}/{c['vcpu']:>4.0f}"
-                         if c else "-")
-        lines.append(f"{r.backend:<{w0}}" + "".join(f"  {c:>17}" for c in cells))
+            cells.append(f"{c['backend']:>4.0f}/{c['qemu_main']:>3.0f}/{c['vcpu']:>3.0f}"
+                         f"/{c['host']:>4.0f}" if c else "-")
+        lines.append(f"{r.backend:<{w0}}" + "".join(f"  {c:>20}" for c in cells))
     return "\n".join(lines)
 
 
@@ -442,6 +456,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     image = qemu.find_image()
     accel = qemu.choose_accel(args.accel)
+    idle_load = host_load(1.0)
+    if idle_load > 20:
+        log(f"warning: the host is busy before the benchmark ({idle_load:.0f}% of one core in "
+            f"use by other processes); the numbers will be low and noisy")
     out_dir = ROOT / "logs" / "bench-qemu" / time.strftime("%Y%m%d-%H%M%S")
     bench = Bench(args, image, accel, out_dir)
     runs = []
@@ -452,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.close()
     print()
     print(f"# bench_qemu: {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, "
-          f"accel {accel}, guest {image.kernel_version}, {args.seconds:g} s per test, MTU 1500")
+          f"accel {accel}, guest {image.kernel_version}, {args.seconds:g} s per test, MTU 1500, "
+          f"host busy before start {idle_load:.0f}% of one core")
     print(table(runs, args.tests))
     bad = 0
     for r in runs:
