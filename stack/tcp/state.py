@@ -34,6 +34,10 @@ class State(enum.Enum):
     LAST_ACK = "LAST-ACK"
     TIME_WAIT = "TIME-WAIT"
 
+    # Members are singletons: identity hashing keeps `state in SOME_SET` (on
+    # the data path several times per segment) in C instead of Enum.__hash__.
+    __hash__ = object.__hash__
+
 
 class Event(enum.Enum):
     ACTIVE_OPEN = "active open"          # app connect(): SYN sent
