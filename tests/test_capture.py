@@ -161,6 +161,10 @@ async def test_serve_pcap_from_the_start(sockdir):
     assert proc.returncode == 0, err
     assert "control socket" in err and "Traceback" not in err
     assert not os.path.exists(sock) and not os.path.exists(str(sock) + ".ctl")
+    if shutil.which("tcpdump"):
+        r = subprocess.run(["tcpdump", "-nn", "-r", str(pcap)], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and "link-type EN10MB (Ethernet)" in r.stderr
+        assert len(r.stdout.splitlines()) == 6 and "ICMP echo reply, id 4660, seq 2" in r.stdout
     rows = tshark(pcap, "frame.protocols", "eth.src", "icmp.seq", opts=CHECK)
     arp, icmp = "eth:ethertype:arp", "eth:ethertype:ip:icmp:data"
     assert rows == [[arp, GUEST_MAC, ""], [icmp, GUEST_MAC, "1"], [icmp, GUEST_MAC, "2"],

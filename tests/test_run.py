@@ -153,3 +153,54 @@ def test_qemu_ignoring_sigterm_is_killed(fake_qemu, sockdir):
     assert p.returncode == 130
     assert 4 < time.monotonic() - t0 < 15         # SIGTERM ignored, SIGKILL after 5 s
     assert gone(info_of(info)[0])
+
+
+ECHO_QEMU = '''#!{python}
+import os, socket, sys
+argv = sys.argv[1:]
+path = next(a.split("path=", 1)[1] for a in argv if a.startswith("socket,id=chr0,path="))
+open(os.environ["FAKE_QEMU_INFO"], "w").write(f"{{os.getpid()}}\\n{{path}}\\n")
+print("guest login prompt", flush=True)
+for line in sys.stdin:
+    print("guest got:", line.strip(), flush=True)
+'''
+
+
+def test_terminal_input_and_ctrl_c(sockdir):
+    """On a terminal: typed lines reach QEMU's console, Ctrl-C stops everything (130)."""
+    import pty
+    import select
+    fake = sockdir / "echo-qemu"
+    fake.write_text(ECHO_QEMU.format(python=sys.executable))
+    fake.chmod(0o755)
+    info = sockdir / "info"
+    pid, fd = pty.fork()
+    if pid == 0:   # the child: vhostnet run with the pty as its terminal
+        os.environ["FAKE_QEMU_INFO"] = str(info)
+        os.execv(sys.executable, [sys.executable, "-m", "vhostnet", "run", "--qemu", str(fake), "--accel",
+                                  "tcg", "--log-level", "warning", "--", "-kernel", "x"])
+    out = b""
+
+    def read_until(text: bytes, timeout=15):
+        nonlocal out
+        deadline = time.monotonic() + timeout
+        while text not in out:
+            assert time.monotonic() < deadline, out.decode(errors="replace")
+            if select.select([fd], [], [], 0.1)[0]:
+                try:
+                    out += os.read(fd, 4096)
+                except OSError:
+                    break
+    try:
+        read_until(b"guest login prompt")
+        os.write(fd, b"hello there\n")
+        read_until(b"guest got: hello there")
+        os.write(fd, b"\x03")     # Ctrl-C typed at the terminal
+        read_until(b"SIGINT: stopping QEMU")
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 130, out.decode(errors="replace")
+    qpid, path, *_ = info.read_text().splitlines()
+    assert gone(int(qpid)) and not os.path.exists(os.path.dirname(path))
+    assert b"Traceback" not in out and b"Fatal Python error" not in out

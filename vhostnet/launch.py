@@ -186,13 +186,17 @@ class _Guest:
                     self.request_stop("fallback", 1)
 
     async def _stdin(self) -> None:
+        """Our terminal's input to QEMU's console. Waits with epoll and reads
+        only when data is there: no thread stuck in read() at exit, and the
+        terminal's file status flags (O_NONBLOCK) stay as they were."""
         try:
             while True:
-                line = await trio.to_thread.run_sync(sys.stdin.buffer.readline, cancellable=True)
-                if not line:
+                await trio.lowlevel.wait_readable(0)
+                data = os.read(0, 4096)
+                if not data:
                     await self.proc.stdin.aclose()
                     return
-                await self.proc.stdin.send_all(line)
+                await self.proc.stdin.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return
 
