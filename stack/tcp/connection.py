@@ -905,7 +905,9 @@ class TcpConnection:
             self.t_rtx = None
         else:
             self._arm("t_rtx", now + self.rtt.rto)     # RFC 6298 5.3: restart
-        if room_before < sb.cap // 2 <= sb.cap - len(sb.buf) or room_before == 0:
+        # Wake the writer when half the buffer is free (a low-water mark, like
+        # Linux's sk_stream_wspace), not for every ACK: fewer, larger writes.
+        if room_before < sb.cap // 2 <= sb.cap - len(sb.buf):
             self._n_write = True
 
     def _dupack(self, now: float) -> None:
