@@ -106,8 +106,13 @@ class ControlServer:
 
     def listen(self) -> None:
         if self.listener is None:
-            self.listener = bind_unix(self.path, backlog=MAX_CLIENTS)
-            os.chmod(self.path, 0o600)
+            # Born private (umask at bind time), not chmod-ed after: no window
+            # in which another user could connect and read guest memory.
+            old = os.umask(0o177)
+            try:
+                self.listener = bind_unix(self.path, backlog=MAX_CLIENTS)
+            finally:
+                os.umask(old)
 
     def capture_stats(self) -> dict:
         return {"clients": len(self.captures), "frames": self.capture_frames,
