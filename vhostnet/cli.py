@@ -377,6 +377,9 @@ def cmd_serve(args) -> int:
 
 def cmd_run(args) -> int:
     import functools
+    import logging
+    import shlex
+    import shutil
 
     import trio
 
@@ -391,15 +394,14 @@ def cmd_run(args) -> int:
         if own and args.append:
             raise launch.RunError("--append is for the test guest; with your own -kernel, "
                                   "put -append in the QEMU arguments")
+        if shutil.which(args.qemu) is None:
+            return _fail(f"{args.qemu} not found (install qemu-system-x86, e.g. scripts/setup.sh)")
         image = None if own else qemu.find_image(args.image)
         accel = qemu.choose_accel(args.accel, args.qemu)
     except qemu.ImageNotBuilt as e:
         return _fail(f"{e}; or boot your own guest: vhostnet run -- -kernel ... (see --help)")
     except (launch.RunError, ValueError) as e:
         return _fail(str(e), 2)
-    import shutil
-    if shutil.which(args.qemu) is None:
-        return _fail(f"{args.qemu} not found (install qemu-system-x86, e.g. scripts/setup.sh)")
     setup(args.log_level, args.log_file)
     tmp = None if args.socket else launch.temp_socket_dir()
     sock = args.socket or os.path.join(tmp, "vhost.sock")
@@ -416,8 +418,7 @@ def cmd_run(args) -> int:
         if control is not None:
             print(f"vhostnet: look inside: vhostnet inspect --control {control.path}", file=sys.stderr)
         sys.stderr.flush()
-        import logging
-        logging.getLogger("vhostnet.launch").info("qemu: %s", " ".join(argv))
+        logging.getLogger("vhostnet.launch").info("qemu: %s", shlex.join(argv))
         try:
             return trio.run(functools.partial(launch.run_guest, server, control, argv, pcap_tap=tap,
                                               forward_stdin=sys.stdin.isatty()))
