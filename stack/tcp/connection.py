@@ -127,7 +127,7 @@ class TcpConnection:
         self.ack_now = False
 
         # --- options ---
-        self.mss = 536 - 0              # payload bytes per segment we send
+        self.mss = 536                  # payload bytes per segment we send (set at handshake)
         self.rcv_mss = cfg.mss          # what we expect the peer to send per segment
         self.ts_ok = False
         self.ts_recent = 0
@@ -459,7 +459,7 @@ class TcpConnection:
             # Zero window: a probe the peer must answer with its window
             # (Linux style: an old sequence number, so it carries no data).
             self._c["zero_window_probes"] += 1
-            self._xmit(now, self.snd_una - 1, ACK, self._data_options(now), 0, 0)
+            self._xmit(now, self.snd_una - 1, ACK, self._data_options(now))
         if self.t_persist is None and self.snd_nxt == self.snd_una:
             self._arm("t_persist", now + self._persist_interval())
 
@@ -486,7 +486,7 @@ class TcpConnection:
         self.ka_sent += 1
         self.ka_last_probe = now
         self._c["keepalive_probes"] += 1
-        self._xmit(now, self.snd_una - 1, ACK, self._data_options(now), 0, 0)
+        self._xmit(now, self.snd_una - 1, ACK, self._data_options(now))
         self._arm("t_keepalive", now + self.ka_interval)
 
     # ------------------------------------------------------------ opening
@@ -1142,7 +1142,7 @@ class TcpConnection:
             w = 0xFFFF
         return w if w > 0 else 0
 
-    def _xmit(self, now: float, seq: int, flags: int, opts: bytes, end: int, gso: int) -> None:
+    def _xmit(self, now: float, seq: int, flags: int, opts: bytes) -> None:
         """A segment without payload (ACK, probe)."""
         seg = bytearray(HEADER.pack(self.local_port, self.remote_port, seq & M,
                                     self.rcv_nxt & M, ((20 + len(opts)) << 10) | flags,
@@ -1159,7 +1159,7 @@ class TcpConnection:
         if self.state is SYN_RECEIVED or self.state is SYN_SENT:
             self.ack_now = False
             return
-        self._xmit(now, self.snd_nxt, ACK, self._data_options(now), 0, 0)
+        self._xmit(now, self.snd_nxt, ACK, self._data_options(now))
 
     def _send_rst_ack(self, now: float) -> None:
         self._c["rst_sent"] += 1
