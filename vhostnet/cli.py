@@ -75,6 +75,7 @@ Fields: avail->idx is what the driver published, last_avail_idx the next
 entry the device takes; pending = the difference (for rx: buffers posted).
 used->idx is what the device published. in flight = taken, not yet used.
 Docs: docs/looking-inside.md; JSON fields: docs/json.md.
+Exit status: 0; 1 no backend answers; 3 the backend runs but no QEMU is connected.
 
 examples:
   vhostnet inspect
@@ -84,6 +85,9 @@ examples:
 """
 
 EPILOG_STATS = """\
+Counters belong to the current QEMU connection. Exit status: 0; 1 no backend
+answers; 3 the backend runs but no QEMU is connected.
+
 examples:
   vhostnet stats
   vhostnet stats --watch 1
