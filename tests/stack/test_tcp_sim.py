@@ -87,3 +87,25 @@ def test_asymmetric_small_buffers_and_slow_reader():
     sim = Sim(seed=31, configs={B_IP: cfg})
     sim.set_links(**LOSSY)
     bulk(sim, seed=31, size=256 * 1024)
+
+
+@pytest.mark.parametrize("tso", [None, 16384])
+def test_every_segment_fits_the_mtu_even_with_sack_blocks(tso):
+    """Options (timestamps + up to 3 SACK blocks) come out of the payload, so each
+    wire segment (or each GSO piece) stays within 1500-byte IP packets."""
+    sim = Sim(seed=41, tso=tso, trace=True)
+    sim.set_links(**LOSSY)
+    bulk(sim, seed=41, size=1 << 20)
+    sizes = 0
+    saw_sack_with_data = False
+    for _, _, _, r, gso in sim.trace.records:
+        hdr = r.header_len()
+        if r.sack_blocks and r.payload:
+            saw_sack_with_data = True
+        if gso:
+            assert len(r.payload) > gso and 20 + hdr + gso <= 1500
+            assert tso and len(r.payload) <= tso
+        else:
+            assert 20 + hdr + len(r.payload) <= 1500
+        sizes += 1
+    assert sizes > 100 and saw_sack_with_data
