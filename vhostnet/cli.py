@@ -74,7 +74,7 @@ EPILOG_INSPECT = """\
 Fields: avail->idx is what the driver published, last_avail_idx the next
 entry the device takes; pending = the difference (for rx: buffers posted).
 used->idx is what the device published. in flight = taken, not yet used.
-Docs: docs/looking-inside.md; JSON fields: docs/json.md.
+Docs: README.md, section "Looking inside"; JSON fields: docs/json.md.
 Exit status: 0; 1 no backend answers; 3 the backend runs but no QEMU is connected.
 
 examples:
