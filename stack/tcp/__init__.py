@@ -5,7 +5,11 @@ One file per concern, read top to bottom:
   config.py      tunables shared by a layer's connections (TcpConfig)
   state.py       the state transition table (the only place states change)
   layer.py       TcpLayer: demux, listeners/backlog, TIME-WAIT bound, RSTs, timer heap
-  connection.py  TcpConnection: the sans-IO socket (receive path, send loop, timers)
+  connection.py  TcpConnection: the sans-IO socket (state, app API, negotiation)
+  input.py       ...its receive path (RFC 9293 3.10.7.4, RFC 5961, RFC 7323 PAWS)
+  output.py      ...its send loop (lost bytes, new data, FIN; TSO; window advertised)
+  timers.py      ...its timers (RTO, persist, keepalive, delayed ACK, TIME-WAIT)
+  common.py      ...their shared constants
   buffers.py     bounded send/receive byte FIFOs
   assembler.py   out-of-order reassembly + the SACK blocks we report
   sack.py        the SACK scoreboard of what the peer reported

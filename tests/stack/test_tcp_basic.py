@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from stack.tcp.state import State
-from stack.wire.tcp import ACK, FIN, SYN
+from stack.wire.tcp import ACK, SYN
 
 from .tcp_sim import A_IP, B_IP, BulkApp, Sim, sha
 

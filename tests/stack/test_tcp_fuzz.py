@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stack.tcp.config import TcpConfig
-from stack.wire.tcp import ACK, SYN, TcpRepr, encode_options
+from stack.wire.tcp import ACK, SYN, TcpRepr
 
 from .tcp_sim import A_IP, B_IP, RawPeer
 

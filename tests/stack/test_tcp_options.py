@@ -3,10 +3,9 @@ and MSS defaults, out-of-order bounds, the receive window, snapshot()."""
 from __future__ import annotations
 
 from stack.tcp.config import TcpConfig
-from stack.tcp.state import State
 from stack.wire.tcp import ACK, PSH, SYN
 
-from .tcp_sim import A_IP, B_IP, RawPeer
+from .tcp_sim import B_IP, RawPeer
 
 M = 0xFFFFFFFF
 

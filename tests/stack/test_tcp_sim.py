@@ -8,9 +8,8 @@ import random
 import pytest
 
 from stack.tcp.config import TcpConfig
-from stack.tcp.state import State
 
-from .tcp_sim import A_IP, B_IP, BulkApp, Link, Sim, sha
+from .tcp_sim import A_IP, B_IP, BulkApp, Sim, sha
 
 SIZE = 4 << 20
 

@@ -8,9 +8,9 @@ from stack.tcp.config import TcpConfig
 from stack.tcp.congestion import LOSS, OPEN, RECOVERY, NewReno
 from stack.tcp.rtt import RttEstimator
 from stack.tcp.state import State
-from stack.wire.tcp import ACK, FIN, PSH, RST, SYN
+from stack.wire.tcp import ACK, PSH, RST, SYN
 
-from .tcp_sim import A_IP, B_IP, Link, RawPeer, Sim
+from .tcp_sim import A_IP, B_IP, RawPeer, Sim
 
 M = 0xFFFFFFFF
 
