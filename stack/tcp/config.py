@@ -21,8 +21,10 @@ class TcpConfig:
     window_scaling: bool = True     # RFC 7323
     sack: bool = True               # RFC 2018
     msl: float = 30.0               # TIME_WAIT lasts 2*MSL
-    max_time_wait: int = 4096       # oldest TIME_WAIT is dropped beyond this
-    max_connections: int = 8192     # all connections, any state
+    max_time_wait: int = 512        # oldest TIME_WAIT is dropped beyond this
+    # All connections in any state. With 256 KiB each way this caps what a
+    # guest can make the TCP layer buffer at 1024 * 512 KiB = 512 MiB.
+    max_connections: int = 1024
     syn_retries: int = 6
     max_retries: int = 15           # data retransmissions / unanswered probes before abort
     initial_rto: float = 1.0
