@@ -245,3 +245,14 @@ def test_time_wait_accepts_newer_syn():
     sim.run(until=lambda: c2.state is State.ESTABLISHED and acc, max_time=sim.now + 5)
     assert s.state is State.CLOSED
     assert B.counters["time_wait_reused"] == 1
+
+
+def test_total_connections_are_bounded():
+    peer = RawPeer(config=TcpConfig(max_connections=3))
+    peer.layer.listen(B_IP, 80, lambda c: None, backlog=100)
+    for i in range(5):
+        peer.send(3000 + i, 80, 100 * i, 0, SYN)
+    assert len(peer.take()) == 3
+    assert peer.layer.counters["conn_limit_drops"] == 2
+    with pytest.raises(TcpError):
+        peer.layer.connect(0.0, B_IP, 1, A_IP, 2)
