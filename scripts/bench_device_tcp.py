@@ -31,7 +31,9 @@ bytes read for recv, after a 0.5 s warm-up), frames/s through the TX or RX
 ring in the data direction (with TSO a frame is up to 64 KiB), the same
 data in MSS-sized segments/s (what a real wire would carry), and CPU in %
 of one core for the backend process and for this process (frontend + guest
-stack, which is Python too: it often is the limit, see the CPU columns).
+stack, which is Python too: it often is the limit, see the CPU columns),
+and "others%": the rest of the host's busy time, i.e. other processes
+competing for the two cores (much above zero, the row is low).
 
 Prints a table; not a test.
 """
@@ -53,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 import trio  # noqa: E402
 
 from stack import Frame, NetConfig, Stack  # noqa: E402
+from stack.tcp.config import TcpConfig  # noqa: E402
 from tests.device.frontend import NET_HDR, Frontend  # noqa: E402
 from vhostnet import features as F  # noqa: E402
 
@@ -65,12 +68,21 @@ WARMUP = 0.5
 WIRE_MSS = 1448          # MSS 1460 less the 12-byte timestamp option
 
 
-def guest_stack() -> Stack:
+def guest_stack(bufsize: int) -> Stack:
     """A Stack that owns 10.0.2.15 and sees 10.0.2.2 as a neighbour: NetConfig
-    with guest and gateway swapped (its 'gateway' is the address it answers for)."""
+    with guest and gateway swapped (its 'gateway' is the address it answers for).
+    BUFSIZE: its TCP send and receive buffers."""
     cfg = NetConfig(guest_ip="10.0.2.2", gateway_ip="10.0.2.15", dns_ip="10.0.2.4",
                     guest_mac="52:55:0a:00:02:02", gateway_mac="52:54:00:12:34:56")
-    return Stack(cfg)
+    st = Stack(cfg)
+    st.tcp.config = TcpConfig(sndbuf=bufsize, rcvbuf=bufsize)   # read by each new connection
+    return st
+
+
+def host_busy() -> float:
+    """CPU seconds all cores have spent busy since boot (from /proc/stat)."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(f[:8]) - f[3] - f[4]) / CLK_TCK
 
 
 def proc_cpu(pid: int) -> float:
@@ -82,9 +94,9 @@ def proc_cpu(pid: int) -> float:
 class Guest:
     """The guest driver + guest TCP/IP on top of the frontend's rings."""
 
-    def __init__(self, fe: Frontend, offloads: bool):
+    def __init__(self, fe: Frontend, bufsize: int):
         self.fe = fe
-        self.st = guest_stack()
+        self.st = guest_stack(bufsize)
         feats = fe.features
         self.tx_csum = bool(feats >> F.CSUM & 1)
         self.tx_tso = bool(feats >> F.HOST_TSO4 & 1) and self.tx_csum
@@ -163,7 +175,8 @@ def backend_retransmits(ctl: str) -> int | None:
     return sum(c.get("retransmits", 0) for c in conns if isinstance(c, dict))
 
 
-async def one_run(direction: str, offloads: bool, seconds: float, log_dir: Path) -> dict:
+async def one_run(direction: str, offloads: bool, seconds: float, log_dir: Path,
+                  bufsize: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="vhostnet-devtcp-") as d:
         sock = os.path.join(d, "vhost.sock")
         argv = [sys.executable, "-m", "vhostnet", "serve", "--socket", sock, "--once",
@@ -184,7 +197,7 @@ async def one_run(direction: str, offloads: bool, seconds: float, log_dir: Path)
             fe = Frontend(mem_size=32 << 20, queue_size=256)
             await fe.connect(sock)
             await fe.handshake()
-            r = drive(fe, backend.pid, direction, offloads, seconds)
+            r = drive(fe, backend.pid, direction, offloads, seconds, bufsize)
             r["backend_retransmits"] = backend_retransmits(sock + ".ctl")
             return r
         finally:
@@ -203,8 +216,9 @@ async def one_run(direction: str, offloads: bool, seconds: float, log_dir: Path)
                 fe.release()
 
 
-def drive(fe: Frontend, backend_pid: int, direction: str, offloads: bool, seconds: float) -> dict:
-    g = Guest(fe, offloads)
+def drive(fe: Frontend, backend_pid: int, direction: str, offloads: bool, seconds: float,
+          bufsize: int) -> dict:
+    g = Guest(fe, bufsize)
     st = g.st
     now = time.monotonic()
     port = DISCARD if direction == "send" else CHARGEN
@@ -236,7 +250,7 @@ def drive(fe: Frontend, backend_pid: int, direction: str, offloads: bool, second
             if conn.state.value != "ESTABLISHED":
                 raise RuntimeError(f"not connected after {WARMUP} s: {conn.state.value}")
             mark = (now, progress(), g.tx_frames, g.rx_frames, proc_cpu(backend_pid),
-                    time.process_time())
+                    proc_cpu(os.getpid()), host_busy())
         if mark is not None and now >= mark[0] + seconds:
             break
         if now > hard_stop:
@@ -247,7 +261,10 @@ def drive(fe: Frontend, backend_pid: int, direction: str, offloads: bool, second
             nd = st.next_deadline()
             g.wait(min(0.05, max(0.0, nd - now)) if nd is not None else 0.05)
     t1 = time.monotonic()
-    t0, b0, tx0, rx0, cpu0, self0 = mark
+    t0, b0, tx0, rx0, cpu0, self0, host0 = mark
+    backend_cpu = proc_cpu(backend_pid) - cpu0
+    self_cpu = proc_cpu(os.getpid()) - self0
+    others = host_busy() - host0 - backend_cpu - self_cpu
     dt = t1 - t0
     nbytes = progress() - b0
     frames = (g.tx_frames - tx0) if direction == "send" else (g.rx_frames - rx0)
@@ -256,8 +273,8 @@ def drive(fe: Frontend, backend_pid: int, direction: str, offloads: bool, second
         "direction": direction, "offloads": offloads, "seconds": dt, "bytes": nbytes,
         "gbit": nbytes * 8 / dt / 1e9, "frames_s": frames / dt, "bytes_per_frame": nbytes / max(frames, 1),
         "segs_s": nbytes / WIRE_MSS / dt,
-        "backend_cpu": 100 * (proc_cpu(backend_pid) - cpu0) / dt,
-        "self_cpu": 100 * (time.process_time() - self0) / dt,
+        "backend_cpu": 100 * backend_cpu / dt, "self_cpu": 100 * self_cpu / dt,
+        "others_cpu": max(0.0, 100 * others / dt),
         "retransmits": info["retransmits"], "guest_counters": dict(st.all_counters()),
     }
 
@@ -270,27 +287,30 @@ def main() -> int:
     ap.add_argument("--directions", default="send,recv",
                     help="send (guest->backend discard), recv (backend chargen->guest)")
     ap.add_argument("--offloads", default="on,off", help="on, off or on,off")
+    ap.add_argument("--guest-buf", type=int, default=256 * 1024, metavar="BYTES",
+                    help="the guest stack's TCP send/receive buffers (default 256 KiB, as the "
+                         "backend's: with recv, the receive window)")
     args = ap.parse_args()
     log_dir = ROOT / "logs" / "bench-device-tcp"
     log_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for offl in [o == "on" for o in args.offloads.split(",")]:
         for direction in args.directions.split(","):
-            r = trio.run(one_run, direction, offl, args.seconds, log_dir)
+            r = trio.run(one_run, direction, offl, args.seconds, log_dir, args.guest_buf)
             rows.append(r)
             print(f"bench_device_tcp: {direction} offloads={'on' if offl else 'off'}: "
                   f"{r['gbit']:.3f} Gbit/s", file=sys.stderr, flush=True)
     print(f"\n# bench_device_tcp: {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, "
           f"{args.seconds:g} s per row, backend in its own process")
     head = (f"{'direction':<22} {'offloads':>8} {'Gbit/s':>8} {'frames/s':>10} {'B/frame':>8} "
-            f"{'MSS segs/s':>11} {'backend CPU%':>12} {'guest CPU%':>10} {'retx g/b':>9}")
+            f"{'MSS segs/s':>11} {'backend CPU%':>12} {'guest CPU%':>10} {'others%':>7} {'retx g/b':>9}")
     print(head)
     print("-" * len(head))
     for r in rows:
         name = "guest->backend (send)" if r["direction"] == "send" else "backend->guest (recv)"
         print(f"{name:<22} {'on' if r['offloads'] else 'off':>8} {r['gbit']:>8.3f} "
               f"{r['frames_s']:>10,.0f} {r['bytes_per_frame']:>8,.0f} {r['segs_s']:>11,.0f} "
-              f"{r['backend_cpu']:>12.0f} {r['self_cpu']:>10.0f} "
+              f"{r['backend_cpu']:>12.0f} {r['self_cpu']:>10.0f} {r['others_cpu']:>7.0f} "
               f"{str(r['retransmits']) + '/' + str(r['backend_retransmits']):>9}")
     return 0
 
