@@ -85,6 +85,19 @@ def host_busy() -> float:
     return (sum(f[:8]) - f[3] - f[4]) / CLK_TCK
 
 
+def wait_quiet(limit: float, quiet: float = 25.0) -> float:
+    """Wait up to LIMIT s until other processes use less than QUIET % of one core."""
+    t0 = time.monotonic()
+    while True:
+        a = host_busy()
+        time.sleep(1.0)
+        load = 100 * (host_busy() - a)
+        if load <= quiet or time.monotonic() - t0 >= limit:
+            return load
+        print(f"bench_device_tcp: host busy ({load:.0f}% of one core), waiting",
+              file=sys.stderr, flush=True)
+
+
 def proc_cpu(pid: int) -> float:
     text = Path(f"/proc/{pid}/stat").read_text()
     f = text[text.rindex(")") + 2:].split()
@@ -287,6 +300,9 @@ def main() -> int:
     ap.add_argument("--directions", default="send,recv",
                     help="send (guest->backend discard), recv (backend chargen->guest)")
     ap.add_argument("--offloads", default="on,off", help="on, off or on,off")
+    ap.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                    help="before each row, wait up to SECONDS for other processes to go "
+                         "below 25%% of one core (for shared machines)")
     ap.add_argument("--guest-buf", type=int, default=256 * 1024, metavar="BYTES",
                     help="the guest stack's TCP send/receive buffers (default 256 KiB, as the "
                          "backend's: with recv, the receive window)")
@@ -296,6 +312,8 @@ def main() -> int:
     rows = []
     for offl in [o == "on" for o in args.offloads.split(",")]:
         for direction in args.directions.split(","):
+            if args.wait_quiet:
+                wait_quiet(args.wait_quiet)
             r = trio.run(one_run, direction, offl, args.seconds, log_dir, args.guest_buf)
             rows.append(r)
             print(f"bench_device_tcp: {direction} offloads={'on' if offl else 'off'}: "
