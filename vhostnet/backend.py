@@ -109,9 +109,9 @@ class Backend:
             result = handler(body, fds, payload)
             fds = []  # the handler owns them now
         except BadMessage as e:
-            return self._fail(request, name, str(e), fds, need_reply)
+            return self._fail(request, name, str(e), fds, need_reply, payload)
         except (MemoryError_, ValueError, OverflowError) as e:
-            return self._fail(request, name, f"{name}: {e}", fds, need_reply)
+            return self._fail(request, name, f"{name}: {e}", fds, need_reply, payload)
         if request in _HAS_REPLY:
             return self._reply(request, result)
         if need_reply:
@@ -124,7 +124,7 @@ class Backend:
         need_reply = bool(flags & P.FLAG_NEED_REPLY) and self.proto(P.ProtoFeat.REPLY_ACK)
         return self._fail(request, name, f"{name}: {detail}", [], need_reply)
 
-    def _fail(self, request, name, detail, fds, need_reply) -> bytes | None:
+    def _fail(self, request, name, detail, fds, need_reply, payload: bytes = b"") -> bytes | None:
         for fd in fds:
             _close(fd)
         reason = "bad_" + name.lower() if not name.startswith("UNKNOWN") else "unknown_request"
@@ -134,7 +134,9 @@ class Backend:
             # The frontend waits for a reply of this type; a zero value with
             # the right header is the least surprising answer.
             if request == Req.GET_VRING_BASE:
-                return self._reply(request, _STATE.pack(0, 0))
+                # Echo the ring asked about: frontends (DPDK) check it.
+                index = int.from_bytes(payload[:4], "little") if len(payload) >= 4 else 0
+                return self._reply(request, _STATE.pack(index, 0))
             return self._reply(request, _U64.pack(0))
         if need_reply:
             return self._reply(request, _U64.pack(1))

@@ -187,3 +187,8 @@ async def test_mem_table_with_unmappable_fd_is_refused(fe, server):
     assert await fe.ack(Req.SET_VRING_NUM, STATE.pack(1, 256)) == 0
     assert await fe.ack(Req.SET_VRING_ADDR, ADDR.pack(1, 0, 0x1000, 0x2000, 0x3000, 0)) != 0
     assert server.current.backend.errors["bad_set_mem_table"] == 2
+
+
+async def test_refused_get_vring_base_names_the_ring_asked_for(fe):
+    body = await fe.request(Req.GET_VRING_BASE, STATE.pack(3, 0))   # no ring 3
+    assert STATE.unpack(body) == (3, 0)
