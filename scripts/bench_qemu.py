@@ -482,6 +482,11 @@ def main(argv: list[str] | None = None) -> int:
                         f"below {QUIET:.0f}%% of one core (for shared machines)")
     p.add_argument("-v", "--verbose", action="store_true", help="echo the guest console")
     args = p.parse_args(argv)
+    # Ctrl-C or SIGTERM (even when started in the background, where SIGINT may
+    # come in ignored) unwinds through the finally blocks that stop QEMU,
+    # the backend and hostsrv.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     backends = [b for b in args.backends.split(",") if b]
     args.tests = [t for t in args.tests.split(",") if t]
     for b in backends:
