@@ -104,6 +104,12 @@ class OutputMixin:
         mss = self.mss - (len(opts) - self.base_opt_len)
         seg_max = self._seg_max(mss)
         cc = self.cc
+        # Set once this pass has sent a multi-segment (TSO) frame: a tail
+        # shorter than one segment then waits for the ACK, by which time the
+        # application has usually written more (Linux: tcp_tso_should_defer).
+        # Without it every 64 KiB write became a TSO frame plus a runt, and
+        # half the frames the guest had to take carried 0.6 % of the bytes.
+        sent_tso = False
         while True:
             una = self.snd_una
             nxt = self.snd_nxt
@@ -144,6 +150,8 @@ class OutputMixin:
                     n = seg_max
                 if n < mss and n < avail and n < self.max_snd_wnd // 2 and not self.sws_override:
                     break                       # sender-side SWS avoidance
+                if sent_tso and n < mss and not fin:
+                    break                       # TSO deferral, see above
                 if n > room:
                     if room >= mss:
                         n = room - room % mss
@@ -157,6 +165,8 @@ class OutputMixin:
                 if fin and end == data_end:
                     end += 1
                 self._send_range(now, nxt, end, opts, mss, data_end, False)
+                if n > mss:
+                    sent_tso = True
                 continue
             # 3. A FIN on its own.
             if fin and nxt == data_end:

@@ -108,3 +108,24 @@ def test_every_segment_fits_the_mtu_even_with_sack_blocks(tso):
             assert 20 + hdr + len(r.payload) <= 1500
         sizes += 1
     assert sizes > 100 and saw_sack_with_data
+
+
+def test_tso_does_not_leave_a_runt_after_every_frame():
+    """64 KiB application writes with TSO: the sub-MSS remainder of each write
+    waits for the ACK and joins the next write, instead of going out as its
+    own tiny frame (which costs the guest an interrupt for 0.6 % of the bytes)."""
+    sim = Sim(seed=3, tso=65536, trace=True)
+    sim.set_links(delay=0.002)
+    A, B = sim.layers[A_IP], sim.layers[B_IP]
+    data = random.Random(3).randbytes(8 << 20)
+    apps = []
+    B.listen(B_IP, 80, lambda c: apps.append(BulkApp(c, b"", close_when_done=False)))
+    a = BulkApp(A.connect(0.0, A_IP, 40000, B_IP, 80), data, chunk=65536)
+    assert sim.run(until=lambda: apps and apps[0].rx_len == len(data), max_time=600)
+    assert sha(apps[0].received) == sha(data)
+    sizes = [len(r.payload) for r in sim.trace.segs(A_IP) if r.payload]
+    mss = a.conn.mss
+    big = sum(1 for n in sizes if n > mss)
+    runts = sum(1 for n in sizes if n < mss)
+    assert big > 50
+    assert runts <= big // 10, f"{runts} sub-MSS segments for {big} TSO frames"
