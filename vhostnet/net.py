@@ -255,13 +255,11 @@ class NetDevice:
         q = self.backend.queues[RX]
         if not q.ready:
             return False
-        wrote = 0
         while True:
             while pending:
                 if not self._rx_one(q, pending[0]):
                     break
                 pending.popleft()
-                wrote += 1
             if not pending or not q.want_kick_at_next():
                 break
         if q.used_idx != q.guest_used_idx():
