@@ -38,3 +38,10 @@ async def ready(fe):
     fe.post_rx()
     fe.rx.kick()
     return fe
+
+
+async def wait_counter(device, name: str, at_least: int, timeout: float = 5.0) -> None:
+    """Wait until a device counter reaches a value (the server works in its own tasks)."""
+    with trio.fail_after(timeout):
+        while device.counters[name] < at_least:
+            await trio.sleep(0.005)

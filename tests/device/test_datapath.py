@@ -4,6 +4,8 @@ import struct
 from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import ARP, Ether
 
+from .conftest import wait_counter
+
 GUEST_MAC = "52:54:00:12:34:56"
 GW_MAC = "52:55:0a:00:02:02"
 
@@ -57,10 +59,7 @@ async def test_frames_wait_for_rx_buffers(fe, server):
     for i in range(3):
         fe.post_tx(ping(seq=i))
     fe.tx.kick()
-    import trio
-    with trio.fail_after(5):
-        while server.current.device.counters["tx_frames"] < 3:
-            await trio.sleep(0.01)
+    await wait_counter(server.current.device, "tx_frames", 3)
     assert len(server.current.device.rx_pending) == 3
     fe.post_rx()
     fe.rx.kick()
@@ -70,7 +69,6 @@ async def test_frames_wait_for_rx_buffers(fe, server):
 
 
 async def test_rx_pending_is_bounded(tmp_path, nursery):
-    import trio
     from .conftest import make_server
     from .frontend import Frontend
     srv = make_server(tmp_path / "s.sock", rx_pending_limit=5)
@@ -82,9 +80,7 @@ async def test_rx_pending_is_bounded(tmp_path, nursery):
     for i in range(12):
         fe.post_tx(ping(seq=i))
     fe.tx.kick()
-    with trio.fail_after(5):
-        while srv.current.device.counters["tx_frames"] < 12:
-            await trio.sleep(0.01)
+    await wait_counter(srv.current.device, "tx_frames", 12)
     dev = srv.current.device
     assert len(dev.rx_pending) == 5
     assert dev.counters["rx_dropped_no_buffers"] == 7
