@@ -7,7 +7,7 @@
 
 Steps: build the guest image if its inputs changed (scripts/build-guest.sh),
 start `python -m vhostnet serve --socket SOCK --once` with its log in a file,
-wait for the socket, boot QEMU (vhostnet/qemu.py builds the argv) with the
+wait for the socket, boot QEMU (vhostnet/launch/qemu.py builds the argv) with the
 NIC on that socket, read the serial console until the guest powers off or the
 timeout, then check the markers the guest init prints.
 
@@ -48,9 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from vhostnet import qemu  # noqa: E402
+from vhostnet.launch import qemu
 
 GATEWAY = "10.0.2.2"
 FALLBACK = "falling back on userspace virtio"

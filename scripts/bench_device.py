@@ -18,16 +18,13 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import trio  # noqa: E402
-from scapy.layers.inet import ICMP, IP  # noqa: E402
-from scapy.layers.l2 import Ether  # noqa: E402
+import trio
+from scapy.layers.inet import ICMP, IP
+from scapy.layers.l2 import Ether
 
-from tests.device.frontend import Frontend  # noqa: E402
-from vhostnet.net import NetDevice  # noqa: E402
-from vhostnet.server import Server  # noqa: E402
-from stack import NetConfig  # noqa: E402
+from vhostnet.testing.frontend import Frontend
+from vhostnet.launch.serve import make_server
 
 
 def ping_frame(size: int, seq: int = 1) -> bytes:
@@ -40,7 +37,7 @@ async def connected():
     """A real server on a temporary socket and a frontend that has done QEMU's handshake."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "vhost.sock")
-        srv = Server(path, lambda: NetDevice(NetConfig()))
+        srv = make_server(path)
         srv.listen()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(srv.serve)

@@ -9,7 +9,7 @@ What runs:
   process (so on its own core), with `--disable-feature offloads` for the
   rows without offloads;
 - this process plays QEMU and the guest driver with the in-process frontend
-  (tests/device/frontend.py: memfd guest RAM, eventfd kicks and calls, the
+  (vhostnet/testing/frontend.py: memfd guest RAM, eventfd kicks and calls, the
   QEMU 7.2 handshake, split rings of 256 entries, RX buffers of 4 KiB) and
   the guest's TCP/IP with a second `stack.Stack` whose roles are swapped:
   its own address is 10.0.2.15 (it "serves" that address) and 10.0.2.2 is
@@ -50,14 +50,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-import trio  # noqa: E402
+import trio
 
-from stack import Frame, NetConfig, Stack  # noqa: E402
-from stack.tcp.config import TcpConfig  # noqa: E402
-from tests.device.frontend import NET_HDR, Frontend  # noqa: E402
-from vhostnet import features as F  # noqa: E402
+from stack import Frame, NetConfig, Stack
+from stack.tcp.config import TcpConfig
+from vhostnet.testing.frontend import NET_HDR, Frontend
+from vhostnet.virtio import features as F
 
 GUEST_IP = bytes([10, 0, 2, 15])
 GATEWAY_IP = bytes([10, 0, 2, 2])
@@ -178,7 +177,7 @@ class Guest:
 
 def backend_retransmits(ctl: str) -> int | None:
     """Retransmits of the backend's TCP connections, from its control socket."""
-    from vhostnet.control import ControlClient, ControlError
+    from vhostnet.observe.control import ControlClient, ControlError
     try:
         with ControlClient(ctl, timeout=5) as c:
             doc = c.request("stats")

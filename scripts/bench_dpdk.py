@@ -51,9 +51,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from tests.dpdk_frontend import (GATEWAY_IP, GATEWAY_MAC, GUEST_IP, TestPmd,  # noqa: E402
+from vhostnet.testing.dpdk import (GATEWAY_IP, GATEWAY_MAC, GUEST_IP, TestPmd,
                                  VhostnetServe, parse_port_stats, skip_reason)
 
 SPORT = 5000

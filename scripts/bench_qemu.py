@@ -60,9 +60,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from vhostnet import qemu  # noqa: E402
+from vhostnet.launch import qemu
 
 ALL_BACKENDS = ("vhostnet", "vhostnet-nooffloads", "slirp", "passt")
 ALL_TESTS = ("send", "recv", "crr", "udp")
@@ -374,7 +373,7 @@ class Bench:
     @staticmethod
     def _stats(ctl: str, test: str, out) -> None:
         """One `vhostnet stats` document after each test (retransmits, drops)."""
-        from vhostnet.control import ControlClient, ControlError
+        from vhostnet.observe.control import ControlClient, ControlError
         try:
             with ControlClient(ctl, timeout=5) as c:
                 doc = c.request("stats")

@@ -19,10 +19,9 @@ import time
 from collections import deque
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stack.tcp.config import TcpConfig   # noqa: E402
-from stack.tcp.layer import TcpLayer     # noqa: E402
+from stack.tcp.config import TcpConfig
+from stack.tcp.layer import TcpLayer
 
 A_IP = bytes([10, 0, 2, 15])
 B_IP = bytes([10, 0, 2, 2])

@@ -14,7 +14,7 @@
 #   bzImage             the package's vmlinuz, kept as a fallback
 #   initramfs.cpio.gz   the root filesystem
 #   image.env           KERNEL=, INITRD=, KERNEL_VERSION=, ... (sourced by
-#                       vhostnet/qemu.py to find the image)
+#                       vhostnet/launch/qemu.py to find the image)
 #
 # Caching: downloads are kept in qemu/build/debs/.  The kernel is unpacked once
 # per package version (kernel/.stamp).  The initramfs is rebuilt only when the

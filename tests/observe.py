@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from vhostnet.control import ControlClient, ControlServer
-from vhostnet.launch import serve_backend
+from vhostnet.observe.control import ControlClient, ControlServer
+from vhostnet.launch.serve import serve_backend
 
 from .device.conftest import make_server
-from .device.frontend import Frontend
+from vhostnet.testing.frontend import Frontend
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "json.md"
 
@@ -63,7 +63,7 @@ async def ask(path: str, cmd: str, **kw):
 
 async def cli(*argv: str) -> int:
     """vhostnet's main() in a thread (it blocks); output goes to capsys."""
-    from vhostnet.cli import main
+    from vhostnet.launch.cli import main
     return await trio.to_thread.run_sync(main, list(argv))
 
 

@@ -13,10 +13,10 @@ from scapy.layers.l2 import Ether
 from scapy.utils import rdpcap
 
 from stack.checksum import pseudo_sum
-from vhostnet.control import ControlClient
-from vhostnet.pcap import PcapWriter
+from vhostnet.observe.control import ControlClient
+from vhostnet.observe.pcap import PcapWriter
 
-from .device.frontend import Frontend
+from vhostnet.testing.frontend import Frontend
 from .device.test_datapath import GUEST_MAC, GW_MAC, arp_request, ping
 from .observe import backend, cli, guest, sockdir  # noqa: F401 (fixtures)
 

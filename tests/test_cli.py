@@ -10,7 +10,7 @@ import sys
 import pytest
 import trio
 
-from vhostnet.cli import EXIT_NO_QEMU, build_parser, main
+from vhostnet.launch.cli import EXIT_NO_QEMU, build_parser, main
 
 from .device.test_datapath import ping
 from .observe import backend, cli, guest, sockdir  # noqa: F401 (fixtures)

@@ -11,12 +11,12 @@ import trio
 from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import Ether
 
-from vhostnet import control
-from vhostnet.control import ControlClient, ControlError, ControlServer
-from vhostnet.launch import serve_backend
+from vhostnet.observe import control
+from vhostnet.observe.control import ControlClient, ControlError, ControlServer
+from vhostnet.launch.serve import serve_backend
 
 from .device.conftest import make_server
-from .device.frontend import F_INDIRECT, F_NEXT, F_WRITE, Frontend
+from vhostnet.testing.frontend import F_INDIRECT, F_NEXT, F_WRITE, Frontend
 from .device.test_datapath import arp_request, ping
 from .observe import ask, backend, check_doc, guest, sockdir  # noqa: F401 (fixtures)
 

@@ -1,4 +1,4 @@
-"""vhostnet/decode.py: tcpdump-like summaries of frames built by scapy, and
+"""vhostnet/observe/decode.py: tcpdump-like summaries of frames built by scapy, and
 never an exception on junk (hypothesis)."""
 import struct
 
@@ -7,7 +7,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 
-from vhostnet.decode import MAX_TEXT, desc_flags, hexdump, summarize, vnet_hdr, vnet_hdr_text
+from vhostnet.observe.decode import MAX_TEXT, desc_flags, hexdump, summarize, vnet_hdr, vnet_hdr_text
 
 G, GW = "52:54:00:12:34:56", "52:55:0a:00:02:02"
 

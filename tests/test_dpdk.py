@@ -23,7 +23,7 @@ flow both ways with testpmd's port statistics and vhostnet's stats agreeing:
 
 Skipped when dpdk-testpmd (Debian 12: package dpdk-dev; librte-net-virtio23) is
 missing or we are not root. testpmd runs with --no-huge --no-pci; only the
-vhost-user Unix socket is used. tests/dpdk_frontend.py has the helpers.
+vhost-user Unix socket is used. vhostnet/testing/dpdk.py has the helpers.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import time
 
 import pytest
 
-from tests.dpdk_frontend import (GATEWAY_IP, GATEWAY_MAC, GUEST_IP, GUEST_MAC, TestPmd, VhostnetServe,
+from vhostnet.testing.dpdk import (GATEWAY_IP, GATEWAY_MAC, GUEST_IP, GUEST_MAC, TestPmd, VhostnetServe,
                                  parse_port_stats, pmd_available, skip_reason)
 
 _why = skip_reason()

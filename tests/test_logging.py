@@ -5,13 +5,11 @@ import logging
 import pytest
 import trio
 
-from stack import NetConfig
 from vhostnet.logging_setup import OneLineFormatter
-from vhostnet.net import NetDevice
+from vhostnet.launch.serve import make_server
 from vhostnet.ratelimit import RateLimitedLog
-from vhostnet.server import Server
 
-from .device.frontend import Frontend
+from vhostnet.testing.frontend import Frontend
 from .observe import sockdir  # noqa: F401 (fixture)
 
 
@@ -42,7 +40,7 @@ async def flood_server(sockdir, nursery):
     clock = FakeClock()
     rlog = RateLimitedLog(logging.getLogger("vhostnet.backend"), burst=5, per_second=1.0, clock=clock)
     dev_rlog = RateLimitedLog(logging.getLogger("vhostnet.net"), burst=5, per_second=1.0, clock=clock)
-    srv = Server(str(sockdir / "v.sock"), lambda: NetDevice(NetConfig(), rlog=dev_rlog), rlog=rlog)
+    srv = make_server(str(sockdir / "v.sock"), device_rlog=dev_rlog, rlog=rlog)
     srv.listen()
     nursery.start_soon(srv.serve)
     await srv.ready.wait()
@@ -112,7 +110,7 @@ async def test_disconnect_logs_every_count_once(sockdir, nursery, caplog):
     caplog.set_level(logging.WARNING, logger="vhostnet")
     clock = FakeClock()
     rlog = RateLimitedLog(logging.getLogger("vhostnet.backend"), clock=clock)
-    srv = Server(str(sockdir / "v.sock"), lambda: NetDevice(NetConfig()), rlog=rlog)
+    srv = make_server(str(sockdir / "v.sock"), rlog=rlog)
     srv.listen()
     nursery.start_soon(srv.serve)
     await srv.ready.wait()

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from vhostnet import qemu
-from vhostnet.control import ControlClient, ControlError
+from vhostnet.launch import qemu
+from vhostnet.observe.control import ControlClient, ControlError
 
 pytestmark = pytest.mark.qemu
 

@@ -5,7 +5,7 @@ qemu/smoke.py does the work (build the image if needed, start
 NET=1 (every network test on) and turns its verdict into one test per
 marker, so a report says which parts of the data path work.
 
-Also here: fast checks of vhostnet/qemu.py's argv and of the embedded KVM
+Also here: fast checks of vhostnet/launch/qemu.py's argv and of the embedded KVM
 probe against its source.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from vhostnet import qemu
+from vhostnet.launch import qemu
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "qemu" / "smoke.py"
@@ -69,7 +69,7 @@ def test_smoke_marker(smoke_result, marker):
         f"backend log: {verdict['backend_log']}")
 
 
-# --- vhostnet/qemu.py, no QEMU needed -------------------------------------------
+# --- vhostnet/launch/qemu.py, no QEMU needed -------------------------------------------
 
 def test_argv_has_the_vhost_user_workarounds():
     argv = qemu.qemu_argv("/tmp/x.sock", accel="tcg", memory="512M")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vhostnet.launch import uses_own_boot
+from vhostnet.launch.run import uses_own_boot
 
 from .observe import sockdir  # noqa: F401 (fixture)
 

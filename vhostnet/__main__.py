@@ -1,3 +1,3 @@
-from .cli import main
+from vhostnet.launch.cli import main
 
 raise SystemExit(main())

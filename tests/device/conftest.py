@@ -1,17 +1,13 @@
 import pytest
 import trio
 
-from stack import NetConfig
-from vhostnet.net import NetDevice
-from vhostnet.server import Server
-
-from .frontend import Frontend
+from vhostnet.launch import serve
+from vhostnet.testing.frontend import Frontend
 
 
-def make_server(path, **device_kw):
-    def make_device():
-        return NetDevice(NetConfig(), **device_kw)
-    srv = Server(str(path), make_device)
+def make_server(path, **kw):
+    """What `vhostnet serve` builds (vhostnet/launch/serve.py), listening on PATH."""
+    srv = serve.make_server(str(path), **kw)
     srv.listen()
     return srv
 

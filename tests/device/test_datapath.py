@@ -70,7 +70,7 @@ async def test_frames_wait_for_rx_buffers(fe, server):
 
 async def test_rx_pending_is_bounded(tmp_path, nursery):
     from .conftest import make_server
-    from .frontend import Frontend
+    from vhostnet.testing.frontend import Frontend
     srv = make_server(tmp_path / "s.sock", rx_pending_limit=5)
     nursery.start_soon(srv.serve)
     await srv.ready.wait()

@@ -9,11 +9,11 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from vhostnet.memory import GuestMemory
-from vhostnet.virtqueue import Virtqueue
+from vhostnet.vhostuser.memory import GuestMemory
+from vhostnet.virtio.split import SplitRing
 
 from .conftest import wait_counter
-from .frontend import F_INDIRECT, F_NEXT, F_WRITE, Frontend, UVA_BASE
+from vhostnet.testing.frontend import F_INDIRECT, F_NEXT, F_WRITE, Frontend, UVA_BASE
 from .test_datapath import ping
 
 from scapy.layers.inet import ICMP
@@ -138,8 +138,8 @@ async def test_avail_index_jump_breaks_ring_until_restart(ready, server):
     import os
     r.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     await ready.setup_ring(r, base=base)
-    from .frontend import STATE
-    from vhostnet.protocol import Req
+    from vhostnet.testing.frontend import STATE
+    from vhostnet.vhostuser.protocol import Req
     await ready.request(Req.SET_VRING_ENABLE, STATE.pack(1, 1))
     r.last_used = r.used_idx()
     r.free = list(range(r.size))
@@ -170,7 +170,7 @@ async def test_bad_virtio_net_headers(ready, server):
 
 
 async def test_small_rx_buffers_without_mergeable(fe, server):
-    from vhostnet import features as F
+    from vhostnet.virtio import features as F
     await fe.handshake(features=F.DEFAULT_FEATURES & ~(1 << F.MRG_RXBUF) | 1 << 30)
     fe.post_rx(count=4, size=64)   # too small for a 98-byte ping reply
     fe.rx.kick()
@@ -221,7 +221,7 @@ def guest():
        extra=st.binary(min_size=64, max_size=64))
 def test_ring_walker_never_raises_or_escapes(guest, desc, avail, extra):
     mem, raw = guest
-    q = Virtqueue(1, "tx")
+    q = SplitRing(1, "tx")
     q.num = 8
     q.desc_uva, q.avail_uva, q.used_uva = UVA_BASE, UVA_BASE + 0x1000, UVA_BASE + 0x2000
     raw[0:len(desc)] = desc

@@ -10,9 +10,9 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from stack.checksum import pseudo_sum
-from vhostnet import features as F
+from vhostnet.virtio import features as F
 
-from .frontend import NET_HDR
+from vhostnet.testing.frontend import NET_HDR
 
 GUEST_MAC = "52:54:00:12:34:56"
 

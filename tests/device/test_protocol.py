@@ -4,10 +4,10 @@ import struct
 
 import trio
 
-from vhostnet import features as F
-from vhostnet.protocol import ProtoFeat, Req
+from vhostnet.virtio import features as F
+from vhostnet.vhostuser.protocol import ProtoFeat, Req
 
-from .frontend import ADDR, HDR, STATE, U64, UVA_BASE, Frontend
+from vhostnet.testing.frontend import ADDR, HDR, STATE, U64, UVA_BASE, Frontend
 from .test_datapath import ping
 
 from scapy.layers.inet import ICMP

@@ -15,8 +15,8 @@ import struct
 
 import trio
 
-from vhostnet import protocol as P
-from vhostnet.protocol import Req
+from vhostnet.vhostuser import protocol as P
+from vhostnet.vhostuser.protocol import Req
 
 HDR = struct.Struct("<III")
 U64 = struct.Struct("<Q")

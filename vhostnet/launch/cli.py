@@ -8,7 +8,7 @@
     capture    the guest's frames as pcap (-w) or as tcpdump-like lines
 
 The looking-inside tools talk to the backend over its control socket
-(vhostnet/control.py); each finds it from --control, or --socket + ".ctl",
+(vhostnet/observe/control.py); each finds it from --control, or --socket + ".ctl",
 or the default socket. User mistakes get a one-line message and exit
 status 2 (bad arguments) or 1 (nothing to talk to, refused); inspect and
 stats exit 3 when the backend runs but no QEMU is connected.
@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-from . import __version__
+from vhostnet import __version__
 
 EXIT_NO_QEMU = 3
 
@@ -167,7 +167,7 @@ def _add_net_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_backend_options(p: argparse.ArgumentParser) -> None:
-    from .logging_setup import LEVELS
+    from vhostnet.logging_setup import LEVELS
     p.add_argument("--control", metavar="PATH",
                    help="control socket for inspect/stats/capture (default: the socket path + .ctl)")
     p.add_argument("--no-control", action="store_true", help="do not open a control socket")
@@ -195,7 +195,7 @@ def _add_client_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import qemu
+    from vhostnet.launch import qemu
     p = argparse.ArgumentParser(
         prog="vhostnet", formatter_class=Formatter,
         description="A virtio-net device for QEMU over vhost-user, backed by an embedded "
@@ -276,91 +276,19 @@ def _fail(msg: str, status: int = 1) -> int:
     return status
 
 
-def _net_config(args):
-    from stack import NetConfig
-    return NetConfig(guest_ip=args.guest_ip, prefix_len=args.prefix, gateway_ip=args.gateway_ip,
-                     dns_ip=args.dns_ip, guest_mac=args.mac, gateway_mac=args.gateway_mac, mtu=args.mtu)
-
-
-def _features(disabled: list[str]) -> int:
-    from . import features as F
-    feats = F.DEFAULT_FEATURES
-    for name in disabled:
-        if name == "offloads":
-            feats &= ~F.OFFLOAD_FEATURES
-        elif name in F.BY_NAME:
-            feats &= ~(1 << F.BY_NAME[name])
-        else:
-            raise ValueError(f"unknown feature {name!r}; known: offloads, {', '.join(F.BY_NAME)}")
-    return feats
-
-
-def _make_backend(args, socket_path: str):
-    """Server, control server and pcap tap, listening; or ValueError/OSError with a message."""
-    from .control import ControlServer, default_control_path
-    from .net import NetDevice
-    from .pcap import FileTap
-    from .server import Server, SocketInUse
-
-    config = _net_config(args)
-    feats = _features(args.disable_feature)
-    if args.rx_pending < 1:
-        raise ValueError("--rx-pending must be at least 1")
-
-    def make_device():
-        return NetDevice(config, features=feats, rx_pending_limit=args.rx_pending)
-
-    server = Server(socket_path, make_device, once=getattr(args, "once", False))
-    control = None
-    if not args.no_control:
-        control = ControlServer(server, args.control or default_control_path(socket_path),
-                                complete_csum=not args.raw_csum)
-    tap = None
-    try:
-        try:
-            server.listen()
-        except (SocketInUse, OSError) as e:
-            raise OSError(f"cannot listen on {socket_path}: {e}") from None
-        if control is not None:
-            try:
-                control.listen()
-            except (SocketInUse, OSError) as e:
-                raise OSError(f"cannot open the control socket {control.path}: {e}") from None
-        if args.pcap:
-            try:
-                tap = FileTap(args.pcap, complete_csum=not args.raw_csum)
-            except OSError as e:
-                raise OSError(f"cannot write {args.pcap}: {e.strerror or e}") from None
-    except OSError:
-        _close_listeners(server, control)
-        raise
-    return server, control, tap
-
-
-def _close_listeners(server, control) -> None:
-    for obj in (server, control):
-        if obj is not None and obj.listener is not None:
-            obj.listener.close()
-            obj.listener = None
-            path = obj.socket_path if obj is server else obj.path
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-
-
 def cmd_serve(args) -> int:
     import functools
     import logging
 
     import trio
 
-    from .launch import serve_backend
-    from .logging_setup import setup
+    from vhostnet.launch import serve
+    from vhostnet.launch.serve import serve_backend
+    from vhostnet.logging_setup import setup
 
     setup(args.log_level, args.log_file)
     try:
-        server, control, tap = _make_backend(args, args.socket)
+        server, control, tap = serve.make_backend(args, args.socket)
     except (ValueError, OSError) as e:
         return _fail(str(e), 2 if isinstance(e, ValueError) else 1)
     print(f"vhostnet: vhost-user socket {args.socket}", file=sys.stderr)
@@ -375,7 +303,7 @@ def cmd_serve(args) -> int:
     except KeyboardInterrupt:
         logging.getLogger("vhostnet").info("interrupted; exiting")
     finally:
-        _close_listeners(server, control)
+        serve.close_listeners(server, control)
     return 0
 
 
@@ -387,8 +315,9 @@ def cmd_run(args) -> int:
 
     import trio
 
-    from . import launch, qemu
-    from .logging_setup import setup
+    from vhostnet.launch import qemu, serve
+    from vhostnet.launch import run as launch
+    from vhostnet.logging_setup import setup
 
     extra = args.qemu_args
     try:
@@ -411,7 +340,7 @@ def cmd_run(args) -> int:
     sock = args.socket or os.path.join(tmp, "vhost.sock")
     try:
         try:
-            server, control, tap = _make_backend(args, sock)
+            server, control, tap = serve.make_backend(args, sock)
         except (ValueError, OSError) as e:
             return _fail(str(e), 2 if isinstance(e, ValueError) else 1)
         argv = qemu.qemu_argv(sock, memory=mem, mac=mac, image=image,
@@ -427,7 +356,7 @@ def cmd_run(args) -> int:
             return trio.run(functools.partial(launch.run_guest, server, control, argv, pcap_tap=tap,
                                               forward_stdin=sys.stdin.isatty()))
         finally:
-            _close_listeners(server, control)
+            serve.close_listeners(server, control)
     finally:
         if tmp is not None:
             launch.remove_dir(tmp)
@@ -436,7 +365,7 @@ def cmd_run(args) -> int:
 def cmd_qemu_args(args) -> int:
     import shlex
 
-    from .launch import RunError, attach_flags
+    from vhostnet.launch.run import RunError, attach_flags
     try:
         flags = attach_flags(args.socket, args.mem, args.mac)
     except RunError as e:
@@ -448,7 +377,7 @@ def cmd_qemu_args(args) -> int:
 # -- the looking-inside tools --------------------------------------------------------
 
 def _control_path(args) -> str:
-    from .control import default_control_path
+    from vhostnet.observe.control import default_control_path
     if args.control:
         return args.control
     return default_control_path(args.socket or default_socket())
@@ -482,8 +411,8 @@ def _print_json(doc, watch: bool) -> None:
 
 
 def cmd_inspect(args) -> int:
-    from .control import ControlClient, ControlError
-    from .render import desc_text, inspect_text
+    from vhostnet.observe.control import ControlClient, ControlError
+    from vhostnet.observe.render import desc_text, inspect_text
     if args.desc is not None and args.queue is None:
         return _fail("--desc needs --queue (0 = rx, 1 = tx)", 2)
     try:
@@ -513,8 +442,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from .control import ControlClient, ControlError
-    from .render import stats_text
+    from vhostnet.observe.control import ControlClient, ControlError
+    from vhostnet.observe.render import stats_text
     prev = {}
     try:
         with ControlClient(_control_path(args)) as c:
@@ -529,9 +458,9 @@ def cmd_stats(args) -> int:
 
 
 def cmd_capture(args) -> int:
-    from .control import ControlClient, ControlError
-    from .decode import summarize
-    from .pcap import PcapWriter
+    from vhostnet.observe.control import ControlClient, ControlError
+    from vhostnet.observe.decode import summarize
+    from vhostnet.observe.pcap import PcapWriter
 
     to_stdout = args.write == "-"
     lines = sys.stderr if to_stdout else sys.stdout

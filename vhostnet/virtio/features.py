@@ -1,7 +1,5 @@
-"""virtio and virtio-net feature bits, with names for decoding."""
+"""virtio (virtio 1.2 §6) and virtio-net (§5.1.3) feature bits, with names for decoding."""
 from __future__ import annotations
-
-from .protocol import ProtoFeat
 
 CSUM = 0
 GUEST_CSUM = 1
@@ -36,8 +34,6 @@ FEATURE_NAMES = {
     33: "ACCESS_PLATFORM", 34: "RING_PACKED", 35: "IN_ORDER", 36: "ORDER_PLATFORM",
     37: "SR_IOV", 38: "NOTIFICATION_DATA",
 }
-
-PROTOCOL_FEATURE_NAMES = {f.value: f.name for f in ProtoFeat}
 
 # What vhostnet offers by default. The offloads are how a Python backend
 # keeps up: one 64 KiB TSO segment costs about what one 1500-byte frame does.

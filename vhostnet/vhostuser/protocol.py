@@ -193,3 +193,6 @@ def feature_names(bits: int, names: dict[int, str]) -> list[str]:
         if bits >> i & 1:
             out.append(names.get(i, f"bit {i}"))
     return out
+
+
+PROTOCOL_FEATURE_NAMES = {f.value: f.name for f in ProtoFeat}

@@ -14,7 +14,7 @@ per line, one reply object per line.
                                            <- ... then {"end": {"frames": 10, "dropped": 0, ...}}
     -> not json                            <- {"ok": false, "error": "..."}
 
-Results are documented in docs/json.md (built by vhostnet/report.py).
+Results are documented in docs/json.md (built by vhostnet/observe/report.py).
 
 Robustness, since the backend must outlive any client:
 - at most MAX_CLIENTS at once; one more gets an error line and is closed;
@@ -39,10 +39,10 @@ import time
 
 import trio
 
-from . import report
-from .pcap import LINKTYPE_ETHERNET, snapshot, wire_bytes
-from .ratelimit import RateLimitedLog
-from .server import bind_unix
+from vhostnet.observe import report
+from vhostnet.observe.pcap import LINKTYPE_ETHERNET, snapshot, wire_bytes
+from vhostnet.ratelimit import RateLimitedLog
+from vhostnet.sockets import bind_unix
 
 __all__ = ["ControlServer", "ControlClient", "ControlError", "default_control_path"]
 

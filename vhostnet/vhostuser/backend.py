@@ -2,8 +2,8 @@
 
 `Backend.handle()` takes one request (already read off the socket, with its
 fds) and returns the reply bytes to send, if any. It owns guest memory and
-the virtqueues; the device (vhostnet/net.py) sees only started queues and
-kicks. The server (vhostnet/server.py) does the socket and eventfd I/O and
+the virtqueues; the device (vhostnet/net/device.py, through the Device protocol of device.py) sees only started queues and
+kicks. The server (server.py) does the socket and eventfd I/O and
 is told through `on_queue_start` / `on_queue_stop` when to wait on a kick fd.
 
 Ring rules (docs/interop/vhost-user.rst): a ring is *started* by
@@ -19,12 +19,14 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from typing import Callable
 
-from . import protocol as P
-from .memory import GuestMemory, MemoryError_
-from .protocol import Req, BadMessage
-from .ratelimit import RateLimitedLog
-from .virtqueue import Virtqueue, MAX_QUEUE_SIZE
+from vhostnet.vhostuser import protocol as P
+from vhostnet.vhostuser.memory import GuestMemory, MemoryError_
+from vhostnet.vhostuser.protocol import Req, BadMessage
+from vhostnet.ratelimit import RateLimitedLog
+from vhostnet.virtio.split import MAX_QUEUE_SIZE, SplitRing
+from vhostnet.vhostuser.device import Device
 
 __all__ = ["Backend"]
 
@@ -51,13 +53,24 @@ def _close(fd: int | None) -> None:
             pass
 
 
+def _no_op(q) -> None:
+    pass
+
+
 class Backend:
-    def __init__(self, device, *, rlog: RateLimitedLog | None = None):
+    """One connection's vhost-user state.
+
+    `on_queue_start(q)` / `on_queue_stop(q)` are the server's: it waits on a
+    started queue's kick fd, and stops waiting before the fd is closed.
+    """
+
+    def __init__(self, device: Device, *, rlog: RateLimitedLog | None = None,
+                 on_queue_start: Callable[[SplitRing], None] = _no_op,
+                 on_queue_stop: Callable[[SplitRing], None] = _no_op):
         self.device = device
         self.rlog = rlog or RateLimitedLog(log)
-        self.queues = [Virtqueue(i, device.queue_names[i]) for i in range(device.num_queues)]
-        for q in self.queues:
-            q.on_error = self._queue_error
+        self.queues = [SplitRing(i, device.queue_names[i], on_error=self._queue_error)
+                       for i in range(device.num_queues)]
         self.mem: GuestMemory | None = None
         self.features = 0
         self.protocol_features = 0
@@ -65,9 +78,8 @@ class Backend:
         self.mtu: int | None = None
         self.requests: dict[str, int] = {}
         self.errors: dict[str, int] = {}
-        # Set by the server: called with a Virtqueue.
-        self.on_queue_start = lambda q: None
-        self.on_queue_stop = lambda q: None
+        self.on_queue_start = on_queue_start
+        self.on_queue_stop = on_queue_stop
 
     # -- what we offer ---------------------------------------------------
 
@@ -146,12 +158,12 @@ class Backend:
     def _reply(request: int, payload: bytes) -> bytes:
         return _HDR.pack(request, P.FLAG_VERSION | P.FLAG_REPLY, len(payload)) + payload
 
-    def _queue(self, index: int) -> Virtqueue:
+    def _queue(self, index: int) -> SplitRing:
         if not 0 <= index < len(self.queues):
             raise BadMessage(f"queue index {index} out of range 0..{len(self.queues) - 1}")
         return self.queues[index]
 
-    def _queue_error(self, q: Virtqueue, reason: str, detail: str) -> None:
+    def _queue_error(self, q: SplitRing, reason: str, detail: str) -> None:
         self.rlog.warning(f"{q.name}:{reason}", "%s: guest driver error (%s): %s", q.name, reason, detail)
         if q.broken is not None and q.err_fd is not None:
             try:
@@ -302,7 +314,7 @@ class Backend:
         self._stop(q)
         q.kick_fd = fd
         q.kick_polled = fd is None
-        if self.mem is None or q._desc is None:
+        if self.mem is None or not q.mapped:
             try:
                 if self.mem is None:
                     raise ValueError("no memory table yet")
@@ -339,7 +351,7 @@ class Backend:
         if q.started and q.enabled:
             self.on_queue_start(q)
 
-    def _stop(self, q: Virtqueue) -> None:
+    def _stop(self, q: SplitRing) -> None:
         was = q.started
         q.started = False
         self.on_queue_stop(q)

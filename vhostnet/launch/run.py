@@ -31,14 +31,14 @@ import tempfile
 
 import trio
 
-from . import qemu
+from vhostnet.launch import qemu
+from vhostnet.launch.serve import serve_backend
 
-__all__ = ["serve_backend", "attach_flags", "run_guest", "RunError", "uses_own_boot",
+__all__ = ["attach_flags", "run_guest", "RunError", "uses_own_boot",
            "FALLBACK", "parse_mem"]
 
 FALLBACK = "falling back on userspace virtio"
 KILL_AFTER = 5.0
-PCAP_FLUSH = 0.5
 # QEMU options that mean "I boot my own guest": then our image is not added.
 OWN_BOOT = {"-kernel", "-drive", "-hda", "-hdb", "-cdrom", "-blockdev", "-bios", "-pflash",
             "-boot", "-fda", "-device-tree"}
@@ -71,47 +71,6 @@ def attach_flags(socket: str, mem: str = qemu.DEFAULT_MEMORY, mac: str = qemu.DE
 
 def uses_own_boot(extra: list[str]) -> bool:
     return any(a.split("=", 1)[0] in OWN_BOOT for a in extra)
-
-
-# -- the backend as a task group ------------------------------------------------
-
-async def serve_backend(server, control=None, pcap_tap=None, *, handle_signals: bool = False,
-                        task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until the server returns (--once), we are cancelled, or SIGTERM/SIGHUP."""
-    try:
-        async with trio.open_nursery() as nursery:
-            if control is not None:
-                await nursery.start(control.serve)
-            if pcap_tap is not None:
-                server.taps.append(pcap_tap)
-                nursery.start_soon(_flush_loop, pcap_tap)
-            if handle_signals:
-                nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-
-            async def server_then_stop():
-                await server.serve()
-                nursery.cancel_scope.cancel()
-            nursery.start_soon(server_then_stop)
-            await server.ready.wait()
-            task_status.started()
-    finally:
-        if pcap_tap is not None:
-            if pcap_tap in server.taps:
-                server.taps.remove(pcap_tap)
-            pcap_tap.close()
-
-
-async def _flush_loop(tap) -> None:
-    while True:
-        await trio.sleep(PCAP_FLUSH)
-        tap.flush()
-
-
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as sigs:
-        async for _ in sigs:
-            scope.cancel()
-            return
 
 
 # -- run: backend + QEMU ---------------------------------------------------------

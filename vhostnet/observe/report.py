@@ -16,9 +16,10 @@ from __future__ import annotations
 import os
 import time
 
-from . import decode
-from . import features as F
-from .memory import OutOfBounds
+from vhostnet.observe import decode
+from vhostnet.virtio import features as F
+from vhostnet.vhostuser.memory import OutOfBounds
+from vhostnet.vhostuser.protocol import PROTOCOL_FEATURE_NAMES
 
 __all__ = ["inspect_doc", "desc_doc", "stats_doc", "VERSION", "MAX_DUMP"]
 
@@ -74,12 +75,12 @@ def _queue(q: dict) -> dict:
 def _ring_heads(vq) -> dict:
     """Descriptor ids worth a `--desc` look: the newest used element, the next avail entry."""
     out = {"last_used": None, "next_avail_head": None}
-    if vq._used_i is not None and vq.num:
-        idx = (vq.guest_used_idx() - 1) & 0xFFFF
-        slot = idx & (vq.num - 1)
-        out["last_used"] = {"idx": idx, "id": vq._used_i[1 + 2 * slot], "len": vq._used_i[2 + 2 * slot]}
-    if vq._avail_h is not None and vq.num and vq.pending():
-        out["next_avail_head"] = vq._avail_h[2 + (vq.last_avail_idx & (vq.num - 1))]
+    idx = (vq.guest_used_idx() - 1) & 0xFFFF
+    used = vq.used_entry(idx)
+    if used is not None:
+        out["last_used"] = {"idx": idx, "id": used[0], "len": used[1]}
+    if vq.pending():
+        out["next_avail_head"] = vq.avail_entry(vq.last_avail_idx)
     return out
 
 
@@ -96,8 +97,8 @@ def inspect_doc(server, control=None) -> dict:
         "connected": True,
         "features": {"offered": _bits(b.offered_features, F.FEATURE_NAMES),
                      "negotiated": _bits(d["features"], F.FEATURE_NAMES)},
-        "protocol_features": {"offered": _bits(b.offered_protocol_features, F.PROTOCOL_FEATURE_NAMES),
-                              "negotiated": _bits(d["protocol_features"], F.PROTOCOL_FEATURE_NAMES)},
+        "protocol_features": {"offered": _bits(b.offered_protocol_features, PROTOCOL_FEATURE_NAMES),
+                              "negotiated": _bits(d["protocol_features"], PROTOCOL_FEATURE_NAMES)},
         "owner": d["owner"], "mtu": d["mtu"],
         "hdr_len": dev["hdr_len"], "mergeable_rx_buffers": dev["mergeable_rx_buffers"],
         "offloads": dev["offloads"], "rx_pending": dev["rx_pending"],
@@ -131,12 +132,10 @@ def _chain_bytes(mem, descs: list[dict], writable: bool) -> tuple[bytes, bool]:
 
 def _avail_positions(vq, head: int) -> list[int]:
     """Avail ring indices between last_avail_idx and avail->idx naming HEAD."""
-    if vq._avail_h is None or not vq.num:
-        return []
     out = []
     idx = vq.last_avail_idx
     for _ in range(min(vq.pending(), vq.num)):
-        if vq._avail_h[2 + (idx & (vq.num - 1))] == head:
+        if vq.avail_entry(idx) == head:
             out.append(idx)
         idx = (idx + 1) & 0xFFFF
     return out
@@ -151,7 +150,7 @@ def desc_doc(server, queue: int, head: int) -> dict:
         raise ReportError(f"no queue {queue}; this device has {len(queues)} "
                           f"({', '.join(f'{q.index}={q.name}' for q in queues)})")
     vq = queues[queue]
-    if vq._desc is None or vq.mem is None:
+    if not vq.mapped or vq.mem is None:
         raise ReportError(f"queue {queue} ({vq.name}) is not set up: no ring mapped yet")
     if not 0 <= head < vq.num:
         raise ReportError(f"descriptor {head} is out of range: queue {queue} has size {vq.num}")
@@ -219,8 +218,7 @@ def desc_doc(server, queue: int, head: int) -> dict:
 
 
 def _used_entry(vq, idx: int) -> tuple[int, int]:
-    slot = idx & (vq.num - 1)
-    return vq._used_i[1 + 2 * slot], vq._used_i[2 + 2 * slot]
+    return vq.used_entry(idx) or (0, 0)
 
 
 def _used_bytes(vq, idx: int, count: int = 1) -> tuple[bytes, bool]:
@@ -292,14 +290,14 @@ def _merged_frame(vq, idx: int) -> dict | None:
 
 def _last_used(vq, head: int) -> dict | None:
     """The newest used ring entry (within one ring's worth) returning HEAD."""
-    if vq._used_i is None or not vq.num:
-        return None
     idx = vq.guest_used_idx()
     for _ in range(vq.num):
         idx = (idx - 1) & 0xFFFF
-        slot = idx & (vq.num - 1)
-        if vq._used_i[1 + 2 * slot] == head:
-            return {"idx": idx, "len": vq._used_i[2 + 2 * slot]}
+        used = vq.used_entry(idx)
+        if used is None:
+            return None
+        if used[0] == head:
+            return {"idx": idx, "len": used[1]}
     return None
 
 

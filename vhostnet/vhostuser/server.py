@@ -15,15 +15,14 @@ import errno
 import logging
 import math
 import os
-import socket
-import stat
 
 import trio
 
-from .backend import Backend
-from .channel import FramingError, close_all, read_message
-from .protocol import request_name
-from .ratelimit import RateLimitedLog
+from vhostnet.vhostuser.backend import Backend
+from vhostnet.vhostuser.channel import FramingError, close_all, read_message
+from vhostnet.vhostuser.protocol import request_name
+from vhostnet.ratelimit import RateLimitedLog
+from vhostnet.sockets import SocketInUse, bind_unix
 
 __all__ = ["Server", "SocketInUse"]
 
@@ -40,35 +39,6 @@ async def send_all(sock, data: bytes) -> None:
         view = view[n:]
 
 
-class SocketInUse(Exception):
-    pass
-
-
-def bind_unix(path: str, backlog: int = 1) -> socket.socket:
-    """Listen on a Unix socket path; replace a stale socket file, refuse a live one."""
-    if os.path.lexists(path):
-        st = os.lstat(path)
-        if not stat.S_ISSOCK(st.st_mode):
-            raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # stale: nobody listens there
-        else:
-            raise SocketInUse(f"{path} is in use by another running process")
-        finally:
-            probe.close()
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.bind(path)
-        s.listen(backlog)
-    except BaseException:
-        s.close()
-        raise
-    return s
-
-
 class Connection:
     """Tasks and state for one connected frontend."""
 
@@ -77,13 +47,8 @@ class Connection:
         self.sock = sock
         self.nursery = nursery
         self.device = server.make_device()
-        if not self.device.taps:
-            # One list for every connection: a capture outlives a reconnect.
-            self.device.taps = server.taps
-        self.backend = Backend(self.device, rlog=server.rlog)
-        self.device.attach(self.backend)
-        self.backend.on_queue_start = self._queue_start
-        self.backend.on_queue_stop = self._queue_stop
+        self.backend = Backend(self.device, rlog=server.rlog,
+                               on_queue_start=self._queue_start, on_queue_stop=self._queue_stop)
         self._kick_scopes: dict[int, trio.CancelScope] = {}
         self._timer_wake = trio.Event()
         self._armed = math.inf
@@ -110,7 +75,7 @@ class Connection:
             trio.lowlevel.notify_closing(q.kick_fd)
 
     def _work(self, q) -> bool:
-        more = self.device.process(q, trio.current_time())
+        more = self.device.process(self.backend.queues, q.index, trio.current_time())
         self._rearm()
         return more
 
@@ -158,7 +123,7 @@ class Connection:
                 await self._timer_wake.wait()
             now = trio.current_time()
             if now >= self._armed:
-                self.device.poll(now)
+                self.device.poll(self.backend.queues, now)
 
     # -- messages --------------------------------------------------------
 
@@ -198,15 +163,16 @@ class Connection:
 
 class Server:
     def __init__(self, socket_path: str, make_device, *, once: bool = False,
-                 rlog: RateLimitedLog | None = None):
+                 rlog: RateLimitedLog | None = None, taps: list | None = None):
         self.socket_path = socket_path
         self.make_device = make_device
         self.once = once
         self.rlog = rlog or RateLimitedLog(log)
         self.current: Connection | None = None
-        # Link taps, callables tap(direction, frame), shared with each
-        # connection's device (vhostnet/net.py); empty means no cost.
-        self.taps: list = []
+        # Link taps, callables tap(direction, frame): the same list the
+        # composition root gave each device (vhostnet/launch/serve.py), so a
+        # capture outlives a reconnect. Empty means no cost.
+        self.taps: list = taps if taps is not None else []
         self.connections = 0
         self.listener: socket.socket | None = None
         self.ready = trio.Event()

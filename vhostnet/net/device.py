@@ -2,8 +2,11 @@
 
 Data path, top to bottom:
 
-    kick fd -> TX virtqueue -> NetDevice.drain_tx -> taps (pcap) -> stack
-    stack -> NetDevice.flush_rx -> taps -> RX virtqueue buffers -> call fd
+    kick fd -> TX ring (vhostnet/virtio) -> NetDevice.drain_tx -> header.py -> taps (pcap) -> stack
+    stack -> NetDevice.flush_rx -> header.py -> taps -> RX ring buffers -> call fd
+
+The device implements vhostnet.vhostuser.device.Device and sees rings only
+through vhostnet.virtio.ring.Ring; it is handed them on every call.
 
 The 12-byte virtio-net header (10 bytes for a legacy driver without
 MRG_RXBUF) becomes the offload fields of a stack Frame and back: NEEDS_CSUM
@@ -24,25 +27,21 @@ import collections
 import logging
 import os
 import struct
+from typing import Sequence
 
 from stack import Frame, NetConfig, Stack
 from stack.checksum import finalize_l4_checksum
 
-from . import features as F
-from .ratelimit import RateLimitedLog
+from vhostnet.virtio import features as F
+from vhostnet.net.header import (DATA_VALID, GSO_ECN, GSO_NONE, GSO_TCPV4, HDR10, HDR12, MAX_FRAME,
+                                  NEEDS_CSUM, hdr_len_for, scatter)
+from vhostnet.ratelimit import RateLimitedLog
+from vhostnet.virtio.ring import Ring
 
 __all__ = ["NetDevice"]
 
 log = logging.getLogger("vhostnet.net")
 
-HDR10 = struct.Struct("<BBHHHH")
-HDR12 = struct.Struct("<BBHHHHH")
-NEEDS_CSUM = 1
-DATA_VALID = 2
-GSO_NONE = 0
-GSO_TCPV4 = 1
-GSO_ECN = 0x80
-MAX_FRAME = 14 + 65535
 _ONE = (1).to_bytes(8, "little")
 _ETH_IP_TCP = struct.Struct("!12xH")  # ethertype
 RX, TX = 0, 1
@@ -54,41 +53,17 @@ def _one_line_traceback(e: BaseException) -> str:
                       for line in chunk.splitlines() if line.strip())
 
 
-def _scatter(views, hdr, data) -> int:
-    """Copy hdr then data into consecutive views; returns bytes written."""
-    written = 0
-    src = hdr
-    spos = 0
-    second = data
-    for v in views:
-        vpos = 0
-        vlen = len(v)
-        while vpos < vlen:
-            left = len(src) - spos
-            if left == 0:
-                if second is None:
-                    return written
-                src, spos, second = second, 0, None
-                continue
-            n = min(left, vlen - vpos)
-            v[vpos:vpos + n] = src[spos:spos + n]
-            vpos += n
-            spos += n
-            written += n
-    return written
-
-
 class NetDevice:
     num_queues = 2
     queue_names = ("rx", "tx")
 
     def __init__(self, config: NetConfig | None = None, *, features: int = F.DEFAULT_FEATURES,
-                 rx_pending_limit: int = 1024, rlog: RateLimitedLog | None = None):
+                 rx_pending_limit: int = 1024, rlog: RateLimitedLog | None = None,
+                 taps: list | None = None):
         self.config = config or NetConfig()
         self.device_features = features
         self.stack = Stack(self.config)
         self.rlog = rlog or RateLimitedLog(log)
-        self.backend = None  # set by attach()
         self.negotiated = 0
         self.hdr_len = 12
         self.mrg = False
@@ -99,11 +74,10 @@ class NetDevice:
         self.rx_pending: collections.deque[Frame] = collections.deque()
         self.rx_pending_limit = rx_pending_limit
         self.counters = collections.Counter()
-        self.taps: list = []  # callables (direction "tx"/"rx", bytes-like); tx = from the guest
+        # Link taps, callables tap(direction, frame), "tx" = from the guest.
+        # The list is the caller's: a capture can outlive a connection.
+        self.taps: list = taps if taps is not None else []
         self.mtu = self.config.mtu
-
-    def attach(self, backend) -> None:
-        self.backend = backend
 
     # -- negotiation (called by the backend) -----------------------------
 
@@ -111,7 +85,7 @@ class NetDevice:
         self.negotiated = feats
         has = lambda bit: bool(feats >> bit & 1)
         self.mrg = has(F.MRG_RXBUF)
-        self.hdr_len = 12 if (self.mrg or has(F.VERSION_1)) else 10
+        self.hdr_len = hdr_len_for(self.mrg, has(F.VERSION_1))
         self.guest_csum = has(F.GUEST_CSUM)
         self.guest_tso = has(F.GUEST_TSO4) and self.guest_csum
         self.host_csum = has(F.CSUM)
@@ -130,15 +104,15 @@ class NetDevice:
 
     # -- events ----------------------------------------------------------
 
-    def process(self, q, now: float) -> bool:
-        """Work on queue q after a kick (or a poll). True if more work is waiting."""
-        if q.index == TX:
-            return self.drain_tx(now)
-        return self.flush_rx()
+    def process(self, rings: Sequence[Ring], index: int, now: float) -> bool:
+        """Work on ring INDEX after a kick (or a poll). True if more work is waiting."""
+        if index == TX:
+            return self.drain_tx(rings, now)
+        return self.flush_rx(rings)
 
-    def poll(self, now: float) -> None:
+    def poll(self, rings: Sequence[Ring], now: float) -> None:
         self.stack.poll(now)
-        self.flush_rx()
+        self.flush_rx(rings)
 
     def next_deadline(self):
         return self.stack.next_deadline()
@@ -161,8 +135,8 @@ class NetDevice:
 
     # -- TX: guest -> stack ----------------------------------------------
 
-    def drain_tx(self, now: float, budget: int = 512) -> bool:
-        q = self.backend.queues[TX]
+    def drain_tx(self, rings: Sequence[Ring], now: float, budget: int = 512) -> bool:
+        q = rings[TX]
         if not q.ready:
             return False
         n = 0
@@ -189,7 +163,7 @@ class NetDevice:
             else:
                 q.stats["calls_suppressed"] += 1
         more = n >= budget or q.want_kick_at_next()
-        self.flush_rx()
+        self.flush_rx(rings)
         return more
 
     def _tx_one(self, chain, now: float) -> None:
@@ -237,7 +211,7 @@ class NetDevice:
 
     # -- RX: stack -> guest ----------------------------------------------
 
-    def flush_rx(self) -> bool:
+    def flush_rx(self, rings: Sequence[Ring]) -> bool:
         out = self.stack.take_frames()
         pending = self.rx_pending
         if out:
@@ -250,9 +224,9 @@ class NetDevice:
                                   "rx: guest posts no RX buffers; %d frame(s) dropped (%d waiting)",
                                   dropped, len(pending))
             pending.extend(out)
-        if not pending or self.backend is None:
+        if not pending:
             return False
-        q = self.backend.queues[RX]
+        q = rings[RX]
         if not q.ready:
             return False
         while True:
@@ -317,7 +291,7 @@ class NetDevice:
                     v[:12] = hdr
                     v[12:need] = data
                 else:
-                    _scatter(c.writable, hdr, data)
+                    scatter(c.writable, hdr, data)
                 q.push(c.head, need)
             else:
                 src_hdr, src_data = hdr, data
@@ -332,7 +306,7 @@ class NetDevice:
                     else:
                         h = b""
                         d = src_data[pos - 12:pos - 12 + take]
-                    _scatter(c.writable, h, d)
+                    scatter(c.writable, h, d)
                     q.push(c.head, take)
                     pos += take
                     left -= take
@@ -349,7 +323,7 @@ class NetDevice:
                 return True
             hdr = (HDR12.pack(flags, gso_type, hdr_len, gso_size, cs, co, 1) if self.hdr_len == 12
                    else HDR10.pack(flags, gso_type, hdr_len, gso_size, cs, co))
-            _scatter(c.writable, hdr, data)
+            scatter(c.writable, hdr, data)
             q.push(c.head, need)
         self.counters["rx_frames"] += 1
         self.counters["rx_bytes"] += n

@@ -12,7 +12,7 @@ import socket
 
 import trio
 
-from .protocol import HEADER_SIZE, MAX_FDS, MAX_PAYLOAD, Header
+from vhostnet.vhostuser.protocol import HEADER_SIZE, MAX_FDS, MAX_PAYLOAD, Header
 
 __all__ = ["read_message", "FramingError"]
 

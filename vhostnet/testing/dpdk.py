@@ -5,7 +5,7 @@ complete virtio-net *driver* that talks vhost-user itself: it maps its own
 memory (memfd, so `--no-huge` works), negotiates features, posts RX
 buffers and fills the TX ring, with no QEMU and no guest kernel. It is an
 independent implementation of the frontend side, so it catches assumptions
-the in-process frontend (tests/device/frontend.py) and QEMU happen to share.
+the in-process frontend (vhostnet/testing/frontend.py) and QEMU happen to share.
 
 Two context managers:
 
@@ -39,7 +39,7 @@ from pathlib import Path
 __all__ = ["TESTPMD", "skip_reason", "pmd_available", "VhostnetServe", "TestPmd",
            "GUEST_MAC", "GATEWAY_MAC", "GUEST_IP", "GATEWAY_IP"]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TESTPMD = shutil.which("dpdk-testpmd")
 GUEST_MAC = "52:54:00:12:34:56"
 GATEWAY_MAC = "52:55:0a:00:02:02"

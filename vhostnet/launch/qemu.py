@@ -34,7 +34,7 @@ from typing import Iterable, Mapping, Sequence
 QEMU = "qemu-system-x86_64"
 DEFAULT_MAC = "52:54:00:12:34:56"   # QEMU's own default; the backend's default too
 DEFAULT_MEMORY = "256M"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 IMAGE_DIR = REPO_ROOT / "qemu" / "build"
 
 # Kernel command line for our image: serial console; a panic (e.g. init dying)

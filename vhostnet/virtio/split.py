@@ -24,9 +24,10 @@ from __future__ import annotations
 import struct
 import threading
 
-from .memory import GuestMemory, OutOfBounds
+from vhostnet.virtio.ring import Chain, ChainError
+from vhostnet.vhostuser.memory import GuestMemory, OutOfBounds
 
-__all__ = ["Virtqueue", "Chain", "VRING_DESC_F_NEXT", "VRING_DESC_F_WRITE",
+__all__ = ["SplitRing", "Chain", "VRING_DESC_F_NEXT", "VRING_DESC_F_WRITE",
            "VRING_DESC_F_INDIRECT", "MAX_QUEUE_SIZE", "full_barrier"]
 
 VRING_DESC_F_NEXT = 1
@@ -47,31 +48,10 @@ def full_barrier() -> None:
     _barrier_lock.release()
 
 
-class ChainError(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
+class SplitRing:
+    """A split virtqueue (virtio 1.2 §2.7); implements vhostnet.virtio.ring.Ring."""
 
-
-class Chain:
-    """One descriptor chain taken from the avail ring.
-
-    `readable` / `writable` are views straight into guest memory; drop the
-    chain before the memory is unmapped. `descs` keeps the raw descriptors
-    for debugging dumps.
-    """
-    __slots__ = ("head", "readable", "writable", "read_len", "write_len")
-
-    def __init__(self, head, readable, writable, read_len, write_len):
-        self.head = head
-        self.readable = readable
-        self.writable = writable
-        self.read_len = read_len
-        self.write_len = write_len
-
-
-class Virtqueue:
-    def __init__(self, index: int, name: str = ""):
+    def __init__(self, index: int, name: str = "", *, on_error=None):
         self.index = index
         self.name = name or f"q{index}"
         self.num = 0
@@ -96,7 +76,7 @@ class Virtqueue:
         self.stats = {"kicks": 0, "calls": 0, "calls_suppressed": 0,
                       "chains": 0, "bytes": 0}
         self.errors: dict[str, int] = {}
-        self.on_error = None  # callback(queue, reason, detail) for logging
+        self.on_error = on_error  # callback(queue, reason, detail), for logging
 
     # -- set-up ------------------------------------------------------------
 
@@ -231,7 +211,7 @@ class Virtqueue:
             if nxt >= limit:
                 raise ChainError("next_out_of_range", f"next index {nxt} is out of range 0..{limit - 1}")
             i = nxt
-        return Chain(head, readable, writable, rlen, wlen)
+        return Chain(head, readable, writable, rlen, wlen, count)
 
     def describe_chain(self, head: int) -> list[dict]:
         """Raw descriptors of a chain for dumps; never raises on a bad chain."""
@@ -297,6 +277,27 @@ class Virtqueue:
         full_barrier()
         return self._avail_h[1] != self.last_avail_idx
 
+    def has_unpublished(self) -> bool:
+        """Used elements written but not yet published to the driver."""
+        return self._used_h is not None and self.used_idx != self._used_h[1]
+
+    @property
+    def mapped(self) -> bool:
+        return self._desc is not None
+
+    def used_entry(self, idx: int) -> tuple[int, int] | None:
+        """(id, len) of the used element at used ring index IDX, as the guest sees it."""
+        if self._used_i is None or not self.num:
+            return None
+        slot = idx & (self.num - 1)
+        return self._used_i[1 + 2 * slot], self._used_i[2 + 2 * slot]
+
+    def avail_entry(self, idx: int) -> int | None:
+        """The head the driver put at avail ring index IDX."""
+        if self._avail_h is None or not self.num:
+            return None
+        return self._avail_h[2 + (idx & (self.num - 1))]
+
     def describe(self) -> dict:
         mem = self.mem
         d = {
@@ -326,3 +327,4 @@ class Virtqueue:
         d.update(self.stats)
         d["errors"] = dict(self.errors)
         return d
+

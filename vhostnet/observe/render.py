@@ -1,4 +1,4 @@
-"""Text for people from the JSON documents of vhostnet/report.py.
+"""Text for people from the JSON documents of vhostnet/observe/report.py.
 
 The CLI gets a document over the control socket and prints either the
 JSON itself (--json, for scripts; docs/json.md) or these renderings. The
@@ -7,7 +7,7 @@ that has the documented fields, and never touch live state.
 """
 from __future__ import annotations
 
-from . import decode
+from vhostnet.observe import decode
 
 __all__ = ["inspect_text", "desc_text", "stats_text", "not_connected"]
 

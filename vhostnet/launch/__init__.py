@@ -1,0 +1,7 @@
+"""Starting things: the `vhostnet` command and its composition root.
+
+    cli.py    argument parsing and the sub-commands
+    serve.py  the composition root: device, server, control socket and taps, wired once
+    run.py    the backend and a QEMU guest in one trio run
+    qemu.py   QEMU flags, the test image, accelerator choice
+"""

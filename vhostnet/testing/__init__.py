@@ -1,0 +1,5 @@
+"""Front-ends for tests and benchmarks.
+
+    frontend.py  an in-process vhost-user front-end and guest driver (real memfd, eventfds, socket)
+    dpdk.py      DPDK's dpdk-testpmd (virtio-user) as a second, independent front-end
+"""

@@ -1,0 +1,76 @@
+"""What the device needs of a virtqueue, whatever its layout.
+
+The device (vhostnet/net/device.py) and the inspection tools
+(vhostnet/observe/) see a ring only through `Ring`. The split ring
+(split.py, virtio 1.2 §2.7) implements it; a packed ring (§2.8) would be a
+second implementation with the same methods, so that neither the device nor
+the tools change.
+
+Taking and returning buffers:
+
+    chain = ring.pop()          # next well-formed chain, or None (bad ones are refused and counted)
+    ring.push(chain.head, n)    # a used element: n bytes written into the chain
+    if ring.publish(): ...      # make them visible; True if the driver wants an interrupt
+    ring.want_kick_at_next()    # ask for a kick before sleeping; True if work raced in
+
+Read-only inspection never changes the ring and never raises on a bad one.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+__all__ = ["Chain", "ChainError", "Ring"]
+
+
+class ChainError(Exception):
+    """A descriptor chain the device refuses; `reason` names the rule it broke."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+class Chain:
+    """One descriptor chain taken from the avail ring.
+
+    `readable` / `writable` are views straight into guest memory, in chain
+    order; drop the chain before the memory is unmapped.
+    """
+    __slots__ = ("head", "readable", "writable", "read_len", "write_len", "ndesc")
+
+    def __init__(self, head, readable, writable, read_len, write_len, ndesc=1):
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+        self.read_len = read_len
+        self.write_len = write_len
+        self.ndesc = ndesc   # descriptors walked: what a work budget counts
+
+
+class Ring(Protocol):
+    index: int
+    name: str
+    num: int
+    call_fd: int | None
+    broken: str | None
+    stats: dict[str, int]
+    errors: dict[str, int]
+
+    @property
+    def ready(self) -> bool: ...
+
+    # -- the data path -------------------------------------------------
+    def pop(self) -> Chain | None: ...
+    def unpop(self, n: int = 1) -> None: ...
+    def push(self, head: int, length: int) -> None: ...
+    def publish(self) -> bool: ...
+    def has_unpublished(self) -> bool: ...
+    def want_kick_at_next(self) -> bool: ...
+    def pending(self) -> int: ...
+
+    # -- read-only inspection -----------------------------------------
+    def describe(self) -> dict: ...
+    def describe_chain(self, head: int) -> list[dict]: ...
+    def used_entry(self, idx: int) -> tuple[int, int] | None: ...
+    def avail_entry(self, idx: int) -> int | None: ...
+    def guest_used_idx(self) -> int: ...
