@@ -133,6 +133,13 @@ class NetDevice:
         if detail:
             self.rlog.warning(reason, detail, *args)
 
+    def _refuse(self, q, reason: str, example: dict, detail: str, *args) -> None:
+        """A driver mistake: a device counter (stats' drops) and a finding on the ring, which logs it."""
+        self.counters[reason] += 1
+        finding = q.record(reason, detail % args, **example)
+        r = finding.rule
+        self.rlog.warning(reason, detail + " (%s %s)", *args, r.message, r.level)
+
     # -- TX: guest -> stack ----------------------------------------------
 
     def drain_tx(self, rings: Sequence[Ring], now: float, budget: int = 512) -> bool:
@@ -145,7 +152,7 @@ class NetDevice:
             if chain is None:
                 break
             try:
-                self._tx_one(chain, now)
+                self._tx_one(q, chain, now)
             except Exception as e:  # a stack bug must not take the device down
                 self.counters["tx_internal_error"] += 1
                 # A guest can trigger this per frame: rate-limited, one line.
@@ -166,14 +173,17 @@ class NetDevice:
         self.flush_rx(rings)
         return more
 
-    def _tx_one(self, chain, now: float) -> None:
+    def _tx_one(self, q, chain, now: float) -> None:
         hl = self.hdr_len
         total = chain.read_len
         if total < hl + 14:
-            return self._count("tx_runt", "tx: chain of %d bytes is shorter than the %d-byte virtio-net header plus an Ethernet header",
-                               total, hl)
+            return self._refuse(q, "tx_runt", {"head": chain.head, "expected": f">= {hl + 14} bytes", "seen": total},
+                                "tx: chain of %d bytes is shorter than the %d-byte virtio-net header plus an Ethernet header",
+                                total, hl)
         if total > hl + MAX_FRAME:
-            return self._count("tx_oversize", "tx: frame of %d bytes exceeds the %d-byte maximum", total - hl, MAX_FRAME)
+            return self._refuse(q, "tx_oversize", {"head": chain.head, "expected": f"<= {hl + MAX_FRAME} bytes",
+                                                   "seen": total},
+                                "tx: frame of %d bytes exceeds the %d-byte maximum", total - hl, MAX_FRAME)
         views = chain.readable
         first = views[0]
         if len(views) == 1:
@@ -190,18 +200,24 @@ class NetDevice:
         frame = Frame(data)
         if flags & NEEDS_CSUM:
             if csum_start + csum_offset + 2 > len(data) or csum_start < 14:
-                return self._count("tx_bad_csum_offset",
-                                   "tx: NEEDS_CSUM with csum_start %d + csum_offset %d outside the %d-byte frame",
-                                   csum_start, csum_offset, len(data))
+                return self._refuse(q, "tx_bad_csum_offset",
+                                    {"head": chain.head, "csum_start": csum_start, "csum_offset": csum_offset,
+                                     "expected": f"14 <= csum_start, csum_start + csum_offset + 2 <= {len(data)}",
+                                     "seen": csum_start + csum_offset + 2},
+                                    "tx: NEEDS_CSUM with csum_start %d + csum_offset %d outside the %d-byte frame",
+                                    csum_start, csum_offset, len(data))
             frame.csum_start = csum_start
             frame.csum_offset = csum_offset
         elif flags & DATA_VALID:
             frame.csum_valid = True
         if gso_type != GSO_NONE:
             if gso_type & ~GSO_ECN != GSO_TCPV4 or not self.host_tso or gso_size == 0:
-                return self._count("tx_bad_gso",
-                                   "tx: gso_type %d gso_size %d not allowed by the negotiated features (HOST_TSO4=%s)",
-                                   gso_type, gso_size, self.host_tso)
+                return self._refuse(q, "tx_bad_gso",
+                                    {"head": chain.head, "gso_type": gso_type, "gso_size": gso_size,
+                                     "expected": "TCPV4 with HOST_TSO4, gso_size > 0" if self.host_tso else "GSO_NONE",
+                                     "seen": f"gso_type {gso_type} gso_size {gso_size}"},
+                                    "tx: gso_type %d gso_size %d not allowed by the negotiated features (HOST_TSO4=%s)",
+                                    gso_type, gso_size, self.host_tso)
             frame.gso_size = gso_size
         self.counters["tx_frames"] += 1
         self.counters["tx_bytes"] += len(data)
@@ -278,8 +294,8 @@ class NetDevice:
                     return False
                 if not c.writable:
                     q.push(c.head, 0)
-                    self._count("rx_readonly_buffer",
-                                "rx: buffer at descriptor %d has no device-writable part", c.head)
+                    self._refuse(q, "rx_readonly_buffer", {"head": c.head, "seen": f"{c.read_len} readable bytes"},
+                                 "rx: buffer at descriptor %d has no device-writable part", c.head)
                     continue
                 chains.append(c)
                 room += c.write_len
@@ -316,10 +332,11 @@ class NetDevice:
                 return False
             if c.write_len < need:
                 q.unpop()
-                self._count("rx_buffer_too_small",
-                            "rx: posted buffer of %d bytes cannot hold a %d-byte frame plus the %d-byte header "
-                            "(without MRG_RXBUF each buffer must hold a whole frame); frame dropped",
-                            c.write_len, n, self.hdr_len)
+                self._refuse(q, "rx_buffer_too_small",
+                             {"head": c.head, "expected": f">= {need} bytes", "seen": c.write_len},
+                             "rx: posted buffer of %d bytes cannot hold a %d-byte frame plus the %d-byte header "
+                             "(without MRG_RXBUF each buffer must hold a whole frame); frame dropped",
+                             c.write_len, n, self.hdr_len)
                 return True
             hdr = (HDR12.pack(flags, gso_type, hdr_len, gso_size, cs, co, 1) if self.hdr_len == 12
                    else HDR10.pack(flags, gso_type, hdr_len, gso_size, cs, co))

@@ -163,8 +163,10 @@ class Backend:
             raise BadMessage(f"queue index {index} out of range 0..{len(self.queues) - 1}")
         return self.queues[index]
 
-    def _queue_error(self, q: SplitRing, reason: str, detail: str) -> None:
-        self.rlog.warning(f"{q.name}:{reason}", "%s: guest driver error (%s): %s", q.name, reason, detail)
+    def _queue_error(self, q: SplitRing, finding, detail: str) -> None:
+        r = finding.rule
+        self.rlog.warning(f"{q.name}:{r.id}", "%s: guest driver error %s (%s %s): %s", q.name, r.id,
+                          r.message, r.level, detail)
         if q.broken is not None and q.err_fd is not None:
             try:
                 os.write(q.err_fd, _U64.pack(1))

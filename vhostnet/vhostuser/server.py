@@ -222,8 +222,9 @@ class Server:
         """One line per connection with every error count, so what rate limiting held back is told."""
         errors = {f"{q.name}:{k}": v for q in conn.backend.queues for k, v in q.errors.items()}
         errors.update(conn.backend.errors)
+        findings = {k for q in conn.backend.queues for k in q.errors}
         errors.update({k: v for k, v in getattr(conn.device, "counters", {}).items()
-                       if not k.endswith(("_frames", "_bytes"))})
+                       if not k.endswith(("_frames", "_bytes")) and k not in findings})
         suppressed = self.rlog.suppressed_total + getattr(getattr(conn.device, "rlog", None),
                                                           "suppressed_total", 0)
         if errors:

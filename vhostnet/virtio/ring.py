@@ -23,11 +23,19 @@ __all__ = ["Chain", "ChainError", "Ring"]
 
 
 class ChainError(Exception):
-    """A descriptor chain the device refuses; `reason` names the rule it broke."""
+    """A descriptor chain the device refuses.
 
-    def __init__(self, reason: str, detail: str):
+    `reason` is the id of the rule it broke (vhostnet/virtio/findings.py),
+    `example` what a finding records of it (descriptor ids, addresses,
+    expected vs seen), `ndesc` the descriptors walked before the refusal:
+    what it costs a work budget.
+    """
+
+    def __init__(self, reason: str, detail: str, ndesc: int = 1, **example):
         super().__init__(detail)
         self.reason = reason
+        self.ndesc = max(ndesc, 1)
+        self.example = example
 
 
 class Chain:
@@ -54,7 +62,7 @@ class Ring(Protocol):
     call_fd: int | None
     broken: str | None
     stats: dict[str, int]
-    errors: dict[str, int]
+    errors: dict[str, int]          # refusals by rule id (findings.py)
 
     @property
     def ready(self) -> bool: ...
@@ -71,6 +79,11 @@ class Ring(Protocol):
     # -- read-only inspection -----------------------------------------
     def describe(self) -> dict: ...
     def describe_chain(self, head: int) -> list[dict]: ...
+    def describe_findings(self) -> list[dict]: ...
+
+    # -- refusals (findings.py) -------------------------------------------
+    def count_error(self, reason: str, detail: str, **example) -> None: ...
+    def record(self, reason: str, detail: str, **example): ...
     def used_entry(self, idx: int) -> tuple[int, int] | None: ...
     def avail_entry(self, idx: int) -> int | None: ...
     def guest_used_idx(self) -> int: ...

@@ -17,13 +17,16 @@ Ordering, since the guest reads concurrently on another CPU:
 A hostile or buggy driver cannot make us touch memory outside the regions
 (every buffer goes through GuestMemory) nor loop: chains are bounded by the
 queue size (or the indirect table size), nested indirect tables, descriptors
-out of range and index jumps are refused and counted by reason.
+out of range and index jumps are refused, and each refusal is a finding
+(findings.py): a rule id with its virtio 1.2 section, counted per queue,
+with the first example kept.
 """
 from __future__ import annotations
 
 import struct
 import threading
 
+from vhostnet.virtio.findings import Findings
 from vhostnet.virtio.ring import Chain, ChainError
 from vhostnet.vhostuser.memory import GuestMemory, OutOfBounds
 
@@ -75,8 +78,8 @@ class SplitRing:
         self._used_i: memoryview | None = None
         self.stats = {"kicks": 0, "calls": 0, "calls_suppressed": 0,
                       "chains": 0, "bytes": 0}
-        self.errors: dict[str, int] = {}
-        self.on_error = on_error  # callback(queue, reason, detail), for logging
+        self.findings = Findings(self.name)
+        self.on_error = on_error  # callback(queue, finding, detail), for logging
 
     # -- set-up ------------------------------------------------------------
 
@@ -107,10 +110,23 @@ class SplitRing:
         """Rings mapped, started and enabled: we may process it."""
         return self.started and self.enabled and self._desc is not None and self.broken is None
 
-    def count_error(self, reason: str, detail: str) -> None:
-        self.errors[reason] = self.errors.get(reason, 0) + 1
+    @property
+    def errors(self) -> dict[str, int]:
+        """Refusals by rule id (the `errors` maps of docs/json.md)."""
+        return self.findings.counts()
+
+    def count_error(self, reason: str, detail: str, **example) -> None:
+        """Record a refusal: a finding (findings.py) for this queue, and a log line."""
+        finding = self.findings.add(reason, detail, example)
         if self.on_error is not None:
-            self.on_error(self, reason, detail)
+            self.on_error(self, finding, detail)
+
+    def record(self, reason: str, detail: str, **example):
+        """Record a refusal the caller logs itself (the device, with its own rate limit)."""
+        return self.findings.add(reason, detail, example)
+
+    def describe_findings(self) -> list[dict]:
+        return self.findings.describe()
 
     # -- guest-visible indices ---------------------------------------------
 
@@ -139,19 +155,22 @@ class SplitRing:
             if (avail - last) & 0xFFFF > self.num:
                 self.broken = "avail_idx_jump"
                 self.count_error("avail_idx_jump",
-                                 f"avail->idx jumped from {last} to {avail}, more than the queue size {self.num}")
+                                 f"avail->idx jumped from {last} to {avail}, more than the queue size {self.num}",
+                                 last_avail_idx=last, expected=f"at most {self.num} ahead", seen=avail)
                 return None
             head = avail_h[2 + (last & (self.num - 1))]
             self.last_avail_idx = (last + 1) & 0xFFFF
             if head >= self.num:
                 # No valid id to return: the slot is consumed and counted.
                 self.count_error("head_out_of_range",
-                                 f"avail ring slot {last} names descriptor {head}, queue size is {self.num}")
+                                 f"avail ring slot {last} names descriptor {head}, queue size is {self.num}",
+                                 avail_idx=last, head=head, expected=f"< {self.num}", seen=head)
                 continue
             try:
                 chain = self._walk(head)
             except ChainError as e:
-                self.count_error(e.reason, f"chain at descriptor {head}: {e}")
+                self.count_error(e.reason, f"chain at descriptor {head}: {e}",
+                                 avail_idx=last, head=head, **e.example)
                 self.push(head, 0)
                 continue
             self.stats["chains"] += 1
@@ -175,24 +194,30 @@ class SplitRing:
         while True:
             addr, length, flags, nxt = _desc_unpack(table, i << 4)
             if flags & VRING_DESC_F_INDIRECT:
+                where = dict(desc=i, addr=addr, len=length, flags=flags)
                 if indirect:
-                    raise ChainError("nested_indirect", "indirect descriptor inside an indirect table")
+                    raise ChainError("nested_indirect", "indirect descriptor inside an indirect table",
+                                     count, indirect_table=True, **where)
                 if flags & VRING_DESC_F_NEXT:
-                    raise ChainError("indirect_with_next", "indirect descriptor also has NEXT set")
+                    raise ChainError("indirect_with_next", "indirect descriptor also has NEXT set",
+                                     count, **where)
                 if length == 0 or length % 16 or length // 16 > self.num:
                     raise ChainError("bad_indirect_len",
-                                     f"indirect table length {length} (must be a non-zero multiple of 16, at most {self.num} entries)")
+                                     f"indirect table length {length} (must be a non-zero multiple of 16, at most {self.num} entries)",
+                                     count, expected=f"16..{16 * self.num}, a multiple of 16", seen=length, **where)
                 try:
                     table = mem.gpa_view(addr, length)
                 except OutOfBounds as e:
-                    raise ChainError("indirect_out_of_bounds", str(e)) from None
+                    raise ChainError("indirect_out_of_bounds", str(e), count, **where) from None
                 limit = length >> 4
                 indirect = True
                 i = 0
                 continue
             count += 1
             if count > limit:
-                raise ChainError("chain_too_long", f"chain longer than {limit} descriptors (a loop?)")
+                raise ChainError("chain_too_long", f"chain longer than {limit} descriptors (a loop?)",
+                                 count, desc=i, indirect_table=indirect, expected=f"at most {limit} descriptors",
+                                 seen=f"more than {limit}")
             if length:
                 try:
                     if flags & VRING_DESC_F_WRITE:
@@ -201,15 +226,19 @@ class SplitRing:
                     else:
                         if writable:
                             raise ChainError("read_after_write",
-                                             "device-readable descriptor after a device-writable one")
+                                             "device-readable descriptor after a device-writable one",
+                                             count, desc=i, indirect_table=indirect, addr=addr, len=length,
+                                             flags=flags)
                         readable.extend(mem.gpa_views(addr, length))
                         rlen += length
                 except OutOfBounds as e:
-                    raise ChainError("desc_out_of_bounds", str(e)) from None
+                    raise ChainError("desc_out_of_bounds", str(e), count, desc=i, indirect_table=indirect,
+                                     addr=addr, len=length, flags=flags) from None
             if not flags & VRING_DESC_F_NEXT:
                 break
             if nxt >= limit:
-                raise ChainError("next_out_of_range", f"next index {nxt} is out of range 0..{limit - 1}")
+                raise ChainError("next_out_of_range", f"next index {nxt} is out of range 0..{limit - 1}",
+                                 count, desc=i, indirect_table=indirect, expected=f"< {limit}", seen=nxt)
             i = nxt
         return Chain(head, readable, writable, rlen, wlen, count)
 
@@ -325,6 +354,7 @@ class SplitRing:
                             if self._used_h is not None and self.event_idx else None),
         }
         d.update(self.stats)
-        d["errors"] = dict(self.errors)
+        d["errors"] = self.errors
+        d["findings"] = self.findings.describe()
         return d
 
