@@ -90,9 +90,15 @@ class Connection:
                 while True:
                     await trio.lowlevel.wait_readable(fd)
                     try:
-                        os.read(fd, 8)
+                        got = os.read(fd, 8)
                     except BlockingIOError:
                         continue
+                    if len(got) != 8:
+                        # Not an eventfd after all (the backend checks, this is the last line):
+                        # readable for ever, so stop waiting rather than spin.
+                        self.server.rlog.warning("kick_eof", "%s: kick fd gave %d bytes, not an eventfd "
+                                                 "counter; no longer waiting on it", q.name, len(got))
+                        return
                     q.stats["kicks"] += 1
                     if q.ready:
                         await self._drain(q)
