@@ -284,6 +284,10 @@ class Backend:
             raise BadMessage(f"{q.name}: size {n} is not a power of two in 1..{MAX_QUEUE_SIZE}")
         if q.started:
             raise BadMessage(f"{q.name}: size changed while the ring is started")
+        if n != q.num:
+            # Views sized for the old queue would be read past their end:
+            # unmap them; SET_VRING_KICK (or the next SET_VRING_ADDR) maps the ring anew.
+            q.detach()
         q.num = n
 
     def _set_vring_addr(self, body, fds, raw):

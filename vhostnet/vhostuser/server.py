@@ -30,6 +30,8 @@ log = logging.getLogger("vhostnet.server")
 
 # While a polled ("no fd") kick is in use we look at the ring this often.
 POLL_INTERVAL = 0.001
+# After an unexpected exception in a timer poll, wait this long before the next.
+INTERNAL_ERROR_BACKOFF = 0.1
 
 
 async def send_all(sock, data: bytes) -> None:
@@ -75,9 +77,25 @@ class Connection:
             trio.lowlevel.notify_closing(q.kick_fd)
 
     def _work(self, q) -> bool:
-        more = self.device.process(self.backend.queues, q.index, trio.current_time())
+        try:
+            more = self.device.process(self.backend.queues, q.index, trio.current_time())
+        except Exception as e:
+            # A bug, not the guest's doing (the device refuses what the guest
+            # gets wrong): stop work on this ring until the driver restarts it,
+            # keep the connection and the process.
+            self._internal_error(q, e)
+            return False
         self._rearm()
         return more
+
+    def _internal_error(self, q, e: Exception) -> None:
+        import traceback
+        if q is not None:
+            q.broken = "internal_error"
+        self.backend.errors["internal_error"] = self.backend.errors.get("internal_error", 0) + 1
+        self.server.rlog.log(logging.ERROR, "internal_error", "%s: internal error, ring stopped: %s",
+                             q.name if q is not None else "device",
+                             " | ".join(line.strip() for line in traceback.format_exception(e) if line.strip()))
 
     async def _drain(self, q) -> None:
         while self._work(q):
@@ -129,7 +147,11 @@ class Connection:
                 await self._timer_wake.wait()
             now = trio.current_time()
             if now >= self._armed:
-                self.device.poll(self.backend.queues, now)
+                try:
+                    self.device.poll(self.backend.queues, now)
+                except Exception as e:
+                    self._internal_error(None, e)
+                    await trio.sleep(INTERNAL_ERROR_BACKOFF)  # the deadline has not moved: do not spin
 
     # -- messages --------------------------------------------------------
 
