@@ -92,6 +92,8 @@ class FaultSettings:
     def __init__(self, spec: FaultSpec | None = None):
         self.spec = spec if spec is not None else FaultSpec()
         self.changes = 0
+        if self.spec.active:
+            log.info("link faults: %s", self.spec)
 
     def set(self, spec: FaultSpec) -> None:
         self.spec = spec
