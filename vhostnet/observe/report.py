@@ -42,7 +42,7 @@ def _backend_info(server, control=None) -> dict:
         "connections": server.connections,
         "log_suppressed": server.rlog.suppressed_total + (
             server.current.device.rlog.suppressed_total if server.current else 0),
-        "taps": len(server.taps),
+        "taps": len(server.taps) + len(getattr(getattr(control, "link", None), "stack_taps", ())),
     }
 
 
