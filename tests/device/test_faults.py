@@ -221,21 +221,34 @@ NEEDS_CSUM, DATA_VALID, GSO_TCPV4 = 1, 2, 1
 
 
 class GuestStack:
-    """Guest TCP/IP over the frontend's rings (no offloads: every frame is a wire packet)."""
+    """Guest TCP/IP over the frontend's rings, with the offloads the handshake negotiated
+    (partial checksums and TSO both ways, as Linux's virtio_net driver uses them)."""
 
     def __init__(self, fe: Frontend):
         self.fe = fe
         cfg = NetConfig(guest_ip="10.0.2.2", gateway_ip="10.0.2.15", dns_ip="10.0.2.4",
                         guest_mac="52:55:0a:00:02:02", gateway_mac="52:54:00:12:34:56")
         self.st = Stack(cfg)      # roles swapped: it answers for 10.0.2.15
+        csum = bool(fe.features >> F.CSUM & 1)
+        self.st.set_offloads(csum=csum, tso=csum and bool(fe.features >> F.HOST_TSO4 & 1))
         self.pending: list[Frame] = []
+
+    def _hdr(self, f: Frame) -> bytes:
+        if not f.csum_start:
+            return self.fe.net_hdr()
+        hdr_len = f.csum_start + ((f.data[f.csum_start + 12] >> 4) << 2) if f.gso_size else 0
+        return self.fe.net_hdr(flags=NEEDS_CSUM, gso_type=GSO_TCPV4 if f.gso_size else 0,
+                               hdr_len=hdr_len, gso_size=f.gso_size, csum_start=f.csum_start,
+                               csum_offset=f.csum_offset)
 
     def step(self, now: float) -> bool:
         fe, st = self.fe, self.st
         moved = False
         for hdr, body in fe.read_rx():
-            flags = NET_HDR.unpack(hdr.ljust(12, b"\0"))[0]
-            st.receive(Frame(body, csum_valid=bool(flags & DATA_VALID)), now)
+            flags, gso_type, _hl, gso_size, cs, co, _n = NET_HDR.unpack(hdr.ljust(12, b"\0"))
+            partial = bool(flags & NEEDS_CSUM)
+            st.receive(Frame(body, cs if partial else 0, co if partial else 0,
+                             gso_size if gso_type else 0, bool(flags & DATA_VALID)), now)
             moved = True
         if moved and fe.post_rx():
             fe.rx.kick()
@@ -244,15 +257,17 @@ class GuestStack:
         self.pending += st.take_frames()
         posted = 0
         while self.pending and fe.tx.free:
-            fe.post_tx(bytes(self.pending.pop(0).data))
+            f = self.pending.pop(0)
+            fe.post_tx(bytes(f.data), self._hdr(f))
             posted += 1
         if posted:
             fe.tx.kick()
         return moved or bool(posted)
 
 
-async def tcp_echo(fe: Frontend, nbytes: int, timeout: float) -> tuple[bytes, bytes, dict]:
-    g = GuestStack(fe)
+async def tcp_echo(fe: Frontend, nbytes: int, timeout: float, g: GuestStack | None = None):
+    """(data sent, data echoed, the guest's connection info) of an echo through the backend."""
+    g = g or GuestStack(fe)
     now = trio.current_time()
     conn = g.st.tcp.connect(now, GUEST_IP, 0, GATEWAY_IP, ECHO)
     data = bytes((i * 7 + i // 251) & 0xFF for i in range(nbytes))
@@ -302,3 +317,40 @@ async def test_tcp_echo_through_loss_reordering_and_delay_arrives_intact(faulty,
         assert info["retransmits"] > 0
     finally:
         await fe.shutdown(srv)
+
+
+def refused(stack: Stack) -> int:
+    return sum(v for k, v in stack.all_counters().items() if k.startswith("drop_") and "checksum" in k)
+
+
+async def test_corruption_with_offloads_is_caught_by_the_checksums_both_ways(faulty):
+    """Partial checksums and TSO both ways: a corrupted frame has its checksum completed
+    (a TSO frame is cut into segments) before its bit flips, so each stack refuses it."""
+    srv, ctl, link = faulty
+    link.faults.set(parse("corrupt=3%,seed=2"))
+    fe = Frontend()
+    await fe.connect(srv.socket_path)
+    await fe.handshake()                  # offloads on: CSUM, HOST_TSO4, GUEST_CSUM, GUEST_TSO4
+    fe.post_rx()
+    fe.rx.kick()
+    try:
+        g = GuestStack(fe)
+        data, back, _info = await tcp_echo(fe, 1 << 20, timeout=60, g=g)
+        assert back == data
+        backend_stack = srv.current.device.stack
+        faults = (await ask(ctl.path, "stats"))["faults"]
+        tx, rx = faults["tx"], faults["rx"]
+        assert tx["corrupted"] > 0 and rx["corrupted"] > 0, faults
+        assert tx["corrupt_segmented"] > 0 and rx["corrupt_segmented"] > 0, faults   # TSO frames were hit
+        # Every corrupted frame was refused by a checksum check on the other side.
+        assert refused(backend_stack) == tx["corrupted"] - _length_drops(backend_stack), faults
+        assert refused(g.st) == rx["corrupted"] - _length_drops(g.st), faults
+    finally:
+        await fe.shutdown(srv)
+
+
+def _length_drops(stack: Stack) -> int:
+    """Corrupted frames refused by a check that comes before the checksum (a flip in a length field)."""
+    return sum(v for k, v in stack.all_counters().items()
+               if k.startswith("drop_") and ("truncated" in k or "length" in k or "ihl" in k
+                                             or "version" in k))
