@@ -182,7 +182,7 @@ class ControlServer:
                             await self._capture(stream, req)
                             return
                         reply = {"ok": True, "result": self._answer(req)}
-                    except (_BadRequest, report.ReportError, FaultRequestError) as e:
+                    except (_BadRequest, report.ReportError) as e:
                         self.rlog.info("bad_request", "control client: %s", e)
                         reply = {"ok": False, "error": str(e)}
                     await self._send(stream, reply)
@@ -213,7 +213,10 @@ class ControlServer:
         if cmd == "desc":
             return report.desc_doc(self.server, _int(req, "queue"), _int(req, "head"))
         if cmd == "fault":
-            return fault_request(self.link, self.server, req)
+            try:
+                return fault_request(self.link, self.server, req)
+            except FaultRequestError as e:
+                raise _BadRequest(str(e)) from None
         raise _BadRequest(f"unknown command {cmd!r}; known: ping, inspect, desc, stats, fault, capture")
 
     async def _capture(self, stream, req: dict) -> None:
