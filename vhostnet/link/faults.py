@@ -340,4 +340,6 @@ class FaultInjector:
 
     def snapshot(self) -> dict:
         """What `stats` and `fault show` report for this connection."""
+        if self.settings.spec is not self._spec:
+            self._sync()    # what the next frame would do: report the spec in force
         return {"spec": str(self._spec), "tx": self.tx.snapshot(), "rx": self.rx.snapshot()}
