@@ -6,6 +6,7 @@
     inspect    rings, indices, features, memory; one descriptor chain with --desc
     stats      frames, drops by reason, ARP/UDP/TCP tables, live with --watch
     capture    the guest's frames as pcap (-w) or as tcpdump-like lines
+    fault      link fault injection: set, clear, show (vhostnet/link/cli.py)
 
 The looking-inside tools talk to the backend over its control socket
 (vhostnet/observe/control.py); each finds it from --control, or --socket + ".ctl",
@@ -22,6 +23,7 @@ import sys
 import time
 
 from vhostnet import __version__
+from vhostnet.link import cli as link_cli
 
 EXIT_NO_QEMU = 3
 
@@ -44,6 +46,7 @@ examples:
   vhostnet serve
   vhostnet serve --socket /tmp/v.sock --pcap all.pcap --log-level debug
   vhostnet serve --disable-feature offloads --disable-feature mrg-rxbuf
+  vhostnet serve --fault loss=5%,reorder=2%,delay=20ms,jitter=5ms,seed=1,dir=both
 """
 
 EPILOG_RUN = """\
@@ -105,6 +108,7 @@ examples:
   vhostnet capture -w guest.pcap --count 100
   vhostnet capture                               # live, one line per frame
   vhostnet capture -w - | tshark -r -
+  vhostnet capture --at stack -w stack.pcap      # after the fault layer (TX), before it (RX)
 """
 
 
@@ -183,6 +187,7 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
                         "'offloads' for all four offloads. Handy to test a driver's simple paths")
     p.add_argument("--rx-pending", type=int, default=1024, metavar="N",
                    help="frames held for the guest while it posts no RX buffers, before dropping (default %(default)s)")
+    link_cli.add_fault_option(p)
     _add_net_options(p)
 
 
@@ -265,7 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-c", "--count", type=_count, metavar="N", help="stop after N frames")
     c.add_argument("--print", action="store_true", help="also print a line per frame (to stderr if -w -)")
     c.add_argument("--raw-csum", action="store_true", help="keep partial checksums as they are")
+    c.add_argument("--at", choices=["guest", "stack"], default="guest",
+                   help="which side of the fault layer: guest (default; as the guest sends and receives) "
+                        "or stack (as the stack receives and sends)")
     _add_client_options(c)
+    link_cli.add_fault_command(sub, COMMANDS, _add_client_options)
     return p
 
 
@@ -470,7 +479,7 @@ def cmd_capture(args) -> int:
     ended = "interrupted"
     try:
         with ControlClient(_control_path(args)) as c:
-            c.send({"cmd": "capture", "count": args.count, "raw_csum": args.raw_csum})
+            c.send({"cmd": "capture", "count": args.count, "raw_csum": args.raw_csum, "at": args.at})
             reply = c.read()
             if reply is None or not reply.get("ok"):
                 raise ControlError(reply.get("error", "capture refused") if reply else

@@ -9,7 +9,8 @@ per line, one reply object per line.
     -> {"cmd": "desc", "queue": 1, "head": 0}
     -> {"cmd": "stats"}
     -> {"cmd": "ping"}                     <- {"ok": true, "result": {"pid": ...}}
-    -> {"cmd": "capture", "count": 10}     <- {"ok": true, "result": {"linktype": 1, ...}}
+    -> {"cmd": "fault", "op": "set", "spec": "loss=5%"}   (vhostnet/link/control.py)
+    -> {"cmd": "capture", "count": 10, "at": "guest"}   <- {"ok": true, "result": {"linktype": 1, ...}}
                                            <- {"frame": {"ts":..,"dir":"tx","len":98,..}} + 98 raw bytes
                                            <- ... then {"end": {"frames": 10, "dropped": 0, ...}}
     -> not json                            <- {"ok": false, "error": "..."}
@@ -39,6 +40,7 @@ import time
 
 import trio
 
+from vhostnet.link.control import FaultRequestError, fault_request
 from vhostnet.observe import report
 from vhostnet.observe.pcap import LINKTYPE_ETHERNET, snapshot, wire_bytes
 from vhostnet.ratelimit import RateLimitedLog
@@ -92,8 +94,9 @@ class _Capture:
 
 
 class ControlServer:
-    def __init__(self, server, path: str, *, complete_csum: bool = True):
+    def __init__(self, server, path: str, *, complete_csum: bool = True, link=None):
         self.server = server
+        self.link = link    # vhostnet.link.LinkSettings, as given to make_server: faults, stack-side taps
         self.path = path
         self.complete_csum = complete_csum
         self.started = time.monotonic()
@@ -209,7 +212,12 @@ class ControlServer:
             return report.stats_doc(self.server, self)
         if cmd == "desc":
             return report.desc_doc(self.server, _int(req, "queue"), _int(req, "head"))
-        raise _BadRequest(f"unknown command {cmd!r}; known: ping, inspect, desc, stats, capture")
+        if cmd == "fault":
+            try:
+                return fault_request(self.link, self.server, req)
+            except FaultRequestError as e:
+                raise _BadRequest(str(e)) from None
+        raise _BadRequest(f"unknown command {cmd!r}; known: ping, inspect, desc, stats, fault, capture")
 
     async def _capture(self, stream, req: dict) -> None:
         count = req.get("count")
@@ -218,15 +226,19 @@ class ControlServer:
             if count < 1:
                 raise _BadRequest("count must be at least 1")
         complete = self.complete_csum and not req.get("raw_csum")
+        at = req.get("at", "guest")   # which side of the fault layer (vhostnet/link/taps.py)
+        if at not in ("guest", "stack") or (at == "stack" and self.link is None):
+            raise _BadRequest('"at" is "guest" (as the guest sends and receives) or "stack" '
+                              '(as the stack does, on the other side of the fault layer)')
         cap = _Capture(count)
-        taps = self.server.taps
+        taps = self.server.taps if at == "guest" else self.link.stack_taps
         taps.append(cap)
         self.captures.append(cap)
         sent = 0
         ended = False
         try:
-            await self._send(stream, {"ok": True, "result": {"linktype": LINKTYPE_ETHERNET,
-                                                             "count": count, "complete_csum": complete}})
+            await self._send(stream, {"ok": True, "result": {"linktype": LINKTYPE_ETHERNET, "count": count,
+                                                             "complete_csum": complete, "at": at}})
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_eof, stream, nursery.cancel_scope)
                 while count is None or sent < count:
