@@ -191,10 +191,7 @@ class Server:
                 sock, _ = await lsock.accept()
                 self.connections += 1
                 log.info("frontend connected (connection %d)", self.connections)
-                try:
-                    await self._serve_connection(sock)
-                finally:
-                    sock.close()
+                await self._serve_connection(sock)
                 log.info("frontend disconnected; guest memory unmapped, fds closed")
                 if self.once:
                     return
@@ -207,7 +204,11 @@ class Server:
 
     async def _serve_connection(self, sock) -> None:
         async with trio.open_nursery() as nursery:
-            conn = Connection(self, sock, nursery)
+            try:
+                conn = Connection(self, sock, nursery)
+            except BaseException:
+                sock.close()
+                raise
             self.current = conn
             try:
                 nursery.start_soon(conn.timer_loop)
@@ -216,6 +217,9 @@ class Server:
                 nursery.cancel_scope.cancel()
                 self._log_errors(conn)
                 conn.close()
+                # The socket goes before `current` is cleared: whoever waits
+                # for current to be None sees every fd of the connection closed.
+                sock.close()
                 self.current = None
 
     def _log_errors(self, conn: Connection) -> None:
