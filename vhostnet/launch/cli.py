@@ -1,8 +1,11 @@
 """The `vhostnet` command line: serve, run, qemu-args, and the looking-inside tools.
 
-    serve      the backend on a vhost-user socket (+ control socket, + --pcap)
+    serve      the backend on a vhost-user socket (+ control socket, + --pcap);
+               also as `vhostnet-backend`, with QEMU's backend program
+               conventions (--socket-path, --fd, --print-capabilities)
     run        the backend and a QEMU guest together, in one process
     qemu-args  the QEMU flags that attach a guest to a backend
+    install-discovery  the vhost-user discovery file (type "net") for management tools
     inspect    rings, indices, features, memory; one descriptor chain with --desc
     stats      frames, drops by reason, ARP/UDP/TCP tables, live with --watch
     capture    the guest's frames as pcap (-w) or as tcpdump-like lines
@@ -40,10 +43,38 @@ While it runs, look inside from another terminal:
   vhostnet stats --watch 1    traffic, drops, ARP/UDP/TCP tables
   vhostnet capture -w g.pcap  the guest's frames, for tshark/wireshark
 
+With -chardev socket,...,reconnect=1 (`vhostnet qemu-args --reconnect`),
+QEMU survives the backend: stop or kill it, start it again on the same
+socket, and the guest's link comes back within about a second.
+
+QEMU's backend program conventions (docs/interop/vhost-user.rst): the
+vhostnet-backend command is this one; --socket-path is --socket, --fd N
+serves a listening Unix socket the caller opened and passed as fd N (its
+path, if any, is left in place; the control socket is that path + .ctl),
+and --print-capabilities prints {"type": "net"} and exits.
+
 examples:
   vhostnet serve
   vhostnet serve --socket /tmp/v.sock --pcap all.pcap --log-level debug
   vhostnet serve --disable-feature offloads --disable-feature mrg-rxbuf
+  vhostnet-backend --socket-path=/run/vm1/net0.sock
+  systemd-socket-activate -l /run/vm1/net0.sock vhostnet-backend --fd 3
+  vhostnet serve --print-capabilities
+"""
+
+EPILOG_DISCOVERY = """The file is QEMU's vhost-user discovery format (docs/interop/vhost-user.json,
+VhostUserBackend): type "net" and the absolute path of vhostnet-backend,
+which management software (libvirt, scripts) runs with --socket-path or
+--fd. Directories searched by such software, most general first:
+/usr/share/qemu/vhost-user (packages: the default, --prefix /usr),
+/etc/qemu/vhost-user (--sysconf), $XDG_CONFIG_HOME/qemu/vhost-user (--user).
+
+examples:
+  sudo vhostnet install-discovery            # /usr/share/qemu/vhost-user/50-vhostnet.json
+  vhostnet install-discovery --user
+  vhostnet install-discovery --prefix /opt/vhostnet --binary /opt/vhostnet/bin/vhostnet-backend
+  vhostnet install-discovery --print
+  vhostnet install-discovery --user --remove
 """
 
 EPILOG_RUN = """\
@@ -142,6 +173,16 @@ def _count(text: str) -> int:
     return v
 
 
+def _fdnum(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file descriptor number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a file descriptor number (>= 0)")
+    return v
+
+
 def _index(text: str) -> int:
     try:
         v = int(text, 0)
@@ -208,8 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the backend on a vhost-user socket", formatter_class=Formatter,
                        description="Listen on a vhost-user Unix socket and serve one QEMU at a time.",
                        epilog=EPILOG_SERVE)
-    s.add_argument("--socket", default=default_socket(), metavar="PATH",
-                   help="vhost-user socket to listen on (default %(default)s, or $VHOSTNET_SOCKET)")
+    where = s.add_mutually_exclusive_group()
+    where.add_argument("--socket-path", "--socket", dest="socket", metavar="PATH",
+                       help=f"vhost-user socket to listen on (default {default_socket()}, "
+                            f"or $VHOSTNET_SOCKET)")
+    where.add_argument("--fd", type=_fdnum, metavar="FDNUM",
+                       help="serve the listening AF_UNIX stream socket the caller opened and "
+                            "passed as file descriptor FDNUM, instead of binding a path")
+    s.add_argument("--print-capabilities", action="store_true",
+                   help='print the backend\'s vhost-user capabilities as JSON ({"type": "net"}) and exit')
     s.add_argument("--once", action="store_true", help="exit when the first QEMU disconnects")
     _add_backend_options(s)
 
@@ -237,6 +285,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guest RAM, shared with the backend (default %(default)s)")
     a.add_argument("--mac", default=qemu.DEFAULT_MAC, metavar="MAC", help="guest MAC (default %(default)s)")
     a.add_argument("--json", action="store_true", help="print a JSON list of arguments")
+
+    d = sub.add_parser("install-discovery", help="write the vhost-user discovery file for management tools",
+                       formatter_class=Formatter, epilog=EPILOG_DISCOVERY,
+                       description="Write 50-vhostnet.json, the vhost-user backend discovery file "
+                                   "(type net) naming vhostnet-backend.")
+    dw = d.add_mutually_exclusive_group()
+    dw.add_argument("--prefix", metavar="DIR", help="write to DIR/share/qemu/vhost-user (default prefix /usr)")
+    dw.add_argument("--sysconf", action="store_true", help="write to /etc/qemu/vhost-user")
+    dw.add_argument("--user", action="store_true", help="write to $XDG_CONFIG_HOME/qemu/vhost-user")
+    dw.add_argument("--print", action="store_true", help="print the file on stdout; write nothing")
+    d.add_argument("--binary", metavar="PATH",
+                   help="the backend binary to name (default: the installed vhostnet-backend)")
+    d.add_argument("--remove", action="store_true", help="remove the file instead")
 
     i = sub.add_parser("inspect", help="show rings, indices, features and memory of a running backend",
                        formatter_class=Formatter, epilog=EPILOG_INSPECT,
@@ -286,12 +347,30 @@ def cmd_serve(args) -> int:
     from vhostnet.launch.serve import serve_backend
     from vhostnet.logging_setup import setup
 
+    from vhostnet.launch import conventions
+
+    listener = None
+    sock_path = args.socket or default_socket()
+    if args.fd is not None:
+        try:
+            listener = conventions.adopt_listener(args.fd)
+        except conventions.FdError as e:
+            return _fail(str(e), 2)
+        bound = conventions.listener_path(listener)
+        sock_path = bound or f"fd {args.fd}"
+        if bound is None and not args.control and not args.no_control:
+            print(f"vhostnet: --fd {args.fd} has no path to put a control socket beside; "
+                  f"none opened (give --control PATH for one)", file=sys.stderr)
+            args.no_control = True
     setup(args.log_level, args.log_file)
     try:
-        server, control, tap = serve.make_backend(args, args.socket)
+        server, control, tap = serve.make_backend(args, sock_path, listener=listener)
     except (ValueError, OSError) as e:
+        if listener is not None:
+            listener.close()    # the one fd we were handed, and may close
         return _fail(str(e), 2 if isinstance(e, ValueError) else 1)
-    print(f"vhostnet: vhost-user socket {args.socket}", file=sys.stderr)
+    via = f" (--fd {args.fd})" if args.fd is not None else ""
+    print(f"vhostnet: vhost-user socket {sock_path}{via}", file=sys.stderr)
     if control is not None:
         print(f"vhostnet: control socket {control.path} (vhostnet inspect --control {control.path})",
               file=sys.stderr)
@@ -360,6 +439,39 @@ def cmd_run(args) -> int:
     finally:
         if tmp is not None:
             launch.remove_dir(tmp)
+
+
+def cmd_install_discovery(args) -> int:
+    from vhostnet.launch import conventions as cv
+    binary = args.binary or cv.find_binary()
+    if binary is None and not args.remove:
+        return _fail(f"no {cv.BINARY_NAME} found beside this Python or on PATH; install the package "
+                     f"(pip install .), or name the binary with --binary PATH")
+    try:
+        if binary is not None and not args.remove:
+            cv.check_binary(binary)
+    except ValueError as e:
+        return _fail(str(e), 2)
+    if args.print:
+        print(json.dumps(cv.discovery_doc(binary), indent=2))
+        return 0
+    directory = cv.discovery_dir(args.prefix, user=args.user, sysconf=args.sysconf)
+    path = os.path.join(directory, cv.DISCOVERY_NAME)
+    try:
+        if args.remove:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                print(f"vhostnet: {path} was not there", file=sys.stderr)
+                return 0
+            print(f"vhostnet: removed {path}", file=sys.stderr)
+            return 0
+        path = cv.write_discovery(directory, binary)
+    except OSError as e:
+        hint = " (run as root, or use --user)" if isinstance(e, PermissionError) else ""
+        return _fail(f"cannot write {path}: {e.strerror or e}{hint}")
+    print(f"vhostnet: wrote {path} (type {cv.BACKEND_TYPE}, binary {binary})", file=sys.stderr)
+    return 0
 
 
 def cmd_qemu_args(args) -> int:
@@ -525,6 +637,7 @@ def cmd_capture(args) -> int:
 
 
 COMMANDS = {"serve": cmd_serve, "run": cmd_run, "qemu-args": cmd_qemu_args,
+            "install-discovery": cmd_install_discovery,
             "inspect": cmd_inspect, "stats": cmd_stats, "capture": cmd_capture}
 
 
@@ -534,6 +647,11 @@ def main(argv=None) -> int:
     if "--" in argv:
         k = argv.index("--")
         argv, extra = argv[:k], argv[k + 1:]
+    if argv[:1] == ["serve"] and "--print-capabilities" in argv:
+        # The convention: print them and exit 0, whatever else is on the line.
+        from vhostnet.launch.conventions import capabilities
+        print(json.dumps(capabilities()))
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -546,3 +664,10 @@ def main(argv=None) -> int:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
+
+
+def backend_main(argv=None) -> int:
+    """`vhostnet-backend`: `vhostnet serve` under the name management tools run
+    (the discovery file's "binary"), so `vhostnet-backend --fd 3` just works."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return main(["serve", *argv])
