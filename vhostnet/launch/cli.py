@@ -87,17 +87,28 @@ qemu-args` shows them). The console is on stdout; Ctrl-C stops QEMU and the
 backend. Exit status: QEMU's own, 128+N after signal N, 1 if QEMU fell back
 on userspace virtio.
 
+With --reconnect the backend runs as a child process, started again
+whenever it exits (crash, kill -9, or `kill PID` to pick up a new version),
+and QEMU gets -chardev socket,...,reconnect=1: the guest keeps running, its
+link goes down while the backend is away and comes back within about a
+second of the new backend listening.
+
 examples:
   vhostnet run
+  vhostnet run --reconnect
   vhostnet run --append "vhostnet.TCP_ECHO_TEST=0" --pcap guest.pcap
   vhostnet run --mem 1G -- -kernel bzImage -initrd rootfs.cpio -append "console=ttyS0"
   vhostnet run -- -drive file=disk.qcow2,if=virtio -smp 2
 """
 
 EPILOG_QEMU_ARGS = """\
+With --reconnect, QEMU keeps the guest when the backend goes away and
+reconnects (every second) until it is back: restart `vhostnet serve` at will.
+
 examples:
   qemu-system-x86_64 -accel kvm -nographic -kernel bzImage \\
       $(vhostnet qemu-args --socket /tmp/v.sock --mem 1G)
+  vhostnet qemu-args --reconnect
   vhostnet qemu-args --json
 """
 
@@ -274,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accelerator; auto uses KVM if it can really run a guest (default %(default)s)")
     r.add_argument("--image", metavar="DIR", help="test guest image directory (default qemu/build/)")
     r.add_argument("--qemu", default=qemu.QEMU, metavar="BINARY", help="QEMU binary (default %(default)s)")
+    r.add_argument("--reconnect", action="store_true",
+                   help="run the backend as a child process that is started again whenever it exits, "
+                        "and QEMU with reconnect=1 so the guest outlives it (its link goes down and "
+                        "comes back); `kill` the backend's pid to restart it")
     _add_backend_options(r)
 
     a = sub.add_parser("qemu-args", help="print the QEMU flags that attach a guest", formatter_class=Formatter,
@@ -285,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guest RAM, shared with the backend (default %(default)s)")
     a.add_argument("--mac", default=qemu.DEFAULT_MAC, metavar="MAC", help="guest MAC (default %(default)s)")
     a.add_argument("--json", action="store_true", help="print a JSON list of arguments")
+    a.add_argument("--reconnect", action="store_true",
+                   help=f"add reconnect={qemu.RECONNECT_SECONDS} to the chardev: QEMU keeps the guest "
+                        f"when the backend goes and reconnects when it is back")
 
     d = sub.add_parser("install-discovery", help="write the vhost-user discovery file for management tools",
                        formatter_class=Formatter, epilog=EPILOG_DISCOVERY,
@@ -417,6 +435,12 @@ def cmd_run(args) -> int:
     setup(args.log_level, args.log_file)
     tmp = None if args.socket else launch.temp_socket_dir()
     sock = args.socket or os.path.join(tmp, "vhost.sock")
+    if args.reconnect:
+        try:
+            return _run_reconnect(args, sock, mem, mac, image, own, accel)
+        finally:
+            if tmp is not None:
+                launch.remove_dir(tmp)
     try:
         try:
             server, control, tap = serve.make_backend(args, sock)
@@ -474,12 +498,61 @@ def cmd_install_discovery(args) -> int:
     return 0
 
 
+def _backend_argv(args, sock: str, start: int) -> list[str]:
+    """`vhostnet serve` with run's backend options, for the START-th backend
+    of `run --reconnect` (a --pcap file per start: FILE, FILE.1, ...)."""
+    argv = [sys.executable, "-m", "vhostnet", "serve", "--socket", sock, "--log-level", args.log_level,
+            "--rx-pending", str(args.rx_pending), "--mac", args.mac, "--guest-ip", args.guest_ip,
+            "--prefix", str(args.prefix), "--gateway-ip", args.gateway_ip, "--dns-ip", args.dns_ip,
+            "--gateway-mac", args.gateway_mac, "--mtu", str(args.mtu)]
+    for name in args.disable_feature:
+        argv += ["--disable-feature", name]
+    for flag, value in (("--log-file", args.log_file), ("--control", args.control),
+                        ("--pcap", args.pcap and (args.pcap if start == 0 else f"{args.pcap}.{start}"))):
+        if value:
+            argv += [flag, value]
+    if args.no_control:
+        argv.append("--no-control")
+    if args.raw_csum:
+        argv.append("--raw-csum")
+    return argv
+
+
+def _run_reconnect(args, sock, mem, mac, image, own, accel) -> int:
+    import functools
+    import logging
+    import shlex
+
+    import trio
+
+    from vhostnet.launch import qemu
+    from vhostnet.launch import run as launch
+    from vhostnet.observe.control import default_control_path
+
+    argv = qemu.qemu_argv(sock, memory=mem, mac=mac, image=image,
+                          guest_vars=None if own else {"NET": 1}, append=args.append,
+                          extra_args=args.qemu_args, accel=accel, qemu=args.qemu,
+                          reconnect=qemu.RECONNECT_SECONDS)
+    what = "your QEMU arguments" if own else f"the test guest ({image.kernel.name}, {image.kernel_version})"
+    print(f"vhostnet: backend on {sock} (restarted whenever it exits); booting {what} with {accel}, "
+          f"reconnect={qemu.RECONNECT_SECONDS}", file=sys.stderr)
+    if not args.no_control:
+        print(f"vhostnet: look inside: vhostnet inspect --control {args.control or default_control_path(sock)}",
+              file=sys.stderr)
+    sys.stderr.flush()
+    logging.getLogger("vhostnet.launch").info("qemu: %s", shlex.join(argv))
+    return trio.run(functools.partial(launch.run_guest_reconnect, functools.partial(_backend_argv, args, sock),
+                                      sock, argv, forward_stdin=sys.stdin.isatty()))
+
+
 def cmd_qemu_args(args) -> int:
     import shlex
 
+    from vhostnet.launch import qemu
     from vhostnet.launch.run import RunError, attach_flags
     try:
-        flags = attach_flags(args.socket, args.mem, args.mac)
+        flags = attach_flags(args.socket, args.mem, args.mac,
+                             reconnect=qemu.RECONNECT_SECONDS if args.reconnect else None)
     except RunError as e:
         return _fail(str(e), 2)
     print(json.dumps(flags) if args.json else shlex.join(flags))
