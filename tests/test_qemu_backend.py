@@ -116,3 +116,37 @@ def test_backend_killed_under_a_live_qemu_comes_back_within_3_s(workdir):
     assert tl.seq_after > tl.seq_before            # the same ping, carrying on
     assert tl.errors == {}, tl.errors             # rings resumed at used->idx: no refused chains
     assert "Traceback" not in log
+
+
+def test_run_reconnect_restarts_a_killed_backend_under_the_guest(workdir):
+    """`vhostnet run --reconnect`: SIGKILL the backend child mid ping loop; run
+    starts it again, QEMU reconnects, the same ping carries on, and when the
+    guest powers off everything is gone."""
+    from vhostnet.observe.control import ControlClient
+    sock = workdir / "v.sock"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "vhostnet", "run", "--reconnect", "--accel", "tcg",
+                          "--socket", str(sock), "--log-level", "warning", "--append", "vhostnet.LOOP=20"],
+                         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    console, err = Lines(p.stdout), Lines(p.stderr)
+    try:
+        t = console.wait(r"loop: running", timeout=180)[0]
+        for _ in range(3):
+            t = console.wait(r"bytes from 10\.0\.2\.2: seq=", after=t + 1e-6, timeout=30)[0]
+        with ControlClient(str(sock) + ".ctl") as c:
+            pid = c.request("ping")["pid"]
+        killed = __import__("time").monotonic()
+        os.kill(pid, signal.SIGKILL)
+        err.wait(r"starting it again, QEMU will reconnect", killed, 10)
+        back = err.wait(r"listening again", killed, 60)[0]
+        t_reply = console.wait(r"bytes from 10\.0\.2\.2: seq=", after=back, timeout=RECOVERY_BOUND + 5)[0]
+        assert t_reply - back < RECOVERY_BOUND
+        assert p.wait(120) == 0, err.text()          # LOOP ended, the guest powered off
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert "loop: finished" in console.text()
+    assert FALLBACK not in err.text() and "Traceback" not in err.text()
+    assert not sock.exists() and not os.path.exists(f"/proc/{pid}")
