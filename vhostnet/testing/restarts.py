@@ -17,8 +17,11 @@ tests/test_qemu_backend.py asserts on them, scripts/reconnect_*.py print tables.
     again, with --pcap. It returns the timeline, all on one monotonic clock:
     listening again -> QEMU connected (its retry timer) -> rings started
     (the handshake) -> carrier up in the guest (QEMU's link-up, the
-    driver's config interrupt) -> the guest's first frame / ARP -> first
-    echo reply -> first new TCP connection.
+    driver's config interrupt) -> the guest's first frame (an MLD report)
+    -> its ARP request for the gateway (the entry went INCOMPLETE while the
+    link was down, so this waits for the guest's 1 s ARP retry timer; the
+    pings queued behind it then go at once) -> first echo reply -> first
+    new TCP connection.
 """
 from __future__ import annotations
 
@@ -176,11 +179,11 @@ class Timeline:
             ("(before) backend spawned -> listening (Python start-up)", d(self.spawned, self.listening)),
             ("listening -> QEMU connected (QEMU's 1 s reconnect timer)", d(self.listening, self.connected)),
             ("connected -> both rings started (vhost-user handshake)", d(self.connected, self.rings)),
-            ("rings -> guest's first frame (link-up, config irq, driver)", d(self.rings, frame)),
+            ("rings -> guest's first frame (link-up: MLD report)", d(self.rings, frame)),
             ("  (rings -> guest sees carrier 1, 50 ms polling)", d(self.rings, self.carrier_up)),
-            ("first frame -> ARP request (neighbour flushed at link-down)", d(frame, self.arp_request)),
+            ("first frame -> ARP request (guest's 1 s ARP retry timer)", d(frame, self.arp_request)),
             ("ARP request -> reply (backend)", d(self.arp_request, self.arp_reply)),
-            ("ARP reply -> first echo request", d(self.arp_reply, self.first_echo_request)),
+            ("ARP reply -> first echo request (queued ones flushed)", d(self.arp_reply, self.first_echo_request)),
             ("echo request -> reply sent (backend)", d(self.first_echo_request, self.first_echo_reply_sent)),
             ("reply sent -> guest prints it", d(self.first_echo_reply_sent, self.first_ping_reply)),
             ("TOTAL listening -> first ping reply", d(self.listening, self.first_ping_reply)),
