@@ -30,9 +30,8 @@ import time
 from pathlib import Path
 
 from vhostnet.launch import qemu
-from vhostnet.observe.control import ControlClient, ControlError
 
-__all__ = ["Lines", "Backend", "Guest", "UBootGuest", "fd_count", "rss_kib", "wait_control"]
+__all__ = ["Lines", "Backend", "Guest", "UBootGuest", "fd_count", "rss_kib"]
 
 ROOT = Path(__file__).resolve().parents[2]
 FALLBACK = "falling back on userspace virtio"
@@ -128,28 +127,6 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def wait_control(ctl: str, pred, timeout: float = 30.0, what: str = "a condition",
-                 cmd: str = "stats", interval: float = 0.02) -> dict:
-    """Ask the control socket CMD until PRED(document) holds; the document."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            with ControlClient(ctl) as c:
-                while True:
-                    last = c.request(cmd)
-                    if pred(last):
-                        return last
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"control socket {ctl}: {what} not seen in {timeout:g} s; "
-                                           f"last: {str(last)[:500]}")
-                    time.sleep(interval)   # the poll period of a counter, not a guess at a duration
-        except ControlError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"control socket {ctl} never answered") from None
-            time.sleep(interval)
 
 
 class Backend:

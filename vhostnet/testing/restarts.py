@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vhostnet.observe.control import ControlClient, ControlError
+from vhostnet.observe.control import ControlClient
 from vhostnet.testing.guest import FALLBACK, Backend, Guest, UBootGuest, fd_count, rss_kib
 
 __all__ = ["Sample", "qemu_restarts", "Timeline", "backend_restart"]
