@@ -1,8 +1,11 @@
 """The `vhostnet` command line: serve, run, qemu-args, and the looking-inside tools.
 
-    serve      the backend on a vhost-user socket (+ control socket, + --pcap)
+    serve      the backend on a vhost-user socket (+ control socket, + --pcap);
+               also as `vhostnet-backend`, with QEMU's backend program
+               conventions (--socket-path, --fd, --print-capabilities)
     run        the backend and a QEMU guest together, in one process
     qemu-args  the QEMU flags that attach a guest to a backend
+    install-discovery  the vhost-user discovery file (type "net") for management tools
     inspect    rings, indices, features, memory; one descriptor chain with --desc
     stats      frames, drops by reason, ARP/UDP/TCP tables, live with --watch
     capture    the guest's frames as pcap (-w) or as tcpdump-like lines
@@ -42,11 +45,39 @@ While it runs, look inside from another terminal:
   vhostnet stats --watch 1    traffic, drops, ARP/UDP/TCP tables
   vhostnet capture -w g.pcap  the guest's frames, for tshark/wireshark
 
+With -chardev socket,...,reconnect=1 (`vhostnet qemu-args --reconnect`),
+QEMU survives the backend: stop or kill it, start it again on the same
+socket, and the guest's link comes back within about a second.
+
+QEMU's backend program conventions (docs/interop/vhost-user.rst): the
+vhostnet-backend command is this one; --socket-path is --socket, --fd N
+serves a listening Unix socket the caller opened and passed as fd N (its
+path, if any, is left in place; the control socket is that path + .ctl),
+and --print-capabilities prints {"type": "net"} and exits.
+
 examples:
   vhostnet serve
   vhostnet serve --socket /tmp/v.sock --pcap all.pcap --log-level debug
   vhostnet serve --disable-feature offloads --disable-feature mrg-rxbuf
   vhostnet serve --fault loss=5%,reorder=2%,delay=20ms,jitter=5ms,seed=1,dir=both
+  vhostnet-backend --socket-path=/run/vm1/net0.sock
+  systemd-socket-activate -l /run/vm1/net0.sock vhostnet-backend --fd 3
+  vhostnet serve --print-capabilities
+"""
+
+EPILOG_DISCOVERY = """The file is QEMU's vhost-user discovery format (docs/interop/vhost-user.json,
+VhostUserBackend): type "net" and the absolute path of vhostnet-backend,
+which management software (libvirt, scripts) runs with --socket-path or
+--fd. Directories searched by such software, most general first:
+/usr/share/qemu/vhost-user (packages: the default, --prefix /usr),
+/etc/qemu/vhost-user (--sysconf), $XDG_CONFIG_HOME/qemu/vhost-user (--user).
+
+examples:
+  sudo vhostnet install-discovery            # /usr/share/qemu/vhost-user/50-vhostnet.json
+  vhostnet install-discovery --user
+  vhostnet install-discovery --prefix /opt/vhostnet --binary /opt/vhostnet/bin/vhostnet-backend
+  vhostnet install-discovery --print
+  vhostnet install-discovery --user --remove
 """
 
 EPILOG_RUN = """\
@@ -59,17 +90,28 @@ qemu-args` shows them). The console is on stdout; Ctrl-C stops QEMU and the
 backend. Exit status: QEMU's own, 128+N after signal N, 1 if QEMU fell back
 on userspace virtio.
 
+With --reconnect the backend runs as a child process, started again
+whenever it exits (crash, kill -9, or `kill PID` to pick up a new version),
+and QEMU gets -chardev socket,...,reconnect=1: the guest keeps running, its
+link goes down while the backend is away and comes back within about a
+second of the new backend listening.
+
 examples:
   vhostnet run
+  vhostnet run --reconnect
   vhostnet run --append "vhostnet.TCP_ECHO_TEST=0" --pcap guest.pcap
   vhostnet run --mem 1G -- -kernel bzImage -initrd rootfs.cpio -append "console=ttyS0"
   vhostnet run -- -drive file=disk.qcow2,if=virtio -smp 2
 """
 
 EPILOG_QEMU_ARGS = """\
+With --reconnect, QEMU keeps the guest when the backend goes away and
+reconnects (every second) until it is back: restart `vhostnet serve` at will.
+
 examples:
   qemu-system-x86_64 -accel kvm -nographic -kernel bzImage \\
       $(vhostnet qemu-args --socket /tmp/v.sock --mem 1G)
+  vhostnet qemu-args --reconnect
   vhostnet qemu-args --json
 """
 
@@ -146,6 +188,16 @@ def _count(text: str) -> int:
     return v
 
 
+def _fdnum(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file descriptor number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a file descriptor number (>= 0)")
+    return v
+
+
 def _index(text: str) -> int:
     try:
         v = int(text, 0)
@@ -213,8 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the backend on a vhost-user socket", formatter_class=Formatter,
                        description="Listen on a vhost-user Unix socket and serve one QEMU at a time.",
                        epilog=EPILOG_SERVE)
-    s.add_argument("--socket", default=default_socket(), metavar="PATH",
-                   help="vhost-user socket to listen on (default %(default)s, or $VHOSTNET_SOCKET)")
+    where = s.add_mutually_exclusive_group()
+    where.add_argument("--socket-path", "--socket", dest="socket", metavar="PATH",
+                       help=f"vhost-user socket to listen on (default {default_socket()}, "
+                            f"or $VHOSTNET_SOCKET)")
+    where.add_argument("--fd", type=_fdnum, metavar="FDNUM",
+                       help="serve the listening AF_UNIX stream socket the caller opened and "
+                            "passed as file descriptor FDNUM, instead of binding a path")
+    s.add_argument("--print-capabilities", action="store_true",
+                   help='print the backend\'s vhost-user capabilities as JSON ({"type": "net"}) and exit')
     s.add_argument("--once", action="store_true", help="exit when the first QEMU disconnects")
     _add_backend_options(s)
 
@@ -231,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accelerator; auto uses KVM if it can really run a guest (default %(default)s)")
     r.add_argument("--image", metavar="DIR", help="test guest image directory (default qemu/build/)")
     r.add_argument("--qemu", default=qemu.QEMU, metavar="BINARY", help="QEMU binary (default %(default)s)")
+    r.add_argument("--reconnect", action="store_true",
+                   help="run the backend as a child process that is started again whenever it exits, "
+                        "and QEMU with reconnect=1 so the guest outlives it (its link goes down and "
+                        "comes back); `kill` the backend's pid to restart it")
     _add_backend_options(r)
 
     a = sub.add_parser("qemu-args", help="print the QEMU flags that attach a guest", formatter_class=Formatter,
@@ -242,6 +305,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guest RAM, shared with the backend (default %(default)s)")
     a.add_argument("--mac", default=qemu.DEFAULT_MAC, metavar="MAC", help="guest MAC (default %(default)s)")
     a.add_argument("--json", action="store_true", help="print a JSON list of arguments")
+    a.add_argument("--reconnect", action="store_true",
+                   help=f"add reconnect={qemu.RECONNECT_SECONDS} to the chardev: QEMU keeps the guest "
+                        f"when the backend goes and reconnects when it is back")
+
+    d = sub.add_parser("install-discovery", help="write the vhost-user discovery file for management tools",
+                       formatter_class=Formatter, epilog=EPILOG_DISCOVERY,
+                       description="Write 50-vhostnet.json, the vhost-user backend discovery file "
+                                   "(type net) naming vhostnet-backend.")
+    dw = d.add_mutually_exclusive_group()
+    dw.add_argument("--prefix", metavar="DIR", help="write to DIR/share/qemu/vhost-user (default prefix /usr)")
+    dw.add_argument("--sysconf", action="store_true", help="write to /etc/qemu/vhost-user")
+    dw.add_argument("--user", action="store_true", help="write to $XDG_CONFIG_HOME/qemu/vhost-user")
+    dw.add_argument("--print", action="store_true", help="print the file on stdout; write nothing")
+    d.add_argument("--binary", metavar="PATH",
+                   help="the backend binary to name (default: the installed vhostnet-backend)")
+    d.add_argument("--remove", action="store_true", help="remove the file instead")
 
     i = sub.add_parser("inspect", help="show rings, indices, features and memory of a running backend",
                        formatter_class=Formatter, epilog=EPILOG_INSPECT,
@@ -295,12 +374,30 @@ def cmd_serve(args) -> int:
     from vhostnet.launch.serve import serve_backend
     from vhostnet.logging_setup import setup
 
+    from vhostnet.launch import conventions
+
+    listener = None
+    sock_path = args.socket or default_socket()
+    if args.fd is not None:
+        try:
+            listener = conventions.adopt_listener(args.fd)
+        except conventions.FdError as e:
+            return _fail(str(e), 2)
+        bound = conventions.listener_path(listener)
+        sock_path = bound or f"fd {args.fd}"
+        if bound is None and not args.control and not args.no_control:
+            print(f"vhostnet: --fd {args.fd} has no path to put a control socket beside; "
+                  f"none opened (give --control PATH for one)", file=sys.stderr)
+            args.no_control = True
     setup(args.log_level, args.log_file)
     try:
-        server, control, tap = serve.make_backend(args, args.socket)
+        server, control, tap = serve.make_backend(args, sock_path, listener=listener)
     except (ValueError, OSError) as e:
+        if listener is not None:
+            listener.close()    # the one fd we were handed, and may close
         return _fail(str(e), 2 if isinstance(e, ValueError) else 1)
-    print(f"vhostnet: vhost-user socket {args.socket}", file=sys.stderr)
+    via = f" (--fd {args.fd})" if args.fd is not None else ""
+    print(f"vhostnet: vhost-user socket {sock_path}{via}", file=sys.stderr)
     if control is not None:
         print(f"vhostnet: control socket {control.path} (vhostnet inspect --control {control.path})",
               file=sys.stderr)
@@ -347,6 +444,12 @@ def cmd_run(args) -> int:
     setup(args.log_level, args.log_file)
     tmp = None if args.socket else launch.temp_socket_dir()
     sock = args.socket or os.path.join(tmp, "vhost.sock")
+    if args.reconnect:
+        try:
+            return _run_reconnect(args, sock, mem, mac, image, own, accel)
+        finally:
+            if tmp is not None:
+                launch.remove_dir(tmp)
     try:
         try:
             server, control, tap = serve.make_backend(args, sock)
@@ -371,12 +474,94 @@ def cmd_run(args) -> int:
             launch.remove_dir(tmp)
 
 
+def cmd_install_discovery(args) -> int:
+    from vhostnet.launch import conventions as cv
+    binary = args.binary or cv.find_binary()
+    if binary is None and not args.remove:
+        return _fail(f"no {cv.BINARY_NAME} found beside this Python or on PATH; install the package "
+                     f"(pip install .), or name the binary with --binary PATH")
+    try:
+        if binary is not None and not args.remove:
+            cv.check_binary(binary)
+    except ValueError as e:
+        return _fail(str(e), 2)
+    if args.print:
+        print(json.dumps(cv.discovery_doc(binary), indent=2))
+        return 0
+    directory = cv.discovery_dir(args.prefix, user=args.user, sysconf=args.sysconf)
+    path = os.path.join(directory, cv.DISCOVERY_NAME)
+    try:
+        if args.remove:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                print(f"vhostnet: {path} was not there", file=sys.stderr)
+                return 0
+            print(f"vhostnet: removed {path}", file=sys.stderr)
+            return 0
+        path = cv.write_discovery(directory, binary)
+    except OSError as e:
+        hint = " (run as root, or use --user)" if isinstance(e, PermissionError) else ""
+        return _fail(f"cannot write {path}: {e.strerror or e}{hint}")
+    print(f"vhostnet: wrote {path} (type {cv.BACKEND_TYPE}, binary {binary})", file=sys.stderr)
+    return 0
+
+
+def _backend_argv(args, sock: str, start: int) -> list[str]:
+    """`vhostnet serve` with run's backend options, for the START-th backend
+    of `run --reconnect` (a --pcap file per start: FILE, FILE.1, ...)."""
+    argv = [sys.executable, "-m", "vhostnet", "serve", "--socket", sock, "--log-level", args.log_level,
+            "--rx-pending", str(args.rx_pending), "--mac", args.mac, "--guest-ip", args.guest_ip,
+            "--prefix", str(args.prefix), "--gateway-ip", args.gateway_ip, "--dns-ip", args.dns_ip,
+            "--gateway-mac", args.gateway_mac, "--mtu", str(args.mtu)]
+    for name in args.disable_feature:
+        argv += ["--disable-feature", name]
+    for flag, value in (("--log-file", args.log_file), ("--control", args.control),
+                        ("--pcap", args.pcap and (args.pcap if start == 0 else f"{args.pcap}.{start}"))):
+        if value:
+            argv += [flag, value]
+    if args.no_control:
+        argv.append("--no-control")
+    if args.raw_csum:
+        argv.append("--raw-csum")
+    return argv
+
+
+def _run_reconnect(args, sock, mem, mac, image, own, accel) -> int:
+    import functools
+    import logging
+    import shlex
+
+    import trio
+
+    from vhostnet.launch import qemu
+    from vhostnet.launch import run as launch
+    from vhostnet.observe.control import default_control_path
+
+    argv = qemu.qemu_argv(sock, memory=mem, mac=mac, image=image,
+                          guest_vars=None if own else {"NET": 1}, append=args.append,
+                          extra_args=args.qemu_args, accel=accel, qemu=args.qemu,
+                          reconnect=qemu.RECONNECT_SECONDS)
+    what = "your QEMU arguments" if own else f"the test guest ({image.kernel.name}, {image.kernel_version})"
+    print(f"vhostnet: backend on {sock} (restarted whenever it exits); booting {what} with {accel}, "
+          f"reconnect={qemu.RECONNECT_SECONDS}", file=sys.stderr)
+    if not args.no_control:
+        print(f"vhostnet: look inside: vhostnet inspect --control {args.control or default_control_path(sock)}",
+              file=sys.stderr)
+    sys.stderr.flush()
+    logging.getLogger("vhostnet.launch").info("qemu: %s", shlex.join(argv))
+    return trio.run(functools.partial(launch.run_guest_reconnect, functools.partial(_backend_argv, args, sock),
+                                      sock, argv, forward_stdin=sys.stdin.isatty()))
+
+
 def cmd_qemu_args(args) -> int:
     import shlex
 
+    from vhostnet.launch import qemu
     from vhostnet.launch.run import RunError, attach_flags
     try:
-        flags = attach_flags(args.socket, args.mem, args.mac)
+        flags = attach_flags(args.socket, args.mem, args.mac,
+                             reconnect=qemu.RECONNECT_SECONDS if args.reconnect else None)
     except RunError as e:
         return _fail(str(e), 2)
     print(json.dumps(flags) if args.json else shlex.join(flags))
@@ -534,6 +719,7 @@ def cmd_capture(args) -> int:
 
 
 COMMANDS = {"serve": cmd_serve, "run": cmd_run, "qemu-args": cmd_qemu_args,
+            "install-discovery": cmd_install_discovery,
             "inspect": cmd_inspect, "stats": cmd_stats, "capture": cmd_capture}
 
 
@@ -543,6 +729,11 @@ def main(argv=None) -> int:
     if "--" in argv:
         k = argv.index("--")
         argv, extra = argv[:k], argv[k + 1:]
+    if argv[:1] == ["serve"] and "--print-capabilities" in argv:
+        # The convention: print them and exit 0, whatever else is on the line.
+        from vhostnet.launch.conventions import capabilities
+        print(json.dumps(capabilities()))
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -555,3 +746,10 @@ def main(argv=None) -> int:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
+
+
+def backend_main(argv=None) -> int:
+    """`vhostnet-backend`: `vhostnet serve` under the name management tools run
+    (the discovery file's "binary"), so `vhostnet-backend --fd 3` just works."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return main(["serve", *argv])

@@ -229,8 +229,13 @@ def memory_args(size: str = DEFAULT_MEMORY) -> list[str]:
             "-M", "q35,memory-backend=mem", "-m", size]
 
 
+#: QEMU's -chardev socket reconnect=SECONDS for `--reconnect`: QEMU retries
+#: that often while the backend is away (1 s is the smallest it takes).
+RECONNECT_SECONDS = 1
+
+
 def nic_args(socket: str | os.PathLike | None, mac: str = DEFAULT_MAC,
-             netdev: str = "vhost-user") -> list[str]:
+             netdev: str = "vhost-user", reconnect: int | None = None) -> list[str]:
     """The virtio-net NIC and what serves it.
 
     netdev "vhost-user": the NIC's queues are served by the backend listening
@@ -245,12 +250,24 @@ def nic_args(socket: str | os.PathLike | None, mac: str = DEFAULT_MAC,
     - romfile=: no iPXE option ROM; we boot a kernel directly, and the ROM
       would only slow SeaBIOS down.
     - mac=: pinned so the guest's MAC is known to the backend and the logs.
+
+    RECONNECT (seconds): the chardev's reconnect=. QEMU then outlives the
+    backend: when it goes, QEMU takes the guest's link down and tries the
+    socket again every RECONNECT seconds; when it is back, QEMU redoes the
+    whole handshake (the same features as before) and the link comes up.
+    For split rings QEMU 7.2 cannot ask a dead backend where it was, so it
+    restarts each ring at the guest's used index: the backend completes
+    chains in order, so nothing is lost or used twice.
     """
     if netdev == "vhost-user":
         if socket is None:
             raise ValueError("a vhost-user NIC needs the backend's socket path")
-        backend = ["-chardev", f"socket,id=chr0,path={os.fspath(socket)}",
-                   "-netdev", "vhost-user,id=net0,chardev=chr0"]
+        chardev = f"socket,id=chr0,path={os.fspath(socket)}"
+        if reconnect is not None:
+            if reconnect < 1:
+                raise ValueError(f"reconnect must be at least 1 second, not {reconnect}")
+            chardev += f",reconnect={reconnect}"
+        backend = ["-chardev", chardev, "-netdev", "vhost-user,id=net0,chardev=chr0"]
     elif netdev == "user":
         backend = ["-netdev", "user,id=net0"]
     else:
@@ -296,17 +313,18 @@ def qemu_argv(socket: str | os.PathLike | None = None, *,
               append: str = "",
               extra_args: Iterable[str] = (),
               accel: str = "auto",
-              qemu: str = QEMU) -> list[str]:
+              qemu: str = QEMU,
+              reconnect: int | None = None) -> list[str]:
     """The full argv of a QEMU guest whose NIC is served on SOCKET.
 
     With IMAGE (see find_image) QEMU boots our test kernel and initramfs,
     with GUEST_VARS (e.g. {"NET": 1}) and APPEND on the kernel command line.
     Without it, EXTRA_ARGS must say what to boot (e.g. a disk image).
     EXTRA_ARGS are appended last either way.  ACCEL is "kvm", "tcg" or
-    "auto" (KVM when kvm_usable()).
+    "auto" (KVM when kvm_usable()). RECONNECT: see nic_args().
     """
     argv = [qemu, *accel_args(choose_accel(accel, qemu)), *memory_args(memory),
-            *console_args(), *nic_args(socket, mac, netdev)]
+            *console_args(), *nic_args(socket, mac, netdev, reconnect)]
     if image is not None:
         argv += boot_args(image, kernel_append(guest_vars, append))
     elif guest_vars or append:

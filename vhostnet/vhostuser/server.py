@@ -15,6 +15,7 @@ import errno
 import logging
 import math
 import os
+import socket
 
 import trio
 
@@ -162,9 +163,17 @@ class Connection:
 
 
 class Server:
+    """Serves one frontend at a time on SOCKET_PATH, or on LISTENER: an
+    already-listening socket handed over by the caller (`serve --fd`). Then
+    SOCKET_PATH only names it in logs and reports, and is never unlinked:
+    the path, if any, belongs to whoever bound it. The listener itself is
+    closed at the end either way (it was handed to us)."""
+
     def __init__(self, socket_path: str, make_device, *, once: bool = False,
-                 rlog: RateLimitedLog | None = None, taps: list | None = None):
+                 rlog: RateLimitedLog | None = None, taps: list | None = None,
+                 listener: socket.socket | None = None):
         self.socket_path = socket_path
+        self.owns_path = listener is None
         self.make_device = make_device
         self.once = once
         self.rlog = rlog or RateLimitedLog(log)
@@ -174,7 +183,7 @@ class Server:
         # capture outlives a reconnect. Empty means no cost.
         self.taps: list = taps if taps is not None else []
         self.connections = 0
-        self.listener: socket.socket | None = None
+        self.listener: socket.socket | None = listener
         self.ready = trio.Event()
 
     def listen(self) -> None:
@@ -197,10 +206,12 @@ class Server:
                     return
         finally:
             lsock.close()
-            try:
-                os.unlink(self.socket_path)
-            except OSError:
-                pass
+            self.listener = None
+            if self.owns_path:
+                try:
+                    os.unlink(self.socket_path)
+                except OSError:
+                    pass
 
     async def _serve_connection(self, sock) -> None:
         async with trio.open_nursery() as nursery:
