@@ -15,6 +15,7 @@ help:
 	@echo "make check            the pytest suite alone, without the setup step"
 	@echo "make test-qemu-smoke  boot the guest on a vhostnet backend and check its markers"
 	@echo "                      e.g. NET=1 TCP_ECHO_TEST=1 make test-qemu-smoke; BACKEND=slirp ..."
+	@echo "                      NET=1 IPERF_TEST=1 REDIS_TEST=1 GIT_TEST=1 make test-qemu-smoke"
 	@echo "make bench            run every scripts/bench_*.py"
 
 setup:
@@ -38,8 +39,8 @@ check:
 	$(PYTHON) -m pytest
 
 # The smoke runner reads NET, EXPECT_NET, ICMP_TEST, TCP_ECHO_TEST,
-# UDP_ECHO_TEST, NET_LOOPBACK_TEST, BACKEND, SMOKE_TIMEOUT, ACCEL and
-# BACKEND_ARGS from the environment (see qemu/smoke.py).
+# UDP_ECHO_TEST, NET_LOOPBACK_TEST, IPERF_TEST, REDIS_TEST, GIT_TEST, BACKEND,
+# SMOKE_TIMEOUT, ACCEL and BACKEND_ARGS from the environment (see qemu/smoke.py).
 test-qemu-smoke:
 	$(PYTHON) qemu/smoke.py
 

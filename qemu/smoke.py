@@ -23,6 +23,14 @@ Switches, from the environment or the matching --options (1 on, 0 off):
                         run and expect that test (default: NET; with
                         BACKEND=slirp only ICMP_TEST, as slirp has no echo
                         service and does not reflect frames to the guest)
+  IPERF_TEST, REDIS_TEST, GIT_TEST
+                        application tests (default 0): the guest boots the
+                        image with iperf3, redis-cli and git, and runs them
+                        against real servers this runner starts on 127.0.0.1
+                        (iperf3 -s, redis-server, git daemon over a bare repo
+                        it makes; vhostnet/testing/hostservers.py) and stops
+                        afterwards; the guest reaches them as 10.0.2.2:PORT,
+                        so they need NAT (slirp has it)
   BACKEND               vhostnet (default) or slirp
   SMOKE_TIMEOUT         seconds for the whole guest run (default 120)
   ACCEL                 auto (default), kvm or tcg
@@ -50,6 +58,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 from vhostnet.launch import qemu
+from vhostnet.testing.hostservers import HostServers, ServerError
 
 GATEWAY = "10.0.2.2"
 FALLBACK = "falling back on userspace virtio"
@@ -63,8 +72,14 @@ TEST_MARKERS = [
     ("TCP_ECHO_TEST", "tcp-echo: ok"),
     ("UDP_ECHO_TEST", "udp-echo: ok"),
     ("NET_LOOPBACK_TEST", "net: tcp loopback ok"),
+    ("IPERF_TEST", "iperf3: ok"),
+    ("REDIS_TEST", "redis: ok"),
+    ("GIT_TEST", "git: ok"),
 ]
-SLIRP_TESTS = {"ICMP_TEST"}     # tests that QEMU's slirp can serve
+# Tests that QEMU's slirp can serve, on by default with BACKEND=slirp.
+SLIRP_TESTS = {"ICMP_TEST"}
+# Application tests: off unless asked for; they need host servers.
+APP_TESTS = {"IPERF_TEST": "iperf", "REDIS_TEST": "redis", "GIT_TEST": "git"}
 
 
 # --- configuration -----------------------------------------------------------
@@ -89,11 +104,18 @@ class Plan:
     append: str = ""
     memory: str = qemu.DEFAULT_MEMORY
 
-    def guest_vars(self) -> dict[str, int]:
+    def guest_vars(self, ports: dict[str, int] | None = None) -> dict[str, int]:
+        """Switches for the guest's command line, plus the host servers' PORTS."""
         v = {"NET": int(self.net)}
         if self.net:
             v.update({name: int(on) for name, on in self.tests.items()})
+            v.update(ports or {})
         return v
+
+    def apps(self) -> dict[str, bool]:
+        """Which host servers the application tests need."""
+        return {server: self.net and self.tests.get(name, False)
+                for name, server in APP_TESTS.items()}
 
     def expected(self) -> list[str]:
         out = ["init: start"]
@@ -113,7 +135,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     net = _flag(args.net or env.get("NET"), True, "NET")
     tests = {}
     for name, _ in TEST_MARKERS:
-        default = net and (backend != "slirp" or name in SLIRP_TESTS)
+        default = net and name not in APP_TESTS and (backend != "slirp" or name in SLIRP_TESTS)
         tests[name] = _flag(getattr(args, name.lower()) or env.get(name), default, name)
     return Plan(
         backend=backend, net=net, tests=tests,
@@ -190,6 +212,7 @@ def stop(proc: subprocess.Popen | None, grace: float) -> int | None:
 class Console:
     lines: list[str] = field(default_factory=list)
     seen: dict[str, float] = field(default_factory=dict)   # marker -> seconds
+    said: dict[str, str] = field(default_factory=dict)     # marker -> its whole line
     fails: list[str] = field(default_factory=list)
     fallback: str | None = None
     qemu_said: list[str] = field(default_factory=list)     # QEMU's own warnings/errors
@@ -232,6 +255,7 @@ def watch_console(proc: subprocess.Popen, plan: Plan, console_log: Path,
         for m in markers:
             if m in text and m not in c.seen:
                 c.seen[m] = now
+                c.said[m] = text.strip()
         if "FAIL:" in text:
             c.fails.append(text.strip())
         if FALLBACK in text and c.fallback is None:
@@ -273,16 +297,23 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
     accel = qemu.choose_accel(plan.accel)
     if plan.accel == "auto" and accel == "tcg" and os.path.exists("/dev/kvm"):
         log(f"accel tcg: {qemu.kvm_verdict().reason}")
+    servers = HostServers(run_dir / "servers", **plan.apps())
     try:
+        if any(plan.apps().values()):
+            image = image.with_apps()
+            servers.__enter__()
+            log(f"host servers on 127.0.0.1: "
+                f"{', '.join(f'{k} {v}' for k, v in servers.ports.items())}")
         if plan.backend == "vhostnet":
             backend = start_backend(plan, sock, backend_log)
         else:
             backend_log.write_text("BACKEND=slirp: QEMU's user-mode network, no vhostnet backend\n")
+        guest_vars = plan.guest_vars(servers.guest_vars())
         argv = qemu.qemu_argv(sock, netdev="vhost-user" if plan.backend == "vhostnet" else "user",
-                              image=image, guest_vars=plan.guest_vars(), append=plan.append,
+                              image=image, guest_vars=guest_vars, append=plan.append,
                               memory=plan.memory, accel=accel)
         (run_dir / "qemu.cmd").write_text(qemu.format_argv(argv) + "\n")
-        log(f"guest: {', '.join(f'{k}={v}' for k, v in plan.guest_vars().items())}; "
+        log(f"guest: {', '.join(f'{k}={v}' for k, v in guest_vars.items())}; "
             f"backend {plan.backend}; accel {accel}; timeout {plan.timeout:.0f} s")
         log(f"qemu: {shlex.join(argv)}")
         t_boot = time.monotonic()
@@ -299,11 +330,13 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
         backend_rc = stop(backend, 10)
         if backend is not None and backend_rc not in (0, None) and not c.timed_out:
             problems.append(f"the backend exited with status {backend_rc}")
-    except Failure as e:
+        problems += servers.verify()
+    except (Failure, ServerError, qemu.ImageNotBuilt) as e:
         problems.append(str(e))
     finally:
         stop(qemu_proc, 0)
         stop(backend, 0)
+        servers.stop()
         shutil.rmtree(sock_dir, ignore_errors=True)
 
     # --- verdict
@@ -320,7 +353,9 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
         Path(args.result_json).write_text(json.dumps({
             "passed": not problems, "problems": problems,
             "markers": {m: c.seen.get(m) for m in plan.expected()},
-            "guest_vars": plan.guest_vars(), "backend": plan.backend, "accel": accel,
+            "marker_lines": {m: c.said.get(m) for m in plan.expected()},
+            "guest_vars": plan.guest_vars(servers.ports and servers.guest_vars()),
+            "backend": plan.backend, "accel": accel,
             "guest_seconds": boot_secs, "run_dir": str(run_dir),
             "console_log": str(console_log), "backend_log": str(backend_log)}, indent=2))
 
@@ -329,7 +364,7 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
     if qemu_proc is not None:
         print()
         for m in plan.expected():
-            print(f"  {'ok  ' if m in c.seen else 'MISS'} {m}"
+            print(f"  {'ok  ' if m in c.seen else 'MISS'} {c.said.get(m, m)}"
                   + (f"  ({c.seen[m]:.1f} s)" if m in c.seen else ""))
         print()
     if not problems:

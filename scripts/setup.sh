@@ -3,7 +3,8 @@
 #
 #   apt (Debian 12): qemu-system-x86   QEMU 7.2, boots the test guest
 #                    tshark tcpdump    capture and decode the guest's frames
-#                    iperf3            throughput benchmarks
+#                    iperf3            throughput benchmarks; the guest's iperf3 test server
+#                    redis-server git  host servers for the guest's redis-cli and git tests
 #                    passt             a reference vhost-user backend to compare with
 #                    gcc libc6-dev     static guest test programs (scripts/build-guest.sh)
 #                    xz-utils cpio     unpack the guest kernel, pack the initramfs
@@ -21,7 +22,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 
-REQUIRED=(qemu-system-x86 tshark tcpdump iperf3 passt gcc libc6-dev xz-utils cpio make)
+REQUIRED=(qemu-system-x86 tshark tcpdump iperf3 redis-server git passt gcc libc6-dev xz-utils cpio make)
 OPTIONAL=(dpdk-dev librte-net-virtio23)
 
 say() { printf 'setup: %s\n' "$*"; }

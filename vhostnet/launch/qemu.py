@@ -18,6 +18,7 @@ Nothing here starts QEMU for the caller; this module only knows flags.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -51,11 +52,23 @@ class ImageNotBuilt(FileNotFoundError):
 
 @dataclass(frozen=True)
 class GuestImage:
-    """The test guest: kernel (ELF vmlinux, or bzImage) and initramfs."""
+    """The test guest: kernel (ELF vmlinux, or bzImage) and initramfs.
+
+    INITRD_APPS is the initramfs with the applications (iperf3, redis-cli,
+    git) appended, when the build made one (see with_apps())."""
     kernel: Path
     initrd: Path
     kernel_version: str = ""
     inputs: str = ""        # hash of the build inputs, from image.env
+    initrd_apps: Path | None = None
+    arch: str = "amd64"
+
+    def with_apps(self) -> "GuestImage":
+        """This image booting the initramfs that carries the applications."""
+        if self.initrd_apps is None:
+            raise ImageNotBuilt(f"the {self.arch} guest image has no applications archive "
+                                f"(initramfs-apps.cpio; rebuild: make guest)")
+        return dataclasses.replace(self, initrd=self.initrd_apps)
 
 
 def find_image(directory: str | os.PathLike | None = None) -> GuestImage:
@@ -72,8 +85,10 @@ def find_image(directory: str | os.PathLike | None = None) -> GuestImage:
                             f"or scripts/build-guest.sh)")
     env = dict(line.split("=", 1) for line in manifest.read_text().splitlines() if "=" in line)
     image = GuestImage(kernel=Path(env["KERNEL"]), initrd=Path(env["INITRD"]),
-                       kernel_version=env.get("KERNEL_VERSION", ""), inputs=env.get("INPUTS", ""))
-    for p in (image.kernel, image.initrd):
+                       kernel_version=env.get("KERNEL_VERSION", ""), inputs=env.get("INPUTS", ""),
+                       initrd_apps=Path(env["INITRD_APPS"]) if env.get("INITRD_APPS") else None,
+                       arch=env.get("ARCH", "amd64"))
+    for p in (image.kernel, image.initrd, *filter(None, [image.initrd_apps])):
         if not p.is_file():
             raise ImageNotBuilt(f"{manifest} names {p}, which is missing (rebuild: make guest)")
     return image
