@@ -21,9 +21,11 @@
 # libraries it needs (found by following ELF NEEDED entries through the
 # unpacked packages of APP_PACKAGES) and its loader (PT_INTERP).  They go in a
 # second cpio archive, apps.cpio, so that ordinary boots do not carry ~20 MB:
-# initramfs-apps.cpio is the base archive followed by the apps one (Linux
+# initramfs-apps.cpio is the apps archive followed by the base one (Linux
 # unpacks concatenated archives in order).  apps.cpio stays uncompressed:
-# under TCG, inflating it in the guest cost ~1 s per boot, copying it ~0.
+# under TCG, inflating it in the guest cost ~1 s per boot, copying it ~0.  It
+# must come first: Linux 6.1 ignored an uncompressed archive that followed
+# the gzip one.
 #
 # Outputs (qemu/build/ or qemu/build-arm64/, gitignored):
 #   vmlinux             amd64: uncompressed ELF kernel; QEMU boots it through
@@ -436,7 +438,7 @@ build_initramfs() {
         cpio -o -H newc --owner=0:0 --quiet) | gzip -6n >"$OUT/initramfs.cpio.gz.tmp"
     mv "$OUT/initramfs.cpio.gz.tmp" "$OUT/initramfs.cpio.gz"
     if [ -d "$OUT/apps" ]; then
-        cat "$OUT/initramfs.cpio.gz" "$OUT/apps/apps.cpio" >"$OUT/initramfs-apps.cpio.tmp"
+        cat "$OUT/apps/apps.cpio" "$OUT/initramfs.cpio.gz" >"$OUT/initramfs-apps.cpio.tmp"
         mv "$OUT/initramfs-apps.cpio.tmp" "$OUT/initramfs-apps.cpio"
     else
         rm -f "$OUT/initramfs-apps.cpio"
