@@ -32,6 +32,13 @@ Switches, from the environment or the matching --options (1 on, 0 off):
                         afterwards; the guest reaches them as 10.0.2.2:PORT,
                         so they need NAT (slirp has it)
   BACKEND               vhostnet (default) or slirp
+  MACHINE               q35 (default) or virt-aarch64 (boots the arm64 image,
+                        GUEST_ARCH=arm64 scripts/build-guest.sh)
+  TRANSPORT             pci or mmio (default: the machine's; q35 has pci only)
+  LEGACY                1: a legacy-only device (disable-modern=on,
+                        virtio-mmio.force-legacy=true); 0: modern-only;
+                        unset: QEMU's default (transitional PCI, legacy mmio)
+  QUEUE_SIZE            rx_queue_size and tx_queue_size of the NIC (e.g. 1024)
   SMOKE_TIMEOUT         seconds for the whole guest run (default 120)
   ACCEL                 auto (default), kvm or tcg
   BACKEND_ARGS          extra arguments for `vhostnet serve`
@@ -78,6 +85,9 @@ TEST_MARKERS = [
 ]
 # Tests that QEMU's slirp can serve, on by default with BACKEND=slirp.
 SLIRP_TESTS = {"ICMP_TEST"}
+# The guest prints the virtio feature bits its driver took (sysfs: a string
+# of 0/1, bit 0 first) after this.
+FEATURES_LINE = "net: virtio features "
 # Application tests: off unless asked for; they need host servers.
 APP_TESTS = {"IPERF_TEST": "iperf", "REDIS_TEST": "redis", "GIT_TEST": "git"}
 
@@ -103,6 +113,10 @@ class Plan:
     backend_args: list[str] = field(default_factory=list)
     append: str = ""
     memory: str = qemu.DEFAULT_MEMORY
+    machine: str = "q35"
+    transport: str | None = None
+    legacy: bool | None = None
+    queue_size: int | None = None
 
     def guest_vars(self, ports: dict[str, int] | None = None) -> dict[str, int]:
         """Switches for the guest's command line, plus the host servers' PORTS."""
@@ -137,7 +151,24 @@ def make_plan(args: argparse.Namespace) -> Plan:
     for name, _ in TEST_MARKERS:
         default = net and name not in APP_TESTS and (backend != "slirp" or name in SLIRP_TESTS)
         tests[name] = _flag(getattr(args, name.lower()) or env.get(name), default, name)
+    machine = args.machine or env.get("MACHINE") or "q35"
+    transport = args.transport or env.get("TRANSPORT") or None
+    try:
+        if not qemu.machine(machine).image_arch:
+            raise ValueError(f"there is no test image for the {machine} machine")
+        qemu.transport_of(qemu.machine(machine), transport)
+    except ValueError as e:
+        raise SystemExit(f"smoke: {e}") from None
+    legacy = args.legacy or env.get("LEGACY")
+    if legacy not in (None, "", "0", "1"):
+        raise SystemExit(f"smoke: LEGACY must be 0 or 1, not {legacy!r}")
+    queue_size = args.queue_size or env.get("QUEUE_SIZE")
+    if queue_size is not None and not str(queue_size).isdigit():
+        raise SystemExit(f"smoke: QUEUE_SIZE must be a number, not {queue_size!r}")
     return Plan(
+        machine=machine, transport=transport,
+        legacy=None if legacy in (None, "") else legacy == "1",
+        queue_size=int(queue_size) if queue_size else None,
         backend=backend, net=net, tests=tests,
         expect_net=_flag(args.expect_net or env.get("EXPECT_NET"), net, "EXPECT_NET"),
         timeout=float(args.timeout or env.get("SMOKE_TIMEOUT") or 120),
@@ -156,14 +187,15 @@ def log(msg: str) -> None:
     print(f"smoke: {msg}", flush=True)
 
 
-def build_image(skip: bool) -> qemu.GuestImage:
+def build_image(skip: bool, arch: str = "amd64") -> qemu.GuestImage:
     if not skip:
         t0 = time.monotonic()
-        r = subprocess.run(["bash", str(ROOT / "scripts" / "build-guest.sh")], cwd=ROOT)
+        r = subprocess.run(["bash", str(ROOT / "scripts" / "build-guest.sh")], cwd=ROOT,
+                           env={**os.environ, "GUEST_ARCH": arch})
         if r.returncode != 0:
-            raise Failure(f"scripts/build-guest.sh failed (exit {r.returncode})")
-        log(f"guest image ready in {time.monotonic() - t0:.1f} s")
-    return qemu.find_image()
+            raise Failure(f"GUEST_ARCH={arch} scripts/build-guest.sh failed (exit {r.returncode})")
+        log(f"{arch} guest image ready in {time.monotonic() - t0:.1f} s")
+    return qemu.find_image(arch=arch)
 
 
 def new_run_dir() -> Path:
@@ -285,7 +317,8 @@ def context(lines: list[str], needle: str, n: int = 3) -> Excerpt:
 
 def run(plan: Plan, args: argparse.Namespace) -> int:
     t_start = time.monotonic()
-    image = build_image(args.no_build)
+    machine = qemu.machine(plan.machine)
+    image = build_image(args.no_build, machine.image_arch)
     run_dir = new_run_dir()
     console_log, backend_log = run_dir / "console.log", run_dir / "backend.log"
     sock_dir = Path(tempfile.mkdtemp(prefix="vhostnet-smoke-"))   # short path for AF_UNIX
@@ -294,8 +327,8 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
     problems: list[str] = []
     c = Console()
     boot_secs = 0.0
-    accel = qemu.choose_accel(plan.accel)
-    if plan.accel == "auto" and accel == "tcg" and os.path.exists("/dev/kvm"):
+    accel = qemu.machine_accel(plan.accel, machine)
+    if plan.accel == "auto" and accel == "tcg" and machine.name == "q35" and os.path.exists("/dev/kvm"):
         log(f"accel tcg: {qemu.kvm_verdict().reason}")
     servers = HostServers(run_dir / "servers", **plan.apps())
     try:
@@ -311,10 +344,14 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
         guest_vars = plan.guest_vars(servers.guest_vars())
         argv = qemu.qemu_argv(sock, netdev="vhost-user" if plan.backend == "vhostnet" else "user",
                               image=image, guest_vars=guest_vars, append=plan.append,
-                              memory=plan.memory, accel=accel)
+                              memory=plan.memory, accel=accel, machine=machine,
+                              transport=plan.transport, legacy=plan.legacy,
+                              queue_size=plan.queue_size)
         (run_dir / "qemu.cmd").write_text(qemu.format_argv(argv) + "\n")
         log(f"guest: {', '.join(f'{k}={v}' for k, v in guest_vars.items())}; "
-            f"backend {plan.backend}; accel {accel}; timeout {plan.timeout:.0f} s")
+            f"backend {plan.backend}; {machine.name} {qemu.transport_of(machine, plan.transport)}"
+            f"{'' if plan.legacy is None else (' legacy' if plan.legacy else ' modern')}; "
+            f"accel {accel}; timeout {plan.timeout:.0f} s")
         log(f"qemu: {shlex.join(argv)}")
         t_boot = time.monotonic()
         qemu_proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL,
@@ -355,6 +392,10 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
             "markers": {m: c.seen.get(m) for m in plan.expected()},
             "marker_lines": {m: c.said.get(m) for m in plan.expected()},
             "guest_vars": plan.guest_vars(servers.ports and servers.guest_vars()),
+            "machine": machine.name, "transport": qemu.transport_of(machine, plan.transport),
+            "legacy": plan.legacy, "queue_size": plan.queue_size,
+            "guest_features": next((line.split()[-1] for line in c.lines
+                                    if line.startswith(FEATURES_LINE)), None),
             "backend": plan.backend, "accel": accel,
             "guest_seconds": boot_secs, "run_dir": str(run_dir),
             "console_log": str(console_log), "backend_log": str(backend_log)}, indent=2))
@@ -396,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog="Each option overrides the environment variable of "
                                        "the same name (see the module docstring).")
     p.add_argument("--backend", choices=["vhostnet", "slirp"])
+    p.add_argument("--machine", choices=[n for n, m in qemu.MACHINES.items() if m.image_arch])
+    p.add_argument("--transport", choices=["pci", "mmio"])
+    p.add_argument("--legacy", choices=["0", "1"])
+    p.add_argument("--queue-size", help="rx_queue_size and tx_queue_size of the NIC")
     p.add_argument("--net", choices=["0", "1"])
     p.add_argument("--expect-net", choices=["0", "1"])
     for name, _ in TEST_MARKERS:
@@ -409,11 +454,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-q", "--quiet", action="store_true", help="do not echo the console")
     p.add_argument("--result-json", metavar="PATH", help="also write the verdict as JSON to PATH")
     args = p.parse_args(argv)
-    if shutil.which(qemu.QEMU) is None:
-        log(f"{qemu.QEMU} not found (install qemu-system-x86: make setup)")
+    plan = make_plan(args)
+    m = qemu.machine(plan.machine)
+    if shutil.which(m.qemu) is None:
+        log(f"{m.qemu} not found (install {m.package}: make setup)")
         return 2
     try:
-        return run(make_plan(args), args)
+        return run(plan, args)
     except (qemu.ImageNotBuilt, Failure) as e:
         log(f"FAIL: {e}")
         return 1

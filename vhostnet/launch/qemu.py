@@ -323,7 +323,8 @@ def memory_args(size: str = DEFAULT_MEMORY, m: Machine = DEFAULT_MACHINE) -> lis
 
 def nic_args(socket: str | os.PathLike | None, mac: str = DEFAULT_MAC,
              netdev: str = "vhost-user", transport: str = "pci",
-             legacy: bool | None = None, pci_slot: int | None = None) -> list[str]:
+             legacy: bool | None = None, pci_slot: int | None = None,
+             queue_size: int | None = None) -> list[str]:
     """The virtio-net NIC and what serves it.
 
     netdev "vhost-user": the NIC's queues are served by the backend listening
@@ -348,6 +349,8 @@ def nic_args(socket: str | os.PathLike | None, mac: str = DEFAULT_MAC,
       would only slow SeaBIOS down.
     - addr=PCI_SLOT: a fixed slot on the root bus, when a firmware needs one.
     mac=: pinned so the guest's MAC is known to the backend and the logs.
+    QUEUE_SIZE sets rx_queue_size and tx_queue_size (QEMU's default is 256;
+    a TX ring above 256 needs a vhost-user backend, and 1024 is the most).
     """
     if netdev == "vhost-user":
         if socket is None:
@@ -358,8 +361,9 @@ def nic_args(socket: str | os.PathLike | None, mac: str = DEFAULT_MAC,
         backend = ["-netdev", "user,id=net0"]
     else:
         raise ValueError(f"netdev must be vhost-user or user, not {netdev!r}")
+    queues = "" if queue_size is None else f",rx_queue_size={queue_size},tx_queue_size={queue_size}"
     if transport == "pci":
-        device = f"virtio-net-pci,netdev=net0,mac={mac},vectors=0,romfile="
+        device = f"virtio-net-pci,netdev=net0,mac={mac},vectors=0,romfile={queues}"
         if legacy is not None:
             device += ",disable-modern=on" if legacy else ",disable-legacy=on"
         if pci_slot is not None:
@@ -368,7 +372,7 @@ def nic_args(socket: str | os.PathLike | None, mac: str = DEFAULT_MAC,
     if transport == "mmio":
         mode = [] if legacy is None else [
             "-global", f"virtio-mmio.force-legacy={'true' if legacy else 'false'}"]
-        return backend + mode + ["-device", f"virtio-net-device,netdev=net0,mac={mac}"]
+        return backend + mode + ["-device", f"virtio-net-device,netdev=net0,mac={mac}{queues}"]
     raise ValueError(f"transport must be pci or mmio, not {transport!r}")
 
 
@@ -416,16 +420,17 @@ def qemu_argv(socket: str | os.PathLike | None = None, *,
               qemu: str | None = None,
               machine: str | Machine = "q35",
               transport: str | None = None,
-              legacy: bool | None = None) -> list[str]:
+              legacy: bool | None = None,
+              queue_size: int | None = None) -> list[str]:
     """The full argv of a QEMU guest whose NIC is served on SOCKET.
 
     With IMAGE (see find_image) QEMU boots our test kernel and initramfs,
     with GUEST_VARS (e.g. {"NET": 1}) and APPEND on the kernel command line.
     Without it, EXTRA_ARGS must say what to boot (e.g. a disk image).
     EXTRA_ARGS are appended last either way.  ACCEL is "kvm", "tcg" or
-    "auto" (KVM when kvm_usable()).  MACHINE (see MACHINES), TRANSPORT and
-    LEGACY choose the board and the NIC (see nic_args); QEMU defaults to
-    the machine's binary.
+    "auto" (KVM when kvm_usable()).  MACHINE (see MACHINES), TRANSPORT,
+    LEGACY and QUEUE_SIZE choose the board and the NIC (see nic_args); QEMU
+    defaults to the machine's binary.
     """
     m = globals()["machine"](machine)
     transport = transport_of(m, transport)
@@ -434,7 +439,8 @@ def qemu_argv(socket: str | os.PathLike | None = None, *,
     qemu = qemu or m.qemu
     accel = machine_accel(accel, m) if qemu == m.qemu else choose_accel(accel, qemu)
     argv = [qemu, *accel_args(accel, m), *memory_args(memory, m),
-            *console_args(), *nic_args(socket, mac, netdev, transport, legacy)]
+            *console_args(), *nic_args(socket, mac, netdev, transport, legacy,
+                                       queue_size=queue_size)]
     if image is not None:
         argv += boot_args(image, kernel_append(guest_vars, append, m))
     elif guest_vars or append:
