@@ -267,6 +267,9 @@ def machine(name: str | Machine) -> Machine:
         raise ValueError(f"machine must be one of {', '.join(MACHINES)}, not {name!r}") from None
 
 
+_as_machine = machine     # for functions whose `machine` parameter hides it
+
+
 def transport_of(m: Machine, transport: str | None) -> str:
     """TRANSPORT checked against M (its default when None)."""
     if transport is None:
@@ -432,7 +435,7 @@ def qemu_argv(socket: str | os.PathLike | None = None, *,
     LEGACY and QUEUE_SIZE choose the board and the NIC (see nic_args); QEMU
     defaults to the machine's binary.
     """
-    m = globals()["machine"](machine)
+    m = _as_machine(machine)
     transport = transport_of(m, transport)
     if image is not None and m.image_arch and image.arch != m.image_arch:
         raise ValueError(f"the {m.name} machine boots the {m.image_arch} image, not {image.arch}")

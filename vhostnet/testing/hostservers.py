@@ -114,8 +114,9 @@ class HostServers:
     iperf: bool = False
     redis: bool = False
     git: bool = False
-    ports: dict[str, int] = field(default_factory=dict)
-    procs: list[subprocess.Popen] = field(default_factory=list)
+    ports: dict[str, int] = field(default_factory=dict, init=False)
+    procs: list[subprocess.Popen] = field(default_factory=list, init=False)
+    git_dir: Path | None = field(default=None, init=False)   # what git daemon serves
 
     def __enter__(self) -> "HostServers":
         self.workdir.mkdir(parents=True, exist_ok=True)

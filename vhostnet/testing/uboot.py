@@ -36,6 +36,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -227,7 +228,7 @@ class UBoot:
         p = self.proc
         with contextlib.suppress(OSError, ValueError):
             p.stdin.close()
-        for sig in (15, 9):
+        for sig in (signal.SIGTERM, signal.SIGKILL):
             if p.poll() is not None:
                 break
             with contextlib.suppress(ProcessLookupError):
@@ -266,7 +267,7 @@ class Backend:
             time.sleep(0.02)
 
     def stop(self) -> int | None:
-        for sig in (None, 15, 9):
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
             if sig is not None and self.proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, sig)
