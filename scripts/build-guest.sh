@@ -42,8 +42,9 @@
 # package version (kernel/.stamp), the applications once per set of package
 # versions (apps/.stamp).  The initramfs is rebuilt only when the hash of its
 # inputs changes (this script, qemu/init, qemu/guest/*, the package versions,
-# the compiler and libc versions): see .initramfs.stamp.  A warm run costs one
-# apt-cache policy query and a sha256sum.
+# the compiler and libc versions): see .initramfs.stamp.  The package versions
+# apt resolves are kept in .packages until apt's lists change.  A warm run
+# costs a few sha256sums.
 #
 # Environment:
 #   GUEST_ARCH        amd64 (default) or arm64
@@ -142,10 +143,40 @@ apt_lists_ready() { apt-cache show "busybox-static:$ARCH" >/dev/null 2>&1; }
 
 # --- package resolution ------------------------------------------------------
 
+# What the package versions depend on: apt's lists (their names, sizes and
+# mtimes), the packages asked for and this script.
+lists_key() {
+    {
+        echo "$ARCH ${KERNEL_PKG:-} ${APP_PACKAGES[*]}"
+        sha256sum "${BASH_SOURCE[0]}"
+        find /var/lib/apt/lists -maxdepth 1 -name '*Packages*' -printf '%f %s %T@\n' 2>/dev/null | LC_ALL=C sort
+    } | sha256sum | cut -c1-16
+}
+
+# apt-cache parses every list on each call (this image keeps no pkgcache.bin),
+# 1-9 s with two architectures; the answer is kept until the lists change.
 resolve_packages() {
-    local try
+    local try key cache=$OUT/.packages
+    key=$(lists_key)
+    if [ "$FORCE" != 1 ] && [ -f "$cache" ] && [ "$(head -n1 "$cache")" = "# $key" ]; then
+        # shellcheck source=/dev/null
+        . "$cache"
+        return
+    fi
     for try in 1 2; do
-        query_packages && return
+        if query_packages; then
+            {
+                echo "# $key"
+                printf 'KERNEL_PKG=%q KERNEL_VER=%q BUSYBOX_VER=%q\n' "$KERNEL_PKG" "$KERNEL_VER" "$BUSYBOX_VER"
+                if [ ${#APP_VERS[@]} -gt 0 ]; then
+                    printf 'APP_VERS=(%s)\n' "$(printf '%q ' "${APP_VERS[@]}")"
+                else
+                    echo 'APP_VERS=()'
+                fi
+            } >"$cache.tmp"
+            mv "$cache.tmp" "$cache"
+            return
+        fi
         [ "$try" = 1 ] && [ "$(id -u)" -eq 0 ] || break
         say "apt does not know the guest packages yet: apt-get update"
         apt-get update -qq
