@@ -61,6 +61,12 @@ def test_qemu_args(capsys):
     assert "socket,id=chr0,path=/tmp/my dir/v.sock" in flags
 
 
+def test_run_shell_needs_a_terminal():
+    p = subprocess.run([sys.executable, "-m", "vhostnet", "run", "--shell"], stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "--shell needs a terminal on stdin" in p.stderr, p.stderr
+
+
 @pytest.mark.parametrize("machine,extra,binary,package,want", [
     ("q35", ["--legacy"], "qemu-system-x86_64", "qemu-system-x86",
      ["-M q35,memory-backend=mem",

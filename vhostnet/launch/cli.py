@@ -380,6 +380,11 @@ def cmd_run(args) -> int:
         if own and args.shell:
             raise launch.RunError("--shell boots the test guest; it does not go with your own "
                                   "boot arguments")
+        if args.shell and not sys.stdin.isatty():
+            # Input typed before the guest's shell opens the console is lost,
+            # so a pipe of commands would hang; a person at a terminal is fine.
+            raise launch.RunError("--shell needs a terminal on stdin (for scripted guests, "
+                                  "use vhostnet.NAME=V switches with --append)")
         machine = qemu.machine(args.machine)
         transport = qemu.transport_of(machine, args.transport)
         if not own and not machine.image_arch:
