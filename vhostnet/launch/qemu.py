@@ -1,18 +1,23 @@
 """QEMU command lines for a guest whose NIC is a vhostnet backend.
 
-Three things live here, for the smoke runner (qemu/smoke.py), the tests and
-later the CLI:
+Four things live here, for the smoke runner (qemu/smoke.py), the tests,
+vhostnet/testing/uboot.py and the CLI (`run`, `qemu-args`):
 
-- `qemu_argv()` builds the argv of a qemu-system-x86_64 whose virtio-net NIC
-  is served over vhost-user (or, for checking the guest image alone, by
-  QEMU's own user-mode network).  Each group of flags is built by a small
-  function whose docstring says why the flags are there: most of them work
-  around a trap of vhost-user with QEMU 7.2.
+- `MACHINES`: the boards a driver writer's guest runs on (q35; the `virt`
+  boards of aarch64 and riscv64), each with its QEMU binary and Debian
+  package, its virtio transports (pci, mmio) and its console.
+- `qemu_argv()` builds the argv of a QEMU whose virtio-net NIC is served over
+  vhost-user (or, for checking the guest image alone, by QEMU's own
+  user-mode network), on a machine and transport, legacy or modern.  Each
+  group of flags is built by a small function whose docstring says why the
+  flags are there: most of them work around a trap of vhost-user with QEMU
+  7.2.
 - `kvm_usable()` says whether KVM can really run a guest.  An openable
   /dev/kvm is not enough: some hosts expose one on which every fresh guest
   page costs a slow exit, so Linux needs minutes to boot.  We boot a tiny
   probe kernel with a deadline instead, and cache the answer.
-- `find_image()` locates the test guest built by scripts/build-guest.sh.
+- `find_image()` locates the test guest built by scripts/build-guest.sh
+  (amd64 in qemu/build/, arm64 in qemu/build-arm64/).
 
 Nothing here starts QEMU for the caller; this module only knows flags.
 """
