@@ -432,7 +432,7 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
     return 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Each option overrides the environment variable of "
                                        "the same name (see the module docstring).")
@@ -453,7 +453,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-build", action="store_true", help="use the image as built")
     p.add_argument("-q", "--quiet", action="store_true", help="do not echo the console")
     p.add_argument("--result-json", metavar="PATH", help="also write the verdict as JSON to PATH")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     plan = make_plan(args)
     m = qemu.machine(plan.machine)
     if shutil.which(m.qemu) is None:

@@ -36,7 +36,8 @@ import smoke  # noqa: E402
 # application tests are off unless asked for).
 MARKERS = ["init: start", *smoke.NET_MARKERS,
            *(m for name, m in smoke.TEST_MARKERS if name not in smoke.APP_TESTS), "init: done"]
-SMOKE_ENV_VARS = ["NET", "EXPECT_NET", "BACKEND", "BACKEND_ARGS", "ACCEL",
+SMOKE_ENV_VARS = ["NET", "EXPECT_NET", "BACKEND", "BACKEND_ARGS", "ACCEL", "MACHINE", "TRANSPORT",
+                  "LEGACY", "QUEUE_SIZE",
                   *(name for name, _ in smoke.TEST_MARKERS)]
 APP_MARKERS = [m for name, m in smoke.TEST_MARKERS if name in smoke.APP_TESTS]
 NEEDS_NAT = ("vhostnet reaches host servers only through the host NAT "
@@ -124,10 +125,7 @@ def test_apps_on_vhostnet(tmp_path_factory):
 def test_app_switches_start_the_servers_they_need(monkeypatch):
     for name in SMOKE_ENV_VARS:
         monkeypatch.delenv(name, raising=False)
-    args = smoke.argparse.Namespace(**{k: None for k in (
-        "backend", "net", "expect_net", "timeout", "accel", "backend_args", "append", "memory",
-        *(name.lower() for name, _ in smoke.TEST_MARKERS))})
-    args.redis_test = "1"
+    args = smoke.build_parser().parse_args(["--redis-test", "1"])
     plan = smoke.make_plan(args)
     assert plan.apps() == {"iperf": False, "redis": True, "git": False}
     assert "redis: ok" in plan.expected() and "git: ok" not in plan.expected()
