@@ -6,10 +6,11 @@ buffers of 1526 bytes and polls.  Debian's `u-boot-qemu` ships the builds
 (/usr/lib/u-boot/): qemu-x86_64 (u-boot.rom as -bios; virtio-pci) and
 qemu_arm64 (u-boot.bin as -bios of a `virt` board; virtio-mmio).
 
-    with uboot_session("q35", legacy=True) as u:
+    with uboot_session("q35", legacy=True, backend_args=["--log-level", "debug"]) as u:
         u.static_ip()
-        assert u.ping("10.0.2.2")
-        print(u.command("dhcp", timeout=20))
+        alive, out = u.ping("10.0.2.2")
+        assert alive, out
+        print(u.command("dhcp", timeout=20))    # once the backend serves DHCP
 
 `uboot_session()` starts `python -m vhostnet serve --socket S --once` (this
 checkout's code, its log in the work directory), waits for its socket,
