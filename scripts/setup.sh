@@ -2,10 +2,14 @@
 # setup.sh: install what vhostnet's development and tests need.  Idempotent.
 #
 #   apt (Debian 12): qemu-system-x86   QEMU 7.2, boots the test guest
-#                    u-boot-qemu       U-Boot as a second, fast-booting virtio-net driver
-#                                      (the QEMU restart tests)
 #                    tshark tcpdump    capture and decode the guest's frames
-#                    iperf3            throughput benchmarks
+#                    iperf3            throughput benchmarks; the guest's iperf3 test server
+#                    redis-server git  host servers for the guest's redis-cli and git tests
+#                    qemu-system-arm   QEMU 7.2 for aarch64: the arm64 test guest and U-Boot on virt
+#                    u-boot-qemu       U-Boot builds for QEMU: a second, fast-booting driver
+#                                      (tests/test_uboot.py, the QEMU restart tests)
+#                    gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+#                                      static arm64 guest test programs (GUEST_ARCH=arm64)
 #                    passt             a reference vhost-user backend to compare with
 #                    gcc libc6-dev     static guest test programs (scripts/build-guest.sh)
 #                    xz-utils cpio     unpack the guest kernel, pack the initramfs
@@ -27,7 +31,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 
-REQUIRED=(qemu-system-x86 u-boot-qemu tshark tcpdump iperf3 passt gcc libc6-dev xz-utils cpio make)
+REQUIRED=(qemu-system-x86 qemu-system-arm u-boot-qemu tshark tcpdump iperf3 redis-server git passt
+          gcc libc6-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross xz-utils cpio make)
 OPTIONAL=(dpdk-dev librte-net-virtio23)
 
 say() { printf 'setup: %s\n' "$*"; }

@@ -96,9 +96,21 @@ and QEMU gets -chardev socket,...,reconnect=1: the guest keeps running, its
 link goes down while the backend is away and comes back within about a
 second of the new backend listening.
 
+--machine virt-aarch64 boots the arm64 test guest (qemu/build-arm64/, made by
+`GUEST_ARCH=arm64 scripts/build-guest.sh`) on a `virt` board, its NIC on
+virtio-mmio unless --transport pci; --legacy / --modern force the device's
+mode (QEMU's default: transitional on PCI, legacy on mmio).
+
+--shell boots the test guest to a shell on the console instead, with eth0 up
+(10.0.2.15, gateway 10.0.2.2) and ping, wget, iperf3, redis-cli and git on
+its PATH; the terminal is raw, so Ctrl-C reaches the guest. Leaving the shell
+(exit, Ctrl-D) powers the guest off; Ctrl-A x quits QEMU at once.
+
 examples:
   vhostnet run
   vhostnet run --reconnect
+  vhostnet run --shell
+  vhostnet run --machine virt-aarch64 --modern
   vhostnet run --append "vhostnet.TCP_ECHO_TEST=0" --pcap guest.pcap
   vhostnet run --mem 1G -- -kernel bzImage -initrd rootfs.cpio -append "console=ttyS0"
   vhostnet run -- -drive file=disk.qcow2,if=virtio -smp 2
@@ -108,9 +120,19 @@ EPILOG_QEMU_ARGS = """\
 With --reconnect, QEMU keeps the guest when the backend goes away and
 reconnects (every second) until it is back: restart `vhostnet serve` at will.
 
+Machines: q35 (x86_64, virtio-pci), virt-aarch64 and virt-riscv64 (virtio-mmio
+by default, or --transport pci). --legacy makes a legacy-only device (VERSION_1
+never offered: disable-modern=on, virtio-mmio.force-legacy=true), --modern a
+modern-only one; without either, QEMU's default (transitional PCI, legacy
+mmio). A line on stderr names the QEMU binary and its Debian package.
+
 examples:
   qemu-system-x86_64 -accel kvm -nographic -kernel bzImage \\
       $(vhostnet qemu-args --socket /tmp/v.sock --mem 1G)
+  qemu-system-aarch64 -cpu cortex-a57 -nographic -kernel Image \\
+      $(vhostnet qemu-args --machine virt-aarch64 --modern)
+  qemu-system-riscv64 -nographic -kernel my-kernel.elf \\
+      $(vhostnet qemu-args --machine virt-riscv64 --legacy)
   vhostnet qemu-args --reconnect
   vhostnet qemu-args --json
 """
@@ -243,6 +265,20 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
     _add_net_options(p)
 
 
+def _add_machine_options(p: argparse.ArgumentParser) -> None:
+    from vhostnet.launch import qemu
+    g = p.add_argument_group("machine and NIC")
+    g.add_argument("--machine", default="q35", choices=list(qemu.MACHINES),
+                   help="QEMU machine (default %(default)s)")
+    g.add_argument("--transport", choices=["pci", "mmio"],
+                   help="virtio transport (default: mmio on virt machines, pci on q35)")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--legacy", dest="legacy", action="store_const", const=True,
+                      help="legacy-only virtio device (disable-modern=on / virtio-mmio.force-legacy=true)")
+    mode.add_argument("--modern", dest="legacy", action="store_const", const=False,
+                      help="modern-only virtio device (disable-legacy=on / virtio-mmio.force-legacy=false)")
+
+
 def _add_client_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("which backend")
     g.add_argument("--control", metavar="PATH", help="the backend's control socket")
@@ -288,8 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra kernel command-line words for the test guest, e.g. 'vhostnet.TCP_ECHO_TEST=0'")
     r.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"],
                    help="accelerator; auto uses KVM if it can really run a guest (default %(default)s)")
-    r.add_argument("--image", metavar="DIR", help="test guest image directory (default qemu/build/)")
-    r.add_argument("--qemu", default=qemu.QEMU, metavar="BINARY", help="QEMU binary (default %(default)s)")
+    r.add_argument("--image", metavar="DIR",
+                   help="test guest image directory (default qemu/build/, qemu/build-arm64/ for virt-aarch64)")
+    r.add_argument("--qemu", metavar="BINARY", help="QEMU binary (default: the machine's, e.g. qemu-system-x86_64)")
+    r.add_argument("--shell", action="store_true",
+                   help="boot the test guest to a shell on the console, network up, tools on PATH")
+    _add_machine_options(r)
     r.add_argument("--reconnect", action="store_true",
                    help="run the backend as a child process that is started again whenever it exits, "
                         "and QEMU with reconnect=1 so the guest outlives it (its link goes down and "
@@ -304,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--mem", default=qemu.DEFAULT_MEMORY, metavar="SIZE",
                    help="guest RAM, shared with the backend (default %(default)s)")
     a.add_argument("--mac", default=qemu.DEFAULT_MAC, metavar="MAC", help="guest MAC (default %(default)s)")
+    _add_machine_options(a)
     a.add_argument("--json", action="store_true", help="print a JSON list of arguments")
     a.add_argument("--reconnect", action="store_true",
                    help=f"add reconnect={qemu.RECONNECT_SECONDS} to the chardev: QEMU keeps the guest "
@@ -433,10 +474,30 @@ def cmd_run(args) -> int:
         if own and args.append:
             raise launch.RunError("--append is for the test guest; with your own -kernel, "
                                   "put -append in the QEMU arguments")
-        if shutil.which(args.qemu) is None:
-            return _fail(f"{args.qemu} not found (install qemu-system-x86, e.g. scripts/setup.sh)")
-        image = None if own else qemu.find_image(args.image)
-        accel = qemu.choose_accel(args.accel, args.qemu)
+        if own and args.shell:
+            raise launch.RunError("--shell boots the test guest; it does not go with your own "
+                                  "boot arguments")
+        if args.shell and not sys.stdin.isatty():
+            # Input typed before the guest's shell opens the console is lost,
+            # so a pipe of commands would hang; a person at a terminal is fine.
+            raise launch.RunError("--shell needs a terminal on stdin (for scripted guests, "
+                                  "use vhostnet.NAME=V switches with --append)")
+        machine = qemu.machine(args.machine)
+        transport = qemu.transport_of(machine, args.transport)
+        if not own and not machine.image_arch:
+            raise launch.RunError(f"there is no test guest for {machine.name}; boot your own: "
+                                  f"vhostnet run --machine {machine.name} -- -kernel ...")
+        binary = args.qemu or machine.qemu
+        if shutil.which(binary) is None:
+            return _fail(f"{binary} not found (install Debian's {machine.package}, e.g. scripts/setup.sh)")
+        image = None if own else qemu.find_image(args.image, arch=machine.image_arch)
+        if image is not None and image.arch != machine.image_arch:
+            raise launch.RunError(f"the {machine.name} machine boots the {machine.image_arch} image, "
+                                  f"not {image.arch} ({args.image})")
+        if args.shell:
+            image = image.with_apps()
+        accel = qemu.machine_accel(args.accel, machine) if binary == machine.qemu \
+            else qemu.choose_accel(args.accel, binary)
     except qemu.ImageNotBuilt as e:
         return _fail(f"{e}; or boot your own guest: vhostnet run -- -kernel ... (see --help)")
     except (launch.RunError, ValueError) as e:
@@ -446,7 +507,7 @@ def cmd_run(args) -> int:
     sock = args.socket or os.path.join(tmp, "vhost.sock")
     if args.reconnect:
         try:
-            return _run_reconnect(args, sock, mem, mac, image, own, accel)
+            return _run_reconnect(args, sock, mem, mac, image, own, accel, binary, machine, transport)
         finally:
             if tmp is not None:
                 launch.remove_dir(tmp)
@@ -455,18 +516,25 @@ def cmd_run(args) -> int:
             server, control, tap = serve.make_backend(args, sock)
         except (ValueError, OSError) as e:
             return _fail(str(e), 2 if isinstance(e, ValueError) else 1)
+        guest_vars = None if own else {"NET": 1, **({"INTERACTIVE": 1} if args.shell else {})}
         argv = qemu.qemu_argv(sock, memory=mem, mac=mac, image=image,
-                              guest_vars=None if own else {"NET": 1}, append=args.append,
-                              extra_args=extra, accel=accel, qemu=args.qemu)
+                              guest_vars=guest_vars, append=args.append,
+                              extra_args=extra, accel=accel, qemu=binary, machine=machine,
+                              transport=transport, legacy=args.legacy)
         what = "your QEMU arguments" if own else f"the test guest ({image.kernel.name}, {image.kernel_version})"
-        print(f"vhostnet: backend on {sock}; booting {what} with {accel}", file=sys.stderr)
+        print(f"vhostnet: backend on {sock}; booting {what} on {machine.name} ({transport}) "
+              f"with {accel}", file=sys.stderr)
         if control is not None:
             print(f"vhostnet: look inside: vhostnet inspect --control {control.path}", file=sys.stderr)
+        if args.shell:
+            print("vhostnet: a shell on the guest's console; leave it (exit) to power off, "
+                  "Ctrl-A x quits QEMU", file=sys.stderr)
         sys.stderr.flush()
         logging.getLogger("vhostnet.launch").info("qemu: %s", shlex.join(argv))
         try:
-            return trio.run(functools.partial(launch.run_guest, server, control, argv, pcap_tap=tap,
-                                              forward_stdin=sys.stdin.isatty()))
+            with launch.raw_terminal(args.shell and sys.stdin.isatty()):
+                return trio.run(functools.partial(launch.run_guest, server, control, argv, pcap_tap=tap,
+                                                  forward_stdin=sys.stdin.isatty()))
         finally:
             serve.close_listeners(server, control)
     finally:
@@ -516,6 +584,10 @@ def _backend_argv(args, sock: str, start: int) -> list[str]:
             "--gateway-mac", args.gateway_mac, "--mtu", str(args.mtu)]
     for name in args.disable_feature:
         argv += ["--disable-feature", name]
+    fault = getattr(args, "fault", None)
+    if fault is not None and fault.active:
+        # The same seed for every start, so a restarted backend repeats the pattern.
+        argv += ["--fault", str(fault)]
     for flag, value in (("--log-file", args.log_file), ("--control", args.control),
                         ("--pcap", args.pcap and (args.pcap if start == 0 else f"{args.pcap}.{start}"))):
         if value:
@@ -527,7 +599,7 @@ def _backend_argv(args, sock: str, start: int) -> list[str]:
     return argv
 
 
-def _run_reconnect(args, sock, mem, mac, image, own, accel) -> int:
+def _run_reconnect(args, sock, mem, mac, image, own, accel, binary, machine, transport) -> int:
     import functools
     import logging
     import shlex
@@ -540,8 +612,8 @@ def _run_reconnect(args, sock, mem, mac, image, own, accel) -> int:
 
     argv = qemu.qemu_argv(sock, memory=mem, mac=mac, image=image,
                           guest_vars=None if own else {"NET": 1}, append=args.append,
-                          extra_args=args.qemu_args, accel=accel, qemu=args.qemu,
-                          reconnect=qemu.RECONNECT_SECONDS)
+                          extra_args=args.qemu_args, accel=accel, qemu=binary, machine=machine,
+                          transport=transport, legacy=args.legacy, reconnect=qemu.RECONNECT_SECONDS)
     what = "your QEMU arguments" if own else f"the test guest ({image.kernel.name}, {image.kernel_version})"
     print(f"vhostnet: backend on {sock} (restarted whenever it exits); booting {what} with {accel}, "
           f"reconnect={qemu.RECONNECT_SECONDS}", file=sys.stderr)
@@ -558,12 +630,13 @@ def cmd_qemu_args(args) -> int:
     import shlex
 
     from vhostnet.launch import qemu
-    from vhostnet.launch.run import RunError, attach_flags
+    from vhostnet.launch.run import RunError, attach_flags, machine_note
     try:
-        flags = attach_flags(args.socket, args.mem, args.mac,
+        flags = attach_flags(args.socket, args.mem, args.mac, args.machine, args.transport, args.legacy,
                              reconnect=qemu.RECONNECT_SECONDS if args.reconnect else None)
     except RunError as e:
         return _fail(str(e), 2)
+    print(machine_note(args.machine), file=sys.stderr)
     print(json.dumps(flags) if args.json else shlex.join(flags))
     return 0
 

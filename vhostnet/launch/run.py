@@ -30,6 +30,7 @@ between our test image and the user's own boot arguments.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -74,10 +75,43 @@ def check_mac(mac: str) -> str:
 
 
 def attach_flags(socket: str, mem: str = qemu.DEFAULT_MEMORY, mac: str = qemu.DEFAULT_MAC,
-                 reconnect: int | None = None) -> list[str]:
-    """The QEMU flags that attach a guest's NIC to a backend on SOCKET
-    (RECONNECT: QEMU retries a lost backend every that many seconds)."""
-    return qemu.memory_args(parse_mem(mem)) + qemu.nic_args(socket, check_mac(mac), reconnect=reconnect)
+                 machine: str = "q35", transport: str | None = None,
+                 legacy: bool | None = None, reconnect: int | None = None) -> list[str]:
+    """The QEMU flags that attach a guest's NIC to a backend on SOCKET: the
+    machine's shared-memory RAM and the NIC on TRANSPORT (see qemu.nic_args
+    for LEGACY; RECONNECT: QEMU retries a lost backend every that many seconds)."""
+    try:
+        m = qemu.machine(machine)
+        transport = qemu.transport_of(m, transport)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    return qemu.memory_args(parse_mem(mem), m) + qemu.nic_args(socket, check_mac(mac), "vhost-user",
+                                                              transport, legacy, reconnect=reconnect)
+
+
+def machine_note(machine: str) -> str:
+    """One line: the QEMU binary MACHINE needs, and its Debian package."""
+    m = qemu.machine(machine)
+    cpu = f"; under TCG add {' '.join(m.tcg_cpu)}" if m.tcg_cpu else ""
+    return f"# {m.name}: run {m.qemu} (Debian package {m.package}) with these flags{cpu}"
+
+
+@contextlib.contextmanager
+def raw_terminal(on: bool):
+    """Our terminal (stdin) in raw mode while ON: every key, Ctrl-C included,
+    goes to the guest's console, and the guest does the echoing.  Restored
+    on the way out, whatever happens."""
+    if not on:
+        yield
+        return
+    import termios
+    import tty
+    saved = termios.tcgetattr(0)
+    try:
+        tty.setraw(0)
+        yield
+    finally:
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)
 
 
 def uses_own_boot(extra: list[str]) -> bool:

@@ -4,4 +4,5 @@
     dpdk.py      DPDK's dpdk-testpmd (virtio-user) as a second, independent front-end
     guest.py     a backend process and real QEMU guests (the Linux test image, U-Boot)
     restarts.py  the reconnect scenarios: QEMU killed under a backend, and the reverse
+    hostservers.py  real iperf3 / redis-server / git daemon on 127.0.0.1 for the guest's application tests
 """
