@@ -75,6 +75,7 @@ class TcpConnection(InputMixin, OutputMixin, TimersMixin):
         self.key = (local_ip, local_port, remote_ip, remote_port)
         self.state = CLOSED
         self.listener = None            # the Listener that spawned us, until accepted
+        self.held = False               # SYN held unanswered (NAT) until accept_held()
         self.error: str | None = None   # why the connection ended abnormally
 
         # --- send sequence space (unwrapped ints) ---
@@ -226,6 +227,30 @@ class TcpConnection(InputMixin, OutputMixin, TimersMixin):
                 self._output(self._layer.now)
         # already closing or closed: nothing to do
 
+    def accept_held(self) -> None:
+        """Answer a held SYN with our SYN-ACK (the host side connected)."""
+        if not self.held or self.state is not SYN_RECEIVED:
+            raise TcpError(f"no held SYN to accept in {self.state.value}")
+        self.held = False
+        self.retries = 0
+        self.t_rtx = None
+        self._send_syn(self._layer.now, True)
+
+    def refuse_held(self, reset: bool = True) -> None:
+        """Drop a held SYN: with a RST (the host refused), or silently (the
+        caller answers with an ICMP error instead)."""
+        if not self.held or self.state is not SYN_RECEIVED:
+            raise TcpError(f"no held SYN to refuse in {self.state.value}")
+        self.held = False
+        if self.listener is not None:
+            self.listener.pending -= 1
+            self.listener = None
+        if reset:
+            self._send_rst_ack(self._layer.now)
+        self.error = "refused"
+        self._set_state(Event.ABORT)
+        self._n_closed = False          # the caller asked for this: no on_closed
+
     def abort(self) -> None:
         """Send RST (if the peer knows us) and drop everything."""
         st = self.state
@@ -272,7 +297,7 @@ class TcpConnection(InputMixin, OutputMixin, TimersMixin):
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "segs_in": self.segs_in, "segs_out": self.segs_out,
             "unread": len(self.rcvbuf.buf), "unacked": len(self.sndbuf.buf),
-            "ooo_bytes": self.ooo.nbytes,
+            "ooo_bytes": self.ooo.nbytes, "held": self.held,
             "error": self.error,
         }
 
@@ -364,7 +389,7 @@ class TcpConnection(InputMixin, OutputMixin, TimersMixin):
         self._set_state(Event.ACTIVE_OPEN)
         self._send_syn(now, False)
 
-    def _passive_open(self, now: float, seg) -> None:
+    def _passive_open(self, now: float, seg, hold: bool = False) -> None:
         self.irs = seg.seq
         self.rcv_nxt = self.rcv_adv = seg.seq + 1
         self._negotiate(seg)
@@ -373,4 +398,10 @@ class TcpConnection(InputMixin, OutputMixin, TimersMixin):
         self.snd_wl1 = seg.seq
         self.snd_wl2 = self.iss
         self._set_state(Event.RCV_SYN)
-        self._send_syn(now, True)
+        if hold:
+            # No SYN-ACK yet; the retransmission timer doubles as the limit
+            # on how long the application may take to decide.
+            self.held = True
+            self._arm("t_rtx", now + self._cfg.hold_timeout)
+        else:
+            self._send_syn(now, True)
