@@ -7,6 +7,7 @@
     stats      frames, drops by reason, ARP/UDP/TCP tables, live with --watch
     capture    the guest's frames as pcap (-w) or as tcpdump-like lines
     fault      link fault injection: set, clear, show (vhostnet/link/cli.py)
+    forward    add, remove or list port forwards of a running backend
 
 The looking-inside tools talk to the backend over its control socket
 (vhostnet/observe/control.py); each finds it from --control, or --socket + ".ctl",
@@ -200,6 +201,7 @@ def _add_client_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vhostnet.hostnet.options import EPILOG_HOSTNET, add_forward_command, add_hostnet_options
     from vhostnet.launch import qemu
     p = argparse.ArgumentParser(
         prog="vhostnet", formatter_class=Formatter,
@@ -212,16 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the backend on a vhost-user socket", formatter_class=Formatter,
                        description="Listen on a vhost-user Unix socket and serve one QEMU at a time.",
-                       epilog=EPILOG_SERVE)
+                       epilog=EPILOG_SERVE + "\n" + EPILOG_HOSTNET)
     s.add_argument("--socket", default=default_socket(), metavar="PATH",
                    help="vhost-user socket to listen on (default %(default)s, or $VHOSTNET_SOCKET)")
     s.add_argument("--once", action="store_true", help="exit when the first QEMU disconnects")
     _add_backend_options(s)
+    add_hostnet_options(s)
 
     r = sub.add_parser("run", help="run the backend and a QEMU guest together", formatter_class=Formatter,
                        usage="vhostnet run [options] [-- QEMU ARGS...]",
                        description="Start the backend and QEMU in one process; stop both together.",
-                       epilog=EPILOG_RUN)
+                       epilog=EPILOG_RUN + "\n" + EPILOG_HOSTNET)
     r.add_argument("--socket", metavar="PATH",
                    help="vhost-user socket (default: in a private temporary directory, removed at exit)")
     r.add_argument("--mem", default=qemu.DEFAULT_MEMORY, metavar="SIZE", help="guest RAM (default %(default)s)")
@@ -232,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--image", metavar="DIR", help="test guest image directory (default qemu/build/)")
     r.add_argument("--qemu", default=qemu.QEMU, metavar="BINARY", help="QEMU binary (default %(default)s)")
     _add_backend_options(r)
+    add_hostnet_options(r)
 
     a = sub.add_parser("qemu-args", help="print the QEMU flags that attach a guest", formatter_class=Formatter,
                        description="Print the QEMU flags for shared guest memory and a virtio-net NIC "
@@ -275,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or stack (as the stack receives and sends)")
     _add_client_options(c)
     link_cli.add_fault_command(sub, COMMANDS, _add_client_options)
+    add_forward_command(sub, _add_client_options, Formatter)
     return p
 
 
@@ -533,8 +538,14 @@ def cmd_capture(args) -> int:
     return 0   # the backend ending (e.g. `vhostnet run` finished) ends a capture normally
 
 
+def cmd_forward(args) -> int:
+    from vhostnet.hostnet.options import cmd_forward as run
+    return run(args, _control_path(args))
+
+
 COMMANDS = {"serve": cmd_serve, "run": cmd_run, "qemu-args": cmd_qemu_args,
-            "inspect": cmd_inspect, "stats": cmd_stats, "capture": cmd_capture}
+            "inspect": cmd_inspect, "stats": cmd_stats, "capture": cmd_capture,
+            "forward": cmd_forward}
 
 
 def main(argv=None) -> int:
