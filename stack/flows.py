@@ -288,9 +288,9 @@ class FlowTable:
         conn = f.conn
         if conn.error:
             self._c["nat_tcp_resets"] += 1
-            self._end(f, TcpReset(f.fid, conn.error))
+            self._end(f, TcpReset(f.fid, conn.error))   # unread bytes die with a reset
         else:
-            self._end(f, TcpClosed(f.fid))
+            self._check_done(f)
 
     def _check_eof(self, f: _Flow) -> None:
         conn = f.conn
@@ -299,8 +299,11 @@ class FlowTable:
             self._events.append(TcpEof(f.fid))
 
     def _check_done(self, f: _Flow) -> None:
-        st = f.conn.state
-        if st is TIME_WAIT or (st is CLOSED and not f.conn.error):
+        """Both sides closed cleanly and the proxy took every byte: the flow
+        is over (the connection may linger in TIME-WAIT on its own)."""
+        conn = f.conn
+        st = conn.state
+        if (st is TIME_WAIT or (st is CLOSED and not conn.error)) and not conn.readable:
             self._end(f, TcpClosed(f.fid))
 
     # ----------------------------------------------------------- TCP calls in

@@ -147,16 +147,21 @@ class TcpRelay:
             pass
 
     async def _pump(self) -> None:
+        async with trio.open_nursery() as n:
+            n.start_soon(self._guarded, self._host_to_guest)
+            n.start_soon(self._guarded, self._guest_to_host)
+
+    async def _guarded(self, direction) -> None:
         try:
-            async with trio.open_nursery() as n:
-                n.start_soon(self._host_to_guest)
-                n.start_soon(self._guest_to_host)
+            await direction()
         except OSError as e:
             # ECONNRESET, EPIPE, ETIMEDOUT...: the host side is gone; tell the guest.
-            self.p.count("tcp_host_reset" if e.errno == errno.ECONNRESET else "tcp_host_error")
+            self.p.count("tcp_host_reset" if e.errno in (errno.ECONNRESET, errno.EPIPE)
+                         else "tcp_host_error")
             self.p.flows.abort(self.p.now(), self.fid)
             self.p.flush()
             self.reset = True
+            self.scope.cancel()
             self.close()
             self.p.forget(self.fid)
 
