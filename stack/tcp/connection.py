@@ -204,7 +204,22 @@ class TcpConnection(InputMixin, OutputMixin, TimersMixin):
 
     def recv(self, n: int = -1) -> bytes:
         data = self.rcvbuf.read(n)
-        if data and self.state in CAN_RECEIVE:
+        if data:
+            self._window_update()
+        return data
+
+    def skip(self, n: int) -> int:
+        """Drop up to n received bytes unread (a NAT proxy that already copied
+        them out with a peek); returns how many. Same window logic as recv."""
+        buf = self.rcvbuf.buf
+        n = min(max(n, 0), len(buf))
+        if n:
+            del buf[:n]
+            self._window_update()
+        return n
+
+    def _window_update(self) -> None:
+        if self.state in CAN_RECEIVE:
             # Window update (RFC 9293 3.8.6.2.2): tell the peer once the window
             # has grown by at least an MSS and at least doubled.
             old = self.rcv_adv - self.rcv_nxt
@@ -214,7 +229,6 @@ class TcpConnection(InputMixin, OutputMixin, TimersMixin):
                     self.ack_now = True     # goes out with whatever we send next
                 else:
                     self._send_ack(self._layer.now)
-        return data
 
     def close(self) -> None:
         st = self.state

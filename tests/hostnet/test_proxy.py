@@ -348,17 +348,27 @@ async def test_udp_spray_is_capped_and_fds_stay_bounded(backend, nursery):
 async def test_syn_flood_is_capped(backend, nursery):
     srv, _ = backend
     from scapy.layers.inet import TCP
+    # A host listener that never accepts, with the smallest backlog: once its
+    # queue is full, Linux drops further SYNs on loopback, so the proxy's
+    # connects hang half-open. Nothing leaves the machine.
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(0)
+    port = ls.getsockname()[1]
     g = await attach(srv, nursery)
     before = fds()
-    # SYNs to a blackhole (TEST-NET-1): connects hang, so they stay half-open.
     for sport in range(30000, 30400):
-        g.send_ip(IP(src=GUEST_IP, dst="192.0.2.1") / TCP(sport=sport, dport=80, flags="S"))
+        g.send_ip(IP(src=GUEST_IP, dst="10.0.2.2") / TCP(sport=sport, dport=port, flags="S"))
     c = srv.current.device.stack
+    # The listener's queue takes one or two connections, which leave the
+    # half-open count: allow for them.
+    slack = 2
     with trio.fail_after(10):
-        while c.all_counters().get("tcp_listen_overflow", 0) < 400 - 16:
+        while c.all_counters().get("tcp_listen_overflow", 0) < 400 - 16 - slack:
             await trio.sleep(0.01)
-    assert c.flows.counts()["tcp"] == 16
-    assert fds() - before <= 16
+    assert 16 <= c.flows.counts()["tcp"] <= 16 + slack
+    assert fds() - before <= 16 + slack
+    ls.close()
 
 
 @pytest.mark.hostnet_kw(restrict=True)
