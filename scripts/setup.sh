@@ -21,7 +21,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 
-REQUIRED=(qemu-system-x86 tshark tcpdump iperf3 passt gcc libc6-dev xz-utils cpio make)
+REQUIRED=(qemu-system-x86 tshark tcpdump iperf3 passt gcc libc6-dev xz-utils cpio make iproute2 util-linux)
 OPTIONAL=(dpdk-dev librte-net-virtio23)
 
 say() { printf 'setup: %s\n' "$*"; }
