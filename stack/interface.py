@@ -74,6 +74,7 @@ TSO_MAX_PAYLOAD = 65535 - 40 - 20
 # The routing step's verdicts (`Stack._route`).
 ROUTE_LOCAL, ROUTE_BROADCAST, ROUTE_FORWARD, ROUTE_NONE = range(4)
 _NAT_PROTOS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_ICMP})
+LOOPBACK_NET = 127             # RFC 1122 3.2.1.3 (g): 127/8 never appears on a network
 
 
 class _TokenBucket:
@@ -303,7 +304,8 @@ class Stack:
         if route == ROUTE_NONE:
             c["drop_ipv4_no_route"] += 1
             return
-        if route == ROUTE_FORWARD and not self._may_forward(buf, end, ttl, proto, src, smac, now):
+        if route == ROUTE_FORWARD and not self._may_forward(buf, end, ttl, proto, src, dst, smac,
+                                                            now):
             return
         bcast = route == ROUTE_BROADCAST
         # RFC 1122: no ICMP error about broadcast (IP or link layer) or from
@@ -343,10 +345,13 @@ class Stack:
             return ROUTE_BROADCAST
         return ROUTE_NONE if l2bcast else ROUTE_FORWARD
 
-    def _may_forward(self, buf, end, ttl, proto, src, smac, now) -> bool:
+    def _may_forward(self, buf, end, ttl, proto, src, dst, smac, now) -> bool:
         """A datagram beyond the gateway goes to the NAT if there is one that
         takes outbound traffic and handles its protocol; otherwise answer
-        Time Exceeded (TTL spent) or Host Unreachable."""
+        Time Exceeded (TTL spent) or Host Unreachable. Never forwarded: the
+        host's loopback by its own name (127/8: only the gateway maps to it,
+        and --no-map-host-loopback must hold) and the guest's own network
+        (nobody else lives there)."""
         c = self.counters
         if ttl <= 1:
             c["drop_ipv4_ttl_exceeded"] += 1
@@ -354,7 +359,8 @@ class Stack:
                              src, smac)
             return False
         fl = self.flows
-        if fl is not None and fl.config.outbound and proto in _NAT_PROTOS:
+        if fl is not None and fl.config.outbound and proto in _NAT_PROTOS \
+                and dst[0] != LOOPBACK_NET and not self._on_link(dst):
             return True
         c["drop_ipv4_no_route"] += 1
         self._icmp_error(now, icmpw.DEST_UNREACH, icmpw.UNREACH_HOST, buf[ETH_HLEN:end],

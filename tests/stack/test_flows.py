@@ -290,3 +290,13 @@ def test_inbound_forward_connection_and_udp():
     snap = {f["id"]: f for f in g.stack.snapshot()["nat"]}
     assert snap[fid]["direction"] == "in" and snap[fid]["bytes_to_guest"] == 11
     assert snap[ufid]["bytes_from_guest"] == 5
+
+
+def test_host_loopback_and_the_guest_network_are_never_forwarded():
+    g = NatGuest()
+    g.send_ip(IP(src=GUEST_IP, dst="127.0.0.1") / TCP(sport=1, dport=22, flags="S"))
+    g.send_ip(IP(src=GUEST_IP, dst="10.0.2.77") / UDP(sport=1, dport=53) / Raw(b"q"))
+    g.pump()
+    assert g.events() == []
+    assert [(p[ICMP].type, p[ICMP].code) for p in g.other if ICMP in p] == [(3, 1), (3, 1)]
+    assert g.stack.counters["drop_ipv4_no_route"] == 2

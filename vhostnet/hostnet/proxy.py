@@ -45,6 +45,7 @@ log = logging.getLogger("vhostnet.hostnet")
 #: Events handled before the loop yields to the other tasks.
 EVENT_BUDGET = 256
 LOOPBACK = "127.0.0.1"
+LOOPBACK_NET = 127              # RFC 1122 3.2.1.3 (g)
 
 
 class HostProxy:
@@ -85,6 +86,8 @@ class HostProxy:
         """Where a guest's destination is on the host; None: nowhere."""
         if ip == self.gateway_ip:
             return LOOPBACK if self.config.map_host_loopback else None
+        if ip[0] == LOOPBACK_NET:
+            return None                 # the stack never routes these; belt and braces
         return ip_text(ip)
 
     async def run(self, flush, task_status=trio.TASK_STATUS_IGNORED) -> None:
