@@ -215,17 +215,24 @@ class TcpConnection(InputMixin, OutputMixin, TimersMixin):
         n = min(max(n, 0), len(buf))
         if n:
             del buf[:n]
-            self._window_update()
+            self._window_update(lazy=True)
         return n
 
-    def _window_update(self) -> None:
+    def _window_update(self, lazy: bool = False) -> None:
+        """lazy: a window that is still at least an eighth of the buffer is
+        only announced with the next segment or the delayed ACK. (The first
+        read of every connection would otherwise send a bare ACK: the SYN
+        carries at most 64 KiB, unscaled, RFC 7323 2.2.)"""
         if self.state in CAN_RECEIVE:
             # Window update (RFC 9293 3.8.6.2.2): tell the peer once the window
             # has grown by at least an MSS and at least doubled.
             old = self.rcv_adv - self.rcv_nxt
             new = self.rcvbuf.cap - len(self.rcvbuf.buf)
             if new - old >= self.rcv_mss and new >= 2 * old:
-                if self._in_rx:
+                if lazy and old >= self.rcvbuf.cap // 8:
+                    if self.t_delack is None:
+                        self._arm("t_delack", self._layer.now + self._cfg.delack)
+                elif self._in_rx:
                     self.ack_now = True     # goes out with whatever we send next
                 else:
                     self._send_ack(self._layer.now)
