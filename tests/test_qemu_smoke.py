@@ -40,8 +40,6 @@ SMOKE_ENV_VARS = ["NET", "EXPECT_NET", "BACKEND", "BACKEND_ARGS", "ACCEL", "MACH
                   "LEGACY", "QUEUE_SIZE",
                   *(name for name, _ in smoke.TEST_MARKERS)]
 APP_MARKERS = [m for name, m in smoke.TEST_MARKERS if name in smoke.APP_TESTS]
-NEEDS_NAT = ("vhostnet reaches host servers only through the host NAT "
-             "(vhostnet/hostnet/, branch `nat`), which has not landed here yet")
 
 needs_qemu = pytest.mark.skipif(shutil.which(qemu.QEMU) is None,
                                 reason=f"{qemu.QEMU} is not installed (make setup installs it)")
@@ -115,7 +113,6 @@ def test_apps_on_slirp(tmp_path_factory):
 
 @pytest.mark.qemu
 @needs_qemu
-@pytest.mark.xfail(strict=False, reason=NEEDS_NAT)
 def test_apps_on_vhostnet(tmp_path_factory):
     """The same applications through vhostnet: this is the one that counts."""
     _, verdict, report = run_smoke(tmp_path_factory, BACKEND="vhostnet", **APP_SWITCHES)

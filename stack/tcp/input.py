@@ -110,8 +110,12 @@ class InputMixin:
 
         if flags & SYN and seq == self.irs:
             if self.state is SYN_RECEIVED and not flags & ACK:
-                # The peer resent its SYN: our SYN-ACK was lost.
-                self._send_syn(now, True)
+                # The peer resent its SYN: our SYN-ACK was lost (or, while
+                # the SYN is held, not sent yet: nothing to say).
+                if self.held:
+                    c["held_syn_retransmits"] += 1
+                else:
+                    self._send_syn(now, True)
                 return
             # A resent SYN-ACK (simultaneous open) or SYN: drop the SYN, keep the rest.
             flags &= ~SYN

@@ -99,7 +99,7 @@ async def test_loss_counted_in_stats_and_fault_show(faulty, guest):
     assert 0.3 * n - 30 <= lost <= 0.3 * n + 30
     got = await replies(guest, n - lost, 5)
     assert len(got) == n - lost == stats["faults"]["tx"]["delivered"]
-    check_doc(await ask(ctl.path, "stats"), "stats")
+    check_doc(await ask(ctl.path, "stats"), "stats", allow_missing=["nat.", "forwards[]"])  # no hostnet here
     show = await ask(ctl.path, "fault", op="show")
     check_doc(show, "fault")
     assert show["counters"]["tx"]["lost"] == lost and show["counters"]["rx"]["frames"] == 0

@@ -21,7 +21,7 @@ class FakeTcp:
         self.tso = "unset"
         self.counters = {"segs": 3}
 
-    def receive(self, now, src, dst, seg):
+    def receive(self, now, src, dst, seg, routed=False):
         self.rx.append((now, bytes(src), bytes(dst), bytes(seg)))
 
     def set_tso(self, m):

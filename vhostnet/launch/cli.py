@@ -10,6 +10,7 @@
     stats      frames, drops by reason, ARP/UDP/TCP tables, live with --watch
     capture    the guest's frames as pcap (-w) or as tcpdump-like lines
     fault      link fault injection: set, clear, show (vhostnet/link/cli.py)
+    forward    add, remove or list port forwards of a running backend
 
 The looking-inside tools talk to the backend over its control socket
 (vhostnet/observe/control.py); each finds it from --control, or --socket + ".ctl",
@@ -288,6 +289,7 @@ def _add_client_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vhostnet.hostnet.options import EPILOG_HOSTNET, add_forward_command, add_hostnet_options
     from vhostnet.launch import qemu
     p = argparse.ArgumentParser(
         prog="vhostnet", formatter_class=Formatter,
@@ -300,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the backend on a vhost-user socket", formatter_class=Formatter,
                        description="Listen on a vhost-user Unix socket and serve one QEMU at a time.",
-                       epilog=EPILOG_SERVE)
+                       epilog=EPILOG_SERVE + "\n" + EPILOG_HOSTNET)
     where = s.add_mutually_exclusive_group()
     where.add_argument("--socket-path", "--socket", dest="socket", metavar="PATH",
                        help=f"vhost-user socket to listen on (default {default_socket()}, "
@@ -312,11 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help='print the backend\'s vhost-user capabilities as JSON ({"type": "net"}) and exit')
     s.add_argument("--once", action="store_true", help="exit when the first QEMU disconnects")
     _add_backend_options(s)
+    add_hostnet_options(s)
 
     r = sub.add_parser("run", help="run the backend and a QEMU guest together", formatter_class=Formatter,
                        usage="vhostnet run [options] [-- QEMU ARGS...]",
                        description="Start the backend and QEMU in one process; stop both together.",
-                       epilog=EPILOG_RUN)
+                       epilog=EPILOG_RUN + "\n" + EPILOG_HOSTNET)
     r.add_argument("--socket", metavar="PATH",
                    help="vhost-user socket (default: in a private temporary directory, removed at exit)")
     r.add_argument("--mem", default=qemu.DEFAULT_MEMORY, metavar="SIZE", help="guest RAM (default %(default)s)")
@@ -335,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and QEMU with reconnect=1 so the guest outlives it (its link goes down and "
                         "comes back); `kill` the backend's pid to restart it")
     _add_backend_options(r)
+    add_hostnet_options(r)
 
     a = sub.add_parser("qemu-args", help="print the QEMU flags that attach a guest", formatter_class=Formatter,
                        description="Print the QEMU flags for shared guest memory and a virtio-net NIC "
@@ -395,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or stack (as the stack receives and sends)")
     _add_client_options(c)
     link_cli.add_fault_command(sub, COMMANDS, _add_client_options)
+    add_forward_command(sub, _add_client_options, Formatter)
     return p
 
 
@@ -584,6 +589,15 @@ def _backend_argv(args, sock: str, start: int) -> list[str]:
             "--gateway-mac", args.gateway_mac, "--mtu", str(args.mtu)]
     for name in args.disable_feature:
         argv += ["--disable-feature", name]
+    for spec in getattr(args, "forward", []):
+        argv += ["--forward", spec]
+    for flag, on in (("--restrict", "restrict"), ("--no-services", "no_services"),
+                     ("--no-map-host-loopback", "no_map_host_loopback")):
+        if getattr(args, on, False):
+            argv.append(flag)
+    for flag, name in (("--max-nat-tcp", "max_nat_tcp"), ("--max-nat-udp", "max_nat_udp")):
+        if hasattr(args, name):
+            argv += [flag, str(getattr(args, name))]
     fault = getattr(args, "fault", None)
     if fault is not None and fault.active:
         # The same seed for every start, so a restarted backend repeats the pattern.
@@ -791,9 +805,15 @@ def cmd_capture(args) -> int:
     return 0   # the backend ending (e.g. `vhostnet run` finished) ends a capture normally
 
 
+def cmd_forward(args) -> int:
+    from vhostnet.hostnet.options import cmd_forward as run
+    return run(args, _control_path(args))
+
+
 COMMANDS = {"serve": cmd_serve, "run": cmd_run, "qemu-args": cmd_qemu_args,
             "install-discovery": cmd_install_discovery,
-            "inspect": cmd_inspect, "stats": cmd_stats, "capture": cmd_capture}
+            "inspect": cmd_inspect, "stats": cmd_stats, "capture": cmd_capture,
+            "forward": cmd_forward}
 
 
 def main(argv=None) -> int:

@@ -37,19 +37,23 @@ def make_server(socket_path: str, *, config: NetConfig | None = None,
                 features: int = F.DEFAULT_FEATURES, rx_pending_limit: int = 1024,
                 once: bool = False, rlog: RateLimitedLog | None = None,
                 device_rlog: RateLimitedLog | None = None, link: LinkSettings | None = None,
-                listener=None, **device_kw) -> Server:
+                listener=None, hostnet=None, **device_kw) -> Server:
     """A Server making one NetDevice per connection; all share the server's taps
     and LINK (give the same LinkSettings to the ControlServer).
-    LISTENER: an already-listening socket to serve instead of binding SOCKET_PATH."""
+    LISTENER: an already-listening socket to serve instead of binding SOCKET_PATH.
+    HOSTNET (vhostnet.hostnet.HostNet): NAT and port forwards; None: the stack
+    alone (the gateway's own services only)."""
     config = config or NetConfig()
     taps: list = []
     link = link if link is not None else LinkSettings()
 
     def make_device() -> NetDevice:
         return NetDevice(config, features=features, rx_pending_limit=rx_pending_limit,
-                         rlog=device_rlog, taps=taps, link_layers=link.compose, **device_kw)
+                         rlog=device_rlog, taps=taps, link_layers=link.compose, hostnet=hostnet,
+                         **device_kw)
 
-    return Server(socket_path, make_device, once=once, rlog=rlog, taps=taps, listener=listener)
+    return Server(socket_path, make_device, once=once, rlog=rlog, taps=taps, listener=listener,
+                  hostnet=hostnet)
 
 
 def _net_config(args):
@@ -81,8 +85,11 @@ def make_backend(args, socket_path: str, listener=None, control_path: str | None
         raise ValueError("--rx-pending must be at least 1")
 
     link = LinkSettings(FaultSettings(args.fault))
+    from vhostnet.hostnet.options import hostnet_from_args
+    hostnet = hostnet_from_args(args, config.guest_ip)     # binds --forward ports now
     server = make_server(socket_path, config=config, features=feats, listener=listener,
-                         rx_pending_limit=args.rx_pending, once=getattr(args, "once", False), link=link)
+                         rx_pending_limit=args.rx_pending, once=getattr(args, "once", False), link=link,
+                         hostnet=hostnet)
     control = None
     ctl_path = args.control or control_path or default_control_path(socket_path)
     if not args.no_control:
@@ -111,6 +118,8 @@ def make_backend(args, socket_path: str, listener=None, control_path: str | None
 
 def close_listeners(server, control) -> None:
     """Close the listening sockets; unlink only the paths we bound ourselves."""
+    if getattr(server, "hostnet", None) is not None:
+        server.hostnet.forwards.close()
     for obj in (server, control):
         if obj is not None and obj.listener is not None:
             obj.listener.close()

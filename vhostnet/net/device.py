@@ -63,10 +63,19 @@ class NetDevice:
 
     def __init__(self, config: NetConfig | None = None, *, features: int = F.DEFAULT_FEATURES,
                  rx_pending_limit: int = 1024, rlog: RateLimitedLog | None = None,
-                 taps: list | None = None, link_layers=None):
+                 taps: list | None = None, link_layers=None, hostnet=None):
         self.config = config or NetConfig()
         self.device_features = features
-        self.stack = Stack(self.config)
+        # With a host network (vhostnet/hostnet), the stack's NAT flows are
+        # driven by a HostProxy that `run` starts in the connection's nursery.
+        if hostnet is None:
+            self.stack = Stack(self.config)
+            self.proxy = None
+        else:
+            self.stack = Stack(self.config, flows=hostnet.config.flows,
+                               services=hostnet.config.services)
+            self.proxy = hostnet.make_proxy(self.stack.flows, self.config.gateway_ip_b,
+                                            self.config.guest_ip_b)
         # Link layers (vhostnet/link: faults, stack-side taps) wrap the stack;
         # frames and time go through the outermost one, which is the stack if none.
         self.link = link_layers(self.stack) if link_layers is not None else self.stack
@@ -120,6 +129,22 @@ class NetDevice:
     def poll(self, rings: Sequence[Ring], now: float) -> None:
         self.link.poll(now)
         self.flush_rx(rings)
+        self._wake_proxy()
+
+    async def run(self, rings: Sequence[Ring], after_work) -> None:
+        """The host proxy, for the life of the connection (returns at once without one)."""
+        if self.proxy is None:
+            return
+
+        def flush() -> None:
+            self.flush_rx(rings)
+            after_work()
+        await self.proxy.run(flush)
+
+    def _wake_proxy(self) -> None:
+        p = self.proxy
+        if p is not None and self.stack.flows.pending:
+            p.wake()
 
     def next_deadline(self):
         return self.link.next_deadline()
@@ -171,6 +196,7 @@ class NetDevice:
                 q.stats["calls_suppressed"] += 1
         more = n >= budget or q.want_kick_at_next()
         self.flush_rx(rings)
+        self._wake_proxy()
         return more
 
     def _tx_one(self, chain, now: float) -> None:

@@ -10,6 +10,7 @@ per line, one reply object per line.
     -> {"cmd": "stats"}
     -> {"cmd": "ping"}                     <- {"ok": true, "result": {"pid": ...}}
     -> {"cmd": "fault", "op": "set", "spec": "loss=5%"}   (vhostnet/link/control.py)
+    -> {"cmd": "forward_add", "spec": "tcp:127.0.0.1:2222-:22"}   (and forward_remove, forward_list)
     -> {"cmd": "capture", "count": 10, "at": "guest"}   <- {"ok": true, "result": {"linktype": 1, ...}}
                                            <- {"frame": {"ts":..,"dir":"tx","len":98,..}} + 98 raw bytes
                                            <- ... then {"end": {"frames": 10, "dropped": 0, ...}}
@@ -345,7 +346,27 @@ class ControlServer:
                 return fault_request(self.link, self.server, req)
             except FaultRequestError as e:
                 raise _BadRequest(str(e)) from None
-        raise _BadRequest(f"unknown command {cmd!r}; known: ping, inspect, desc, stats, fault, capture")
+        if cmd in ("forward_add", "forward_remove", "forward_list"):
+            return self._forward(cmd, req)
+        raise _BadRequest(f"unknown command {cmd!r}; known: ping, inspect, desc, stats, fault, capture, "
+                          f"forward_add, forward_remove, forward_list")
+
+    def _forward(self, cmd: str, req: dict):
+        from vhostnet.hostnet.forwards import ForwardError, ForwardSpec
+        hostnet = getattr(self.server, "hostnet", None)
+        if hostnet is None:
+            raise _BadRequest("this backend has no host network (no NAT, no forwards)")
+        fwd = hostnet.forwards
+        if cmd == "forward_list":
+            return fwd.list()
+        spec = req.get("spec")
+        if not isinstance(spec, str):
+            raise _BadRequest(f'{cmd} needs "spec": a string like "tcp:127.0.0.1:2222-:22"')
+        try:
+            parsed = ForwardSpec.parse(spec)
+            return fwd.add(parsed) if cmd == "forward_add" else fwd.remove(parsed)
+        except (ForwardError, OSError) as e:
+            raise _BadRequest(str(e)) from None
 
     async def _capture(self, stream, req: dict) -> None:
         count = req.get("count")

@@ -168,7 +168,31 @@ def stats_text(doc: dict, prev: dict | None = None) -> str:
     out += _tcp_lines(st["tcp"]) or ["  (none)"]
     if st["reassembly"]:
         out.append(f"IP reassembly: {len(st['reassembly'])} datagram(s) in progress")
+    out += nat_lines(doc.get("nat"), doc.get("forwards", []))
     return "\n".join(out)
+
+
+def nat_lines(nat: dict | None, forwards: list[dict]) -> list[str]:
+    """NAT flows like `ss`: proto, guest side, remote (as the guest sees it),
+    host side, state, bytes each way, age; then the forwards."""
+    out = []
+    if nat is not None:
+        n = nat["counts"]
+        out.append(f"NAT        {'outbound' if nat['outbound'] else 'restricted (forwards only)'}; "
+                   f"flows tcp {n['tcp']}/{nat['limits']['tcp']} udp {n['udp']}/{nat['limits']['udp']} "
+                   f"icmp {n['icmp']}/{nat['limits']['icmp']}; {_kv(nat['counters'])}")
+        if nat["flows"]:
+            out.append(f"  {'PROTO':<5} {'DIR':<3} {'GUEST':<21} {'REMOTE':<21} {'HOST':<43} "
+                       f"{'STATE':<12} {'FROM-GUEST':>10} {'TO-GUEST':>10} {'AGE':>7}")
+        for f in nat["flows"]:
+            out.append(f"  {f['proto']:<5} {f['direction']:<3} {f['guest']:<21} {f['remote']:<21} "
+                       f"{f['host'] or '-':<43} {f['state']:<12} {f['bytes_from_guest']:>10} "
+                       f"{f['bytes_to_guest']:>10} {f['age_s']:>6.1f}s")
+    if forwards:
+        out.append("forwards")
+        out += [f"  {f['proto']:<4} host {f['host']:<21} -> guest {f['guest']:<21} "
+                f"accepted {f['accepted']} refused {f['refused']}" for f in forwards]
+    return out
 
 
 def _tcp_lines(conns: list[dict]) -> list[str]:

@@ -307,6 +307,8 @@ def _last_used(vq, head: int) -> dict | None:
 def stats_doc(server, control=None) -> dict:
     doc = {"version": VERSION, "time": time.time(), "backend": _backend_info(server, control),
            "capture": control.capture_stats() if control else None}
+    hostnet = getattr(server, "hostnet", None)
+    doc["forwards"] = hostnet.forwards.list() if hostnet is not None else []
     conn = server.current
     if conn is None:
         doc["connected"] = False
@@ -331,5 +333,19 @@ def stats_doc(server, control=None) -> dict:
             "arp": snap["arp"], "udp": snap["udp"], "tcp": snap["tcp"],
             "reassembly": snap["reassembly"],
         },
+        "nat": _nat(dev, snap, sc),
     })
     return doc
+
+
+def _nat(dev, snap: dict, counters: dict) -> dict | None:
+    """NAT flows like `ss`, the flow counts and the proxy's own counters."""
+    flows = dev.stack.flows
+    if flows is None:
+        return None
+    proxy = getattr(dev, "proxy", None)
+    return {"outbound": flows.config.outbound, "flows": snap["nat"], "counts": flows.counts(),
+            "limits": {"tcp": flows.config.max_tcp, "udp": flows.config.max_udp,
+                       "icmp": flows.config.max_icmp, "half_open": flows.config.max_half_open},
+            "counters": {k: v for k, v in sorted(counters.items()) if k.startswith("nat_")},
+            "proxy": proxy.snapshot() if proxy is not None else None}

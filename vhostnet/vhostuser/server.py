@@ -1,7 +1,10 @@
 """The vhost-user server: one QEMU at a time, one trio nursery per connection.
 
 The nursery owns every task of a connection: the message loop, a kick
-waiter per started queue, and the stack's timer. When QEMU goes away the
+waiter per started queue, the stack's timer, and the device's own tasks
+(`Device.run`: vhostnet's host proxy and its host sockets). A server-level
+nursery runs the host network's port-forward listeners (`hostnet`), which
+outlive a reconnect. When QEMU goes away the
 nursery is cancelled, the backend unmaps guest memory and closes every fd it
 was given, and the server listens for the next QEMU (or exits with --once).
 
@@ -171,9 +174,12 @@ class Server:
 
     def __init__(self, socket_path: str, make_device, *, once: bool = False,
                  rlog: RateLimitedLog | None = None, taps: list | None = None,
-                 listener: socket.socket | None = None):
+                 listener: socket.socket | None = None, hostnet=None):
         self.socket_path = socket_path
         self.owns_path = listener is None
+        # The host network's server-level part (port forwards), served next to
+        # the accept loop so its listeners outlive a QEMU reconnect; or None.
+        self.hostnet = hostnet
         self.make_device = make_device
         self.once = once
         self.rlog = rlog or RateLimitedLog(log)
@@ -193,17 +199,14 @@ class Server:
     async def serve(self) -> None:
         self.listen()
         lsock = trio.socket.from_stdlib_socket(self.listener)
-        self.ready.set()
         log.info("listening on %s", self.socket_path)
         try:
-            while True:
-                sock, _ = await lsock.accept()
-                self.connections += 1
-                log.info("frontend connected (connection %d)", self.connections)
-                await self._serve_connection(sock)
-                log.info("frontend disconnected; guest memory unmapped, fds closed")
-                if self.once:
-                    return
+            async with trio.open_nursery() as nursery:
+                if self.hostnet is not None:
+                    await nursery.start(self.hostnet.serve)
+                self.ready.set()
+                await self._accept_loop(lsock)
+                nursery.cancel_scope.cancel()
         finally:
             lsock.close()
             self.listener = None
@@ -212,6 +215,16 @@ class Server:
                     os.unlink(self.socket_path)
                 except OSError:
                     pass
+
+    async def _accept_loop(self, lsock) -> None:
+        while True:
+            sock, _ = await lsock.accept()
+            self.connections += 1
+            log.info("frontend connected (connection %d)", self.connections)
+            await self._serve_connection(sock)
+            log.info("frontend disconnected; guest memory unmapped, fds closed")
+            if self.once:
+                return
 
     async def _serve_connection(self, sock) -> None:
         async with trio.open_nursery() as nursery:
@@ -223,6 +236,7 @@ class Server:
             self.current = conn
             try:
                 nursery.start_soon(conn.timer_loop)
+                nursery.start_soon(conn.device.run, conn.backend.queues, conn._rearm)
                 await conn.message_loop()
             finally:
                 nursery.cancel_scope.cancel()
