@@ -1,0 +1,109 @@
+"""Hot paths in C through cffi, with a pure-Python fallback: chosen here, once.
+
+What is native (stack/native/native.c, built by stack/native/build.py at
+install time through setup.py's `cffi_modules`):
+
+    ones_sum(data, start=0) -> int        RFC 1071 sum, folded (checksum.py)
+    copy(dst_views, src_views) -> int     scatter/gather copy, bytes copied
+    segment(data, ihl, doff, tot, gso, count, partial) -> list of frames
+                                          the software-TSO loop (segment.py)
+
+Selection: the compiled module `stack.native._native` is used when it
+imports and VHOSTNET_NATIVE is not "0"; otherwise every name above comes
+from stack/native/fallback.py, which computes the same results in Python.
+`NATIVE` (bool), `IMPLEMENTATION` ("cffi" or "python") and `REASON` (why
+the fallback, or "") say which was chosen; `vhostnet stats --json` shows
+them under "native", and the choice is logged at debug level.
+
+Calling convention: cffi passes a `bytes` object straight to a `const char *`
+parameter; any other buffer (bytearray, memoryview of guest memory) goes
+through ffi.from_buffer, which pins it for the duration of the call. C never
+keeps a pointer after it returns.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from . import fallback
+
+__all__ = ["NATIVE", "IMPLEMENTATION", "REASON", "ones_sum", "copy", "segment", "describe"]
+
+log = logging.getLogger("stack.native")
+
+# Environment switch: VHOSTNET_NATIVE=0 forces the Python fallback (to
+# compare the two in one benchmark run, or to rule the C out when debugging).
+ENV_SWITCH = "VHOSTNET_NATIVE"
+
+_lib = _ffi = None
+if os.environ.get(ENV_SWITCH, "1") == "0":
+    REASON = f"{ENV_SWITCH}=0"
+else:
+    try:
+        from ._native import ffi as _ffi, lib as _lib
+        REASON = ""
+    except ImportError as e:  # not built: a plain checkout, or no compiler at install
+        REASON = f"extension not built ({e})"
+
+NATIVE = _lib is not None
+IMPLEMENTATION = "cffi" if NATIVE else "python"
+
+
+def describe() -> dict:
+    """JSON-able: which implementation the hot paths use, and why."""
+    return {"native": NATIVE, "implementation": IMPLEMENTATION, "reason": REASON}
+
+
+if NATIVE:
+    _from_buffer = _ffi.from_buffer
+    _new = _ffi.new
+    _sum = _lib.vn_ones_sum
+    _copy = _lib.vn_copy
+    _seg = _lib.vn_segment_tcp
+
+    def ones_sum(data, start: int = 0) -> int:
+        """Ones'-complement sum of data, folded to 16 bits (see fallback.ones_sum)."""
+        if type(data) is bytes:
+            return _sum(data, len(data), start)
+        return _sum(_from_buffer(data), len(data), start)
+
+    def copy(dst, src) -> int:
+        """Copy concat(src) into concat(dst) up to the shorter; returns bytes copied."""
+        nd, ns = len(dst), len(src)
+        if nd == 1 and ns == 1:
+            # The common case (one frame, one buffer) needs no arrays.
+            d, s = dst[0], src[0]
+            k = min(len(d), len(s))
+            memoryview(d)[:k] = memoryview(s)[:k]
+            return k
+        dp = _new("char *[]", [_from_buffer(d, require_writable=True) for d in dst])
+        dl = _new("size_t[]", [len(d) for d in dst])
+        sp = _new("char *[]", [_from_buffer(s) for s in src])
+        sl = _new("size_t[]", [len(s) for s in src])
+        return _copy(dp, dl, nd, sp, sl, ns)
+
+    def segment(data, ihl: int, doff: int, tot: int, gso: int, count: int,
+                partial: bool) -> list:
+        """The software-TSO loop in C: all segments go into one new buffer,
+        returned as writable memoryview slices of it, one per segment."""
+        pay = 14 + ihl + doff
+        total = count * pay + (tot + 14 - pay)
+        out = bytearray(total)
+        lens = _new("uint32_t[]", count)
+        src = data if type(data) is bytes else _from_buffer(data)
+        if _seg(src, len(data), ihl, doff, tot, gso, count, 1 if partial else 0,
+                _from_buffer(out), total, lens) != total:
+            raise ValueError("vn_segment_tcp refused validated arguments")
+        mv = memoryview(out)
+        frames = []
+        o = 0
+        for n in lens:
+            frames.append(mv[o:o + n])
+            o += n
+        return frames
+else:
+    ones_sum = fallback.ones_sum
+    copy = fallback.copy
+    segment = fallback.segment
+
+log.debug("hot paths: %s%s", IMPLEMENTATION, f" ({REASON})" if REASON else "")
