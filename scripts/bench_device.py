@@ -25,6 +25,7 @@ from scapy.layers.l2 import Ether
 
 from vhostnet.testing.frontend import Frontend
 from vhostnet.launch.serve import make_server
+from vhostnet.virtio import features as F
 
 
 def ping_frame(size: int, seq: int = 1) -> bytes:
@@ -33,11 +34,12 @@ def ping_frame(size: int, seq: int = 1) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def connected():
-    """A real server on a temporary socket and a frontend that has done QEMU's handshake."""
+async def connected(disable: int = 0):
+    """A real server on a temporary socket and a frontend that has done QEMU's handshake.
+    DISABLE: feature bits the device does not offer."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "vhost.sock")
-        srv = make_server(path)
+        srv = make_server(path, features=F.DEFAULT_FEATURES & ~disable)
         srv.listen()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(srv.serve)
