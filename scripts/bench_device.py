@@ -80,9 +80,9 @@ async def run_direct(size: int, seconds: float, window: int) -> float:
     async with connected() as (srv, fe):
         conn = srv.current
         dev = conn.device
-        txq, rxq = conn.backend.queues[1], conn.backend.queues[0]
+        rings = conn.backend.queues
         # Take the rings away from the server's kick tasks: we call the device ourselves.
-        for q in (txq, rxq):
+        for q in rings:
             conn._queue_stop(q)
         fe.post_rx()
         frame = ping_frame(size)
@@ -94,11 +94,11 @@ async def run_direct(size: int, seconds: float, window: int) -> float:
                 if not fe.tx.free:
                     break
                 fe.post_tx(frame)
-            dev.process(txq, 0.0)
+            dev.process(rings, 1, 0.0)
             done += len(fe.read_rx())
             fe.tx.take_used()
             fe.post_rx()
-            dev.process(rxq, 0.0)
+            dev.process(rings, 0, 0.0)
         elapsed = time.perf_counter() - t0
     return done / elapsed
 

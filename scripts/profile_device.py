@@ -67,8 +67,8 @@ async def tcp(direction: str, offloads: bool, seconds: float, profile: bool, buf
     async with bench_device.connected(0 if offloads else F.OFFLOAD_FEATURES) as (srv, fe):
         conn = srv.current
         dev = conn.device
-        txq, rxq = conn.backend.queues[1], conn.backend.queues[0]
-        for q in (txq, rxq):
+        rings = conn.backend.queues
+        for q in rings:
             conn._queue_stop(q)
         g = bdt.Guest(fe, bufsize)
         st = g.st
@@ -100,11 +100,54 @@ async def tcp(direction: str, offloads: bool, seconds: float, profile: bool, buf
             if el > seconds + 0.3:
                 break
             gu.run(g.step, now)
-            be.run(dev.process, txq, now)
-            be.run(dev.poll, now)
+            be.run(dev.process, rings, 1, now)
+            be.run(dev.poll, rings, now)
         wall = time.perf_counter() - w0
         nbytes, nframes = progress() - b0, frames() - f0
         return {"wall": wall, "bytes": nbytes, "frames": nframes, "be": be, "gu": gu}
+
+
+async def echo(size: int, seconds: float, profile: bool, window: int = 64) -> dict:
+    """ICMP echo, WINDOW pings per round, as bench_device.py's direct row."""
+    async with bench_device.connected() as (srv, fe):
+        conn = srv.current
+        dev = conn.device
+        rings = conn.backend.queues
+        for q in rings:
+            conn._queue_stop(q)
+        be, gu = Side(profile), Side(profile)
+        frame = bench_device.ping_frame(size)
+        fe.post_rx()
+
+        def guest_round():
+            n = len(fe.read_rx())
+            fe.tx.take_used()
+            fe.post_rx()
+            for _ in range(window):
+                if not fe.tx.free:
+                    break
+                fe.post_tx(frame)
+            return n
+
+        def backend_round():
+            dev.process(rings, 1, 0.0)
+            dev.process(rings, 0, 0.0)
+        done = 0
+        t0 = time.perf_counter()
+        w0 = None
+        while True:
+            el = time.perf_counter() - t0
+            if w0 is None and el > 0.3:
+                w0, done = time.perf_counter(), 0
+                be.cpu = gu.cpu = 0.0
+                if be.prof:
+                    be.prof, gu.prof = cProfile.Profile(), cProfile.Profile()
+            if el > seconds + 0.3:
+                break
+            done += gu.run(guest_round)
+            be.run(backend_round)
+        wall = time.perf_counter() - w0
+        return {"wall": wall, "bytes": done * (size + 42), "frames": done, "be": be, "gu": gu}
 
 
 def report(name: str, r: dict, top: int) -> None:
@@ -123,12 +166,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("case", choices=["tcp-send", "tcp-recv"])
+    ap.add_argument("case", choices=["tcp-send", "tcp-recv", "echo"])
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--no-offloads", action="store_true")
     ap.add_argument("--guest-buf", type=int, default=256 * 1024)
+    ap.add_argument("--size", type=int, default=64, help="echo: ICMP payload bytes (default 64)")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N functions per side")
     a = ap.parse_args()
+    if a.case == "echo":
+        r = trio.run(echo, a.size, a.seconds, bool(a.profile))
+        report(f"echo {a.size} B", r, a.profile)
+        print(f"  round trips/s the backend alone could do: {r['frames'] / max(r['be'].cpu, 1e-9):,.0f}")
+        return
     r = trio.run(tcp, a.case.split("-")[1], not a.no_offloads, a.seconds, bool(a.profile), a.guest_buf)
     report(f"{a.case} offloads={'off' if a.no_offloads else 'on'}", r, a.profile)
 
