@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import os
 import pstats
 import sys
@@ -35,7 +36,10 @@ import trio  # noqa: E402
 
 import bench_device  # noqa: E402
 import bench_device_tcp as bdt  # noqa: E402
-from stack import native  # noqa: E402
+try:
+    from stack.native import IMPLEMENTATION  # noqa: E402
+except ImportError:   # a tree from before stack/native (for before/after runs)
+    IMPLEMENTATION = "python (no stack/native)"
 from vhostnet.virtio import features as F  # noqa: E402
 
 
@@ -150,11 +154,22 @@ async def echo(size: int, seconds: float, profile: bool, window: int = 64) -> di
         return {"wall": wall, "bytes": done * (size + 42), "frames": done, "be": be, "gu": gu}
 
 
+def summary(r: dict) -> dict:
+    """The numbers of one run, JSON-able (for scripts/bench_native.py)."""
+    n = max(r["frames"], 1)
+    be, gu = r["be"], r["gu"]
+    return {"native": IMPLEMENTATION, "frames": r["frames"], "bytes": r["bytes"],
+            "wall_s": r["wall"], "backend_us_per_frame": be.cpu / n * 1e6,
+            "guest_us_per_frame": gu.cpu / n * 1e6,
+            "backend_gbit": r["bytes"] * 8 / max(be.cpu, 1e-9) / 1e9,
+            "backend_frames_per_s": r["frames"] / max(be.cpu, 1e-9)}
+
+
 def report(name: str, r: dict, top: int) -> None:
     n = max(r["frames"], 1)
     be, gu = r["be"], r["gu"]
     print(f"{name}: {r['bytes'] * 8 / r['wall'] / 1e9:.2f} Gbit/s wall, {r['frames'] / r['wall']:,.0f} frames/s, "
-          f"{r['bytes'] / n:,.0f} B/frame; hot paths: {native.IMPLEMENTATION}")
+          f"{r['bytes'] / n:,.0f} B/frame; hot paths: {IMPLEMENTATION}")
     print(f"  CPU per frame: backend {be.cpu / n * 1e6:7.1f} us   guest {gu.cpu / n * 1e6:7.1f} us"
           f"   -> backend alone could do {r['bytes'] * 8 / max(be.cpu, 1e-9) / 1e9:.2f} Gbit/s")
     if top:
@@ -171,14 +186,21 @@ def main() -> None:
     ap.add_argument("--no-offloads", action="store_true")
     ap.add_argument("--guest-buf", type=int, default=256 * 1024)
     ap.add_argument("--size", type=int, default=64, help="echo: ICMP payload bytes (default 64)")
+    ap.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N functions per side")
     a = ap.parse_args()
     if a.case == "echo":
         r = trio.run(echo, a.size, a.seconds, bool(a.profile))
+        if a.json:
+            print(json.dumps(summary(r)))
+            return
         report(f"echo {a.size} B", r, a.profile)
         print(f"  round trips/s the backend alone could do: {r['frames'] / max(r['be'].cpu, 1e-9):,.0f}")
         return
     r = trio.run(tcp, a.case.split("-")[1], not a.no_offloads, a.seconds, bool(a.profile), a.guest_buf)
+    if a.json:
+        print(json.dumps(summary(r)))
+        return
     report(f"{a.case} offloads={'off' if a.no_offloads else 'on'}", r, a.profile)
 
 

@@ -44,28 +44,53 @@ def ones_sum(data, start: int = 0) -> int:
 def copy(dst, src) -> int:
     """Copy the concatenation of the buffers in `src` into the concatenation
     of the writable buffers in `dst`, up to the shorter total. Returns the
-    number of bytes copied."""
+    number of bytes copied.
+
+    Each step is one slice assignment (a memcpy); sources are wrapped in
+    memoryviews so that slicing them never copies. Two shapes are the
+    common ones and go first: one destination (gathering a chain into a
+    frame) and whole destination views filled from one source (a frame
+    scattered over RX buffers)."""
+    if len(dst) == 1:
+        out = memoryview(dst[0])
+        room = len(out)
+        pos = 0
+        for s in src:
+            k = len(s)
+            if pos + k > room:
+                k = room - pos
+                out[pos:room] = memoryview(s)[:k]
+                return room
+            out[pos:pos + k] = s
+            pos += k
+        return pos
     done = 0
-    si = 0
-    srcs = [memoryview(s).cast("B") for s in src]
-    ns = len(srcs)
-    i = 0
+    it = iter(src)
+    s = memoryview(b"")
+    spos = slen = 0
     for d in dst:
-        d = memoryview(d).cast("B")
         dl = len(d)
-        dj = 0
-        while dj < dl and i < ns:
-            s = srcs[i]
-            k = min(len(s) - si, dl - dj)
-            d[dj:dj + k] = s[si:si + k]
-            dj += k
-            si += k
+        if slen - spos >= dl:
+            d[:] = s[spos:spos + dl]
+            spos += dl
+            done += dl
+            continue
+        dpos = 0
+        while dpos < dl:
+            if spos == slen:
+                s = next(it, None)
+                if s is None:
+                    return done
+                s = memoryview(s)
+                spos, slen = 0, len(s)
+                continue
+            k = slen - spos
+            if k > dl - dpos:
+                k = dl - dpos
+            d[dpos:dpos + k] = s[spos:spos + k]
+            dpos += k
+            spos += k
             done += k
-            if si == len(s):
-                i += 1
-                si = 0
-        if i == ns:
-            break
     return done
 
 

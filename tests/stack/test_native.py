@@ -44,6 +44,15 @@ def c_sum(data, start=0) -> int:
     return lib.vn_ones_sum(ffi.from_buffer(data), len(data), start)
 
 
+def c_copy(dst, src) -> int:
+    """vn_copy called directly (native.copy only goes to C for long view lists)."""
+    fb = ffi.from_buffer
+    return lib.vn_copy(ffi.new("char *[]", [fb(d, require_writable=True) for d in dst]),
+                       ffi.new("size_t[]", [len(d) for d in dst]), len(dst),
+                       ffi.new("char *[]", [fb(s) for s in src]), ffi.new("size_t[]", [len(s) for s in src]),
+                       len(src))
+
+
 def misaligned(data: bytes, shift: int) -> memoryview:
     """data as a memoryview that starts `shift` bytes into a larger buffer."""
     return memoryview(bytearray(shift) + data)[shift:]
@@ -114,7 +123,7 @@ def model_copy(dst_sizes, src):
        shift=hs.integers(0, 7))
 def test_copy_agrees_on_random_input(src, dst_sizes, shift):
     n, want = model_copy(dst_sizes, src)
-    for impl in (native.copy, fallback.copy):
+    for impl in (c_copy, native.copy, fallback.copy):
         # destinations: misaligned memoryviews into one guest-memory-like buffer
         backing = bytearray(b"\xa5" * (shift + sum(dst_sizes)))
         mv = memoryview(backing)
@@ -139,9 +148,26 @@ def test_copy_gathers_views_into_one_frame_and_scatters_back():
     assert b"".join(bufs) == b"hdrabcefghij"
 
 
+def test_copy_of_long_view_lists_goes_through_c_and_agrees():
+    # 64 KiB + header into 1 KiB views: past COPY_C_MIN_VIEWS, native.copy is C.
+    data = os.urandom(65536)
+    for nviews in (native.COPY_C_MIN_VIEWS - 2, native.COPY_C_MIN_VIEWS + 10):
+        outs = {}
+        for impl in (native.copy, fallback.copy):
+            backing = bytearray(1024 * nviews + 5)
+            mv = memoryview(backing)
+            views = [mv[i * 1024:(i + 1) * 1024] for i in range(nviews)]
+            assert impl(views, [b"hdr-12-bytes", memoryview(data)]) == min(12 + len(data), 1024 * nviews)
+            outs[impl] = bytes(backing)
+        assert outs[native.copy] == outs[fallback.copy]
+        n = min(12 + len(data), 1024 * nviews)
+        assert outs[native.copy][:n] == (b"hdr-12-bytes" + data)[:n]
+
+
 def test_copy_refuses_readonly_destination():
-    with pytest.raises((TypeError, BufferError, ValueError)):
-        native.copy([b"readonly", bytearray(2)], [b"0123456789"])
+    for impl in (c_copy, fallback.copy):
+        with pytest.raises((TypeError, BufferError, ValueError)):
+            impl([b"readonly", bytearray(2)], [b"0123456789"])
 
 
 # ------------------------------------------------------------------- segment
