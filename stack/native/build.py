@@ -19,6 +19,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 CDEF = """
 uint32_t vn_ones_sum(const char *buf, size_t n, uint32_t start);
+uint32_t vn_l4_sum(const char *buf, size_t buf_len, size_t off, size_t n,
+                   const char *src, const char *dst, uint32_t proto);
 size_t vn_copy(char *const *dst, const size_t *dlen, size_t nd,
                const char *const *src, const size_t *slen, size_t ns);
 long vn_segment_tcp(const char *frame, size_t n, uint32_t ihl, uint32_t doff,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 
-__all__ = ["ones_sum", "copy", "segment"]
+__all__ = ["ones_sum", "l4_sum", "copy", "segment"]
 
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
@@ -35,6 +35,23 @@ def ones_sum(data, start: int = 0) -> int:
     if len(data) & 1:
         v <<= 8
     v += start
+    if v == 0:
+        return 0
+    r = v % _ONES
+    return r if r else _ONES
+
+
+def l4_sum(buf, off: int, n: int, src: bytes, dst: bytes, proto: int) -> int:
+    """Folded sum of the IPv4 pseudo-header (RFC 768, RFC 793 §3.1: source,
+    destination, zero, protocol, length n) plus buf[off:off+n]. A correct
+    UDP or TCP segment sums to 0xFFFF; ~sum is the checksum to store.
+    Raises ValueError when off + n runs past buf."""
+    if off < 0 or n < 0 or off + n > len(buf):
+        raise ValueError(f"range {off}+{n} outside a {len(buf)}-byte buffer")
+    v = int.from_bytes(buf[off:off + n], "big")
+    if n & 1:
+        v <<= 8
+    v += int.from_bytes(src, "big") + int.from_bytes(dst, "big") + proto + n
     if v == 0:
         return 0
     r = v % _ONES

@@ -5,6 +5,8 @@
  * it on random input):
  *
  *   vn_ones_sum      RFC 1071 ones'-complement sum of a buffer
+ *   vn_l4_sum        the same over buf[off:off+n] plus the IPv4
+ *                    pseudo-header (RFC 768, RFC 793 section 3.1)
  *   vn_copy          copy the concatenation of N source buffers into the
  *                    concatenation of M destination buffers (guest
  *                    scatter/gather lists <-> frames)
@@ -103,6 +105,27 @@ uint32_t vn_ones_sum(const char *buf, size_t n, uint32_t start)
     uint64_t s = sum_native((const uint8_t *)buf, n);
     uint32_t st = fold64(start);
     s += little_endian() ? bswap16((uint16_t)st) : st;
+    uint32_t r = fold64(s);
+    return little_endian() ? bswap16((uint16_t)r) : r;
+}
+
+/* Folded sum of the IPv4 pseudo-header (src, dst: 4 bytes each; zero,
+ * proto, length n) plus buf[off:off+n], in network order; what a UDP or
+ * TCP checksum is the complement of.  buf_len bounds the read: returns
+ * VN_OUT_OF_RANGE (not a 16-bit value) when off + n exceeds it. */
+#define VN_OUT_OF_RANGE 0x10000u
+uint32_t vn_l4_sum(const char *buf, size_t buf_len, size_t off, size_t n,
+                   const char *src, const char *dst, uint32_t proto)
+{
+    if (off > buf_len || n > buf_len - off)
+        return VN_OUT_OF_RANGE;
+    uint64_t s = sum_native((const uint8_t *)buf + off, n);
+    s += sum_native((const uint8_t *)src, 4) + sum_native((const uint8_t *)dst, 4);
+    /* proto and length as network-order 16-bit words (n < 2^32 here:
+     * split in two words), converted to native order like the data. */
+    uint32_t words[3] = { proto & 0xFFFFu, (uint32_t)(n & 0xFFFFu), (uint32_t)((n >> 16) & 0xFFFFu) };
+    for (int i = 0; i < 3; i++)
+        s += little_endian() ? bswap16((uint16_t)words[i]) : words[i];
     uint32_t r = fold64(s);
     return little_endian() ? bswap16((uint16_t)r) : r;
 }

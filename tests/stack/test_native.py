@@ -110,6 +110,30 @@ def test_stored_checksum_verifies(data):
     assert c_sum(d) in (0xFFFF, 0) and c_sum(d) == fallback.ones_sum(d)
 
 
+# -------------------------------------------------------------------- l4_sum
+@SETTINGS
+@given(data=hs.binary(max_size=3000), cut=hs.data(), src=hs.binary(min_size=4, max_size=4),
+       dst=hs.binary(min_size=4, max_size=4), proto=hs.sampled_from([6, 17, 0, 255]), shift=hs.integers(0, 7))
+def test_l4_sum_agrees_with_pseudo_sum_plus_ones_sum(data, cut, src, dst, proto, shift):
+    off = cut.draw(hs.integers(0, len(data)))
+    n = cut.draw(hs.integers(0, len(data) - off))
+    want = fallback.ones_sum(data[off:off + n], pseudo_sum(src, dst, proto, n))
+    assert fallback.l4_sum(data, off, n, src, dst, proto) == want
+    assert lib.vn_l4_sum(data, len(data), off, n, src, dst, proto) == want
+    for buf in (data, bytearray(data), misaligned(data, shift)):
+        assert native.l4_sum(buf, off, n, src, dst, proto) == want
+    assert native.l4_sum(data, off, n, bytearray(src), memoryview(dst), proto) == want
+
+
+@pytest.mark.parametrize("impl", [native.l4_sum, fallback.l4_sum])
+def test_l4_sum_refuses_ranges_past_the_buffer(impl):
+    g = bytes(4)
+    for off, n in ((0, 11), (10, 1), (11, 0), (-1, 2), (2, -1)):
+        with pytest.raises(ValueError):
+            impl(bytes(10), off, n, g, g, 17)
+    assert impl(bytes(10), 10, 0, g, g, 17) == 17      # empty range at the end: the pseudo-header alone
+
+
 # ---------------------------------------------------------------------- copy
 def model_copy(dst_sizes, src):
     whole = b"".join(src)
