@@ -17,8 +17,9 @@ Micro (in this process; ns per call, median of --repeat runs):
   and partial.
 
 A/B (--ab; subprocesses, each variant in turn, --runs times, medians):
-- scripts/bench_stack_udp.py: us per UDP echo of 1472 B with and without
-  checksum offload; the difference is what checksums cost per datagram;
+- scripts/bench_stack_udp.py --cpu: us of CPU per echo (ICMP, UDP; 64 and
+  1472 B) with and without checksum offload; for UDP 1472 B the difference
+  is what checksums cost per datagram;
 - scripts/profile_device.py: backend CPU per frame through the device (TCP
   with 64 KiB TSO frames both ways, TCP without offloads, 64 B ICMP echo),
   measured with process_time so that other processes on the machine inflate
@@ -146,7 +147,7 @@ def micro(repeat: int) -> None:
 # ---------------------------------------------------------------- A/B runs
 CASES = [
     # name, argv (relative to scripts/), metric picker
-    ("udp", ["bench_stack_udp.py", "1"], None),
+    ("udp", ["bench_stack_udp.py", "1", "--cpu"], None),
     ("tcp-send TSO", ["profile_device.py", "tcp-send", "--seconds", "2", "--json"], "backend_us_per_frame"),
     ("tcp-recv TSO", ["profile_device.py", "tcp-recv", "--seconds", "2", "--json"], "backend_us_per_frame"),
     ("tcp-send no offl", ["profile_device.py", "tcp-send", "--no-offloads", "--seconds", "2", "--json"],
