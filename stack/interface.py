@@ -106,7 +106,8 @@ class Stack:
         self.udp_services = udp_services.install(self.udp, self._gw_ip)
         self.tcp = None
         if TcpLayer is not None:
-            self.tcp = TcpLayer(self._tcp_emit)
+            # ACKs batched per take_frames(): see TcpLayer.flush_acks.
+            self.tcp = TcpLayer(self._tcp_emit, defer_acks=True)
             try:
                 tcp_services = importlib.import_module(".services.tcp_services", __package__)
             except ModuleNotFoundError as e:  # the TCP services may land after the layer
@@ -126,6 +127,8 @@ class Stack:
             self.tcp.set_tso(TSO_MAX_PAYLOAD if self._tso else None)
 
     def take_frames(self) -> list[Frame]:
+        if self.tcp is not None:
+            self.tcp.flush_acks(self._now)
         out = self._out
         self._out = []
         return out
