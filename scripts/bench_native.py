@@ -9,10 +9,10 @@ Micro (in this process; ns per call, median of --repeat runs):
 - ones_sum: the RFC 1071 sum at 20 B (an IPv4 header), 64 B, 1480 B (a full
   UDP datagram) and 64 KiB;
 - gather (TX): a virtio-net header plus a frame in 1, 2 or 17 guest views
-  into one frame: b"".join (what the device does) vs stack.native.copy;
-- scatter (RX): header + 64 KiB frame into 17 4 KiB buffers, and header +
-  1514 B frame into one: the device's former per-view Python loop vs
-  stack.native.copy (the fallback and C);
+  into one frame: b"".join (what the device does) vs the Python copy loop
+  vs vn_copy (C, called directly);
+- scatter (RX): header + frame into 1, 17 or 64 guest buffers: the device's
+  former per-view loop vs the Python copy loop vs vn_copy;
 - segment: software TSO of a 64 KiB TCP frame at MSS 1448, full checksums
   and partial.
 
@@ -114,25 +114,33 @@ def micro(repeat: int) -> None:
         print(f"{name:40} {py:>11,.0f} {c:>9,.0f} {py / c:>8.1f}x")
 
     guest = memoryview(bytearray(1 << 20))
-    print(f"\n{'gather (TX: views -> one frame)':40} {'join ns':>11} {'Py copy':>9} {'C copy':>9}")
+    from stack.native._native import ffi, lib
+
+    def vn_copy(dst, src):
+        fb = ffi.from_buffer
+        return lib.vn_copy(ffi.new("char *[]", [fb(d) for d in dst]), ffi.new("size_t[]", [len(d) for d in dst]),
+                           len(dst), ffi.new("char *[]", [fb(x) for x in src]),
+                           ffi.new("size_t[]", [len(x) for x in src]), len(src))
+    print(f"\nnative.copy uses the Python loop below {native.COPY_C_MIN_VIEWS} views, vn_copy (C) from there")
+    print(f"{'gather (TX: views -> one frame)':40} {'join ns':>11} {'Python':>9} {'vn_copy':>9}")
     for nviews, size in ((1, 1514), (2, 1514), (17, 65536)):
         per = -(-(12 + size) // nviews)
         views = [guest[i * 8192:i * 8192 + per] for i in range(nviews)]
         out = bytearray(per * nviews)
         j = per_call(lambda: b"".join(views), repeat)
         p = per_call(lambda: fallback.copy([out], views), repeat)
-        c = per_call(lambda: native.copy([out], views), repeat)
+        c = per_call(lambda: vn_copy([out], views), repeat)
         print(f"{f'{nviews} view(s), {12 + size} B':40} {j:>11,.0f} {p:>9,.0f} {c:>9,.0f}")
 
-    print(f"\n{'scatter (RX: hdr + frame -> buffers)':40} {'old loop':>11} {'Py copy':>9} {'C copy':>9} {'old/C':>7}")
+    print(f"\n{'scatter (RX: hdr + frame -> buffers)':40} {'old loop':>11} {'Python':>9} {'vn_copy':>9} {'old/Py':>7}")
     hdr = bytes(12)
-    for nbuf, size in ((1, 1514), (17, 65536)):
-        data = memoryview(bytes(size))
-        views = [guest[i * 8192:i * 8192 + 4096] for i in range(nbuf)]
+    for nbuf, bsize, size in ((1, 4096, 1514), (17, 4096, 65536), (64, 1024, 65536)):
+        data = bytearray(size)          # frames from the stack are bytearrays
+        views = [guest[i * 8192:i * 8192 + bsize] for i in range(nbuf)]
         o = per_call(lambda: old_scatter(views, hdr, data), repeat)
         p = per_call(lambda: fallback.copy(views, (hdr, data)), repeat)
-        c = per_call(lambda: native.copy(views, (hdr, data)), repeat)
-        print(f"{f'{size} B into {nbuf} x 4 KiB':40} {o:>11,.0f} {p:>9,.0f} {c:>9,.0f} {o / c:>6.1f}x")
+        c = per_call(lambda: vn_copy(views, (hdr, data)), repeat)
+        print(f"{f'{size} B into {nbuf} x {bsize} B':40} {o:>11,.0f} {p:>9,.0f} {c:>9,.0f} {o / p:>6.1f}x")
 
     print(f"\n{'segment (software TSO, 64 KiB at 1448)':40} {'Python us':>11} {'C us':>9} {'speed-up':>9}")
     f = tcp_frame(65483 - 12)
