@@ -11,7 +11,9 @@
 #                    gcc-aarch64-linux-gnu libc6-dev-arm64-cross
 #                                      static arm64 guest test programs (GUEST_ARCH=arm64)
 #                    passt             a reference vhost-user backend to compare with
-#                    gcc libc6-dev     static guest test programs (scripts/build-guest.sh)
+#                    gcc libc6-dev     static guest test programs (scripts/build-guest.sh),
+#                                      and the cffi extension stack.native._native
+#                    python3-dev       Python headers for that extension (pip install builds it)
 #                    xz-utils cpio     unpack the guest kernel, pack the initramfs
 #                    dpdk-dev librte-net-virtio23
 #                                      DPDK's virtio-user as a second frontend;
@@ -32,7 +34,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 
 REQUIRED=(qemu-system-x86 qemu-system-arm u-boot-qemu tshark tcpdump iperf3 redis-server git passt
-          gcc libc6-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross xz-utils cpio make iproute2 util-linux)
+          gcc libc6-dev python3-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross xz-utils cpio make iproute2 util-linux)
 OPTIONAL=(dpdk-dev librte-net-virtio23)
 
 say() { printf 'setup: %s\n' "$*"; }

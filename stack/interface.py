@@ -40,7 +40,7 @@ import ipaddress
 from collections import Counter
 
 from .arp_cache import ArpCache
-from .checksum import checksum, finalize_l4_checksum, ones_sum, pseudo_sum
+from .checksum import checksum, finalize_l4_checksum, l4_sum, ones_sum, pseudo_sum
 from .config import NetConfig
 from .frame import Frame
 from .loopback import loop_back
@@ -128,7 +128,8 @@ class Stack:
         self.tcp = None
         self.flows: FlowTable | None = None
         if TcpLayer is not None:
-            self.tcp = TcpLayer(self._tcp_emit)
+            # ACKs batched per take_frames(): see TcpLayer.flush_acks.
+            self.tcp = TcpLayer(self._tcp_emit, defer_acks=True)
             if flows is not None:
                 self.flows = FlowTable(flows, self.tcp, self.counters, self._gw_ip,
                                        set_now=self._set_now, udp_output=self._udp_output,
@@ -153,6 +154,8 @@ class Stack:
             self.tcp.set_tso(TSO_MAX_PAYLOAD if self._tso else None)
 
     def take_frames(self) -> list[Frame]:
+        if self.tcp is not None:
+            self.tcp.flush_acks(self._now)
         out = self._out
         self._out = []
         return out
@@ -457,7 +460,7 @@ class Stack:
             return
         uend = off + ulen
         if ucs and not (frame.csum_valid or frame.csum_start):
-            if ones_sum(buf[off:uend], pseudo_sum(src, dst, 17, ulen)) != 0xFFFF:
+            if l4_sum(buf, off, ulen, src, dst, 17) != 0xFFFF:
                 c["drop_udp_bad_checksum"] += 1
                 return
         c["udp_rx"] += 1
@@ -495,7 +498,7 @@ class Stack:
             c["drop_tcp_truncated"] += 1
             return
         if not (frame.csum_valid or frame.csum_start):
-            if ones_sum(buf[off:end], pseudo_sum(src, dst, 6, end - off)) != 0xFFFF:
+            if l4_sum(buf, off, end - off, src, dst, 6) != 0xFFFF:
                 c["drop_tcp_bad_checksum"] += 1
                 return
         c["tcp_rx"] += 1
@@ -556,12 +559,12 @@ class Stack:
             gso_size = 0
         partial = csum_off is not None and self._csum and (fits or gso_size)
         if csum_off is not None:
-            ps = pseudo_sum(src, dst, proto, n)
             if partial:
+                ps = pseudo_sum(src, dst, proto, n)
                 l4[csum_off] = ps >> 8
                 l4[csum_off + 1] = ps & 0xFF
             else:
-                cs = (~ones_sum(l4, ps)) & 0xFFFF
+                cs = (~l4_sum(l4, 0, n, src, dst, proto)) & 0xFFFF
                 if cs == 0 and proto == 17:
                     cs = 0xFFFF
                 l4[csum_off] = cs >> 8

@@ -11,6 +11,7 @@ import trio
 from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import Ether
 
+from stack import native
 from vhostnet.observe import control
 from vhostnet.observe.control import ControlClient, ControlError, ControlServer
 from vhostnet.launch.serve import serve_backend
@@ -324,6 +325,9 @@ async def test_stats_document_matches_docs(backend, guest):
     await guest.exchange([], want=0, timeout=0.2)
     doc = await ask(ctl.path, "stats")
     check_doc(doc, "stats", allow_missing=["stack.tcp", "stack.reassembly", "stack.arp[].pending", "nat.", "forwards[]"])
+    # which hot-path implementation runs is part of the document (stack/native chooses)
+    assert doc["backend"]["native"] == native.describe()
+    assert doc["backend"]["native"]["implementation"] in ("cffi", "python")
     dev = doc["device"]
     assert dev["tx_frames"] == 2 and dev["rx_frames"] == 2
     assert dev["tx_bytes"] == len(arp_request()) + len(ping(seq=1))

@@ -164,6 +164,9 @@ class TcpConnection(InputMixin, OutputMixin, TimersMixin):
         self.on_closed = None
         self._n_read = self._n_write = self._n_est = self._n_closed = False
         self._in_rx = False             # inside _rx: callbacks' ACKs can wait for the end
+        # At the end of _rx with the layer's defer_acks: a bare ACK is owed to
+        # the layer (sent by TcpLayer.flush_acks) instead of emitted now.
+        self._defer_ack = False
 
     # ------------------------------------------------------------------ app API
 

@@ -66,8 +66,14 @@ class Listener:
 
 
 class TcpLayer:
-    def __init__(self, emit, *, rng=None, config: TcpConfig | None = None):
+    def __init__(self, emit, *, rng=None, config: TcpConfig | None = None,
+                 defer_acks: bool = False):
         self._emit = emit
+        # defer_acks: bare ACKs earned while receiving wait for flush_acks(),
+        # which the owner calls when a batch of received frames is done
+        # (Stack.take_frames does). Off, every ACK goes out at once.
+        self.defer_acks = defer_acks
+        self._acks_owed: dict = {}      # connections, in order (a dict as an ordered set)
         self.config = config or TcpConfig()
         self.rng = rng if rng is not None else random.SystemRandom()
         self.counters: Counter = Counter()
@@ -137,6 +143,22 @@ class TcpLayer:
         self._conns[key] = conn
         conn._active_open(now)
         return conn
+
+    def owe_ack(self, conn) -> None:
+        """conn owes a bare ACK, to go out at the next flush_acks()."""
+        self._acks_owed[conn] = None
+
+    def flush_acks(self, now: float) -> None:
+        """Send the ACKs owed since the last flush: one per connection, and
+        none where a segment sent meanwhile carried it (ack_now is clear)."""
+        owed = self._acks_owed
+        if not owed:
+            return
+        self._acks_owed = {}
+        self.now = now
+        for conn in owed:
+            if conn.ack_now and conn.state is not State.CLOSED:
+                conn._send_ack(now)
 
     def receive(self, now: float, src_ip: bytes, dst_ip: bytes, segment,
                 routed: bool = False) -> None:

@@ -30,6 +30,9 @@ class FakeTcp:
     def poll(self, now):
         pass
 
+    def flush_acks(self, now):
+        pass
+
     def next_deadline(self):
         return 7.5
 

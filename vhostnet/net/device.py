@@ -327,21 +327,13 @@ class NetDevice:
                     scatter(c.writable, hdr, data)
                 q.push(c.head, need)
             else:
-                src_hdr, src_data = hdr, data
+                # One copy over every chain's buffers in order: each chain is
+                # filled before the next, so chain i gets min(write_len, left).
+                scatter([v for c in chains for v in c.writable], hdr, data)
                 left = need
-                pos = 0
                 for c in chains:
                     take = min(c.write_len, left)
-                    # Split the (hdr + data) stream at pos..pos+take for this chain.
-                    if pos < 12:
-                        h = src_hdr[pos:min(12, pos + take)]
-                        d = src_data[0:max(0, pos + take - 12)]
-                    else:
-                        h = b""
-                        d = src_data[pos - 12:pos - 12 + take]
-                    scatter(c.writable, h, d)
                     q.push(c.head, take)
-                    pos += take
                     left -= take
         else:
             c = q.pop()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import time
 
+from stack import native
 from vhostnet.link.control import stats_faults
 from vhostnet.observe import decode
 from vhostnet.virtio import features as F
@@ -43,6 +44,7 @@ def _backend_info(server, control=None) -> dict:
         "log_suppressed": server.rlog.suppressed_total + (
             server.current.device.rlog.suppressed_total if server.current else 0),
         "taps": len(server.taps) + len(getattr(getattr(control, "link", None), "stack_taps", ())),
+        "native": native.describe(),
     }
 
 
