@@ -81,7 +81,7 @@ class Stack:
     def __init__(self, config: NetConfig | None = None, *, icmp_rate: float = 100.0,
                  icmp_burst: int = 20, arp_ttl: float = 300.0, reasm_timeout: float = 30.0,
                  reasm_max_total: int = 1 << 20, max_out: int = 8192,
-                 services: ServicesConfig | None = None):
+                 net_services: ServicesConfig | None = None):
         cfg = self.config = config or NetConfig()
         self.counters: Counter = Counter()
         self._out: list[Frame] = []
@@ -118,8 +118,8 @@ class Stack:
             if tcp_services is not None:
                 tcp_services.install(self.tcp, self._gw_ip)
         # DHCP/DNS/TFTP (stack/services/network.py); None: no services.
-        self.services = None if services is None else NetworkServices(
-            services, cfg, self.udp, self.tcp, self.counters, lambda: self._now)
+        self.net_services = None if net_services is None else NetworkServices(
+            net_services, cfg, self.udp, self.tcp, self.counters, lambda: self._now)
 
     # ------------------------------------------------------------------ API
     def set_offloads(self, csum: bool, tso: bool) -> None:
@@ -132,7 +132,7 @@ class Stack:
 
     def take_events(self) -> list:
         """Events for the device side (DNS queries to relay), oldest first."""
-        return self.services.take_events() if self.services is not None else []
+        return self.net_services.take_events() if self.net_services is not None else []
 
     def take_frames(self) -> list[Frame]:
         out = self._out
@@ -150,15 +150,15 @@ class Stack:
                                  quote[12:16], None)
         if self.tcp is not None:
             self.tcp.poll(now)
-        if self.services is not None:
-            self.services.poll(now)
+        if self.net_services is not None:
+            self.net_services.poll(now)
 
     def next_deadline(self) -> float | None:
         ds = [self.arp.next_deadline(), self.reasm.next_deadline()]
         if self.tcp is not None:
             ds.append(self.tcp.next_deadline())
-        if self.services is not None:
-            ds.append(self.services.next_deadline())
+        if self.net_services is not None:
+            ds.append(self.net_services.next_deadline())
         ds = [d for d in ds if d is not None]
         return min(ds) if ds else None
 
@@ -168,7 +168,7 @@ class Stack:
             "udp": self.udp.snapshot(),
             "tcp": self.tcp.snapshot() if self.tcp is not None else [],
             "reassembly": self.reasm.snapshot(),
-            "services": self.services.snapshot() if self.services is not None else None,
+            "services": self.net_services.snapshot() if self.net_services is not None else None,
             "counters": self.all_counters(),
         }
 

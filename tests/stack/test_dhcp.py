@@ -21,7 +21,7 @@ class NoFiles:
 
 
 def mk(cfg: ServicesConfig | None = None) -> Stack:
-    return Stack(NetConfig(), services=cfg or ServicesConfig(dns=False))
+    return Stack(NetConfig(), net_services=cfg or ServicesConfig(dns=False))
 
 
 def client(mtype, mac=GUEST_MAC, xid=0x1234, flags=0, ciaddr="0.0.0.0", src="0.0.0.0",

@@ -23,7 +23,7 @@ D = bytes([10, 0, 2, 3])
 
 
 def mk(**kw) -> Stack:
-    return Stack(NetConfig(), services=ServicesConfig(dhcp=False, **kw))
+    return Stack(NetConfig(), net_services=ServicesConfig(dhcp=False, **kw))
 
 
 def query(name="example.test.", rdtype="A", qid=0x4242, **kw) -> dns.message.Message:
@@ -61,7 +61,7 @@ def test_udp_query_becomes_event_and_answer_is_verbatim():
     e = ev[0]
     assert e.wire == q.to_wire() and e.transport == "udp" and e.qname == "example.test." and e.qtype == 1
     a = answer_for(q)
-    st.services.dns.answer(e.key, a)
+    st.net_services.dns.answer(e.key, a)
     out = [Ether(bytes(f.data)) for f in st.take_frames()]
     assert len(out) == 1 and reply_of(out[0]) == a and out[0][UDP].dport == 5353
     assert st.counters["dns_queries"] == 1 and st.counters["dns_answered"] == 1
@@ -76,7 +76,7 @@ def test_nxdomain_and_truncation_relayed_as_sent(rcode, tc, counter):
     send(st, udp_q(q.to_wire()))
     (e,) = st.take_events()
     a = answer_for(q, rcode, tc)
-    st.services.dns.answer(e.key, a)
+    st.net_services.dns.answer(e.key, a)
     (p,) = [Ether(bytes(f.data)) for f in st.take_frames()]
     got = dns.message.from_wire(reply_of(p))
     assert reply_of(p) == a and got.rcode() == rcode and bool(got.flags & dns.flags.TC) == tc
@@ -88,7 +88,7 @@ def test_silent_upstream_times_out_to_servfail():
     q = query()
     send(st, udp_q(q.to_wire()), now=10.0)
     (e,) = st.take_events()
-    assert st.services.next_deadline() == 12.0
+    assert st.net_services.next_deadline() == 12.0
     st.poll(11.9)
     assert st.take_frames() == []
     st.poll(12.0)
@@ -96,7 +96,7 @@ def test_silent_upstream_times_out_to_servfail():
     r = dns.message.from_wire(reply_of(p))
     assert r.id == q.id and r.rcode() == dns.rcode.SERVFAIL and r.question == q.question
     assert st.counters["dns_timed_out"] == 1
-    st.services.dns.answer(e.key, answer_for(q))       # too late: dropped, counted
+    st.net_services.dns.answer(e.key, answer_for(q))       # too late: dropped, counted
     assert st.take_frames() == [] and st.counters["dns_late_answer"] == 1
 
 
@@ -105,7 +105,7 @@ def test_upstream_failure_is_servfail():
     q = query()
     send(st, udp_q(q.to_wire()))
     (e,) = st.take_events()
-    st.services.dns.fail(e.key)
+    st.net_services.dns.fail(e.key)
     (p,) = [Ether(bytes(f.data)) for f in st.take_frames()]
     assert dns.message.from_wire(reply_of(p)).rcode() == dns.rcode.SERVFAIL
     assert st.counters["dns_failed"] == 1
@@ -118,7 +118,7 @@ def test_answer_with_wrong_id_is_not_relayed():
     (e,) = st.take_events()
     bad = bytearray(answer_for(q))
     bad[0:2] = b"\x99\x99"
-    st.services.dns.answer(e.key, bytes(bad))
+    st.net_services.dns.answer(e.key, bytes(bad))
     (p,) = [Ether(bytes(f.data)) for f in st.take_frames()]
     r = dns.message.from_wire(reply_of(p))
     assert r.id == q.id and r.rcode() == dns.rcode.SERVFAIL
@@ -206,8 +206,8 @@ def test_tcp_queries_pipelined_answers_out_of_order():
     e1, e2 = st.take_events()
     assert e1.transport == e2.transport == "tcp" and e1.wire == q1.to_wire() and e2.qtype == 28
     a2, a1 = answer_for(q2), answer_for(q1, dns.rcode.NXDOMAIN)
-    st.services.dns.answer(e2.key, a2)
-    st.services.dns.answer(e1.key, a1)
+    st.net_services.dns.answer(e2.key, a2)
+    st.net_services.dns.answer(e1.key, a1)
     cl.pump()
     assert bytes(got) == framed(a2) + framed(a1)
     conn.close()
@@ -236,6 +236,6 @@ def test_tcp_connection_is_not_read_past_the_pipeline_limit():
     cl.pump()
     ev = st.take_events()
     assert len(ev) == TCP_PIPELINE
-    st.services.dns.answer(ev[0].key, answer_for(query(qid=0)))
+    st.net_services.dns.answer(ev[0].key, answer_for(query(qid=0)))
     cl.pump()
     assert len(st.take_events()) == 1                   # one answered, one more read

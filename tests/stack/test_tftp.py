@@ -37,7 +37,7 @@ def root(tmp_path):
 
 
 def mk(root, **kw) -> Stack:
-    return Stack(NetConfig(), services=ServicesConfig(dhcp=False, dns=False,
+    return Stack(NetConfig(), net_services=ServicesConfig(dhcp=False, dns=False,
                                                       tftp_files=TftpRoot(str(root)), **kw))
 
 
@@ -179,7 +179,7 @@ def test_loss_retransmit_with_backoff_then_give_up(root):
     st.poll(st.next_deadline())
     assert st.take_frames() == []
     assert st.counters["tftp_timeouts"] == 1 and st.counters["tftp_failed"] == 1
-    assert st.services.next_deadline() is None
+    assert st.net_services.next_deadline() is None
 
 
 def test_lost_ack_then_resume(root):
@@ -218,7 +218,7 @@ def test_client_error_aborts(root):
     p, t = one(st, rrq("k", options=[(b"blksize", b"1024")]))
     port = p[UDP].sport
     assert send(st, to_port(port, bytes(TFTP() / TFTP_ERROR(errorcode=8, errormsg="no")))) == []
-    assert st.counters["tftp_failed"] == 1 and st.services.next_deadline() is None
+    assert st.counters["tftp_failed"] == 1 and st.net_services.next_deadline() is None
 
 
 def test_duplicate_rrq_ignored(root):
