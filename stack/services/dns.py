@@ -46,6 +46,9 @@ RCODE_FORMERR, RCODE_SERVFAIL, RCODE_NXDOMAIN = 1, 2, 3
 TCP_PIPELINE = 8                   # queries in flight per TCP connection before we stop reading
 TCP_MAX_BUFFER = 2 + 65535         # one full length-prefixed message (RFC 1035 §4.2.2)
 _H = struct.Struct("!HH")
+# The counters a snapshot reports (as dns_<name> in the stack's counters).
+COUNTERS = ("queries", "answered", "nxdomain", "truncated", "failed", "timed_out",
+            "inflight_cap", "formerr")
 
 
 @dataclass
@@ -218,13 +221,14 @@ class DnsRelay:
             c["dns_truncated"] += 1
         p.reply(wire)
 
-    def fail(self, key: int) -> None:
-        """No upstream could answer: SERVFAIL to the guest."""
+    def fail(self, key: int, reason: str = "failed") -> None:
+        """No upstream could answer ("failed") or none spoke in time
+        ("timed_out"): SERVFAIL to the guest."""
         p = self._pending.pop(key, None)
         if p is None:
             self._c["dns_late_answer"] += 1
             return
-        self._c["dns_failed"] += 1
+        self._c["dns_timed_out" if reason == "timed_out" else "dns_failed"] += 1
         p.reply(_header_reply(p.wire, RCODE_SERVFAIL, question=True))
 
     @property
@@ -244,9 +248,7 @@ class DnsRelay:
         c = self._c
         return {"enabled": True, "inflight": len(self._pending), "max_inflight": self._max,
                 "tcp_connections": self._tcp_conns,
-                **{k: c.get("dns_" + k, 0) for k in (
-                    "queries", "answered", "nxdomain", "truncated", "failed", "timed_out",
-                    "inflight_cap", "formerr")}}
+                **{k: c.get("dns_" + k, 0) for k in COUNTERS}}
 
 
 def _header_reply(query: bytes, rcode: int, question: bool = False) -> bytes:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from .config import ServicesConfig
 from .dhcp import DhcpServer
-from .dns import DnsRelay
-from .tftp import TftpServer
+from .dns import COUNTERS as DNS_COUNTERS, DnsRelay
+from .tftp import COUNTERS as TFTP_COUNTERS, TftpServer
 
-__all__ = ["NetworkServices", "ServicesConfig"]
+__all__ = ["NetworkServices", "ServicesConfig", "disabled_snapshot"]
 
 
 class NetworkServices:
@@ -59,9 +59,22 @@ class NetworkServices:
         return min(ds) if ds else None
 
     def snapshot(self) -> dict:
+        """Every field always present (disabled services as zeros), so that
+        the stats document has one shape (docs/json.md)."""
+        off = disabled_snapshot()
         return {
-            "dhcp": {"enabled": self.dhcp is not None,
-                     "leases": self.dhcp.snapshot() if self.dhcp else []},
-            "dns": self.dns.snapshot() if self.dns else {"enabled": False},
-            "tftp": self.tftp.snapshot() if self.tftp else {"enabled": False},
+            "dhcp": {"enabled": True, "leases": self.dhcp.snapshot()} if self.dhcp else off["dhcp"],
+            "dns": self.dns.snapshot() if self.dns else off["dns"],
+            "tftp": self.tftp.snapshot() if self.tftp else off["tftp"],
         }
+
+
+def disabled_snapshot() -> dict:
+    """The snapshot of a stack without any of the services."""
+    return {
+        "dhcp": {"enabled": False, "leases": []},
+        "dns": {"enabled": False, "inflight": 0, "max_inflight": 0, "tcp_connections": 0,
+                **{k: 0 for k in DNS_COUNTERS}},
+        "tftp": {"enabled": False, "max_transfers": 0, "transfers": [],
+                 **{k: 0 for k in TFTP_COUNTERS}},
+    }

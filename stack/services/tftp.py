@@ -51,6 +51,8 @@ MAX_BACKOFF = 8.0                   # seconds: cap of the doubled retransmission
 PORT_FIRST, PORT_LAST = 50000, 59999  # server TIDs
 MAX_NAME = 255                      # bytes of file name accepted
 _HDR = struct.Struct("!HH")
+# The counters a snapshot reports (as tftp_<name> in the stack's counters).
+COUNTERS = ("started", "completed", "failed", "timeouts", "retransmits", "bytes")
 
 
 class TftpFileError(Exception):
@@ -311,5 +313,4 @@ class TftpServer:
                 "transfers": [{"file": t.name, "client": f"{ip_text(t.peer_ip)}:{t.peer_port}",
                                "blksize": t.blksize, "size": t.size, "sent": t.sent,
                                "retransmits": t.tries} for t in self._by_sock.values()],
-                **{k: c.get("tftp_" + k, 0) for k in (
-                    "started", "completed", "failed", "timeouts", "retransmits", "bytes")}}
+                **{k: c.get("tftp_" + k, 0) for k in COUNTERS}}

@@ -164,6 +164,8 @@ def _add_net_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dns-ip", default="10.0.2.3", help="DNS address (default %(default)s)")
     g.add_argument("--gateway-mac", default="52:55:0a:00:02:02", help="gateway MAC (default %(default)s)")
     g.add_argument("--mtu", type=int, default=1500, help="link MTU (default %(default)s)")
+    from vhostnet.launch.services import add_service_options
+    add_service_options(p)
 
 
 def _add_backend_options(p: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ import signal
 import trio
 
 from stack import NetConfig
+from vhostnet.launch.services import services_from_args
 from vhostnet.net.device import NetDevice
 from vhostnet.observe.control import ControlServer, default_control_path
 from vhostnet.observe.pcap import FileTap
@@ -69,8 +70,10 @@ def make_backend(args, socket_path: str):
     if args.rx_pending < 1:
         raise ValueError("--rx-pending must be at least 1")
 
+    net_services, dns_upstreams = services_from_args(args)
     server = make_server(socket_path, config=config, features=feats,
-                         rx_pending_limit=args.rx_pending, once=getattr(args, "once", False))
+                         rx_pending_limit=args.rx_pending, once=getattr(args, "once", False),
+                         net_services=net_services, dns_upstreams=dns_upstreams)
     control = None
     if not args.no_control:
         control = ControlServer(server, args.control or default_control_path(socket_path),

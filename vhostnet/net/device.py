@@ -31,6 +31,10 @@ from typing import Sequence
 
 from stack import Frame, NetConfig, Stack
 from stack.checksum import finalize_l4_checksum
+from stack.services.config import ServicesConfig
+from stack.services.dns import DnsQuery
+
+from vhostnet.hostnet.dns import DnsForwarder
 
 from vhostnet.virtio import features as F
 from vhostnet.net.header import (DATA_VALID, GSO_ECN, GSO_NONE, GSO_TCPV4, HDR10, HDR12, MAX_FRAME,
@@ -59,10 +63,18 @@ class NetDevice:
 
     def __init__(self, config: NetConfig | None = None, *, features: int = F.DEFAULT_FEATURES,
                  rx_pending_limit: int = 1024, rlog: RateLimitedLog | None = None,
-                 taps: list | None = None):
+                 taps: list | None = None, net_services: ServicesConfig | None = None,
+                 dns_upstreams=()):
         self.config = config or NetConfig()
         self.device_features = features
-        self.stack = Stack(self.config)
+        self.stack = Stack(self.config, net_services=net_services)
+        # DHCP/DNS/TFTP run inside the stack; DNS queries leave it as pulled
+        # events that `dns` relays upstream from the connection's `run` task.
+        self._services = net_services is not None
+        self.dns = (DnsForwarder(dns_upstreams, budget=net_services.dns_timeout * 0.9,
+                                 max_pending=net_services.dns_max_inflight)
+                    if net_services is not None and net_services.dns and dns_upstreams else None)
+        self._dns_answers: collections.deque = collections.deque()
         self.rlog = rlog or RateLimitedLog(log)
         self.negotiated = 0
         self.hdr_len = 12
@@ -115,7 +127,35 @@ class NetDevice:
         self.flush_rx(rings)
 
     def next_deadline(self):
+        if self._dns_answers:
+            return 0.0                 # answers from upstream wait: poll at once
         return self.stack.next_deadline()
+
+    async def run(self, wake) -> None:
+        """Background work of the connection (vhostuser/server.py): the DNS
+        upstream relay. wake() makes the server call poll() soon."""
+        if self.dns is None:
+            return
+
+        def deliver(key: int, wire: bytes | None, reason: str | None) -> None:
+            self._dns_answers.append((key, wire, reason))
+            wake()
+        await self.dns.serve(deliver)
+
+    def _service_io(self) -> None:
+        """Hand upstream answers to the stack; send its new queries upstream."""
+        dns = self.stack.net_services.dns
+        answers = self._dns_answers
+        while answers:
+            key, wire, reason = answers.popleft()
+            if wire is not None:
+                dns.answer(key, wire)
+            else:
+                dns.fail(key, reason or "failed")
+        for ev in self.stack.take_events():
+            if isinstance(ev, DnsQuery):
+                if self.dns is None or not self.dns.submit(ev):
+                    dns.fail(ev.key, "failed")      # no upstream: SERVFAIL now
 
     def _signal(self, q) -> None:
         if q.call_fd is None:
@@ -212,6 +252,8 @@ class NetDevice:
     # -- RX: stack -> guest ----------------------------------------------
 
     def flush_rx(self, rings: Sequence[Ring]) -> bool:
+        if self._services:
+            self._service_io()
         out = self.stack.take_frames()
         pending = self.rx_pending
         if out:

@@ -16,6 +16,9 @@ from __future__ import annotations
 import os
 import time
 
+from stack.services.network import disabled_snapshot
+from vhostnet.hostnet.dns import DnsForwarder
+
 from vhostnet.observe import decode
 from vhostnet.virtio import features as F
 from vhostnet.vhostuser.memory import OutOfBounds
@@ -329,5 +332,15 @@ def stats_doc(server, control=None) -> dict:
             "arp": snap["arp"], "udp": snap["udp"], "tcp": snap["tcp"],
             "reassembly": snap["reassembly"],
         },
+        "services": _services(dev, snap),
     })
     return doc
+
+
+def _services(dev, snap) -> dict:
+    """DHCP leases, DNS and TFTP counters from the stack, plus the upstream relay's."""
+    svc = snap.get("services") or disabled_snapshot()
+    fwd = getattr(dev, "dns", None)
+    svc["dns"]["upstream"] = fwd.snapshot() if fwd is not None else {
+        "upstreams": [], **dict.fromkeys(DnsForwarder.COUNTERS, 0)}
+    return svc

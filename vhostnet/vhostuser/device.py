@@ -43,5 +43,10 @@ class Device(Protocol):
     def next_deadline(self) -> float | None:
         """When poll() wants to run next, on trio's clock, or None."""
 
+    # Optional: `async def run(self, wake)`, started in the connection's
+    # nursery, for the device's own I/O (e.g. the DNS upstream relay); it
+    # calls wake() when poll() has something to deliver, and next_deadline()
+    # then returns a time already past.
+
     def describe(self) -> dict:
         """JSON-able state for the inspection tools."""

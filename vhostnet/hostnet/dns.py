@@ -1,0 +1,182 @@
+"""The DNS upstream relay: the host half of the guest's resolver at 10.0.2.3.
+
+The sans-IO stack (stack/services/dns.py) turns each guest query into a
+`DnsQuery` event; the device (vhostnet/net/device.py) pulls it and
+`submit`s it here. `DnsForwarder.serve` (a trio task of the device's
+connection) sends it, byte for byte, to the upstream resolvers in order:
+over UDP for a UDP query, over TCP for a TCP one (a guest that got TC over
+UDP retries over TCP itself, and so do we, by following it). The first
+answer whose ID matches is handed back through `deliver(key, wire, None)`;
+when every upstream failed or stayed silent, `deliver(key, None, reason)`
+with reason "failed" or "timed_out", and the stack answers SERVFAIL.
+
+Each query gets its own connected UDP socket (a fresh source port from the
+kernel, and the kernel drops datagrams from any other address), or its
+own TCP connection. One upstream gets at most `per_upstream` seconds, and
+the whole query at most `budget` seconds (kept below the stack's timeout,
+so the answer we give is ours, not the stack's fallback).
+
+Upstreams: `--dns-upstream ADDR[:PORT]` (repeatable; `[v6]:port` too), or
+else the nameservers of /etc/resolv.conf (`resolv_conf_upstreams`).
+Bounded: the queue into `serve` holds `max_pending` queries (the stack
+caps them before that), and at most `max_pending` run at once.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import struct
+
+import trio
+
+__all__ = ["DnsForwarder", "parse_upstream", "resolv_conf_upstreams", "DNS_PORT"]
+
+log = logging.getLogger("vhostnet.dns")
+
+DNS_PORT = 53                         # RFC 1035 §4.2
+MAX_UDP_ANSWER = 65535                # the largest UDP payload we accept
+PER_UPSTREAM_TIMEOUT = 2.0            # seconds, as resolv.conf's `timeout:` defaults go per try
+RESOLV_CONF = "/etc/resolv.conf"
+
+
+def parse_upstream(text: str) -> tuple[str, int]:
+    """'ADDR', 'ADDR:PORT', '[V6]' or '[V6]:PORT' -> (address, port); ValueError otherwise."""
+    t = text.strip()
+    port = DNS_PORT
+    if t.startswith("["):
+        host, sep, rest = t[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad DNS upstream {text!r}: want ADDR[:PORT] or [V6ADDR]:PORT")
+        if rest:
+            port = _port(rest[1:], text)
+    elif t.count(":") == 1:
+        host, p = t.split(":")
+        port = _port(p, text)
+    else:
+        host = t
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"bad DNS upstream {text!r}: {host!r} is not an IP address") from None
+    return host, port
+
+
+def _port(p: str, text: str) -> int:
+    if not p.isdigit() or not 0 < int(p) < 65536:
+        raise ValueError(f"bad DNS upstream {text!r}: port must be 1..65535")
+    return int(p)
+
+
+def resolv_conf_upstreams(path: str = RESOLV_CONF) -> list[tuple[str, int]]:
+    """The `nameserver` lines of resolv.conf (IPv6 scope ids dropped); [] if none."""
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    try:
+                        out.append(parse_upstream(parts[1].split("%")[0]))
+                    except ValueError:
+                        continue
+    except OSError:
+        return []
+    return out
+
+
+class DnsForwarder:
+    #: udp/tcp: queries sent upstream by transport (one per upstream tried);
+    #: errors: refused/reset/closed; timeouts: an upstream or the whole budget ran out;
+    #: queue_full: submit() refused (the stack answered SERVFAIL).
+    COUNTERS = ("udp", "tcp", "errors", "timeouts", "queue_full")
+
+    def __init__(self, upstreams, *, budget: float = 4.5, per_upstream: float = PER_UPSTREAM_TIMEOUT,
+                 max_pending: int = 64):
+        self.upstreams = [tuple(u) for u in upstreams]
+        self.budget = budget
+        self.per_upstream = per_upstream
+        self.max_pending = max_pending
+        self._send, self._recv = trio.open_memory_channel(max_pending)
+        self.counters = dict.fromkeys(self.COUNTERS, 0)
+
+    def submit(self, query, deliver) -> bool:
+        """Queue one DnsQuery; False (counted) when the queue is full. Never blocks."""
+        try:
+            self._send.send_nowait((query, deliver))
+            return True
+        except trio.WouldBlock:
+            self.counters["queue_full"] += 1
+            return False
+
+    async def serve(self) -> None:
+        limiter = trio.CapacityLimiter(self.max_pending)
+        async with trio.open_nursery() as nursery:
+            async for query, deliver in self._recv:
+                await limiter.acquire_on_behalf_of(query)
+                nursery.start_soon(self._one, query, deliver, limiter)
+
+    async def _one(self, query, deliver, limiter) -> None:
+        try:
+            wire, reason = await self.resolve(query.wire, query.transport)
+            deliver(query.key, wire, reason)
+        finally:
+            limiter.release_on_behalf_of(query)
+
+    async def resolve(self, wire: bytes, transport: str) -> tuple[bytes | None, str | None]:
+        """(answer, None), or (None, "failed" | "timed_out")."""
+        reason = "failed"
+        with trio.move_on_after(self.budget):
+            for host, port in self.upstreams:
+                try:
+                    with trio.fail_after(self.per_upstream):
+                        if transport == "tcp":
+                            self.counters["tcp"] += 1
+                            return await self._tcp(host, port, wire), None
+                        self.counters["udp"] += 1
+                        return await self._udp(host, port, wire), None
+                except trio.TooSlowError:
+                    self.counters["timeouts"] += 1
+                    reason = "timed_out"
+                except (OSError, EOFError, trio.BrokenResourceError) as e:
+                    self.counters["errors"] += 1
+                    log.debug("DNS upstream %s:%d: %s", host, port, e)
+                    if reason != "timed_out":
+                        reason = "failed"
+            return None, reason
+        self.counters["timeouts"] += 1
+        return None, "timed_out"
+
+    @staticmethod
+    async def _udp(host: str, port: int, wire: bytes) -> bytes:
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with trio.socket.socket(fam, socket.SOCK_DGRAM) as s:
+            await s.connect((host, port))
+            await s.send(wire)
+            while True:
+                data = await s.recv(MAX_UDP_ANSWER)
+                if len(data) >= 2 and data[:2] == wire[:2]:
+                    return data
+                # Not our ID: a stale or spoofed datagram; keep waiting (RFC 5452 §9.1).
+
+    @staticmethod
+    async def _tcp(host: str, port: int, wire: bytes) -> bytes:
+        stream = await trio.open_tcp_stream(host, port)
+        async with stream:
+            await stream.send_all(struct.pack("!H", len(wire)) + wire)
+            head = await _read_exactly(stream, 2)
+            return await _read_exactly(stream, struct.unpack("!H", head)[0])
+
+    def snapshot(self) -> dict:
+        return {"upstreams": [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.upstreams],
+                **self.counters}
+
+
+async def _read_exactly(stream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await stream.receive_some(n - len(buf))
+        if not chunk:
+            raise EOFError("upstream closed the TCP connection")
+        buf += chunk
+    return bytes(buf)
