@@ -100,28 +100,33 @@ class DnsForwarder:
         self._send, self._recv = trio.open_memory_channel(max_pending)
         self.counters = dict.fromkeys(self.COUNTERS, 0)
 
-    def submit(self, query, deliver) -> bool:
+    def submit(self, query) -> bool:
         """Queue one DnsQuery; False (counted) when the queue is full. Never blocks."""
         try:
-            self._send.send_nowait((query, deliver))
+            self._send.send_nowait(query)
             return True
         except trio.WouldBlock:
             self.counters["queue_full"] += 1
             return False
 
-    async def serve(self) -> None:
-        limiter = trio.CapacityLimiter(self.max_pending)
+    async def serve(self, deliver) -> None:
+        """Relay queued queries until cancelled; deliver(key, wire, reason) per query."""
+        limiter = trio.Semaphore(self.max_pending)
         async with trio.open_nursery() as nursery:
-            async for query, deliver in self._recv:
-                await limiter.acquire_on_behalf_of(query)
+            async for query in self._recv:
+                await limiter.acquire()
                 nursery.start_soon(self._one, query, deliver, limiter)
 
     async def _one(self, query, deliver, limiter) -> None:
         try:
-            wire, reason = await self.resolve(query.wire, query.transport)
+            try:
+                wire, reason = await self.resolve(query.wire, query.transport)
+            except Exception as e:      # a relay bug must not end the connection
+                log.error("DNS relay error: %r", e)
+                wire, reason = None, "failed"
             deliver(query.key, wire, reason)
         finally:
-            limiter.release_on_behalf_of(query)
+            limiter.release()
 
     async def resolve(self, wire: bytes, transport: str) -> tuple[bytes | None, str | None]:
         """(answer, None), or (None, "failed" | "timed_out")."""

@@ -1,0 +1,212 @@
+"""The services through the whole backend (in-process frontend, real sockets):
+DHCP before the guest has an address, DNS relayed to a resolver the test runs
+on 127.0.0.1 (never the host's), the stats document with services on, and the
+upstream relay (vhostnet/hostnet/dns.py) on its own."""
+from __future__ import annotations
+
+import socket
+
+import dns.flags
+import dns.message
+import dns.rcode
+import pytest
+import trio
+from scapy.layers.dhcp import BOOTP, DHCP
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
+from scapy.utils import mac2str
+
+from stack.services.config import ServicesConfig
+from vhostnet.hostnet.dns import DnsForwarder, parse_upstream, resolv_conf_upstreams
+from vhostnet.launch.serve import serve_backend
+from vhostnet.observe.control import ControlServer
+from vhostnet.testing.dnsserver import BIG_COUNT, DnsTestServer
+from vhostnet.testing.frontend import Frontend
+
+from .device.conftest import make_server
+from .observe import ask, check_doc, sockdir  # noqa: F401 (fixture)
+
+GMAC = "52:54:00:12:34:56"
+GWMAC = "52:55:0a:00:02:02"
+
+
+@pytest.fixture
+async def dns_server(nursery):
+    srv = DnsTestServer()
+    await nursery.start(srv.serve)
+    return srv
+
+
+def closed_udp_port() -> int:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+async def start(nursery, sockdir, upstreams, **svc):
+    srv = make_server(sockdir / "v.sock", net_services=ServicesConfig(**svc),
+                      dns_upstreams=upstreams)
+    ctl = ControlServer(srv, str(sockdir / "v.sock.ctl"))
+    await nursery.start(serve_backend, srv, ctl)
+    fe = Frontend()
+    await fe.connect(srv.socket_path)
+    await fe.handshake()
+    fe.post_rx()
+    fe.rx.kick()
+    return srv, ctl, fe
+
+
+def dns_frame(q: dns.message.Message, sport=33000) -> bytes:
+    return bytes(Ether(src=GMAC, dst=GWMAC) / IP(src="10.0.2.15", dst="10.0.2.3")
+                 / UDP(sport=sport, dport=53) / q.to_wire())
+
+
+def dns_reply(frame: bytes) -> dns.message.Message:
+    p = Ether(frame)
+    assert p[IP].src == "10.0.2.3" and p[UDP].sport == 53
+    return dns.message.from_wire(bytes(p[UDP])[8:p[UDP].len])
+
+
+async def ask_dns(fe, name, qid=0x5151, timeout=8.0):
+    q = dns.message.make_query(name, "A")
+    q.id = qid
+    got = await fe.exchange([dns_frame(q)], want=1, timeout=timeout)
+    assert len(got) == 1, f"no answer for {name}"
+    r = dns_reply(got[0])
+    assert r.id == qid and r.question == q.question
+    return r
+
+
+async def test_dns_answer_nxdomain_and_truncation_relayed(nursery, sockdir, dns_server):
+    srv, ctl, fe = await start(nursery, sockdir, [("127.0.0.1", dns_server.port)], dhcp=False)
+    r = await ask_dns(fe, "host.test.")
+    assert r.rcode() == dns.rcode.NOERROR and r.answer[0][0].address == "192.0.2.7"
+    assert r.flags & dns.flags.AA                          # upstream's flags, untouched
+    r = await ask_dns(fe, "nx.test.", qid=2)
+    assert r.rcode() == dns.rcode.NXDOMAIN
+    r = await ask_dns(fe, "big.test.", qid=3)
+    assert r.flags & dns.flags.TC and not r.answer          # the guest retries over TCP itself
+    doc = await ask(ctl.path, "stats")
+    d = doc["services"]["dns"]
+    assert (d["queries"], d["answered"], d["nxdomain"], d["truncated"]) == (3, 3, 1, 1)
+    assert d["upstream"]["udp"] == 3 and dns_server.queries["udp"] == 3
+    await fe.close()
+
+
+async def test_silent_upstream_gives_servfail_counted_as_timeout(nursery, sockdir, dns_server):
+    srv, ctl, fe = await start(nursery, sockdir, [("127.0.0.1", dns_server.port)], dhcp=False,
+                               dns_timeout=1.0)
+    r = await ask_dns(fe, "silent.test.")
+    assert r.rcode() == dns.rcode.SERVFAIL
+    d = (await ask(ctl.path, "stats"))["services"]["dns"]
+    assert d["timed_out"] == 1 and d["answered"] == 0 and d["inflight"] == 0
+    await fe.close()
+
+
+async def test_refused_upstream_falls_back_to_the_next(nursery, sockdir, dns_server):
+    ups = [("127.0.0.1", closed_udp_port()), ("127.0.0.1", dns_server.port)]
+    srv, ctl, fe = await start(nursery, sockdir, ups, dhcp=False)
+    r = await ask_dns(fe, "www.test.")
+    assert r.answer[0][0].address == "192.0.2.8"
+    up = (await ask(ctl.path, "stats"))["services"]["dns"]["upstream"]
+    assert up["errors"] == 1 and up["udp"] == 2
+    await fe.close()
+
+
+async def test_no_upstream_is_servfail_at_once(nursery, sockdir):
+    srv, ctl, fe = await start(nursery, sockdir, [], dhcp=False)
+    with trio.fail_after(2):                                # not the 5 s timeout
+        r = await ask_dns(fe, "host.test.")
+    assert r.rcode() == dns.rcode.SERVFAIL
+    assert (await ask(ctl.path, "stats"))["services"]["dns"]["failed"] == 1
+    await fe.close()
+
+
+async def test_dhcp_through_the_device_and_stats_document(nursery, sockdir, dns_server):
+    srv, ctl, fe = await start(nursery, sockdir, [("127.0.0.1", dns_server.port)])
+    disc = (Ether(src=GMAC, dst="ff:ff:ff:ff:ff:ff") / IP(src="0.0.0.0", dst="255.255.255.255")
+            / UDP(sport=68, dport=67) / BOOTP(xid=7, chaddr=mac2str(GMAC))
+            / DHCP(options=[("message-type", "discover"), "end"]))
+    (offer,) = await fe.exchange([bytes(disc)], want=1)
+    o = Ether(offer)
+    assert o.dst == GMAC and o[BOOTP].yiaddr == "10.0.2.15"
+    req = (Ether(src=GMAC, dst="ff:ff:ff:ff:ff:ff") / IP(src="0.0.0.0", dst="255.255.255.255")
+           / UDP(sport=68, dport=67) / BOOTP(xid=7, chaddr=mac2str(GMAC))
+           / DHCP(options=[("message-type", "request"), ("server_id", "10.0.2.2"),
+                           ("requested_addr", "10.0.2.15"), "end"]))
+    (ack,) = await fe.exchange([bytes(req)], want=1)
+    assert dict(x for x in Ether(ack)[DHCP].options if isinstance(x, tuple))["message-type"] == 5
+    await ask_dns(fe, "guest.test.")
+    doc = await ask(ctl.path, "stats")
+    check_doc(doc, "stats", allow_missing=["stack.tcp", "stack.reassembly", "stack.arp[].pending",
+                                             "services.tftp.transfers[]"])
+    assert doc["services"]["dhcp"]["leases"][0]["state"] == "bound"
+    assert doc["services"]["tftp"]["enabled"] is False
+    await fe.close()
+
+
+# ------------------------------------------------------- the relay on its own
+async def test_forwarder_udp_and_tcp(dns_server):
+    fwd = DnsForwarder([("127.0.0.1", dns_server.port)])
+    q = dns.message.make_query("big.test.", "A")
+    wire, why = await fwd.resolve(q.to_wire(), "udp")
+    assert why is None and dns.message.from_wire(wire).flags & dns.flags.TC
+    wire, why = await fwd.resolve(q.to_wire(), "tcp")
+    r = dns.message.from_wire(wire)
+    assert why is None and len(r.answer[0]) == BIG_COUNT and not r.flags & dns.flags.TC
+    assert dns_server.queries == {"udp": 1, "tcp": 1}
+
+
+async def test_forwarder_ignores_answers_with_another_id():
+    """A datagram with the wrong ID (spoofed or stale) is skipped, the right one taken."""
+    s = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await s.bind(("127.0.0.1", 0))
+    q = dns.message.make_query("x.test.", "A")
+
+    async def upstream():
+        data, peer = await s.recvfrom(4096)
+        r = dns.message.make_response(dns.message.from_wire(data))
+        wrong = bytearray(r.to_wire())
+        wrong[0] ^= 0xFF
+        await s.sendto(bytes(wrong), peer)
+        await s.sendto(r.to_wire(), peer)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(upstream)
+        wire, why = await DnsForwarder([s.getsockname()]).resolve(q.to_wire(), "udp")
+    assert wire[:2] == q.to_wire()[:2]
+    s.close()
+
+
+async def test_forwarder_silent_and_refused():
+    s = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await s.bind(("127.0.0.1", 0))                          # bound, never answers
+    q = dns.message.make_query("x.test.", "A").to_wire()
+    fwd = DnsForwarder([s.getsockname()], per_upstream=0.3, budget=1.0)
+    assert await fwd.resolve(q, "udp") == (None, "timed_out")
+    fwd = DnsForwarder([("127.0.0.1", closed_udp_port())], budget=1.0)
+    assert await fwd.resolve(q, "udp") == (None, "failed")
+    assert await fwd.resolve(q, "tcp") == (None, "failed")   # nothing listens: refused
+    s.close()
+
+
+@pytest.mark.parametrize("text,want", [("127.0.0.1", ("127.0.0.1", 53)),
+                                       ("127.0.0.1:5353", ("127.0.0.1", 5353)),
+                                       ("::1", ("::1", 53)), ("[::1]:5300", ("::1", 5300))])
+def test_parse_upstream(text, want):
+    assert parse_upstream(text) == want
+
+
+@pytest.mark.parametrize("text", ["dns.google", "1.2.3.4:0", "1.2.3.4:x", "[::1", "[::1]x"])
+def test_parse_upstream_refuses(text):
+    with pytest.raises(ValueError):
+        parse_upstream(text)
+
+
+def test_resolv_conf(tmp_path):
+    p = tmp_path / "resolv.conf"
+    p.write_text("# c\nsearch x\nnameserver 10.1.2.3\nnameserver fe80::1%eth0\nnameserver bogus\n")
+    assert resolv_conf_upstreams(str(p)) == [("10.1.2.3", 53), ("fe80::1", 53)]
+    assert resolv_conf_upstreams(str(tmp_path / "missing")) == []
