@@ -5,6 +5,8 @@
 #                    tshark tcpdump    capture and decode the guest's frames
 #                    iperf3            throughput benchmarks
 #                    passt             a reference vhost-user backend to compare with
+#                    u-boot-qemu       U-Boot for QEMU: a second virtio-net driver and a
+#                                      real DHCP/TFTP client (tests/test_qemu_services.py)
 #                    gcc libc6-dev     static guest test programs (scripts/build-guest.sh)
 #                    xz-utils cpio     unpack the guest kernel, pack the initramfs
 #                    dpdk-dev librte-net-virtio23
@@ -21,7 +23,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 
-REQUIRED=(qemu-system-x86 tshark tcpdump iperf3 passt gcc libc6-dev xz-utils cpio make)
+REQUIRED=(qemu-system-x86 tshark tcpdump iperf3 passt gcc libc6-dev xz-utils cpio make u-boot-qemu)
 OPTIONAL=(dpdk-dev librte-net-virtio23)
 
 say() { printf 'setup: %s\n' "$*"; }

@@ -22,6 +22,7 @@ import struct
 import dns.flags
 import dns.message
 import dns.rcode
+import dns.rdatatype
 import dns.rrset
 import trio
 
@@ -48,12 +49,14 @@ class DnsTestServer:
             return None
         r = dns.message.make_response(q)
         r.flags |= dns.flags.AA
+        is_a = q.question[0].rdtype == dns.rdatatype.A
         if name in RECORDS:
-            r.answer.append(dns.rrset.from_text(name, 300, "IN", "A", RECORDS[name]))
+            if is_a:                  # other types: NOERROR without records (NODATA)
+                r.answer.append(dns.rrset.from_text(name, 300, "IN", "A", RECORDS[name]))
         elif name == "big.test.":
             if transport == "udp":
                 r.flags |= dns.flags.TC
-            else:
+            elif is_a:
                 r.answer.append(dns.rrset.from_text_list(
                     name, 300, "IN", "A", [f"198.51.100.{i}" for i in range(1, BIG_COUNT + 1)]))
         else:

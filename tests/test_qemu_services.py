@@ -1,0 +1,116 @@
+"""The services with real clients in real QEMU guests:
+
+* the Linux test guest gets its address by busybox udhcpc (DHCP=1) and
+  resolves names through 10.0.2.3 (DNS_TEST=1); the backend's upstream is
+  a DNS server this test runs on 127.0.0.1 (vhostnet/testing/dnsserver.py),
+  never the host's resolver;
+* U-Boot (Debian's u-boot-qemu) gets a lease with `dhcp`, which also loads
+  the DHCP boot file by TFTP from the next server, then `tftpboot`s a file
+  with the largest block size U-Boot takes, and `crc32` of both in guest
+  memory matches the files' CRC-32 here.
+
+The backend runs in this process (what `vhostnet serve` builds), so the
+test reads its counters directly.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import zlib
+
+import pytest
+import trio
+
+from stack.services.config import ServicesConfig
+from vhostnet.hostnet.tftp_root import TftpRoot
+from vhostnet.launch import qemu
+from vhostnet.launch.serve import serve_backend
+from vhostnet.testing.dnsserver import DnsTestServer
+from vhostnet.testing.uboot import UBoot, find_rom
+
+from .device.conftest import make_server
+from .observe import sockdir  # noqa: F401 (fixture)
+
+pytestmark = [pytest.mark.qemu,
+              pytest.mark.skipif(shutil.which(qemu.QEMU) is None, reason=f"{qemu.QEMU} missing")]
+
+GUEST_TIMEOUT = 240        # seconds: TCG on a shared 2-core machine
+
+
+def _image():
+    try:
+        return qemu.find_image()
+    except qemu.ImageNotBuilt as e:
+        pytest.skip(f"guest image not built ({e}); run `make guest`")
+
+
+async def _device(srv):
+    with trio.fail_after(60):
+        while srv.current is None:
+            await trio.sleep(0.05)
+    return srv.current.device
+
+
+async def test_linux_guest_udhcpc_and_dns(nursery, sockdir, tmp_path):
+    image = _image()
+    dns_srv = DnsTestServer()
+    await nursery.start(dns_srv.serve)
+    srv = make_server(sockdir / "v.sock", net_services=ServicesConfig(),
+                      dns_upstreams=[("127.0.0.1", dns_srv.port)])
+    await nursery.start(serve_backend, srv)
+    argv = qemu.qemu_argv(srv.socket_path, image=image, accel="tcg",
+                          guest_vars={"NET": 1, "DHCP": 1, "DNS_TEST": 1, "ICMP_TEST": 0,
+                                      "TCP_ECHO_TEST": 0, "UDP_ECHO_TEST": 0,
+                                      "NET_LOOPBACK_TEST": 0})
+    log = tmp_path / "console.log"
+    with trio.fail_after(GUEST_TIMEOUT):
+        proc = await trio.run_process(argv, stdin=b"", capture_stdout=True, stderr=-2, check=False)
+    out = proc.stdout.decode(errors="replace")
+    log.write_text(out)
+    assert "init: done" in out, out[-3000:]
+    m = re.search(r"dhcp: bound (\S+) mask (\S+) router (\S+) dns (\S+) mtu (\S+) lease (\d+) "
+                  r"server (\S+)", out)
+    assert m, out[-3000:]
+    assert m.groups() == ("10.0.2.15", "255.255.255.0", "10.0.2.2", "10.0.2.3", "1500", "86400",
+                          "10.0.2.2")
+    assert "net: ping ok" in out, out[-3000:]
+    assert "dns: host.test is 192.0.2.7" in out and "dns: nx.test is NXDOMAIN" in out
+    assert "dns: ok" in out and "FAIL" not in out, out[-3000:]
+    assert "init: 0 failure(s)" in out
+    assert dns_srv.queries["udp"] >= 2                    # they reached our 127.0.0.1 server
+
+
+@pytest.mark.skipif(find_rom() is None, reason="u-boot-qemu is not installed")
+async def test_uboot_dhcp_and_tftp(nursery, sockdir, tmp_path):
+    root = tmp_path / "tftp"
+    root.mkdir()
+    boot = os.urandom(300_000 + 123)
+    big = os.urandom(3 << 20)
+    (root / "boot.bin").write_bytes(boot)
+    (root / "big.bin").write_bytes(big)
+    srv = make_server(sockdir / "v.sock", net_services=ServicesConfig(
+        dns=False, tftp_files=TftpRoot(str(root)), bootfile="boot.bin"))
+    await nursery.start(serve_backend, srv)
+    async with UBoot(srv.socket_path, log_path=str(tmp_path / "uboot.log")) as ub:
+        dev = await _device(srv)
+        # `dhcp` with autoload (the default) loads the boot file from siaddr.
+        out = await ub.command("dhcp ${loadaddr}", timeout=120)
+        assert re.search(r"DHCP client bound to address 10\.0\.2\.15", out), out
+        assert f"Bytes transferred = {len(boot)}" in out, out
+        assert "boot.bin" in out
+        out = await ub.command("crc32 ${loadaddr} ${filesize}")
+        assert f"==> {zlib.crc32(boot):08x}" in out, out
+        env = await ub.command("printenv serverip bootfile ipaddr netmask gatewayip")
+        assert "serverip=10.0.2.2" in env and "bootfile=boot.bin" in env and "ipaddr=10.0.2.15" in env
+        # The largest block that fits one frame at MTU 1500 (U-Boot does not reassemble).
+        await ub.command("setenv tftpblocksize 1468")
+        out = await ub.command("tftpboot ${loadaddr} big.bin", timeout=300)
+        assert f"Bytes transferred = {len(big)}" in out, out
+        out = await ub.command("crc32 ${loadaddr} ${filesize}")
+        assert f"==> {zlib.crc32(big):08x}" in out, out
+        out = await ub.command("tftpboot ${loadaddr} ../etc/passwd", timeout=60)
+        assert "TFTP error" in out and "refused" in out, out
+    c = dev.stack.counters
+    assert c["dhcp_tx_offer"] >= 1 and c["dhcp_tx_ack"] >= 1
+    assert c["tftp_completed"] == 2 and c["tftp_refused_access"] == 1
