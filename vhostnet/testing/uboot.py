@@ -40,15 +40,22 @@ def find_rom() -> str | None:
 
 
 class UBoot:
-    def __init__(self, socket_path: str, *, rom: str | None = None, memory: str = "256M",
-                 mac: str = qemu.DEFAULT_MAC, log_path: str | None = None):
+    def __init__(self, socket_path: str | None, *, rom: str | None = None, memory: str = "256M",
+                 mac: str = qemu.DEFAULT_MAC, log_path: str | None = None,
+                 slirp: str | None = None):
+        """socket_path: the vhostnet backend's; or None and SLIRP, extra options
+        of QEMU's own `-netdev user` (e.g. "tftp=DIR,bootfile=NAME"), to run
+        the same client against slirp as a peer."""
         self.rom = rom or find_rom()
         if self.rom is None:
             raise UBootError("no U-Boot ROM: apt-get install u-boot-qemu (scripts/setup.sh)")
         if shutil.which(qemu.QEMU) is None:
             raise UBootError(f"{qemu.QEMU} is not installed")
         argv = qemu.qemu_argv(socket_path, memory=memory, mac=mac, accel="tcg",
+                              netdev="vhost-user" if slirp is None else "user",
                               extra_args=["-bios", self.rom])
+        if slirp is not None:
+            argv = [f"user,id=net0,{slirp}" if a == "user,id=net0" else a for a in argv]
         # Debian's qemu-x86_64 U-Boot is built for the i440fx machine (its
         # device tree); on q35 it lists the PCI devices but binds no virtio.
         self.argv = [a.replace("q35,", "pc,") if a.startswith("q35,") else a for a in argv]
