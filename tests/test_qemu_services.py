@@ -1,9 +1,10 @@
 """The services with real clients in real QEMU guests:
 
-* the Linux test guest gets its address by busybox udhcpc (DHCP=1) and
-  resolves names through 10.0.2.3 (DNS_TEST=1); the backend's upstream is
-  a DNS server this test runs on 127.0.0.1 (vhostnet/testing/dnsserver.py),
-  never the host's resolver;
+* the Linux test guest gets its address by busybox udhcpc (DHCP=1),
+  resolves names through 10.0.2.3 (DNS_TEST=1; the backend's upstream is
+  a DNS server this test runs on 127.0.0.1, vhostnet/testing/dnsserver.py,
+  never the host's resolver), and fetches a file by busybox tftp at block
+  sizes 512, 1468 and 65464 (TFTP_TEST=1; the last one IP-fragmented);
 * U-Boot (Debian's u-boot-qemu) gets a lease with `dhcp`, which also loads
   the DHCP boot file by TFTP from the next server, then `tftpboot`s a file
   with the largest block size U-Boot takes, and `crc32` of both in guest
@@ -14,6 +15,7 @@ test reads its counters directly.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -52,15 +54,20 @@ async def _device(srv):
     return srv.current.device
 
 
-async def test_linux_guest_udhcpc_and_dns(nursery, sockdir, tmp_path):
+async def test_linux_guest_udhcpc_dns_and_tftp(nursery, sockdir, tmp_path):
     image = _image()
     dns_srv = DnsTestServer()
     await nursery.start(dns_srv.serve)
-    srv = make_server(sockdir / "v.sock", net_services=ServicesConfig(),
+    root = tmp_path / "tftp"
+    root.mkdir()
+    body = os.urandom((1 << 20) + 7)
+    (root / "tftp.bin").write_bytes(body)
+    srv = make_server(sockdir / "v.sock", net_services=ServicesConfig(tftp_files=TftpRoot(str(root))),
                       dns_upstreams=[("127.0.0.1", dns_srv.port)])
     await nursery.start(serve_backend, srv)
     argv = qemu.qemu_argv(srv.socket_path, image=image, accel="tcg",
-                          guest_vars={"NET": 1, "DHCP": 1, "DNS_TEST": 1, "ICMP_TEST": 0,
+                          guest_vars={"NET": 1, "DHCP": 1, "DNS_TEST": 1, "TFTP_TEST": 1,
+                                      "ICMP_TEST": 0,
                                       "TCP_ECHO_TEST": 0, "UDP_ECHO_TEST": 0,
                                       "NET_LOOPBACK_TEST": 0})
     log = tmp_path / "console.log"
@@ -79,6 +86,10 @@ async def test_linux_guest_udhcpc_and_dns(nursery, sockdir, tmp_path):
     assert "dns: ok" in out and "FAIL" not in out, out[-3000:]
     assert "init: 0 failure(s)" in out
     assert dns_srv.queries["udp"] >= 2                    # they reached our 127.0.0.1 server
+    got = dict(re.findall(r"tftp: blksize (\d+) bytes (\d+ sha256 \w+)", out))
+    want = f"{len(body)} sha256 {hashlib.sha256(body).hexdigest()}"
+    assert got == {"512": want, "1468": want, "65464": want}, out[-3000:]
+    assert "tftp: ok" in out
 
 
 @pytest.mark.skipif(find_rom() is None, reason="u-boot-qemu is not installed")
