@@ -222,6 +222,34 @@ async def uboot_run(root: str, sizes_blk: list[int], slirp: bool):
     return res
 
 
+async def linux_tftp_run(root: str, slirp: bool) -> dict[int, float]:
+    """The test guest's busybox tftp (TFTP_TEST=1): seconds per block size."""
+    from vhostnet.launch import qemu
+    gv = {"NET": 1, "DHCP": 1, "TFTP_TEST": 1, "ICMP_TEST": 0, "TCP_ECHO_TEST": 0,
+          "UDP_ECHO_TEST": 0, "NET_LOOPBACK_TEST": 0}
+    image = qemu.find_image()
+
+    async def boot(sock):
+        argv = qemu.qemu_argv(sock, image=image, accel="tcg", guest_vars=gv,
+                              netdev="user" if sock is None else "vhost-user")
+        argv = [f"user,id=net0,tftp={root}" if a == "user,id=net0" else a for a in argv]
+        p = await trio.run_process(argv, stdin=b"", capture_stdout=True, stderr=-2, check=False)
+        out = p.stdout.decode(errors="replace")
+        return {int(b): int(cs) / 100 for b, cs in
+                re.findall(r"tftp: blksize (\d+) bytes \d+ sha256 \w+ centiseconds (\d+)", out)}
+    if slirp:
+        return await boot(None)
+    d = tempfile.mkdtemp(prefix="vn-lx-", dir="/tmp")
+    srv = make_server(os.path.join(d, "v.sock"), net_services=ServicesConfig(
+        dns=False, tftp_files=TftpRoot(root)))
+    srv.listen()
+    async with trio.open_nursery() as n:
+        await n.start(serve_backend, srv)
+        res = await boot(srv.socket_path)
+        n.cancel_scope.cancel()
+    return res
+
+
 async def main_async(args) -> None:
     n_dhcp = 200 if args.quick else 2000
     print("DHCP DISCOVER -> ACK (one full exchange: DISCOVER/OFFER + REQUEST/ACK)")
@@ -263,6 +291,18 @@ async def main_async(args) -> None:
         if args.no_qemu or find_rom() is None:
             print("\n(U-Boot runs skipped)")
             return
+        lx_size = 1 << 20
+        with open(os.path.join(root, "tftp.bin"), "wb") as f:
+            f.write(os.urandom(lx_size))
+        print(f"\nLinux test guest (TCG), busybox tftp of {lx_size >> 20} MiB: MiB/s (seconds)")
+        v = await linux_tftp_run(root, slirp=False)
+        p = await linux_tftp_run(root, slirp=True)
+        print(f"  {'blksize':>8}{'vhostnet':>18}{'slirp':>18}{'ratio':>8}")
+        for blk in (512, 1468, 65464):
+            a, c = v.get(blk), p.get(blk)
+            fa = f"{lx_size / a / 2**20:.2f} ({a:.2f}s)" if a else "fail"
+            fc = f"{lx_size / c / 2**20:.2f} ({c:.2f}s)" if c else "fail"
+            print(f"  {blk:>8}{fa:>18}{fc:>18}{(c / a if a and c else 0):>8.2f}")
         ub_size = 4 << 20
         with open(os.path.join(root, "f.bin"), "wb") as f:
             f.write(os.urandom(ub_size))

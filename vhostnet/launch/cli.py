@@ -32,8 +32,9 @@ Start the backend first, then QEMU with the flags of `vhostnet qemu-args`:
   -device virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,vectors=0,romfile=
 
 The guest sees a user-mode network: it is 10.0.2.15/24, the gateway 10.0.2.2
-answers ARP and ping and runs echo (TCP/UDP 7), discard (9) and chargen (TCP 19);
-DNS is 10.0.2.3. Frames the guest sends to its own address come back to it.
+answers ARP and ping and runs echo (TCP/UDP 7), discard (9) and chargen (TCP 19),
+DHCP, and TFTP with --tftp; DNS on 10.0.2.3 is relayed to the host's resolvers.
+Frames the guest sends to its own address come back to it.
 
 While it runs, look inside from another terminal:
   vhostnet inspect            rings, indices, features, memory
@@ -44,6 +45,7 @@ examples:
   vhostnet serve
   vhostnet serve --socket /tmp/v.sock --pcap all.pcap --log-level debug
   vhostnet serve --disable-feature offloads --disable-feature mrg-rxbuf
+  vhostnet serve --tftp ~/tftp --bootfile u-boot.scr --dns-upstream 127.0.0.1:5353
 """
 
 EPILOG_RUN = """\

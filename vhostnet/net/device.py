@@ -74,7 +74,6 @@ class NetDevice:
         self.dns = (DnsForwarder(dns_upstreams, budget=net_services.dns_timeout * 0.9,
                                  max_pending=net_services.dns_max_inflight)
                     if net_services is not None and net_services.dns and dns_upstreams else None)
-        self._dns_answers: collections.deque = collections.deque()
         self.rlog = rlog or RateLimitedLog(log)
         self.negotiated = 0
         self.hdr_len = 12
@@ -127,31 +126,28 @@ class NetDevice:
         self.flush_rx(rings)
 
     def next_deadline(self):
-        if self._dns_answers:
-            return 0.0                 # answers from upstream wait: poll at once
         return self.stack.next_deadline()
 
-    async def run(self, wake) -> None:
-        """Background work of the connection (vhostuser/server.py): the DNS
-        upstream relay. wake() makes the server call poll() soon."""
+    async def run(self, rings: Sequence[Ring], after_work) -> None:
+        """The DNS upstream relay, for the life of the connection (returns at
+        once without one). Each answer goes into the stack, its frame to the
+        guest, and after_work() re-arms the server's timer."""
         if self.dns is None:
             return
+        dns = self.stack.net_services.dns
 
         def deliver(key: int, wire: bytes | None, reason: str | None) -> None:
-            self._dns_answers.append((key, wire, reason))
-            wake()
-        await self.dns.serve(deliver)
-
-    def _service_io(self) -> None:
-        """Hand upstream answers to the stack; send its new queries upstream."""
-        dns = self.stack.net_services.dns
-        answers = self._dns_answers
-        while answers:
-            key, wire, reason = answers.popleft()
             if wire is not None:
                 dns.answer(key, wire)
             else:
                 dns.fail(key, reason or "failed")
+            self.flush_rx(rings)
+            after_work()
+        await self.dns.serve(deliver)
+
+    def _service_io(self) -> None:
+        """Send the stack's new DNS queries upstream (SERVFAIL if there is none)."""
+        dns = self.stack.net_services.dns
         for ev in self.stack.take_events():
             if isinstance(ev, DnsQuery):
                 if self.dns is None or not self.dns.submit(ev):

@@ -43,10 +43,10 @@ class Device(Protocol):
     def next_deadline(self) -> float | None:
         """When poll() wants to run next, on trio's clock, or None."""
 
-    # Optional: `async def run(self, wake)`, started in the connection's
-    # nursery, for the device's own I/O (e.g. the DNS upstream relay); it
-    # calls wake() when poll() has something to deliver, and next_deadline()
-    # then returns a time already past.
+    async def run(self, rings: Sequence[Ring], after_work) -> None:
+        """Device-side tasks for the life of the connection (vhostnet's host
+        proxy), in the connection's nursery; return at once if there are none.
+        `after_work()` re-arms the timer after work done outside process/poll."""
 
     def describe(self) -> dict:
         """JSON-able state for the inspection tools."""

@@ -114,10 +114,6 @@ class Connection:
         if dl is not None and dl < self._armed:
             self._timer_wake.set()
 
-    def wake(self) -> None:
-        """The device has work for poll() (see Device.run): re-read its deadline."""
-        self._timer_wake.set()
-
     async def timer_loop(self) -> None:
         while True:
             dl = self.device.next_deadline()
@@ -215,9 +211,7 @@ class Server:
             self.current = conn
             try:
                 nursery.start_soon(conn.timer_loop)
-                run = getattr(conn.device, "run", None)      # optional: Device.run
-                if run is not None:
-                    nursery.start_soon(run, conn.wake)
+                nursery.start_soon(conn.device.run, conn.backend.queues, conn._rearm)
                 await conn.message_loop()
             finally:
                 nursery.cancel_scope.cancel()
