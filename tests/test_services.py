@@ -4,6 +4,7 @@ on 127.0.0.1 (never the host's), the stats document with services on, and the
 upstream relay (vhostnet/hostnet/dns.py) on its own."""
 from __future__ import annotations
 
+import re
 import socket
 
 import dns.flags
@@ -20,6 +21,7 @@ from stack.services.config import ServicesConfig
 from vhostnet.hostnet.dns import DnsForwarder, parse_upstream, resolv_conf_upstreams
 from vhostnet.launch.serve import serve_backend
 from vhostnet.observe.control import ControlServer
+from vhostnet.observe.render import stats_text
 from vhostnet.testing.dnsserver import BIG_COUNT, DnsTestServer
 from vhostnet.testing.frontend import Frontend
 
@@ -144,6 +146,11 @@ async def test_dhcp_through_the_device_and_stats_document(nursery, sockdir, dns_
                                              "services.tftp.transfers[]"])
     assert doc["services"]["dhcp"]["leases"][0]["state"] == "bound"
     assert doc["services"]["tftp"]["enabled"] is False
+    text = stats_text(doc)
+    assert re.search(r"\n  10\.0\.2\.15 +52:54:00:12:34:56  bound, expires in 86[34]\d\d s\n", text), text
+    assert "DNS  queries 1  answered 1 (nxdomain 0, truncated 0)  failed 0  timed out 0" in text
+    assert f"upstreams 127.0.0.1:{dns_server.port}  udp 1 tcp 0" in text
+    assert "TFTP (off)" in text
     await fe.close()
 
 
