@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import socket
+import struct
 
 import dns.flags
 import dns.message
@@ -17,7 +18,9 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.utils import mac2str
 
+from stack.checksum import checksum, ones_sum, pseudo_sum
 from stack.services.config import ServicesConfig
+from stack.tcp.layer import TcpLayer
 from vhostnet.hostnet.dns import DnsForwarder, parse_upstream, resolv_conf_upstreams
 from vhostnet.launch.serve import serve_backend
 from vhostnet.observe.control import ControlServer
@@ -217,3 +220,52 @@ def test_resolv_conf(tmp_path):
     p.write_text("# c\nsearch x\nnameserver 10.1.2.3\nnameserver fe80::1%eth0\nnameserver bogus\n")
     assert resolv_conf_upstreams(str(p)) == [("10.1.2.3", 53), ("fe80::1", 53)]
     assert resolv_conf_upstreams(str(tmp_path / "missing")) == []
+
+
+# ----------------------------------------- DNS over TCP, guest to upstream
+async def test_tcp_query_relayed_over_tcp_end_to_end(nursery, sockdir, dns_server):
+    """The guest got TC over UDP and retries over TCP: a TCP stack as the guest
+    (stack/tcp, frames through the real rings) asks for big.test over TCP port
+    53, the relay asks upstream over TCP, the 40 records come back whole."""
+    srv, ctl, fe = await start(nursery, sockdir, [("127.0.0.1", dns_server.port)], dhcp=False)
+    eth_ip = bytes(Ether(src=GMAC, dst=GWMAC, type=0x0800))
+
+    def emit(src, dst, seg, gso):
+        h = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(seg), 0, 0, 64, 6, 0, src, dst))
+        h[10:12] = struct.pack("!H", checksum(bytes(h)))
+        seg = bytearray(seg)
+        seg[16:18] = b"\0\0"
+        seg[16:18] = struct.pack("!H", ~ones_sum(seg, pseudo_sum(src, dst, 6, len(seg))) & 0xFFFF)
+        fe.post_tx(eth_ip + bytes(h) + bytes(seg))
+
+    guest = TcpLayer(emit)
+    got = bytearray()
+    conn = guest.connect(trio.current_time(), bytes([10, 0, 2, 15]), 41000, bytes([10, 0, 2, 3]), 53)
+    conn.on_readable = lambda c: got.extend(c.recv())
+    q = dns.message.make_query("big.test.", "A")
+    q.id = 0x7777
+    sent = False
+    with trio.fail_after(10):
+        while True:
+            fe.tx.kick()
+            for _h, frame in fe.read_rx():
+                if frame[12:14] == b"\x08\x00" and frame[23] == 6:
+                    tot = struct.unpack_from("!H", frame, 16)[0]
+                    guest.receive(trio.current_time(), frame[26:30], frame[30:34],
+                                  memoryview(frame)[34:14 + tot])
+            if fe.rx.free:
+                fe.post_rx()
+                fe.rx.kick()
+            if conn.state.value == "ESTABLISHED" and not sent:
+                w = q.to_wire()
+                conn.send(len(w).to_bytes(2, "big") + w)
+                sent = True
+            if len(got) >= 2 and len(got) >= 2 + int.from_bytes(got[:2], "big"):
+                break
+            await fe.rx.wait_call(0.02)
+    r = dns.message.from_wire(bytes(got[2:]))
+    assert r.id == 0x7777 and len(r.answer[0]) == 40 and not r.flags & dns.flags.TC
+    assert dns_server.queries["tcp"] == 1 and dns_server.queries["udp"] == 0
+    d = (await ask(ctl.path, "stats"))["services"]["dns"]
+    assert d["upstream"]["tcp"] == 1 and d["answered"] == 1
+    await fe.close()
