@@ -38,6 +38,8 @@ MESSAGE_TYPE_NAMES = {DHCPDISCOVER: "discover", DHCPOFFER: "offer", DHCPREQUEST:
 
 OPT_PAD, OPT_END = 0, 255                # RFC 2132 §3.1, §3.2
 
+# Compiled (construct's code generation): about ten times faster than the
+# interpreted form, which matters when a client loops DISCOVER.
 _Fixed = cs.Struct(
     "op" / cs.Int8ub,
     "htype" / cs.Int8ub,
@@ -54,13 +56,14 @@ _Fixed = cs.Struct(
     "sname" / cs.Bytes(64),
     "file" / cs.Bytes(128),
     "cookie" / cs.Int32ub,
-)
+).compile()
 FIXED_LEN = _Fixed.sizeof()              # 240: 236 BOOTP bytes + the magic cookie
 
 _Option = cs.Struct(
     "code" / cs.Int8ub,
-    "data" / cs.If(lambda c: c.code not in (OPT_PAD, OPT_END), cs.Prefixed(cs.Int8ub, cs.GreedyBytes)),
-)
+    "data" / cs.If((cs.this.code != OPT_PAD) & (cs.this.code != OPT_END),
+                   cs.Prefixed(cs.Int8ub, cs.GreedyBytes)),
+).compile()
 
 
 class DhcpWireError(ValueError):
@@ -106,13 +109,13 @@ def parse(payload: bytes) -> DhcpMessage:
         if code == OPT_END:
             ended = True
             break
-        try:
-            o = _Option.parse(payload[pos:])
-        except cs.ConstructError:
-            raise DhcpWireError("dhcp_bad_options") from None
         if code == OPT_PAD:
             pos += 1
             continue
+        # The compiled parser does not check the length byte against the end.
+        if pos + 2 > n or pos + 2 + payload[pos + 1] > n:
+            raise DhcpWireError("dhcp_bad_options")
+        o = _Option.parse(payload[pos:pos + 2 + payload[pos + 1]])
         pos += 2 + len(o.data)
         options[code] = options.get(code, b"") + o.data      # RFC 3396 §5
     if not ended and pos != n:
