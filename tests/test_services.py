@@ -11,6 +11,7 @@ import struct
 import dns.flags
 import dns.message
 import dns.rcode
+import dns.rrset
 import pytest
 import trio
 from scapy.layers.dhcp import BOOTP, DHCP
@@ -269,3 +270,28 @@ async def test_tcp_query_relayed_over_tcp_end_to_end(nursery, sockdir, dns_serve
     d = (await ask(ctl.path, "stats"))["services"]["dns"]
     assert d["upstream"]["tcp"] == 1 and d["answered"] == 1
     await fe.close()
+
+
+async def test_forwarder_keeps_udp_sockets_and_drops_stale_answers(dns_server):
+    """A kept socket serves the next query; a late datagram waiting on it (an
+    answer to an earlier query) is drained, not taken for the new answer."""
+    fwd = DnsForwarder([("127.0.0.1", dns_server.port)])
+    q1 = dns.message.make_query("host.test.", "A")
+    wire, _ = await fwd.resolve(q1.to_wire(), "udp")
+    (raw, _s), = fwd._idle[("127.0.0.1", dns_server.port)]
+    port = raw.getsockname()[1]
+    # A stale answer with the next query's ID arrives on the kept socket.
+    q2 = dns.message.make_query("www.test.", "A")
+    stale = dns.message.make_response(q2)
+    stale.answer.append(dns.rrset.from_text("www.test.", 1, "IN", "A", "203.0.113.66"))
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.bind(("127.0.0.1", 0))
+    raw.connect(u.getsockname())          # let the stale datagram in, as if from the upstream
+    u.sendto(stale.to_wire(), ("127.0.0.1", port))
+    await trio.sleep(0.05)
+    raw.connect(("127.0.0.1", dns_server.port))
+    wire, why = await fwd.resolve(q2.to_wire(), "udp")
+    assert dns.message.from_wire(wire).answer[0][0].address == "192.0.2.8"
+    assert raw.getsockname()[1] == port   # the same socket served it
+    u.close()
+    fwd.close()

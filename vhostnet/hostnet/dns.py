@@ -10,9 +10,11 @@ answer whose ID matches is handed back through `deliver(key, wire, None)`;
 when every upstream failed or stayed silent, `deliver(key, None, reason)`
 with reason "failed" or "timed_out", and the stack answers SERVFAIL.
 
-Each query gets its own connected UDP socket (a fresh source port from the
-kernel, and the kernel drops datagrams from any other address), or its
-own TCP connection. One upstream gets at most `per_upstream` seconds, and
+Each query has a connected UDP socket to itself while it waits (the
+kernel drops datagrams from any other address; the answer must carry the
+query's ID and question); up to IDLE_SOCKETS sockets per upstream are kept
+for later queries, emptied of late datagrams first. TCP queries get their
+own connection. One upstream gets at most `per_upstream` seconds, and
 the whole query at most `budget` seconds (kept below the stack's timeout,
 so the answer we give is ours, not the stack's fallback).
 
@@ -36,6 +38,7 @@ log = logging.getLogger("vhostnet.dns")
 
 DNS_PORT = 53                         # RFC 1035 §4.2
 MAX_UDP_ANSWER = 65535                # the largest UDP payload we accept
+IDLE_SOCKETS = 16                     # kept UDP sockets per upstream
 PER_UPSTREAM_TIMEOUT = 2.0            # seconds, as resolv.conf's `timeout:` defaults go per try
 RESOLV_CONF = "/etc/resolv.conf"
 
@@ -99,6 +102,7 @@ class DnsForwarder:
         self.max_pending = max_pending
         self._send, self._recv = trio.open_memory_channel(max_pending)
         self.counters = dict.fromkeys(self.COUNTERS, 0)
+        self._idle: dict[tuple, list] = {}      # (host, port) -> kept UDP sockets
 
     def submit(self, query) -> bool:
         """Queue one DnsQuery; False (counted) when the queue is full. Never blocks."""
@@ -112,10 +116,20 @@ class DnsForwarder:
     async def serve(self, deliver) -> None:
         """Relay queued queries until cancelled; deliver(key, wire, reason) per query."""
         limiter = trio.Semaphore(self.max_pending)
-        async with trio.open_nursery() as nursery:
-            async for query in self._recv:
-                await limiter.acquire()
-                nursery.start_soon(self._one, query, deliver, limiter)
+        try:
+            async with trio.open_nursery() as nursery:
+                async for query in self._recv:
+                    await limiter.acquire()
+                    nursery.start_soon(self._one, query, deliver, limiter)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the kept UDP sockets (the connection is over)."""
+        for idle in self._idle.values():
+            for _raw, s in idle:
+                s.close()
+        self._idle.clear()
 
     async def _one(self, query, deliver, limiter) -> None:
         try:
@@ -152,17 +166,45 @@ class DnsForwarder:
         self.counters["timeouts"] += 1
         return None, "timed_out"
 
-    @staticmethod
-    async def _udp(host: str, port: int, wire: bytes) -> bytes:
-        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with trio.socket.socket(fam, socket.SOCK_DGRAM) as s:
-            await s.connect((host, port))
+    async def _udp(self, host: str, port: int, wire: bytes) -> bytes:
+        raw, s = self._take_socket(host, port)
+        ok = False
+        try:
             await s.send(wire)
+            qend = _question_end(wire)
             while True:
                 data = await s.recv(MAX_UDP_ANSWER)
-                if len(data) >= 2 and data[:2] == wire[:2]:
+                # Our ID and our question, else a stale or spoofed datagram
+                # (RFC 5452 §9.1): keep waiting.
+                if len(data) >= 2 and data[:2] == wire[:2] and (
+                        qend is None or data[12:qend] == wire[12:qend]):
+                    ok = True
                     return data
-                # Not our ID: a stale or spoofed datagram; keep waiting (RFC 5452 §9.1).
+        finally:
+            idle = self._idle.setdefault((host, port), [])
+            if ok and len(idle) < IDLE_SOCKETS:
+                idle.append((raw, s))
+            else:
+                s.close()
+
+    def _take_socket(self, host: str, port: int):
+        """A connected UDP socket to the upstream: a kept one, emptied of any
+        late datagrams, or a new one. Kept sockets save the kernel's
+        per-socket setup, which costs more than relaying the query."""
+        idle = self._idle.get((host, port))
+        while idle:
+            raw, s = idle.pop()
+            try:
+                while True:
+                    raw.recv(MAX_UDP_ANSWER, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return raw, s
+            except OSError:               # e.g. a queued ICMP error: start afresh
+                s.close()
+        raw = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        raw.setblocking(False)
+        raw.connect((host, port))         # a UDP connect only sets the peer
+        return raw, trio.socket.from_stdlib_socket(raw)
 
     @staticmethod
     async def _tcp(host: str, port: int, wire: bytes) -> bytes:
@@ -175,6 +217,22 @@ class DnsForwarder:
     def snapshot(self) -> dict:
         return {"upstreams": [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.upstreams],
                 **self.counters}
+
+
+def _question_end(wire: bytes) -> int | None:
+    """Offset just past the first question (name, type, class), or None
+    when the name uses compression or runs past the end (then only the ID
+    is compared)."""
+    pos = 12
+    while pos < len(wire):
+        n = wire[pos]
+        if n == 0:
+            end = pos + 5
+            return end if end <= len(wire) else None
+        if n & 0xC0:
+            return None
+        pos += 1 + n
+    return None
 
 
 async def _read_exactly(stream, n: int) -> bytes:
