@@ -295,3 +295,32 @@ async def test_forwarder_keeps_udp_sockets_and_drops_stale_answers(dns_server):
     assert raw.getsockname()[1] == port   # the same socket served it
     u.close()
     fwd.close()
+
+
+# ------------------------------------------------------------------ the CLI
+def _args(*argv):
+    from vhostnet.launch.cli import build_parser
+    return build_parser().parse_args(["serve", "--socket", "/tmp/x.sock", *argv])
+
+
+def test_cli_service_options(tmp_path):
+    from vhostnet.launch.services import services_from_args
+    cfg, ups = services_from_args(_args("--dns-upstream", "127.0.0.1:5353",
+                                        "--dns-upstream", "[::1]", "--tftp", str(tmp_path),
+                                        "--bootfile", "k.itb"))
+    assert cfg.dhcp and cfg.dns and cfg.tftp and cfg.bootfile == "k.itb"
+    assert ups == [("127.0.0.1", 5353), ("::1", 53)]
+    cfg, ups = services_from_args(_args("--no-dhcp", "--no-dns"))
+    assert not cfg.dhcp and not cfg.dns and not cfg.tftp and ups == []
+
+
+def test_cli_service_mistakes_exit_2(tmp_path, capsys):
+    from vhostnet.launch.cli import main
+    for argv, msg in [(["--bootfile", "x"], "--bootfile needs --tftp DIR"),
+                      (["--tftp", str(tmp_path / "nope")], "is not a directory"),
+                      (["--tftp", str(tmp_path), "--bootfile", "x" * 200], "1..127 bytes")]:
+        assert main(["serve", "--socket", str(tmp_path / "v.sock"), *argv]) == 2
+        assert msg in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--dns-upstream", "resolver.example"])
+    assert e.value.code == 2 and "not an IP address" in capsys.readouterr().err
