@@ -117,7 +117,7 @@ class _TcpSession:
         if self.out and conn.send_space:
             try:
                 n = conn.send(self.out)
-            except Exception:        # the peer reset meanwhile: nothing to deliver to
+            except ConnectionError:  # TcpError: the peer reset meanwhile, nothing to deliver to
                 self.out.clear()
                 return
             del self.out[:n]
