@@ -29,6 +29,8 @@ import os
 import struct
 from typing import Sequence
 
+import trio
+
 from stack import Frame, NetConfig, Stack
 from stack.checksum import finalize_l4_checksum
 from stack.services.config import ServicesConfig
@@ -129,11 +131,15 @@ class NetDevice:
         return self.stack.next_deadline()
 
     async def run(self, rings: Sequence[Ring], after_work) -> None:
-        """The DNS upstream relay, for the life of the connection (returns at
-        once without one). Each answer goes into the stack, its frame to the
-        guest, and after_work() re-arms the server's timer."""
-        if self.dns is None:
-            return
+        """The device's own tasks for the life of the connection: the DNS
+        upstream relay (returns at once when there is nothing to run)."""
+        async with trio.open_nursery() as nursery:
+            if self.dns is not None:
+                nursery.start_soon(self._relay_dns, rings, after_work)
+
+    async def _relay_dns(self, rings: Sequence[Ring], after_work) -> None:
+        """Each upstream answer goes into the stack, its frame to the guest,
+        and after_work() re-arms the server's timer."""
         dns = self.stack.net_services.dns
 
         def deliver(key: int, wire: bytes | None, reason: str | None) -> None:
