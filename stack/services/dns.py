@@ -14,14 +14,16 @@ Bounds: at most `max_inflight` queries wait for answers; one more gets
 SERVFAIL at once (counted `dns_inflight_cap`). A query not answered in
 `timeout` seconds gets SERVFAIL (`dns_timed_out`). TCP (RFC 7766): two-byte
 length framing, several queries per connection, answers in any order; at
-most `max_tcp_conns` connections, and a connection stops being read while
+most `max_tcp_conns` connections, closed after `TCP_IDLE_TIMEOUT` seconds
+with nothing in flight, and a connection stops being read while
 `TCP_PIPELINE` of its queries are in flight, so a client cannot queue
 unbounded work. Unparseable queries with a readable header get FORMERR
 (RFC 1035 §4.1.1), anything else is dropped and counted.
 
 Counters: dns_queries, dns_answered, dns_nxdomain, dns_truncated,
 dns_failed, dns_timed_out, dns_inflight_cap, dns_formerr, dns_late_answer,
-dns_bad_answer, drop_dns_<reason>, dns_tcp_conns, dns_tcp_refused.
+dns_bad_answer, drop_dns_<reason>, dns_tcp_conns, dns_tcp_refused,
+dns_tcp_idle_closed.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ OPCODE_MASK = 0x7800
 RCODE_FORMERR, RCODE_SERVFAIL, RCODE_NXDOMAIN = 1, 2, 3
 TCP_PIPELINE = 8                   # queries in flight per TCP connection before we stop reading
 TCP_MAX_BUFFER = 2 + 65535         # one full length-prefixed message (RFC 1035 §4.2.2)
+TCP_IDLE_TIMEOUT = 30.0            # seconds; RFC 7766 §6.2.3: servers close idle connections
 _H = struct.Struct("!HH")
 # The counters a snapshot reports (as dns_<name> in the stack's counters).
 COUNTERS = ("queries", "answered", "nxdomain", "truncated", "failed", "timed_out",
@@ -83,6 +86,7 @@ class _TcpSession:
         self.out = bytearray()
         self.inflight = 0
         self.alive = True
+        self.last = relay._clock()
         conn.on_readable = self.pump
         conn.on_writable = self.flush
         conn.on_closed = self.closed
@@ -93,6 +97,7 @@ class _TcpSession:
             room = TCP_MAX_BUFFER - len(self.buf)
             if room > 0 and conn.readable:
                 self.buf += conn.recv(room)
+                self.last = self.relay._clock()
             if len(self.buf) < 2:
                 break
             n = (self.buf[0] << 8) | self.buf[1]
@@ -109,6 +114,7 @@ class _TcpSession:
         self.inflight -= 1
         if not self.alive:
             return
+        self.last = self.relay._clock()
         self.out += len(wire).to_bytes(2, "big") + wire
         self.flush(self.conn)
         self.pump(self.conn)
@@ -133,6 +139,16 @@ class _TcpSession:
         if self.alive:
             self.alive = False
             self.relay._tcp_conns -= 1
+        self.relay._sessions.discard(self)
+
+    def idle_deadline(self) -> float | None:
+        return self.last + TCP_IDLE_TIMEOUT if self.alive and not self.inflight else None
+
+    def close_idle(self) -> None:
+        self.alive = False
+        self.relay._tcp_conns -= 1
+        self.relay._sessions.discard(self)
+        self.conn.close()
 
 
 class DnsRelay:
@@ -145,6 +161,7 @@ class DnsRelay:
         self._max = max_inflight
         self._max_tcp = max_tcp_conns
         self._tcp_conns = 0
+        self._sessions: set[_TcpSession] = set()
         self._pending: dict[int, _Pending] = {}
         self._next_key = 1
         self.sock = udp_layer.bind(DNS_PORT, self._on_datagram, ip=ip)
@@ -166,7 +183,7 @@ class DnsRelay:
             return
         self._tcp_conns += 1
         self._c["dns_tcp_conns"] += 1
-        _TcpSession(self, conn)
+        self._sessions.add(_TcpSession(self, conn))
 
     def _query(self, wire: bytes, transport: str, reply) -> bool:
         """Validate, then queue an event. True when an answer will come later."""
@@ -240,9 +257,14 @@ class DnsRelay:
             p = self._pending.pop(key)
             self._c["dns_timed_out"] += 1
             p.reply(_header_reply(p.wire, RCODE_SERVFAIL, question=True))
+        for s in [s for s in self._sessions if (s.idle_deadline() or now + 1) <= now]:
+            self._c["dns_tcp_idle_closed"] += 1
+            s.close_idle()
 
     def next_deadline(self) -> float | None:
-        return min((p.deadline for p in self._pending.values()), default=None)
+        ds = [p.deadline for p in self._pending.values()]
+        ds += [d for d in (s.idle_deadline() for s in self._sessions) if d is not None]
+        return min(ds, default=None)
 
     def snapshot(self) -> dict:
         c = self._c

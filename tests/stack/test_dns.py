@@ -239,3 +239,19 @@ def test_tcp_connection_is_not_read_past_the_pipeline_limit():
     st.net_services.dns.answer(ev[0].key, answer_for(query(qid=0)))
     cl.pump()
     assert len(st.take_events()) == 1                   # one answered, one more read
+
+
+def test_idle_tcp_connection_is_closed_and_frees_its_slot():
+    from stack.services.dns import TCP_IDLE_TIMEOUT
+    st = mk(dns_tcp_max_conns=1)
+    cl = TcpClient(st)
+    c1 = cl.layer.connect(0.0, G, 40010, D, 53)
+    cl.pump()
+    assert st.net_services.dns.next_deadline() == TCP_IDLE_TIMEOUT
+    cl.now = TCP_IDLE_TIMEOUT
+    st.poll(TCP_IDLE_TIMEOUT)
+    cl.pump()
+    assert st.counters["dns_tcp_idle_closed"] == 1 and c1.fin_received
+    c2 = cl.layer.connect(cl.now, G, 40011, D, 53)
+    cl.pump()
+    assert c2.state.value == "ESTABLISHED" and st.counters["dns_tcp_refused"] == 0
