@@ -1,5 +1,6 @@
 """Read-only TFTP server (RFC 1350) with option negotiation (RFC 2347),
-blksize (RFC 2348) and tsize/timeout (RFC 2349), on the gateway address.
+blksize (RFC 2348), tsize/timeout (RFC 2349) and windowsize (RFC 7440),
+on the gateway address.
 
 Theory of operation:
 * A read request (RRQ) arrives on port 69. Each transfer gets its own
@@ -13,13 +14,18 @@ Theory of operation:
   (symlinks included) by raising `TftpFileError`. The stack never opens a
   file itself.
 * Options: blksize (clamped to 8..`max_blksize`), tsize (the file's size),
-  timeout (1..255 s). With any accepted option the server sends OACK and
-  waits for ACK 0; without options it starts with DATA 1.
-* Lock-step sending: one DATA (or OACK) outstanding. Its ACK sends the next
-  block; a duplicate ACK is ignored (RFC 1123 §4.2.3.1, the Sorcerer's
-  Apprentice fix). With no ACK by the deadline the same packet is resent,
-  with the timeout doubling (RFC 1123 §4.2.3.2 backoff; a negotiated timeout
-  stays fixed), up to `retries` times, then the transfer is dropped.
+  timeout (1..255 s), windowsize (clamped to 1..`max_window`). With any
+  accepted option the server sends OACK and waits for ACK 0; without
+  options it starts with DATA 1.
+* Sending: `windowsize` blocks (1 without the option: RFC 1350 lock-step)
+  go out, then the server waits for the ACK of the window's last block.
+  An ACK of an earlier block of the window means the client lost the next
+  one: sending goes on from there (RFC 7440 §4). An ACK of a block not in
+  flight is ignored, never answered (RFC 1123 §4.2.3.1, the Sorcerer's
+  Apprentice fix). With no ACK by the deadline the window is resent from
+  the first unacknowledged block, with the timeout doubling (RFC 1123
+  §4.2.3.2 backoff; a negotiated timeout stays fixed), up to `retries`
+  times, then the transfer is dropped.
   Block numbers wrap past 65535 to 0, as tftp-hpa and U-Boot expect for
   large files.
 * Packets from an unknown TID on a transfer port get ERROR 5 and do not
@@ -28,8 +34,8 @@ Theory of operation:
   bytes, one transfer per client port (a repeated RRQ is ignored).
 
 Counters: tftp_rrq, tftp_started, tftp_completed, tftp_failed,
-tftp_timeouts, tftp_retransmits, tftp_refused_<why>, tftp_bytes,
-drop_tftp_<reason>.
+tftp_timeouts, tftp_retransmits, tftp_window_rewinds, tftp_refused_<why>,
+tftp_bytes (first transmissions only), drop_tftp_<reason>.
 """
 from __future__ import annotations
 
@@ -47,6 +53,7 @@ ERR_UNKNOWN_TID, ERR_EXISTS, ERR_NO_USER, ERR_OPTION = 5, 6, 7, 8
 DEFAULT_BLKSIZE = 512               # RFC 1350 §2
 MIN_BLKSIZE, MAX_BLKSIZE = 8, 65464  # RFC 2348
 MIN_TIMEOUT, MAX_TIMEOUT = 1, 255   # RFC 2349
+MAX_WINDOW = 64                     # RFC 7440 windowsize we grant at most (1..65535 asked)
 MAX_BACKOFF = 8.0                   # seconds: cap of the doubled retransmission timeout
 PORT_FIRST, PORT_LAST = 50000, 59999  # server TIDs
 MAX_NAME = 255                      # bytes of file name accepted
@@ -86,10 +93,14 @@ def error_packet(code: int, message: str) -> bytes:
 
 
 class _Transfer:
-    __slots__ = ("sock", "peer_ip", "peer_port", "file", "blksize", "size", "block", "last",
-                 "final", "deadline", "timeout", "fixed_timeout", "tries", "name", "sent")
+    """Block numbers here are absolute (they do not wrap); the wire carries
+    them mod 65536. Blocks acked+1 .. sent are in flight; `oack` is the OACK
+    while it waits for ACK 0."""
+    __slots__ = ("sock", "peer_ip", "peer_port", "file", "blksize", "size", "nblocks", "window",
+                 "acked", "sent", "oack", "deadline", "timeout", "fixed_timeout", "tries", "name",
+                 "bytes_sent", "high")
 
-    def __init__(self, sock, peer_ip, peer_port, f, name, blksize, timeout, fixed):
+    def __init__(self, sock, peer_ip, peer_port, f, name, blksize, timeout, fixed, window, oack):
         self.sock = sock
         self.peer_ip = peer_ip
         self.peer_port = peer_port
@@ -97,20 +108,24 @@ class _Transfer:
         self.name = name
         self.blksize = blksize
         self.size = f.size
-        self.block = 0               # absolute number of the block in `last` (0: the OACK)
-        self.last = b""
-        self.final = False
+        # The last block is shorter than blksize: empty when size is a multiple.
+        self.nblocks = f.size // blksize + 1
+        self.window = window
+        self.acked = 0
+        self.sent = 0
+        self.oack = oack
         self.deadline = 0.0
         self.timeout = timeout
         self.fixed_timeout = fixed
         self.tries = 0
-        self.sent = 0
+        self.bytes_sent = 0
+        self.high = 0                # the highest block ever sent
 
 
 class TftpServer:
     def __init__(self, udp_layer, counters, clock, files, *, ip: bytes,
                  max_transfers: int, max_file: int, timeout: float, retries: int,
-                 max_blksize: int = MAX_BLKSIZE):
+                 max_blksize: int = MAX_BLKSIZE, max_window: int = MAX_WINDOW):
         self._udp = udp_layer
         self._c = counters
         self._clock = clock
@@ -121,6 +136,7 @@ class TftpServer:
         self._timeout = timeout
         self._retries = retries
         self._max_blksize = max_blksize
+        self._max_window = max_window
         self._next_port = PORT_FIRST
         self._by_sock: dict[int, _Transfer] = {}       # server port -> transfer
         self._by_peer: dict[tuple, _Transfer] = {}     # (ip, port) -> transfer
@@ -199,21 +215,32 @@ class TftpServer:
             if MIN_TIMEOUT <= t <= MAX_TIMEOUT:
                 timeout, fixed = float(t), True
                 oack += [b"timeout", opts[b"timeout"]]
+        window = 1
+        if b"windowsize" in opts:
+            try:
+                want = int(opts[b"windowsize"])
+            except ValueError:
+                want = 0
+            if want >= 1:
+                window = min(want, self._max_window)
+                oack += [b"windowsize", str(window).encode()]
         tsock = self._bind()
         if tsock is None:
             f.close()
             c["tftp_refused_no_port"] += 1
             sock.send(error_packet(ERR_UNDEFINED, "no free port"), src_ip, src_port)
             return
-        t = _Transfer(tsock, src_ip, src_port, f, name, blksize, timeout, fixed)
+        t = _Transfer(tsock, src_ip, src_port, f, name, blksize, timeout, fixed, window,
+                      _HDR.pack(OP_OACK, 0)[:2] + b"\0".join(oack) + b"\0" if oack else None)
         self._by_sock[tsock.port] = t
         self._by_peer[(src_ip, src_port)] = t
         c["tftp_started"] += 1
         now = self._clock()
-        if oack:
-            self._send(t, _HDR.pack(OP_OACK, 0)[:2] + b"\0".join(oack) + b"\0", 0, now)
+        if t.oack is not None:
+            t.deadline = now + t.timeout
+            tsock.send(t.oack, src_ip, src_port)
         else:
-            self._next_block(t, 1, now)
+            self._send_window(t, now)
 
     def _bind(self):
         for _ in range(PORT_LAST - PORT_FIRST + 1):
@@ -249,37 +276,57 @@ class TftpServer:
             sock.send(error_packet(ERR_ILLEGAL_OP, "expected ACK"), src_ip, src_port)
             self._finish(t, ok=False)
             return
-        if num != t.block & 0xFFFF:
-            c["tftp_duplicate_ack"] += 1
+        now = self._clock()
+        if t.oack is not None:
+            if num != 0:
+                c["tftp_duplicate_ack"] += 1
+                return
+            t.oack = None
+            self._progress(t, now)
+            self._send_window(t, now)
             return
-        if t.final:
+        # The absolute block this ACK names: one of those in flight.
+        blk = t.acked + ((num - t.acked) & 0xFFFF)
+        if not t.acked < blk <= t.sent:
+            c["tftp_duplicate_ack"] += 1      # RFC 1123 §4.2.3.1: never resend on one
+            return
+        if blk == t.nblocks:
             self._finish(t, ok=True)
             return
-        self._next_block(t, t.block + 1, self._clock())
+        if blk < t.sent:
+            # RFC 7440 §4: the client lost a block of the window; go on from its ACK.
+            c["tftp_window_rewinds"] += 1
+        t.acked = blk
+        t.sent = blk
+        self._progress(t, now)
+        self._send_window(t, now)
 
-    def _next_block(self, t: _Transfer, block: int, now: float) -> None:
-        off = (block - 1) * t.blksize
-        try:
-            data = t.file.read(off, min(t.blksize, max(0, t.size - off)))
-        except OSError as e:
-            self._c["tftp_read_errors"] += 1
-            t.sock.send(error_packet(ERR_UNDEFINED, f"read error: {e.strerror}"),
-                        t.peer_ip, t.peer_port)
-            self._finish(t, ok=False)
-            return
-        t.final = len(data) < t.blksize
-        t.sent += len(data)
-        self._c["tftp_bytes"] += len(data)
-        self._send(t, _HDR.pack(OP_DATA, block & 0xFFFF) + data, block, now)
-
-    def _send(self, t: _Transfer, pkt: bytes, block: int, now: float) -> None:
-        t.block = block
-        t.last = pkt
+    def _progress(self, t: _Transfer, now: float) -> None:
         t.tries = 0
         if not t.fixed_timeout:
             t.timeout = self._timeout
+
+    def _send_window(self, t: _Transfer, now: float) -> None:
+        """Send blocks sent+1 .. acked+window (at most the last block)."""
+        last = min(t.acked + t.window, t.nblocks)
+        while t.sent < last:
+            block = t.sent + 1
+            off = (block - 1) * t.blksize
+            try:
+                data = t.file.read(off, min(t.blksize, max(0, t.size - off)))
+            except OSError as e:
+                self._c["tftp_read_errors"] += 1
+                t.sock.send(error_packet(ERR_UNDEFINED, f"read error: {e.strerror}"),
+                            t.peer_ip, t.peer_port)
+                self._finish(t, ok=False)
+                return
+            if block > t.high:                              # first transmission of this block
+                t.high = block
+                t.bytes_sent += len(data)
+                self._c["tftp_bytes"] += len(data)
+            t.sock.send(_HDR.pack(OP_DATA, block & 0xFFFF) + data, t.peer_ip, t.peer_port)
+            t.sent = block
         t.deadline = now + t.timeout
-        t.sock.send(pkt, t.peer_ip, t.peer_port)
 
     def _finish(self, t: _Transfer, ok: bool) -> None:
         self._c["tftp_completed" if ok else "tftp_failed"] += 1
@@ -301,8 +348,12 @@ class TftpServer:
             self._c["tftp_retransmits"] += 1
             if not t.fixed_timeout:
                 t.timeout = min(t.timeout * 2, MAX_BACKOFF)
-            t.deadline = now + t.timeout
-            t.sock.send(t.last, t.peer_ip, t.peer_port)
+            if t.oack is not None:
+                t.deadline = now + t.timeout
+                t.sock.send(t.oack, t.peer_ip, t.peer_port)
+            else:
+                t.sent = t.acked                 # resend the whole window
+                self._send_window(t, now)
 
     def next_deadline(self) -> float | None:
         return min((t.deadline for t in self._by_sock.values()), default=None)
@@ -311,6 +362,6 @@ class TftpServer:
         c = self._c
         return {"enabled": True, "max_transfers": self._max,
                 "transfers": [{"file": t.name, "client": f"{ip_text(t.peer_ip)}:{t.peer_port}",
-                               "blksize": t.blksize, "size": t.size, "sent": t.sent,
-                               "retransmits": t.tries} for t in self._by_sock.values()],
+                               "blksize": t.blksize, "windowsize": t.window, "size": t.size,
+                               "sent": t.bytes_sent, "retransmits": t.tries} for t in self._by_sock.values()],
                 **{k: c.get("tftp_" + k, 0) for k in COUNTERS}}

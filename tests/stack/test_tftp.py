@@ -126,9 +126,9 @@ def test_subdirectory_and_symlink_inside(root):
 def test_oack_blksize_tsize_timeout(root):
     st = mk(root)
     p, t = one(st, rrq("k", options=[(b"blksize", b"1428"), (b"tsize", b"0"),
-                                     (b"timeout", b"3"), (b"windowsize", b"4")]))
+                                     (b"timeout", b"3"), (b"rollover", b"0")]))
     got = {o.oname.lower(): o.value for o in t[TFTP_OACK][TFTP_Options].options}
-    assert got == {b"blksize": b"1428", b"tsize": b"1300", b"timeout": b"3"}   # windowsize unknown
+    assert got == {b"blksize": b"1428", b"tsize": b"1300", b"timeout": b"3"}   # rollover unknown
     port = p[UDP].sport
     p, t = one(st, ack(port, 0))
     assert t[TFTP_DATA].block == 1 and len(t[TFTP_DATA].payload) == 1300
@@ -295,3 +295,46 @@ def test_block_number_wraps(root):
         assert struct.unpack_from("!HH", f, 42) == (3, (n + 1) & 0xFFFF)
         got += f[46:34 + ulen]
     assert bytes(got) == body
+
+
+# ------------------------------------------------------- windowsize (RFC 7440)
+def blocks_of(out) -> list[int]:
+    return [tftp(p)[TFTP_DATA].block for p in out]
+
+
+def test_windowsize_sends_a_window_per_ack(root):
+    (root / "w").write_bytes(os.urandom(512 * 10 + 5))            # 11 blocks
+    st = mk(root)
+    p, t = one(st, rrq("w", options=[(b"windowsize", b"4")]))
+    assert {o.oname: o.value for o in t[TFTP_Options].options} == {b"windowsize": b"4"}
+    port = p[UDP].sport
+    assert blocks_of(send(st, ack(port, 0))) == [1, 2, 3, 4]
+    assert blocks_of(send(st, ack(port, 4))) == [5, 6, 7, 8]
+    assert blocks_of(send(st, ack(port, 8))) == [9, 10, 11]       # the last one is short
+    assert send(st, ack(port, 11)) == []
+    assert st.counters["tftp_completed"] == 1 and st.counters["tftp_bytes"] == 512 * 10 + 5
+
+
+def test_windowsize_loss_rewinds_to_the_clients_ack(root):
+    (root / "w").write_bytes(os.urandom(512 * 10 + 5))
+    st = mk(root)
+    p, t = one(st, rrq("w", options=[(b"windowsize", b"4")]))
+    port = p[UDP].sport
+    send(st, ack(port, 0))                                        # 1..4 out; 3 "lost"
+    assert blocks_of(send(st, ack(port, 2))) == [3, 4, 5, 6]
+    assert st.counters["tftp_window_rewinds"] == 1
+    assert send(st, ack(port, 1)) == []                           # old ACK: ignored
+    st.poll(st.net_services.next_deadline())                      # silence: the window again
+    assert blocks_of([Ether(bytes(f.data)) for f in st.take_frames()]) == [3, 4, 5, 6]
+    assert st.counters["tftp_bytes"] == 512 * 6                   # resends are not counted
+
+
+def test_windowsize_full_transfer_and_clamp(root):
+    st = mk(root)
+    p, t = one(st, rrq("k", options=[(b"windowsize", b"1000")]))
+    assert {o.oname: o.value for o in t[TFTP_Options].options} == {b"windowsize": b"64"}
+    port = p[UDP].sport
+    out = send(st, ack(port, 0))
+    data = b"".join(udp_payload(q)[4:] for q in out)
+    assert blocks_of(out) == [1, 2, 3] and data == (root / "k").read_bytes()
+    assert send(st, ack(port, 3)) == [] and st.counters["tftp_completed"] == 1
