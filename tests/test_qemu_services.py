@@ -7,8 +7,9 @@
   sizes 512, 1468 and 65464 (TFTP_TEST=1; the last one IP-fragmented);
 * U-Boot (Debian's u-boot-qemu) gets a lease with `dhcp`, which also loads
   the DHCP boot file by TFTP from the next server, then `tftpboot`s a file
-  with the largest block size U-Boot takes, and `crc32` of both in guest
-  memory matches the files' CRC-32 here.
+  with the largest block size U-Boot takes, and again with 16 blocks per
+  ACK (RFC 7440 windowsize), and `crc32` in guest memory matches the files'
+  CRC-32 here each time.
 
 The backend runs in this process (what `vhostnet serve` builds), so the
 test reads its counters directly.
@@ -120,8 +121,15 @@ async def test_uboot_dhcp_and_tftp(nursery, sockdir, tmp_path):
         assert f"Bytes transferred = {len(big)}" in out, out
         out = await ub.command("crc32 ${loadaddr} ${filesize}")
         assert f"==> {zlib.crc32(big):08x}" in out, out
+        # RFC 7440: 16 blocks per ACK.
+        await ub.command("setenv tftpwindowsize 16")
+        await ub.command("mw.b ${loadaddr} 0 ${filesize}")
+        out = await ub.command("tftpboot ${loadaddr} big.bin", timeout=300)
+        assert f"Bytes transferred = {len(big)}" in out, out
+        out = await ub.command("crc32 ${loadaddr} ${filesize}")
+        assert f"==> {zlib.crc32(big):08x}" in out, out
         out = await ub.command("tftpboot ${loadaddr} ../etc/passwd", timeout=60)
         assert "TFTP error" in out and "refused" in out, out
     c = dev.stack.counters
     assert c["dhcp_tx_offer"] >= 1 and c["dhcp_tx_ack"] >= 1
-    assert c["tftp_completed"] == 2 and c["tftp_refused_access"] == 1
+    assert c["tftp_completed"] == 3 and c["tftp_refused_access"] == 1
