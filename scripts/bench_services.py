@@ -32,6 +32,7 @@ import struct
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -50,7 +51,7 @@ from vhostnet.hostnet.tftp_root import TftpRoot  # noqa: E402
 from vhostnet.launch.serve import make_server, serve_backend  # noqa: E402
 from vhostnet.testing.dnsserver import DnsTestServer  # noqa: E402
 from vhostnet.testing.frontend import Frontend  # noqa: E402
-from vhostnet.testing.uboot import UBoot, find_rom  # noqa: E402
+from vhostnet.testing.uboot import UBoot, uboot_argv, uboot_session  # noqa: E402
 
 GMAC, GWMAC = "52:54:00:12:34:56", "52:55:0a:00:02:02"
 
@@ -191,39 +192,39 @@ def tftp_stack(size: int, blksize: int, root: str) -> float:
     return size / dt
 
 
-async def uboot_run(root: str, sizes_blk: list[int], slirp: bool):
-    """U-Boot's own numbers: DHCP ms, and MiB/s per block size."""
+def uboot_run(root: str, runs: list, slirp: bool, logdir: str) -> dict:
+    """U-Boot's own numbers: DHCP ms (3 runs), and MiB/s per (blksize, windowsize)."""
     res = {"dhcp_ms": [], "tftp": {}}
-    async def drive(ub):
-        await ub.command("setenv autoload no")
+
+    def drive(u):
+        u.command("setenv autoload no")
         for _ in range(3):
-            out = await ub.command("dhcp", timeout=60)
+            out = u.command("dhcp", timeout=60)
             m = re.search(r"bound to address \S+ \((\d+) ms\)", out)
             res["dhcp_ms"].append(int(m.group(1)) if m else None)
-        await ub.command("setenv serverip 10.0.2.2")
-        for b in sizes_blk:
-            w = 1
-            if isinstance(b, tuple):
-                b, w = b
-            await ub.command(f"setenv tftpblocksize {b}")
-            await ub.command(f"setenv tftpwindowsize {w}")
-            out = await ub.command("tftpboot ${loadaddr} f.bin", timeout=300)
+        u.command("setenv serverip 10.0.2.2")
+        for b, w in runs:
+            u.command(f"setenv tftpblocksize {b}")
+            u.command(f"setenv tftpwindowsize {w}")
+            out = u.command("tftpboot ${loadaddr} f.bin", timeout=300)
             m = re.search(r"([\d.]+) (KiB|MiB)/s", out)
             ok = "Bytes transferred" in out
-            res["tftp"][(b, w)] = (float(m.group(1)) / (1024 if m.group(2) == "KiB" else 1)) if m and ok else None
+            res["tftp"][(b, w)] = (float(m.group(1)) / (1024 if m.group(2) == "KiB" else 1)
+                                   if m and ok else None)
     if slirp:
-        async with UBoot(None, slirp=f"tftp={root}") as ub:
-            await drive(ub)
+        argv = uboot_argv("q35", None, legacy=None, netdev="user")
+        argv = [f"user,id=net0,tftp={root}" if a == "user,id=net0" else a for a in argv]
+        u = UBoot(argv, Path(logdir) / "uboot-slirp.log")
+        try:
+            u.stop_autoboot()
+            u.command("virtio scan")
+            drive(u)
+        finally:
+            u.close()
     else:
-        d = tempfile.mkdtemp(prefix="vn-ub-", dir="/tmp")
-        srv = make_server(os.path.join(d, "v.sock"), net_services=ServicesConfig(
-            dns=False, tftp_files=TftpRoot(root)))
-        srv.listen()
-        async with trio.open_nursery() as n:
-            await n.start(serve_backend, srv)
-            async with UBoot(srv.socket_path) as ub:
-                await drive(ub)
-            n.cancel_scope.cancel()
+        with uboot_session("q35", backend_args=["--no-dns", "--tftp", root],
+                           workdir=Path(logdir) / "uboot-vhostnet") as u:
+            drive(u)
     return res
 
 
@@ -293,7 +294,7 @@ async def main_async(args) -> None:
         print(f"  {'blksize':>8}{'MB/s':>10}")
         for blk in (512, 1468, 8192, 65464):
             print(f"  {blk:>8}{tftp_stack(size, blk, root) / 1e6:>10.1f}")
-        if args.no_qemu or find_rom() is None:
+        if args.no_qemu or not os.path.exists("/usr/lib/u-boot/qemu-x86_64/u-boot.rom"):
             print("\n(U-Boot runs skipped)")
             return
         lx_size = 1 << 20
@@ -312,9 +313,10 @@ async def main_async(args) -> None:
         with open(os.path.join(root, "f.bin"), "wb") as f:
             f.write(os.urandom(ub_size))
         print(f"\nU-Boot (TCG), its own numbers: dhcp 'bound (N ms)' x3 and tftpboot of {ub_size >> 20} MiB")
-        runs = [512, 1468, (1468, 16)]
-        v = await uboot_run(root, runs, slirp=False)
-        p = await uboot_run(root, runs, slirp=True)
+        runs = [(512, 1), (1468, 1), (1468, 16)]
+        logdir = tempfile.mkdtemp(prefix="vn-bench-ub-")
+        v = uboot_run(root, runs, slirp=False, logdir=logdir)
+        p = uboot_run(root, runs, slirp=True, logdir=logdir)
         print(f"  {'':<26}{'vhostnet':>10}{'slirp':>10}{'ratio':>8}")
         print(f"  {'dhcp ms (3 runs)':<26}{str(v['dhcp_ms']):>10}{str(p['dhcp_ms']):>10}")
         for key in ((512, 1), (1468, 1), (1468, 16)):
