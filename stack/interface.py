@@ -47,6 +47,7 @@ from .loopback import loop_back
 from .reassembly import Reassembler
 from .segment import SegmentError, segment_tcp
 from .services import udp_services
+from .services.network import NetworkServices, ServicesConfig
 from .udp import UdpLayer
 from .wire import arp as arpw
 from .wire import icmp as icmpw
@@ -100,7 +101,8 @@ class Stack:
     def __init__(self, config: NetConfig | None = None, *, icmp_rate: float = 100.0,
                  icmp_burst: int = 20, arp_ttl: float = 300.0, reasm_timeout: float = 30.0,
                  reasm_max_total: int = 1 << 20, max_out: int = 8192,
-                 flows: FlowConfig | None = None, services: bool = True):
+                 flows: FlowConfig | None = None, services: bool = True,
+                 net_services: ServicesConfig | None = None):
         cfg = self.config = config or NetConfig()
         self.counters: Counter = Counter()
         self._out: list[Frame] = []
@@ -143,6 +145,9 @@ class Stack:
                 tcp_services = None
             if tcp_services is not None and services:
                 tcp_services.install(self.tcp, self._gw_ip)
+        # DHCP/DNS/TFTP (stack/services/network.py); None: no services.
+        self.net_services = None if net_services is None else NetworkServices(
+            net_services, cfg, self.udp, self.tcp, self.counters, lambda: self._now)
 
     # ------------------------------------------------------------------ API
     def set_offloads(self, csum: bool, tso: bool) -> None:
@@ -152,6 +157,10 @@ class Stack:
         self._tso = bool(tso) and self._csum
         if self.tcp is not None:
             self.tcp.set_tso(TSO_MAX_PAYLOAD if self._tso else None)
+
+    def take_events(self) -> list:
+        """Events for the device side (DNS queries to relay), oldest first."""
+        return self.net_services.take_events() if self.net_services is not None else []
 
     def take_frames(self) -> list[Frame]:
         if self.tcp is not None:
@@ -173,6 +182,8 @@ class Stack:
             self.tcp.poll(now)
         if self.flows is not None:
             self.flows.poll(now)
+        if self.net_services is not None:
+            self.net_services.poll(now)
 
     def next_deadline(self) -> float | None:
         ds = [self.arp.next_deadline(), self.reasm.next_deadline()]
@@ -180,6 +191,8 @@ class Stack:
             ds.append(self.tcp.next_deadline())
         if self.flows is not None:
             ds.append(self.flows.next_deadline())
+        if self.net_services is not None:
+            ds.append(self.net_services.next_deadline())
         ds = [d for d in ds if d is not None]
         return min(ds) if ds else None
 
@@ -190,6 +203,7 @@ class Stack:
             "tcp": self.tcp.snapshot() if self.tcp is not None else [],
             "reassembly": self.reasm.snapshot(),
             "nat": self.flows.snapshot(self._now) if self.flows is not None else [],
+            "services": self.net_services.snapshot() if self.net_services is not None else None,
             "counters": self.all_counters(),
         }
 
@@ -478,12 +492,12 @@ class Stack:
             self._icmp_error(now, icmpw.DEST_UNREACH, icmpw.UNREACH_PORT, buf[14:end],
                              dst, src, smac)
 
-    def _udp_output(self, src_ip, dst_ip, src_port, dst_port, payload) -> None:
+    def _udp_output(self, src_ip, dst_ip, src_port, dst_port, payload, dst_mac=None) -> None:
         n = 8 + len(payload)
         d = bytearray(_UDPH.pack(src_port, dst_port, n, 0))
         d += payload
         self.counters["udp_tx"] += 1
-        self._send_ip(src_ip, dst_ip, 17, d, self._now, csum_off=6)
+        self._send_ip(src_ip, dst_ip, 17, d, self._now, csum_off=6, dst_mac=dst_mac)
 
     # ----------------------------------------------------------------- TCP
     def _rx_tcp(self, frame, buf, off, end, src, dst, bcast, route, now) -> None:

@@ -6,6 +6,8 @@
     tcp_relay.py  one TCP connection: connect/accept/refuse, bytes both ways, FIN/RST
     datagram.py   UDP flows (one connected socket each) and ICMP echo (ping sockets)
     options.py    the CLI options, and `vhostnet forward add|remove|list`
+    dns.py        the DNS upstream relay (UDP and TCP) behind 10.0.2.3
+    tftp_root.py  the one directory TFTP serves, read safely
 
 The stack's side of it (the flow API) is stack/flows.py.
 """

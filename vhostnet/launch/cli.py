@@ -38,8 +38,9 @@ Start the backend first, then QEMU with the flags of `vhostnet qemu-args`:
   -device virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,vectors=0,romfile=
 
 The guest sees a user-mode network: it is 10.0.2.15/24, the gateway 10.0.2.2
-answers ARP and ping and runs echo (TCP/UDP 7), discard (9) and chargen (TCP 19);
-DNS is 10.0.2.3. Frames the guest sends to its own address come back to it.
+answers ARP and ping and runs echo (TCP/UDP 7), discard (9) and chargen (TCP 19),
+DHCP, and TFTP with --tftp; DNS on 10.0.2.3 is relayed to the host's resolvers.
+Frames the guest sends to its own address come back to it.
 
 While it runs, look inside from another terminal:
   vhostnet inspect            rings, indices, features, memory
@@ -60,6 +61,7 @@ examples:
   vhostnet serve
   vhostnet serve --socket /tmp/v.sock --pcap all.pcap --log-level debug
   vhostnet serve --disable-feature offloads --disable-feature mrg-rxbuf
+  vhostnet serve --tftp ~/tftp --bootfile u-boot.scr --dns-upstream 127.0.0.1:5353
   vhostnet serve --fault loss=5%,reorder=2%,delay=20ms,jitter=5ms,seed=1,dir=both
   vhostnet-backend --socket-path=/run/vm1/net0.sock
   systemd-socket-activate -l /run/vm1/net0.sock vhostnet-backend --fd 3
@@ -243,6 +245,8 @@ def _add_net_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dns-ip", default="10.0.2.3", help="DNS address (default %(default)s)")
     g.add_argument("--gateway-mac", default="52:55:0a:00:02:02", help="gateway MAC (default %(default)s)")
     g.add_argument("--mtu", type=int, default=1500, help="link MTU (default %(default)s)")
+    from vhostnet.launch.services import add_service_options
+    add_service_options(p)
 
 
 def _add_backend_options(p: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ import signal
 import trio
 
 from stack import NetConfig
+from vhostnet.launch.services import services_from_args
 from vhostnet.link import LinkSettings
 from vhostnet.link.faults import FaultSettings
 from vhostnet.net.device import NetDevice
@@ -87,9 +88,10 @@ def make_backend(args, socket_path: str, listener=None, control_path: str | None
     link = LinkSettings(FaultSettings(args.fault))
     from vhostnet.hostnet.options import hostnet_from_args
     hostnet = hostnet_from_args(args, config.guest_ip)     # binds --forward ports now
+    net_services, dns_upstreams = services_from_args(args)
     server = make_server(socket_path, config=config, features=feats, listener=listener,
                          rx_pending_limit=args.rx_pending, once=getattr(args, "once", False), link=link,
-                         hostnet=hostnet)
+                         hostnet=hostnet, net_services=net_services, dns_upstreams=dns_upstreams)
     control = None
     ctl_path = args.control or control_path or default_control_path(socket_path)
     if not args.no_control:

@@ -33,8 +33,14 @@ import os
 import struct
 from typing import Sequence
 
+import trio
+
 from stack import Frame, NetConfig, Stack
 from stack.checksum import finalize_l4_checksum
+from stack.services.config import ServicesConfig
+from stack.services.dns import DnsQuery
+
+from vhostnet.hostnet.dns import DnsForwarder
 
 from vhostnet.virtio import features as F
 from vhostnet.net.header import (DATA_VALID, GSO_ECN, GSO_NONE, GSO_TCPV4, HDR10, HDR12, MAX_FRAME,
@@ -63,19 +69,26 @@ class NetDevice:
 
     def __init__(self, config: NetConfig | None = None, *, features: int = F.DEFAULT_FEATURES,
                  rx_pending_limit: int = 1024, rlog: RateLimitedLog | None = None,
-                 taps: list | None = None, link_layers=None, hostnet=None):
+                 taps: list | None = None, link_layers=None, hostnet=None,
+                 net_services: ServicesConfig | None = None, dns_upstreams=()):
         self.config = config or NetConfig()
         self.device_features = features
         # With a host network (vhostnet/hostnet), the stack's NAT flows are
         # driven by a HostProxy that `run` starts in the connection's nursery.
+        # DHCP/DNS/TFTP run inside the stack; DNS queries leave it as pulled
+        # events that `dns` relays upstream from the same nursery.
         if hostnet is None:
-            self.stack = Stack(self.config)
+            self.stack = Stack(self.config, net_services=net_services)
             self.proxy = None
         else:
             self.stack = Stack(self.config, flows=hostnet.config.flows,
-                               services=hostnet.config.services)
+                               services=hostnet.config.services, net_services=net_services)
             self.proxy = hostnet.make_proxy(self.stack.flows, self.config.gateway_ip_b,
                                             self.config.guest_ip_b)
+        self._services = net_services is not None
+        self.dns = (DnsForwarder(dns_upstreams, budget=net_services.dns_timeout * 0.9,
+                                 max_pending=net_services.dns_max_inflight)
+                    if net_services is not None and net_services.dns and dns_upstreams else None)
         # Link layers (vhostnet/link: faults, stack-side taps) wrap the stack;
         # frames and time go through the outermost one, which is the stack if none.
         self.link = link_layers(self.stack) if link_layers is not None else self.stack
@@ -131,16 +144,6 @@ class NetDevice:
         self.flush_rx(rings)
         self._wake_proxy()
 
-    async def run(self, rings: Sequence[Ring], after_work) -> None:
-        """The host proxy, for the life of the connection (returns at once without one)."""
-        if self.proxy is None:
-            return
-
-        def flush() -> None:
-            self.flush_rx(rings)
-            after_work()
-        await self.proxy.run(flush)
-
     def _wake_proxy(self) -> None:
         p = self.proxy
         if p is not None and self.stack.flows.pending:
@@ -148,6 +151,40 @@ class NetDevice:
 
     def next_deadline(self):
         return self.link.next_deadline()
+
+    async def run(self, rings: Sequence[Ring], after_work) -> None:
+        """The device's own tasks for the life of the connection: the host
+        proxy and the DNS upstream relay (returns at once when there are none)."""
+        async with trio.open_nursery() as nursery:
+            if self.proxy is not None:
+                def flush() -> None:
+                    self.flush_rx(rings)
+                    after_work()
+                nursery.start_soon(self.proxy.run, flush)
+            if self.dns is not None:
+                nursery.start_soon(self._relay_dns, rings, after_work)
+
+    async def _relay_dns(self, rings: Sequence[Ring], after_work) -> None:
+        """Each upstream answer goes into the stack, its frame to the guest,
+        and after_work() re-arms the server's timer."""
+        dns = self.stack.net_services.dns
+
+        def deliver(key: int, wire: bytes | None, reason: str | None) -> None:
+            if wire is not None:
+                dns.answer(key, wire)
+            else:
+                dns.fail(key, reason or "failed")
+            self.flush_rx(rings)
+            after_work()
+        await self.dns.serve(deliver)
+
+    def _service_io(self) -> None:
+        """Send the stack's new DNS queries upstream (SERVFAIL if there is none)."""
+        dns = self.stack.net_services.dns
+        for ev in self.stack.take_events():
+            if isinstance(ev, DnsQuery):
+                if self.dns is None or not self.dns.submit(ev):
+                    dns.fail(ev.key, "failed")      # no upstream: SERVFAIL now
 
     def _signal(self, q) -> None:
         if q.call_fd is None:
@@ -245,6 +282,8 @@ class NetDevice:
     # -- RX: stack -> guest ----------------------------------------------
 
     def flush_rx(self, rings: Sequence[Ring]) -> bool:
+        if self._services:
+            self._service_io()
         out = self.link.take_frames()
         pending = self.rx_pending
         if out:

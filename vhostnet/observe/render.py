@@ -169,6 +169,8 @@ def stats_text(doc: dict, prev: dict | None = None) -> str:
     if st["reassembly"]:
         out.append(f"IP reassembly: {len(st['reassembly'])} datagram(s) in progress")
     out += nat_lines(doc.get("nat"), doc.get("forwards", []))
+    if doc.get("services"):
+        out += _services_lines(doc["services"])
     return "\n".join(out)
 
 
@@ -192,6 +194,31 @@ def nat_lines(nat: dict | None, forwards: list[dict]) -> list[str]:
         out.append("forwards")
         out += [f"  {f['proto']:<4} host {f['host']:<21} -> guest {f['guest']:<21} "
                 f"accepted {f['accepted']} refused {f['refused']}" for f in forwards]
+    return out
+
+
+def _services_lines(svc: dict) -> list[str]:
+    dhcp, dns, tftp = svc["dhcp"], svc["dns"], svc["tftp"]
+    out = ["DHCP " + ("" if dhcp["enabled"] else "(off)")]
+    out += [f"  {l['ip']:<15} {l['mac']}  {l['state']}, expires in {l['expires_in']} s"
+            for l in dhcp["leases"]] or (["  (no leases)"] if dhcp["enabled"] else [])
+    if dns["enabled"]:
+        up = dns["upstream"]
+        out.append(f"DNS  queries {dns['queries']}  answered {dns['answered']} (nxdomain {dns['nxdomain']}, "
+                   f"truncated {dns['truncated']})  failed {dns['failed']}  timed out {dns['timed_out']}  "
+                   f"in flight {dns['inflight']}/{dns['max_inflight']} (cap hit {dns['inflight_cap']})")
+        out.append(f"     upstreams {', '.join(up['upstreams']) or '(none)'}  udp {up['udp']} tcp {up['tcp']}  "
+                   f"errors {up['errors']} timeouts {up['timeouts']}")
+    else:
+        out.append("DNS  (off)")
+    if tftp["enabled"]:
+        out.append(f"TFTP transfers {tftp['started']} started, {tftp['completed']} completed, "
+                   f"{tftp['failed']} failed ({tftp['timeouts']} timed out), {tftp['bytes']} bytes, "
+                   f"{tftp['retransmits']} retransmits")
+        out += [f"  {t['file']} -> {t['client']}  {t['sent']}/{t['size']} bytes, blksize {t['blksize']}"
+                for t in tftp["transfers"]]
+    else:
+        out.append("TFTP (off)")
     return out
 
 

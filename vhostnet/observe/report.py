@@ -17,6 +17,8 @@ import os
 import time
 
 from stack import native
+from stack.services.network import disabled_snapshot
+from vhostnet.hostnet.dns import DnsForwarder
 from vhostnet.link.control import stats_faults
 from vhostnet.observe import decode
 from vhostnet.virtio import features as F
@@ -336,6 +338,7 @@ def stats_doc(server, control=None) -> dict:
             "reassembly": snap["reassembly"],
         },
         "nat": _nat(dev, snap, sc),
+        "services": _services(dev, snap),
     })
     return doc
 
@@ -351,3 +354,12 @@ def _nat(dev, snap: dict, counters: dict) -> dict | None:
                        "icmp": flows.config.max_icmp, "half_open": flows.config.max_half_open},
             "counters": {k: v for k, v in sorted(counters.items()) if k.startswith("nat_")},
             "proxy": proxy.snapshot() if proxy is not None else None}
+
+
+def _services(dev, snap) -> dict:
+    """DHCP leases, DNS and TFTP counters from the stack, plus the upstream relay's."""
+    svc = snap.get("services") or disabled_snapshot()
+    fwd = getattr(dev, "dns", None)
+    svc["dns"]["upstream"] = fwd.snapshot() if fwd is not None else {
+        "upstreams": [], **dict.fromkeys(DnsForwarder.COUNTERS, 0)}
+    return svc

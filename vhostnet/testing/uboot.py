@@ -61,6 +61,8 @@ FIRMWARE = {
 # sits at 00:01.0; on q35 a NIC in slot 1 is taken for it and never probed.
 X86_NIC_SLOT = 3
 PROMPT = "=> "
+# The prompt at a line start: crc32 prints "... ==> 1a2b3c4d" mid-line.
+PROMPT_AT_LINE_START = r"(?m)^" + re.escape(PROMPT)
 AUTOBOOT = "Hit any key to stop autoboot"
 ECHO_CHUNK = 8              # characters typed before waiting for their echo
 BOOT_TIMEOUT = 60.0         # seconds from QEMU's start to the first prompt
@@ -206,7 +208,7 @@ class UBoot:
         self.type(cmd)
         self.write("\r")
         start = self.expect("\n").end()
-        end = self.expect(re.escape(PROMPT), timeout)
+        end = self.expect(PROMPT_AT_LINE_START, timeout)
         return self.buf[start:end.start()]
 
     # --- network helpers
