@@ -8,7 +8,8 @@ the tools change.
 
 Taking and returning buffers:
 
-    chain = ring.pop()          # next well-formed chain, or None (bad ones are refused and counted)
+    chain = ring.pop(budget)    # next well-formed chain, or None (bad ones are refused and counted;
+                                # None too once the Budget of descriptors is spent)
     ring.push(chain.head, n)    # a used element: n bytes written into the chain
     if ring.publish(): ...      # make them visible; True if the driver wants an interrupt
     ring.want_kick_at_next()    # ask for a kick before sleeping; True if work raced in
@@ -19,7 +20,25 @@ from __future__ import annotations
 
 from typing import Protocol
 
-__all__ = ["Chain", "ChainError", "Ring"]
+__all__ = ["Chain", "ChainError", "Ring", "Budget"]
+
+
+class Budget:
+    """How much guest-controlled work one event-loop step may do, in descriptors.
+
+    `pop()` charges every avail entry it consumes: a good chain its
+    descriptors, a refused one the descriptors walked before the refusal
+    (at least one), so a driver feeding nothing but bad chains is bounded
+    like any other. The caller stops when `left` is 0 or less and yields.
+    """
+    __slots__ = ("left",)
+
+    def __init__(self, descriptors: int):
+        self.left = descriptors
+
+    @property
+    def spent(self) -> bool:
+        return self.left <= 0
 
 
 class ChainError(Exception):
@@ -68,7 +87,7 @@ class Ring(Protocol):
     def ready(self) -> bool: ...
 
     # -- the data path -------------------------------------------------
-    def pop(self) -> Chain | None: ...
+    def pop(self, budget: Budget | None = None) -> Chain | None: ...
     def unpop(self, n: int = 1) -> None: ...
     def push(self, head: int, length: int) -> None: ...
     def publish(self) -> bool: ...

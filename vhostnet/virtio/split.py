@@ -27,7 +27,7 @@ import struct
 import threading
 
 from vhostnet.virtio.findings import Findings
-from vhostnet.virtio.ring import Chain, ChainError
+from vhostnet.virtio.ring import Budget, Chain, ChainError
 from vhostnet.vhostuser.memory import GuestMemory, OutOfBounds
 
 __all__ = ["SplitRing", "Chain", "VRING_DESC_F_NEXT", "VRING_DESC_F_WRITE",
@@ -144,10 +144,14 @@ class SplitRing:
 
     # -- taking chains -----------------------------------------------------
 
-    def pop(self) -> Chain | None:
-        """Next well-formed chain, or None. Bad chains are returned used with length 0."""
+    def pop(self, budget: Budget | None = None) -> Chain | None:
+        """Next well-formed chain, or None. Bad chains are returned used with length 0.
+
+        With a BUDGET, every avail entry consumed is charged to it (refused
+        ones too) and None comes back once it is spent: the caller yields.
+        """
         avail_h = self._avail_h
-        while True:
+        while budget is None or budget.left > 0:
             avail = avail_h[1]
             last = self.last_avail_idx
             if avail == last:
@@ -162,6 +166,8 @@ class SplitRing:
             self.last_avail_idx = (last + 1) & 0xFFFF
             if head >= self.num:
                 # No valid id to return: the slot is consumed and counted.
+                if budget is not None:
+                    budget.left -= 1
                 self.count_error("head_out_of_range",
                                  f"avail ring slot {last} names descriptor {head}, queue size is {self.num}",
                                  avail_idx=last, head=head, expected=f"< {self.num}", seen=head)
@@ -169,12 +175,17 @@ class SplitRing:
             try:
                 chain = self._walk(head)
             except ChainError as e:
+                if budget is not None:
+                    budget.left -= e.ndesc
                 self.count_error(e.reason, f"chain at descriptor {head}: {e}",
                                  avail_idx=last, head=head, **e.example)
                 self.push(head, 0)
                 continue
+            if budget is not None:
+                budget.left -= chain.ndesc
             self.stats["chains"] += 1
             return chain
+        return None
 
     def unpop(self, n: int = 1) -> None:
         """Give back the last n chains taken (not yet pushed): no RX room after all."""
