@@ -31,7 +31,7 @@ from vhostnet.virtio.ring import Budget, Chain, ChainError
 from vhostnet.vhostuser.memory import GuestMemory, OutOfBounds
 
 __all__ = ["SplitRing", "Chain", "VRING_DESC_F_NEXT", "VRING_DESC_F_WRITE",
-           "VRING_DESC_F_INDIRECT", "MAX_QUEUE_SIZE", "full_barrier"]
+           "VRING_DESC_F_INDIRECT", "MAX_QUEUE_SIZE", "MAX_CHAIN_DESCS", "full_barrier"]
 
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
@@ -39,6 +39,12 @@ VRING_DESC_F_INDIRECT = 4
 VRING_AVAIL_F_NO_INTERRUPT = 1
 VRING_USED_F_NO_NOTIFY = 1
 MAX_QUEUE_SIZE = 32768
+# The longest chain we walk (virtio 1.2 §2.7.4.1: "The device MAY have a
+# reasonable limit of descriptors it will allow in a chain"). QEMU's limit
+# is the same (VIRTQUEUE_MAX_SIZE); Linux's virtio-net uses at most
+# MAX_SKB_FRAGS + 2. A longer chain is refused as chain_excessive, so one
+# chain costs at most this many descriptors of work, whatever the queue size.
+MAX_CHAIN_DESCS = 1024
 
 DESC = struct.Struct("<QIHH")
 _desc_unpack = DESC.unpack_from
@@ -229,6 +235,10 @@ class SplitRing:
                 raise ChainError("chain_too_long", f"chain longer than {limit} descriptors (a loop?)",
                                  count, desc=i, indirect_table=indirect, expected=f"at most {limit} descriptors",
                                  seen=f"more than {limit}")
+            if count > MAX_CHAIN_DESCS:
+                raise ChainError("chain_excessive", f"chain longer than the device's limit of {MAX_CHAIN_DESCS} "
+                                 f"descriptors", count, desc=i, indirect_table=indirect,
+                                 expected=f"at most {MAX_CHAIN_DESCS} descriptors", seen=f"more than {MAX_CHAIN_DESCS}")
             if length:
                 try:
                     if flags & VRING_DESC_F_WRITE:
