@@ -36,7 +36,7 @@ from vhostnet.virtio import features as F
 from vhostnet.net.header import (DATA_VALID, GSO_ECN, GSO_NONE, GSO_TCPV4, HDR10, HDR12, MAX_FRAME,
                                   NEEDS_CSUM, hdr_len_for, scatter)
 from vhostnet.ratelimit import RateLimitedLog
-from vhostnet.virtio.ring import Budget, Ring
+from vhostnet.virtio.ring import MAX_CHAIN_DESCS, Budget, Ring
 
 __all__ = ["NetDevice"]
 
@@ -84,6 +84,7 @@ class NetDevice:
         # The list is the caller's: a capture can outlive a connection.
         self.taps: list = taps if taps is not None else []
         self.mtu = self.config.mtu
+        self._rx_more = False   # flush_rx stopped on its budget with work left
 
     # -- negotiation (called by the backend) -----------------------------
 
@@ -121,6 +122,8 @@ class NetDevice:
         self.flush_rx(rings)
 
     def next_deadline(self):
+        if self._rx_more:
+            return 0.0   # RX work left over from a spent budget: poll() as soon as the loop allows
         return self.stack.next_deadline()
 
     def _signal(self, q) -> None:
@@ -245,27 +248,34 @@ class NetDevice:
                                   "rx: guest posts no RX buffers; %d frame(s) dropped (%d waiting)",
                                   dropped, len(pending))
             pending.extend(out)
+        self._rx_more = False
         if not pending:
             return False
         q = rings[RX]
         if not q.ready:
             return False
-        while True:
-            while pending:
-                if not self._rx_one(q, pending[0]):
-                    break
+        b = Budget(RX_BUDGET)
+        while pending and not b.spent and q.ready:
+            if self._rx_one(q, pending[0], b):
                 pending.popleft()
-            if not pending or not q.want_kick_at_next():
+                continue
+            # No room: the buffers posted (given back by rollback) are not
+            # enough. Ask to be kicked when the driver posts more; go round
+            # again only if it already has (the budget bounds the retries).
+            if not q.ready or not q.want_kick_at_next(q.avail_seen):
                 break
         if q.used_idx != q.guest_used_idx():
             if q.publish():
                 self._signal(q)
             else:
                 q.stats["calls_suppressed"] += 1
-        return False
+        # Budget spent with frames and buffers waiting: poll() again at once
+        # (next_deadline), after the loop has had its turn.
+        self._rx_more = bool(pending) and b.spent and q.ready
+        return self._rx_more
 
-    def _rx_one(self, q, f: Frame) -> bool:
-        """Write one frame into posted RX buffers. False: no room yet, try later."""
+    def _rx_one(self, q, f: Frame, budget: Budget) -> bool:
+        """Write one frame into posted RX buffers, or drop it. False: no room yet, try later."""
         data = f.data
         n = len(data)
         flags = gso_type = hdr_len = gso_size = cs = co = 0
@@ -289,50 +299,15 @@ class NetDevice:
             flags = DATA_VALID
         need = self.hdr_len + n
         if self.mrg:
-            chains = []
-            room = 0
-            while room < need:
-                c = q.pop()
-                if c is None:
-                    if chains:
-                        q.unpop(len(chains))
-                    return False
-                if not c.writable:
-                    q.push(c.head, 0)
-                    self._refuse(q, "rx_readonly_buffer", {"head": c.head, "seen": f"{c.read_len} readable bytes"},
-                                 "rx: buffer at descriptor %d has no device-writable part", c.head)
-                    continue
-                chains.append(c)
-                room += c.write_len
+            chains = self._gather(q, need, budget)
+            if chains is None:
+                return False
+            if not chains:
+                return True   # dropped, counted
             hdr = HDR12.pack(flags, gso_type, hdr_len, gso_size, cs, co, len(chains))
-            if len(chains) == 1:
-                c = chains[0]
-                v = c.writable[0]
-                if len(v) >= need:
-                    v[:12] = hdr
-                    v[12:need] = data
-                else:
-                    scatter(c.writable, hdr, data)
-                q.push(c.head, need)
-            else:
-                src_hdr, src_data = hdr, data
-                left = need
-                pos = 0
-                for c in chains:
-                    take = min(c.write_len, left)
-                    # Split the (hdr + data) stream at pos..pos+take for this chain.
-                    if pos < 12:
-                        h = src_hdr[pos:min(12, pos + take)]
-                        d = src_data[0:max(0, pos + take - 12)]
-                    else:
-                        h = b""
-                        d = src_data[pos - 12:pos - 12 + take]
-                    scatter(c.writable, h, d)
-                    q.push(c.head, take)
-                    pos += take
-                    left -= take
+            self._write_merged(q, chains, hdr, data, need)
         else:
-            c = q.pop()
+            c = q.pop(budget)
             if c is None:
                 return False
             if c.write_len < need:
@@ -352,6 +327,82 @@ class NetDevice:
         for tap in self.taps:
             tap("rx", f)
         return True
+
+    def _gather(self, q, need: int, budget: Budget):
+        """MRG_RXBUF: chains holding NEED bytes; [] if the frame is dropped; None if no room yet.
+
+        A tentative take (Ring.mark): on no room everything taken is given
+        back, refused chains included, so retrying later returns each chain
+        exactly once and in ring order. Refused buffers (read-only, smaller
+        than the header) are pushed with length 0 before the frame's own, so
+        the frame's num_buffers buffers stay consecutive in the used ring.
+        """
+        mark = q.mark()
+        frame_budget = Budget(MAX_CHAIN_DESCS)   # bounds one frame's walk, whatever the ring holds
+        chains = []
+        refused = []
+        room = 0
+        while room < need:
+            c = q.pop(frame_budget)
+            if c is None:
+                budget.left -= MAX_CHAIN_DESCS - frame_budget.left
+                whole_ring = q.taken_since(mark) >= q.num or frame_budget.spent
+                q.rollback(mark)
+                if not whole_ring or not q.ready:
+                    return None
+                # Every buffer the driver can post, together, is too small (or too
+                # fragmented): waiting would stop RX for ever. Drop this frame.
+                self._refuse(q, "rx_ring_too_small",
+                             {"expected": f">= {need} bytes", "seen": f"{room} bytes in {len(chains)} buffers"},
+                             "rx: the %d RX buffers posted hold %d bytes, not the %d this frame needs; frame dropped",
+                             len(chains), room, need)
+                return []
+            if not c.writable or c.write_len < self.hdr_len:
+                q.push(c.head, 0)
+                refused.append(c)
+                continue
+            chains.append(c)
+            room += c.write_len
+        budget.left -= MAX_CHAIN_DESCS - frame_budget.left
+        q.commit()
+        for c in refused:
+            if not c.writable:
+                self._refuse(q, "rx_readonly_buffer", {"head": c.head, "seen": f"{c.read_len} readable bytes"},
+                             "rx: buffer at descriptor %d has no device-writable part", c.head)
+            else:
+                self._refuse(q, "rx_buffer_below_header",
+                             {"head": c.head, "expected": f">= {self.hdr_len} bytes", "seen": c.write_len},
+                             "rx: buffer at descriptor %d holds %d bytes, less than the %d-byte header",
+                             c.head, c.write_len, self.hdr_len)
+        return chains
+
+    @staticmethod
+    def _write_merged(q, chains, hdr: bytes, data, need: int) -> None:
+        if len(chains) == 1:
+            c = chains[0]
+            v = c.writable[0]
+            if len(v) >= need:
+                v[:12] = hdr
+                v[12:need] = data
+            else:
+                scatter(c.writable, hdr, data)
+            q.push(c.head, need)
+            return
+        left = need
+        pos = 0
+        for c in chains:
+            take = min(c.write_len, left)
+            # Split the (hdr + data) stream at pos..pos+take for this chain.
+            if pos < 12:
+                h = hdr[pos:min(12, pos + take)]
+                d = data[0:max(0, pos + take - 12)]
+            else:
+                h = b""
+                d = data[pos - 12:pos - 12 + take]
+            scatter(c.writable, h, d)
+            q.push(c.head, take)
+            pos += take
+            left -= take
 
     def describe(self) -> dict:
         return {

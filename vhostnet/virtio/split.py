@@ -27,7 +27,7 @@ import struct
 import threading
 
 from vhostnet.virtio.findings import Findings
-from vhostnet.virtio.ring import Budget, Chain, ChainError
+from vhostnet.virtio.ring import MAX_CHAIN_DESCS, Budget, Chain, ChainError
 from vhostnet.vhostuser.memory import GuestMemory, OutOfBounds
 
 __all__ = ["SplitRing", "Chain", "VRING_DESC_F_NEXT", "VRING_DESC_F_WRITE",
@@ -39,12 +39,6 @@ VRING_DESC_F_INDIRECT = 4
 VRING_AVAIL_F_NO_INTERRUPT = 1
 VRING_USED_F_NO_NOTIFY = 1
 MAX_QUEUE_SIZE = 32768
-# The longest chain we walk (virtio 1.2 §2.7.4.1: "The device MAY have a
-# reasonable limit of descriptors it will allow in a chain"). QEMU's limit
-# is the same (VIRTQUEUE_MAX_SIZE); Linux's virtio-net uses at most
-# MAX_SKB_FRAGS + 2. A longer chain is refused as chain_excessive, so one
-# chain costs at most this many descriptors of work, whatever the queue size.
-MAX_CHAIN_DESCS = 1024
 
 DESC = struct.Struct("<QIHH")
 _desc_unpack = DESC.unpack_from
@@ -85,6 +79,11 @@ class SplitRing:
         self.stats = {"kicks": 0, "calls": 0, "calls_suppressed": 0,
                       "chains": 0, "bytes": 0}
         self.findings = Findings(self.name)
+        # Chain refusals of a tentative take (mark() .. commit()/rollback()), not yet counted.
+        self._deferred: list | None = None
+        # avail->idx as pop() last saw it when it found nothing more: what
+        # want_kick_at_next(seen) asks to be kicked past.
+        self.avail_seen = 0
         self.on_error = on_error  # callback(queue, finding, detail), for logging
 
     # -- set-up ------------------------------------------------------------
@@ -127,6 +126,13 @@ class SplitRing:
         if self.on_error is not None:
             self.on_error(self, finding, detail)
 
+    def _refuse(self, reason: str, detail: str, **example) -> None:
+        """A chain refusal: counted now, or at commit() of a tentative take (dropped by rollback())."""
+        if self._deferred is not None:
+            self._deferred.append((reason, detail, example))
+        else:
+            self.count_error(reason, detail, **example)
+
     def record(self, reason: str, detail: str, **example):
         """Record a refusal the caller logs itself (the device, with its own rate limit)."""
         return self.findings.add(reason, detail, example)
@@ -161,6 +167,7 @@ class SplitRing:
             avail = avail_h[1]
             last = self.last_avail_idx
             if avail == last:
+                self.avail_seen = avail
                 return None
             if (avail - last) & 0xFFFF > self.num:
                 self.broken = "avail_idx_jump"
@@ -174,7 +181,7 @@ class SplitRing:
                 # No valid id to return: the slot is consumed and counted.
                 if budget is not None:
                     budget.left -= 1
-                self.count_error("head_out_of_range",
+                self._refuse("head_out_of_range",
                                  f"avail ring slot {last} names descriptor {head}, queue size is {self.num}",
                                  avail_idx=last, head=head, expected=f"< {self.num}", seen=head)
                 continue
@@ -183,7 +190,7 @@ class SplitRing:
             except ChainError as e:
                 if budget is not None:
                     budget.left -= e.ndesc
-                self.count_error(e.reason, f"chain at descriptor {head}: {e}",
+                self._refuse(e.reason, f"chain at descriptor {head}: {e}",
                                  avail_idx=last, head=head, **e.example)
                 self.push(head, 0)
                 continue
@@ -193,10 +200,35 @@ class SplitRing:
             return chain
         return None
 
-    def unpop(self, n: int = 1) -> None:
-        """Give back the last n chains taken (not yet pushed): no RX room after all."""
-        self.last_avail_idx = (self.last_avail_idx - n) & 0xFFFF
-        self.stats["chains"] -= n
+    def unpop(self) -> None:
+        """Give back the one chain pop() just returned (nothing pushed since): no use for it yet."""
+        self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
+        self.stats["chains"] -= 1
+
+    # A tentative take, for a frame that needs several chains (MRG_RXBUF):
+    # everything pop() took and refused after mark() is given back by
+    # rollback(), the refused chains' used elements included (they are not
+    # published yet, so the driver never saw them), and their findings are
+    # counted only at commit(). So nothing is returned twice or lost, and the
+    # used ring stays a prefix of the avail ring at every publish(), which is
+    # what QEMU's reconnect recovery (last_avail = used->idx) relies on.
+
+    def mark(self) -> tuple:
+        self._deferred = []
+        return (self.last_avail_idx, self.used_idx, self.stats["chains"], self.stats["bytes"])
+
+    def commit(self) -> None:
+        deferred, self._deferred = self._deferred, None
+        for reason, detail, example in deferred or ():
+            self.count_error(reason, detail, **example)
+
+    def rollback(self, mark: tuple) -> None:
+        self.last_avail_idx, self.used_idx, self.stats["chains"], self.stats["bytes"] = mark
+        self._deferred = None
+
+    def taken_since(self, mark: tuple) -> int:
+        """Avail entries consumed since MARK."""
+        return (self.last_avail_idx - mark[0]) & 0xFFFF
 
     def _walk(self, head: int) -> Chain:
         mem = self.mem
@@ -315,17 +347,23 @@ class SplitRing:
             return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
         return not self._avail_h[0] & VRING_AVAIL_F_NO_INTERRUPT
 
-    def want_kick_at_next(self) -> bool:
-        """With EVENT_IDX, ask for a kick when the next chain arrives.
+    def want_kick_at_next(self, seen: int | None = None) -> bool:
+        """With EVENT_IDX, ask for a kick when the driver moves avail->idx past SEEN.
 
-        Returns True if chains arrived meanwhile (re-check after the barrier),
-        so the caller goes round again instead of sleeping on a lost kick.
+        SEEN is by default last_avail_idx (everything taken); after a
+        rollback it is `avail_seen`, since the chains given back are there
+        but not enough. Returns True if the driver moved past it meanwhile
+        (re-check after the barrier), so the caller goes round again instead
+        of sleeping on a lost kick.
         """
-        if not self.event_idx or self._used_h is None:
-            return self.pending() > 0 if self._avail_h is not None else False
-        self._used_h[2 + 4 * self.num] = self.last_avail_idx
-        full_barrier()
-        return self._avail_h[1] != self.last_avail_idx
+        if self._avail_h is None or self._used_h is None:
+            return False
+        if seen is None:
+            seen = self.last_avail_idx
+        if self.event_idx:
+            self._used_h[2 + 4 * self.num] = seen
+            full_barrier()
+        return self._avail_h[1] != seen
 
     def has_unpublished(self) -> bool:
         """Used elements written but not yet published to the driver."""
