@@ -33,7 +33,8 @@ PCAP_FLUSH = 0.5
 def make_server(socket_path: str, *, config: NetConfig | None = None,
                 features: int = F.DEFAULT_FEATURES, rx_pending_limit: int = 1024,
                 once: bool = False, rlog: RateLimitedLog | None = None,
-                device_rlog: RateLimitedLog | None = None, **device_kw) -> Server:
+                device_rlog: RateLimitedLog | None = None, allow_unsealed_memory: bool = False,
+                **device_kw) -> Server:
     """A Server making one NetDevice per connection; all share the server's taps."""
     config = config or NetConfig()
     taps: list = []
@@ -42,7 +43,8 @@ def make_server(socket_path: str, *, config: NetConfig | None = None,
         return NetDevice(config, features=features, rx_pending_limit=rx_pending_limit,
                          rlog=device_rlog, taps=taps, **device_kw)
 
-    return Server(socket_path, make_device, once=once, rlog=rlog, taps=taps)
+    return Server(socket_path, make_device, once=once, rlog=rlog, taps=taps,
+                  allow_unsealed_memory=allow_unsealed_memory)
 
 
 def _net_config(args):
@@ -70,7 +72,8 @@ def make_backend(args, socket_path: str):
         raise ValueError("--rx-pending must be at least 1")
 
     server = make_server(socket_path, config=config, features=feats,
-                         rx_pending_limit=args.rx_pending, once=getattr(args, "once", False))
+                         rx_pending_limit=args.rx_pending, once=getattr(args, "once", False),
+                         allow_unsealed_memory=getattr(args, "allow_unsealed_memory", False))
     control = None
     if not args.no_control:
         control = ControlServer(server, args.control or default_control_path(socket_path),

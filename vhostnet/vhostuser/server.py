@@ -50,7 +50,8 @@ class Connection:
         self.nursery = nursery
         self.device = server.make_device()
         self.backend = Backend(self.device, rlog=server.rlog,
-                               on_queue_start=self._queue_start, on_queue_stop=self._queue_stop)
+                               on_queue_start=self._queue_start, on_queue_stop=self._queue_stop,
+                               allow_unsealed_memory=server.allow_unsealed_memory)
         self._kick_scopes: dict[int, trio.CancelScope] = {}
         self._timer_wake = trio.Event()
         self._armed = math.inf
@@ -191,8 +192,10 @@ class Connection:
 
 class Server:
     def __init__(self, socket_path: str, make_device, *, once: bool = False,
-                 rlog: RateLimitedLog | None = None, taps: list | None = None):
+                 rlog: RateLimitedLog | None = None, taps: list | None = None,
+                 allow_unsealed_memory: bool = False):
         self.socket_path = socket_path
+        self.allow_unsealed_memory = allow_unsealed_memory
         self.make_device = make_device
         self.once = once
         self.rlog = rlog or RateLimitedLog(log)
