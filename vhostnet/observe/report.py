@@ -114,6 +114,7 @@ def inspect_doc(server, control=None) -> dict:
         "queues": [{**_queue(q), **_ring_heads(vq)} for q, vq in zip(d["queues"], b.queues)],
         "requests": d["requests"], "request_errors": d["errors"],
         "messages": conn.messages,
+        "loop": conn.steps.describe(),
     })
     return doc
 
@@ -334,6 +335,7 @@ def stats_doc(server, control=None) -> dict:
             "drops": {k: v for k, v in sorted(c.items()) if k not in _FRAME_COUNTERS},
         },
         "queues": [{"name": q.name, **q.stats, "errors": dict(q.errors)} for q in conn.backend.queues],
+        "loop": conn.steps.describe(),
         "stack": {
             "drops": {k: v for k, v in sorted(sc.items()) if "drop" in k},
             "loopback_frames": sc.get("loopback_frames", 0),

@@ -190,6 +190,10 @@ class GuestMemory:
                 return r
         return None
 
+    def region_for_gpa(self, gpa: int) -> Region | None:
+        """The region holding guest-physical address GPA (for callers that cache it)."""
+        return self._region_for_gpa(gpa)
+
     def gpa_view(self, gpa: int, length: int) -> memoryview:
         """A view of [gpa, gpa+length) that lies inside one region, or OutOfBounds."""
         r = self._last

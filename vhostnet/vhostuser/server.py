@@ -6,8 +6,12 @@ nursery is cancelled, the backend unmaps guest memory and closes every fd it
 was given, and the server listens for the next QEMU (or exits with --once).
 
 Work runs in the trio thread between awaits; a kick handler processes at
-most a budget of chains before yielding so the message loop stays
-responsive even when the guest floods a queue.
+most a budget of descriptors before yielding so the message loop stays
+responsive even when the guest floods a queue. Every step that runs
+guest- or front-end-controlled work (a kick's ring work, a timer poll, one
+vhost-user message) is timed: `Connection.steps` keeps the count, the
+longest and how many took more than SLOW_STEP, shown by `inspect`/`stats`
+as `loop` (docs/json.md).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import errno
 import logging
 import math
 import os
+import time
 
 import trio
 
@@ -32,6 +37,50 @@ log = logging.getLogger("vhostnet.server")
 POLL_INTERVAL = 0.001
 # After an unexpected exception in a timer poll, wait this long before the next.
 INTERNAL_ERROR_BACKOFF = 0.1
+# An event-loop step longer than this is counted as slow (issue 7: about 10 ms).
+SLOW_STEP = 0.010
+
+
+class StepStats:
+    """How long the event loop's steps of work take: count, longest, slow ones, by kind.
+
+    Wall-clock time is what the other tasks wait; the thread's CPU time
+    (time.thread_time) is the step's own work, without the time the kernel
+    gave other processes meanwhile (on a loaded machine the two differ a lot).
+    """
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.slow = 0
+        self.max = 0.0
+        self.max_cpu = 0.0
+        self.max_kind: str | None = None
+        self.max_by_kind: dict[str, float] = {}
+
+    @staticmethod
+    def start() -> tuple[float, float]:
+        return time.perf_counter(), time.thread_time()
+
+    def stop(self, kind: str, t0: tuple[float, float]) -> None:
+        cpu = time.thread_time() - t0[1]
+        if cpu > self.max_cpu:
+            self.max_cpu = cpu
+        self.add(kind, time.perf_counter() - t0[0])
+
+    def add(self, kind: str, seconds: float) -> None:
+        self.steps += 1
+        if seconds > SLOW_STEP:
+            self.slow += 1
+        if seconds > self.max_by_kind.get(kind, 0.0):
+            self.max_by_kind[kind] = seconds
+            if seconds > self.max:
+                self.max, self.max_kind = seconds, kind
+
+    def describe(self) -> dict:
+        return {"steps": self.steps, "max_step_ms": round(self.max * 1e3, 3), "max_step_kind": self.max_kind,
+                "max_step_cpu_ms": round(self.max_cpu * 1e3, 3),
+                "slow_steps": self.slow, "slow_step_ms": SLOW_STEP * 1e3,
+                "max_step_ms_by_kind": {k: round(v * 1e3, 3) for k, v in sorted(self.max_by_kind.items())}}
 
 
 async def send_all(sock, data: bytes) -> None:
@@ -56,6 +105,7 @@ class Connection:
         self._timer_wake = trio.Event()
         self._armed = math.inf
         self.messages = 0
+        self.steps = StepStats()
 
     # -- queues ----------------------------------------------------------
 
@@ -78,6 +128,7 @@ class Connection:
             trio.lowlevel.notify_closing(q.kick_fd)
 
     def _work(self, q) -> bool:
+        t0 = self.steps.start()
         try:
             more = self.device.process(self.backend.queues, q.index, trio.current_time())
         except Exception as e:
@@ -86,6 +137,8 @@ class Connection:
             # keep the connection and the process.
             self._internal_error(q, e)
             return False
+        finally:
+            self.steps.stop(q.name, t0)
         self._rearm()
         return more
 
@@ -148,8 +201,10 @@ class Connection:
                 await self._timer_wake.wait()
             now = trio.current_time()
             if now >= self._armed:
+                t0 = self.steps.start()
                 try:
                     self.device.poll(self.backend.queues, now)
+                    self.steps.stop("timer", t0)
                 except Exception as e:
                     self._internal_error(None, e)
                     await trio.sleep(INTERNAL_ERROR_BACKOFF)  # the deadline has not moved: do not spin
@@ -172,11 +227,13 @@ class Connection:
             request, flags, payload, fds, oversize = msg
             self.messages += 1
             log.debug("request %s flags %#x size %d fds %d", request_name(request), flags, len(payload), len(fds))
+            t0 = self.steps.start()
             if oversize:
                 close_all(fds)
                 reply = self.backend.refuse(request, flags, f"payload of {len(payload)} bytes is larger than any request")
             else:
                 reply = self.backend.handle(request, flags, payload, fds)
+            self.steps.stop("message", t0)
             if reply is not None:
                 try:
                     await send_all(self.sock, reply)
