@@ -27,6 +27,8 @@ import threading
 import time
 
 import trio
+from scapy.layers.inet import ICMP, IP
+from scapy.layers.l2 import Ether
 
 from vhostnet.testing.dpdk import VhostnetServe
 from vhostnet.testing.frontend import F_INDIRECT, F_NEXT, F_WRITE, Frontend
@@ -34,25 +36,8 @@ from vhostnet.vhostuser.protocol import Req
 
 PROBE_EVERY = 0.01
 PROBE_TIMEOUT = 5.0
-PING = bytes.fromhex("525400123456" "52550a000202" "0800") + bytes.fromhex(
-    "45000054000100004001" "0000" "0a00020f" "0a000202") + b"\x08\x00\x00\x00\x12\x34\x00\x01" + b"x" * 56
-
-
-def _fix_ip_csum(frame: bytes) -> bytes:
-    ip = bytearray(frame[14:34])
-    s = sum(struct.unpack("!10H", ip))
-    s = (s & 0xFFFF) + (s >> 16)
-    s = (s & 0xFFFF) + (s >> 16)
-    ip[10:12] = struct.pack("!H", ~s & 0xFFFF)
-    icmp = bytearray(frame[34:])
-    s = sum(struct.unpack(f"!{len(icmp) // 2}H", icmp))
-    s = (s & 0xFFFF) + (s >> 16)
-    s = (s & 0xFFFF) + (s >> 16)
-    icmp[2:4] = struct.pack("!H", ~s & 0xFFFF)
-    return frame[:14] + bytes(ip) + bytes(icmp)
-
-
-PING = _fix_ip_csum(PING)
+PING = bytes(Ether(src="52:54:00:12:34:56", dst="52:55:0a:00:02:02") / IP(src="10.0.2.15", dst="10.0.2.2")
+             / ICMP(type=8, id=0x1234, seq=1) / (b"x" * 56))
 
 
 # -- scenarios: each sets up, then returns an async "keep it up" coroutine ----------
