@@ -81,11 +81,14 @@ async def refused_feed(fe, duration):
                 struct.pack_into("<H", fe.mem, r.avail + 4 + 2 * (a % n), 0)
                 a += 1
                 struct.pack_into("<H", fe.mem, r.avail + 2, a & 0xFFFF)
+            time.sleep(0)   # let the probe (same process) have the GIL
     async with trio.open_nursery() as nursery:
         nursery.start_soon(trio.to_thread.run_sync, feed)
         try:
-            r.kick()
-            await trio.sleep(duration)
+            end = trio.current_time() + duration
+            while trio.current_time() < end:
+                r.kick()                 # the device asked for a kick at the next chain (EVENT_IDX)
+                await trio.sleep(0.01)
         finally:
             stop.set()
 
