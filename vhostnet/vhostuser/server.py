@@ -16,6 +16,7 @@ as `loop` (docs/json.md).
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import math
 import os
@@ -297,6 +298,13 @@ class Server:
         async with trio.open_nursery() as nursery:
             conn = Connection(self, sock, nursery)
             self.current = conn
+            # A full (generation 2) collection walks every tracked object: ~12 ms
+            # here with the process's objects, inside whatever step triggered
+            # it. Frozen, the objects that exist now (the program, this
+            # connection's device and stack) are left out of it, so a step
+            # pays only for what it allocates. Unfrozen and collected when the
+            # connection ends, so nothing cyclic from it outlives it.
+            gc.freeze()
             try:
                 nursery.start_soon(conn.timer_loop)
                 await conn.message_loop()
@@ -305,6 +313,8 @@ class Server:
                 self._log_errors(conn)
                 conn.close()
                 self.current = None
+                gc.unfreeze()
+                gc.collect()
 
     def _log_errors(self, conn: Connection) -> None:
         """One line per connection with every error count, so what rate limiting held back is told."""
