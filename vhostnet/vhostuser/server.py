@@ -295,26 +295,31 @@ class Server:
                 pass
 
     async def _serve_connection(self, sock) -> None:
-        async with trio.open_nursery() as nursery:
-            conn = Connection(self, sock, nursery)
-            self.current = conn
-            # A full (generation 2) collection walks every tracked object: ~12 ms
-            # here with the process's objects, inside whatever step triggered
-            # it. Frozen, the objects that exist now (the program, this
-            # connection's device and stack) are left out of it, so a step
-            # pays only for what it allocates. Unfrozen and collected when the
-            # connection ends, so nothing cyclic from it outlives it.
-            gc.freeze()
-            try:
-                nursery.start_soon(conn.timer_loop)
-                await conn.message_loop()
-            finally:
-                nursery.cancel_scope.cancel()
-                self._log_errors(conn)
-                conn.close()
-                self.current = None
-                gc.unfreeze()
-                gc.collect()
+        try:
+            async with trio.open_nursery() as nursery:
+                conn = Connection(self, sock, nursery)
+                self.current = conn
+                # A full (generation 2) collection walks every tracked object: ~12 ms
+                # here with the process's objects, inside whatever step triggered
+                # it. Frozen, the objects that exist now (the program, this
+                # connection's device and stack) are left out of it, so a step
+                # pays only for what it allocates. Unfrozen and collected when the
+                # connection ends, so nothing cyclic from it outlives it.
+                gc.freeze()
+                try:
+                    nursery.start_soon(conn.timer_loop)
+                    await conn.message_loop()
+                finally:
+                    nursery.cancel_scope.cancel()
+                    self._log_errors(conn)
+                    conn.close()
+        finally:
+            # Only once every task of the connection has ended and its socket is
+            # closed does the connection count as gone (tests wait on `current`).
+            sock.close()
+            self.current = None
+            gc.unfreeze()
+            gc.collect()
 
     def _log_errors(self, conn: Connection) -> None:
         """One line per connection with every error count, so what rate limiting held back is told."""
