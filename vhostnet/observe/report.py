@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import time
 
+from vhostnet.link.control import stats_faults
 from vhostnet.observe import decode
 from vhostnet.virtio import features as F
 from vhostnet.virtio.ring import MAX_CHAIN_DESCS
@@ -48,7 +49,7 @@ def _backend_info(server, control=None) -> dict:
         "connections": server.connections,
         "log_suppressed": server.rlog.suppressed_total + (
             server.current.device.rlog.suppressed_total if server.current else 0),
-        "taps": len(server.taps),
+        "taps": len(server.taps) + len(getattr(getattr(control, "link", None), "stack_taps", ())),
     }
 
 
@@ -336,6 +337,7 @@ def stats_doc(server, control=None) -> dict:
         },
         "queues": [{"name": q.name, **q.stats, "errors": dict(q.errors)} for q in conn.backend.queues],
         "loop": conn.steps.describe(),
+        "faults": stats_faults(dev),
         "stack": {
             "drops": {k: v for k, v in sorted(sc.items()) if "drop" in k},
             "loopback_frames": sc.get("loopback_frames", 0),
