@@ -38,12 +38,14 @@ def make_server(socket_path: str, *, config: NetConfig | None = None,
                 features: int = F.DEFAULT_FEATURES, rx_pending_limit: int = 1024,
                 once: bool = False, rlog: RateLimitedLog | None = None,
                 device_rlog: RateLimitedLog | None = None, link: LinkSettings | None = None,
-                listener=None, hostnet=None, **device_kw) -> Server:
+                listener=None, hostnet=None, allow_unsealed_memory: bool = False,
+                **device_kw) -> Server:
     """A Server making one NetDevice per connection; all share the server's taps
     and LINK (give the same LinkSettings to the ControlServer).
     LISTENER: an already-listening socket to serve instead of binding SOCKET_PATH.
     HOSTNET (vhostnet.hostnet.HostNet): NAT and port forwards; None: the stack
-    alone (the gateway's own services only)."""
+    alone (the gateway's own services only).
+    ALLOW_UNSEALED_MEMORY: accept guest memory without F_SEAL_SHRINK (vhostuser/memory.py)."""
     config = config or NetConfig()
     taps: list = []
     link = link if link is not None else LinkSettings()
@@ -54,7 +56,7 @@ def make_server(socket_path: str, *, config: NetConfig | None = None,
                          **device_kw)
 
     return Server(socket_path, make_device, once=once, rlog=rlog, taps=taps, listener=listener,
-                  hostnet=hostnet)
+                  hostnet=hostnet, allow_unsealed_memory=allow_unsealed_memory)
 
 
 def _net_config(args):
@@ -91,7 +93,8 @@ def make_backend(args, socket_path: str, listener=None, control_path: str | None
     net_services, dns_upstreams = services_from_args(args)
     server = make_server(socket_path, config=config, features=feats, listener=listener,
                          rx_pending_limit=args.rx_pending, once=getattr(args, "once", False), link=link,
-                         hostnet=hostnet, net_services=net_services, dns_upstreams=dns_upstreams)
+                         hostnet=hostnet, net_services=net_services, dns_upstreams=dns_upstreams,
+                         allow_unsealed_memory=getattr(args, "allow_unsealed_memory", False))
     control = None
     ctl_path = args.control or control_path or default_control_path(socket_path)
     if not args.no_control:
