@@ -25,6 +25,7 @@ from scapy.layers.l2 import Ether
 
 from vhostnet.testing.frontend import Frontend
 from vhostnet.launch.serve import make_server
+from vhostnet.virtio import features as F
 
 
 def ping_frame(size: int, seq: int = 1) -> bytes:
@@ -33,11 +34,12 @@ def ping_frame(size: int, seq: int = 1) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def connected():
-    """A real server on a temporary socket and a frontend that has done QEMU's handshake."""
+async def connected(disable: int = 0):
+    """A real server on a temporary socket and a frontend that has done QEMU's handshake.
+    DISABLE: feature bits the device does not offer."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "vhost.sock")
-        srv = make_server(path)
+        srv = make_server(path, features=F.DEFAULT_FEATURES & ~disable)
         srv.listen()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(srv.serve)
@@ -78,9 +80,9 @@ async def run_direct(size: int, seconds: float, window: int) -> float:
     async with connected() as (srv, fe):
         conn = srv.current
         dev = conn.device
-        txq, rxq = conn.backend.queues[1], conn.backend.queues[0]
+        rings = conn.backend.queues
         # Take the rings away from the server's kick tasks: we call the device ourselves.
-        for q in (txq, rxq):
+        for q in rings:
             conn._queue_stop(q)
         fe.post_rx()
         frame = ping_frame(size)
@@ -92,11 +94,11 @@ async def run_direct(size: int, seconds: float, window: int) -> float:
                 if not fe.tx.free:
                     break
                 fe.post_tx(frame)
-            dev.process(txq, 0.0)
+            dev.process(rings, 1, 0.0)
             done += len(fe.read_rx())
             fe.tx.take_used()
             fe.post_rx()
-            dev.process(rxq, 0.0)
+            dev.process(rings, 0, 0.0)
         elapsed = time.perf_counter() - t0
     return done / elapsed
 

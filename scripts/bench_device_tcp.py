@@ -188,10 +188,12 @@ def backend_retransmits(ctl: str) -> int | None:
 
 
 async def one_run(direction: str, offloads: bool, seconds: float, log_dir: Path,
-                  bufsize: int) -> dict:
+                  bufsize: int, profile: str | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="vhostnet-devtcp-") as d:
         sock = os.path.join(d, "vhost.sock")
-        argv = [sys.executable, "-m", "vhostnet", "serve", "--socket", sock, "--once",
+        prof = [] if not profile else \
+            ["-m", "cProfile", "-o", f"{profile}-{direction}-{'on' if offloads else 'off'}.prof"]
+        argv = [sys.executable, *prof, "-m", "vhostnet", "serve", "--socket", sock, "--once",
                 "--log-level", "warning"]
         if not offloads:
             argv += ["--disable-feature", "offloads"]
@@ -305,6 +307,9 @@ def main() -> int:
     ap.add_argument("--guest-buf", type=int, default=256 * 1024, metavar="BYTES",
                     help="the guest stack's TCP send/receive buffers (default 256 KiB, as the "
                          "backend's: with recv, the receive window)")
+    ap.add_argument("--profile-backend", metavar="PREFIX",
+                    help="run the backend under cProfile, writing PREFIX-DIRECTION-on|off.prof "
+                         "(slows it down: for finding hot spots, not for the numbers)")
     args = ap.parse_args()
     log_dir = ROOT / "logs" / "bench-device-tcp"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -313,7 +318,8 @@ def main() -> int:
         for direction in args.directions.split(","):
             if args.wait_quiet:
                 wait_quiet(args.wait_quiet)
-            r = trio.run(one_run, direction, offl, args.seconds, log_dir, args.guest_buf)
+            r = trio.run(one_run, direction, offl, args.seconds, log_dir, args.guest_buf,
+                         args.profile_backend)
             rows.append(r)
             print(f"bench_device_tcp: {direction} offloads={'on' if offl else 'off'}: "
                   f"{r['gbit']:.3f} Gbit/s", file=sys.stderr, flush=True)

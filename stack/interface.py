@@ -6,9 +6,21 @@ dispatch to the UDP sockets and the TCP layer. Everything it sends to the
 guest is appended to an output list that `take_frames` hands over.
 
 Receive path, top to bottom (`receive`):
-  Ethernet type -> ARP (`_rx_arp`) or IPv4 (`_rx_ipv4`): header checks ->
-  learn the guest's MAC -> loopback if addressed to the guest -> reassembly
-  -> local delivery (ICMP / UDP / TCP) or "host unreachable".
+  Ethernet type -> ARP (`_rx_arp`) or IPv4 (`_rx_ipv4`): header checks
+  (stack/wire/ipv4.py `check_header`, the one IPv4 parser) -> learn the
+  guest's MAC -> loopback if addressed to the guest -> the routing step
+  (`_route`) -> reassembly -> per protocol:
+    ROUTE_LOCAL (gateway, DNS): local services first: ICMP echo, the UDP
+      sockets (`self.udp`: built-in echo/discard, DHCP/DNS/TFTP services bind
+      here) and TCP listeners (built-in echo/discard/chargen). A gateway port
+      nobody serves goes on to the NAT (`self.flows`) when there is one;
+      otherwise port unreachable / RST.
+    ROUTE_BROADCAST: the wildcard UDP sockets only (DHCP); never the NAT.
+    ROUTE_FORWARD (beyond the gateway): the NAT's flows (stack/flows.py)
+      for TCP, UDP and ICMP echo, if it takes outbound traffic; otherwise
+      Time Exceeded (TTL) or Host Unreachable.
+  With `services=False` the built-in echo/discard/chargen are not
+  installed, so gateway ports 7, 9 and 19 go to the NAT (the host) as well.
 
 Hot path: the ICMP echo of a single-frame request is answered in place from
 one copy of the frame (RFC 1624 checksum patch), with no objects beyond the
@@ -28,19 +40,22 @@ import ipaddress
 from collections import Counter
 
 from .arp_cache import ArpCache
-from .checksum import checksum, finalize_l4_checksum, ones_sum, pseudo_sum
+from .checksum import checksum, finalize_l4_checksum, l4_sum, ones_sum, pseudo_sum
 from .config import NetConfig
 from .frame import Frame
 from .loopback import loop_back
 from .reassembly import Reassembler
 from .segment import SegmentError, segment_tcp
 from .services import udp_services
+from .services.network import NetworkServices, ServicesConfig
 from .udp import UdpLayer
 from .wire import arp as arpw
 from .wire import icmp as icmpw
 from .wire.udp import HEADER as _UDPH
 from .wire.ethernet import BROADCAST, MIN_FRAME
-from .wire.ipv4 import FLAG_DF, FLAG_MF, HEADER as IPH, fragment_payload
+from .wire.ipv4 import (FLAG_DF, FLAG_MF, HEADER as IPH, OFFSET_MASK, PROTO_ICMP, PROTO_TCP,
+                        PROTO_UDP, Ipv4Error, build_header, check_header, fragment_payload)
+from .flows import FlowConfig, FlowTable
 
 try:
     from .tcp.layer import TcpLayer
@@ -51,10 +66,16 @@ except ModuleNotFoundError as e:  # only "not written yet"; a broken layer must 
 
 __all__ = ["Stack", "finalize_l4_checksum"]
 
+ETH_HLEN = 14                  # IEEE 802.3: two MACs and the EtherType
 _ETH_IP = b"\x08\x00"
 _ETH_ARP = b"\x08\x06"
 _ZERO_IP = b"\0\0\0\0"
 TSO_MAX_PAYLOAD = 65535 - 40 - 20
+
+# The routing step's verdicts (`Stack._route`).
+ROUTE_LOCAL, ROUTE_BROADCAST, ROUTE_FORWARD, ROUTE_NONE = range(4)
+_NAT_PROTOS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_ICMP})
+LOOPBACK_NET = 127             # RFC 1122 3.2.1.3 (g): 127/8 never appears on a network
 
 
 class _TokenBucket:
@@ -79,7 +100,9 @@ class _TokenBucket:
 class Stack:
     def __init__(self, config: NetConfig | None = None, *, icmp_rate: float = 100.0,
                  icmp_burst: int = 20, arp_ttl: float = 300.0, reasm_timeout: float = 30.0,
-                 reasm_max_total: int = 1 << 20, max_out: int = 8192):
+                 reasm_max_total: int = 1 << 20, max_out: int = 8192,
+                 flows: FlowConfig | None = None, services: bool = True,
+                 net_services: ServicesConfig | None = None):
         cfg = self.config = config or NetConfig()
         self.counters: Counter = Counter()
         self._out: list[Frame] = []
@@ -103,18 +126,28 @@ class Stack:
         self.arp = ArpCache(self.counters, ttl=arp_ttl)
         self.reasm = Reassembler(self.counters, timeout=reasm_timeout, max_total=reasm_max_total)
         self.udp = UdpLayer(self._udp_output, self.counters, self._gw_ip)
-        self.udp_services = udp_services.install(self.udp, self._gw_ip)
+        self.udp_services = udp_services.install(self.udp, self._gw_ip) if services else []
         self.tcp = None
+        self.flows: FlowTable | None = None
         if TcpLayer is not None:
-            self.tcp = TcpLayer(self._tcp_emit)
+            # ACKs batched per take_frames(): see TcpLayer.flush_acks.
+            self.tcp = TcpLayer(self._tcp_emit, defer_acks=True)
+            if flows is not None:
+                self.flows = FlowTable(flows, self.tcp, self.counters, self._gw_ip,
+                                       set_now=self._set_now, udp_output=self._udp_output,
+                                       icmp_output=self._icmp_output,
+                                       icmp_error=self._nat_icmp_error)
             try:
                 tcp_services = importlib.import_module(".services.tcp_services", __package__)
             except ModuleNotFoundError as e:  # the TCP services may land after the layer
                 if e.name != __package__ + ".services.tcp_services":
                     raise
                 tcp_services = None
-            if tcp_services is not None:
+            if tcp_services is not None and services:
                 tcp_services.install(self.tcp, self._gw_ip)
+        # DHCP/DNS/TFTP (stack/services/network.py); None: no services.
+        self.net_services = None if net_services is None else NetworkServices(
+            net_services, cfg, self.udp, self.tcp, self.counters, lambda: self._now)
 
     # ------------------------------------------------------------------ API
     def set_offloads(self, csum: bool, tso: bool) -> None:
@@ -125,7 +158,13 @@ class Stack:
         if self.tcp is not None:
             self.tcp.set_tso(TSO_MAX_PAYLOAD if self._tso else None)
 
+    def take_events(self) -> list:
+        """Events for the device side (DNS queries to relay), oldest first."""
+        return self.net_services.take_events() if self.net_services is not None else []
+
     def take_frames(self) -> list[Frame]:
+        if self.tcp is not None:
+            self.tcp.flush_acks(self._now)
         out = self._out
         self._out = []
         return out
@@ -141,11 +180,19 @@ class Stack:
                                  quote[12:16], None)
         if self.tcp is not None:
             self.tcp.poll(now)
+        if self.flows is not None:
+            self.flows.poll(now)
+        if self.net_services is not None:
+            self.net_services.poll(now)
 
     def next_deadline(self) -> float | None:
         ds = [self.arp.next_deadline(), self.reasm.next_deadline()]
         if self.tcp is not None:
             ds.append(self.tcp.next_deadline())
+        if self.flows is not None:
+            ds.append(self.flows.next_deadline())
+        if self.net_services is not None:
+            ds.append(self.net_services.next_deadline())
         ds = [d for d in ds if d is not None]
         return min(ds) if ds else None
 
@@ -155,6 +202,8 @@ class Stack:
             "udp": self.udp.snapshot(),
             "tcp": self.tcp.snapshot() if self.tcp is not None else [],
             "reassembly": self.reasm.snapshot(),
+            "nat": self.flows.snapshot(self._now) if self.flows is not None else [],
+            "services": self.net_services.snapshot() if self.net_services is not None else None,
             "counters": self.all_counters(),
         }
 
@@ -237,33 +286,12 @@ class Stack:
     # ---------------------------------------------------------------- IPv4
     def _rx_ipv4(self, frame: Frame, buf: bytes, n: int, now: float) -> None:
         c = self.counters
-        if n < 34:
-            c["drop_ipv4_truncated"] += 1
+        try:
+            ihl, tos, tot, _ident, ff, ttl, proto, src, dst = check_header(buf, ETH_HLEN)
+        except Ipv4Error as e:
+            c["drop_" + e.reason] += 1
             return
-        vihl, tos, tot, ident, ff, ttl, proto, _cs, src, dst = IPH.unpack_from(buf, 14)
-        if vihl == 0x45:
-            ihl = 20
-        else:
-            if vihl >> 4 != 4:
-                c["drop_ipv4_bad_version"] += 1
-                return
-            ihl = (vihl & 15) << 2
-            if ihl < 20:
-                c["drop_ipv4_bad_ihl"] += 1
-                return
-            if 14 + ihl > n:
-                c["drop_ipv4_truncated"] += 1
-                return
-        if tot < ihl:
-            c["drop_ipv4_bad_total_length"] += 1
-            return
-        end = 14 + tot
-        if end > n:
-            c["drop_ipv4_truncated"] += 1
-            return
-        if int.from_bytes(buf[14:14 + ihl], "big") % 0xFFFF:
-            c["drop_ipv4_bad_checksum"] += 1
-            return
+        end = ETH_HLEN + tot
         b0 = src[0]
         if b0 >= 224 or b0 == 127 or src in self._hosts:
             # Multicast, loopback, or one of our own addresses (a spoof that
@@ -289,57 +317,76 @@ class Stack:
         if dmac != self._gw_mac and not l2bcast:
             c["drop_eth_not_for_us"] += 1
             return
-        if dst in self._hosts:
-            bcast = False
-        elif dst[0] >= 224 or dst == self._bcast or dst == self._netaddr or dst[0] == 0:
-            bcast = True
-        else:
-            if not l2bcast:
-                self._not_for_us(buf, ihl, end, ttl, src, smac, now)
-            else:
-                c["drop_ipv4_no_route"] += 1
+        route = self._route(dst, l2bcast)
+        if route == ROUTE_NONE:
+            c["drop_ipv4_no_route"] += 1
             return
+        if route == ROUTE_FORWARD and not self._may_forward(buf, end, ttl, proto, src, dst, smac,
+                                                            now):
+            return
+        bcast = route == ROUTE_BROADCAST
         # RFC 1122: no ICMP error about broadcast (IP or link layer) or from
         # a source that is not a host yet.
         noerr = bcast or l2bcast or b0 == 0
-        if ff & 0x3FFF:
-            whole = self.reasm.add(now, buf[14:14 + ihl], buf[14 + ihl:end])
+        if ff & (FLAG_MF | OFFSET_MASK):
+            whole = self.reasm.add(now, buf[ETH_HLEN:ETH_HLEN + ihl], buf[ETH_HLEN + ihl:end])
             if whole is None:
                 return
-            buf = buf[:14] + whole
-            tot = len(whole)
-            end = 14 + tot
+            buf = buf[:ETH_HLEN] + whole
+            end = ETH_HLEN + len(whole)
             ihl = (whole[0] & 15) << 2
             reassembled = True
         else:
             reassembled = False
-        off = 14 + ihl
-        if proto == 1:
-            self._rx_icmp(frame, buf, off, end, ihl, tos, src, dst, smac, bcast, reassembled, now)
-        elif proto == 17:
-            self._rx_udp(frame, buf, off, end, src, dst, smac, bcast, noerr, now)
-        elif proto == 6:
-            self._rx_tcp(frame, buf, off, end, src, dst, bcast, now)
+        off = ETH_HLEN + ihl
+        if proto == PROTO_ICMP:
+            self._rx_icmp(frame, buf, off, end, ihl, tos, src, dst, smac, bcast, reassembled,
+                          route, now)
+        elif proto == PROTO_UDP:
+            self._rx_udp(frame, buf, off, end, src, dst, smac, bcast, noerr, route, now)
+        elif proto == PROTO_TCP:
+            self._rx_tcp(frame, buf, off, end, src, dst, bcast, route, now)
         else:
             c["drop_ipv4_unknown_proto"] += 1
             if not noerr:
                 self._icmp_error(now, icmpw.DEST_UNREACH, icmpw.UNREACH_PROTO,
-                                 buf[14:end], dst, src, smac)
+                                 buf[ETH_HLEN:end], dst, src, smac)
 
-    def _not_for_us(self, buf, ihl, end, ttl, src, smac, now) -> None:
-        """An address beyond the gateway: there is no route out yet (NAT
-        comes later), so answer Time Exceeded or Host Unreachable."""
+    def _route(self, dst: bytes, l2bcast: int) -> int:
+        """The routing step: one of our addresses (ROUTE_LOCAL), a broadcast or
+        multicast (ROUTE_BROADCAST), beyond the gateway (ROUTE_FORWARD: the
+        NAT's), or nowhere (ROUTE_NONE: a unicast IP in a link-layer broadcast)."""
+        if dst in self._hosts:
+            return ROUTE_LOCAL
+        if dst[0] >= 224 or dst == self._bcast or dst == self._netaddr or dst[0] == 0:
+            return ROUTE_BROADCAST
+        return ROUTE_NONE if l2bcast else ROUTE_FORWARD
+
+    def _may_forward(self, buf, end, ttl, proto, src, dst, smac, now) -> bool:
+        """A datagram beyond the gateway goes to the NAT if there is one that
+        takes outbound traffic and handles its protocol; otherwise answer
+        Time Exceeded (TTL spent) or Host Unreachable. Never forwarded: the
+        host's loopback by its own name (127/8: only the gateway maps to it,
+        and --no-map-host-loopback must hold) and the guest's own network
+        (nobody else lives there)."""
         c = self.counters
         if ttl <= 1:
             c["drop_ipv4_ttl_exceeded"] += 1
-            self._icmp_error(now, icmpw.TIME_EXCEEDED, 0, buf[14:end], self._gw_ip, src, smac)
-        else:
-            c["drop_ipv4_no_route"] += 1
-            self._icmp_error(now, icmpw.DEST_UNREACH, icmpw.UNREACH_HOST, buf[14:end],
-                             self._gw_ip, src, smac)
+            self._icmp_error(now, icmpw.TIME_EXCEEDED, 0, buf[ETH_HLEN:end], self._gw_ip,
+                             src, smac)
+            return False
+        fl = self.flows
+        if fl is not None and fl.config.outbound and proto in _NAT_PROTOS \
+                and dst[0] != LOOPBACK_NET and not self._on_link(dst):
+            return True
+        c["drop_ipv4_no_route"] += 1
+        self._icmp_error(now, icmpw.DEST_UNREACH, icmpw.UNREACH_HOST, buf[ETH_HLEN:end],
+                         self._gw_ip, src, smac)
+        return False
 
     # ---------------------------------------------------------------- ICMP
-    def _rx_icmp(self, frame, buf, off, end, ihl, tos, src, dst, smac, bcast, reassembled, now):
+    def _rx_icmp(self, frame, buf, off, end, ihl, tos, src, dst, smac, bcast, reassembled,
+                 route, now):
         c = self.counters
         if end - off < 8:
             c["drop_icmp_truncated"] += 1
@@ -349,6 +396,13 @@ class Stack:
             c["drop_icmp_bad_checksum"] += 1
             return
         t = buf[off]
+        if route == ROUTE_FORWARD:
+            if t != icmpw.ECHO_REQUEST or buf[off + 1] != 0:
+                c["drop_nat_icmp_type"] += 1
+                return
+            _t, _code, _cs, ident, seq = icmpw.HEADER.unpack_from(buf, off)
+            self.flows.icmp_from_guest(now, src, dst, ident, seq, buf[off + 8:end])
+            return
         if t != icmpw.ECHO_REQUEST:
             c["icmp_rx_type_%d" % t if t < 19 else "icmp_rx_type_other"] += 1
             return
@@ -409,7 +463,7 @@ class Stack:
                       dst_mac=dst_mac)
 
     # ----------------------------------------------------------------- UDP
-    def _rx_udp(self, frame, buf, off, end, src, dst, smac, bcast, noerr, now) -> None:
+    def _rx_udp(self, frame, buf, off, end, src, dst, smac, bcast, noerr, route, now) -> None:
         c = self.counters
         if end - off < 8:
             c["drop_udp_truncated"] += 1
@@ -420,26 +474,33 @@ class Stack:
             return
         uend = off + ulen
         if ucs and not (frame.csum_valid or frame.csum_start):
-            if ones_sum(buf[off:uend], pseudo_sum(src, dst, 17, ulen)) != 0xFFFF:
+            if l4_sum(buf, off, ulen, src, dst, 17) != 0xFFFF:
                 c["drop_udp_bad_checksum"] += 1
                 return
         c["udp_rx"] += 1
-        if self.udp.deliver(src, dst, sport, dport, buf[off + 8:uend], bcast):
-            return
+        if route == ROUTE_LOCAL or bcast:
+            # Local services first (the built-in ones, DHCP, DNS...).
+            if self.udp.deliver(src, dst, sport, dport, buf[off + 8:uend], bcast):
+                return
+        fl = self.flows
+        if fl is not None and not bcast and (route == ROUTE_FORWARD or dst == self._gw_ip):
+            if fl.udp_from_guest(now, src, sport, dst, dport,
+                                 memoryview(buf)[off + 8:uend]):
+                return
         c["drop_udp_no_socket"] += 1
         if not noerr:
             self._icmp_error(now, icmpw.DEST_UNREACH, icmpw.UNREACH_PORT, buf[14:end],
                              dst, src, smac)
 
-    def _udp_output(self, src_ip, dst_ip, src_port, dst_port, payload) -> None:
+    def _udp_output(self, src_ip, dst_ip, src_port, dst_port, payload, dst_mac=None) -> None:
         n = 8 + len(payload)
         d = bytearray(_UDPH.pack(src_port, dst_port, n, 0))
         d += payload
         self.counters["udp_tx"] += 1
-        self._send_ip(src_ip, dst_ip, 17, d, self._now, csum_off=6)
+        self._send_ip(src_ip, dst_ip, 17, d, self._now, csum_off=6, dst_mac=dst_mac)
 
     # ----------------------------------------------------------------- TCP
-    def _rx_tcp(self, frame, buf, off, end, src, dst, bcast, now) -> None:
+    def _rx_tcp(self, frame, buf, off, end, src, dst, bcast, route, now) -> None:
         c = self.counters
         if self.tcp is None:
             c["drop_tcp_unavailable"] += 1
@@ -451,17 +512,38 @@ class Stack:
             c["drop_tcp_truncated"] += 1
             return
         if not (frame.csum_valid or frame.csum_start):
-            if ones_sum(buf[off:end], pseudo_sum(src, dst, 6, end - off)) != 0xFFFF:
+            if l4_sum(buf, off, end - off, src, dst, 6) != 0xFFFF:
                 c["drop_tcp_bad_checksum"] += 1
                 return
         c["tcp_rx"] += 1
-        self.tcp.receive(now, src, dst, memoryview(buf)[off:end])
+        # Routed: a SYN no local listener takes goes to the NAT (held for it).
+        routed = self.flows is not None and (route == ROUTE_FORWARD or dst == self._gw_ip)
+        self.tcp.receive(now, src, dst, memoryview(buf)[off:end], routed)
 
     def _tcp_emit(self, src_ip: bytes, dst_ip: bytes, segment, gso_size: int) -> None:
         seg = segment if isinstance(segment, bytearray) else bytearray(segment)
         self.counters["tcp_tx_segments"] += 1
         self._send_ip(src_ip, dst_ip, 6, seg, self._now, csum_off=16, df=True,
                       gso_size=gso_size)
+
+    # --------------------------------------------------- for the flow table
+    def _set_now(self, now: float) -> None:
+        """A call into the flow table brings the device side's clock."""
+        if now > self._now:
+            self._now = now
+        if self.tcp is not None and now > self.tcp.now:
+            self.tcp.now = now
+
+    def _icmp_output(self, src: bytes, dst: bytes, msg: bytearray) -> None:
+        msg[2] = msg[3] = 0
+        cs = checksum(msg)
+        msg[2] = cs >> 8
+        msg[3] = cs & 0xFF
+        self.counters["nat_icmp_tx"] += 1
+        self._send_ip(src, dst, PROTO_ICMP, msg, self._now)
+
+    def _nat_icmp_error(self, typ: int, code: int, quote: bytes, src: bytes, dst: bytes) -> None:
+        self._icmp_error(self._now, typ, code, quote, src, dst, None)
 
     # -------------------------------------------------------------- output
     def _emit(self, f: Frame) -> None:
@@ -491,12 +573,12 @@ class Stack:
             gso_size = 0
         partial = csum_off is not None and self._csum and (fits or gso_size)
         if csum_off is not None:
-            ps = pseudo_sum(src, dst, proto, n)
             if partial:
+                ps = pseudo_sum(src, dst, proto, n)
                 l4[csum_off] = ps >> 8
                 l4[csum_off + 1] = ps & 0xFF
             else:
-                cs = (~ones_sum(l4, ps)) & 0xFFFF
+                cs = (~l4_sum(l4, 0, n, src, dst, proto)) & 0xFFFF
                 if cs == 0 and proto == 17:
                     cs = 0xFFFF
                 l4[csum_off] = cs >> 8
@@ -509,7 +591,7 @@ class Stack:
         ident = self._ip_id = (self._ip_id + 1) & 0xFFFF
         if fits or gso_size:
             f = bytearray(eth)
-            f += _ip_header(src, dst, proto, n, ident, FLAG_DF if df else 0, tos)
+            f += build_header(src, dst, proto, n, ident, FLAG_DF if df else 0, tos=tos)
             f += l4
             if gso_size and not self._tso:
                 try:
@@ -533,8 +615,8 @@ class Stack:
             mv = memoryview(l4)
             for i, (o, k) in enumerate(pieces):
                 f = bytearray(eth)
-                f += _ip_header(src, dst, proto, k, ident,
-                                (o >> 3) | (FLAG_MF if i != last else 0), tos)
+                f += build_header(src, dst, proto, k, ident,
+                                 (o >> 3) | (FLAG_MF if i != last else 0), tos=tos)
                 f += mv[o:o + k]
                 if len(f) < MIN_FRAME:
                     f += bytes(MIN_FRAME - len(f))
@@ -550,11 +632,3 @@ class Stack:
         for f in frames:
             self._emit(f)
 
-
-def _ip_header(src, dst, proto, payload_len, ident, flags_frag, tos) -> bytearray:
-    h = bytearray(IPH.pack(0x45, tos, 20 + payload_len, ident, flags_frag, 64, proto, 0,
-                           src, dst))
-    cs = checksum(h)
-    h[10] = cs >> 8
-    h[11] = cs & 0xFF
-    return h

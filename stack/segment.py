@@ -10,18 +10,18 @@ stay only on the last segment and CWR only on the first.
 Checksums: `partial=True` leaves the pseudo-header sum in the TCP checksum
 field (the caller marks the frames csum_start/csum_offset); otherwise each
 segment is fully checksummed. IP options are copied to every segment.
+
+This module validates the headers; the loop that writes the segments is
+stack.native.segment (C through cffi, or its Python twin). With the C loop
+the segments are memoryview slices of one new bytearray, else bytearrays;
+either is writable and owned by the caller.
 """
 from __future__ import annotations
 
-import struct
-
-from .checksum import checksum, ones_sum, pseudo_sum
+from .native import segment
 
 __all__ = ["segment_tcp", "SegmentError"]
 
-_U16 = struct.Struct("!H")
-_U32 = struct.Struct("!I")
-_FIN, _PSH, _CWR = 0x01, 0x08, 0x80
 # At most this many segments from one frame (64 KiB at a 536-byte MSS is
 # 123); a smaller gso_size is refused rather than allocating without bound.
 MAX_SEGMENTS = 256
@@ -31,7 +31,7 @@ class SegmentError(ValueError):
     pass
 
 
-def segment_tcp(data, gso_size: int, partial: bool = False) -> list[bytearray]:
+def segment_tcp(data, gso_size: int, partial: bool = False) -> list:
     """`data` is a whole Ethernet frame. Returns the segment frames."""
     if gso_size <= 0:
         raise SegmentError("gso_size must be positive")
@@ -57,36 +57,4 @@ def segment_tcp(data, gso_size: int, partial: bool = False) -> list[bytearray]:
         count = -(-plen // gso_size)
     if count > MAX_SEGMENTS:
         raise SegmentError(f"{count} segments exceed the limit of {MAX_SEGMENTS}")
-    head = bytes(data[:pay])
-    ident = (data[18] << 8) | data[19]
-    seq = _U32.unpack_from(data, l4 + 4)[0]
-    flags = data[l4 + 13]
-    src = bytes(data[26:30])
-    dst = bytes(data[30:34])
-    out = []
-    mv = memoryview(data)
-    for i in range(count):
-        o = pay + i * gso_size
-        chunk = mv[o:min(o + gso_size, end)]
-        f = bytearray(head)
-        f += chunk
-        seg_tot = ihl + doff + len(chunk)
-        _U16.pack_into(f, 16, seg_tot)
-        _U16.pack_into(f, 18, (ident + i) & 0xFFFF)
-        f[24] = f[25] = 0
-        _U16.pack_into(f, 24, checksum(memoryview(f)[14:l4]))
-        _U32.pack_into(f, l4 + 4, (seq + i * gso_size) & 0xFFFFFFFF)
-        fl = flags
-        if i != count - 1:
-            fl &= ~(_FIN | _PSH)
-        if i != 0:
-            fl &= ~_CWR
-        f[l4 + 13] = fl
-        ps = pseudo_sum(src, dst, 6, doff + len(chunk))
-        if partial:
-            _U16.pack_into(f, l4 + 16, ps)
-        else:
-            f[l4 + 16] = f[l4 + 17] = 0
-            _U16.pack_into(f, l4 + 16, (~ones_sum(memoryview(f)[l4:], ps)) & 0xFFFF)
-        out.append(f)
-    return out
+    return segment(data, ihl, doff, tot, gso_size, count, partial)

@@ -33,13 +33,15 @@ class UdpSocket:
         self.tx = 0
         self.closed = False
 
-    def send(self, payload, dst_ip: bytes, dst_port: int, src_ip: Optional[bytes] = None) -> None:
+    def send(self, payload, dst_ip: bytes, dst_port: int, src_ip: Optional[bytes] = None,
+             dst_mac: Optional[bytes] = None) -> None:
+        """dst_mac skips ARP: for a DHCP client that has no address yet, or broadcast."""
         if self.closed:
             raise ValueError("send on a closed UDP socket")
         src = src_ip if src_ip is not None else self.ip
         if src is None:
             src = self.layer.default_ip
-        self.layer.send(src, self.port, dst_ip, dst_port, payload)
+        self.layer.send(src, self.port, dst_ip, dst_port, payload, dst_mac)
         self.tx += 1
 
     def close(self) -> None:
@@ -48,7 +50,7 @@ class UdpSocket:
 
 class UdpLayer:
     def __init__(self, output, counters, default_ip: bytes, *, max_sockets: int = 256):
-        # output(src_ip, dst_ip, src_port, dst_port, payload)
+        # output(src_ip, dst_ip, src_port, dst_port, payload[, dst_mac])
         self._output = output
         self._c = counters
         self.default_ip = default_ip
@@ -86,10 +88,13 @@ class UdpLayer:
         s.on_datagram(s, payload, src_ip, src_port, dst_ip)
         return True
 
-    def send(self, src_ip, src_port, dst_ip, dst_port, payload) -> None:
+    def send(self, src_ip, src_port, dst_ip, dst_port, payload, dst_mac=None) -> None:
         if len(payload) > MAX_PAYLOAD:
             raise ValueError(f"UDP payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
-        self._output(src_ip, dst_ip, src_port, dst_port, payload)
+        if dst_mac is None:
+            self._output(src_ip, dst_ip, src_port, dst_port, payload)
+        else:
+            self._output(src_ip, dst_ip, src_port, dst_port, payload, dst_mac)
 
     def snapshot(self) -> list[dict]:
         return [{"ip": ip_text(s.ip) if s.ip else "0.0.0.0", "port": s.port,

@@ -11,6 +11,7 @@ import trio
 from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import Ether
 
+from stack import native
 from vhostnet.observe import control
 from vhostnet.observe.control import ControlClient, ControlError, ControlServer
 from vhostnet.launch.serve import serve_backend
@@ -65,7 +66,7 @@ async def test_inspect_without_qemu(backend):
     check_doc(doc, "inspect", allow_missing=[k for k in ("features", "protocol_features", "owner", "mtu",
                                                           "hdr_len", "mergeable_rx_buffers", "offloads",
                                                           "rx_pending", "memory", "queues", "requests",
-                                                          "request_errors", "messages")])
+                                                          "request_errors", "messages", "loop")])
 
 
 async def test_inspect_document_matches_docs(backend, guest):
@@ -196,21 +197,17 @@ async def test_stalled_client_does_not_block_the_data_path(backend, guest, monke
 
 
 async def test_too_many_clients(backend, monkeypatch):
+    """Full of idle clients, a new one evicts the longest idle (more in
+    tests/test_control_slots.py); the evicted one is told, then closed."""
     _, ctl = backend
     monkeypatch.setattr(control, "MAX_CLIENTS", 3)
     idle = [_raw(ctl.path) for _ in range(3)]
     with trio.fail_after(5):
         while ctl.clients < 3:
             await trio.sleep(0.01)
-
-    def one_more():
-        s = _raw(ctl.path)
-        r = _lines(s, 1)[0]
-        s.close()
-        return r
-
-    r = await trio.to_thread.run_sync(one_more)
-    assert r["ok"] is False and "too many" in r["error"]
+    assert (await ask(ctl.path, "ping"))["pid"] == os.getpid()
+    r = await trio.to_thread.run_sync(_lines, idle[0], 1)
+    assert r[0]["closed"] == "idle" and "full" in r[0]["error"]
     for s in idle:
         s.close()
     with trio.fail_after(5):
@@ -327,7 +324,11 @@ async def test_stats_document_matches_docs(backend, guest):
     guest.post_tx(b"\x00" * 8)      # shorter than an Ethernet header: tx_runt
     await guest.exchange([], want=0, timeout=0.2)
     doc = await ask(ctl.path, "stats")
-    check_doc(doc, "stats", allow_missing=["stack.tcp", "stack.reassembly", "stack.arp[].pending"])
+    check_doc(doc, "stats", allow_missing=["stack.tcp", "stack.reassembly", "stack.arp[].pending", "nat.", "forwards[]",
+                                             "services.dhcp.leases[]", "services.tftp.transfers[]"])
+    # which hot-path implementation runs is part of the document (stack/native chooses)
+    assert doc["backend"]["native"] == native.describe()
+    assert doc["backend"]["native"]["implementation"] in ("cffi", "python")
     dev = doc["device"]
     assert dev["tx_frames"] == 2 and dev["rx_frames"] == 2
     assert dev["tx_bytes"] == len(arp_request()) + len(ping(seq=1))
@@ -342,7 +343,7 @@ async def test_stats_document_matches_docs(backend, guest):
 async def test_stats_without_qemu(backend):
     _, ctl = backend
     doc = await ask(ctl.path, "stats")
-    assert set(doc) == {"version", "time", "backend", "capture", "connected"}
+    assert set(doc) == {"version", "time", "backend", "capture", "forwards", "connected"}
     assert doc["capture"] == {"clients": 0, "frames": 0, "dropped": 0}
 
 
@@ -471,3 +472,28 @@ async def test_desc_of_a_frame_merged_over_rx_buffers(backend):
             while srv.current is not None:
                 await trio.sleep(0.005)
         fe.release()
+
+
+async def test_desc_of_a_planted_huge_indirect_table_is_bounded(backend, guest):
+    """Issue 7 case 6: an indirect table as large as guest memory, every entry chained to
+    the next, used to be listed whole (262,145 descriptors, 30 MB of JSON)."""
+    import struct
+    bound = 1024 + 1                                # the device's chain limit (ring.MAX_CHAIN_DESCS) + 1
+    _, ctl = backend
+    table, entries = 0x1000000, 1 << 16           # 1 MiB of table at 16 MiB
+    for i in range(entries):
+        struct.pack_into("<QIHH", guest.mem, table + 16 * i, 0x30000, 64, F_NEXT, (i + 1) & 0xFFFF)
+    r = guest.tx
+    r.write_desc(200, table, 16 * entries, F_INDIRECT)
+    doc = await ask(ctl.path, "desc", queue=1, head=200)
+    check_doc(doc, "desc", allow_missing=["last_used.", "vnet_hdr.", "frame."])
+    assert len(doc["descriptors"]) == 1             # a table the device would refuse is not entered
+    assert doc["refusal"]["id"] == "bad_indirect_len" and doc["refusal"]["section"] == "2.7.5.3"
+    # A table the device would enter, chained past the device's limit: bounded, and said so.
+    r.write_desc(201, table, 16 * r.size, F_INDIRECT)
+    r.write_desc(202, 0x30000, 64, F_NEXT, 202)    # a loop in the ring's own table
+    for head in (201, 202):
+        doc = await ask(ctl.path, "desc", queue=1, head=head)
+        assert len(doc["descriptors"]) <= bound
+        assert doc["refusal"]["id"] in ("next_out_of_range", "chain_too_long")
+    assert doc["descriptors_truncated"] is True and doc["refusal"]["id"] == "chain_too_long"

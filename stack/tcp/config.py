@@ -35,6 +35,10 @@ class TcpConfig:
                                     # backed-off peer is not cut off (Linux: 60 s, orphans only)
     ooo_max_ranges: int = 32        # out-of-order ranges per connection
     challenge_ack_limit: int = 1000  # RFC 5961 challenge ACKs per second, whole layer
+    # How long a SYN may be held unanswered (NAT: while the host connects).
+    # Longer than Linux's connect() gives up (tcp_syn_retries = 6: 127 s), so
+    # the host side's verdict normally comes first.
+    hold_timeout: float = 130.0
     keepalive_idle: float = 7200.0  # defaults for set_keepalive(True)
     keepalive_interval: float = 75.0
     keepalive_count: int = 9

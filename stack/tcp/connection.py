@@ -75,6 +75,7 @@ class TcpConnection(InputMixin, OutputMixin, TimersMixin):
         self.key = (local_ip, local_port, remote_ip, remote_port)
         self.state = CLOSED
         self.listener = None            # the Listener that spawned us, until accepted
+        self.held = False               # SYN held unanswered (NAT) until accept_held()
         self.error: str | None = None   # why the connection ended abnormally
 
         # --- send sequence space (unwrapped ints) ---
@@ -163,6 +164,9 @@ class TcpConnection(InputMixin, OutputMixin, TimersMixin):
         self.on_closed = None
         self._n_read = self._n_write = self._n_est = self._n_closed = False
         self._in_rx = False             # inside _rx: callbacks' ACKs can wait for the end
+        # At the end of _rx with the layer's defer_acks: a bare ACK is owed to
+        # the layer (sent by TcpLayer.flush_acks) instead of emitted now.
+        self._defer_ack = False
 
     # ------------------------------------------------------------------ app API
 
@@ -203,17 +207,38 @@ class TcpConnection(InputMixin, OutputMixin, TimersMixin):
 
     def recv(self, n: int = -1) -> bytes:
         data = self.rcvbuf.read(n)
-        if data and self.state in CAN_RECEIVE:
+        if data:
+            self._window_update()
+        return data
+
+    def skip(self, n: int) -> int:
+        """Drop up to n received bytes unread (a NAT proxy that already copied
+        them out with a peek); returns how many. Same window logic as recv."""
+        buf = self.rcvbuf.buf
+        n = min(max(n, 0), len(buf))
+        if n:
+            del buf[:n]
+            self._window_update(lazy=True)
+        return n
+
+    def _window_update(self, lazy: bool = False) -> None:
+        """lazy: a window that is still at least an eighth of the buffer is
+        only announced with the next segment or the delayed ACK. (The first
+        read of every connection would otherwise send a bare ACK: the SYN
+        carries at most 64 KiB, unscaled, RFC 7323 2.2.)"""
+        if self.state in CAN_RECEIVE:
             # Window update (RFC 9293 3.8.6.2.2): tell the peer once the window
             # has grown by at least an MSS and at least doubled.
             old = self.rcv_adv - self.rcv_nxt
             new = self.rcvbuf.cap - len(self.rcvbuf.buf)
             if new - old >= self.rcv_mss and new >= 2 * old:
-                if self._in_rx:
+                if lazy and old >= self.rcvbuf.cap // 8:
+                    if self.t_delack is None:
+                        self._arm("t_delack", self._layer.now + self._cfg.delack)
+                elif self._in_rx:
                     self.ack_now = True     # goes out with whatever we send next
                 else:
                     self._send_ack(self._layer.now)
-        return data
 
     def close(self) -> None:
         st = self.state
@@ -225,6 +250,30 @@ class TcpConnection(InputMixin, OutputMixin, TimersMixin):
             if self.state in CAN_SEND:
                 self._output(self._layer.now)
         # already closing or closed: nothing to do
+
+    def accept_held(self) -> None:
+        """Answer a held SYN with our SYN-ACK (the host side connected)."""
+        if not self.held or self.state is not SYN_RECEIVED:
+            raise TcpError(f"no held SYN to accept in {self.state.value}")
+        self.held = False
+        self.retries = 0
+        self.t_rtx = None
+        self._send_syn(self._layer.now, True)
+
+    def refuse_held(self, reset: bool = True) -> None:
+        """Drop a held SYN: with a RST (the host refused), or silently (the
+        caller answers with an ICMP error instead)."""
+        if not self.held or self.state is not SYN_RECEIVED:
+            raise TcpError(f"no held SYN to refuse in {self.state.value}")
+        self.held = False
+        if self.listener is not None:
+            self.listener.pending -= 1
+            self.listener = None
+        if reset:
+            self._send_rst_ack(self._layer.now)
+        self.error = "refused"
+        self._set_state(Event.ABORT)
+        self._n_closed = False          # the caller asked for this: no on_closed
 
     def abort(self) -> None:
         """Send RST (if the peer knows us) and drop everything."""
@@ -272,7 +321,7 @@ class TcpConnection(InputMixin, OutputMixin, TimersMixin):
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "segs_in": self.segs_in, "segs_out": self.segs_out,
             "unread": len(self.rcvbuf.buf), "unacked": len(self.sndbuf.buf),
-            "ooo_bytes": self.ooo.nbytes,
+            "ooo_bytes": self.ooo.nbytes, "held": self.held,
             "error": self.error,
         }
 
@@ -364,7 +413,7 @@ class TcpConnection(InputMixin, OutputMixin, TimersMixin):
         self._set_state(Event.ACTIVE_OPEN)
         self._send_syn(now, False)
 
-    def _passive_open(self, now: float, seg) -> None:
+    def _passive_open(self, now: float, seg, hold: bool = False) -> None:
         self.irs = seg.seq
         self.rcv_nxt = self.rcv_adv = seg.seq + 1
         self._negotiate(seg)
@@ -373,4 +422,10 @@ class TcpConnection(InputMixin, OutputMixin, TimersMixin):
         self.snd_wl1 = seg.seq
         self.snd_wl2 = self.iss
         self._set_state(Event.RCV_SYN)
-        self._send_syn(now, True)
+        if hold:
+            # No SYN-ACK yet; the retransmission timer doubles as the limit
+            # on how long the application may take to decide.
+            self.held = True
+            self._arm("t_rtx", now + self._cfg.hold_timeout)
+        else:
+            self._send_syn(now, True)

@@ -38,10 +38,19 @@ class InputMixin:
         finally:
             self._in_rx = False
         st = self.state
-        if st in CAN_SEND:
-            self._output(now)
-        elif self.ack_now and st is not CLOSED:
-            self._send_ack(now)
+        # Batched ACKs (TcpLayer defer_acks): the bare ACK this segment earns
+        # waits until the end of the receive batch, so several back-to-back
+        # segments (64 KiB TSO frames from one TX kick) get one cumulative
+        # ACK, as Linux's GRO gives one per aggregate. Never with
+        # out-of-order data queued: those ACKs carry SACK news (RFC 5681 4.2).
+        self._defer_ack = self._layer.defer_acks and not self.ooo
+        try:
+            if st in CAN_SEND:
+                self._output(now)
+            elif self.ack_now and st is not CLOSED:
+                self._send_ack(now)
+        finally:
+            self._defer_ack = False
 
     def _rx_syn_sent(self, now: float, seg) -> None:
         flags = seg.flags
@@ -110,8 +119,12 @@ class InputMixin:
 
         if flags & SYN and seq == self.irs:
             if self.state is SYN_RECEIVED and not flags & ACK:
-                # The peer resent its SYN: our SYN-ACK was lost.
-                self._send_syn(now, True)
+                # The peer resent its SYN: our SYN-ACK was lost (or, while
+                # the SYN is held, not sent yet: nothing to say).
+                if self.held:
+                    c["held_syn_retransmits"] += 1
+                else:
+                    self._send_syn(now, True)
                 return
             # A resent SYN-ACK (simultaneous open) or SYN: drop the SYN, keep the rest.
             flags &= ~SYN

@@ -50,20 +50,30 @@ EPHEMERAL = (49152, 65535)
 
 
 class Listener:
-    __slots__ = ("ip", "port", "on_accept", "backlog", "pending", "accepted")
+    __slots__ = ("ip", "port", "on_accept", "on_request", "backlog", "pending", "accepted")
 
-    def __init__(self, ip: bytes, port: int, on_accept, backlog: int):
+    def __init__(self, ip: bytes, port: int, on_accept, backlog: int, on_request=None):
         self.ip = ip
         self.port = port
         self.on_accept = on_accept
+        # Set for the unclaimed listener (NAT): a SYN is held in SYN-RECEIVED
+        # without a SYN-ACK and handed to on_request(conn); conn.accept_held()
+        # or conn.refuse_held() answers it later.
+        self.on_request = on_request
         self.backlog = backlog
         self.pending = 0            # connections in SYN-RECEIVED
         self.accepted = 0
 
 
 class TcpLayer:
-    def __init__(self, emit, *, rng=None, config: TcpConfig | None = None):
+    def __init__(self, emit, *, rng=None, config: TcpConfig | None = None,
+                 defer_acks: bool = False):
         self._emit = emit
+        # defer_acks: bare ACKs earned while receiving wait for flush_acks(),
+        # which the owner calls when a batch of received frames is done
+        # (Stack.take_frames does). Off, every ACK goes out at once.
+        self.defer_acks = defer_acks
+        self._acks_owed: dict = {}      # connections, in order (a dict as an ordered set)
         self.config = config or TcpConfig()
         self.rng = rng if rng is not None else random.SystemRandom()
         self.counters: Counter = Counter()
@@ -71,6 +81,7 @@ class TcpLayer:
         self.tso_max: int | None = None
         self._conns: dict[tuple, TcpConnection] = {}
         self._listeners: dict[tuple, Listener] = {}
+        self._unclaimed: Listener | None = None
         self._time_wait: OrderedDict = OrderedDict()
         self._heap: list = []
         self._heap_seq = itertools.count()
@@ -96,6 +107,16 @@ class TcpLayer:
         lst = Listener(key[0], port, on_accept, max(1, backlog))
         self._listeners[key] = lst
         return lst
+
+    def listen_unclaimed(self, on_request, on_accept, backlog: int) -> Listener:
+        """Take SYNs that `receive(..., routed=True)` brings for an address and
+        port nobody listens on (the NAT's outbound connections). Each is held
+        in SYN-RECEIVED, unanswered, until the application accepts or refuses
+        it; `backlog` bounds how many are half-open (held or SYN-ACKed) at once."""
+        if self._unclaimed is not None:
+            raise TcpError("there is already an unclaimed-SYN listener")
+        self._unclaimed = Listener(ANY, 0, on_accept, max(1, backlog), on_request)
+        return self._unclaimed
 
     def unlisten(self, ip: bytes, port: int) -> None:
         self._listeners.pop((bytes(ip), port), None)
@@ -123,7 +144,26 @@ class TcpLayer:
         conn._active_open(now)
         return conn
 
-    def receive(self, now: float, src_ip: bytes, dst_ip: bytes, segment) -> None:
+    def owe_ack(self, conn) -> None:
+        """conn owes a bare ACK, to go out at the next flush_acks()."""
+        self._acks_owed[conn] = None
+
+    def flush_acks(self, now: float) -> None:
+        """Send the ACKs owed since the last flush: one per connection, and
+        none where a segment sent meanwhile carried it (ack_now is clear)."""
+        owed = self._acks_owed
+        if not owed:
+            return
+        self._acks_owed = {}
+        self.now = now
+        for conn in owed:
+            if conn.ack_now and conn.state is not State.CLOSED:
+                conn._send_ack(now)
+
+    def receive(self, now: float, src_ip: bytes, dst_ip: bytes, segment,
+                routed: bool = False) -> None:
+        """routed: the interface's routing step sent this segment on to the
+        NAT, so a SYN nobody listens for goes to the unclaimed listener."""
         self.now = now
         c = self.counters
         c["rx_segments"] += 1
@@ -150,6 +190,8 @@ class TcpLayer:
         lst = self._listeners.get((dst_ip, seg.dst_port))
         if lst is None:
             lst = self._listeners.get((ANY, seg.dst_port))
+            if lst is None and routed:
+                lst = self._unclaimed
         if lst is not None:
             self._listen_rx(now, lst, key, seg)
         else:
@@ -173,7 +215,10 @@ class TcpLayer:
 
     def snapshot(self) -> list[dict]:
         from ..config import ip_text
-        out = [{"state": "LISTEN", "local": f"{ip_text(l.ip)}:{l.port}", "remote": "*:*",
+        u = self._unclaimed
+        out = [] if u is None else [{"state": "LISTEN", "local": "*:*", "remote": "*:*",
+                                     "backlog": u.backlog, "pending": u.pending}]
+        out += [{"state": "LISTEN", "local": f"{ip_text(l.ip)}:{l.port}", "remote": "*:*",
                 "backlog": l.backlog, "pending": l.pending}
                for l in self._listeners.values()]
         out += [conn.info() for conn in self._conns.values()]
@@ -209,7 +254,12 @@ class TcpLayer:
         lst.pending += 1
         self._conns[key] = conn
         c["passive_opens"] += 1
-        conn._passive_open(now, seg)
+        if lst.on_request is not None:
+            conn._passive_open(now, seg, hold=True)
+            c["held_syns"] += 1
+            lst.on_request(conn)
+        else:
+            conn._passive_open(now, seg)
 
     def _reset_for(self, seg, local_ip: bytes, remote_ip: bytes) -> None:
         """RST answering a segment that belongs to no connection (RFC 9293 3.10.7.1)."""

@@ -248,6 +248,9 @@ class OutputMixin:
         if self.state is SYN_RECEIVED or self.state is SYN_SENT:
             self.ack_now = False
             return
+        if self._defer_ack:
+            self._layer.owe_ack(self)
+            return
         self._xmit(now, self.snd_nxt, ACK, self._data_options(now))
 
     def _send_rst_ack(self, now: float) -> None:

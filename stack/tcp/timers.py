@@ -59,6 +59,10 @@ class TimersMixin:
 
     def _on_rto(self, now: float) -> None:
         st = self.state
+        if self.held:
+            self._c["held_syn_timeouts"] += 1
+            self._give_up("held SYN timed out")
+            return
         if st is SYN_SENT or st is SYN_RECEIVED:
             self.retries += 1
             if self.retries > self._cfg.syn_retries:

@@ -1,9 +1,12 @@
 """IPv4 header (RFC 791): validation, emission and fragmentation.
 
-`parse_header` validates once (version, IHL, total length, header checksum)
-and returns an `Ipv4Repr`; on failure it raises `Ipv4Error` whose reason is a
-counter suffix. The interface's hot path performs the same checks inline on
-a single `HEADER.unpack_from` to stay cheap; this module is the reference.
+`check_header` validates once (version, IHL, total length, header checksum)
+on a single precompiled `HEADER.unpack_from` and returns the fields as a
+tuple: that is the receive path's fast form (stack/interface.py), with no
+object built per frame. `parse_header` wraps the same check in an
+`Ipv4Repr` for tests and the control plane, so there is exactly one
+implementation of the checks. On failure both raise `Ipv4Error`, whose
+reason is a counter suffix.
 
 Options are accepted and skipped (never interpreted, never echoed back).
 The header checksum is always checked: virtio offloads only L4 checksums.
@@ -16,11 +19,13 @@ from dataclasses import dataclass
 from ..checksum import checksum
 
 __all__ = ["HEADER", "HLEN", "PROTO_ICMP", "PROTO_TCP", "PROTO_UDP", "FLAG_DF",
-           "FLAG_MF", "OFFSET_MASK", "Ipv4Error", "Ipv4Repr", "parse_header",
+           "FLAG_MF", "OFFSET_MASK", "Ipv4Error", "Ipv4Repr", "check_header", "parse_header",
            "build_header", "fragment_payload", "is_unicast", "MAX_PACKET"]
 
 HEADER = struct.Struct("!BBHHHBBH4s4s")
-HLEN = 20
+HLEN = 20                # RFC 791 §3.1: the header without options
+VERSION = 4
+VIHL_PLAIN = (VERSION << 4) | (HLEN // 4)   # 0x45: version 4, no options
 MAX_PACKET = 65535
 
 PROTO_ICMP = 1
@@ -70,25 +75,36 @@ class Ipv4Repr:
         return bool(self.flags_frag & (FLAG_MF | OFFSET_MASK))
 
 
-def parse_header(data, off: int = 0) -> Ipv4Repr:
-    avail = len(data) - off
+def check_header(data, off: int = 0, end: int | None = None) -> tuple:
+    """Validate the header at `off` (the datagram may run to `end`, default
+    the end of `data`). Returns (ihl, tos, total_len, ident, flags_frag, ttl,
+    proto, src, dst), ihl in bytes."""
+    avail = (len(data) if end is None else end) - off
     if avail < HLEN:
         raise Ipv4Error("ipv4_truncated")
     vihl, tos, tot, ident, ff, ttl, proto, _cs, src, dst = HEADER.unpack_from(data, off)
-    if vihl >> 4 != 4:
-        raise Ipv4Error("ipv4_bad_version")
-    ihl = (vihl & 15) * 4
-    if ihl < HLEN:
-        raise Ipv4Error("ipv4_bad_ihl")
-    if ihl > avail:
-        raise Ipv4Error("ipv4_truncated")
+    if vihl == VIHL_PLAIN:
+        ihl = HLEN
+    else:
+        if vihl >> 4 != VERSION:
+            raise Ipv4Error("ipv4_bad_version")
+        ihl = (vihl & 15) * 4
+        if ihl < HLEN:
+            raise Ipv4Error("ipv4_bad_ihl")
+        if ihl > avail:
+            raise Ipv4Error("ipv4_truncated")
     if tot < ihl:
         raise Ipv4Error("ipv4_bad_total_length")
     if tot > avail:
         raise Ipv4Error("ipv4_truncated")
     if int.from_bytes(data[off:off + ihl], "big") % 0xFFFF:
-        # A correct header sums to 0xFFFF, i.e. 0 modulo 0xFFFF.
+        # A correct header sums to 0xFFFF, i.e. 0 modulo 0xFFFF (RFC 1071).
         raise Ipv4Error("ipv4_bad_checksum")
+    return ihl, tos, tot, ident, ff, ttl, proto, src, dst
+
+
+def parse_header(data, off: int = 0) -> Ipv4Repr:
+    ihl, tos, tot, ident, ff, ttl, proto, src, dst = check_header(data, off)
     return Ipv4Repr(src, dst, proto, ihl, tot, ident, ff, ttl, tos)
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ..checksum import ones_sum, pseudo_sum
+from ..checksum import l4_sum
 
 __all__ = [
     "FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR",
@@ -254,8 +254,8 @@ class TcpRepr:
 
 def checksum(src_ip: bytes, dst_ip: bytes, segment) -> int:
     """The checksum field value for `segment` whose own checksum field is 0."""
-    return (~ones_sum(segment, pseudo_sum(src_ip, dst_ip, PROTO_TCP, len(segment)))) & 0xFFFF
+    return (~l4_sum(segment, 0, len(segment), src_ip, dst_ip, PROTO_TCP)) & 0xFFFF
 
 
 def verify(src_ip: bytes, dst_ip: bytes, segment) -> bool:
-    return ones_sum(segment, pseudo_sum(src_ip, dst_ip, PROTO_TCP, len(segment))) == 0xFFFF
+    return l4_sum(segment, 0, len(segment), src_ip, dst_ip, PROTO_TCP) == 0xFFFF

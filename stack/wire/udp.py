@@ -8,7 +8,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ..checksum import ones_sum, pseudo_sum
+from ..checksum import l4_sum, pseudo_sum
 
 __all__ = ["HEADER", "HLEN", "UdpError", "UdpRepr", "verify", "build"]
 
@@ -45,7 +45,7 @@ def verify(src_ip: bytes, dst_ip: bytes, datagram) -> bool:
     """True if the checksum is absent (0) or correct. `datagram` is exactly `length` bytes."""
     if datagram[6] == 0 and datagram[7] == 0:
         return True
-    return ones_sum(datagram, pseudo_sum(src_ip, dst_ip, 17, len(datagram))) == 0xFFFF
+    return l4_sum(datagram, 0, len(datagram), src_ip, dst_ip, 17) == 0xFFFF
 
 
 def build(src_ip: bytes, dst_ip: bytes, src_port: int, dst_port: int, payload,
@@ -55,11 +55,10 @@ def build(src_ip: bytes, dst_ip: bytes, src_port: int, dst_port: int, payload,
     n = HLEN + len(payload)
     d = bytearray(HEADER.pack(src_port, dst_port, n, 0))
     d += payload
-    ps = pseudo_sum(src_ip, dst_ip, 17, n)
     if partial:
-        cs = ps
+        cs = pseudo_sum(src_ip, dst_ip, 17, n)
     else:
-        cs = (~ones_sum(d, ps)) & 0xFFFF or 0xFFFF
+        cs = (~l4_sum(d, 0, n, src_ip, dst_ip, 17)) & 0xFFFF or 0xFFFF
     d[6] = cs >> 8
     d[7] = cs & 0xFF
     return d

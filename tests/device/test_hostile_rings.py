@@ -74,3 +74,86 @@ async def test_a_bug_in_a_handler_or_the_device_does_not_end_the_connection(tmp_
     await responsive(fe)
     assert srv.current.backend.errors["internal_error"] == 2
     await fe.shutdown(srv)
+
+
+def _feed_refused(fe, stop, fed: list) -> None:
+    """A driver that keeps the TX ring half full of refused chains for as long as the device takes them.
+
+    It watches the used ring's slots (a hostile driver may: the memory is shared)
+    to see each refused chain come back, and puts a new one in for each.
+    """
+    r = fe.tx
+    mem, n = fe.mem, r.size
+    sentinel = 0xFFFFFFFF
+    r.write_desc(0, r.buf(0), 4, F_NEXT, 0)                # a loop: refused after a queue's worth
+    c = a = r.avail_idx
+    while not stop.is_set():
+        while c != a and struct.unpack_from("<I", mem, r.used + 4 + 8 * (c % n))[0] != sentinel:
+            c += 1
+        while a - c < n // 2:
+            struct.pack_into("<I", mem, r.used + 4 + 8 * (a % n), sentinel)
+            struct.pack_into("<H", mem, r.avail + 4 + 2 * (a % n), 0)
+            a += 1
+            struct.pack_into("<H", mem, r.avail + 2, a & 0xFFFF)
+        fed[0] = c
+
+
+async def test_a_driver_feeding_refused_chains_cannot_starve_the_loop(proc_backend):
+    """Case 5: refused chains count against the budget, so pop() returns and the loop yields."""
+    import threading
+    fe = Frontend()
+    await fe.connect(proc_backend.socket)
+    await fe.handshake()
+    stop = threading.Event()
+    fed = [0]
+    async with trio.open_nursery() as n:
+        n.start_soon(trio.to_thread.run_sync, _feed_refused, fe, stop, fed)
+        try:   # the feeder thread cannot be cancelled: it must be told, whatever happens here
+            with trio.fail_after(10):
+                while fed[0] < 200:         # the device is taking them
+                    fe.tx.kick()
+                    await trio.sleep(0.01)
+            for _ in range(5):
+                await responsive(fe, proc_backend)
+        finally:
+            stop.set()
+    errors = (await ask_backend(proc_backend))["queues"][1]["errors"]
+    assert errors["chain_too_long"] >= 200
+    await fe.close()
+    fe.release()
+
+
+async def test_a_batch_of_queue_long_chains_does_not_block_the_loop(proc_backend):
+    """Case 12: 512 chains of 4096 descriptors each (one event-loop step of several seconds before).
+
+    Budgets count descriptors and a chain longer than the device's limit
+    (virtio 1.2 §2.7.4.1) is refused, so GET_FEATURES is answered while the
+    batch is worked through.
+    """
+    size = 4096
+    fe = Frontend(queue_size=size, mem_size=288 << 20)
+    await fe.connect(proc_backend.socket)
+    await fe.handshake()
+    r = fe.tx
+    for i in range(size):                       # 0 -> 1 -> ... -> size-1: a valid chain, as long as the queue
+        r.write_desc(i, r.buf(0) + i, 1, F_NEXT if i + 1 < size else 0, i + 1)
+    sentinel = 0xFFFFFFFF
+    struct.pack_into("<I", fe.mem, r.used + 4, sentinel)
+    for _ in range(512):
+        struct.pack_into("<H", fe.mem, r.avail + 4 + 2 * (r.avail_idx % size), 0)
+        r.avail_idx += 1
+    r.set_avail_idx(r.avail_idx)
+    r.kick()
+    with trio.fail_after(10):                   # the device has started on the batch
+        while struct.unpack_from("<I", fe.mem, r.used + 4)[0] == sentinel:
+            await trio.sleep(0.001)
+    await responsive(fe, proc_backend, timeout=1.0)
+    with trio.fail_after(20):
+        while (await ask_backend(proc_backend))["queues"][1]["last_avail_idx"] != 512:
+            await trio.sleep(0.05)
+    q = (await ask_backend(proc_backend))["queues"][1]
+    assert q["errors"] == {"chain_excessive": 512}
+    [finding] = q["findings"]
+    assert finding["section"] == "2.7.4.2" and finding["level"] == "SHOULD"
+    await fe.close()
+    fe.release()

@@ -21,13 +21,16 @@ class FakeTcp:
         self.tso = "unset"
         self.counters = {"segs": 3}
 
-    def receive(self, now, src, dst, seg):
+    def receive(self, now, src, dst, seg, routed=False):
         self.rx.append((now, bytes(src), bytes(dst), bytes(seg)))
 
     def set_tso(self, m):
         self.tso = m
 
     def poll(self, now):
+        pass
+
+    def flush_acks(self, now):
         pass
 
     def next_deadline(self):

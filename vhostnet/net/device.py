@@ -2,8 +2,12 @@
 
 Data path, top to bottom:
 
-    kick fd -> TX ring (vhostnet/virtio) -> NetDevice.drain_tx -> header.py -> taps (pcap) -> stack
-    stack -> NetDevice.flush_rx -> header.py -> taps -> RX ring buffers -> call fd
+    kick fd -> TX ring (vhostnet/virtio) -> NetDevice.drain_tx -> header.py -> taps (pcap) -> link -> stack
+    stack -> link -> NetDevice.flush_rx -> header.py -> taps -> RX ring buffers -> call fd
+
+`link` is the outermost link layer (vhostnet/link: fault injection, taps
+on the stack's side), built by the `link_layers` the constructor is given;
+without one it is the stack itself.
 
 The device implements vhostnet.vhostuser.device.Device and sees rings only
 through vhostnet.virtio.ring.Ring; it is handed them on every call.
@@ -29,14 +33,20 @@ import os
 import struct
 from typing import Sequence
 
+import trio
+
 from stack import Frame, NetConfig, Stack
 from stack.checksum import finalize_l4_checksum
+from stack.services.config import ServicesConfig
+from stack.services.dns import DnsQuery
+
+from vhostnet.hostnet.dns import DnsForwarder
 
 from vhostnet.virtio import features as F
 from vhostnet.net.header import (DATA_VALID, GSO_ECN, GSO_NONE, GSO_TCPV4, HDR10, HDR12, MAX_FRAME,
                                   NEEDS_CSUM, hdr_len_for, scatter)
 from vhostnet.ratelimit import RateLimitedLog
-from vhostnet.virtio.ring import Ring
+from vhostnet.virtio.ring import MAX_CHAIN_DESCS, Budget, Ring
 
 __all__ = ["NetDevice"]
 
@@ -45,6 +55,12 @@ log = logging.getLogger("vhostnet.net")
 _ONE = (1).to_bytes(8, "little")
 _ETH_IP_TCP = struct.Struct("!12xH")  # ethertype
 RX, TX = 0, 1
+# Guest-controlled work per event-loop step, in descriptors (refused chains
+# count too): then the step ends and the loop yields, so the message loop
+# and the other ring get their turn. At a few microseconds per descriptor
+# plus the stack's work per frame this keeps a step well under 10 ms.
+TX_BUDGET = 256
+RX_BUDGET = 256
 
 
 def _one_line_traceback(e: BaseException) -> str:
@@ -59,10 +75,29 @@ class NetDevice:
 
     def __init__(self, config: NetConfig | None = None, *, features: int = F.DEFAULT_FEATURES,
                  rx_pending_limit: int = 1024, rlog: RateLimitedLog | None = None,
-                 taps: list | None = None):
+                 taps: list | None = None, link_layers=None, hostnet=None,
+                 net_services: ServicesConfig | None = None, dns_upstreams=()):
         self.config = config or NetConfig()
         self.device_features = features
-        self.stack = Stack(self.config)
+        # With a host network (vhostnet/hostnet), the stack's NAT flows are
+        # driven by a HostProxy that `run` starts in the connection's nursery.
+        # DHCP/DNS/TFTP run inside the stack; DNS queries leave it as pulled
+        # events that `dns` relays upstream from the same nursery.
+        if hostnet is None:
+            self.stack = Stack(self.config, net_services=net_services)
+            self.proxy = None
+        else:
+            self.stack = Stack(self.config, flows=hostnet.config.flows,
+                               services=hostnet.config.services, net_services=net_services)
+            self.proxy = hostnet.make_proxy(self.stack.flows, self.config.gateway_ip_b,
+                                            self.config.guest_ip_b)
+        self._services = net_services is not None
+        self.dns = (DnsForwarder(dns_upstreams, budget=net_services.dns_timeout * 0.9,
+                                 max_pending=net_services.dns_max_inflight)
+                    if net_services is not None and net_services.dns and dns_upstreams else None)
+        # Link layers (vhostnet/link: faults, stack-side taps) wrap the stack;
+        # frames and time go through the outermost one, which is the stack if none.
+        self.link = link_layers(self.stack) if link_layers is not None else self.stack
         self.rlog = rlog or RateLimitedLog(log)
         self.negotiated = 0
         self.hdr_len = 12
@@ -78,6 +113,7 @@ class NetDevice:
         # The list is the caller's: a capture can outlive a connection.
         self.taps: list = taps if taps is not None else []
         self.mtu = self.config.mtu
+        self._rx_more = False   # flush_rx stopped on its budget with work left
 
     # -- negotiation (called by the backend) -----------------------------
 
@@ -111,11 +147,53 @@ class NetDevice:
         return self.flush_rx(rings)
 
     def poll(self, rings: Sequence[Ring], now: float) -> None:
-        self.stack.poll(now)
+        self.link.poll(now)
         self.flush_rx(rings)
+        self._wake_proxy()
+
+    def _wake_proxy(self) -> None:
+        p = self.proxy
+        if p is not None and self.stack.flows.pending:
+            p.wake()
 
     def next_deadline(self):
-        return self.stack.next_deadline()
+        if self._rx_more:
+            return 0.0   # RX work left over from a spent budget: poll() as soon as the loop allows
+        return self.link.next_deadline()
+
+    async def run(self, rings: Sequence[Ring], after_work) -> None:
+        """The device's own tasks for the life of the connection: the host
+        proxy and the DNS upstream relay (returns at once when there are none)."""
+        async with trio.open_nursery() as nursery:
+            if self.proxy is not None:
+                def flush() -> None:
+                    self.flush_rx(rings)
+                    after_work()
+                nursery.start_soon(self.proxy.run, flush)
+            if self.dns is not None:
+                nursery.start_soon(self._relay_dns, rings, after_work)
+
+    async def _relay_dns(self, rings: Sequence[Ring], after_work) -> None:
+        """Each upstream answer goes into the stack, its frame to the guest,
+        and after_work() re-arms the server's timer."""
+        dns = self.stack.net_services.dns
+
+        def deliver(key: int, wire: bytes | None, reason: str | None) -> None:
+            if wire is not None:
+                dns.answer(key, wire)
+            else:
+                dns.fail(key, reason or "failed")
+            self.flush_rx(rings)
+            after_work()
+        await self.dns.serve(deliver)
+
+    def _service_io(self) -> None:
+        """Send the stack's new DNS queries upstream (SERVFAIL if there is none)."""
+        dns = self.stack.net_services.dns
+        for ev in self.stack.take_events():
+            if isinstance(ev, DnsQuery):
+                if self.dns is None or not self.dns.submit(ev):
+                    dns.fail(ev.key, "failed")      # no upstream: SERVFAIL now
 
     def _signal(self, q) -> None:
         if q.call_fd is None:
@@ -142,13 +220,13 @@ class NetDevice:
 
     # -- TX: guest -> stack ----------------------------------------------
 
-    def drain_tx(self, rings: Sequence[Ring], now: float, budget: int = 512) -> bool:
+    def drain_tx(self, rings: Sequence[Ring], now: float, budget: int | None = None) -> bool:
         q = rings[TX]
         if not q.ready:
             return False
-        n = 0
-        while n < budget:
-            chain = q.pop()
+        b = Budget(TX_BUDGET if budget is None else budget)
+        while True:
+            chain = q.pop(b)
             if chain is None:
                 break
             try:
@@ -162,15 +240,15 @@ class NetDevice:
             # frame views point into guest memory.
             q.push(chain.head, 0)
             chain = None
-            n += 1
         # Chains refused by pop() were pushed too, so publish regardless.
         if q.used_idx != q.guest_used_idx():
             if q.publish():
                 self._signal(q)
             else:
                 q.stats["calls_suppressed"] += 1
-        more = n >= budget or q.want_kick_at_next()
+        more = (b.spent or q.want_kick_at_next()) and q.ready
         self.flush_rx(rings)
+        self._wake_proxy()
         return more
 
     def _tx_one(self, q, chain, now: float) -> None:
@@ -223,12 +301,14 @@ class NetDevice:
         self.counters["tx_bytes"] += len(data)
         for tap in self.taps:
             tap("tx", frame)
-        self.stack.receive(frame, now)
+        self.link.receive(frame, now)
 
     # -- RX: stack -> guest ----------------------------------------------
 
     def flush_rx(self, rings: Sequence[Ring]) -> bool:
-        out = self.stack.take_frames()
+        if self._services:
+            self._service_io()
+        out = self.link.take_frames()
         pending = self.rx_pending
         if out:
             room = self.rx_pending_limit - len(pending)
@@ -240,27 +320,34 @@ class NetDevice:
                                   "rx: guest posts no RX buffers; %d frame(s) dropped (%d waiting)",
                                   dropped, len(pending))
             pending.extend(out)
+        self._rx_more = False
         if not pending:
             return False
         q = rings[RX]
         if not q.ready:
             return False
-        while True:
-            while pending:
-                if not self._rx_one(q, pending[0]):
-                    break
+        b = Budget(RX_BUDGET)
+        while pending and not b.spent and q.ready:
+            if self._rx_one(q, pending[0], b):
                 pending.popleft()
-            if not pending or not q.want_kick_at_next():
+                continue
+            # No room: the buffers posted (given back by rollback) are not
+            # enough. Ask to be kicked when the driver posts more; go round
+            # again only if it already has (the budget bounds the retries).
+            if not q.ready or not q.want_kick_at_next(q.avail_seen):
                 break
         if q.used_idx != q.guest_used_idx():
             if q.publish():
                 self._signal(q)
             else:
                 q.stats["calls_suppressed"] += 1
-        return False
+        # Budget spent with frames and buffers waiting: poll() again at once
+        # (next_deadline), after the loop has had its turn.
+        self._rx_more = bool(pending) and b.spent and q.ready
+        return self._rx_more
 
-    def _rx_one(self, q, f: Frame) -> bool:
-        """Write one frame into posted RX buffers. False: no room yet, try later."""
+    def _rx_one(self, q, f: Frame, budget: Budget) -> bool:
+        """Write one frame into posted RX buffers, or drop it. False: no room yet, try later."""
         data = f.data
         n = len(data)
         flags = gso_type = hdr_len = gso_size = cs = co = 0
@@ -284,50 +371,15 @@ class NetDevice:
             flags = DATA_VALID
         need = self.hdr_len + n
         if self.mrg:
-            chains = []
-            room = 0
-            while room < need:
-                c = q.pop()
-                if c is None:
-                    if chains:
-                        q.unpop(len(chains))
-                    return False
-                if not c.writable:
-                    q.push(c.head, 0)
-                    self._refuse(q, "rx_readonly_buffer", {"head": c.head, "seen": f"{c.read_len} readable bytes"},
-                                 "rx: buffer at descriptor %d has no device-writable part", c.head)
-                    continue
-                chains.append(c)
-                room += c.write_len
+            chains = self._gather(q, need, budget)
+            if chains is None:
+                return False
+            if not chains:
+                return True   # dropped, counted
             hdr = HDR12.pack(flags, gso_type, hdr_len, gso_size, cs, co, len(chains))
-            if len(chains) == 1:
-                c = chains[0]
-                v = c.writable[0]
-                if len(v) >= need:
-                    v[:12] = hdr
-                    v[12:need] = data
-                else:
-                    scatter(c.writable, hdr, data)
-                q.push(c.head, need)
-            else:
-                src_hdr, src_data = hdr, data
-                left = need
-                pos = 0
-                for c in chains:
-                    take = min(c.write_len, left)
-                    # Split the (hdr + data) stream at pos..pos+take for this chain.
-                    if pos < 12:
-                        h = src_hdr[pos:min(12, pos + take)]
-                        d = src_data[0:max(0, pos + take - 12)]
-                    else:
-                        h = b""
-                        d = src_data[pos - 12:pos - 12 + take]
-                    scatter(c.writable, h, d)
-                    q.push(c.head, take)
-                    pos += take
-                    left -= take
+            self._write_merged(q, chains, hdr, data, need)
         else:
-            c = q.pop()
+            c = q.pop(budget)
             if c is None:
                 return False
             if c.write_len < need:
@@ -347,6 +399,75 @@ class NetDevice:
         for tap in self.taps:
             tap("rx", f)
         return True
+
+    def _gather(self, q, need: int, budget: Budget):
+        """MRG_RXBUF: chains holding NEED bytes; [] if the frame is dropped; None if no room yet.
+
+        A tentative take (Ring.mark): on no room everything taken is given
+        back, refused chains included, so retrying later returns each chain
+        exactly once and in ring order. Refused buffers (read-only, smaller
+        than the header) are pushed with length 0 before the frame's own, so
+        the frame's num_buffers buffers stay consecutive in the used ring.
+        """
+        mark = q.mark()
+        frame_budget = Budget(MAX_CHAIN_DESCS)   # bounds one frame's walk, whatever the ring holds
+        chains = []
+        refused = []
+        room = 0
+        while room < need:
+            c = q.pop(frame_budget)
+            if c is None:
+                budget.left -= MAX_CHAIN_DESCS - frame_budget.left
+                whole_ring = q.taken_since(mark) >= q.num or frame_budget.spent
+                q.rollback(mark)
+                if not whole_ring or not q.ready:
+                    return None
+                # Every buffer the driver can post, together, is too small (or too
+                # fragmented): waiting would stop RX for ever. Drop this frame.
+                self._refuse(q, "rx_ring_too_small",
+                             {"expected": f">= {need} bytes", "seen": f"{room} bytes in {len(chains)} buffers"},
+                             "rx: the %d RX buffers posted hold %d bytes, not the %d this frame needs; frame dropped",
+                             len(chains), room, need)
+                return []
+            if not c.writable or c.write_len < self.hdr_len:
+                q.push(c.head, 0)
+                refused.append(c)
+                continue
+            chains.append(c)
+            room += c.write_len
+        budget.left -= MAX_CHAIN_DESCS - frame_budget.left
+        q.commit()
+        for c in refused:
+            if not c.writable:
+                self._refuse(q, "rx_readonly_buffer", {"head": c.head, "seen": f"{c.read_len} readable bytes"},
+                             "rx: buffer at descriptor %d has no device-writable part", c.head)
+            else:
+                self._refuse(q, "rx_buffer_below_header",
+                             {"head": c.head, "expected": f">= {self.hdr_len} bytes", "seen": c.write_len},
+                             "rx: buffer at descriptor %d holds %d bytes, less than the %d-byte header",
+                             c.head, c.write_len, self.hdr_len)
+        return chains
+
+    @staticmethod
+    def _write_merged(q, chains, hdr: bytes, data, need: int) -> None:
+        if len(chains) == 1:
+            c = chains[0]
+            v = c.writable[0]
+            if len(v) >= need:
+                v[:12] = hdr
+                v[12:need] = data
+            else:
+                scatter(c.writable, hdr, data)
+            q.push(c.head, need)
+            return
+        # One copy over every chain's buffers in order: each chain is filled
+        # before the next, so chain i gets min(write_len, left).
+        scatter([v for c in chains for v in c.writable], hdr, data)
+        left = need
+        for c in chains:
+            take = min(c.write_len, left)
+            q.push(c.head, take)
+            left -= take
 
     def describe(self) -> dict:
         return {

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import struct
 
+from stack.native import copy
+
 __all__ = ["HDR10", "HDR12", "NEEDS_CSUM", "DATA_VALID", "GSO_NONE", "GSO_TCPV4", "GSO_ECN",
            "MAX_FRAME", "hdr_len_for", "scatter"]
 
@@ -35,24 +37,8 @@ def hdr_len_for(mrg_rxbuf: bool, version_1: bool) -> int:
 
 
 def scatter(views, hdr, data) -> int:
-    """Copy hdr then data into consecutive views; returns bytes written."""
-    written = 0
-    src = hdr
-    spos = 0
-    second = data
-    for v in views:
-        vpos = 0
-        vlen = len(v)
-        while vpos < vlen:
-            left = len(src) - spos
-            if left == 0:
-                if second is None:
-                    return written
-                src, spos, second = second, 0, None
-                continue
-            n = min(left, vlen - vpos)
-            v[vpos:vpos + n] = src[spos:spos + n]
-            vpos += n
-            spos += n
-            written += n
-    return written
+    """Copy hdr then data into consecutive views; returns bytes written.
+
+    One call of the native scatter/gather copy (stack/native: C through
+    cffi, or its Python twin), however many views."""
+    return copy(views, (hdr, data))

@@ -12,6 +12,10 @@ from vhostnet.observe import decode
 __all__ = ["inspect_text", "desc_text", "stats_text", "not_connected"]
 
 
+# The fault layer's counters worth a line in `stats` (all of them: `vhostnet fault show`).
+_FAULT_COUNTS = ("frames", "lost", "duplicated", "corrupted", "reordered", "delayed", "overflow", "queued")
+
+
 def _hex(v) -> str:
     return "-" if v is None else f"{v:#x}"
 
@@ -95,6 +99,8 @@ def _queue_text(q: dict) -> list[str]:
             ([f"last used: id {lu['id']} len {lu['len']} (used ring idx {lu['idx']})"] if lu else [])
             + ([f"next avail: id {na}"] if na is not None else [])))
     lines.append(f"  errors: {_kv(q['errors'])}")
+    for f in q.get("findings", []):
+        lines.append(f"    {f['id']} x{f['count']}: {f['message']} ({f['level']}); first: {f['first'].get('detail', '')}")
     return lines
 
 
@@ -111,7 +117,12 @@ def desc_text(doc: dict) -> str:
         tag = "  (indirect)" if d["indirect_table"] else ""
         out.append(f"  [{d['index']:>4}] addr {d['addr']:#014x} len {d['len']:>6} "
                    f"flags {decode.desc_flags(d['flags']):<14} next {d['next']:<5} {where}{tag}")
+    if doc.get("descriptors_truncated"):
+        out.append(f"  ... the chain claims more; listing stopped after {len(doc['descriptors'])} descriptors")
     out.append(f"  device-readable {doc['readable_bytes']} bytes, device-writable {doc['writable_bytes']} bytes")
+    ref = doc.get("refusal")
+    if ref:
+        out.append(f"  the device refuses this chain: {ref['message']} ({ref['level']}): {ref['detail']}")
     if doc["note"]:
         out.append(f"  {doc['note']}")
     if doc["frame"] is None:
@@ -147,6 +158,11 @@ def stats_text(doc: dict, prev: dict | None = None) -> str:
     for q in doc["queues"]:
         out.append(f"queue {q['name']:<5} kicks {q['kicks']}  calls {q['calls']}  suppressed "
                    f"{q['calls_suppressed']}  chains {q['chains']}  errors: {_kv(q['errors'])}")
+    flt = doc.get("faults")
+    if flt and flt["spec"] != "none":
+        out.append(f"faults     {flt['spec']}")
+        out += [f"           {d}: " + ", ".join(f"{k} {flt[d][k]}" for k in _FAULT_COUNTS if flt[d].get(k))
+                for d in ("tx", "rx")]
     cap = doc.get("capture")
     if cap and (cap["clients"] or cap["frames"]):
         out.append(f"capture    {cap['clients']} running, {cap['frames']} frames sent, {cap['dropped']} dropped")
@@ -159,7 +175,58 @@ def stats_text(doc: dict, prev: dict | None = None) -> str:
     out += _tcp_lines(st["tcp"]) or ["  (none)"]
     if st["reassembly"]:
         out.append(f"IP reassembly: {len(st['reassembly'])} datagram(s) in progress")
+    out += nat_lines(doc.get("nat"), doc.get("forwards", []))
+    if doc.get("services"):
+        out += _services_lines(doc["services"])
     return "\n".join(out)
+
+
+def nat_lines(nat: dict | None, forwards: list[dict]) -> list[str]:
+    """NAT flows like `ss`: proto, guest side, remote (as the guest sees it),
+    host side, state, bytes each way, age; then the forwards."""
+    out = []
+    if nat is not None:
+        n = nat["counts"]
+        out.append(f"NAT        {'outbound' if nat['outbound'] else 'restricted (forwards only)'}; "
+                   f"flows tcp {n['tcp']}/{nat['limits']['tcp']} udp {n['udp']}/{nat['limits']['udp']} "
+                   f"icmp {n['icmp']}/{nat['limits']['icmp']}; {_kv(nat['counters'])}")
+        if nat["flows"]:
+            out.append(f"  {'PROTO':<5} {'DIR':<3} {'GUEST':<21} {'REMOTE':<21} {'HOST':<43} "
+                       f"{'STATE':<12} {'FROM-GUEST':>10} {'TO-GUEST':>10} {'AGE':>7}")
+        for f in nat["flows"]:
+            out.append(f"  {f['proto']:<5} {f['direction']:<3} {f['guest']:<21} {f['remote']:<21} "
+                       f"{f['host'] or '-':<43} {f['state']:<12} {f['bytes_from_guest']:>10} "
+                       f"{f['bytes_to_guest']:>10} {f['age_s']:>6.1f}s")
+    if forwards:
+        out.append("forwards")
+        out += [f"  {f['proto']:<4} host {f['host']:<21} -> guest {f['guest']:<21} "
+                f"accepted {f['accepted']} refused {f['refused']}" for f in forwards]
+    return out
+
+
+def _services_lines(svc: dict) -> list[str]:
+    dhcp, dns, tftp = svc["dhcp"], svc["dns"], svc["tftp"]
+    out = ["DHCP " + ("" if dhcp["enabled"] else "(off)")]
+    out += [f"  {l['ip']:<15} {l['mac']}  {l['state']}, expires in {l['expires_in']} s"
+            for l in dhcp["leases"]] or (["  (no leases)"] if dhcp["enabled"] else [])
+    if dns["enabled"]:
+        up = dns["upstream"]
+        out.append(f"DNS  queries {dns['queries']}  answered {dns['answered']} (nxdomain {dns['nxdomain']}, "
+                   f"truncated {dns['truncated']})  failed {dns['failed']}  timed out {dns['timed_out']}  "
+                   f"in flight {dns['inflight']}/{dns['max_inflight']} (cap hit {dns['inflight_cap']})")
+        out.append(f"     upstreams {', '.join(up['upstreams']) or '(none)'}  udp {up['udp']} tcp {up['tcp']}  "
+                   f"errors {up['errors']} timeouts {up['timeouts']}")
+    else:
+        out.append("DNS  (off)")
+    if tftp["enabled"]:
+        out.append(f"TFTP transfers {tftp['started']} started, {tftp['completed']} completed, "
+                   f"{tftp['failed']} failed ({tftp['timeouts']} timed out), {tftp['bytes']} bytes, "
+                   f"{tftp['retransmits']} retransmits")
+        out += [f"  {t['file']} -> {t['client']}  {t['sent']}/{t['size']} bytes, blksize {t['blksize']}"
+                for t in tftp["transfers"]]
+    else:
+        out.append("TFTP (off)")
+    return out
 
 
 def _tcp_lines(conns: list[dict]) -> list[str]:

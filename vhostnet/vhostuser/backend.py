@@ -91,8 +91,11 @@ class Backend:
 
     def __init__(self, device: Device, *, rlog: RateLimitedLog | None = None,
                  on_queue_start: Callable[[SplitRing], None] = _no_op,
-                 on_queue_stop: Callable[[SplitRing], None] = _no_op):
+                 on_queue_stop: Callable[[SplitRing], None] = _no_op,
+                 allow_unsealed_memory: bool = False):
         self.device = device
+        # memory.py: accept guest memory a front-end could shrink under us (SIGBUS)?
+        self.allow_unsealed_memory = allow_unsealed_memory
         self.rlog = rlog or RateLimitedLog(log)
         self.queues = [SplitRing(i, device.queue_names[i], on_error=self._queue_error)
                        for i in range(device.num_queues)]
@@ -254,7 +257,10 @@ class Backend:
 
     def _set_mem_table(self, body, fds, raw):
         # The mappings keep the memory; handle() closes the fds afterwards.
-        new = GuestMemory.from_fds(body, fds)
+        warnings: list[str] = []
+        new = GuestMemory.from_fds(body, fds, allow_unsealed=self.allow_unsealed_memory, warnings=warnings)
+        for w in warnings:
+            log.warning("%s", w)
         old = self.mem
         for q in self.queues:
             q.detach()

@@ -43,5 +43,10 @@ class Device(Protocol):
     def next_deadline(self) -> float | None:
         """When poll() wants to run next, on trio's clock, or None."""
 
+    async def run(self, rings: Sequence[Ring], after_work) -> None:
+        """Device-side tasks for the life of the connection (vhostnet's host
+        proxy), in the connection's nursery; return at once if there are none.
+        `after_work()` re-arms the timer after work done outside process/poll."""
+
     def describe(self) -> dict:
         """JSON-able state for the inspection tools."""

@@ -1,20 +1,30 @@
 """The vhost-user server: one QEMU at a time, one trio nursery per connection.
 
 The nursery owns every task of a connection: the message loop, a kick
-waiter per started queue, and the stack's timer. When QEMU goes away the
+waiter per started queue, the stack's timer, and the device's own tasks
+(`Device.run`: vhostnet's host proxy and its host sockets). A server-level
+nursery runs the host network's port-forward listeners (`hostnet`), which
+outlive a reconnect. When QEMU goes away the
 nursery is cancelled, the backend unmaps guest memory and closes every fd it
 was given, and the server listens for the next QEMU (or exits with --once).
 
 Work runs in the trio thread between awaits; a kick handler processes at
-most a budget of chains before yielding so the message loop stays
-responsive even when the guest floods a queue.
+most a budget of descriptors before yielding so the message loop stays
+responsive even when the guest floods a queue. Every step that runs
+guest- or front-end-controlled work (a kick's ring work, a timer poll, one
+vhost-user message) is timed: `Connection.steps` keeps the count, the
+longest and how many took more than SLOW_STEP, shown by `inspect`/`stats`
+as `loop` (docs/json.md).
 """
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import math
 import os
+import socket
+import time
 
 import trio
 
@@ -32,6 +42,50 @@ log = logging.getLogger("vhostnet.server")
 POLL_INTERVAL = 0.001
 # After an unexpected exception in a timer poll, wait this long before the next.
 INTERNAL_ERROR_BACKOFF = 0.1
+# An event-loop step longer than this is counted as slow (issue 7: about 10 ms).
+SLOW_STEP = 0.010
+
+
+class StepStats:
+    """How long the event loop's steps of work take: count, longest, slow ones, by kind.
+
+    Wall-clock time is what the other tasks wait; the thread's CPU time
+    (time.thread_time) is the step's own work, without the time the kernel
+    gave other processes meanwhile (on a loaded machine the two differ a lot).
+    """
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.slow = 0
+        self.max = 0.0
+        self.max_cpu = 0.0
+        self.max_kind: str | None = None
+        self.max_by_kind: dict[str, float] = {}
+
+    @staticmethod
+    def start() -> tuple[float, float]:
+        return time.perf_counter(), time.thread_time()
+
+    def stop(self, kind: str, t0: tuple[float, float]) -> None:
+        cpu = time.thread_time() - t0[1]
+        if cpu > self.max_cpu:
+            self.max_cpu = cpu
+        self.add(kind, time.perf_counter() - t0[0])
+
+    def add(self, kind: str, seconds: float) -> None:
+        self.steps += 1
+        if seconds > SLOW_STEP:
+            self.slow += 1
+        if seconds > self.max_by_kind.get(kind, 0.0):
+            self.max_by_kind[kind] = seconds
+            if seconds > self.max:
+                self.max, self.max_kind = seconds, kind
+
+    def describe(self) -> dict:
+        return {"steps": self.steps, "max_step_ms": round(self.max * 1e3, 3), "max_step_kind": self.max_kind,
+                "max_step_cpu_ms": round(self.max_cpu * 1e3, 3),
+                "slow_steps": self.slow, "slow_step_ms": SLOW_STEP * 1e3,
+                "max_step_ms_by_kind": {k: round(v * 1e3, 3) for k, v in sorted(self.max_by_kind.items())}}
 
 
 async def send_all(sock, data: bytes) -> None:
@@ -50,11 +104,13 @@ class Connection:
         self.nursery = nursery
         self.device = server.make_device()
         self.backend = Backend(self.device, rlog=server.rlog,
-                               on_queue_start=self._queue_start, on_queue_stop=self._queue_stop)
+                               on_queue_start=self._queue_start, on_queue_stop=self._queue_stop,
+                               allow_unsealed_memory=server.allow_unsealed_memory)
         self._kick_scopes: dict[int, trio.CancelScope] = {}
         self._timer_wake = trio.Event()
         self._armed = math.inf
         self.messages = 0
+        self.steps = StepStats()
 
     # -- queues ----------------------------------------------------------
 
@@ -77,6 +133,7 @@ class Connection:
             trio.lowlevel.notify_closing(q.kick_fd)
 
     def _work(self, q) -> bool:
+        t0 = self.steps.start()
         try:
             more = self.device.process(self.backend.queues, q.index, trio.current_time())
         except Exception as e:
@@ -85,6 +142,8 @@ class Connection:
             # keep the connection and the process.
             self._internal_error(q, e)
             return False
+        finally:
+            self.steps.stop(q.name, t0)
         self._rearm()
         return more
 
@@ -147,8 +206,10 @@ class Connection:
                 await self._timer_wake.wait()
             now = trio.current_time()
             if now >= self._armed:
+                t0 = self.steps.start()
                 try:
                     self.device.poll(self.backend.queues, now)
+                    self.steps.stop("timer", t0)
                 except Exception as e:
                     self._internal_error(None, e)
                     await trio.sleep(INTERNAL_ERROR_BACKOFF)  # the deadline has not moved: do not spin
@@ -171,11 +232,13 @@ class Connection:
             request, flags, payload, fds, oversize = msg
             self.messages += 1
             log.debug("request %s flags %#x size %d fds %d", request_name(request), flags, len(payload), len(fds))
+            t0 = self.steps.start()
             if oversize:
                 close_all(fds)
                 reply = self.backend.refuse(request, flags, f"payload of {len(payload)} bytes is larger than any request")
             else:
                 reply = self.backend.handle(request, flags, payload, fds)
+            self.steps.stop("message", t0)
             if reply is not None:
                 try:
                     await send_all(self.sock, reply)
@@ -190,9 +253,22 @@ class Connection:
 
 
 class Server:
+    """Serves one frontend at a time on SOCKET_PATH, or on LISTENER: an
+    already-listening socket handed over by the caller (`serve --fd`). Then
+    SOCKET_PATH only names it in logs and reports, and is never unlinked:
+    the path, if any, belongs to whoever bound it. The listener itself is
+    closed at the end either way (it was handed to us)."""
+
     def __init__(self, socket_path: str, make_device, *, once: bool = False,
-                 rlog: RateLimitedLog | None = None, taps: list | None = None):
+                 rlog: RateLimitedLog | None = None, taps: list | None = None,
+                 listener: socket.socket | None = None, hostnet=None,
+                 allow_unsealed_memory: bool = False):
         self.socket_path = socket_path
+        self.owns_path = listener is None
+        self.allow_unsealed_memory = allow_unsealed_memory
+        # The host network's server-level part (port forwards), served next to
+        # the accept loop so its listeners outlive a QEMU reconnect; or None.
+        self.hostnet = hostnet
         self.make_device = make_device
         self.once = once
         self.rlog = rlog or RateLimitedLog(log)
@@ -202,7 +278,7 @@ class Server:
         # capture outlives a reconnect. Empty means no cost.
         self.taps: list = taps if taps is not None else []
         self.connections = 0
-        self.listener: socket.socket | None = None
+        self.listener: socket.socket | None = listener
         self.ready = trio.Event()
 
     def listen(self) -> None:
@@ -212,39 +288,62 @@ class Server:
     async def serve(self) -> None:
         self.listen()
         lsock = trio.socket.from_stdlib_socket(self.listener)
-        self.ready.set()
         log.info("listening on %s", self.socket_path)
         try:
-            while True:
-                sock, _ = await lsock.accept()
-                self.connections += 1
-                log.info("frontend connected (connection %d)", self.connections)
-                try:
-                    await self._serve_connection(sock)
-                finally:
-                    sock.close()
-                log.info("frontend disconnected; guest memory unmapped, fds closed")
-                if self.once:
-                    return
+            async with trio.open_nursery() as nursery:
+                if self.hostnet is not None:
+                    await nursery.start(self.hostnet.serve)
+                self.ready.set()
+                await self._accept_loop(lsock)
+                nursery.cancel_scope.cancel()
         finally:
             lsock.close()
-            try:
-                os.unlink(self.socket_path)
-            except OSError:
-                pass
+            self.listener = None
+            if self.owns_path:
+                try:
+                    os.unlink(self.socket_path)
+                except OSError:
+                    pass
+
+    async def _accept_loop(self, lsock) -> None:
+        while True:
+            sock, _ = await lsock.accept()
+            self.connections += 1
+            log.info("frontend connected (connection %d)", self.connections)
+            await self._serve_connection(sock)
+            log.info("frontend disconnected; guest memory unmapped, fds closed")
+            if self.once:
+                return
 
     async def _serve_connection(self, sock) -> None:
         async with trio.open_nursery() as nursery:
-            conn = Connection(self, sock, nursery)
+            try:
+                conn = Connection(self, sock, nursery)
+            except BaseException:
+                sock.close()
+                raise
             self.current = conn
+            # A full (generation 2) collection walks every tracked object: ~12 ms
+            # here with the process's objects, inside whatever step triggered
+            # it. Frozen, the objects that exist now (the program, this
+            # connection's device and stack) are left out of it, so a step
+            # pays only for what it allocates. Unfrozen and collected when the
+            # connection ends, so nothing cyclic from it outlives it.
+            gc.freeze()
             try:
                 nursery.start_soon(conn.timer_loop)
+                nursery.start_soon(conn.device.run, conn.backend.queues, conn._rearm)
                 await conn.message_loop()
             finally:
                 nursery.cancel_scope.cancel()
                 self._log_errors(conn)
                 conn.close()
+                # The socket goes before `current` is cleared: whoever waits
+                # for current to be None sees every fd of the connection closed.
+                sock.close()
                 self.current = None
+                gc.unfreeze()
+                gc.collect()
 
     def _log_errors(self, conn: Connection) -> None:
         """One line per connection with every error count, so what rate limiting held back is told."""

@@ -1,0 +1,136 @@
+"""Hot paths in C through cffi, with a pure-Python fallback: chosen here, once.
+
+What is native (stack/native/native.c, built by stack/native/build.py at
+install time through setup.py's `cffi_modules`):
+
+    ones_sum(data, start=0) -> int        RFC 1071 sum, folded (checksum.py)
+    l4_sum(buf, off, n, src, dst, proto)  the same over buf[off:off+n] plus the
+                                          IPv4 pseudo-header: UDP/TCP checksums
+    copy(dst_views, src_views) -> int     scatter/gather copy, bytes copied
+                                          (C only for long view lists: see copy)
+    segment(data, ihl, doff, tot, gso, count, partial) -> list of frames
+                                          the software-TSO loop (segment.py)
+
+Selection: the compiled module `stack.native._native` is used when it
+imports and VHOSTNET_NATIVE is not "0"; otherwise every name above comes
+from stack/native/fallback.py, which computes the same results in Python.
+`NATIVE` (bool), `IMPLEMENTATION` ("cffi" or "python") and `REASON` (why
+the fallback, or "") say which was chosen; `vhostnet stats --json` shows
+them under "native", and the choice is logged at debug level.
+
+Calling convention: cffi passes a `bytes` object straight to a `const char *`
+parameter; any other buffer (bytearray, memoryview of guest memory) goes
+through ffi.from_buffer, which pins it for the duration of the call. C never
+keeps a pointer after it returns.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from . import fallback
+
+__all__ = ["NATIVE", "IMPLEMENTATION", "REASON", "ones_sum", "l4_sum", "copy", "segment", "describe"]
+
+log = logging.getLogger("stack.native")
+
+# Environment switch: VHOSTNET_NATIVE=0 forces the Python fallback (to
+# compare the two in one benchmark run, or to rule the C out when debugging).
+ENV_SWITCH = "VHOSTNET_NATIVE"
+
+# Views (sources + destinations) from which native.copy goes to C; below it
+# the Python slice loop is faster (see copy()).
+COPY_C_MIN_VIEWS = 64
+
+_lib = _ffi = None
+if os.environ.get(ENV_SWITCH, "1") == "0":
+    REASON = f"{ENV_SWITCH}=0"
+else:
+    try:
+        from ._native import ffi as _ffi, lib as _lib
+        REASON = ""
+    except ImportError as e:  # not built: a plain checkout, or no compiler at install
+        REASON = f"extension not built ({e})"
+
+NATIVE = _lib is not None
+IMPLEMENTATION = "cffi" if NATIVE else "python"
+
+
+def describe() -> dict:
+    """JSON-able: which implementation the hot paths use, and why."""
+    return {"native": NATIVE, "implementation": IMPLEMENTATION, "reason": REASON}
+
+
+if NATIVE:
+    _from_buffer = _ffi.from_buffer
+    _new = _ffi.new
+    _sum = _lib.vn_ones_sum
+    _copy = _lib.vn_copy
+    _l4 = _lib.vn_l4_sum
+    _OUT_OF_RANGE = 0x10000   # vn_l4_sum's refusal (native.c VN_OUT_OF_RANGE)
+    _seg = _lib.vn_segment_tcp
+
+    def ones_sum(data, start: int = 0) -> int:
+        """Ones'-complement sum of data, folded to 16 bits (see fallback.ones_sum)."""
+        if type(data) is bytes:
+            return _sum(data, len(data), start)
+        return _sum(_from_buffer(data), len(data), start)
+
+    def l4_sum(buf, off: int, n: int, src: bytes, dst: bytes, proto: int) -> int:
+        """Pseudo-header + buf[off:off+n], folded (see fallback.l4_sum). One C
+        call and no slice copy: bytes go straight to C, other buffers
+        through ffi.from_buffer."""
+        if off < 0 or n < 0:
+            raise ValueError(f"range {off}+{n} outside a {len(buf)}-byte buffer")
+        if type(src) is not bytes or type(dst) is not bytes or len(src) != 4 or len(dst) != 4:
+            src, dst = bytes(src), bytes(dst)
+            if len(src) != 4 or len(dst) != 4:
+                raise ValueError("IPv4 addresses are 4 bytes")
+        r = _l4(buf if type(buf) is bytes else _from_buffer(buf), len(buf), off, n, src, dst, proto)
+        if r == _OUT_OF_RANGE:
+            raise ValueError(f"range {off}+{n} outside a {len(buf)}-byte buffer")
+        return r
+
+    def copy(dst, src) -> int:
+        """Copy concat(src) into concat(dst) up to the shorter; returns bytes copied.
+
+        C only for long view lists: each view costs an ffi.from_buffer and
+        an array slot (about 0.5 us), while the Python loop's slice
+        assignment is itself a memcpy in C; scripts/bench_native.py measured
+        the two level at about 64 views (64 KiB in 1 KiB buffers) and the
+        Python loop 1.2-4x faster below that."""
+        nd, ns = len(dst), len(src)
+        if nd + ns < COPY_C_MIN_VIEWS:
+            return fallback.copy(dst, src)
+        dp = _new("char *[]", [_from_buffer(d, require_writable=True) for d in dst])
+        dl = _new("size_t[]", [len(d) for d in dst])
+        sp = _new("char *[]", [_from_buffer(s) for s in src])
+        sl = _new("size_t[]", [len(s) for s in src])
+        return _copy(dp, dl, nd, sp, sl, ns)
+
+    def segment(data, ihl: int, doff: int, tot: int, gso: int, count: int,
+                partial: bool) -> list:
+        """The software-TSO loop in C: all segments go into one new buffer,
+        returned as writable memoryview slices of it, one per segment."""
+        pay = 14 + ihl + doff
+        total = count * pay + (tot + 14 - pay)
+        out = bytearray(total)
+        lens = _new("uint32_t[]", count)
+        src = data if type(data) is bytes else _from_buffer(data)
+        if _seg(src, len(data), ihl, doff, tot, gso, count, 1 if partial else 0,
+                _from_buffer(out), total, lens) != total:
+            raise ValueError("vn_segment_tcp refused validated arguments")
+        mv = memoryview(out)
+        frames = []
+        o = 0
+        for n in lens:
+            frames.append(mv[o:o + n])
+            o += n
+        return frames
+else:
+    ones_sum = fallback.ones_sum
+    l4_sum = fallback.l4_sum
+    copy = fallback.copy
+    segment = fallback.segment
+
+log.debug("hot paths: %s%s", IMPLEMENTATION, f" ({REASON})" if REASON else "")

@@ -1,0 +1,154 @@
+"""Pure-Python twins of the C routines in stack/native/native.c.
+
+Used when the cffi extension was not built (a source checkout run through
+PYTHONPATH, a machine without a C compiler) or when VHOSTNET_NATIVE=0 asks
+for them. Each function has the same signature and result as its C
+counterpart's wrapper in stack/native/__init__.py; tests/stack/test_native.py
+checks that on random input.
+"""
+from __future__ import annotations
+
+import struct
+
+__all__ = ["ones_sum", "l4_sum", "copy", "segment"]
+
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+# TCP flags that only the last (FIN, PSH) or first (CWR) segment keeps,
+# as Linux's tcp_gso_segment does. RFC 793 §3.1, RFC 3168 §6.1.
+_FIN, _PSH, _CWR = 0x01, 0x08, 0x80
+_ETH_HLEN = 14          # IEEE 802.3 header without a VLAN tag
+_IP_SRC = 12            # RFC 791 §3.1: source and destination addresses at 12..20
+_PROTO_TCP = 6          # RFC 790
+_ONES = 0xFFFF          # 2**16 - 1: sums are taken modulo this (RFC 1071 §2)
+
+
+def ones_sum(data, start: int = 0) -> int:
+    """Ones'-complement sum of data (odd length padded with a zero byte), folded to 16 bits.
+
+    The sum of 16-bit big-endian words equals the buffer read as one big
+    integer modulo 0xFFFF, because 2**16 == 1 (mod 0xFFFF); int.from_bytes
+    and the modulo both run in C. Returns 0..0xFFFF; 0 only when data and
+    start are all zero. `start` is a partial sum to add in.
+    """
+    v = int.from_bytes(data, "big")
+    if len(data) & 1:
+        v <<= 8
+    v += start
+    if v == 0:
+        return 0
+    r = v % _ONES
+    return r if r else _ONES
+
+
+def l4_sum(buf, off: int, n: int, src: bytes, dst: bytes, proto: int) -> int:
+    """Folded sum of the IPv4 pseudo-header (RFC 768, RFC 793 §3.1: source,
+    destination, zero, protocol, length n) plus buf[off:off+n]. A correct
+    UDP or TCP segment sums to 0xFFFF; ~sum is the checksum to store.
+    Raises ValueError when off + n runs past buf."""
+    if off < 0 or n < 0 or off + n > len(buf):
+        raise ValueError(f"range {off}+{n} outside a {len(buf)}-byte buffer")
+    v = int.from_bytes(buf[off:off + n], "big")
+    if n & 1:
+        v <<= 8
+    v += int.from_bytes(src, "big") + int.from_bytes(dst, "big") + proto + n
+    if v == 0:
+        return 0
+    r = v % _ONES
+    return r if r else _ONES
+
+
+def copy(dst, src) -> int:
+    """Copy the concatenation of the buffers in `src` into the concatenation
+    of the writable buffers in `dst`, up to the shorter total. Returns the
+    number of bytes copied.
+
+    Each step is one slice assignment (a memcpy); sources are wrapped in
+    memoryviews so that slicing them never copies. Two shapes are the
+    common ones and go first: one destination (gathering a chain into a
+    frame) and whole destination views filled from one source (a frame
+    scattered over RX buffers)."""
+    if len(dst) == 1:
+        out = memoryview(dst[0])
+        room = len(out)
+        pos = 0
+        for s in src:
+            k = len(s)
+            if pos + k > room:
+                k = room - pos
+                out[pos:room] = memoryview(s)[:k]
+                return room
+            out[pos:pos + k] = s
+            pos += k
+        return pos
+    done = 0
+    it = iter(src)
+    s = memoryview(b"")
+    spos = slen = 0
+    for d in dst:
+        dl = len(d)
+        if slen - spos >= dl:
+            d[:] = s[spos:spos + dl]
+            spos += dl
+            done += dl
+            continue
+        dpos = 0
+        while dpos < dl:
+            if spos == slen:
+                s = next(it, None)
+                if s is None:
+                    return done
+                s = memoryview(s)
+                spos, slen = 0, len(s)
+                continue
+            k = slen - spos
+            if k > dl - dpos:
+                k = dl - dpos
+            d[dpos:dpos + k] = s[spos:spos + k]
+            dpos += k
+            spos += k
+            done += k
+    return done
+
+
+def segment(data, ihl: int, doff: int, tot: int, gso: int, count: int,
+            partial: bool) -> list:
+    """Cut the validated TCP/IPv4 frame `data` into `count` frames of at most
+    `gso` payload bytes (see stack/segment.py for the rules). Returns the
+    frames as bytearrays."""
+    l4 = _ETH_HLEN + ihl
+    pay = l4 + doff
+    end = _ETH_HLEN + tot
+    head = bytes(data[:pay])
+    ident = (data[18] << 8) | data[19]
+    seq = _U32.unpack_from(data, l4 + 4)[0]
+    flags = data[l4 + 13]
+    addr = int.from_bytes(data[_ETH_HLEN + _IP_SRC:_ETH_HLEN + _IP_SRC + 4], "big") \
+        + int.from_bytes(data[_ETH_HLEN + _IP_SRC + 4:_ETH_HLEN + _IP_SRC + 8], "big") + _PROTO_TCP
+    out = []
+    mv = memoryview(data)
+    for i in range(count):
+        o = pay + i * gso
+        chunk = mv[o:min(o + gso, end)]
+        f = bytearray(head)
+        f += chunk
+        _U16.pack_into(f, 16, ihl + doff + len(chunk))
+        _U16.pack_into(f, 18, (ident + i) & 0xFFFF)
+        f[24] = f[25] = 0
+        _U16.pack_into(f, 24, (~ones_sum(memoryview(f)[_ETH_HLEN:l4])) & 0xFFFF)
+        _U32.pack_into(f, l4 + 4, (seq + i * gso) & 0xFFFFFFFF)
+        fl = flags
+        if i != count - 1:
+            fl &= ~(_FIN | _PSH)
+        if i != 0:
+            fl &= ~_CWR
+        f[l4 + 13] = fl
+        ps = addr + doff + len(chunk)
+        ps = ps % _ONES or _ONES
+        if partial:
+            _U16.pack_into(f, l4 + 16, ps)
+        else:
+            f[l4 + 16] = f[l4 + 17] = 0
+            _U16.pack_into(f, l4 + 16, (~ones_sum(memoryview(f)[l4:], ps)) & 0xFFFF)
+        out.append(f)
+    return out

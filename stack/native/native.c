@@ -1,0 +1,234 @@
+/* vhostnet native hot paths, compiled by cffi (stack/native/build.py).
+ *
+ * Three routines, each with a pure-Python twin in stack/native/fallback.py
+ * that must give the same answer (tests/stack/test_native.py holds them to
+ * it on random input):
+ *
+ *   vn_ones_sum      RFC 1071 ones'-complement sum of a buffer
+ *   vn_l4_sum        the same over buf[off:off+n] plus the IPv4
+ *                    pseudo-header (RFC 768, RFC 793 section 3.1)
+ *   vn_copy          copy the concatenation of N source buffers into the
+ *                    concatenation of M destination buffers (guest
+ *                    scatter/gather lists <-> frames)
+ *   vn_segment_tcp   software TSO: one TCP/IPv4 frame -> MSS-sized frames
+ *
+ * Checksums: the ones'-complement sum is independent of byte order
+ * (RFC 1071 section 2(B)), so we add native-endian 32-bit loads into a
+ * 64-bit accumulator, fold with end-around carry, and swap the folded
+ * 16-bit result to network order once at the end.  Folding a non-zero sum
+ * never yields 0 (end-around carry keeps it in 1..0xFFFF), so the result
+ * is 0 only for an all-zero input with start 0: exactly what the Python
+ * version (`int.from_bytes(...) % 0xFFFF`, 0 -> 0xFFFF) returns.
+ *
+ * Nothing here allocates, keeps a pointer past the call, or reads or
+ * writes outside the lengths it is given; the Python side validates the
+ * headers before calling vn_segment_tcp.
+ */
+#include <stdint.h>
+#include <string.h>
+
+/* Ethernet + IPv4 + TCP field offsets (IEEE 802.3, RFC 791 section 3.1,
+ * RFC 793 section 3.1). */
+#define ETH_HLEN        14
+#define IP_TOTLEN_OFF   2
+#define IP_ID_OFF       4
+#define IP_CSUM_OFF     10
+#define IP_SRC_OFF      12
+#define TCP_SEQ_OFF     4
+#define TCP_FLAGS_OFF   13
+#define TCP_CSUM_OFF    16
+#define IPPROTO_TCP_NUM 6           /* RFC 790 */
+#define TCP_FIN 0x01                /* RFC 793 section 3.1 */
+#define TCP_PSH 0x08
+#define TCP_CWR 0x80                /* RFC 3168 section 6.1 */
+
+static inline uint16_t bswap16(uint16_t v) { return (uint16_t)((v << 8) | (v >> 8)); }
+
+static inline int little_endian(void)
+{
+    const uint16_t one = 1;
+    return *(const uint8_t *)&one == 1;
+}
+
+/* Fold a 64-bit sum of 16-bit quantities to 16 bits with end-around carry. */
+static inline uint32_t fold64(uint64_t s)
+{
+    s = (s & 0xFFFFFFFFu) + (s >> 32);
+    s = (s & 0xFFFFFFFFu) + (s >> 32);
+    s = (s & 0xFFFFu) + (s >> 16);
+    s = (s & 0xFFFFu) + (s >> 16);
+    s = (s & 0xFFFFu) + (s >> 16);
+    return (uint32_t)s;
+}
+
+/* Native-order partial sum (not folded).  Odd trailing byte: as the high
+ * byte of a network-order word, i.e. the first byte in memory. */
+static uint64_t sum_native(const uint8_t *p, size_t n)
+{
+    uint64_t s = 0;
+    /* Four independent accumulators let the compiler vectorize / pipeline. */
+    uint64_t a = 0, b = 0, c = 0, d = 0;
+    while (n >= 16) {
+        uint32_t w[4];
+        memcpy(w, p, 16);           /* unaligned-safe load */
+        a += w[0]; b += w[1]; c += w[2]; d += w[3];
+        p += 16;
+        n -= 16;
+    }
+    s = a + b + c + d;
+    while (n >= 4) {
+        uint32_t w;
+        memcpy(&w, p, 4);
+        s += w;
+        p += 4;
+        n -= 4;
+    }
+    if (n >= 2) {
+        uint16_t h;
+        memcpy(&h, p, 2);
+        s += h;
+        p += 2;
+        n -= 2;
+    }
+    if (n) {
+        uint16_t h = 0;
+        memcpy(&h, p, 1);           /* [byte, 0] in memory order */
+        s += h;
+    }
+    return s;
+}
+
+/* Network-order folded sum of p[0:n] plus `start` (a folded network-order
+ * sum; any 32-bit value, folded first).  Returns 0..0xFFFF; 0 only when everything is zero. */
+uint32_t vn_ones_sum(const char *buf, size_t n, uint32_t start)
+{
+    uint64_t s = sum_native((const uint8_t *)buf, n);
+    uint32_t st = fold64(start);
+    s += little_endian() ? bswap16((uint16_t)st) : st;
+    uint32_t r = fold64(s);
+    return little_endian() ? bswap16((uint16_t)r) : r;
+}
+
+/* Folded sum of the IPv4 pseudo-header (src, dst: 4 bytes each; zero,
+ * proto, length n) plus buf[off:off+n], in network order; what a UDP or
+ * TCP checksum is the complement of.  buf_len bounds the read: returns
+ * VN_OUT_OF_RANGE (not a 16-bit value) when off + n exceeds it. */
+#define VN_OUT_OF_RANGE 0x10000u
+uint32_t vn_l4_sum(const char *buf, size_t buf_len, size_t off, size_t n,
+                   const char *src, const char *dst, uint32_t proto)
+{
+    if (off > buf_len || n > buf_len - off)
+        return VN_OUT_OF_RANGE;
+    uint64_t s = sum_native((const uint8_t *)buf + off, n);
+    s += sum_native((const uint8_t *)src, 4) + sum_native((const uint8_t *)dst, 4);
+    /* proto and length as network-order 16-bit words (n < 2^32 here:
+     * split in two words), converted to native order like the data. */
+    uint32_t words[3] = { proto & 0xFFFFu, (uint32_t)(n & 0xFFFFu), (uint32_t)((n >> 16) & 0xFFFFu) };
+    for (int i = 0; i < 3; i++)
+        s += little_endian() ? bswap16((uint16_t)words[i]) : words[i];
+    uint32_t r = fold64(s);
+    return little_endian() ? bswap16((uint16_t)r) : r;
+}
+
+/* Copy concat(src[i][0:slen[i]]) into concat(dst[j][0:dlen[j]]) up to the
+ * shorter of the two totals.  Returns the number of bytes copied. */
+size_t vn_copy(char *const *dst, const size_t *dlen, size_t nd,
+               const char *const *src, const size_t *slen, size_t ns)
+{
+    size_t i = 0, j = 0, si = 0, dj = 0, done = 0;
+    while (i < ns && j < nd) {
+        size_t sl = slen[i] - si, dl = dlen[j] - dj;
+        size_t k = sl < dl ? sl : dl;
+        if (k) {
+            memcpy(dst[j] + dj, src[i] + si, k);
+            done += k;
+            si += k;
+            dj += k;
+        }
+        if (si == slen[i]) { i++; si = 0; }
+        if (dj == dlen[j]) { j++; dj = 0; }
+    }
+    return done;
+}
+
+static inline void put16(uint8_t *p, uint32_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
+
+/* Cut the TCP/IPv4 frame f[0:n] (already validated by the caller: IPv4,
+ * TCP, header lengths `ihl` and `doff`, total length tot, payload of plen
+ * bytes starting at ETH_HLEN + ihl + doff) into `count` segments of at
+ * most `gso` payload bytes, written back to back into out[0:cap].
+ * seg_len[i] receives each segment's length.  partial != 0 leaves the
+ * pseudo-header sum in the TCP checksum field (CHECKSUM_PARTIAL), else the
+ * full checksum is computed.  Returns the number of bytes written, or -1
+ * if `cap` or the arguments do not add up (nothing useful written then). */
+long vn_segment_tcp(const char *frame, size_t n, uint32_t ihl, uint32_t doff,
+                    uint32_t tot, uint32_t gso, uint32_t count, int partial,
+                    char *outbuf, size_t cap, uint32_t *seg_len)
+{
+    const uint8_t *f = (const uint8_t *)frame;
+    uint8_t *out = (uint8_t *)outbuf;
+    size_t l4 = ETH_HLEN + ihl;
+    size_t pay = l4 + doff;
+    size_t end = ETH_HLEN + (size_t)tot;
+    if (gso == 0 || end > n || pay > end || ihl < 20 || doff < 20)
+        return -1;
+    size_t plen = end - pay;
+    size_t need_count = plen <= gso ? 1 : (plen + gso - 1) / gso;
+    if (need_count != count)
+        return -1;
+    size_t total = count * pay + plen;
+    if (total > cap)
+        return -1;
+
+    const uint8_t *ip = f + ETH_HLEN;
+    uint32_t ident = ((uint32_t)ip[IP_ID_OFF] << 8) | ip[IP_ID_OFF + 1];
+    const uint8_t *tcp = f + l4;
+    uint32_t seq = ((uint32_t)tcp[TCP_SEQ_OFF] << 24) | ((uint32_t)tcp[TCP_SEQ_OFF + 1] << 16)
+                 | ((uint32_t)tcp[TCP_SEQ_OFF + 2] << 8) | tcp[TCP_SEQ_OFF + 3];
+    uint8_t flags = tcp[TCP_FLAGS_OFF];
+    /* Pseudo-header sum of the addresses and protocol (RFC 793 section
+     * 3.1); each segment adds its own TCP length. */
+    uint64_t addr = sum_native(ip + IP_SRC_OFF, 8);
+
+    uint8_t *o = out;
+    for (uint32_t i = 0; i < count; i++) {
+        size_t off = pay + (size_t)i * gso;
+        size_t k = end - off < gso ? end - off : gso;
+        memcpy(o, f, pay);
+        memcpy(o + pay, f + off, k);
+        uint8_t *sip = o + ETH_HLEN;
+        uint8_t *stcp = o + l4;
+        put16(sip + IP_TOTLEN_OFF, (uint32_t)(ihl + doff + k));
+        put16(sip + IP_ID_OFF, (ident + i) & 0xFFFFu);
+        sip[IP_CSUM_OFF] = sip[IP_CSUM_OFF + 1] = 0;
+        put16(sip + IP_CSUM_OFF, (~vn_ones_sum((const char *)sip, ihl, 0)) & 0xFFFFu);
+        uint32_t s = (uint32_t)(seq + (uint32_t)((size_t)i * gso));
+        stcp[TCP_SEQ_OFF] = (uint8_t)(s >> 24);
+        stcp[TCP_SEQ_OFF + 1] = (uint8_t)(s >> 16);
+        stcp[TCP_SEQ_OFF + 2] = (uint8_t)(s >> 8);
+        stcp[TCP_SEQ_OFF + 3] = (uint8_t)s;
+        uint8_t fl = flags;
+        if (i != count - 1)
+            fl &= (uint8_t)~(TCP_FIN | TCP_PSH);
+        if (i != 0)
+            fl &= (uint8_t)~TCP_CWR;
+        stcp[TCP_FLAGS_OFF] = fl;
+        /* Pseudo-header: addresses + protocol + TCP length, native order. */
+        uint32_t tlen = (uint32_t)(doff + k);
+        uint32_t pw = (uint32_t)IPPROTO_TCP_NUM + tlen;   /* network-order value */
+        uint64_t ps = addr + (little_endian() ? bswap16((uint16_t)(pw & 0xFFFF)) + bswap16((uint16_t)(pw >> 16))
+                                              : (pw & 0xFFFF) + (pw >> 16));
+        stcp[TCP_CSUM_OFF] = stcp[TCP_CSUM_OFF + 1] = 0;
+        if (partial) {
+            uint32_t r = fold64(ps);
+            put16(stcp + TCP_CSUM_OFF, little_endian() ? bswap16((uint16_t)r) : r);
+        } else {
+            uint32_t r = fold64(ps + sum_native(stcp, tlen));
+            r = little_endian() ? bswap16((uint16_t)r) : r;
+            put16(stcp + TCP_CSUM_OFF, (~r) & 0xFFFFu);
+        }
+        seg_len[i] = (uint32_t)(pay + k);
+        o += pay + k;
+    }
+    return (long)total;
+}

@@ -1,0 +1,181 @@
+"""NAT'ed UDP flows and ICMP echo: one host socket per flow.
+
+UDP outbound: a socket connect()ed to the flow's destination, so only that
+peer's replies come back (the kernel filters the rest) and an ICMP port
+unreachable from the host's side shows up as ECONNREFUSED, which goes back
+to the guest as ICMP port unreachable. UDP inbound (a forward): no socket of
+its own; replies go out of the forward's listening socket to the peer that
+opened the flow. Sends never wait: a datagram the host socket cannot take
+right now is dropped and counted, as a router would.
+
+ICMP echo: an unprivileged ping socket (SOCK_DGRAM, IPPROTO_ICMP; Linux
+net.ipv4.ping_group_range decides who may open one). The kernel picks the
+echo identifier and filters replies by it; the stack puts the guest's own
+identifier back.
+
+Flows end when the stack says so (idle timeout, stack/flows.py): the socket
+closes and the receive task is cancelled.
+"""
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+
+import trio
+
+from stack import flows as F
+from stack.wire import icmp as icmpw
+
+__all__ = ["UdpRelay", "PingRelay"]
+
+UDP_MAX_DATAGRAM = 65535 - 20 - 8           # RFC 768 over IPv4
+ICMP_ECHO = struct.Struct("!BBHHH")         # RFC 792: type, code, checksum, id, seq
+
+
+class _DatagramRelay:
+    def __init__(self, proxy, fid: int):
+        self.p = proxy
+        self.fid = fid
+        self.scope = trio.CancelScope()
+        self.sock: socket.socket | None = None
+        self.closed = False
+
+    def event(self, ev) -> None:
+        if type(ev) in (F.UdpEnded, F.IcmpEnded):
+            self.scope.cancel()
+            self.close()
+            self.p.forget(self.fid)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.sock is not None:
+                try:
+                    trio.lowlevel.notify_closing(self.sock)
+                except RuntimeError:
+                    pass
+                self.sock.close()
+
+    def _send(self, data, addr=None) -> None:
+        try:
+            if addr is None:
+                self.sock.send(data)
+            else:
+                self.sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            self.p.count("datagram_send_dropped")
+        except ConnectionRefusedError:
+            self._refused()
+        except OSError as e:
+            self.p.count("datagram_send_error")
+            self.p.rlog.warning("dgram_send", "datagram to the host failed: %s", e)
+            code = {errno.EHOSTUNREACH: icmpw.UNREACH_HOST,
+                    errno.ENETUNREACH: icmpw.UNREACH_NET}.get(e.errno)
+            if code is not None:
+                self.p.flows.unreachable(self.p.now(), self.fid, code)
+                self.p.flush()
+
+    def _refused(self) -> None:
+        self.p.count("udp_port_unreachable")
+        self.p.flows.unreachable(self.p.now(), self.fid, icmpw.UNREACH_PORT)
+        self.p.flush()
+
+
+class UdpRelay(_DatagramRelay):
+    @classmethod
+    def outbound(cls, proxy, fid: int, remote) -> "UdpRelay":
+        r = cls(proxy, fid)
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.setblocking(False)
+            s.connect(remote)
+            a, b = s.getsockname(), s.getpeername()
+        except OSError:
+            s.close()
+            raise
+        r.sock = s
+        r.peer = None
+        proxy.flows.describe(fid, f"{a[0]}:{a[1]}->{b[0]}:{b[1]}")
+        return r
+
+    @classmethod
+    def inbound(cls, proxy, fid: int, lsock: socket.socket, peer) -> "UdpRelay":
+        r = cls(proxy, fid)
+        r.sock = None
+        r.lsock = lsock
+        r.peer = peer
+        a = lsock.getsockname()
+        proxy.flows.describe(fid, f"{peer[0]}:{peer[1]}->{a[0]}:{a[1]}")
+        return r
+
+    def from_guest(self, payload: bytes) -> None:
+        if self.peer is None:
+            self._send(payload)
+        else:
+            try:
+                self.lsock.sendto(payload, self.peer)
+            except (BlockingIOError, InterruptedError):
+                self.p.count("datagram_send_dropped")
+            except OSError as e:
+                self.p.count("datagram_send_error")
+                self.p.rlog.warning("dgram_send", "UDP forward reply failed: %s", e)
+
+    async def run(self) -> None:
+        p, s = self.p, self.sock
+        with self.scope:
+            while True:
+                await trio.lowlevel.wait_readable(s)
+                try:
+                    data = s.recv(UDP_MAX_DATAGRAM)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except ConnectionRefusedError:
+                    self._refused()
+                    continue
+                except OSError as e:
+                    p.count("datagram_recv_error")
+                    p.rlog.warning("dgram_recv", "UDP from the host failed: %s", e)
+                    continue
+                p.flows.udp_send(p.now(), self.fid, data)
+                p.flush()
+
+
+class PingRelay(_DatagramRelay):
+    def __init__(self, proxy, fid: int, dst: str):
+        super().__init__(proxy, fid)
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+        try:
+            s.setblocking(False)
+            s.connect((dst, 0))
+            a = s.getsockname()
+        except OSError:
+            s.close()
+            raise
+        self.sock = s
+        self.dst = dst
+        proxy.flows.describe(fid, f"{a[0]} id {a[1]}->{dst}")
+
+    def from_guest(self, seq: int, payload: bytes) -> None:
+        # The kernel fills in the identifier and the checksum (ping socket).
+        self._send(ICMP_ECHO.pack(icmpw.ECHO_REQUEST, 0, 0, 0, seq) + payload)
+
+    async def run(self) -> None:
+        p, s = self.p, self.sock
+        with self.scope:
+            while True:
+                await trio.lowlevel.wait_readable(s)
+                try:
+                    data = s.recv(UDP_MAX_DATAGRAM)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as e:
+                    p.count("icmp_recv_error")
+                    p.rlog.warning("icmp_recv", "ICMP from %s: %s", self.dst, e)
+                    continue
+                if len(data) < ICMP_ECHO.size or data[0] != icmpw.ECHO_REPLY:
+                    p.count("icmp_unexpected")
+                    continue
+                _t, _c, _cs, _id, seq = ICMP_ECHO.unpack_from(data)
+                p.flows.icmp_reply(p.now(), self.fid, seq, data[ICMP_ECHO.size:])
+                p.flush()

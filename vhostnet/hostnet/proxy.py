@@ -1,0 +1,260 @@
+"""The host proxy: drives real host sockets from the stack's flow events.
+
+One HostProxy per guest connection, run by the device in the connection's
+nursery, so every host socket of a guest is closed when QEMU goes away.
+
+    stack (stack/flows.py) --events--> HostProxy.run --> relays (tcp_relay.py,
+    datagram.py) --calls in--> stack --frames--> flush (device RX + timer rearm)
+
+The loop sleeps on `wake`, which the device sets after a TX batch or a timer
+run when the flow table has events; it then takes at most EVENT_BUDGET
+events and yields, so a guest flooding SYNs or datagrams cannot starve the
+vhost-user message loop. Each flow's host I/O runs in the flow's own task;
+the relays call back into the stack and then `flush()`, which hands the
+frames that made to the guest and re-arms the stack's timer.
+
+Addresses: the gateway (10.0.2.2) is the host's 127.0.0.1 unless
+--no-map-host-loopback (then a connection to it is refused with a RST and a
+datagram gets port unreachable); any other address is itself, reached from
+the host's own network (namespace).
+
+Errors from host sockets map to what a guest understands, and never end the
+proxy: refused -> RST; unreachable host/net -> ICMP destination
+unreachable; connect timeout -> ICMP host unreachable; reset/EPIPE during a
+connection -> RST; for UDP, ECONNREFUSED -> ICMP port unreachable.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+
+import trio
+
+from stack import flows as F
+from stack.config import ip_text
+from stack.wire import icmp as icmpw
+from vhostnet.ratelimit import RateLimitedLog
+
+from .datagram import PingRelay, UdpRelay
+from .tcp_relay import TcpRelay
+
+__all__ = ["HostProxy", "EVENT_BUDGET"]
+
+log = logging.getLogger("vhostnet.hostnet")
+
+#: Events handled before the loop yields to the other tasks.
+EVENT_BUDGET = 256
+LOOPBACK = "127.0.0.1"
+LOOPBACK_NET = 127              # RFC 1122 3.2.1.3 (g)
+
+
+class HostProxy:
+    def __init__(self, flows, config, forwards=None, *, gateway_ip: bytes, guest_ip: bytes):
+        self.flows = flows
+        self.config = config
+        self.forwards = forwards
+        self.gateway_ip = gateway_ip
+        self.guest_ip = guest_ip
+        self.rlog = RateLimitedLog(log)
+        self.counters: dict[str, int] = {}
+        self.relays: dict[int, object] = {}
+        self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._flush = None
+        # Inbound UDP forwards: (listening socket fd, peer) -> fid, and back.
+        self._udp_in: dict[tuple, int] = {}
+
+    # ------------------------------------------------------------ plumbing
+    def count(self, key: str, n: int = 1) -> None:
+        self.counters[key] = self.counters.get(key, 0) + n
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def flush(self) -> None:
+        """Frames the last call into the stack made go to the guest now."""
+        if self._flush is not None:
+            self._flush()
+        if self.flows.pending:
+            self._wake.set()
+
+    @staticmethod
+    def now() -> float:
+        return trio.current_time()
+
+    def host_addr(self, ip: bytes) -> str | None:
+        """Where a guest's destination is on the host; None: nowhere."""
+        if ip == self.gateway_ip:
+            return LOOPBACK if self.config.map_host_loopback else None
+        if ip[0] == LOOPBACK_NET:
+            return None                 # the stack never routes these; belt and braces
+        return ip_text(ip)
+
+    async def run(self, flush, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self._flush = flush
+        try:
+            async with trio.open_nursery() as n:
+                self._nursery = n
+                if self.forwards is not None:
+                    self.forwards.proxy = self
+                task_status.started()
+                while True:
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                    self._drain()
+                    await trio.sleep(0)
+        finally:
+            if self.forwards is not None and self.forwards.proxy is self:
+                self.forwards.proxy = None
+            for r in list(self.relays.values()):
+                r.close()
+            self.relays.clear()
+            self._nursery = None
+
+    def _drain(self) -> None:
+        flows = self.flows
+        for _ in range(EVENT_BUDGET):
+            ev = flows.next_event()
+            if ev is None:
+                return
+            try:
+                self._handle(ev)
+            except Exception as e:      # a proxy bug must not take the backend down
+                self.count("internal_error")
+                self.rlog.log(logging.ERROR, "proxy_internal_error",
+                              "host proxy: internal error on %s: %r", type(ev).__name__, e)
+        self._wake.set()                # more waiting: come back after yielding
+
+    # -------------------------------------------------------------- events
+    def _handle(self, ev) -> None:
+        t = type(ev)
+        if t is F.TcpRequest:
+            self._tcp_request(ev)
+        elif t is F.UdpDatagram:
+            self._udp(ev)
+        elif t is F.IcmpEcho:
+            self._icmp(ev)
+        else:
+            r = self.relays.get(ev.fid)
+            if r is not None:
+                r.event(ev)
+
+    def _tcp_request(self, ev: F.TcpRequest) -> None:
+        host = self.host_addr(ev.dst_ip)
+        now = self.now()
+        if host is None:
+            self.count("tcp_no_host_mapping")
+            self.flows.refuse(now, ev.fid)
+            self.flush()
+            return
+        r = TcpRelay(self, ev.fid, (host, ev.dst_port))
+        self.relays[ev.fid] = r
+        self._nursery.start_soon(r.run_outbound)
+
+    def _udp(self, ev: F.UdpDatagram) -> None:
+        r = self.relays.get(ev.fid)
+        if r is None:
+            if not ev.new:
+                return                  # a flow we already gave up
+            host = self.host_addr(ev.dst_ip)
+            if host is None:
+                self.count("udp_no_host_mapping")
+                self.flows.unreachable(self.now(), ev.fid, icmpw.UNREACH_PORT)
+                self.flows.release(self.now(), ev.fid)
+                self.flush()
+                return
+            try:
+                r = UdpRelay.outbound(self, ev.fid, (host, ev.dst_port))
+            except OSError as e:
+                self._socket_failed("udp", e, ev.fid)
+                return
+            self.relays[ev.fid] = r
+            self._nursery.start_soon(r.run)
+        r.from_guest(ev.payload)
+
+    def _icmp(self, ev: F.IcmpEcho) -> None:
+        r = self.relays.get(ev.fid)
+        if r is None:
+            if not ev.new:
+                return
+            try:
+                r = PingRelay(self, ev.fid, ip_text(ev.dst_ip))
+            except OSError as e:
+                if isinstance(e, PermissionError):
+                    self.count("icmp_ping_socket_denied")
+                    self.rlog.warning(
+                        "ping_denied",
+                        "ICMP echo to %s: unprivileged ping sockets are not allowed here "
+                        "(sysctl net.ipv4.ping_group_range = %s does not include our group); "
+                        "the guest's pings beyond the gateway go unanswered",
+                        ip_text(ev.dst_ip), _ping_range())
+                    self.flows.release(self.now(), ev.fid)
+                    return
+                self._socket_failed("icmp", e, ev.fid)
+                return
+            self.relays[ev.fid] = r
+            self._nursery.start_soon(r.run)
+        r.from_guest(ev.seq, ev.payload)
+
+    def _socket_failed(self, what: str, e: OSError, fid: int) -> None:
+        """No host socket for a datagram flow (EMFILE, ENOBUFS...): drop it."""
+        self.count(f"{what}_socket_error")
+        self.rlog.warning(f"{what}_socket", "%s: cannot open a host socket: %s", what, e)
+        self.flows.release(self.now(), fid)
+
+    def forget(self, fid: int) -> None:
+        self.relays.pop(fid, None)
+        for k, v in list(self._udp_in.items()):
+            if v == fid:
+                del self._udp_in[k]
+
+    # ----------------------------------------------- inbound (forwards)
+    def inbound_tcp(self, sock: socket.socket, peer, guest_ip: str, guest_port: int) -> bool:
+        """A host connection to a TCP forward: open one to the guest. False: refused."""
+        if self._nursery is None:
+            return False
+        try:
+            fid = self.flows.connect(self.now(), _ip(guest_ip), guest_port)
+        except (ConnectionError, OSError, ValueError) as e:
+            self.count("forward_tcp_refused")
+            self.rlog.warning("fwd_refused", "forward to guest port %d refused: %s", guest_port, e)
+            return False
+        self.flush()
+        r = TcpRelay(self, fid, peer, sock=sock)
+        self.relays[fid] = r
+        self._nursery.start_soon(r.run_inbound)
+        return True
+
+    def inbound_udp(self, lsock: socket.socket, peer, data: bytes, guest_ip: str,
+                    guest_port: int) -> bool:
+        key = (lsock.fileno(), peer, guest_port)
+        fid = self._udp_in.get(key)
+        r = self.relays.get(fid) if fid is not None else None
+        if r is None:
+            try:
+                fid = self.flows.udp_open(self.now(), _ip(guest_ip), guest_port)
+            except OSError:
+                self.count("forward_udp_refused")
+                return False
+            r = UdpRelay.inbound(self, fid, lsock, peer)
+            self.relays[fid] = r
+            self._udp_in[key] = fid
+        self.flows.udp_send(self.now(), fid, data)
+        self.flush()
+        return True
+
+    # -------------------------------------------------------------- stats
+    def snapshot(self) -> dict:
+        return {"counters": dict(sorted(self.counters.items())), "relays": len(self.relays)}
+
+
+def _ip(text: str) -> bytes:
+    return socket.inet_aton(text)
+
+
+def _ping_range() -> str:
+    try:
+        with open("/proc/sys/net/ipv4/ping_group_range") as f:
+            return "'" + " ".join(f.read().split()) + "'"
+    except OSError:
+        return "(unreadable)"

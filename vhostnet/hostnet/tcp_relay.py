@@ -1,0 +1,197 @@
+"""One NAT'ed TCP connection: a host socket and a stack flow, bytes both ways.
+
+Outbound (the guest's SYN, held by the stack): connect on the host, then
+accept the SYN (the SYN-ACK goes to the guest only once the host said yes)
+or refuse it: ECONNREFUSED -> RST; EHOSTUNREACH/ENETUNREACH -> ICMP
+unreachable; no answer within the connect timeout -> ICMP host unreachable
+(like a router that gave up on ARP). Inbound (a forward): the host socket
+exists; the stack connects to the guest, and the relay starts once the
+guest accepts (a RST from the guest closes the host socket with a RST).
+
+Then two tasks move bytes, each bounded by the far side's appetite:
+* host -> guest reads at most `send_space` (the room the guest's window
+  leaves in the stack's send buffer), so a slow guest leaves bytes in the
+  host kernel and the host sender's window closes;
+* guest -> host peeks the stack's receive buffer, sends what the host
+  socket takes, and consumes exactly that much, so a slow host reader
+  closes the window the stack advertises to the guest.
+EOF maps to FIN both ways (shutdown(SHUT_WR) on the host socket after the
+guest's FIN; close() in the stack after the host's EOF). A reset either way
+is a reset on the other: an error on the host socket aborts the flow (RST
+to the guest); a RST from the guest closes the host socket with SO_LINGER 0
+so the host peer sees a RST too.
+"""
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+
+import trio
+
+from stack import flows as F
+from stack.wire import icmp as icmpw
+
+__all__ = ["TcpRelay", "RECV_CHUNK", "SEND_CHUNK"]
+
+RECV_CHUNK = 256 * 1024         # at most this much per host read (and never past send_space)
+SEND_CHUNK = 256 * 1024         # at most this much offered per host write
+_LINGER_RST = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() sends RST (socket(7))
+
+# connect() errors that are an ICMP error for the guest (RFC 1122 3.2.2.1 codes).
+_UNREACH = {errno.EHOSTUNREACH: icmpw.UNREACH_HOST, errno.ENETUNREACH: icmpw.UNREACH_NET,
+            errno.EHOSTDOWN: icmpw.UNREACH_HOST}
+
+
+class TcpRelay:
+    def __init__(self, proxy, fid: int, remote, sock: socket.socket | None = None):
+        self.p = proxy
+        self.fid = fid
+        self.remote = remote
+        self._stdsock = sock
+        self.tsock = None
+        self.scope = trio.CancelScope()
+        self._rd = trio.Event()
+        self._wr = trio.Event()
+        self._est = trio.Event()
+        self.guest_eof = False
+        self.reset = False
+        self.closed = False
+
+    # ------------------------------------------------------- from the proxy
+    def event(self, ev) -> None:
+        t = type(ev)
+        if t is F.TcpReadable:
+            self._rd.set()
+        elif t is F.TcpWritable:
+            self._wr.set()
+        elif t is F.TcpEof:
+            self.guest_eof = True
+            self._rd.set()
+        elif t is F.TcpEstablished:
+            self._est.set()
+        elif t is F.TcpReset:
+            self.reset = True
+            self._end()
+        elif t is F.TcpClosed:
+            self._end()
+
+    def _end(self) -> None:
+        self.scope.cancel()
+        self.close()
+        self.p.forget(self.fid)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        s = self.tsock if self.tsock is not None else self._stdsock
+        if s is None:
+            return
+        if self.reset:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+            except OSError:
+                pass
+        s.close()
+
+    # ----------------------------------------------------------- outbound
+    async def run_outbound(self) -> None:
+        p, flows, fid = self.p, self.p.flows, self.fid
+        with self.scope:
+            try:
+                self.tsock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            except OSError as e:
+                p.count("tcp_socket_error")
+                p.rlog.warning("tcp_socket", "TCP: cannot open a host socket: %s", e)
+                self._refuse(None)
+                return
+            try:
+                with trio.fail_after(p.config.connect_timeout):
+                    await self.tsock.connect(self.remote)
+            except trio.TooSlowError:
+                p.count("tcp_connect_timeout")
+                self._refuse(icmpw.UNREACH_HOST)
+                return
+            except OSError as e:
+                code = _UNREACH.get(e.errno)
+                p.count("tcp_connect_refused" if code is None else "tcp_connect_unreachable")
+                self._refuse(code)
+                return
+            flows.accept(p.now(), fid)
+            p.flush()
+            self._describe()
+            await self._pump()
+
+    def _refuse(self, icmp_code) -> None:
+        self.p.flows.refuse(self.p.now(), self.fid, icmp_code)
+        self.p.flush()
+        self.close()
+        self.p.forget(self.fid)
+
+    # ------------------------------------------------------------ inbound
+    async def run_inbound(self) -> None:
+        with self.scope:
+            self.tsock = trio.socket.from_stdlib_socket(self._stdsock)
+            self._stdsock = None
+            await self._est.wait()
+            self._describe()
+            await self._pump()
+
+    # ---------------------------------------------------------- the pump
+    def _describe(self) -> None:
+        try:
+            a, b = self.tsock.getsockname(), self.tsock.getpeername()
+            self.p.flows.describe(self.fid, f"{a[0]}:{a[1]}->{b[0]}:{b[1]}")
+        except OSError:
+            pass
+
+    async def _pump(self) -> None:
+        async with trio.open_nursery() as n:
+            n.start_soon(self._guarded, self._host_to_guest)
+            n.start_soon(self._guarded, self._guest_to_host)
+
+    async def _guarded(self, direction) -> None:
+        try:
+            await direction()
+        except OSError as e:
+            # ECONNRESET, EPIPE, ETIMEDOUT...: the host side is gone; tell the guest.
+            self.p.count("tcp_host_reset" if e.errno in (errno.ECONNRESET, errno.EPIPE)
+                         else "tcp_host_error")
+            self.p.flows.abort(self.p.now(), self.fid)
+            self.p.flush()
+            self.reset = True
+            self.scope.cancel()
+            self.close()
+            self.p.forget(self.fid)
+
+    async def _host_to_guest(self) -> None:
+        p, flows, fid, s = self.p, self.p.flows, self.fid, self.tsock
+        while True:
+            space = flows.send_space(fid)
+            if space <= 0:
+                self._wr = trio.Event()
+                await self._wr.wait()
+                continue
+            data = await s.recv(min(space, RECV_CHUNK))
+            if not data:
+                flows.close(p.now(), fid)
+                p.flush()
+                return
+            flows.send(p.now(), fid, data)
+            p.flush()
+
+    async def _guest_to_host(self) -> None:
+        p, flows, fid, s = self.p, self.p.flows, self.fid, self.tsock
+        while True:
+            n = flows.readable(fid)
+            if n:
+                sent = await s.send(flows.peek(fid, min(n, SEND_CHUNK)))
+                flows.consume(p.now(), fid, sent)
+                p.flush()
+                continue
+            if self.guest_eof:
+                s.shutdown(socket.SHUT_WR)
+                return
+            self._rd = trio.Event()
+            await self._rd.wait()
