@@ -132,7 +132,8 @@ def test_unpop_gives_back_position_and_wrap(rig):
     c1, c2 = r.ring.pop(), r.ring.pop()
     assert (c1.head, c2.head) == (a, b)
     assert r.ring.avail_wrap != before[1]   # the second chain crossed the end
-    r.ring.unpop(2)
+    r.ring.unpop()
+    r.ring.unpop()
     assert (r.ring.last_avail_idx, r.ring.avail_wrap) == before
     assert [r.ring.pop().head, r.ring.pop().head] == [a, b]
 

@@ -108,3 +108,50 @@ class PackedDriver:
             if self.next_used >= self.size:
                 self.next_used -= self.size
                 self.used_wrap = not self.used_wrap
+
+
+def frontend_ring(*args, **kwargs):
+    """A packed ring with the in-process frontend's Ring interface (frontend.py)."""
+    from vhostnet.testing.frontend import Ring
+
+    class PackedFrontendRing(Ring):
+        """frontend.Ring's calls on a packed ring: one buffer id per chain,
+        buffers addressed by id (buf(id)), used ids in completion order."""
+        packed = True
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            # The split layout's desc / avail / used areas hold the packed ring,
+            # the driver event area and the device event area.
+            self.drv = PackedDriver(self.mem, self.size, self.desc, self.avail, self.used)
+            self.event_idx = False
+
+        def add(self, bufs):
+            if not self.free or len(bufs) > self.drv.free_slots:
+                raise RuntimeError("ring full")
+            buf_id = self.free.pop()
+            self.drv.add(bufs, buf_id=buf_id)
+            self.chains[buf_id] = [buf_id]
+            return buf_id
+
+        def take_used(self):
+            out = self.drv.used()
+            for buf_id, _ in out:
+                self.chains.pop(buf_id, None)
+                if buf_id not in self.free:
+                    self.free.append(buf_id)
+            if self.event_idx and self.auto_used_event:
+                self.drv.interrupt_at_next()
+            return out
+
+        def set_avail_flags(self, flags: int) -> None:
+            # Split's VRING_AVAIL_F_NO_INTERRUPT: the driver event's DISABLE.
+            self.drv.disable_interrupts() if flags & 1 else self.drv.enable_interrupts()
+
+        def used_idx(self) -> int:
+            return self.drv.next_used
+
+        def avail_event(self) -> int:
+            return self.drv.device_event()[1]
+
+    return PackedFrontendRing(*args, **kwargs)

@@ -42,7 +42,7 @@ from __future__ import annotations
 import collections
 import struct
 
-from vhostnet.virtio.findings import Findings
+from vhostnet.virtio.findings import Findings, rule as findings_rule
 from vhostnet.virtio.ring import Chain, ChainError
 from vhostnet.virtio.split import MAX_QUEUE_SIZE, full_barrier
 from vhostnet.vhostuser.memory import GuestMemory, OutOfBounds
@@ -124,8 +124,13 @@ class PackedRing:
         # Chains taken and not yet returned, in order: (buffer id, ring slots).
         self._inflight: collections.deque[tuple[int, int]] = collections.deque()
         self._held = 0   # ring slots those chains take
-        # Used descriptors written but not yet flagged: (slot, flags).
-        self._unpublished: list[tuple[int, int]] = []
+        # Used descriptors not yet written: (slot, id, len, flags). Their id
+        # and len go out at publish() too: the slot is the chain's first
+        # descriptor, which a rollback() may hand back to the driver unread.
+        self._unpublished: list[tuple[int, int, int, int]] = []
+        self._deferred: list | None = None     # findings of a tentative take (mark/commit)
+        # Where pop() last found nothing available: what a kick is asked past.
+        self.avail_seen: tuple[int, bool] = (0, True)
         # Where the last publish() started: the range an EVENT_IDX check covers.
         self._published_from = (0, True)
         self.stats = {"kicks": 0, "calls": 0, "calls_suppressed": 0, "chains": 0, "bytes": 0}
@@ -209,6 +214,13 @@ class PackedRing:
     def describe_findings(self) -> list[dict]:
         return self.findings.describe()
 
+    def _refuse(self, reason: str, detail: str, **example) -> None:
+        """A chain refusal: counted now, or at commit() of a tentative take (dropped by rollback())."""
+        if self._deferred is not None:
+            self._deferred.append((reason, detail, example))
+        else:
+            self.count_error(reason, detail, **example)
+
     def _break(self, reason: str, detail: str, **example) -> None:
         self.broken = reason
         self.count_error(reason, detail, **example)
@@ -257,6 +269,7 @@ class PackedRing:
             if self.broken is not None or self._desc_h is None:
                 return None
             if not _is_avail(self._flags(self.last_avail_idx), self.avail_wrap):
+                self.avail_seen = (self.last_avail_idx, self.avail_wrap)
                 return None
             if self._held >= self.num:
                 # Every slot is ours: only a driver rewriting descriptors the
@@ -280,7 +293,7 @@ class PackedRing:
                 buf_id = e.example.pop("buffer_id", 0)
                 if budget is not None:
                     budget.left -= e.ndesc
-                self.count_error(e.reason, f"chain at ring position {start}: {e}", position=start, **e.example)
+                self._refuse(e.reason, f"chain at ring position {start}: {e}", position=start, **e.example)
                 self._take(buf_id, ndesc)
                 self.push(buf_id, 0)
                 continue
@@ -296,15 +309,40 @@ class PackedRing:
         self._inflight.append((buf_id, ndesc))
         self._held += ndesc
 
-    def unpop(self, n: int = 1) -> None:
-        """Give back the last n chains taken (not yet pushed): no RX room after all."""
-        for _ in range(n):
-            _, ndesc = self._inflight.pop()
-            self._held -= ndesc
-            self.last_avail_idx, self.avail_wrap = self._back(self.last_avail_idx, self.avail_wrap, ndesc)
-            self.stats["chains"] -= 1
+    def unpop(self) -> None:
+        """Give back the one chain pop() just returned (nothing pushed since): no use for it yet."""
+        _, ndesc = self._inflight.pop()
+        self._held -= ndesc
+        self.last_avail_idx, self.avail_wrap = self._back(self.last_avail_idx, self.avail_wrap, ndesc)
+        self.stats["chains"] -= 1
 
-    def _walk(self, start: int, wrap: bool) -> tuple[Chain, int]:
+    # A tentative take (MRG_RXBUF, see split.py): rollback() gives back
+    # everything popped and refused since mark(), their unwritten used
+    # descriptors included; findings count only at commit().
+
+    def mark(self) -> tuple:
+        self._deferred = []
+        return (self.last_avail_idx, self.avail_wrap, self.used_idx, self.used_wrap,
+                collections.deque(self._inflight), self._held, len(self._unpublished),
+                self.stats["chains"], self.stats["bytes"])
+
+    def commit(self) -> None:
+        deferred, self._deferred = self._deferred, None
+        for reason, detail, example in deferred or ():
+            self.count_error(reason, detail, **example)
+
+    def rollback(self, mark: tuple) -> None:
+        (self.last_avail_idx, self.avail_wrap, self.used_idx, self.used_wrap, self._inflight,
+         self._held, n_unpublished, self.stats["chains"], self.stats["bytes"]) = mark
+        del self._unpublished[n_unpublished:]
+        self._deferred = None
+
+    def taken_since(self, mark: tuple) -> int:
+        """Ring slots consumed since MARK."""
+        lap = 2 * self.num
+        return (self._linear(self.last_avail_idx, self.avail_wrap) - self._linear(mark[0], mark[1])) % lap
+
+    def _walk(self, start: int, wrap: bool, record: bool = True) -> tuple[Chain, int]:
         """The chain at ring position START: (chain, ring slots it takes)."""
         mem = self.mem
         readable: list = []
@@ -350,12 +388,14 @@ class PackedRing:
             error.ndesc = max(error.ndesc, slots)
             raise error
         # Buffer ids are only echoed back, so odd ones are recorded, not refused.
-        if buf_id >= self.num:
-            self.count_error("packed_id_out_of_range",
+        if not record:
+            pass
+        elif buf_id >= self.num:
+            self._refuse("packed_id_out_of_range",
                              f"chain at ring position {start}: buffer id {buf_id} is not below the queue size {self.num}",
                              position=start, buffer_id=buf_id, expected=f"< {self.num}", seen=buf_id)
         elif any(i == buf_id for i, _ in self._inflight):
-            self.count_error("packed_id_in_flight",
+            self._refuse("packed_id_in_flight",
                              f"chain at ring position {start}: buffer id {buf_id} made available again "
                              "while the device still holds it", position=start, buffer_id=buf_id)
         return Chain(buf_id, readable, writable, rlen, wlen, max(count, slots)), slots
@@ -399,7 +439,7 @@ class PackedRing:
     # -- returning chains ----------------------------------------------------
 
     def push(self, head: int, length: int) -> None:
-        """Write one used descriptor's id and len; its flags go out at publish()."""
+        """One used descriptor; written at publish()."""
         ndesc = 1
         for k, (buf_id, n) in enumerate(self._inflight):
             if buf_id == head:
@@ -407,14 +447,10 @@ class PackedRing:
                 del self._inflight[k]
                 self._held -= n
                 break
-        slot = self.used_idx
-        base = slot * 8
-        self._desc_i[slot * 4 + _LEN_I] = length
-        self._desc_h[base + _ID_H] = head
         flags = (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) if self.used_wrap else 0
         if length:
             flags |= VIRTQ_DESC_F_WRITE   # §2.8.3: the device wrote into the buffer
-        self._unpublished.append((slot, flags))
+        self._unpublished.append((self.used_idx, head, length, flags))
         self.used_idx, self.used_wrap = self._advance(self.used_idx, self.used_wrap, ndesc)
         self.stats["bytes"] += length
 
@@ -425,8 +461,11 @@ class PackedRing:
         """Flag the batch's used descriptors, first one last; True if the driver wants an interrupt."""
         if not self._unpublished:
             return False
-        h = self._desc_h
-        for slot, flags in reversed(self._unpublished):
+        h, i = self._desc_h, self._desc_i
+        for slot, buf_id, length, _flags in self._unpublished:
+            i[slot * 4 + _LEN_I] = length
+            h[slot * 8 + _ID_H] = buf_id
+        for slot, _id, _len, flags in reversed(self._unpublished):
             h[slot * 8 + _FLAGS_H] = flags
         self._unpublished.clear()
         old = self._published_from
@@ -451,23 +490,33 @@ class PackedRing:
         moved = (self._linear(*new) - o) % lap
         return (self._linear(*event) - o) % lap < moved
 
-    def want_kick_at_next(self) -> bool:
-        """Ask for a kick at the next available descriptor; True if one raced in."""
-        if self._device_h is None:
+    def want_kick_at_next(self, seen: tuple[int, bool] | None = None) -> bool:
+        """Ask for a kick when the descriptor at SEEN (position, wrap) becomes
+        available: by default the next one after everything taken, after a
+        rollback `avail_seen`. True if it already is (re-check after the
+        barrier), so the caller goes round again instead of sleeping."""
+        if self._device_h is None or self._desc_h is None:
             return False
+        pos, wrap = (self.last_avail_idx, self.avail_wrap) if seen is None else seen
         if self.event_idx:
-            self._device_h[0] = self.last_avail_idx | self.avail_wrap << EVENT_WRAP_BIT
+            self._device_h[0] = pos | wrap << EVENT_WRAP_BIT
             self._device_h[1] = RING_EVENT_FLAGS_DESC
         else:
             self._device_h[1] = RING_EVENT_FLAGS_ENABLE
         full_barrier()
-        return self.next_available()
+        return _is_avail(self._flags(pos), wrap)
 
     # -- read-only inspection -------------------------------------------------
 
     def guest_used_idx(self) -> int:
         """The used position the driver can see (the start of anything unpublished)."""
         return self._unpublished[0][0] if self._unpublished else self.used_idx
+
+    def last_used_position(self) -> int | None:
+        """The ring position of the newest used descriptor the driver can see."""
+        if not self.num:
+            return None
+        return (self.guest_used_idx() - 1) % self.num
 
     def used_entry(self, idx: int) -> tuple[int, int] | None:
         """(id, len) of the descriptor at ring position IDX, if it is marked used now."""
@@ -490,13 +539,19 @@ class PackedRing:
             pos = (pos + 1) % self.num
         return None
 
-    def describe_chain(self, head: int) -> list[dict]:
-        """Raw descriptors from ring position HEAD to the chain's end; bounded, never raises."""
+    def describe_chain(self, head: int, limit: int | None = None) -> list[dict]:
+        """Raw descriptors from ring position HEAD to the chain's end; bounded
+        by the queue size (or LIMIT), never raises."""
         out: list[dict] = []
         if self._desc is None or not 0 <= head < self.num:
             return out
+        bound = self.num if limit is None else min(limit, self.num)
         pos = head
-        while len(out) < self.num:
+        while True:
+            if len(out) >= bound:
+                if out:
+                    out[-1]["more"] = True
+                break
             addr, length, buf_id, flags = _desc_unpack(self._desc, pos * DESC_SIZE)
             inside = self.mem.contains_gpa(addr, length) if self.mem else False
             out.append({"index": pos, "indirect_table": False, "addr": addr, "len": length,
@@ -506,6 +561,23 @@ class PackedRing:
                 break
             pos = (pos + 1) % self.num
         return out
+
+    @staticmethod
+    def chain_truncated(entries: list[dict]) -> bool:
+        return bool(entries) and entries[-1].get("more", False)
+
+    def chain_refusal(self, head: int) -> dict | None:
+        """The finding the device would refuse the chain at ring position HEAD with (read-only)."""
+        if self._desc is None or self.mem is None or not 0 <= head < self.num:
+            return None
+        wrap = self.avail_wrap if head >= self.last_avail_idx else not self.avail_wrap
+        try:
+            self._walk(head, wrap, record=False)
+        except ChainError as e:
+            r = findings_rule(e.reason)
+            return {"id": r.id, "level": r.level, "section": r.section, "message": r.message,
+                    "detail": str(e)}
+        return None
 
     def describe(self) -> dict:
         mem = self.mem
@@ -539,4 +611,5 @@ class PackedRing:
         }
         d.update(self.stats)
         d["errors"] = self.errors
+        d["findings"] = self.findings.describe()
         return d
