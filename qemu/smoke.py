@@ -39,6 +39,7 @@ Switches, from the environment or the matching --options (1 on, 0 off):
                         virtio-mmio.force-legacy=true); 0: modern-only;
                         unset: QEMU's default (transitional PCI, legacy mmio)
   QUEUE_SIZE            rx_queue_size and tx_queue_size of the NIC (e.g. 1024)
+  PACKED=1              packed virtqueues (the NIC's packed=on; virtio 1.2 §2.8)
   SMOKE_TIMEOUT         seconds for the whole guest run (default 120)
   ACCEL                 auto (default), kvm or tcg
   BACKEND_ARGS          extra arguments for `vhostnet serve`
@@ -117,6 +118,7 @@ class Plan:
     transport: str | None = None
     legacy: bool | None = None
     queue_size: int | None = None
+    packed: bool = False
 
     def guest_vars(self, ports: dict[str, int] | None = None) -> dict[str, int]:
         """Switches for the guest's command line, plus the host servers' PORTS."""
@@ -169,6 +171,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         machine=machine, transport=transport,
         legacy=None if legacy in (None, "") else legacy == "1",
         queue_size=int(queue_size) if queue_size else None,
+        packed=_flag(args.packed or env.get("PACKED"), False, "PACKED"),
         backend=backend, net=net, tests=tests,
         expect_net=_flag(args.expect_net or env.get("EXPECT_NET"), net, "EXPECT_NET"),
         timeout=float(args.timeout or env.get("SMOKE_TIMEOUT") or 120),
@@ -346,7 +349,7 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
                               image=image, guest_vars=guest_vars, append=plan.append,
                               memory=plan.memory, accel=accel, machine=machine,
                               transport=plan.transport, legacy=plan.legacy,
-                              queue_size=plan.queue_size)
+                              queue_size=plan.queue_size, packed=plan.packed)
         (run_dir / "qemu.cmd").write_text(qemu.format_argv(argv) + "\n")
         log(f"guest: {', '.join(f'{k}={v}' for k, v in guest_vars.items())}; "
             f"backend {plan.backend}; {machine.name} {qemu.transport_of(machine, plan.transport)}"
@@ -393,7 +396,7 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
             "marker_lines": {m: c.said.get(m) for m in plan.expected()},
             "guest_vars": plan.guest_vars(servers.ports and servers.guest_vars()),
             "machine": machine.name, "transport": qemu.transport_of(machine, plan.transport),
-            "legacy": plan.legacy, "queue_size": plan.queue_size,
+            "legacy": plan.legacy, "queue_size": plan.queue_size, "packed": plan.packed,
             "guest_features": next((line.split()[-1] for line in c.lines
                                     if line.startswith(FEATURES_LINE)), None),
             "backend": plan.backend, "accel": accel,
@@ -441,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transport", choices=["pci", "mmio"])
     p.add_argument("--legacy", choices=["0", "1"])
     p.add_argument("--queue-size", help="rx_queue_size and tx_queue_size of the NIC")
+    p.add_argument("--packed", choices=["0", "1"], help="packed virtqueues (packed=on)")
     p.add_argument("--net", choices=["0", "1"])
     p.add_argument("--expect-net", choices=["0", "1"])
     for name, _ in TEST_MARKERS:

@@ -10,6 +10,7 @@ offloads) on a device made to look like one driver writers meet:
     q35-no-offloads     no checksum or TSO offloads either way
     virt-aarch64-mmio-modern   the arm64 guest on virtio-mmio with
                         virtio-mmio.force-legacy=false
+    q35-packed          packed virtqueues (packed=on): RING_PACKED negotiated
 
 The arm64 guest on legacy virtio-mmio (QEMU's default) boots through
 `vhostnet run --machine virt-aarch64` in tests/test_qemu_run.py.
@@ -35,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "qemu" / "smoke.py"
 
 # virtio 1.2 §5.1.3 (device feature bits) and §6 (reserved feature bits).
-CSUM, GUEST_CSUM, GUEST_TSO4, HOST_TSO4, MRG_RXBUF, VERSION_1 = 0, 1, 7, 11, 15, 32
+CSUM, GUEST_CSUM, GUEST_TSO4, HOST_TSO4, MRG_RXBUF, VERSION_1, RING_PACKED = 0, 1, 7, 11, 15, 32, 34
 OFFLOADS = (CSUM, GUEST_CSUM, GUEST_TSO4, HOST_TSO4)
 
 # name -> (smoke switches, bits that must be on, bits that must be off)
@@ -48,9 +49,10 @@ CASES = {
     "q35-no-offloads": ({"BACKEND_ARGS": "--disable-feature offloads"}, (VERSION_1,), OFFLOADS),
     "virt-aarch64-mmio-modern": ({"MACHINE": "virt-aarch64", "LEGACY": "0", **NO_UDP},
                                  (VERSION_1,), ()),
+    "q35-packed": ({"PACKED": "1", **NO_UDP}, (VERSION_1, RING_PACKED, MRG_RXBUF), ()),
 }
 SMOKE_ENV_VARS = ["NET", "EXPECT_NET", "BACKEND", "BACKEND_ARGS", "ACCEL", "MACHINE", "TRANSPORT",
-                  "LEGACY", "QUEUE_SIZE", "ICMP_TEST", "TCP_ECHO_TEST", "UDP_ECHO_TEST",
+                  "LEGACY", "QUEUE_SIZE", "PACKED", "ICMP_TEST", "TCP_ECHO_TEST", "UDP_ECHO_TEST",
                   "NET_LOOPBACK_TEST", "IPERF_TEST", "REDIS_TEST", "GIT_TEST"]
 
 

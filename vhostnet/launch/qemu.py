@@ -337,7 +337,8 @@ RECONNECT_SECONDS = 1
 def nic_args(socket: str | os.PathLike | None, mac: str = DEFAULT_MAC,
              netdev: str = "vhost-user", transport: str = "pci",
              legacy: bool | None = None, pci_slot: int | None = None,
-             queue_size: int | None = None, reconnect: int | None = None) -> list[str]:
+             queue_size: int | None = None, reconnect: int | None = None,
+             packed: bool = False) -> list[str]:
     """The virtio-net NIC and what serves it.
 
     netdev "vhost-user": the NIC's queues are served by the backend listening
@@ -387,6 +388,8 @@ def nic_args(socket: str | os.PathLike | None, mac: str = DEFAULT_MAC,
     else:
         raise ValueError(f"netdev must be vhost-user or user, not {netdev!r}")
     queues = "" if queue_size is None else f",rx_queue_size={queue_size},tx_queue_size={queue_size}"
+    if packed:
+        queues += ",packed=on"     # PACKED: the device offers VIRTIO_F_RING_PACKED (virtio 1.2 §2.8)
     if transport == "pci":
         device = f"virtio-net-pci,netdev=net0,mac={mac},vectors=0,romfile={queues}"
         if legacy is not None:
@@ -447,7 +450,8 @@ def qemu_argv(socket: str | os.PathLike | None = None, *,
               transport: str | None = None,
               legacy: bool | None = None,
               queue_size: int | None = None,
-              reconnect: int | None = None) -> list[str]:
+              reconnect: int | None = None,
+              packed: bool = False) -> list[str]:
     """The full argv of a QEMU guest whose NIC is served on SOCKET.
 
     With IMAGE (see find_image) QEMU boots our test kernel and initramfs,
@@ -466,7 +470,7 @@ def qemu_argv(socket: str | os.PathLike | None = None, *,
     accel = machine_accel(accel, m) if qemu == m.qemu else choose_accel(accel, qemu)
     argv = [qemu, *accel_args(accel, m), *memory_args(memory, m),
             *console_args(), *nic_args(socket, mac, netdev, transport, legacy,
-                                       queue_size=queue_size, reconnect=reconnect)]
+                                       queue_size=queue_size, reconnect=reconnect, packed=packed)]
     if image is not None:
         argv += boot_args(image, kernel_append(guest_vars, append, m))
     elif guest_vars or append:

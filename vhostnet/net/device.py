@@ -241,7 +241,7 @@ class NetDevice:
             q.push(chain.head, 0)
             chain = None
         # Chains refused by pop() were pushed too, so publish regardless.
-        if q.used_idx != q.guest_used_idx():
+        if q.has_unpublished():
             if q.publish():
                 self._signal(q)
             else:
@@ -336,7 +336,7 @@ class NetDevice:
             # again only if it already has (the budget bounds the retries).
             if not q.ready or not q.want_kick_at_next(q.avail_seen):
                 break
-        if q.used_idx != q.guest_used_idx():
+        if q.has_unpublished():
             if q.publish():
                 self._signal(q)
             else:

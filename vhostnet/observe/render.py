@@ -81,13 +81,25 @@ def _queue_text(q: dict) -> list[str]:
     for ring in ("desc", "avail", "used"):
         a = q[ring]
         lines.append(f"  {ring:<5} guest {_hex(a['guest'])}  qemu {_hex(a['qemu'])}")
-    lines.append(f"  avail->idx {_v(q['avail_idx'])}  used->idx {_v(q['used_idx'])}  "
-                 f"last_avail_idx {q['last_avail_idx']}  next used {q['next_used_idx']}")
+    if q.get("format") == "packed":
+        lines[0] += ", packed"
+        lines.append(f"  next avail position {q['last_avail_idx']} (wrap {q['avail_wrap_counter']})  "
+                     f"next used position {q['next_used_idx']} (wrap {q['used_wrap_counter']})")
+        for who, ev in (("driver", q["driver_event"]), ("device", q["device_event"])):
+            if ev is not None:
+                flags = {0: "ENABLE", 1: "DISABLE", 2: "DESC"}.get(ev["flags"], f"reserved {ev['flags']}")
+                lines.append(f"  {who} event suppression: {flags}"
+                             + (f" at position {ev['off']} wrap {ev['wrap']}" if ev["flags"] == 2 else ""))
+    else:
+        lines.append(f"  avail->idx {_v(q['avail_idx'])}  used->idx {_v(q['used_idx'])}  "
+                     f"last_avail_idx {q['last_avail_idx']}  next used {q['next_used_idx']}")
     posted = f"  RX buffers posted {q['rx_buffers_posted']}" if q["rx_buffers_posted"] is not None else ""
     lines.append(f"  pending {q['pending']}  in flight {q['in_flight']}{posted}  "
                  f"chains {q['chains']}  bytes {q['bytes']}")
     notif = f"  kicks {q['kicks']}  calls {q['calls']}  calls suppressed {q['calls_suppressed']}"
-    if q["event_idx"]:
+    if q.get("format") == "packed":
+        pass   # the event suppression lines above
+    elif q["event_idx"]:
         notif += f"  used_event {_v(q['used_event'])}  avail_event {_v(q['avail_event'])}"
     else:
         notif += (f"  avail flags {_v(q['avail_flags'])}"

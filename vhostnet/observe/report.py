@@ -82,12 +82,26 @@ def _queue(q: dict) -> dict:
         "call": "eventfd" if q["call_fd"] is not None else None,
         "errors": q["errors"],
         "findings": q["findings"],
+        # split or packed; a packed ring's state is its positions and wrap
+        # counters and the two event suppression structures (virtio 1.2 §2.8).
+        "format": q.get("format", "split"),
+        **({k: q[k] for k in ("avail_wrap_counter", "used_wrap_counter", "driver_event", "device_event")}
+           if q.get("format") == "packed" else {}),
     }
 
 
 def _ring_heads(vq) -> dict:
     """Descriptor ids worth a `--desc` look: the newest used element, the next avail entry."""
     out = {"last_used": None, "next_avail_head": None}
+    if vq.packed:
+        # Ring positions: what `inspect --desc` takes for a packed ring.
+        pos = vq.last_used_position()
+        used = vq.used_entry(pos) if pos is not None else None
+        if used is not None:
+            out["last_used"] = {"idx": pos, "id": used[0], "len": used[1]}
+        if vq.pending():
+            out["next_avail_head"] = vq.avail_entry(vq.last_avail_idx)
+        return out
     idx = (vq.guest_used_idx() - 1) & 0xFFFF
     used = vq.used_entry(idx)
     if used is not None:

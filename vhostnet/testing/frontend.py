@@ -28,6 +28,8 @@ NET_HDR = struct.Struct("<BBHHHHH")
 DESC = struct.Struct("<QIHH")
 
 UVA_BASE = 0x7F00_0000_0000
+RING_PACKED_BIT = 1 << 34   # virtio 1.2 §6: VIRTIO_F_RING_PACKED
+PACKED_FRESH_BASE = 1 << 15 | 1 << 31   # avail and used wrap counters 1, both indices 0
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 RXQ, TXQ = 0, 1
 
@@ -134,7 +136,7 @@ QEMU_SEALS = fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
 
 class Frontend:
     def __init__(self, mem_size: int = 32 << 20, queue_size: int = 256, two_regions: bool = False,
-                 sealed: bool = True):
+                 sealed: bool = True, packed: bool = False):
         self.mem_size = mem_size
         # Guest RAM as QEMU makes it: a memfd, sealed against growing and shrinking
         # (sealed=False plays a front-end that does not seal, e.g. memory-backend-memfd,seal=off).
@@ -149,9 +151,15 @@ class Frontend:
         self.qsize = queue_size
         n = queue_size
         # Rings low in memory, RX buffers at 1 MiB, TX buffers (64 KiB + header each) at 4 MiB.
-        self.rx = Ring(self.mem, RXQ, n, 0x1000, 0x1000 + 16 * n, 0x1000 + 16 * n + 0x2000,
+        # packed=True: packed rings (virtio 1.2 §2.8, testing/packed_driver.py), RING_PACKED negotiated.
+        self.packed = packed
+        if packed:
+            from vhostnet.testing.packed_driver import frontend_ring as Ring_
+        else:
+            Ring_ = Ring
+        self.rx = Ring_(self.mem, RXQ, n, 0x1000, 0x1000 + 16 * n, 0x1000 + 16 * n + 0x2000,
                        0x100000, 0x1000)
-        self.tx = Ring(self.mem, TXQ, n, 0x40000, 0x40000 + 16 * n, 0x40000 + 16 * n + 0x2000,
+        self.tx = Ring_(self.mem, TXQ, n, 0x40000, 0x40000 + 16 * n, 0x40000 + 16 * n + 0x2000,
                        0x400000, 0x10000 + 0x100)
         assert self.tx.buf(n - 1) + self.tx.buf_size <= mem_size, "guest memory too small for the TX buffers"
         self.rings = [self.rx, self.tx]
@@ -230,8 +238,15 @@ class Frontend:
         for r in self.rings:
             await self.request(Req.SET_VRING_CALL, U64.pack(r.index), [r.call_fd])
             await self.request(Req.SET_VRING_ENABLE, STATE.pack(r.index, 0))
-        self.features = offered if features is None else features
+        if features is None:
+            features = offered
+        # The ring format is the frontend's, whatever the caller's feature set says.
+        features = features | RING_PACKED_BIT if self.packed else features & ~RING_PACKED_BIT
+        self.features = features
         await self.request(Req.SET_FEATURES, U64.pack(self.features))
+        for r in self.rings:
+            if getattr(r, "packed", False):
+                r.event_idx = bool(self.features >> 29 & 1)
         self.hdr_len = 12 if self.features & (1 << 32 | 1 << 15) else 10
         payload, fds = self.mem_table()
         await self.request(Req.SET_MEM_TABLE, payload, fds)
@@ -243,7 +258,11 @@ class Frontend:
         # A round trip so every message above has been handled.
         await self.get_u64(Req.GET_FEATURES)
 
-    async def setup_ring(self, r: Ring, base: int = 0) -> None:
+    async def setup_ring(self, r: Ring, base: int | None = None) -> None:
+        if base is None:
+            # A fresh ring; a packed one starts with both wrap counters at 1
+            # (virtio 1.2 §2.8.1), as QEMU sends it (vhost-user.rst "Ring states").
+            base = PACKED_FRESH_BASE if getattr(r, "packed", False) else 0
         await self.request(Req.SET_VRING_NUM, STATE.pack(r.index, r.size))
         await self.request(Req.SET_VRING_BASE, STATE.pack(r.index, base))
         await self.request(Req.SET_VRING_ADDR, ADDR.pack(r.index, 0, UVA_BASE + r.desc,

@@ -38,6 +38,8 @@ from vhostnet.vhostuser.fdkind import require_eventfd
 from vhostnet.vhostuser.memory import GuestMemory, MemoryError_
 from vhostnet.vhostuser.protocol import Req, BadMessage
 from vhostnet.ratelimit import RateLimitedLog
+from vhostnet.virtio import features as F
+from vhostnet.virtio.packed import PackedRing
 from vhostnet.virtio.split import MAX_QUEUE_SIZE, SplitRing
 from vhostnet.vhostuser.device import Device
 
@@ -213,10 +215,32 @@ class Backend:
         extra = want & ~self.offered_features
         if extra:
             raise BadMessage(f"SET_FEATURES asks for bits we did not offer: {extra:#x}")
+        packed = bool(want >> F.RING_PACKED & 1)
+        if any(q.packed != packed for q in self.queues):
+            if any(q.started for q in self.queues):
+                raise BadMessage("SET_FEATURES changes the ring format (RING_PACKED) while a ring is started")
+            self.queues = [self._reformat(q, PackedRing if packed else SplitRing) for q in self.queues]
         self.features = want
         for q in self.queues:
-            q.event_idx = bool(want >> 29 & 1)
+            q.event_idx = bool(want >> F.EVENT_IDX & 1)
         self.device.set_features(want)
+
+    def _reformat(self, q, cls):
+        """The same ring as CLS (split <-> packed): its set-up so far carries over.
+
+        QEMU sends SET_VRING_ENABLE before SET_FEATURES, so a ring may be
+        enabled, and have call/err fds, before its format is known."""
+        q.detach()
+        new = cls(q.index, q.name, on_error=self._queue_error)
+        for name in ("num", "desc_uva", "avail_uva", "used_uva", "log_gpa", "addr_flags", "enabled",
+                     "kick_fd", "call_fd", "err_fd", "kick_polled", "call_none"):
+            setattr(new, name, getattr(q, name))
+        if new.num and new.desc_uva and self.mem is not None:
+            try:
+                new.attach(self.mem)
+            except (MemoryError_, ValueError):
+                new.detach()   # SET_VRING_ADDR / SET_VRING_KICK will say why
+        return new
 
     def _get_protocol_features(self, body, fds, raw):
         return _U64.pack(self.offered_protocol_features)
@@ -250,6 +274,8 @@ class Backend:
             q.enabled = False
             q.last_avail_idx = q.used_idx = 0
             q.broken = None
+        if any(q.packed for q in self.queues):
+            self.queues = [self._reformat(q, SplitRing) for q in self.queues]
         self.features = 0
         self.device.set_features(0)
 
@@ -286,8 +312,10 @@ class Backend:
     def _set_vring_num(self, body, fds, raw):
         q = self._queue(body.index)
         n = body.num
-        if not n or n & (n - 1) or n > MAX_QUEUE_SIZE:
-            raise BadMessage(f"{q.name}: size {n} is not a power of two in 1..{MAX_QUEUE_SIZE}")
+        if not 0 < n <= MAX_QUEUE_SIZE or (not q.packed and n & (n - 1)):
+            # virtio 1.2 §2.7: a split ring's size is a power of two; §2.8: a packed one's need not be.
+            kind = "in" if q.packed else "a power of two in"
+            raise BadMessage(f"{q.name}: size {n} is not {kind} 1..{MAX_QUEUE_SIZE}")
         if q.started:
             raise BadMessage(f"{q.name}: size changed while the ring is started")
         if n != q.num:
@@ -315,15 +343,15 @@ class Backend:
         q = self._queue(body.index)
         if q.started:
             raise BadMessage(f"{q.name}: base changed while the ring is started")
-        if body.num > 0xFFFF:
-            raise BadMessage(f"{q.name}: base {body.num} does not fit 16 bits")
-        q.last_avail_idx = body.num
-        q.used_idx = body.num
+        try:
+            q.set_base(body.num)
+        except ValueError as e:
+            raise BadMessage(str(e)) from None
 
     def _get_vring_base(self, body, fds, raw):
         q = self._queue(body.index)
         self._stop(q)
-        return _STATE.pack(q.index, q.last_avail_idx)
+        return _STATE.pack(q.index, q.base())
 
     def _ring_fd(self, body, fds, what):
         """(queue, fd or None) of a SET_VRING_KICK/CALL/ERR, checked; the fd is not taken yet."""
@@ -356,8 +384,7 @@ class Backend:
         self._stop(q)
         q.kick_fd = None if fd is None else _keep(fds, fd)
         q.kick_polled = fd is None
-        q.used_idx = q.guest_used_idx()
-        q.broken = None  # a restart is the driver's way out of a broken ring
+        q.on_start()
         q.started = True
         if not self.features >> P.VHOST_USER_F_PROTOCOL_FEATURES & 1:
             q.enabled = True

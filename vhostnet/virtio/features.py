@@ -23,6 +23,7 @@ INDIRECT_DESC = 28
 EVENT_IDX = 29
 PROTOCOL_FEATURES = 30
 VERSION_1 = 32
+RING_PACKED = 34      # virtio 1.2 §6: the packed virtqueue layout (§2.8)
 
 FEATURE_NAMES = {
     0: "CSUM", 1: "GUEST_CSUM", 2: "CTRL_GUEST_OFFLOADS", 3: "MTU", 5: "MAC",
@@ -40,6 +41,7 @@ FEATURE_NAMES = {
 DEFAULT_FEATURES = (
     1 << CSUM | 1 << GUEST_CSUM | 1 << MAC | 1 << GUEST_TSO4 | 1 << HOST_TSO4
     | 1 << MRG_RXBUF | 1 << STATUS | 1 << INDIRECT_DESC | 1 << EVENT_IDX | 1 << VERSION_1
+    | 1 << RING_PACKED
 )
 OFFLOAD_FEATURES = 1 << CSUM | 1 << GUEST_CSUM | 1 << GUEST_TSO4 | 1 << HOST_TSO4
 
@@ -47,7 +49,7 @@ OFFLOAD_FEATURES = 1 << CSUM | 1 << GUEST_CSUM | 1 << GUEST_TSO4 | 1 << HOST_TSO
 BY_NAME = {
     "csum": CSUM, "guest-csum": GUEST_CSUM, "mac": MAC, "guest-tso4": GUEST_TSO4,
     "host-tso4": HOST_TSO4, "mrg-rxbuf": MRG_RXBUF, "status": STATUS,
-    "indirect-desc": INDIRECT_DESC, "event-idx": EVENT_IDX,
+    "indirect-desc": INDIRECT_DESC, "event-idx": EVENT_IDX, "packed": RING_PACKED,
 }
 
 

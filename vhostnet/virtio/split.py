@@ -110,6 +110,25 @@ class SplitRing:
         self._desc = self._avail_h = self._used_h = self._used_i = None
         self.mem = None
 
+    packed = False
+
+    # -- vhost-user ring state ------------------------------------------------
+
+    def base(self) -> int:
+        """GET_VRING_BASE's value: the next avail index the device takes."""
+        return self.last_avail_idx
+
+    def set_base(self, value: int) -> None:
+        if value > 0xFFFF:
+            raise ValueError(f"{self.name}: base {value} does not fit 16 bits")
+        self.last_avail_idx = self.used_idx = value
+
+    def on_start(self) -> None:
+        """The ring was (re)started (SET_VRING_KICK): resume from what the guest
+        sees, and a broken ring is the driver's to restart."""
+        self.used_idx = self.guest_used_idx()
+        self.broken = None
+
     @property
     def ready(self) -> bool:
         """Rings mapped, started and enabled: we may process it."""
