@@ -211,8 +211,13 @@ def new_run_dir() -> Path:
 
 
 def start_backend(plan: Plan, sock: Path, logfile: Path) -> subprocess.Popen:
+    # No test traffic leaves the machine: the DNS relay's default upstreams are
+    # the host's resolvers (off-machine here), so DNS is off unless the run
+    # names its own upstream (a server it started on 127.0.0.1).
+    dns = [] if any(a.startswith("--dns-upstream") or a == "--no-dns" for a in plan.backend_args) \
+        else ["--no-dns"]
     argv = [sys.executable, "-m", "vhostnet", "serve", "--socket", str(sock), "--once",
-            *plan.backend_args]
+            *dns, *plan.backend_args]
     log(f"backend: {shlex.join(argv)}")
     out = open(logfile, "wb")
     proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out,
