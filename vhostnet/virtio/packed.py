@@ -180,6 +180,11 @@ class PackedRing:
 
     def set_base(self, value: int) -> None:
         avail, aw, used, uw = decode_base(value)
+        if value >> BASE_USED_SHIFT == 0:
+            # Only the avail half given: DPDK's virtio-user sends just bit 15
+            # for a fresh ring, and DPDK's own backend always takes the used
+            # state equal to the avail state. Nothing in flight: the same here.
+            used, uw = avail, aw
         if self.num and (avail >= self.num or used >= self.num):
             raise ValueError(f"{self.name}: base {value:#x} names positions {avail}/{used} "
                              f"outside a ring of {self.num}")
