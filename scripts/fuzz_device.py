@@ -130,7 +130,7 @@ REGION_DESC = struct.Struct("<QQQQ")
 
 # -- checks ------------------------------------------------------------------------
 PROBE_TIMEOUT = 1.0     # a fresh GET_FEATURES must be answered within this (issue 7)
-HANG_GRACE = 5.0        # after a missed probe, how long we wait to tell "slow" from "stuck"
+HANG_GRACE = 3.0        # after a missed probe, how long we wait to tell "slow" from "stuck"
 CONTROL_TIMEOUT = 1.0
 IDLE_EVERY = 256        # steps between idle-CPU checks
 IDLE_WINDOW = 0.02      # seconds of silence measured
@@ -565,18 +565,26 @@ _FRAME_RE = re.compile(r'File "([^"]*?/(?:vhostnet|stack|trio)/[^"]+)", line (\d
 _EXC_RE = re.compile(r"^[\s|+\-]*([A-Za-z_][\w.]*(?:Error|Exception|Group|Interrupt|Exit)[^\n]*)$", re.M)
 
 
+# Where the backend enters guest- or client-driven work: a stack is named by
+# the two frames below the innermost of these, which is where a loop lives
+# (the frames under it change from one sample of a spin to the next).
+ENTRIES = {"process", "poll", "handle", "_answer", "message_loop", "_kick_loop", "_poll_loop",
+           "timer_loop", "_client", "_capture"}
+
+
 def where(text: str) -> str:
-    """The innermost vhostnet (or stack) frame of a traceback: 'function (file)'."""
+    """Name a traceback by its vhostnet frames: 'drain_tx > pop' (innermost last)."""
     frames = [(f, fn) for f, _line, fn in _FRAME_RE.findall(text) if "/trio/" not in f]
+    if "most recent call first" in text:   # faulthandler: innermost first; keep its first thread
+        first = text.index("most recent call first")
+        frames = [(f, fn) for f, _l, fn in _FRAME_RE.findall(text[first:].split("\n\n")[0])
+                  if "/trio/" not in f][::-1]
     if not frames:
         return "?"
-    # faulthandler prints innermost first; Python tracebacks innermost last.
-    if "most recent call first" in text:
-        f, fn = frames[0]
-    else:
-        f, fn = frames[-1]
-    rel = f.split("/vhostnet/")[-1] if "/vhostnet/" in f else f.split("/stack/")[-1]
-    return f"{fn} ({rel})"
+    names = [fn for _f, fn in frames]
+    k = max((i for i, fn in enumerate(names) if fn in ENTRIES), default=-1)
+    path = names[k + 1:k + 3] if k + 1 < len(names) else names[-2:]
+    return " > ".join(path)
 
 
 def exception_of(text: str) -> str:
@@ -1430,18 +1438,18 @@ def describe(st: dict) -> str:
 
 # -- the run -----------------------------------------------------------------------
 
-def classify(f: Failure, backend: Backend) -> str:
+def classify(f: Failure, backend: Backend, op: str) -> str:
     if f.kind == "crash":
         tail = backend.log_tail()
         rc = backend.proc.returncode
         if rc is not None and rc < 0:
             sig = signal.Signals(-rc).name
-            return f"crash {sig} in {where(tail)}"
+            return f"crash {sig} after {op} in {where(tail)}"
         exc = exception_of(tail).split(":")[0]
-        return f"crash {exc or 'exit ' + str(rc)} in {where(tail)}"
+        return f"crash {exc or 'exit ' + str(rc)} after {op} in {where(tail)}"
     if f.kind in ("hang", "busy_when_idle", "control_no_answer") and f.stack:
-        return f"{f.kind} in {where(f.stack)}"
-    return f.kind
+        return f"{f.kind} after {op} in {where(f.stack)}"
+    return f"{f.kind} after {op}"
 
 
 def run(args) -> dict:
@@ -1458,6 +1466,8 @@ def run(args) -> dict:
     longest = (0.0, None)
     deadline = t_start + args.seconds if args.seconds else None
     last_connect_step = 0
+    recovering = 0.0   # time spent on failures: stack dumps, waiting out hangs, restarts
+    op_time: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
     try:
         backend.start()
         ex.vh_connect()
@@ -1480,7 +1490,8 @@ def run(args) -> dict:
                 ex.run(st)
                 ex.check(steps, idle=steps % IDLE_EVERY == 0 or steps == args.steps)
             except Failure as f:
-                cls = classify(f, backend)
+                t_fail = t0
+                cls = classify(f, backend, st["op"])
                 if f.kind == "crash":
                     stats["crashes"] += 1
                 elif f.kind in ("hang", "control_no_answer"):
@@ -1501,7 +1512,11 @@ def run(args) -> dict:
                 if ex.last_connect is not None:
                     ex.x_connect(ex.last_connect)
                     ex.probe()
+                recovering += time.monotonic() - t_fail
+                continue
             dt = time.monotonic() - t0
+            op_time[st["op"]][0] += 1
+            op_time[st["op"]][1] += dt
             if dt > longest[0]:
                 longest = (dt, st["op"])
     finally:
@@ -1513,6 +1528,8 @@ def run(args) -> dict:
     return {
         "seed": args.seed, "steps": steps, "seconds": round(elapsed, 2),
         "steps_per_s": round(steps / elapsed, 1) if elapsed else 0.0,
+        "seconds_recovering": round(recovering, 2),
+        "steps_per_s_fuzzing": round(steps / (elapsed - recovering), 1) if elapsed > recovering else 0.0,
         "connections": ex.connections, "disconnects_by_backend": ex.disconnects,
         "backend_starts": backend.starts,
         "crashes": stats["crashes"], "hangs": stats["hangs"],
@@ -1520,6 +1537,7 @@ def run(args) -> dict:
         "rss_idle_mib": round(ex.base_rss / (1 << 20), 1), "rss_max_mib": round(ex.rss_max / (1 << 20), 1),
         "longest_probe_ms": round(ex.probe_max * 1000, 1),
         "longest_step_ms": round(longest[0] * 1000, 1), "longest_step_op": longest[1],
+        "ms_per_op": {op: round(t / n * 1000, 2) for op, (n, t) in sorted(op_time.items())},
         "findings": sorted(findings.values(), key=lambda r: r["step"]),
         "tree": str(tree),
     }
@@ -1542,7 +1560,10 @@ def report_failure(rec: dict, args) -> None:
 
 def table(doc: dict) -> str:
     rows = [("seed", doc["seed"]), ("steps", doc["steps"]), ("seconds", doc["seconds"]),
-            ("steps/s", doc["steps_per_s"]), ("connections", doc["connections"]),
+            ("steps/s", doc["steps_per_s"]),
+            ("steps/s, failures aside", f"{doc['steps_per_s_fuzzing']} ({doc['seconds_recovering']} s "
+                                        f"spent on failures and restarts)"),
+            ("connections", doc["connections"]),
             ("  closed by the backend", doc["disconnects_by_backend"]),
             ("backend starts", doc["backend_starts"]), ("crashes", doc["crashes"]), ("hangs", doc["hangs"]),
             ("fd idle / max", f"{doc['fd_idle']} / {doc['fd_max']}"),
