@@ -130,7 +130,7 @@ REGION_DESC = struct.Struct("<QQQQ")
 
 # -- checks ------------------------------------------------------------------------
 PROBE_TIMEOUT = 1.0     # a fresh GET_FEATURES must be answered within this (issue 7)
-HANG_GRACE = 3.0        # after a missed probe, how long we wait to tell "slow" from "stuck"
+HANG_GRACE = 2.0        # after a missed probe, how long we wait to tell "slow" from "stuck"
 CONTROL_TIMEOUT = 1.0
 IDLE_EVERY = 256        # steps between idle-CPU checks
 IDLE_WINDOW = 0.02      # seconds of silence measured
@@ -142,11 +142,19 @@ MAX_IDLE_CLIENTS = 20   # more than the backend's 16-client limit
 MAX_CONTROL_REPLY = 64 << 20
 LOG_KEEP = 40           # steps shown with a failure
 START_TIMEOUT = 20.0
+STACK_SAMPLES = 3       # faulthandler samples of a hung backend's stack
 
 OFFERED = F.DEFAULT_FEATURES | 1 << F.PROTOCOL_FEATURES
 CFG = NetConfig()
 GUEST_IP = bytes(map(int, CFG.guest_ip.split(".")))
 GATEWAY_IP = bytes(map(int, CFG.gateway_ip.split(".")))
+VRING_REQUESTS = {Req.SET_VRING_NUM, Req.SET_VRING_ADDR, Req.SET_VRING_BASE, Req.GET_VRING_BASE,
+                  Req.SET_VRING_KICK, Req.SET_VRING_CALL, Req.SET_VRING_ERR, Req.SET_VRING_ENABLE,
+                  Req.VRING_KICK, Req.SET_VRING_ENDIAN}
+# Requests that cannot change what a ring holds (the used-ring check stays armed).
+HARMLESS_REQUESTS = {Req.GET_FEATURES, Req.GET_PROTOCOL_FEATURES, Req.GET_QUEUE_NUM, Req.GET_CONFIG,
+                     Req.SET_CONFIG, Req.GET_MAX_MEM_SLOTS, Req.SET_OWNER, Req.NET_SET_MTU, Req.SEND_RARP,
+                     Req.SET_PROTOCOL_FEATURES, Req.GET_STATUS}
 ALL_REQUESTS = [int(r) for r in Req] + [0, 41, 99, 0xFFFF, 0x7FFFFFFF]
 DATA_FD_KINDS = [k for k in FD_KINDS]
 
@@ -216,7 +224,8 @@ class Gen:
             (6, self.g_kick), (1, self.g_long), (0.3, self.g_feed), (14, self.g_msg), (3, self.g_ring),
             (2, self.g_memtab), (0.4, self.g_truncate), (0.4, self.g_framing), (0.6, self.g_stale),
             (5, self.g_ctl), (1, self.g_session), (1.2, self.g_capture), (1.5, self.g_idle),
-            (0.8, self.g_connect),
+            (0.8, self.g_connect), (0.5, self.g_resize), (0.3, self.g_mrg_refused), (0.2, self.g_desc_bomb),
+            (0.15, self.g_idle_flood),
         ]
         self.weights = [w for w, _ in self.ops]
 
@@ -358,11 +367,48 @@ class Gen:
             r.shuffle(order)
         if r.random() < 0.2:
             order.insert(r.randrange(len(order) + 1), "num2")   # SET_VRING_NUM again, another size
-        return {"op": "ring", "q": q, "num": n, "num2": r.choice(QUEUE_SIZES), "base": r.choice([0, 0, 1, 65535, 70000]),
-                "addr_n": r.choice([self.qsize[q], n]), "order": order,
+        if r.random() < 0.9:
+            order.insert(0, "stop")     # GET_VRING_BASE first, as QEMU does before it sets a ring up again
+        addr_n = r.choice([self.qsize[q], n])
+        base = r.choice([0, 0, 1, 65535, 70000])
+        # When the set-up is complete and valid, the driver model follows it.
+        follow = ({"num", "addr", "kick"} <= set(order) and "num2" not in order and addr_n == n
+                  and n in QUEUE_SIZES and base <= 0xFFFF)
+        if follow:
+            self.qsize[q] = n
+        return {"op": "ring", "q": q, "num": n, "num2": r.choice(QUEUE_SIZES), "base": base,
+                "addr_n": addr_n, "order": order, "follow": follow,
                 "kick": r.choices(["eventfd", "pipe", "pipe_eof", "socket", "socket_eof", "opath",
                                    "memfd_sealed", "devnull", "none"], [30, 2, 1, 1, 1, 0.5, 0.5, 0.5, 2])[0],
                 "call": r.choices(["eventfd", "none", "pipe"], [8, 1, 1])[0]}
+
+    def g_resize(self) -> dict:
+        """Targeted (case 8): SET_VRING_NUM again after SET_VRING_ADDR, larger, then start and use it."""
+        r = self.rng
+        q = r.choice([0, 1])
+        small = r.choice([1, 2, 16, 256])
+        return {"op": "ring", "q": q, "num": small, "num2": small * r.choice([2, 16, 128]), "base": 0,
+                "addr_n": small, "order": ["stop", "num", "base", "addr", "num2", "call", "kick", "enable"],
+                "follow": False, "kick": "eventfd", "call": "eventfd", "then": "traffic"}
+
+    def g_mrg_refused(self) -> dict:
+        """Targeted (case 11): merged RX buffers, one too small and the next refused, and a frame to place."""
+        st = self.g_connect()
+        st.update(op="mrgref", feats=OFFERED, q=[256, 256], kick="eventfd", enable=True, sealed=True)
+        self.feats, self.qsize = OFFERED, [256, 256]
+        r = self.rng
+        st.update(small=r.choice([1, 12, 20]), heads=r.sample(range(256), 2), s=r.getrandbits(32))
+        return st
+
+    def g_desc_bomb(self) -> dict:
+        """Targeted (case 6): plant an indirect table as large as memory that loops, and inspect it."""
+        st = self.g_bad()
+        st.update(op="descbomb", kind="huge_indirect")
+        return st
+
+    def g_idle_flood(self) -> dict:
+        """Targeted (case 10): more idle control clients than the backend admits."""
+        return {"op": "idleflood", "n": self.rng.choice([16, 17, MAX_IDLE_CLIENTS])}
 
     def g_truncate(self) -> dict:
         return {"op": "truncate", "to": self.rng.choice([0, GUARD + REGION // 2, GUARD + 4096])}
@@ -511,23 +557,26 @@ class Backend:
             except OSError:
                 pass
 
-    def dump_stack(self) -> str:
-        """Ask faulthandler for the backend's Python stack (it answers even while the loop spins)."""
-        if not self.alive():
-            return self.log_tail()
-        size = os.path.getsize(self.log_path)
-        os.kill(self.pid, signal.SIGUSR1)
-        deadline = time.monotonic() + 2
-        last = size
-        while time.monotonic() < deadline:
-            time.sleep(0.05)
-            now = os.path.getsize(self.log_path)
-            if now > size and now == last:   # it wrote, and has stopped writing
+    def dump_stack(self, samples: int = STACK_SAMPLES) -> list[str]:
+        """Python stacks of the backend from faulthandler (it answers even while the loop spins)."""
+        out = []
+        for _ in range(samples):
+            if not self.alive():
                 break
-            last = now
-        with open(self.log_path, "rb") as f:
-            f.seek(size)
-            return f.read().decode(errors="replace")
+            size = os.path.getsize(self.log_path)
+            os.kill(self.pid, signal.SIGUSR1)
+            deadline = time.monotonic() + 2
+            last = size
+            while time.monotonic() < deadline:
+                time.sleep(0.03)
+                now = os.path.getsize(self.log_path)
+                if now > size and now == last:   # it wrote, and has stopped writing
+                    break
+                last = now
+            with open(self.log_path, "rb") as f:
+                f.seek(size)
+                out.append(f.read().decode(errors="replace"))
+        return out
 
     def log_tail(self, n: int = 64 << 10) -> str:
         try:
@@ -565,26 +614,51 @@ _FRAME_RE = re.compile(r'File "([^"]*?/(?:vhostnet|stack|trio)/[^"]+)", line (\d
 _EXC_RE = re.compile(r"^[\s|+\-]*([A-Za-z_][\w.]*(?:Error|Exception|Group|Interrupt|Exit)[^\n]*)$", re.M)
 
 
-# Where the backend enters guest- or client-driven work: a stack is named by
-# the two frames below the innermost of these, which is where a loop lives
-# (the frames under it change from one sample of a spin to the next).
+# Where the backend enters guest- or client-driven work. A crash is named by
+# the two frames below the innermost of these; a hang or a spin by the
+# deepest frame below it that every sample of the stack shares: the function
+# whose loop does not end (the frames under it change from sample to sample).
 ENTRIES = {"process", "poll", "handle", "_answer", "message_loop", "_kick_loop", "_poll_loop",
            "timer_loop", "_client", "_capture"}
 
 
-def where(text: str) -> str:
-    """Name a traceback by its vhostnet frames: 'drain_tx > pop' (innermost last)."""
-    frames = [(f, fn) for f, _line, fn in _FRAME_RE.findall(text) if "/trio/" not in f]
-    if "most recent call first" in text:   # faulthandler: innermost first; keep its first thread
-        first = text.index("most recent call first")
-        frames = [(f, fn) for f, _l, fn in _FRAME_RE.findall(text[first:].split("\n\n")[0])
-                  if "/trio/" not in f][::-1]
-    if not frames:
-        return "?"
-    names = [fn for _f, fn in frames]
+def frames_of(text: str) -> list[str]:
+    """vhostnet and stack function names of one traceback, outermost first."""
+    if "most recent call first" in text:   # faulthandler: innermost first; the current thread's block
+        at = text.find("Current thread")
+        block = text[at if at >= 0 else text.index("most recent call first"):].split("\n\n")[0]
+        return [fn for f, _l, fn in _FRAME_RE.findall(block) if "/trio/" not in f][::-1]
+    return [fn for f, _l, fn in _FRAME_RE.findall(text) if "/trio/" not in f]
+
+
+def below_entry(names: list[str]) -> list[str]:
     k = max((i for i, fn in enumerate(names) if fn in ENTRIES), default=-1)
-    path = names[k + 1:k + 3] if k + 1 < len(names) else names[-2:]
+    return names[k + 1:]
+
+
+def where(text: str) -> str:
+    """A crash's place: the two frames below the entry point, 'drain_tx > pop'."""
+    names = frames_of(text)
+    if not names:
+        return "?"
+    path = below_entry(names)[:2] or names[-2:]
     return " > ".join(path)
+
+
+def loop_owner(samples: list[str]) -> str:
+    """A hang's place: the deepest frame shared by every stack sample, below the entry point."""
+    paths = [below_entry(frames_of(t)) for t in samples if frames_of(t)]
+    if not paths:
+        return "?"
+    common = paths[0]
+    for p in paths[1:]:
+        n = 0
+        while n < min(len(common), len(p)) and common[n] == p[n]:
+            n += 1
+        common = common[:n]
+    if common:
+        return common[-1]
+    return min(paths, key=len)[0] if min(paths, key=len) else "?"
 
 
 def exception_of(text: str) -> str:
@@ -593,9 +667,11 @@ def exception_of(text: str) -> str:
 
 
 class Failure(Exception):
-    def __init__(self, kind: str, detail: str, stack: str = ""):
+    """A check that did not hold; STACKS are samples of the backend's stack taken then."""
+
+    def __init__(self, kind: str, detail: str, stacks: list[str] | None = None):
         super().__init__(f"{kind}: {detail}")
-        self.kind, self.detail, self.stack = kind, detail, stack
+        self.kind, self.detail, self.stacks = kind, detail, stacks or []
 
 
 # -- the executor: steps against the backend, checks after each ----------------------
@@ -751,6 +827,7 @@ class Executor:
         self.fd_max = 0
         self.rss_max = 0
         self.probe_max = 0.0
+        self.odd_kick = False
 
     # -- connection
     def vh_connect(self) -> None:
@@ -834,7 +911,11 @@ class Executor:
                 try:
                     self.vh_connect()
                 except OSError as e:
-                    raise Failure("refuses_connections", f"cannot connect again: {e}") from None
+                    try:    # a backend on its way out closes its listener first
+                        self.b.proc.wait(timeout=2)
+                    except subprocess.TimeoutExpired:
+                        raise Failure("refuses_connections", f"cannot connect again: {e}") from None
+                    raise Failure("crash", "backend exited") from None
                 self.send(Req.GET_FEATURES)
                 continue
             if msg[0] == Req.GET_FEATURES:
@@ -858,7 +939,7 @@ class Executor:
                     self.pending_gf -= 1
         except (socket.timeout, OSError, ValueError):
             raise Failure("hang", f"no answer to GET_FEATURES in {PROBE_TIMEOUT + HANG_GRACE:.0f} s", stack) from None
-        raise Failure("hang", f"GET_FEATURES answered after {time.monotonic() - t0:.2f} s "
+        raise Failure("slow", f"GET_FEATURES answered after {time.monotonic() - t0:.2f} s "
                               f"(limit {PROBE_TIMEOUT} s)", stack)
 
     # -- checks after every step
@@ -884,7 +965,8 @@ class Executor:
         for c, _read in self.captures:
             if _read:
                 c.drain()
-        if idle:
+        if idle or self.odd_kick:
+            self.odd_kick = False
             self.check_idle()
 
     def check_used(self, q: int) -> None:
@@ -991,6 +1073,8 @@ class Executor:
 
     def send_kick(self, i: int, kind: str) -> None:
         self.kick_kind[i] = kind
+        if kind not in ("eventfd", "none"):
+            self.odd_kick = True    # the step ends with an idle-CPU check
         if kind == "none":
             self.send(Req.SET_VRING_KICK, U64.pack(i | P.VRING_NOFD_MASK))
             self._keep(f"kick{i}", None)
@@ -1011,10 +1095,15 @@ class Executor:
 
     def x_msg(self, st: dict) -> None:
         req = st["req"]
-        if req not in (Req.GET_FEATURES, Req.GET_PROTOCOL_FEATURES, Req.GET_QUEUE_NUM, Req.GET_CONFIG,
-                       Req.GET_MAX_MEM_SLOTS, Req.SET_OWNER, Req.NET_SET_MTU, Req.SEND_RARP):
+        payload = bytes.fromhex(st["payload"])
+        if req in VRING_REQUESTS and len(payload) >= 4:
+            # A ring message can only change the ring it names (VRING_IDX_MASK).
+            q = payload[0]
+            if q in (RXQ, TXQ):
+                self.disarm(q)
+        elif req not in HARMLESS_REQUESTS:
             self.disarm()
-        self.send_fds(req, bytes.fromhex(st["payload"]), st["fds"], st["flags"], st["size"])
+        self.send_fds(req, payload, st["fds"], st["flags"], st["size"])
         if st["size"] is not None:
             # The header lied about the length: the stream is out of step.
             # Whatever the backend makes of it, we start again on a new connection.
@@ -1031,7 +1120,9 @@ class Executor:
         self.disarm(q)
         d, a, u = ring_addrs(q, st["addr_n"])
         for part in st["order"]:
-            if part == "num":
+            if part == "stop":
+                self.send(Req.GET_VRING_BASE, STATE.pack(q, 0))
+            elif part == "num":
                 self.send(Req.SET_VRING_NUM, STATE.pack(q, n))
             elif part == "num2":
                 self.send(Req.SET_VRING_NUM, STATE.pack(q, st["num2"]))
@@ -1045,6 +1136,47 @@ class Executor:
                 self.send_kick(q, st["kick"])
             elif part == "enable":
                 self.send(Req.SET_VRING_ENABLE, STATE.pack(q, 1))
+        if st.get("follow"):
+            self.qsize[q] = n
+            o = RingOracle(n)
+            o.avail = st["base"] if "base" in st["order"] else 0
+            o.armed = False          # the avail ring still holds the old ring's entries
+            self.oracle[q] = o
+        if st.get("then") == "traffic":   # use the ring: a frame out, buffers in, both kicked
+            rng = random.Random(q)
+            d, a, _u = ring_addrs(q, st["addr_n"])    # where the backend was told the ring is
+            data = bytes(12) + frame("arp", 0, rng)
+            if self.mem is not None:
+                self.mem.write(BUF_LO, data)
+                self.mem.write(d, DESC.pack(BUF_LO, len(data) if q == TXQ else 4096, 0 if q == TXQ else F_WRITE, 0))
+                self.mem.write(a + 4, b"\0\0")
+                self.mem.write(a + 2, struct.pack("<H", 1))
+            self.disarm(q)
+            self.kick(q)
+
+    def x_mrgref(self, st: dict) -> None:
+        """A fresh connection with MRG_RXBUF; RX: a buffer too small, then a refused one; a ping to answer."""
+        self.x_connect(st)
+        self.probe()
+        small, refused = st["heads"]
+        self.desc(RXQ, small, BUF_LO, st["small"], F_WRITE, 0)
+        self.desc(RXQ, refused, 1 << 40, 64, F_WRITE, 0)
+        self.push(RXQ, small)
+        self.push(RXQ, refused)
+        self.x_tx({"kind": "ping", "size": 56, "hdr": "ok", "descs": [0], "addr": BUF_LO + 0x10000,
+                   "kick": True, "s": st["s"], "hl": 12})
+
+    def x_descbomb(self, st: dict) -> None:
+        self.x_bad(dict(st, kick=False))
+        self.x_ctl({"via": "new", "req": {"cmd": "desc", "queue": st["q"], "head": st["head"]}})
+
+    def x_idleflood(self, st: dict) -> None:
+        while len(self.idle) < st["n"]:
+            try:
+                self.idle.append(Ctl(self.b.ctl_path))
+            except OSError:
+                break
+        self.check_control()
 
     def x_truncate(self, st: dict) -> None:
         if self.mem is not None and self.mem.truncate(st["to"]):
@@ -1444,12 +1576,12 @@ def classify(f: Failure, backend: Backend, op: str) -> str:
         rc = backend.proc.returncode
         if rc is not None and rc < 0:
             sig = signal.Signals(-rc).name
-            return f"crash {sig} after {op} in {where(tail)}"
+            return f"crash {sig} in {where(tail)}"
         exc = exception_of(tail).split(":")[0]
-        return f"crash {exc or 'exit ' + str(rc)} after {op} in {where(tail)}"
-    if f.kind in ("hang", "busy_when_idle", "control_no_answer") and f.stack:
-        return f"{f.kind} after {op} in {where(f.stack)}"
-    return f"{f.kind} after {op}"
+        return f"crash {exc or 'exit ' + str(rc)} in {where(tail)}"
+    if f.kind in ("hang", "slow", "busy_when_idle", "control_no_answer") and f.stacks:
+        return f"{f.kind} in {loop_owner(f.stacks)}"
+    return f.kind
 
 
 def run(args) -> dict:
@@ -1478,7 +1610,7 @@ def run(args) -> dict:
         while steps < args.steps and (deadline is None or time.monotonic() < deadline):
             st = gen.next()
             steps += 1
-            if st["op"] == "connect":
+            if st["op"] in ("connect", "mrgref"):
                 last_connect_step = steps
             history.append((steps, st))
             if args.verbose:
@@ -1494,14 +1626,19 @@ def run(args) -> dict:
                 cls = classify(f, backend, st["op"])
                 if f.kind == "crash":
                     stats["crashes"] += 1
-                elif f.kind in ("hang", "control_no_answer"):
+                elif f.kind in ("hang", "slow", "control_no_answer"):
                     stats["hangs"] += 1
                 rec = findings.setdefault(cls, {"class": cls, "count": 0, "seed": args.seed, "step": steps,
-                                                "detail": f.detail, "kind": f.kind})
+                                                "detail": f.detail, "kind": f.kind, "ops": {}})
                 rec["count"] += 1
+                rec["ops"].setdefault(st["op"], steps)   # first step of each op that met it
                 if rec["count"] == 1:
-                    rec["log"] = [f"{n:8d} {describe(s)}" for n, s in history if n >= last_connect_step][-LOG_KEEP:]
-                    rec["backend_log"] = (f.stack or backend.log_tail(4000))[-3000:]
+                    since = [(n, s) for n, s in history if n >= last_connect_step]
+                    rec["log"] = [f"{n:8d} {describe(s)}" for n, s in since[-LOG_KEEP:]]
+                    if len(since) > LOG_KEEP:
+                        rec["log"].insert(0, f"{since[0][0]:8d} {describe(since[0][1])}")
+                        rec["log"].insert(1, f"         ... {len(since) - LOG_KEEP - 1} steps ...")
+                    rec["backend_log"] = ((f.stacks[0] if f.stacks else "") or backend.log_tail(4000))[-3000:]
                     report_failure(rec, args)
                 if not args.keep_going:
                     break
@@ -1512,6 +1649,8 @@ def run(args) -> dict:
                 if ex.last_connect is not None:
                     ex.x_connect(ex.last_connect)
                     ex.probe()
+                    history.append((steps, {"op": "restart", "then": "connect", **ex.last_connect}))
+                    last_connect_step = steps
                 recovering += time.monotonic() - t_fail
                 continue
             dt = time.monotonic() - t0
