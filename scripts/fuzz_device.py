@@ -136,7 +136,7 @@ IDLE_EVERY = 256        # steps between idle-CPU checks
 IDLE_WINDOW = 0.02      # seconds of silence measured
 IDLE_BUSY = 0.5         # fraction of a core an idle backend must stay under
 RSS_SLACK = 96 << 20
-CONN_FDS = 1 + 3 * 2    # a connection: its socket + kick, call, err per queue
+CONN_FDS = 1 + 3 * 2 + P.MAX_MEM_REGIONS  # a connection: its socket, kick, call, err per queue, region fds if kept
 FD_SLACK = 8            # trio internals, a capture being set up, timing of closes
 MAX_IDLE_CLIENTS = 20   # more than the backend's 16-client limit
 MAX_CONTROL_REPLY = 64 << 20
@@ -221,7 +221,7 @@ class Gen:
         self.planted: list[int | None] = [None, None]   # a head whose desc is a huge indirect table
         self.ops = [  # (weight, generator)
             (14, self.g_tx), (10, self.g_rx), (9, self.g_bad), (5, self.g_avail), (2, self.g_aflags),
-            (6, self.g_kick), (1, self.g_long), (0.3, self.g_feed), (14, self.g_msg), (3, self.g_ring),
+            (6, self.g_kick), (1, self.g_long), (0.2, self.g_feed), (14, self.g_msg), (3, self.g_ring),
             (2, self.g_memtab), (0.4, self.g_truncate), (0.4, self.g_framing), (0.6, self.g_stale),
             (5, self.g_ctl), (1, self.g_session), (1.2, self.g_capture), (1.5, self.g_idle),
             (0.8, self.g_connect), (0.5, self.g_resize), (0.3, self.g_mrg_refused), (0.2, self.g_desc_bomb),
@@ -477,7 +477,7 @@ class Gen:
 
     def g_feed(self) -> dict:
         """Targeted (case 5): a thread keeps feeding refused chains while we probe."""
-        return {"op": "feed", "q": self.rng.choice([TXQ, TXQ, RXQ]), "n": self.qsize[TXQ], "secs": 1.5}
+        return {"op": "feed", "n": self.qsize[TXQ], "secs": 0.3}
 
     # -- control
     def g_ctl(self) -> dict:
@@ -611,7 +611,7 @@ class Backend:
 
 
 _FRAME_RE = re.compile(r'File "([^"]*?/(?:vhostnet|stack|trio)/[^"]+)", line (\d+),? in (\w+)')
-_EXC_RE = re.compile(r"^[\s|+\-]*([A-Za-z_][\w.]*(?:Error|Exception|Group|Interrupt|Exit)[^\n]*)$", re.M)
+_EXC_RE = re.compile(r"^[\s|+\-]*([A-Za-z_][\w.]*(?:Error|error|Exception|Interrupt|Exit)\b[^\n]*)$", re.M)
 
 
 # Where the backend enters guest- or client-driven work. A crash is named by
@@ -662,7 +662,7 @@ def loop_owner(samples: list[str]) -> str:
 
 
 def exception_of(text: str) -> str:
-    found = [m for m in _EXC_RE.findall(text) if not m.startswith(("Traceback", "Exception Group"))]
+    found = [m for m in _EXC_RE.findall(text) if "ExceptionGroup" not in m]
     return found[-1].strip()[:120] if found else ""
 
 
@@ -1213,6 +1213,8 @@ class Executor:
         self.send(Req.SET_VRING_ADDR, ADDR.pack(q, 0, gpa_to_uva(d), gpa_to_uva(u), gpa_to_uva(a), 0))
         self.send_kick(q, "eventfd")                                      # stops the ring: closes its old kick fd
         self.probe()
+        if self.session is None:
+            self.session = Ctl(self.b.ctl_path)
         self.session_request({"cmd": "ping"})
 
     # driver steps
@@ -1460,6 +1462,10 @@ class Executor:
             err = e
         else:
             err = None
+        if line is not None and b"too many control clients" in line:
+            self.session.close()     # never admitted: the lockout check speaks for that
+            self.session = None
+            return
         if line is None:
             self.session.close()
             self.session = None
@@ -1580,8 +1586,29 @@ def classify(f: Failure, backend: Backend, op: str) -> str:
         exc = exception_of(tail).split(":")[0]
         return f"crash {exc or 'exit ' + str(rc)} in {where(tail)}"
     if f.kind in ("hang", "slow", "busy_when_idle", "control_no_answer") and f.stacks:
-        return f"{f.kind} in {loop_owner(f.stacks)}"
+        owner = loop_owner(f.stacks)
+        if owner in ("cmd_serve", "main", "?"):
+            return f"{f.kind} (the backend was idle again when sampled)"
+        return f"{f.kind} in {owner}"
     return f.kind
+
+
+def restart(ex: Executor, backend: Backend) -> None:
+    """A clean backend, set up again as the last connect step did (or bare, if that fails at once)."""
+    ex.close_all()
+    backend.stop()
+    backend.start()
+    if ex.last_connect is not None:
+        try:
+            ex.x_connect(ex.last_connect)
+            ex.probe()
+            return
+        except Failure:
+            ex.close_all()
+            backend.stop()
+            backend.start()
+    ex.vh_connect()
+    ex.probe()
 
 
 def run(args) -> dict:
@@ -1600,6 +1627,7 @@ def run(args) -> dict:
     last_connect_step = 0
     recovering = 0.0   # time spent on failures: stack dumps, waiting out hangs, restarts
     op_time: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+    failures_before = 0
     try:
         backend.start()
         ex.vh_connect()
@@ -1631,6 +1659,8 @@ def run(args) -> dict:
                 rec = findings.setdefault(cls, {"class": cls, "count": 0, "seed": args.seed, "step": steps,
                                                 "detail": f.detail, "kind": f.kind, "ops": {}})
                 rec["count"] += 1
+                rec.setdefault("after_failures", failures_before)
+                failures_before += 1
                 rec["ops"].setdefault(st["op"], steps)   # first step of each op that met it
                 if rec["count"] == 1:
                     since = [(n, s) for n, s in history if n >= last_connect_step]
@@ -1643,14 +1673,9 @@ def run(args) -> dict:
                 if not args.keep_going:
                     break
                 # Start again from a clean backend, on the last connect's set-up.
-                ex.close_all()
-                backend.stop()
-                backend.start()
-                if ex.last_connect is not None:
-                    ex.x_connect(ex.last_connect)
-                    ex.probe()
-                    history.append((steps, {"op": "restart", "then": "connect", **ex.last_connect}))
-                    last_connect_step = steps
+                restart(ex, backend)
+                history.append((steps, {"op": "restart"}))
+                last_connect_step = steps
                 recovering += time.monotonic() - t_fail
                 continue
             dt = time.monotonic() - t0
@@ -1679,14 +1704,45 @@ def run(args) -> dict:
         "ms_per_op": {op: round(t / n * 1000, 2) for op, (n, t) in sorted(op_time.items())},
         "findings": sorted(findings.values(), key=lambda r: r["step"]),
         "tree": str(tree),
+        "load_avg": round(os.getloadavg()[0], 2),
     }
+
+
+#: The --json document: every field, and what it means (tests/device/test_fuzz_device.py
+#: holds the output to this table both ways).
+JSON_FIELDS = {
+    "seed": "the RNG seed: with steps, names the input sequence",
+    "steps": "steps run",
+    "seconds": "wall time of the run",
+    "steps_per_s": "steps / seconds",
+    "seconds_recovering": "time spent on failures: stack samples, waiting out hangs, restarts",
+    "steps_per_s_fuzzing": "steps / (seconds - seconds_recovering): the rate of a run that finds nothing",
+    "load_avg": "the machine's 1-minute load average at the end (the CPU is shared)",
+    "connections": "vhost-user connections the fuzzer made (connect steps, reconnects after the backend closed one)",
+    "disconnects_by_backend": "connections the backend closed (allowed after a protocol error)",
+    "backend_starts": "backend processes started (1 + restarts after failures with --keep-going)",
+    "crashes": "failures where the backend process exited",
+    "hangs": "failures where it did not answer in time (GET_FEATURES or a control request)",
+    "fd_idle": "the backend's open fds with one idle connection, before the first step",
+    "fd_max": "the most fds it had open after any step",
+    "rss_idle_mib": "its RSS before the first step",
+    "rss_max_mib": "its largest RSS after any step",
+    "longest_probe_ms": "the longest a passing GET_FEATURES probe waited: a bound on the longest event-loop step",
+    "longest_step_ms": "the longest passing step, with its checks",
+    "longest_step_op": "that step's op",
+    "ms_per_op": "mean wall time per step, by op",
+    "findings": "failures by class, first occurrence first: class, kind, count, seed, step, detail, "
+                "ops (op -> first step), log (steps since the last connect), backend_log, after_failures",
+    "tree": "the vhostnet tree the backend ran from",
+}
 
 
 def report_failure(rec: dict, args) -> None:
     out = sys.stderr
     print(f"\nFAILURE {rec['class']}: {rec['detail']}", file=out)
+    more = " --keep-going" if rec.get("after_failures") else ""
     print(f"  seed {rec['seed']}, step {rec['step']}; replay: python3 scripts/fuzz_device.py "
-          f"--replay {rec['seed']} --steps {rec['step']}", file=out)
+          f"--replay {rec['seed']} --steps {rec['step']}{more}", file=out)
     print("  steps since the last connect:", file=out)
     for line in rec["log"]:
         print("  " + line, file=out)

@@ -41,6 +41,7 @@ def test_seeded_run_finds_nothing(seed, steps):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.stdout, proc.stderr[-4000:]
     doc = json.loads(proc.stdout)
+    assert set(doc) == set(fz.JSON_FIELDS)   # the document is the one the script describes
     # On a failure the fuzzer stops there; its stderr is the report to read.
     assert doc["findings"] == [], proc.stderr[-6000:]
     assert doc["steps"] == steps
@@ -133,3 +134,4 @@ def test_a_spin_is_named_by_the_frame_every_sample_shares():
     samples = [sample("drain_tx", "flush_rx", "_rx_one", "pop"), sample("drain_tx", "flush_rx", "want_kick_at_next"),
                sample("drain_tx", "flush_rx")]
     assert fz.loop_owner(samples) == "flush_rx"
+
