@@ -133,8 +133,9 @@ PROBE_TIMEOUT = 1.0     # a fresh GET_FEATURES must be answered within this (iss
 HANG_GRACE = 2.0        # after a missed probe, how long we wait to tell "slow" from "stuck"
 CONTROL_TIMEOUT = 1.0
 IDLE_EVERY = 256        # steps between idle-CPU checks
-IDLE_WINDOW = 0.02      # seconds of silence measured
-IDLE_BUSY = 0.5         # fraction of a core an idle backend must stay under
+IDLE_WINDOW = 0.05      # seconds of silence measured
+IDLE_BUSY = 0.8         # fraction of the time an idle backend may be runnable (a polled kick
+                        # ring: up to ~0.45 under load; a spin: ~1, however little of a core it gets)
 RSS_SLACK = 96 << 20
 CONN_FDS = 1 + 3 * 2 + P.MAX_MEM_REGIONS  # a connection: its socket, kick, call, err per queue, region fds if kept
 FD_SLACK = 8            # trio internals, a capture being set up, timing of closes
@@ -599,12 +600,18 @@ class Backend:
         except OSError:
             return -1
 
-    def cpu_ns(self) -> int:
+    def runnable_ns(self) -> int:
+        """Time its threads were running or waiting for a CPU (schedstat fields 1 and 2).
+
+        Not CPU time alone: on a shared machine a spinning process gets only
+        part of a core, but it is runnable all the time; an idle one is neither.
+        """
         total = 0
         try:
             for t in os.listdir(f"/proc/{self.pid}/task"):
                 with open(f"/proc/{self.pid}/task/{t}/schedstat") as f:
-                    total += int(f.read().split()[0])
+                    run, wait = f.read().split()[:2]
+                    total += int(run) + int(wait)
         except OSError:
             pass
         return total
@@ -646,19 +653,22 @@ def where(text: str) -> str:
 
 
 def loop_owner(samples: list[str]) -> str:
-    """A hang's place: the deepest frame shared by every stack sample, below the entry point."""
-    paths = [below_entry(frames_of(t)) for t in samples if frames_of(t)]
-    if not paths:
+    """A hang's place: the deepest frame every stack sample shares, preferably below the entry point."""
+    full = [frames_of(t) for t in samples]
+    full = [f for f in full if f]
+    if not full:
         return "?"
-    common = paths[0]
-    for p in paths[1:]:
+    common = full[0]
+    for p in full[1:]:
         n = 0
         while n < min(len(common), len(p)) and common[n] == p[n]:
             n += 1
         common = common[:n]
-    if common:
-        return common[-1]
-    return min(paths, key=len)[0] if min(paths, key=len) else "?"
+    below = below_entry(common)
+    if below:
+        return below[-1]
+    entries = [fn for fn in common if fn in ENTRIES]
+    return entries[-1] if entries else (common[-1] if common else "?")
 
 
 def exception_of(text: str) -> str:
@@ -997,12 +1007,13 @@ class Executor:
     def check_idle(self) -> None:
         busy = 0.0
         for _ in range(2):   # twice, so one unlucky window is not a finding
-            c0, t0 = self.b.cpu_ns(), time.monotonic()
+            c0, t0 = self.b.runnable_ns(), time.monotonic()
             time.sleep(IDLE_WINDOW)
-            busy = (self.b.cpu_ns() - c0) / 1e9 / (time.monotonic() - t0)
+            busy = (self.b.runnable_ns() - c0) / 1e9 / (time.monotonic() - t0)
             if busy < IDLE_BUSY:
                 return
-        raise Failure("busy_when_idle", f"{busy:.0%} of a core with nothing sent", self.b.dump_stack())
+        raise Failure("busy_when_idle", f"runnable {busy:.0%} of the time with nothing sent; the kick fds it was given: "
+                                        f"rx {self.kick_kind[RXQ]}, tx {self.kick_kind[TXQ]}", self.b.dump_stack())
 
     def check_control(self) -> None:
         """A fresh control client is answered (held idle ones must not lock it out)."""
@@ -1587,6 +1598,8 @@ def classify(f: Failure, backend: Backend, op: str) -> str:
         return f"crash {exc or 'exit ' + str(rc)} in {where(tail)}"
     if f.kind in ("hang", "slow", "busy_when_idle", "control_no_answer") and f.stacks:
         owner = loop_owner(f.stacks)
+        if f.kind == "busy_when_idle" and owner in ("cmd_serve", "main", "?"):
+            return f.kind    # between tasks: trio's own frames, which we leave out
         if owner in ("cmd_serve", "main", "?"):
             return f"{f.kind} (the backend was idle again when sampled)"
         return f"{f.kind} in {owner}"
