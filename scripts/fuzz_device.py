@@ -227,6 +227,7 @@ class Gen:
             (5, self.g_ctl), (1, self.g_session), (1.2, self.g_capture), (1.5, self.g_idle),
             (0.8, self.g_connect), (0.5, self.g_resize), (0.3, self.g_mrg_refused), (0.2, self.g_desc_bomb),
             (0.15, self.g_idle_flood),
+            (0.2, self.g_rx_small), (0.2, self.g_rx_jump),
         ]
         self.weights = [w for w, _ in self.ops]
 
@@ -399,6 +400,24 @@ class Gen:
         self.feats, self.qsize = OFFERED, [256, 256]
         r = self.rng
         st.update(small=r.choice([1, 12, 20]), heads=r.sample(range(256), 2), s=r.getrandbits(32))
+        return st
+
+    def g_rx_small(self) -> dict:
+        """Targeted (case 1): MRG_RXBUF, RX buffers that together cannot hold the frame, a frame for them."""
+        st = self.g_connect()
+        st.update(op="rxsmall", feats=OFFERED, q=[256, 256], kick="eventfd", enable=True, sealed=True)
+        self.feats, self.qsize = OFFERED, [256, 256]
+        r = self.rng
+        st.update(sizes=[r.choice([1, 12, 20, 40]) for _ in range(r.choice([1, 2]))], s=r.getrandbits(32))
+        return st
+
+    def g_rx_jump(self) -> dict:
+        """Targeted (case 2): a frame waits for RX buffers, and RX avail->idx jumps past the queue size."""
+        st = self.g_connect()
+        r = self.rng
+        st.update(op="rxjump", q=[r.choice([16, 256]), 256], kick="eventfd", enable=True, sealed=True)
+        self.feats, self.qsize = st["feats"] if not st["feats"] & ~OFFERED else 0, list(st["q"])
+        st.update(jump=st["q"][0] + r.randrange(1, 1000), s=r.getrandbits(32))
         return st
 
     def g_desc_bomb(self) -> dict:
@@ -1177,6 +1196,24 @@ class Executor:
         self.x_tx({"kind": "ping", "size": 56, "hdr": "ok", "descs": [0], "addr": BUF_LO + 0x10000,
                    "kick": True, "s": st["s"], "hl": 12})
 
+    def x_rxsmall(self, st: dict) -> None:
+        self.x_connect(st)
+        self.probe()
+        for k, size in enumerate(st["sizes"]):
+            self.desc(RXQ, k, BUF_LO + 0x1000 * k, size, F_WRITE, 0)
+            self.push(RXQ, k)
+        self.x_tx({"kind": "ping", "size": 56, "hdr": "ok", "descs": [0], "addr": BUF_LO + 0x10000,
+                   "kick": True, "s": st["s"], "hl": 12})
+
+    def x_rxjump(self, st: dict) -> None:
+        self.x_connect(st)
+        self.probe()
+        hl = 12 if st["feats"] & (1 << F.VERSION_1 | 1 << F.MRG_RXBUF) else 10
+        self.x_tx({"kind": "ping", "size": 56, "hdr": "ok", "descs": [0], "addr": BUF_LO + 0x10000,
+                   "kick": True, "s": st["s"], "hl": hl})
+        self.probe()     # the reply is waiting for RX buffers now
+        self.x_avail({"q": RXQ, "mode": "jump", "k": st["jump"], "kick": True})
+
     def x_descbomb(self, st: dict) -> None:
         self.x_bad(dict(st, kick=False))
         self.x_ctl({"via": "new", "req": {"cmd": "desc", "queue": st["q"], "head": st["head"]}})
@@ -1651,7 +1688,7 @@ def run(args) -> dict:
         while steps < args.steps and (deadline is None or time.monotonic() < deadline):
             st = gen.next()
             steps += 1
-            if st["op"] in ("connect", "mrgref"):
+            if st["op"] in ("connect", "mrgref", "rxsmall", "rxjump"):
                 last_connect_step = steps
             history.append((steps, st))
             if args.verbose:
