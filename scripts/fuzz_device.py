@@ -227,7 +227,7 @@ class Gen:
             (5, self.g_ctl), (1, self.g_session), (1.2, self.g_capture), (1.5, self.g_idle),
             (0.8, self.g_connect), (0.5, self.g_resize), (0.3, self.g_mrg_refused), (0.2, self.g_desc_bomb),
             (0.15, self.g_idle_flood),
-            (0.2, self.g_rx_small), (0.2, self.g_rx_jump),
+            (0.2, self.g_rx_small), (0.2, self.g_rx_jump), (0.2, self.g_shrink),
         ]
         self.weights = [w for w, _ in self.ops]
 
@@ -418,6 +418,14 @@ class Gen:
         st.update(op="rxjump", q=[r.choice([16, 256]), 256], kick="eventfd", enable=True, sealed=True)
         self.feats, self.qsize = st["feats"] if not st["feats"] & ~OFFERED else 0, list(st["q"])
         st.update(jump=st["q"][0] + r.randrange(1, 1000), s=r.getrandbits(32))
+        return st
+
+    def g_shrink(self) -> dict:
+        """Targeted (case 3): unsealed guest memory, shrunk under the backend, then the rings used."""
+        st = self.g_connect()
+        r = self.rng
+        st.update(op="shrink", sealed=False, kick="eventfd", enable=True,
+                  to=r.choice([0, GUARD, GUARD + 4096]), s=r.getrandbits(32))
         return st
 
     def g_desc_bomb(self) -> dict:
@@ -1214,6 +1222,14 @@ class Executor:
         self.probe()     # the reply is waiting for RX buffers now
         self.x_avail({"q": RXQ, "mode": "jump", "k": st["jump"], "kick": True})
 
+    def x_shrink(self, st: dict) -> None:
+        self.x_connect(st)
+        self.probe()
+        self.mem.truncate(st["to"])      # unsealed: it works
+        self.disarm()
+        for q in (RXQ, TXQ):             # any ring access now touches pages that are gone
+            self.kick(q)
+
     def x_descbomb(self, st: dict) -> None:
         self.x_bad(dict(st, kick=False))
         self.x_ctl({"via": "new", "req": {"cmd": "desc", "queue": st["q"], "head": st["head"]}})
@@ -1650,7 +1666,9 @@ def restart(ex: Executor, backend: Backend) -> None:
     backend.start()
     if ex.last_connect is not None:
         try:
-            ex.x_connect(ex.last_connect)
+            # The same set-up, with eventfd kicks and sealed memory: a known-good
+            # start, so one finding is not met again at once by the recovery itself.
+            ex.x_connect(dict(ex.last_connect, op="connect", kick="eventfd", sealed=True))
             ex.probe()
             return
         except Failure:
@@ -1688,7 +1706,7 @@ def run(args) -> dict:
         while steps < args.steps and (deadline is None or time.monotonic() < deadline):
             st = gen.next()
             steps += 1
-            if st["op"] in ("connect", "mrgref", "rxsmall", "rxjump"):
+            if st["op"] in ("connect", "mrgref", "rxsmall", "rxjump", "shrink"):
                 last_connect_step = steps
             history.append((steps, st))
             if args.verbose:
