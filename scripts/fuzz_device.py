@@ -1710,7 +1710,7 @@ def run(args) -> dict:
                 last_connect_step = steps
             history.append((steps, st))
             if args.verbose:
-                print(f"{steps:8d} {describe(st)}", flush=True)
+                print(f"{steps:8d} {describe(st)}", file=sys.stderr, flush=True)
             t0 = time.monotonic()
             try:
                 if st["op"] == "connect" and steps > 1 and set(ex.kick_kind) - {"eventfd", "none"}:
