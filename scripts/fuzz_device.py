@@ -3,76 +3,91 @@
 
 Theory of operation
 -------------------
-The backend runs as a subprocess (`python -m vhostnet serve`, through a
-two-line wrapper that only registers faulthandler on SIGUSR1 so a hung
-backend can be asked where it is stuck). A crash (exception, SIGBUS) or a
-hang is therefore seen from outside, as a real front-end would see it, and
-the fuzzer survives it, restarts the backend and carries on. An in-process
-server in a thread would share our address space (a SIGBUS would kill the
-fuzzer too) and our GIL (a spinning backend would slow the checker it
-should be caught by); the subprocess costs one socket round trip per step,
-which is what bounds steps/s (printed in the table).
+The backend runs as a subprocess (`vhostnet serve`, through a two-line
+wrapper that only registers faulthandler on SIGUSR1, so that a hung backend
+can be asked where it is stuck), from this checkout or --tree. A crash (an
+exception, a SIGBUS) or a hang is seen from outside, as QEMU would see it;
+the fuzzer survives it, names it, restarts the backend and (--keep-going)
+carries on. Why not an in-process server in a thread: measured here, a bare
+GET_FEATURES round trip costs 170 us in-process against 280 us to a
+subprocess (load average 9 on 2 shared cores), but a step costs 4-8 ms
+either way, nearly all of it the backend's own work; in-process, that work
+and ours would share one GIL instead of two cores, a SIGBUS would kill the
+fuzzer, and a spinning backend would starve the watchdog meant to catch it.
 
 Each step is drawn from a seeded RNG and a small model the generator keeps
-of its own choices (queue sizes, features, which descriptor it planted
-where). Generation never looks at what the backend did, so a seed and a
-step count name one input sequence: `--replay SEED --steps N` runs the same
-steps again. Steps are of three sorts:
+of its own choices (queue sizes, features, where it planted what). The
+generator never looks at what the backend did, so a seed names one input
+sequence and `--replay SEED --steps N` sends the same steps again, printing
+each. A first failure replays faithfully; later ones in a --keep-going run
+are best-effort, since which kick the backend handles before which message
+is timing, and so is the state a restart leaves. Steps are of three sorts:
 
 - front-end: every vhost-user request type (and unknown ones) with valid
   and invalid payloads, sizes, flags and NEED_REPLY, carrying fds of every
-  kind (vhostnet/testing/frontend.py FD_KINDS: eventfd, memfd sealed,
+  kind (FD_KINDS in vhostnet/testing/frontend.py: eventfd, memfd sealed,
   unsealed, empty or too small, pipe, pipe at EOF, socket, socket at EOF,
   O_PATH, /dev/null, a regular file, or none); well-formed handshakes and
-  ring set-ups so that deep states are reached; memory tables; truncating
+  ring set-ups, so that deep states are reached; memory tables; truncating
   the guest memfd; broken framing.
 - driver: frames and RX buffers written into guest memory as descriptor
   chains, hostile chains (loops, out of bounds, in the guard gaps, nested or
   huge indirect tables, a table that loops), avail index moves, avail flags
-  and used_event, kicks. Targeted generators cover sequences random steps
-  rarely hit: a batch of queue-size-long chains, a driver that keeps
-  feeding refused chains from a thread while we probe, and a refused
-  SET_VRING_KICK followed by a control client.
+  and used_event, kicks.
 - control socket: inspect, desc (often on a planted head), stats, ping,
   capture start and stop (read or never read), garbage lines, a line over
   the limit, idle clients held open, and a held "session" client.
 
-After every step the fuzzer checks (the step fails if any does not hold):
+Targeted generators add the sequences that random steps reach too rarely,
+one per class of issue 7: a too-small merged RX buffer (rxsmall), an RX
+avail jump while a frame waits (rxjump), unsealed memory shrunk under the
+backend (shrink), a refused SET_VRING_KICK then a control client (stale),
+a driver thread that keeps feeding refused chains while we probe (feed),
+inspect --desc on a looping table as large as memory (descbomb), a kick fd
+that is always readable (pipe_eof and socket_eof kicks), SET_VRING_NUM after
+SET_VRING_ADDR (resize, as a "ring" step), an O_PATH fd (any fd step),
+more idle control clients than admitted (idleflood), a merged RX buffer
+followed by a refused one (mrgref), and min(512, n) chains of n descriptors
+(long).
+
+After every step the fuzzer checks (the step fails if one does not hold):
 
 - alive: the backend process has not exited;
 - answers: a GET_FEATURES sent on the current connection is answered within
   PROBE_TIMEOUT (1 s). Replies the step earned are read and skipped on the
-  way; a GET_FEATURES the step itself sent is always sent with valid
-  version bits, so exactly one reply is owed for each. If the backend
-  closed the connection (allowed for a front-end that broke the protocol),
-  a new connection must be accepted and answer within the same second: the
-  backend serves one front-end at a time, so this also proves the old
-  connection was torn down;
-- bounded: its fd count (/proc/PID/fd) stays under its count when idle plus
-  what a connection and our open control clients can hold, and its RSS
-  under its idle RSS plus twice guest memory plus RSS_SLACK;
-- untouched: the guard areas of the guest memfd (mapped by the backend only
-  if it ignored mmap_offset or the region sizes), which are filled with a
-  canary pattern, are unchanged; so is a canary memfd never given to it;
-- used ring: while a ring's state is exactly what the driver set up
-  (armed), no used element names a head more often than the driver offered it;
+  way; a GET_FEATURES the step itself sent always has valid version bits,
+  so exactly one reply is owed for each. If the backend closed the
+  connection (allowed after a protocol error), a new connection must be
+  accepted and answer within the same second: the backend serves one
+  front-end at a time, so this also proves the old one was torn down. No
+  answer within HANG_GRACE more is a "hang", a late one is "slow";
+- bounded: its fd count (/proc/PID/fd) stays under its count with one idle
+  connection plus what a connection and our open control clients can hold,
+  and its RSS under its idle RSS plus twice guest memory plus RSS_SLACK;
+- untouched: the guard areas of the guest memfd around and between the
+  declared regions hold a canary pattern, unchanged (a backend that
+  ignored mmap_offset or a region's size would write there); so is a
+  canary memfd never given to it;
+- used ring: while a ring holds exactly what the driver set up (armed), no
+  used element names a head more often than the driver offered it;
 - control: every control request gets a reply line within 1 s, a fresh
-  control client gets an answer to ping within 1 s (held idle clients
-  must not lock others out), and a "session" client in use is never closed
-  under us (the backend closing an fd it does not own shows up here);
-- idle CPU: every IDLE_EVERY steps and before each reconnect, with nothing
-  sent, the backend uses less than IDLE_BUSY of a core (a kick fd that is
-  always readable burns one).
+  control client gets an answer to ping within 1 s (held idle clients must
+  not lock it out), and a "session" client in use is never closed under us
+  (how a backend closing an fd it does not own shows);
+- idle: every IDLE_EVERY steps, before a connect step, and after any step
+  that gave a kick fd other than an eventfd, with nothing sent for
+  IDLE_WINDOW the backend must not be runnable most of the time while its
+  rings make no progress (a kick fd that is always readable does that).
 
-A failure prints the seed, the step, the class (what failed, where the
-backend's Python stack was: its own traceback for a crash, faulthandler's
-for a hang) and the steps since the last connect. With --keep-going the
-backend is restarted and the run goes on, counting failures by class.
+A failure prints the seed, the step, the class (what failed and where: the
+traceback's frames for a crash, the frame every faulthandler sample of a
+hang shares), the steps since the last connect and the backend's stack.
+The --json document's fields are JSON_FIELDS below.
 
 Examples:
-    python3 scripts/fuzz_device.py --seed 1 --steps 20000
-    python3 scripts/fuzz_device.py --seconds 60 --keep-going --json
-    python3 scripts/fuzz_device.py --replay 1 --steps 4242
+    PYTHONPATH=$PWD python3 scripts/fuzz_device.py --seed 1 --steps 20000
+    PYTHONPATH=$PWD python3 scripts/fuzz_device.py --seconds 60 --keep-going --json
+    PYTHONPATH=$PWD python3 scripts/fuzz_device.py --replay 1 --steps 4242
 """
 from __future__ import annotations
 
@@ -94,15 +109,14 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))   # run from a checkout without installing  # noqa: E402
+from stack.config import NetConfig
+from vhostnet.testing.frontend import (FD_KINDS, encode_message, make_fd, make_memfd, recv_message,
+                                       send_message)
+from vhostnet.virtio import features as F
+from vhostnet.vhostuser import protocol as P
+from vhostnet.vhostuser.protocol import Req
 
-from stack.config import NetConfig  # noqa: E402
-from vhostnet.testing.frontend import (FD_KINDS, encode_message, make_fd, make_memfd,  # noqa: E402
-                                       recv_message, send_message)
-from vhostnet.virtio import features as F  # noqa: E402
-from vhostnet.vhostuser import protocol as P  # noqa: E402
-from vhostnet.vhostuser.protocol import Req  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent   # the tree the backend runs from, unless --tree
 
 # -- guest memory layout ---------------------------------------------------------
 # One memfd: [guard][region 0][guard][region 1][guard]. Only the regions are
