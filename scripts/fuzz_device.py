@@ -1746,6 +1746,8 @@ def run(args) -> dict:
         ex.base_fds, ex.base_rss = backend.fds(), backend.rss()
         ex.sock.close()
         ex.sock = None
+        t_start = time.monotonic()   # the backend's start-up (seconds under load) is not fuzzing
+        deadline = t_start + args.seconds if args.seconds else None
         while steps < args.steps and (deadline is None or time.monotonic() < deadline):
             st = gen.next()
             steps += 1
@@ -1824,7 +1826,7 @@ def run(args) -> dict:
 JSON_FIELDS = {
     "seed": "the RNG seed: with steps, names the input sequence",
     "steps": "steps run",
-    "seconds": "wall time of the run",
+    "seconds": "wall time of the run, from the backend's first answer (its start-up is left out)",
     "steps_per_s": "steps / seconds",
     "seconds_recovering": "time spent on failures: stack samples, waiting out hangs, restarts",
     "steps_per_s_fuzzing": "steps / (seconds - seconds_recovering): the rate of a run that finds nothing",
