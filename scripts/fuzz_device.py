@@ -157,7 +157,7 @@ MAX_IDLE_CLIENTS = 20   # more than the backend's 16-client limit
 MAX_CONTROL_REPLY = 64 << 20
 LOG_KEEP = 40           # steps shown with a failure
 START_TIMEOUT = 20.0
-STACK_SAMPLES = 3       # faulthandler samples of a hung backend's stack
+STACK_SAMPLES = 5       # faulthandler samples of a hung backend's stack
 
 OFFERED = F.DEFAULT_FEATURES | 1 << F.PROTOCOL_FEATURES
 CFG = NetConfig()
