@@ -224,10 +224,25 @@ def frame(kind: str, size: int, rng: random.Random) -> bytes:
 
 # -- the generator: steps from the seed, never from the backend --------------------
 
+# Ops whose generator is named otherwise (g_rx_small makes "rxsmall" steps).
+_GEN_OF_OP = {"rxsmall": "g_rx_small", "rxjump": "g_rx_jump", "mrgref": "g_mrg_refused",
+              "descbomb": "g_desc_bomb", "idleflood": "g_idle_flood", "resize": "g_resize"}
+
+
+def OP_ALIASES(only: set[str]) -> set[str]:  # noqa: N802 - reads as a table
+    return {_GEN_OF_OP[o] for o in only if o in _GEN_OF_OP}
+
+
+def op_names() -> list[str]:
+    names = [n[2:] for n in dir(Gen) if n.startswith("g_") and n[2:] not in
+             ("rx_small", "rx_jump", "mrg_refused", "desc_bomb", "idle_flood")]
+    return sorted(set(names) | set(_GEN_OF_OP))
+
+
 class Gen:
     """Draws steps (plain dicts) from a seeded RNG and its own model of what it set up."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, only: set[str] | None = None):
         self.rng = random.Random(seed)
         self.n = 0
         self.qsize = [256, 256]
@@ -243,6 +258,10 @@ class Gen:
             (0.15, self.g_idle_flood),
             (0.2, self.g_rx_small), (0.2, self.g_rx_jump), (0.2, self.g_shrink),
         ]
+        if only:   # --only: just these ops (the first step still connects)
+            self.ops = [(w, g) for w, g in self.ops if g.__name__ in {f"g_{o}" for o in only} | OP_ALIASES(only)]
+            if not self.ops:
+                raise ValueError(f"--only {','.join(sorted(only))}: no such op; known: {', '.join(op_names())}")
         self.weights = [w for w, _ in self.ops]
 
     def next(self) -> dict:
@@ -519,7 +538,13 @@ class Gen:
 
     def g_feed(self) -> dict:
         """Targeted (case 5): a thread keeps feeding refused chains while we probe."""
-        return {"op": "feed", "n": self.qsize[TXQ], "secs": 0.3}
+        # On its own connection with the largest queue: a driver thread on a
+        # shared machine is not always running, and a 32768-entry ring gives
+        # it time to refill before the backend catches up.
+        st = self.g_connect()
+        st.update(op="feed", q=[256, 32768], kick="eventfd", enable=True, sealed=True, secs=0.3)
+        self.qsize = [256, 32768]
+        return st
 
     # -- control
     def g_ctl(self) -> dict:
@@ -1504,11 +1529,11 @@ class Executor:
         elements (it marks each with SENTINEL) to see how far the device got,
         and keeps exactly a ring's worth offered: never a jump, never a pause.
         """
+        self.x_connect(st)
+        self.probe()
         q = TXQ
         n = self.qsize[q]
         mem = self.mem
-        if mem is None:
-            return
         self.disarm(q)
         d, a, u = ring_addrs(q, n)
         mem.write(d, DESC.pack(1 << 40, 64, 0, 0) * n)
@@ -1726,7 +1751,7 @@ def run(args) -> dict:
     tree = Path(args.tree).resolve()
     workdir = tempfile.mkdtemp(prefix="fuzz-device-")
     backend = Backend(workdir, tree)
-    gen = Gen(args.seed)
+    gen = Gen(args.seed, args.only)
     ex = Executor(backend)
     history: collections.deque = collections.deque(maxlen=2000)
     findings: dict[str, dict] = {}
@@ -1751,7 +1776,7 @@ def run(args) -> dict:
         while steps < args.steps and (deadline is None or time.monotonic() < deadline):
             st = gen.next()
             steps += 1
-            if st["op"] in ("connect", "mrgref", "rxsmall", "rxjump", "shrink"):
+            if st["op"] in ("connect", "mrgref", "rxsmall", "rxjump", "shrink", "feed"):
                 last_connect_step = steps
             history.append((steps, st))
             if args.verbose:
@@ -1854,6 +1879,8 @@ def report_failure(rec: dict, args) -> None:
     out = sys.stderr
     print(f"\nFAILURE {rec['class']}: {rec['detail']}", file=out)
     more = " --keep-going" if rec.get("after_failures") else ""
+    if args.only:
+        more += " --only " + ",".join(sorted(args.only))
     print(f"  seed {rec['seed']}, step {rec['step']}; replay: python3 scripts/fuzz_device.py "
           f"--replay {rec['seed']} --steps {rec['step']}{more}", file=out)
     print("  steps since the last connect:", file=out)
@@ -1896,6 +1923,8 @@ def main(argv=None) -> int:
     p.add_argument("--keep-going", action="store_true", help="after a failure restart the backend and go on")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--verbose", action="store_true", help="print every step")
+    p.add_argument("--only", metavar="OP,OP", help="draw only these ops, e.g. ctl,idle,idleflood "
+                   "(replay with the same --only); ops: " + ", ".join(op_names()))
     p.add_argument("--tree", default=str(ROOT), help="the vhostnet tree the backend runs from (default: this one)")
     p.add_argument("--keep-workdir", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -1905,6 +1934,11 @@ def main(argv=None) -> int:
         args.seed, args.verbose = args.replay, True
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1 << 32)
+    if args.only:
+        args.only = set(args.only.split(","))
+        unknown = args.only - set(op_names())
+        if unknown:
+            p.error(f"--only: unknown op(s) {', '.join(sorted(unknown))}; known: {', '.join(op_names())}")
     if args.steps is None:
         args.steps = 1 << 62 if args.seconds else 10000
     if args.steps < 1 or (args.seconds is not None and args.seconds <= 0):
