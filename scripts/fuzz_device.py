@@ -226,7 +226,8 @@ def frame(kind: str, size: int, rng: random.Random) -> bytes:
 
 # Ops whose generator is named otherwise (g_rx_small makes "rxsmall" steps).
 _GEN_OF_OP = {"rxsmall": "g_rx_small", "rxjump": "g_rx_jump", "mrgref": "g_mrg_refused",
-              "descbomb": "g_desc_bomb", "idleflood": "g_idle_flood", "resize": "g_resize"}
+              "descbomb": "g_desc_bomb", "idleflood": "g_idle_flood", "resize": "g_resize",
+              "eofkick": "g_eof_kick"}
 
 
 def OP_ALIASES(only: set[str]) -> set[str]:  # noqa: N802 - reads as a table
@@ -235,7 +236,7 @@ def OP_ALIASES(only: set[str]) -> set[str]:  # noqa: N802 - reads as a table
 
 def op_names() -> list[str]:
     names = [n[2:] for n in dir(Gen) if n.startswith("g_") and n[2:] not in
-             ("rx_small", "rx_jump", "mrg_refused", "desc_bomb", "idle_flood")]
+             ("rx_small", "rx_jump", "mrg_refused", "desc_bomb", "idle_flood", "eof_kick")]
     return sorted(set(names) | set(_GEN_OF_OP))
 
 
@@ -251,12 +252,12 @@ class Gen:
         self.planted: list[int | None] = [None, None]   # a head whose desc is a huge indirect table
         self.ops = [  # (weight, generator)
             (14, self.g_tx), (10, self.g_rx), (9, self.g_bad), (5, self.g_avail), (2, self.g_aflags),
-            (6, self.g_kick), (1, self.g_long), (0.2, self.g_feed), (14, self.g_msg), (3, self.g_ring),
+            (6, self.g_kick), (0.3, self.g_long), (0.2, self.g_feed), (14, self.g_msg), (3, self.g_ring),
             (2, self.g_memtab), (0.4, self.g_truncate), (0.4, self.g_framing), (0.6, self.g_stale),
             (5, self.g_ctl), (1, self.g_session), (1.2, self.g_capture), (1.5, self.g_idle),
             (0.8, self.g_connect), (0.5, self.g_resize), (0.3, self.g_mrg_refused), (0.2, self.g_desc_bomb),
             (0.15, self.g_idle_flood),
-            (0.2, self.g_rx_small), (0.2, self.g_rx_jump), (0.2, self.g_shrink),
+            (0.2, self.g_rx_small), (0.2, self.g_rx_jump), (0.2, self.g_shrink), (0.2, self.g_eof_kick),
         ]
         if only:   # --only: just these ops (the first step still connects)
             self.ops = [(w, g) for w, g in self.ops if g.__name__ in {f"g_{o}" for o in only} | OP_ALIASES(only)]
@@ -532,9 +533,19 @@ class Gen:
         return {"op": "kick", "q": self.rng.choice([0, 1])}
 
     def g_long(self) -> dict:
-        """Targeted (case 12): min(512, n) copies of a chain as long as the queue."""
+        """Targeted (case 12): min(512, n) copies of a chain as long as the queue, n up to 32768."""
         r = self.rng
-        return {"op": "long", "n": self.qsize[TXQ], "indirect": r.random() < 0.5, "q": TXQ}
+        st = self.g_connect()
+        n = r.choice([1024, 32768, 32768])
+        st.update(op="long", q=[256, n], kick="eventfd", enable=True, sealed=True, indirect=r.random() < 0.5)
+        self.qsize = [256, n]
+        return st
+
+    def g_eof_kick(self) -> dict:
+        """Targeted (case 7): a kick fd that is always readable (a pipe or socket whose writer is gone)."""
+        st = self.g_connect()
+        st.update(op="eofkick", kick=self.rng.choice(["pipe_eof", "socket_eof"]), enable=True, sealed=True)
+        return st
 
     def g_feed(self) -> dict:
         """Targeted (case 5): a thread keeps feeding refused chains while we probe."""
@@ -1298,6 +1309,9 @@ class Executor:
         for q in (RXQ, TXQ):             # any ring access now touches pages that are gone
             self.kick(q)
 
+    def x_eofkick(self, st: dict) -> None:
+        self.x_connect(st)      # send_kick marks the step for an idle check
+
     def x_descbomb(self, st: dict) -> None:
         self.x_bad(dict(st, kick=False))
         self.x_ctl({"via": "new", "req": {"cmd": "desc", "queue": st["q"], "head": st["head"]}})
@@ -1502,9 +1516,9 @@ class Executor:
         self.kick(st["q"])
 
     def x_long(self, st: dict) -> None:
+        self.x_connect(st)
+        self.probe()
         n = self.qsize[TXQ]
-        if self.mem is None:
-            return
         self.disarm(TXQ)
         a = BUF_LO
         if st["indirect"]:
@@ -1776,7 +1790,7 @@ def run(args) -> dict:
         while steps < args.steps and (deadline is None or time.monotonic() < deadline):
             st = gen.next()
             steps += 1
-            if st["op"] in ("connect", "mrgref", "rxsmall", "rxjump", "shrink", "feed"):
+            if st["op"] in ("connect", "mrgref", "rxsmall", "rxjump", "shrink", "feed", "long", "eofkick"):
                 last_connect_step = steps
             history.append((steps, st))
             if args.verbose:
