@@ -250,14 +250,14 @@ class Gen:
         self.feats = 0
         self.regions = 2
         self.planted: list[int | None] = [None, None]   # a head whose desc is a huge indirect table
-        self.ops = [  # (weight, generator)
+        self.ops = [  # (weight, generator); targeted ones that open their own connection are rarer
             (14, self.g_tx), (10, self.g_rx), (9, self.g_bad), (5, self.g_avail), (2, self.g_aflags),
-            (6, self.g_kick), (0.3, self.g_long), (0.2, self.g_feed), (14, self.g_msg), (3, self.g_ring),
-            (2, self.g_memtab), (0.4, self.g_truncate), (0.4, self.g_framing), (0.6, self.g_stale),
-            (5, self.g_ctl), (1, self.g_session), (1.2, self.g_capture), (1.5, self.g_idle),
-            (0.8, self.g_connect), (0.5, self.g_resize), (0.3, self.g_mrg_refused), (0.2, self.g_desc_bomb),
-            (0.15, self.g_idle_flood),
-            (0.2, self.g_rx_small), (0.2, self.g_rx_jump), (0.2, self.g_shrink), (0.2, self.g_eof_kick),
+            (6, self.g_kick), (14, self.g_msg), (3, self.g_ring), (2, self.g_memtab), (0.4, self.g_truncate),
+            (0.4, self.g_framing), (0.6, self.g_stale), (5, self.g_ctl), (1, self.g_session),
+            (1.2, self.g_capture), (1.5, self.g_idle), (0.8, self.g_connect), (0.5, self.g_resize),
+            (0.2, self.g_desc_bomb), (0.15, self.g_idle_flood),
+            (0.15, self.g_long), (0.05, self.g_feed), (0.2, self.g_mrg_refused), (0.15, self.g_rx_small),
+            (0.15, self.g_rx_jump), (0.15, self.g_shrink), (0.1, self.g_eof_kick),
         ]
         if only:   # --only: just these ops (the first step still connects)
             self.ops = [(w, g) for w, g in self.ops if g.__name__ in {f"g_{o}" for o in only} | OP_ALIASES(only)]
