@@ -1608,8 +1608,10 @@ class Executor:
             err = e
         else:
             err = None
-        if line is not None and b"too many control clients" in line:
-            self.session.close()     # never admitted: the lockout check speaks for that
+        if line is not None and (b"too many control clients" in line or b'"closed"' in line):
+            # Never admitted (the lockout check speaks for that), or closed with
+            # a notice (an idle client evicted to make room): not an fd lost.
+            self.session.close()
             self.session = None
             return
         if line is None:
