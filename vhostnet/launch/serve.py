@@ -1,6 +1,7 @@
 """The composition root: one place that builds and wires the backend.
 
-    make_server()   a Server whose devices share one list of link taps
+    make_server()   a Server whose devices share one list of link taps and one LinkSettings
+                    (vhostnet/link: the faults in force, the stack-side taps)
     make_backend()  that, plus the control socket and a --pcap tap, from CLI arguments
     serve_backend() all of it as one trio task group, until --once, cancel or SIGTERM
 
@@ -16,6 +17,8 @@ import signal
 import trio
 
 from stack import NetConfig
+from vhostnet.link import LinkSettings
+from vhostnet.link.faults import FaultSettings
 from vhostnet.net.device import NetDevice
 from vhostnet.observe.control import ControlServer, default_control_path
 from vhostnet.observe.pcap import FileTap
@@ -33,16 +36,20 @@ PCAP_FLUSH = 0.5
 def make_server(socket_path: str, *, config: NetConfig | None = None,
                 features: int = F.DEFAULT_FEATURES, rx_pending_limit: int = 1024,
                 once: bool = False, rlog: RateLimitedLog | None = None,
-                device_rlog: RateLimitedLog | None = None, **device_kw) -> Server:
-    """A Server making one NetDevice per connection; all share the server's taps."""
+                device_rlog: RateLimitedLog | None = None, link: LinkSettings | None = None,
+                listener=None, **device_kw) -> Server:
+    """A Server making one NetDevice per connection; all share the server's taps
+    and LINK (give the same LinkSettings to the ControlServer).
+    LISTENER: an already-listening socket to serve instead of binding SOCKET_PATH."""
     config = config or NetConfig()
     taps: list = []
+    link = link if link is not None else LinkSettings()
 
     def make_device() -> NetDevice:
         return NetDevice(config, features=features, rx_pending_limit=rx_pending_limit,
-                         rlog=device_rlog, taps=taps, **device_kw)
+                         rlog=device_rlog, taps=taps, link_layers=link.compose, **device_kw)
 
-    return Server(socket_path, make_device, once=once, rlog=rlog, taps=taps)
+    return Server(socket_path, make_device, once=once, rlog=rlog, taps=taps, listener=listener)
 
 
 def _net_config(args):
@@ -62,19 +69,24 @@ def _features(disabled: list[str]) -> int:
     return feats
 
 
-def make_backend(args, socket_path: str):
-    """Server, control server and pcap tap, listening; or ValueError/OSError with a message."""
+def make_backend(args, socket_path: str, listener=None, control_path: str | None = None):
+    """Server, control server and pcap tap, listening; or ValueError/OSError with a message.
+
+    LISTENER: the socket of `serve --fd` (SOCKET_PATH then only names it).
+    CONTROL_PATH: the control socket when --control does not say; default
+    SOCKET_PATH + ".ctl"."""
     config = _net_config(args)
     feats = _features(args.disable_feature)
     if args.rx_pending < 1:
         raise ValueError("--rx-pending must be at least 1")
 
-    server = make_server(socket_path, config=config, features=feats,
-                         rx_pending_limit=args.rx_pending, once=getattr(args, "once", False))
+    link = LinkSettings(FaultSettings(args.fault))
+    server = make_server(socket_path, config=config, features=feats, listener=listener,
+                         rx_pending_limit=args.rx_pending, once=getattr(args, "once", False), link=link)
     control = None
+    ctl_path = args.control or control_path or default_control_path(socket_path)
     if not args.no_control:
-        control = ControlServer(server, args.control or default_control_path(socket_path),
-                                complete_csum=not args.raw_csum)
+        control = ControlServer(server, ctl_path, complete_csum=not args.raw_csum, link=link)
     tap = None
     try:
         try:
@@ -98,10 +110,13 @@ def make_backend(args, socket_path: str):
 
 
 def close_listeners(server, control) -> None:
+    """Close the listening sockets; unlink only the paths we bound ourselves."""
     for obj in (server, control):
         if obj is not None and obj.listener is not None:
             obj.listener.close()
             obj.listener = None
+            if obj is server and not server.owns_path:
+                continue
             path = obj.socket_path if obj is server else obj.path
             try:
                 os.unlink(path)

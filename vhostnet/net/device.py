@@ -2,8 +2,12 @@
 
 Data path, top to bottom:
 
-    kick fd -> TX ring (vhostnet/virtio) -> NetDevice.drain_tx -> header.py -> taps (pcap) -> stack
-    stack -> NetDevice.flush_rx -> header.py -> taps -> RX ring buffers -> call fd
+    kick fd -> TX ring (vhostnet/virtio) -> NetDevice.drain_tx -> header.py -> taps (pcap) -> link -> stack
+    stack -> link -> NetDevice.flush_rx -> header.py -> taps -> RX ring buffers -> call fd
+
+`link` is the outermost link layer (vhostnet/link: fault injection, taps
+on the stack's side), built by the `link_layers` the constructor is given;
+without one it is the stack itself.
 
 The device implements vhostnet.vhostuser.device.Device and sees rings only
 through vhostnet.virtio.ring.Ring; it is handed them on every call.
@@ -59,10 +63,13 @@ class NetDevice:
 
     def __init__(self, config: NetConfig | None = None, *, features: int = F.DEFAULT_FEATURES,
                  rx_pending_limit: int = 1024, rlog: RateLimitedLog | None = None,
-                 taps: list | None = None):
+                 taps: list | None = None, link_layers=None):
         self.config = config or NetConfig()
         self.device_features = features
         self.stack = Stack(self.config)
+        # Link layers (vhostnet/link: faults, stack-side taps) wrap the stack;
+        # frames and time go through the outermost one, which is the stack if none.
+        self.link = link_layers(self.stack) if link_layers is not None else self.stack
         self.rlog = rlog or RateLimitedLog(log)
         self.negotiated = 0
         self.hdr_len = 12
@@ -111,11 +118,11 @@ class NetDevice:
         return self.flush_rx(rings)
 
     def poll(self, rings: Sequence[Ring], now: float) -> None:
-        self.stack.poll(now)
+        self.link.poll(now)
         self.flush_rx(rings)
 
     def next_deadline(self):
-        return self.stack.next_deadline()
+        return self.link.next_deadline()
 
     def _signal(self, q) -> None:
         if q.call_fd is None:
@@ -207,12 +214,12 @@ class NetDevice:
         self.counters["tx_bytes"] += len(data)
         for tap in self.taps:
             tap("tx", frame)
-        self.stack.receive(frame, now)
+        self.link.receive(frame, now)
 
     # -- RX: stack -> guest ----------------------------------------------
 
     def flush_rx(self, rings: Sequence[Ring]) -> bool:
-        out = self.stack.take_frames()
+        out = self.link.take_frames()
         pending = self.rx_pending
         if out:
             room = self.rx_pending_limit - len(pending)

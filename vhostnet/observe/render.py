@@ -12,6 +12,10 @@ from vhostnet.observe import decode
 __all__ = ["inspect_text", "desc_text", "stats_text", "not_connected"]
 
 
+# The fault layer's counters worth a line in `stats` (all of them: `vhostnet fault show`).
+_FAULT_COUNTS = ("frames", "lost", "duplicated", "corrupted", "reordered", "delayed", "overflow", "queued")
+
+
 def _hex(v) -> str:
     return "-" if v is None else f"{v:#x}"
 
@@ -147,6 +151,11 @@ def stats_text(doc: dict, prev: dict | None = None) -> str:
     for q in doc["queues"]:
         out.append(f"queue {q['name']:<5} kicks {q['kicks']}  calls {q['calls']}  suppressed "
                    f"{q['calls_suppressed']}  chains {q['chains']}  errors: {_kv(q['errors'])}")
+    flt = doc.get("faults")
+    if flt and flt["spec"] != "none":
+        out.append(f"faults     {flt['spec']}")
+        out += [f"           {d}: " + ", ".join(f"{k} {flt[d][k]}" for k in _FAULT_COUNTS if flt[d].get(k))
+                for d in ("tx", "rx")]
     cap = doc.get("capture")
     if cap and (cap["clients"] or cap["frames"]):
         out.append(f"capture    {cap['clients']} running, {cap['frames']} frames sent, {cap['dropped']} dropped")

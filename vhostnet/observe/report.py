@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import time
 
+from vhostnet.link.control import stats_faults
 from vhostnet.observe import decode
 from vhostnet.virtio import features as F
 from vhostnet.vhostuser.memory import OutOfBounds
@@ -41,7 +42,7 @@ def _backend_info(server, control=None) -> dict:
         "connections": server.connections,
         "log_suppressed": server.rlog.suppressed_total + (
             server.current.device.rlog.suppressed_total if server.current else 0),
-        "taps": len(server.taps),
+        "taps": len(server.taps) + len(getattr(getattr(control, "link", None), "stack_taps", ())),
     }
 
 
@@ -322,6 +323,7 @@ def stats_doc(server, control=None) -> dict:
             "drops": {k: v for k, v in sorted(c.items()) if k not in _FRAME_COUNTERS},
         },
         "queues": [{"name": q.name, **q.stats, "errors": dict(q.errors)} for q in conn.backend.queues],
+        "faults": stats_faults(dev),
         "stack": {
             "drops": {k: v for k, v in sorted(sc.items()) if "drop" in k},
             "loopback_frames": sc.get("loopback_frames", 0),

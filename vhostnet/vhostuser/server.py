@@ -15,6 +15,7 @@ import errno
 import logging
 import math
 import os
+import socket
 
 import trio
 
@@ -162,9 +163,17 @@ class Connection:
 
 
 class Server:
+    """Serves one frontend at a time on SOCKET_PATH, or on LISTENER: an
+    already-listening socket handed over by the caller (`serve --fd`). Then
+    SOCKET_PATH only names it in logs and reports, and is never unlinked:
+    the path, if any, belongs to whoever bound it. The listener itself is
+    closed at the end either way (it was handed to us)."""
+
     def __init__(self, socket_path: str, make_device, *, once: bool = False,
-                 rlog: RateLimitedLog | None = None, taps: list | None = None):
+                 rlog: RateLimitedLog | None = None, taps: list | None = None,
+                 listener: socket.socket | None = None):
         self.socket_path = socket_path
+        self.owns_path = listener is None
         self.make_device = make_device
         self.once = once
         self.rlog = rlog or RateLimitedLog(log)
@@ -174,7 +183,7 @@ class Server:
         # capture outlives a reconnect. Empty means no cost.
         self.taps: list = taps if taps is not None else []
         self.connections = 0
-        self.listener: socket.socket | None = None
+        self.listener: socket.socket | None = listener
         self.ready = trio.Event()
 
     def listen(self) -> None:
@@ -191,23 +200,26 @@ class Server:
                 sock, _ = await lsock.accept()
                 self.connections += 1
                 log.info("frontend connected (connection %d)", self.connections)
-                try:
-                    await self._serve_connection(sock)
-                finally:
-                    sock.close()
+                await self._serve_connection(sock)
                 log.info("frontend disconnected; guest memory unmapped, fds closed")
                 if self.once:
                     return
         finally:
             lsock.close()
-            try:
-                os.unlink(self.socket_path)
-            except OSError:
-                pass
+            self.listener = None
+            if self.owns_path:
+                try:
+                    os.unlink(self.socket_path)
+                except OSError:
+                    pass
 
     async def _serve_connection(self, sock) -> None:
         async with trio.open_nursery() as nursery:
-            conn = Connection(self, sock, nursery)
+            try:
+                conn = Connection(self, sock, nursery)
+            except BaseException:
+                sock.close()
+                raise
             self.current = conn
             try:
                 nursery.start_soon(conn.timer_loop)
@@ -216,6 +228,9 @@ class Server:
                 nursery.cancel_scope.cancel()
                 self._log_errors(conn)
                 conn.close()
+                # The socket goes before `current` is cleared: whoever waits
+                # for current to be None sees every fd of the connection closed.
+                sock.close()
                 self.current = None
 
     def _log_errors(self, conn: Connection) -> None:
