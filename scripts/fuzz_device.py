@@ -35,7 +35,7 @@ is timing, and so is the state a restart leaves. Steps are of three sorts:
   huge indirect tables, a table that loops), avail index moves, avail flags
   and used_event, kicks.
 - control socket: inspect, desc (often on a planted head), stats, ping,
-  capture start and stop (read or never read), garbage lines, a line over
+  fault show/set/clear (valid and bad specs), capture start and stop (read or never read), garbage lines, a line over
   the limit, idle clients held open, and a held "session" client.
 
 Targeted generators add the sequences that random steps reach too rarely,
@@ -565,8 +565,11 @@ class Gen:
         req = r.choices([
             {"cmd": "inspect"}, {"cmd": "stats"}, {"cmd": "ping"}, {"cmd": "desc", "queue": q, "head": head},
             {"cmd": "desc", "queue": r.choice([-1, 2, "x"]), "head": r.choice([-1, 1 << 40, None])},
-            {"cmd": r.choice(["", "nope", "capture2"])}, "garbage", "huge", "list", "notutf8"],
-            [3, 3, 1, 4, 1, 1, 1, 0.3, 0.5, 0.5])[0]
+            {"cmd": r.choice(["", "nope", "capture2"])}, "garbage", "huge", "list", "notutf8",
+            {"cmd": "fault", "op": r.choice(["show", "clear", "set", "bogus"]),
+             "spec": r.choice(["loss=5%,seed=1", "dup=20%,reorder=10%", "corrupt=50%", "delay=20ms,jitter=5ms",
+                               "rate=1mbit,limit=10", "loss=101%", "x" * 2000, "", 7])}],
+            [3, 3, 1, 4, 1, 1, 1, 0.3, 0.5, 0.5, 1])[0]
         return {"op": "ctl", "via": r.choice(["new", "new", "session"]), "req": req}
 
     def g_session(self) -> dict:
