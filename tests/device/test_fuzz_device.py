@@ -50,14 +50,14 @@ def test_seeded_run_finds_nothing(seed, steps):
 
 
 def test_a_seed_names_one_sequence():
-    def steps(seed, n=3000):
+    def steps(seed, n=10000):
         g = fz.Gen(seed)
         return [json.dumps(g.next(), sort_keys=True) for _ in range(n)]
     a = steps(7)
     assert a == steps(7)
     assert a != steps(8)
     ops = {json.loads(s)["op"] for s in a}
-    # Every kind of step the fuzzer has is drawn within a few thousand steps.
+    # Every kind of step the fuzzer has is drawn within ten thousand steps.
     assert ops == {name[2:] for name in dir(fz.Executor) if name.startswith("x_")}
 
 
