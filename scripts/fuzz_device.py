@@ -88,6 +88,8 @@ Examples:
     PYTHONPATH=$PWD python3 scripts/fuzz_device.py --seed 1 --steps 20000
     PYTHONPATH=$PWD python3 scripts/fuzz_device.py --seconds 60 --keep-going --json
     PYTHONPATH=$PWD python3 scripts/fuzz_device.py --replay 1 --steps 4242
+    PYTHONPATH=$PWD python3 scripts/fuzz_device.py --only feed,long --seed 3 --steps 20
+    PYTHONPATH=$PWD python3 scripts/fuzz_device.py --tree /path/to/other/checkout --seconds 30
 """
 from __future__ import annotations
 
