@@ -133,8 +133,19 @@ def _fd_count():
     return len(os.listdir("/proc/self/fd"))
 
 
+def _fd_links():
+    out = {}
+    for n in os.listdir("/proc/self/fd"):
+        try:
+            out[n] = os.readlink(f"/proc/self/fd/{n}")
+        except OSError:
+            pass
+    return out
+
+
 async def test_disconnect_unmaps_and_closes_fds_then_reconnect(server):
     before = _fd_count()
+    links = _fd_links()
     for round_ in range(3):
         fe = Frontend()
         await fe.connect(server.socket_path)
@@ -142,7 +153,10 @@ async def test_disconnect_unmaps_and_closes_fds_then_reconnect(server):
         got = await fe.exchange([ping(seq=round_)], want=1)
         assert Ether(got[0])[ICMP].seq == round_
         await fe.shutdown(server)
-        assert _fd_count() == before, "fds leaked across a connection"
+        now = _fd_links()
+        assert _fd_count() == before, ("fds leaked across a connection: "
+                                       f"{ {k: v for k, v in now.items() if links.get(k) != v} }, "
+                                       f"gone: { {k: v for k, v in links.items() if now.get(k) != v} }")
     assert server.connections == 3
 
 

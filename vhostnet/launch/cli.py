@@ -261,6 +261,9 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
                         "'offloads' for all four offloads. Handy to test a driver's simple paths")
     p.add_argument("--rx-pending", type=int, default=1024, metavar="N",
                    help="frames held for the guest while it posts no RX buffers, before dropping (default %(default)s)")
+    p.add_argument("--allow-unsealed-memory", action="store_true",
+                   help="accept guest memory without F_SEAL_SHRINK (memory-backend-file, memfd seal=off, "
+                        "DPDK); a front-end that shrinks it then kills the backend (SIGBUS): trusted front-ends only")
     link_cli.add_fault_option(p)
     _add_net_options(p)
 

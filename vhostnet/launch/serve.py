@@ -37,10 +37,11 @@ def make_server(socket_path: str, *, config: NetConfig | None = None,
                 features: int = F.DEFAULT_FEATURES, rx_pending_limit: int = 1024,
                 once: bool = False, rlog: RateLimitedLog | None = None,
                 device_rlog: RateLimitedLog | None = None, link: LinkSettings | None = None,
-                listener=None, **device_kw) -> Server:
+                listener=None, allow_unsealed_memory: bool = False, **device_kw) -> Server:
     """A Server making one NetDevice per connection; all share the server's taps
     and LINK (give the same LinkSettings to the ControlServer).
-    LISTENER: an already-listening socket to serve instead of binding SOCKET_PATH."""
+    LISTENER: an already-listening socket to serve instead of binding SOCKET_PATH.
+    ALLOW_UNSEALED_MEMORY: accept guest memory without F_SEAL_SHRINK (vhostuser/memory.py)."""
     config = config or NetConfig()
     taps: list = []
     link = link if link is not None else LinkSettings()
@@ -49,7 +50,8 @@ def make_server(socket_path: str, *, config: NetConfig | None = None,
         return NetDevice(config, features=features, rx_pending_limit=rx_pending_limit,
                          rlog=device_rlog, taps=taps, link_layers=link.compose, **device_kw)
 
-    return Server(socket_path, make_device, once=once, rlog=rlog, taps=taps, listener=listener)
+    return Server(socket_path, make_device, once=once, rlog=rlog, taps=taps, listener=listener,
+                  allow_unsealed_memory=allow_unsealed_memory)
 
 
 def _net_config(args):
@@ -82,7 +84,8 @@ def make_backend(args, socket_path: str, listener=None, control_path: str | None
 
     link = LinkSettings(FaultSettings(args.fault))
     server = make_server(socket_path, config=config, features=feats, listener=listener,
-                         rx_pending_limit=args.rx_pending, once=getattr(args, "once", False), link=link)
+                         rx_pending_limit=args.rx_pending, once=getattr(args, "once", False), link=link,
+                         allow_unsealed_memory=getattr(args, "allow_unsealed_memory", False))
     control = None
     ctl_path = args.control or control_path or default_control_path(socket_path)
     if not args.no_control:
