@@ -74,8 +74,9 @@ After every step the fuzzer checks (the step fails if one does not hold):
   control client gets an answer to ping within 1 s (held idle clients must
   not lock it out), and a "session" client in use is never closed under us
   (how a backend closing an fd it does not own shows);
-- idle: every IDLE_EVERY steps, before a connect step, and after any step
-  that gave a kick fd other than an eventfd, with nothing sent for
+- idle: every IDLE_EVERY steps, before every step that connects anew, and
+  after a step that gave a kick fd other than an eventfd or left a frame
+  no posted buffer can take, with nothing sent for
   IDLE_WINDOW the backend must not be runnable most of the time while its
   rings make no progress (a kick fd that is always readable does that).
 
@@ -148,8 +149,8 @@ REGION_DESC = struct.Struct("<QQQQ")
 PROBE_TIMEOUT = 1.0     # a fresh GET_FEATURES must be answered within this (issue 7)
 HANG_GRACE = 2.0        # after a missed probe, how long we wait to tell "slow" from "stuck"
 CONTROL_TIMEOUT = 1.0
-IDLE_EVERY = 256        # steps between idle-CPU checks
-IDLE_WINDOW = 0.05      # seconds of silence measured
+IDLE_EVERY = 128        # steps between idle checks (also before every connecting step)
+IDLE_WINDOW = 0.02      # seconds of silence measured
 IDLE_BUSY = 0.8         # fraction of the time an idle backend may be runnable (a polled kick
                         # ring: up to ~0.45 under load; a spin: ~1, however little of a core it gets)
 RSS_SLACK = 96 << 20
@@ -225,6 +226,9 @@ def frame(kind: str, size: int, rng: random.Random) -> bytes:
 
 
 # -- the generator: steps from the seed, never from the backend --------------------
+
+# Steps that start a new connection (and so end the last one).
+CONNECTING_OPS = {"connect", "mrgref", "rxsmall", "rxjump", "shrink", "feed", "long", "eofkick"}
 
 # Ops whose generator is named otherwise (g_rx_small makes "rxsmall" steps).
 _GEN_OF_OP = {"rxsmall": "g_rx_small", "rxjump": "g_rx_jump", "mrgref": "g_mrg_refused",
@@ -435,7 +439,8 @@ class Gen:
         st.update(op="mrgref", feats=OFFERED, q=[256, 256], kick="eventfd", enable=True, sealed=True)
         self.feats, self.qsize = OFFERED, [256, 256]
         r = self.rng
-        st.update(small=r.choice([1, 12, 20]), heads=r.sample(range(256), 2), s=r.getrandbits(32))
+        st.update(small=r.choice([1, 12, 20]), heads=r.sample(range(256), 3), s=r.getrandbits(32),
+                  extra=r.choice([None, "loop", "oob", "next_oob"]))
         return st
 
     def g_rx_small(self) -> dict:
@@ -919,7 +924,7 @@ class Executor:
         self.fd_max = 0
         self.rss_max = 0
         self.probe_max = 0.0
-        self.odd_kick = False
+        self.idle_due = False
 
     # -- connection
     def vh_connect(self) -> None:
@@ -1057,8 +1062,8 @@ class Executor:
         for c, _read in self.captures:
             if _read:
                 c.drain()
-        if idle or self.odd_kick:
-            self.odd_kick = False
+        if idle or self.idle_due:
+            self.idle_due = False
             self.check_idle()
 
     def check_used(self, q: int) -> None:
@@ -1196,7 +1201,7 @@ class Executor:
     def send_kick(self, i: int, kind: str) -> None:
         self.kick_kind[i] = kind
         if kind not in ("eventfd", "none"):
-            self.odd_kick = True    # the step ends with an idle-CPU check
+            self.idle_due = True    # the step ends with an idle-CPU check
         if kind == "none":
             self.send(Req.SET_VRING_KICK, U64.pack(i | P.VRING_NOFD_MASK))
             self._keep(f"kick{i}", None)
@@ -1280,13 +1285,18 @@ class Executor:
         """A fresh connection with MRG_RXBUF; RX: a buffer too small, then a refused one; a ping to answer."""
         self.x_connect(st)
         self.probe()
-        small, refused = st["heads"]
+        small, refused = st["heads"][:2]
         self.desc(RXQ, small, BUF_LO, st["small"], F_WRITE, 0)
         self.desc(RXQ, refused, 1 << 40, 64, F_WRITE, 0)
         self.push(RXQ, small)
         self.push(RXQ, refused)
         self.x_tx({"kind": "ping", "size": 56, "hdr": "ok", "descs": [0], "addr": BUF_LO + 0x10000,
                    "kick": True, "s": st["s"], "hl": 12})
+        if st.get("extra"):    # one more bad chain behind them, and an RX kick
+            self.probe()
+            self.x_bad({"q": RXQ, "kind": st["extra"], "head": st["heads"][2], "s": st["s"], "n": 256,
+                        "regions": st["regions"], "kick": True})
+        self.idle_due = True   # a frame that cannot be placed must not keep the backend busy
 
     def x_rxsmall(self, st: dict) -> None:
         self.x_connect(st)
@@ -1797,15 +1807,15 @@ def run(args) -> dict:
         while steps < args.steps and (deadline is None or time.monotonic() < deadline):
             st = gen.next()
             steps += 1
-            if st["op"] in ("connect", "mrgref", "rxsmall", "rxjump", "shrink", "feed", "long", "eofkick"):
+            if st["op"] in CONNECTING_OPS:
                 last_connect_step = steps
             history.append((steps, st))
             if args.verbose:
                 print(f"{steps:8d} {describe(st)}", file=sys.stderr, flush=True)
             t0 = time.monotonic()
             try:
-                if st["op"] == "connect" and steps > 1 and set(ex.kick_kind) - {"eventfd", "none"}:
-                    ex.check_idle()   # an odd kick fd is about to go: is it burning a core?
+                if st["op"] in CONNECTING_OPS and steps > 1:
+                    ex.check_idle()   # the connection is about to go: is it leaving a core burning?
                 ex.run(st)
                 ex.check(steps, idle=steps % IDLE_EVERY == 0 or steps == args.steps)
             except Failure as f:
