@@ -850,7 +850,21 @@ class Ctl:
     def __init__(self, path: str, timeout: float = CONTROL_TIMEOUT):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
-        self.sock.connect(path)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.connect(path)
+                break
+            except BlockingIOError:
+                # The listen backlog is full (a burst of clients the backend has
+                # not accepted yet): with a timeout set, Python does not wait.
+                if time.monotonic() > deadline:
+                    self.sock.close()
+                    raise
+                time.sleep(0.005)
+            except OSError:
+                self.sock.close()
+                raise
         self.buf = bytearray()
         self.last_used = time.monotonic()
 
