@@ -1637,6 +1637,16 @@ class Executor:
             err = e
         else:
             err = None
+        if line is None:
+            # Closed: with a notice first (evicted while idle to make room, and the
+            # notice is still unread in our buffer) is the backend's right.
+            try:
+                s.sock.setblocking(False)
+                s.buf += s.sock.recv(1 << 16)
+            except OSError:
+                pass
+            if b'"closed"' in s.buf:
+                line = bytes(s.buf)
         if line is not None and (b"too many control clients" in line or b'"closed"' in line):
             # Never admitted (the lockout check speaks for that), or closed with
             # a notice (an idle client evicted to make room): not an fd lost.
