@@ -362,3 +362,109 @@ class Frontend:
         self.mem.release()
         self.mm.close()
         os.close(self.memfd)
+
+
+# -- raw messages and fds of every kind (for the fuzzer and hostile tests) ----
+
+def encode_message(req: int, payload: bytes = b"", flags: int = P.FLAG_VERSION,
+                   size: int | None = None) -> bytes:
+    """One vhost-user message as bytes; SIZE overrides the header's length field."""
+    return HDR.pack(req, flags, len(payload) if size is None else size) + payload
+
+
+def send_message(sock: socket.socket, data: bytes, fds=()) -> None:
+    """Blocking send of one message with its fds (SCM_RIGHTS)."""
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    view = memoryview(data)
+    sent = sock.sendmsg([view], anc)
+    if sent < len(view):
+        sock.sendall(view[sent:])
+
+
+def recv_message(sock: socket.socket) -> tuple[int, int, bytes] | None:
+    """Blocking read of one reply (request, flags, payload); None at EOF.
+
+    Honours the socket's timeout (socket.timeout propagates).
+    """
+    head = _recv_exact(sock, HDR.size)
+    if head is None:
+        return None
+    req, flags, size = HDR.unpack(head)
+    if size > P.MAX_PAYLOAD:
+        raise ValueError(f"reply to request {req} claims {size} bytes of payload")
+    body = _recv_exact(sock, size) if size else b""
+    if body is None:
+        return None
+    return req, flags, body
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+#: Every kind of fd a front-end can attach to a message, for `make_fd`.
+FD_KINDS = ("eventfd", "memfd_sealed", "memfd_unsealed", "memfd_empty", "memfd_small",
+            "pipe", "pipe_eof", "socket", "socket_eof", "opath", "devnull", "tmpfile")
+
+def _qemu_seals() -> int:
+    """QEMU's memory-backend-memfd seals (seal=on): no shrink, no grow, no more seals."""
+    import fcntl
+    return fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+def make_memfd(size: int, sealed: bool, name: str = "guest-ram") -> int:
+    """A memfd of SIZE bytes; sealed the way QEMU seals memory-backend-memfd."""
+    import fcntl
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    if sealed:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _qemu_seals())
+    return fd
+
+
+def make_fd(kind: str, size: int = 1 << 20) -> tuple[int, int | None]:
+    """(fd to send, fd we keep to drive it or None). Close both when done.
+
+    The kept fd is the write end of a pipe or the peer of a socket pair, or
+    the eventfd itself (a dup) so a kick can be written to it.
+    """
+    if kind == "eventfd":
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        return fd, os.dup(fd)
+    if kind == "memfd_sealed":
+        return make_memfd(size, True), None
+    if kind == "memfd_unsealed":
+        return make_memfd(size, False), None
+    if kind == "memfd_empty":      # size 0: a region mapped over it has no pages at all
+        return make_memfd(0, False), None
+    if kind == "memfd_small":      # smaller than any region it is offered for
+        return make_memfd(4096, False), None
+    if kind in ("pipe", "pipe_eof"):
+        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        if kind == "pipe_eof":     # always readable, read() returns b"" for ever
+            os.close(w)
+            return r, None
+        return r, w
+    if kind in ("socket", "socket_eof"):
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fa, fb = a.detach(), b.detach()
+        if kind == "socket_eof":
+            os.close(fb)
+            return fa, None
+        os.set_blocking(fb, False)
+        return fa, fb
+    if kind == "opath":
+        return os.open("/", os.O_PATH | os.O_CLOEXEC), None
+    if kind == "devnull":
+        return os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC), None
+    if kind == "tmpfile":
+        fd = os.open("/tmp", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        os.ftruncate(fd, size)
+        return fd, None
+    raise ValueError(f"unknown fd kind {kind!r}; known: {', '.join(FD_KINDS)}")
