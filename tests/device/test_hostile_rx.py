@@ -95,3 +95,39 @@ async def test_chains_given_back_for_a_frame_are_returned_once_and_in_order(fe, 
     # In ring order at the publish: a prefix of the avail ring (QEMU's reconnect needs it).
     assert r.used_idx() == 3 == server.current.backend.queues[0].last_avail_idx
     assert server.current.backend.queues[0].errors == {"rx_readonly_buffer": 1}
+
+
+async def test_a_frame_waiting_behind_a_looping_rx_chain_does_not_poll_for_ever(fe, server):
+    """Found by scripts/fuzz_device.py (seed 1, step 544): with MRG_RXBUF, RX
+    buffers too small to hold a frame followed by a chain that loops. The
+    gather walks the loop, gives everything back and spends the step's budget;
+    that must read as "wait for the driver", not "more work now", or the
+    device asks to be polled again at once, for ever, with no kick."""
+    await fe.handshake()
+    assert fe.features >> 15 & 1                   # MRG_RXBUF
+    r = fe.rx
+    r.add([(r.buf(r.free[-1]), 16, F_WRITE)])     # room for the header and 4 bytes
+    loop = r.free.pop()
+    r.write_desc(loop, r.buf(loop), 64, F_WRITE | 1, loop)   # NEXT to itself
+    r.push_avail(loop)
+    r.kick()
+    fe.post_tx(ping(seq=1))                        # its reply cannot fit: it waits
+    fe.tx.kick()
+    dev = None
+    with trio.fail_after(5):
+        while dev is None or len(dev.rx_pending) != 1:
+            await trio.sleep(0.01)
+            dev = server.current.device
+    # The device waits for a kick: no deadline of "now" (0.0) keeps it busy.
+    with trio.fail_after(5):
+        while server.current.device.next_deadline() == 0.0:
+            await trio.sleep(0.01)
+    for _ in range(20):
+        await trio.sleep(0)
+        assert server.current.device.next_deadline() != 0.0
+    # More room from the driver, and the frame goes out past the bad chain.
+    fe.post_rx(count=4, size=2048)
+    fe.rx.kick()
+    with trio.fail_after(5):
+        while not any(Ether(f).haslayer(ICMP) for _h, f in fe.read_rx()):
+            await fe.rx.wait_call(0.1)

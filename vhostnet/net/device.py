@@ -327,6 +327,7 @@ class NetDevice:
         if not q.ready:
             return False
         b = Budget(RX_BUDGET)
+        waiting = False
         while pending and not b.spent and q.ready:
             if self._rx_one(q, pending[0], b):
                 pending.popleft()
@@ -335,6 +336,7 @@ class NetDevice:
             # enough. Ask to be kicked when the driver posts more; go round
             # again only if it already has (the budget bounds the retries).
             if not q.ready or not q.want_kick_at_next(q.avail_seen):
+                waiting = True
                 break
         if q.has_unpublished():
             if q.publish():
@@ -343,7 +345,10 @@ class NetDevice:
                 q.stats["calls_suppressed"] += 1
         # Budget spent with frames and buffers waiting: poll() again at once
         # (next_deadline), after the loop has had its turn.
-        self._rx_more = bool(pending) and b.spent and q.ready
+        # Not when the frame waits for the driver: a failed gather (a looping
+        # chain walked and given back, say) can spend the budget too, and
+        # "more" then would poll the same ring for ever without a kick.
+        self._rx_more = bool(pending) and b.spent and q.ready and not waiting
         return self._rx_more
 
     def _rx_one(self, q, f: Frame, budget: Budget) -> bool:
