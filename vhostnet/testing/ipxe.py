@@ -103,8 +103,8 @@ def ipxe_argv(socket: str, initrd: Path, *, legacy: bool | None = None,
 class Ipxe:
     """One QEMU running iPXE on one backend; what the backend saw."""
 
-    def __init__(self, qemu_proc: UBoot, backend: Backend):
-        self.qemu = qemu_proc
+    def __init__(self, proc: UBoot, backend: Backend):
+        self.proc = proc                # QEMU (uboot.UBoot as a process holder)
         self.backend = backend
         self.t0 = time.monotonic()
 
@@ -121,11 +121,11 @@ class Ipxe:
                 last = self.backend.request("stats")
                 if done(last):
                     return last
-            if self.qemu.proc.poll() is not None or time.monotonic() > deadline:
-                why = ("QEMU exited" if self.qemu.proc.poll() is not None
+            if self.proc.proc.poll() is not None or time.monotonic() > deadline:
+                why = ("QEMU exited" if self.proc.proc.poll() is not None
                        else f"{timeout:.0f} s passed")
                 raise IpxeError(f"{why} before the backend saw iPXE finish; services: "
-                                f"{last.get('services')}\nQEMU: {self.qemu.tail()}\n"
+                                f"{last.get('services')}\nQEMU: {self.proc.tail()}\n"
                                 f"backend log:\n{self.backend.text()[-2000:]}")
             time.sleep(STATS_POLL)
 
@@ -134,7 +134,7 @@ class Ipxe:
 
 
 @contextlib.contextmanager
-def ipxe_session(script_text: str, tftp_files: Mapping[str, str] = {}, *,
+def ipxe_session(script_text: str, tftp_files: Mapping[str, str] | None = None, *,
                  legacy: bool | None = None, backend_args: Sequence[str] = (),
                  workdir: Path | None = None) -> Iterator[Ipxe]:
     """A backend (serving TFTP_FILES from a fresh --tftp directory) and QEMU
@@ -146,7 +146,7 @@ def ipxe_session(script_text: str, tftp_files: Mapping[str, str] = {}, *,
     sock = tmp / "vhost.sock"
     tftp = tmp / "tftp"
     tftp.mkdir()
-    for name, text in tftp_files.items():
+    for name, text in (tftp_files or {}).items():
         (tftp / name).write_text(text)
     initrd = logs / "script.ipxe"
     initrd.write_text(script_text)
