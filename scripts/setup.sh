@@ -33,7 +33,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 
-REQUIRED=(qemu-system-x86 qemu-system-arm u-boot-qemu tshark tcpdump iperf3 redis-server git passt
+REQUIRED=(qemu-system-x86 qemu-system-arm u-boot-qemu ipxe tshark tcpdump iperf3 redis-server git passt
           gcc libc6-dev python3-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross xz-utils cpio make iproute2 util-linux)
 OPTIONAL=(dpdk-dev librte-net-virtio23)
 
