@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -99,7 +100,13 @@ def test_inspect_shows_the_rings_advance_while_the_guest_pings(rundir):
     try:
         c = wait_connected(str(rundir / "v.sock.ctl"))
         samples = []
-        text = None
+        texts: list[str] = []
+        cli = None
+
+        def text_inspect():
+            r = subprocess.run([sys.executable, "-m", "vhostnet", "inspect", "--socket",
+                                str(rundir / "v.sock")], capture_output=True, text=True, timeout=20)
+            texts.append(r.stdout)
         while p.poll() is None:
             try:
                 doc = c.request("inspect")
@@ -107,12 +114,16 @@ def test_inspect_shows_the_rings_advance_while_the_guest_pings(rundir):
                 break   # the backend went away with the guest
             if doc["connected"] and doc["queues"][1]["avail_idx"] is not None:
                 samples.append(doc)
-                if text is None and doc["queues"][1]["used_idx"] >= 4:
-                    r = subprocess.run([sys.executable, "-m", "vhostnet", "inspect", "--socket",
-                                        str(rundir / "v.sock")], capture_output=True, text=True, timeout=20)
-                    text = r.stdout
+                if cli is None and doc["queues"][1]["used_idx"] >= 4:
+                    # The CLI in a thread, so that sampling goes on meanwhile
+                    # (a Python start-up can outlast the guest's remaining tests).
+                    cli = threading.Thread(target=text_inspect)
+                    cli.start()
             time.sleep(0.02)
         c.close()
+        if cli is not None:
+            cli.join(30)
+        text = texts[0] if texts else None
     finally:
         console, err = finish(p, rundir)
     assert p.returncode == 0, err + console[-2000:]
