@@ -41,3 +41,30 @@ async def wait_counter(device, name: str, at_least: int, timeout: float = 5.0) -
     with trio.fail_after(timeout):
         while device.counters[name] < at_least:
             await trio.sleep(0.005)
+
+
+@pytest.fixture
+def proc_backend():
+    """`vhostnet serve` in a subprocess: a hang or a crash there fails the test instead of the run."""
+    import shutil
+    import tempfile
+    from vhostnet.testing.dpdk import VhostnetServe
+    d = tempfile.mkdtemp(prefix="vn-", dir="/tmp")   # short: AF_UNIX paths are limited
+    try:
+        with VhostnetServe(d, log_level="info") as b:
+            yield b
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+async def responsive(fe, backend=None, timeout: float = 2.0) -> None:
+    """The backend answers a fresh GET_FEATURES within TIMEOUT and (if a subprocess) is alive."""
+    from vhostnet.vhostuser.protocol import Req
+    with trio.fail_after(timeout):
+        assert await fe.get_u64(Req.GET_FEATURES)
+    if backend is not None:
+        assert backend.proc.poll() is None, f"backend exited:\n{backend.log_text()}"
+
+
+async def ask_backend(backend, what: str = "inspect") -> dict:
+    return await trio.to_thread.run_sync(backend.request, {"cmd": what})

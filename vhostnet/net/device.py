@@ -40,7 +40,7 @@ from vhostnet.virtio import features as F
 from vhostnet.net.header import (DATA_VALID, GSO_ECN, GSO_NONE, GSO_TCPV4, HDR10, HDR12, MAX_FRAME,
                                   NEEDS_CSUM, hdr_len_for, scatter)
 from vhostnet.ratelimit import RateLimitedLog
-from vhostnet.virtio.ring import Ring
+from vhostnet.virtio.ring import MAX_CHAIN_DESCS, Budget, Ring
 
 __all__ = ["NetDevice"]
 
@@ -49,6 +49,12 @@ log = logging.getLogger("vhostnet.net")
 _ONE = (1).to_bytes(8, "little")
 _ETH_IP_TCP = struct.Struct("!12xH")  # ethertype
 RX, TX = 0, 1
+# Guest-controlled work per event-loop step, in descriptors (refused chains
+# count too): then the step ends and the loop yields, so the message loop
+# and the other ring get their turn. At a few microseconds per descriptor
+# plus the stack's work per frame this keeps a step well under 10 ms.
+TX_BUDGET = 256
+RX_BUDGET = 256
 
 
 def _one_line_traceback(e: BaseException) -> str:
@@ -85,6 +91,7 @@ class NetDevice:
         # The list is the caller's: a capture can outlive a connection.
         self.taps: list = taps if taps is not None else []
         self.mtu = self.config.mtu
+        self._rx_more = False   # flush_rx stopped on its budget with work left
 
     # -- negotiation (called by the backend) -----------------------------
 
@@ -122,6 +129,8 @@ class NetDevice:
         self.flush_rx(rings)
 
     def next_deadline(self):
+        if self._rx_more:
+            return 0.0   # RX work left over from a spent budget: poll() as soon as the loop allows
         return self.link.next_deadline()
 
     def _signal(self, q) -> None:
@@ -140,19 +149,26 @@ class NetDevice:
         if detail:
             self.rlog.warning(reason, detail, *args)
 
+    def _refuse(self, q, reason: str, example: dict, detail: str, *args) -> None:
+        """A driver mistake: a device counter (stats' drops) and a finding on the ring, which logs it."""
+        self.counters[reason] += 1
+        finding = q.record(reason, detail % args, **example)
+        r = finding.rule
+        self.rlog.warning(reason, detail + " (%s %s)", *args, r.message, r.level)
+
     # -- TX: guest -> stack ----------------------------------------------
 
-    def drain_tx(self, rings: Sequence[Ring], now: float, budget: int = 512) -> bool:
+    def drain_tx(self, rings: Sequence[Ring], now: float, budget: int | None = None) -> bool:
         q = rings[TX]
         if not q.ready:
             return False
-        n = 0
-        while n < budget:
-            chain = q.pop()
+        b = Budget(TX_BUDGET if budget is None else budget)
+        while True:
+            chain = q.pop(b)
             if chain is None:
                 break
             try:
-                self._tx_one(chain, now)
+                self._tx_one(q, chain, now)
             except Exception as e:  # a stack bug must not take the device down
                 self.counters["tx_internal_error"] += 1
                 # A guest can trigger this per frame: rate-limited, one line.
@@ -162,25 +178,27 @@ class NetDevice:
             # frame views point into guest memory.
             q.push(chain.head, 0)
             chain = None
-            n += 1
         # Chains refused by pop() were pushed too, so publish regardless.
         if q.used_idx != q.guest_used_idx():
             if q.publish():
                 self._signal(q)
             else:
                 q.stats["calls_suppressed"] += 1
-        more = n >= budget or q.want_kick_at_next()
+        more = (b.spent or q.want_kick_at_next()) and q.ready
         self.flush_rx(rings)
         return more
 
-    def _tx_one(self, chain, now: float) -> None:
+    def _tx_one(self, q, chain, now: float) -> None:
         hl = self.hdr_len
         total = chain.read_len
         if total < hl + 14:
-            return self._count("tx_runt", "tx: chain of %d bytes is shorter than the %d-byte virtio-net header plus an Ethernet header",
-                               total, hl)
+            return self._refuse(q, "tx_runt", {"head": chain.head, "expected": f">= {hl + 14} bytes", "seen": total},
+                                "tx: chain of %d bytes is shorter than the %d-byte virtio-net header plus an Ethernet header",
+                                total, hl)
         if total > hl + MAX_FRAME:
-            return self._count("tx_oversize", "tx: frame of %d bytes exceeds the %d-byte maximum", total - hl, MAX_FRAME)
+            return self._refuse(q, "tx_oversize", {"head": chain.head, "expected": f"<= {hl + MAX_FRAME} bytes",
+                                                   "seen": total},
+                                "tx: frame of %d bytes exceeds the %d-byte maximum", total - hl, MAX_FRAME)
         views = chain.readable
         first = views[0]
         if len(views) == 1:
@@ -197,18 +215,24 @@ class NetDevice:
         frame = Frame(data)
         if flags & NEEDS_CSUM:
             if csum_start + csum_offset + 2 > len(data) or csum_start < 14:
-                return self._count("tx_bad_csum_offset",
-                                   "tx: NEEDS_CSUM with csum_start %d + csum_offset %d outside the %d-byte frame",
-                                   csum_start, csum_offset, len(data))
+                return self._refuse(q, "tx_bad_csum_offset",
+                                    {"head": chain.head, "csum_start": csum_start, "csum_offset": csum_offset,
+                                     "expected": f"14 <= csum_start, csum_start + csum_offset + 2 <= {len(data)}",
+                                     "seen": csum_start + csum_offset + 2},
+                                    "tx: NEEDS_CSUM with csum_start %d + csum_offset %d outside the %d-byte frame",
+                                    csum_start, csum_offset, len(data))
             frame.csum_start = csum_start
             frame.csum_offset = csum_offset
         elif flags & DATA_VALID:
             frame.csum_valid = True
         if gso_type != GSO_NONE:
             if gso_type & ~GSO_ECN != GSO_TCPV4 or not self.host_tso or gso_size == 0:
-                return self._count("tx_bad_gso",
-                                   "tx: gso_type %d gso_size %d not allowed by the negotiated features (HOST_TSO4=%s)",
-                                   gso_type, gso_size, self.host_tso)
+                return self._refuse(q, "tx_bad_gso",
+                                    {"head": chain.head, "gso_type": gso_type, "gso_size": gso_size,
+                                     "expected": "TCPV4 with HOST_TSO4, gso_size > 0" if self.host_tso else "GSO_NONE",
+                                     "seen": f"gso_type {gso_type} gso_size {gso_size}"},
+                                    "tx: gso_type %d gso_size %d not allowed by the negotiated features (HOST_TSO4=%s)",
+                                    gso_type, gso_size, self.host_tso)
             frame.gso_size = gso_size
         self.counters["tx_frames"] += 1
         self.counters["tx_bytes"] += len(data)
@@ -231,27 +255,34 @@ class NetDevice:
                                   "rx: guest posts no RX buffers; %d frame(s) dropped (%d waiting)",
                                   dropped, len(pending))
             pending.extend(out)
+        self._rx_more = False
         if not pending:
             return False
         q = rings[RX]
         if not q.ready:
             return False
-        while True:
-            while pending:
-                if not self._rx_one(q, pending[0]):
-                    break
+        b = Budget(RX_BUDGET)
+        while pending and not b.spent and q.ready:
+            if self._rx_one(q, pending[0], b):
                 pending.popleft()
-            if not pending or not q.want_kick_at_next():
+                continue
+            # No room: the buffers posted (given back by rollback) are not
+            # enough. Ask to be kicked when the driver posts more; go round
+            # again only if it already has (the budget bounds the retries).
+            if not q.ready or not q.want_kick_at_next(q.avail_seen):
                 break
         if q.used_idx != q.guest_used_idx():
             if q.publish():
                 self._signal(q)
             else:
                 q.stats["calls_suppressed"] += 1
-        return False
+        # Budget spent with frames and buffers waiting: poll() again at once
+        # (next_deadline), after the loop has had its turn.
+        self._rx_more = bool(pending) and b.spent and q.ready
+        return self._rx_more
 
-    def _rx_one(self, q, f: Frame) -> bool:
-        """Write one frame into posted RX buffers. False: no room yet, try later."""
+    def _rx_one(self, q, f: Frame, budget: Budget) -> bool:
+        """Write one frame into posted RX buffers, or drop it. False: no room yet, try later."""
         data = f.data
         n = len(data)
         flags = gso_type = hdr_len = gso_size = cs = co = 0
@@ -275,58 +306,24 @@ class NetDevice:
             flags = DATA_VALID
         need = self.hdr_len + n
         if self.mrg:
-            chains = []
-            room = 0
-            while room < need:
-                c = q.pop()
-                if c is None:
-                    if chains:
-                        q.unpop(len(chains))
-                    return False
-                if not c.writable:
-                    q.push(c.head, 0)
-                    self._count("rx_readonly_buffer",
-                                "rx: buffer at descriptor %d has no device-writable part", c.head)
-                    continue
-                chains.append(c)
-                room += c.write_len
+            chains = self._gather(q, need, budget)
+            if chains is None:
+                return False
+            if not chains:
+                return True   # dropped, counted
             hdr = HDR12.pack(flags, gso_type, hdr_len, gso_size, cs, co, len(chains))
-            if len(chains) == 1:
-                c = chains[0]
-                v = c.writable[0]
-                if len(v) >= need:
-                    v[:12] = hdr
-                    v[12:need] = data
-                else:
-                    scatter(c.writable, hdr, data)
-                q.push(c.head, need)
-            else:
-                src_hdr, src_data = hdr, data
-                left = need
-                pos = 0
-                for c in chains:
-                    take = min(c.write_len, left)
-                    # Split the (hdr + data) stream at pos..pos+take for this chain.
-                    if pos < 12:
-                        h = src_hdr[pos:min(12, pos + take)]
-                        d = src_data[0:max(0, pos + take - 12)]
-                    else:
-                        h = b""
-                        d = src_data[pos - 12:pos - 12 + take]
-                    scatter(c.writable, h, d)
-                    q.push(c.head, take)
-                    pos += take
-                    left -= take
+            self._write_merged(q, chains, hdr, data, need)
         else:
-            c = q.pop()
+            c = q.pop(budget)
             if c is None:
                 return False
             if c.write_len < need:
                 q.unpop()
-                self._count("rx_buffer_too_small",
-                            "rx: posted buffer of %d bytes cannot hold a %d-byte frame plus the %d-byte header "
-                            "(without MRG_RXBUF each buffer must hold a whole frame); frame dropped",
-                            c.write_len, n, self.hdr_len)
+                self._refuse(q, "rx_buffer_too_small",
+                             {"head": c.head, "expected": f">= {need} bytes", "seen": c.write_len},
+                             "rx: posted buffer of %d bytes cannot hold a %d-byte frame plus the %d-byte header "
+                             "(without MRG_RXBUF each buffer must hold a whole frame); frame dropped",
+                             c.write_len, n, self.hdr_len)
                 return True
             hdr = (HDR12.pack(flags, gso_type, hdr_len, gso_size, cs, co, 1) if self.hdr_len == 12
                    else HDR10.pack(flags, gso_type, hdr_len, gso_size, cs, co))
@@ -337,6 +334,82 @@ class NetDevice:
         for tap in self.taps:
             tap("rx", f)
         return True
+
+    def _gather(self, q, need: int, budget: Budget):
+        """MRG_RXBUF: chains holding NEED bytes; [] if the frame is dropped; None if no room yet.
+
+        A tentative take (Ring.mark): on no room everything taken is given
+        back, refused chains included, so retrying later returns each chain
+        exactly once and in ring order. Refused buffers (read-only, smaller
+        than the header) are pushed with length 0 before the frame's own, so
+        the frame's num_buffers buffers stay consecutive in the used ring.
+        """
+        mark = q.mark()
+        frame_budget = Budget(MAX_CHAIN_DESCS)   # bounds one frame's walk, whatever the ring holds
+        chains = []
+        refused = []
+        room = 0
+        while room < need:
+            c = q.pop(frame_budget)
+            if c is None:
+                budget.left -= MAX_CHAIN_DESCS - frame_budget.left
+                whole_ring = q.taken_since(mark) >= q.num or frame_budget.spent
+                q.rollback(mark)
+                if not whole_ring or not q.ready:
+                    return None
+                # Every buffer the driver can post, together, is too small (or too
+                # fragmented): waiting would stop RX for ever. Drop this frame.
+                self._refuse(q, "rx_ring_too_small",
+                             {"expected": f">= {need} bytes", "seen": f"{room} bytes in {len(chains)} buffers"},
+                             "rx: the %d RX buffers posted hold %d bytes, not the %d this frame needs; frame dropped",
+                             len(chains), room, need)
+                return []
+            if not c.writable or c.write_len < self.hdr_len:
+                q.push(c.head, 0)
+                refused.append(c)
+                continue
+            chains.append(c)
+            room += c.write_len
+        budget.left -= MAX_CHAIN_DESCS - frame_budget.left
+        q.commit()
+        for c in refused:
+            if not c.writable:
+                self._refuse(q, "rx_readonly_buffer", {"head": c.head, "seen": f"{c.read_len} readable bytes"},
+                             "rx: buffer at descriptor %d has no device-writable part", c.head)
+            else:
+                self._refuse(q, "rx_buffer_below_header",
+                             {"head": c.head, "expected": f">= {self.hdr_len} bytes", "seen": c.write_len},
+                             "rx: buffer at descriptor %d holds %d bytes, less than the %d-byte header",
+                             c.head, c.write_len, self.hdr_len)
+        return chains
+
+    @staticmethod
+    def _write_merged(q, chains, hdr: bytes, data, need: int) -> None:
+        if len(chains) == 1:
+            c = chains[0]
+            v = c.writable[0]
+            if len(v) >= need:
+                v[:12] = hdr
+                v[12:need] = data
+            else:
+                scatter(c.writable, hdr, data)
+            q.push(c.head, need)
+            return
+        left = need
+        pos = 0
+        for c in chains:
+            take = min(c.write_len, left)
+            # Split the (hdr + data) stream at pos..pos+take for this chain.
+            if pos < 12:
+                h = hdr[pos:min(12, pos + take)]
+                d = data[0:max(0, pos + take - 12)]
+            else:
+                h = b""
+                d = data[pos - 12:pos - 12 + take]
+            scatter(c.writable, h, d)
+            q.push(c.head, take)
+            pos += take
+            left -= take
 
     def describe(self) -> dict:
         return {

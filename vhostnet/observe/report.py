@@ -70,6 +70,7 @@ def _queue(q: dict) -> dict:
         "kick": "polled" if q["kick_polled"] else ("eventfd" if q["kick_fd"] is not None else None),
         "call": "eventfd" if q["call_fd"] is not None else None,
         "errors": q["errors"],
+        "findings": q["findings"],
     }
 
 

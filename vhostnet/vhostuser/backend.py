@@ -12,7 +12,19 @@ negotiated a started ring is enabled at once; otherwise it starts disabled
 and SET_VRING_ENABLE switches it.
 
 A bad request never raises out of handle(): it is logged (rate-limited),
-counted, and answered with failure where a reply is owed.
+counted, and answered with failure where a reply is owed. That includes a
+handler that fails in a way nobody foresaw (TypeError, KeyError...): it is
+counted as `internal_error` and the connection carries on.
+
+File descriptors: every fd that arrives with a request is owned by
+handle() until a handler *takes* it, by removing it from the list it was
+given (`_keep`), which it does only once nothing can fail any more. What is
+left in the list when the handler returns or raises is closed, exactly
+once. A ring's kick/call/err fd is closed by the ring's owner (here) when it
+is replaced or the connection ends, and set to None in the same step, so no
+stale fd number is ever closed again (it may by then belong to someone
+else). Kick, call and err fds must be eventfds (fdkind.py): anything else
+(a pipe, a socket, an O_PATH fd) is refused.
 """
 from __future__ import annotations
 
@@ -22,6 +34,7 @@ import struct
 from typing import Callable
 
 from vhostnet.vhostuser import protocol as P
+from vhostnet.vhostuser.fdkind import require_eventfd
 from vhostnet.vhostuser.memory import GuestMemory, MemoryError_
 from vhostnet.vhostuser.protocol import Req, BadMessage
 from vhostnet.ratelimit import RateLimitedLog
@@ -55,6 +68,18 @@ def _close(fd: int | None) -> None:
 
 def _no_op(q) -> None:
     pass
+
+
+def _one_line_traceback(e: BaseException) -> str:
+    import traceback
+    return " | ".join(line.strip() for chunk in traceback.format_exception(e)
+                      for line in chunk.splitlines() if line.strip())
+
+
+def _keep(fds: list[int], fd: int) -> int:
+    """Take FD out of a request's list: from now on the caller owns it and must close it."""
+    fds.remove(fd)
+    return fd
 
 
 class Backend:
@@ -103,27 +128,31 @@ class Backend:
         name = P.request_name(request)
         self.requests[name] = self.requests.get(name, 0) + 1
         need_reply = bool(flags & P.FLAG_NEED_REPLY) and self.proto(P.ProtoFeat.REPLY_ACK)
+        # Ours until a handler takes one (_keep); whatever is left is closed below.
         fds = list(fds)
         try:
             if flags & P.VERSION_MASK != P.FLAG_VERSION:
                 raise BadMessage(f"{name}: protocol version {flags & P.VERSION_MASK}, expected 1")
             allowed = _FDS.get(request, 0)
             if len(fds) > allowed:
-                extra = fds[allowed:]
-                del fds[allowed:]
-                for fd in extra:
-                    _close(fd)
-                raise BadMessage(f"{name}: carried {len(extra) + allowed} fds, at most {allowed} expected")
+                raise BadMessage(f"{name}: carried {len(fds)} fds, at most {allowed} expected")
             handler = getattr(self, "_" + name.lower(), None) if request in P.Req._value2member_map_ else None
             if handler is None:
                 raise BadMessage(f"unsupported request {name}")
             body = P.parse_payload(request, payload)
             result = handler(body, fds, payload)
-            fds = []  # the handler owns them now
         except BadMessage as e:
-            return self._fail(request, name, str(e), fds, need_reply, payload)
-        except (MemoryError_, ValueError, OverflowError) as e:
-            return self._fail(request, name, f"{name}: {e}", fds, need_reply, payload)
+            return self._fail(request, name, str(e), need_reply, payload)
+        except (MemoryError_, ValueError, OverflowError, OSError) as e:
+            return self._fail(request, name, f"{name}: {e}", need_reply, payload)
+        except Exception as e:  # a handler bug must not end the connection, nor the process
+            self.errors["internal_error"] = self.errors.get("internal_error", 0) + 1
+            self.rlog.log(logging.ERROR, "internal_error", "internal error handling %s: %s", name,
+                          _one_line_traceback(e))
+            return self._fail(request, name, f"{name}: internal error: {e!r}", need_reply, payload)
+        finally:
+            for fd in fds:
+                _close(fd)
         if request in _HAS_REPLY:
             return self._reply(request, result)
         if need_reply:
@@ -134,11 +163,9 @@ class Backend:
         """Answer a request that could not even be parsed (e.g. oversized)."""
         name = P.request_name(request)
         need_reply = bool(flags & P.FLAG_NEED_REPLY) and self.proto(P.ProtoFeat.REPLY_ACK)
-        return self._fail(request, name, f"{name}: {detail}", [], need_reply)
+        return self._fail(request, name, f"{name}: {detail}", need_reply)
 
-    def _fail(self, request, name, detail, fds, need_reply, payload: bytes = b"") -> bytes | None:
-        for fd in fds:
-            _close(fd)
+    def _fail(self, request, name, detail, need_reply, payload: bytes = b"") -> bytes | None:
         reason = "bad_" + name.lower() if not name.startswith("UNKNOWN") else "unknown_request"
         self.errors[reason] = self.errors.get(reason, 0) + 1
         self.rlog.warning(reason, "refused vhost-user request: %s", detail)
@@ -163,8 +190,10 @@ class Backend:
             raise BadMessage(f"queue index {index} out of range 0..{len(self.queues) - 1}")
         return self.queues[index]
 
-    def _queue_error(self, q: SplitRing, reason: str, detail: str) -> None:
-        self.rlog.warning(f"{q.name}:{reason}", "%s: guest driver error (%s): %s", q.name, reason, detail)
+    def _queue_error(self, q: SplitRing, finding, detail: str) -> None:
+        r = finding.rule
+        self.rlog.warning(f"{q.name}:{r.id}", "%s: guest driver error %s (%s %s): %s", q.name, r.id,
+                          r.message, r.level, detail)
         if q.broken is not None and q.err_fd is not None:
             try:
                 os.write(q.err_fd, _U64.pack(1))
@@ -224,12 +253,8 @@ class Backend:
     # -- memory ----------------------------------------------------------
 
     def _set_mem_table(self, body, fds, raw):
-        try:
-            new = GuestMemory.from_fds(body, fds)
-        finally:
-            # The mappings keep the memory; the fds are no longer needed.
-            for fd in fds:
-                _close(fd)
+        # The mappings keep the memory; handle() closes the fds afterwards.
+        new = GuestMemory.from_fds(body, fds)
         old = self.mem
         for q in self.queues:
             q.detach()
@@ -246,8 +271,6 @@ class Backend:
         log.info("memory table: %d region(s), %d MiB", len(new.regions), new.total_size >> 20)
 
     def _set_log_base(self, body, fds, raw):
-        for fd in fds:
-            _close(fd)
         raise BadMessage("dirty logging (migration) is not supported")
 
     _set_log_fd = _set_log_base
@@ -261,6 +284,10 @@ class Backend:
             raise BadMessage(f"{q.name}: size {n} is not a power of two in 1..{MAX_QUEUE_SIZE}")
         if q.started:
             raise BadMessage(f"{q.name}: size changed while the ring is started")
+        if n != q.num:
+            # Views sized for the old queue would be read past their end:
+            # unmap them; SET_VRING_KICK (or the next SET_VRING_ADDR) maps the ring anew.
+            q.detach()
         q.num = n
 
     def _set_vring_addr(self, body, fds, raw):
@@ -292,35 +319,37 @@ class Backend:
         self._stop(q)
         return _STATE.pack(q.index, q.last_avail_idx)
 
-    def _take_fd(self, body, fds, what):
+    def _ring_fd(self, body, fds, what):
+        """(queue, fd or None) of a SET_VRING_KICK/CALL/ERR, checked; the fd is not taken yet."""
         q = self._queue(body.value & P.VRING_IDX_MASK)
         nofd = bool(body.value & P.VRING_NOFD_MASK)
         if body.value & ~(P.VRING_IDX_MASK | P.VRING_NOFD_MASK):
-            for fd in fds:
-                _close(fd)
             raise BadMessage(f"{what}: unknown bits in {body.value:#x}")
-        if not nofd and len(fds) != 1:
-            raise BadMessage(f"{what} for {q.name}: expected one fd, got {len(fds)}")
         if nofd:
-            for fd in fds:
-                _close(fd)
-            return q, None
+            return q, None   # an fd sent anyway is closed by handle()
+        if len(fds) != 1:
+            raise BadMessage(f"{what} for {q.name}: expected one fd, got {len(fds)}")
         fd = fds[0]
-        os.set_blocking(fd, False)
+        require_eventfd(fd, f"{what} for {q.name}")
+        try:
+            os.set_blocking(fd, False)
+        except OSError as e:
+            raise BadMessage(f"{what} for {q.name}: cannot make the eventfd non-blocking: {e}") from None
         return q, fd
 
     def _set_vring_kick(self, body, fds, raw):
-        q, fd = self._take_fd(body, fds, "SET_VRING_KICK")
-        self._stop(q)
-        q.kick_fd = fd
-        q.kick_polled = fd is None
-        if self.mem is None or not q.mapped:
+        q, fd = self._ring_fd(body, fds, "SET_VRING_KICK")
+        if self.mem is None:
+            raise BadMessage(f"{q.name}: cannot start: no memory table yet")
+        if not q.mapped:
             try:
-                if self.mem is None:
-                    raise ValueError("no memory table yet")
                 q.attach(self.mem)
             except (MemoryError_, ValueError) as e:
                 raise BadMessage(f"{q.name}: cannot start: {e}") from None
+        # Nothing below can fail: the ring takes the fd.
+        self._stop(q)
+        q.kick_fd = None if fd is None else _keep(fds, fd)
+        q.kick_polled = fd is None
         q.used_idx = q.guest_used_idx()
         q.broken = None  # a restart is the driver's way out of a broken ring
         q.started = True
@@ -331,15 +360,15 @@ class Backend:
         self.on_queue_start(q)
 
     def _set_vring_call(self, body, fds, raw):
-        q, fd = self._take_fd(body, fds, "SET_VRING_CALL")
+        q, fd = self._ring_fd(body, fds, "SET_VRING_CALL")
         _close(q.call_fd)
-        q.call_fd = fd
+        q.call_fd = None if fd is None else _keep(fds, fd)
         q.call_none = fd is None
 
     def _set_vring_err(self, body, fds, raw):
-        q, fd = self._take_fd(body, fds, "SET_VRING_ERR")
+        q, fd = self._ring_fd(body, fds, "SET_VRING_ERR")
         _close(q.err_fd)
-        q.err_fd = fd
+        q.err_fd = None if fd is None else _keep(fds, fd)
 
     def _set_vring_enable(self, body, fds, raw):
         q = self._queue(body.index)

@@ -30,6 +30,8 @@ log = logging.getLogger("vhostnet.server")
 
 # While a polled ("no fd") kick is in use we look at the ring this often.
 POLL_INTERVAL = 0.001
+# After an unexpected exception in a timer poll, wait this long before the next.
+INTERNAL_ERROR_BACKOFF = 0.1
 
 
 async def send_all(sock, data: bytes) -> None:
@@ -75,9 +77,25 @@ class Connection:
             trio.lowlevel.notify_closing(q.kick_fd)
 
     def _work(self, q) -> bool:
-        more = self.device.process(self.backend.queues, q.index, trio.current_time())
+        try:
+            more = self.device.process(self.backend.queues, q.index, trio.current_time())
+        except Exception as e:
+            # A bug, not the guest's doing (the device refuses what the guest
+            # gets wrong): stop work on this ring until the driver restarts it,
+            # keep the connection and the process.
+            self._internal_error(q, e)
+            return False
         self._rearm()
         return more
+
+    def _internal_error(self, q, e: Exception) -> None:
+        import traceback
+        if q is not None:
+            q.broken = "internal_error"
+        self.backend.errors["internal_error"] = self.backend.errors.get("internal_error", 0) + 1
+        self.server.rlog.log(logging.ERROR, "internal_error", "%s: internal error, ring stopped: %s",
+                             q.name if q is not None else "device",
+                             " | ".join(line.strip() for line in traceback.format_exception(e) if line.strip()))
 
     async def _drain(self, q) -> None:
         while self._work(q):
@@ -90,9 +108,15 @@ class Connection:
                 while True:
                     await trio.lowlevel.wait_readable(fd)
                     try:
-                        os.read(fd, 8)
+                        got = os.read(fd, 8)
                     except BlockingIOError:
                         continue
+                    if len(got) != 8:
+                        # Not an eventfd after all (the backend checks, this is the last line):
+                        # readable for ever, so stop waiting rather than spin.
+                        self.server.rlog.warning("kick_eof", "%s: kick fd gave %d bytes, not an eventfd "
+                                                 "counter; no longer waiting on it", q.name, len(got))
+                        return
                     q.stats["kicks"] += 1
                     if q.ready:
                         await self._drain(q)
@@ -123,7 +147,11 @@ class Connection:
                 await self._timer_wake.wait()
             now = trio.current_time()
             if now >= self._armed:
-                self.device.poll(self.backend.queues, now)
+                try:
+                    self.device.poll(self.backend.queues, now)
+                except Exception as e:
+                    self._internal_error(None, e)
+                    await trio.sleep(INTERNAL_ERROR_BACKOFF)  # the deadline has not moved: do not spin
 
     # -- messages --------------------------------------------------------
 
@@ -222,8 +250,9 @@ class Server:
         """One line per connection with every error count, so what rate limiting held back is told."""
         errors = {f"{q.name}:{k}": v for q in conn.backend.queues for k, v in q.errors.items()}
         errors.update(conn.backend.errors)
+        findings = {k for q in conn.backend.queues for k in q.errors}
         errors.update({k: v for k, v in getattr(conn.device, "counters", {}).items()
-                       if not k.endswith(("_frames", "_bytes"))})
+                       if not k.endswith(("_frames", "_bytes")) and k not in findings})
         suppressed = self.rlog.suppressed_total + getattr(getattr(conn.device, "rlog", None),
                                                           "suppressed_total", 0)
         if errors:

@@ -8,7 +8,8 @@ the tools change.
 
 Taking and returning buffers:
 
-    chain = ring.pop()          # next well-formed chain, or None (bad ones are refused and counted)
+    chain = ring.pop(budget)    # next well-formed chain, or None (bad ones are refused and counted;
+                                # None too once the Budget of descriptors is spent)
     ring.push(chain.head, n)    # a used element: n bytes written into the chain
     if ring.publish(): ...      # make them visible; True if the driver wants an interrupt
     ring.want_kick_at_next()    # ask for a kick before sleeping; True if work raced in
@@ -19,15 +20,48 @@ from __future__ import annotations
 
 from typing import Protocol
 
-__all__ = ["Chain", "ChainError", "Ring"]
+__all__ = ["Chain", "ChainError", "Ring", "Budget", "MAX_CHAIN_DESCS"]
+
+# The longest chain we walk (virtio 1.2 §2.7.4.1: "The device MAY have a
+# reasonable limit of descriptors it will allow in a chain"). QEMU's limit
+# is the same (VIRTQUEUE_MAX_SIZE); Linux's virtio-net uses at most
+# MAX_SKB_FRAGS + 2. A longer chain is refused as chain_excessive, so one
+# chain costs at most this many descriptors of work, whatever the queue size.
+MAX_CHAIN_DESCS = 1024
+
+
+class Budget:
+    """How much guest-controlled work one event-loop step may do, in descriptors.
+
+    `pop()` charges every avail entry it consumes: a good chain its
+    descriptors, a refused one the descriptors walked before the refusal
+    (at least one), so a driver feeding nothing but bad chains is bounded
+    like any other. The caller stops when `left` is 0 or less and yields.
+    """
+    __slots__ = ("left",)
+
+    def __init__(self, descriptors: int):
+        self.left = descriptors
+
+    @property
+    def spent(self) -> bool:
+        return self.left <= 0
 
 
 class ChainError(Exception):
-    """A descriptor chain the device refuses; `reason` names the rule it broke."""
+    """A descriptor chain the device refuses.
 
-    def __init__(self, reason: str, detail: str):
+    `reason` is the id of the rule it broke (vhostnet/virtio/findings.py),
+    `example` what a finding records of it (descriptor ids, addresses,
+    expected vs seen), `ndesc` the descriptors walked before the refusal:
+    what it costs a work budget.
+    """
+
+    def __init__(self, reason: str, detail: str, ndesc: int = 1, **example):
         super().__init__(detail)
         self.reason = reason
+        self.ndesc = max(ndesc, 1)
+        self.example = example
 
 
 class Chain:
@@ -53,24 +87,34 @@ class Ring(Protocol):
     num: int
     call_fd: int | None
     broken: str | None
+    avail_seen: int
     stats: dict[str, int]
-    errors: dict[str, int]
+    errors: dict[str, int]          # refusals by rule id (findings.py)
 
     @property
     def ready(self) -> bool: ...
 
     # -- the data path -------------------------------------------------
-    def pop(self) -> Chain | None: ...
-    def unpop(self, n: int = 1) -> None: ...
+    def pop(self, budget: Budget | None = None) -> Chain | None: ...
+    def unpop(self) -> None: ...
+    def mark(self) -> tuple: ...
+    def commit(self) -> None: ...
+    def rollback(self, mark: tuple) -> None: ...
+    def taken_since(self, mark: tuple) -> int: ...
     def push(self, head: int, length: int) -> None: ...
     def publish(self) -> bool: ...
     def has_unpublished(self) -> bool: ...
-    def want_kick_at_next(self) -> bool: ...
+    def want_kick_at_next(self, seen: int | None = None) -> bool: ...
     def pending(self) -> int: ...
 
     # -- read-only inspection -----------------------------------------
     def describe(self) -> dict: ...
     def describe_chain(self, head: int) -> list[dict]: ...
+    def describe_findings(self) -> list[dict]: ...
+
+    # -- refusals (findings.py) -------------------------------------------
+    def count_error(self, reason: str, detail: str, **example) -> None: ...
+    def record(self, reason: str, detail: str, **example): ...
     def used_entry(self, idx: int) -> tuple[int, int] | None: ...
     def avail_entry(self, idx: int) -> int | None: ...
     def guest_used_idx(self) -> int: ...

@@ -17,18 +17,21 @@ Ordering, since the guest reads concurrently on another CPU:
 A hostile or buggy driver cannot make us touch memory outside the regions
 (every buffer goes through GuestMemory) nor loop: chains are bounded by the
 queue size (or the indirect table size), nested indirect tables, descriptors
-out of range and index jumps are refused and counted by reason.
+out of range and index jumps are refused, and each refusal is a finding
+(findings.py): a rule id with its virtio 1.2 section, counted per queue,
+with the first example kept.
 """
 from __future__ import annotations
 
 import struct
 import threading
 
-from vhostnet.virtio.ring import Chain, ChainError
+from vhostnet.virtio.findings import Findings
+from vhostnet.virtio.ring import MAX_CHAIN_DESCS, Budget, Chain, ChainError
 from vhostnet.vhostuser.memory import GuestMemory, OutOfBounds
 
 __all__ = ["SplitRing", "Chain", "VRING_DESC_F_NEXT", "VRING_DESC_F_WRITE",
-           "VRING_DESC_F_INDIRECT", "MAX_QUEUE_SIZE", "full_barrier"]
+           "VRING_DESC_F_INDIRECT", "MAX_QUEUE_SIZE", "MAX_CHAIN_DESCS", "full_barrier"]
 
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
@@ -75,8 +78,13 @@ class SplitRing:
         self._used_i: memoryview | None = None
         self.stats = {"kicks": 0, "calls": 0, "calls_suppressed": 0,
                       "chains": 0, "bytes": 0}
-        self.errors: dict[str, int] = {}
-        self.on_error = on_error  # callback(queue, reason, detail), for logging
+        self.findings = Findings(self.name)
+        # Chain refusals of a tentative take (mark() .. commit()/rollback()), not yet counted.
+        self._deferred: list | None = None
+        # avail->idx as pop() last saw it when it found nothing more: what
+        # want_kick_at_next(seen) asks to be kicked past.
+        self.avail_seen = 0
+        self.on_error = on_error  # callback(queue, finding, detail), for logging
 
     # -- set-up ------------------------------------------------------------
 
@@ -107,10 +115,30 @@ class SplitRing:
         """Rings mapped, started and enabled: we may process it."""
         return self.started and self.enabled and self._desc is not None and self.broken is None
 
-    def count_error(self, reason: str, detail: str) -> None:
-        self.errors[reason] = self.errors.get(reason, 0) + 1
+    @property
+    def errors(self) -> dict[str, int]:
+        """Refusals by rule id (the `errors` maps of docs/json.md)."""
+        return self.findings.counts()
+
+    def count_error(self, reason: str, detail: str, **example) -> None:
+        """Record a refusal: a finding (findings.py) for this queue, and a log line."""
+        finding = self.findings.add(reason, detail, example)
         if self.on_error is not None:
-            self.on_error(self, reason, detail)
+            self.on_error(self, finding, detail)
+
+    def _refuse(self, reason: str, detail: str, **example) -> None:
+        """A chain refusal: counted now, or at commit() of a tentative take (dropped by rollback())."""
+        if self._deferred is not None:
+            self._deferred.append((reason, detail, example))
+        else:
+            self.count_error(reason, detail, **example)
+
+    def record(self, reason: str, detail: str, **example):
+        """Record a refusal the caller logs itself (the device, with its own rate limit)."""
+        return self.findings.add(reason, detail, example)
+
+    def describe_findings(self) -> list[dict]:
+        return self.findings.describe()
 
     # -- guest-visible indices ---------------------------------------------
 
@@ -128,39 +156,79 @@ class SplitRing:
 
     # -- taking chains -----------------------------------------------------
 
-    def pop(self) -> Chain | None:
-        """Next well-formed chain, or None. Bad chains are returned used with length 0."""
+    def pop(self, budget: Budget | None = None) -> Chain | None:
+        """Next well-formed chain, or None. Bad chains are returned used with length 0.
+
+        With a BUDGET, every avail entry consumed is charged to it (refused
+        ones too) and None comes back once it is spent: the caller yields.
+        """
         avail_h = self._avail_h
-        while True:
+        while budget is None or budget.left > 0:
             avail = avail_h[1]
             last = self.last_avail_idx
             if avail == last:
+                self.avail_seen = avail
                 return None
             if (avail - last) & 0xFFFF > self.num:
                 self.broken = "avail_idx_jump"
                 self.count_error("avail_idx_jump",
-                                 f"avail->idx jumped from {last} to {avail}, more than the queue size {self.num}")
+                                 f"avail->idx jumped from {last} to {avail}, more than the queue size {self.num}",
+                                 last_avail_idx=last, expected=f"at most {self.num} ahead", seen=avail)
                 return None
             head = avail_h[2 + (last & (self.num - 1))]
             self.last_avail_idx = (last + 1) & 0xFFFF
             if head >= self.num:
                 # No valid id to return: the slot is consumed and counted.
-                self.count_error("head_out_of_range",
-                                 f"avail ring slot {last} names descriptor {head}, queue size is {self.num}")
+                if budget is not None:
+                    budget.left -= 1
+                self._refuse("head_out_of_range",
+                                 f"avail ring slot {last} names descriptor {head}, queue size is {self.num}",
+                                 avail_idx=last, head=head, expected=f"< {self.num}", seen=head)
                 continue
             try:
                 chain = self._walk(head)
             except ChainError as e:
-                self.count_error(e.reason, f"chain at descriptor {head}: {e}")
+                if budget is not None:
+                    budget.left -= e.ndesc
+                self._refuse(e.reason, f"chain at descriptor {head}: {e}",
+                                 avail_idx=last, head=head, **e.example)
                 self.push(head, 0)
                 continue
+            if budget is not None:
+                budget.left -= chain.ndesc
             self.stats["chains"] += 1
             return chain
+        return None
 
-    def unpop(self, n: int = 1) -> None:
-        """Give back the last n chains taken (not yet pushed): no RX room after all."""
-        self.last_avail_idx = (self.last_avail_idx - n) & 0xFFFF
-        self.stats["chains"] -= n
+    def unpop(self) -> None:
+        """Give back the one chain pop() just returned (nothing pushed since): no use for it yet."""
+        self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
+        self.stats["chains"] -= 1
+
+    # A tentative take, for a frame that needs several chains (MRG_RXBUF):
+    # everything pop() took and refused after mark() is given back by
+    # rollback(), the refused chains' used elements included (they are not
+    # published yet, so the driver never saw them), and their findings are
+    # counted only at commit(). So nothing is returned twice or lost, and the
+    # used ring stays a prefix of the avail ring at every publish(), which is
+    # what QEMU's reconnect recovery (last_avail = used->idx) relies on.
+
+    def mark(self) -> tuple:
+        self._deferred = []
+        return (self.last_avail_idx, self.used_idx, self.stats["chains"], self.stats["bytes"])
+
+    def commit(self) -> None:
+        deferred, self._deferred = self._deferred, None
+        for reason, detail, example in deferred or ():
+            self.count_error(reason, detail, **example)
+
+    def rollback(self, mark: tuple) -> None:
+        self.last_avail_idx, self.used_idx, self.stats["chains"], self.stats["bytes"] = mark
+        self._deferred = None
+
+    def taken_since(self, mark: tuple) -> int:
+        """Avail entries consumed since MARK."""
+        return (self.last_avail_idx - mark[0]) & 0xFFFF
 
     def _walk(self, head: int) -> Chain:
         mem = self.mem
@@ -175,24 +243,34 @@ class SplitRing:
         while True:
             addr, length, flags, nxt = _desc_unpack(table, i << 4)
             if flags & VRING_DESC_F_INDIRECT:
+                where = dict(desc=i, addr=addr, len=length, flags=flags)
                 if indirect:
-                    raise ChainError("nested_indirect", "indirect descriptor inside an indirect table")
+                    raise ChainError("nested_indirect", "indirect descriptor inside an indirect table",
+                                     count, indirect_table=True, **where)
                 if flags & VRING_DESC_F_NEXT:
-                    raise ChainError("indirect_with_next", "indirect descriptor also has NEXT set")
+                    raise ChainError("indirect_with_next", "indirect descriptor also has NEXT set",
+                                     count, **where)
                 if length == 0 or length % 16 or length // 16 > self.num:
                     raise ChainError("bad_indirect_len",
-                                     f"indirect table length {length} (must be a non-zero multiple of 16, at most {self.num} entries)")
+                                     f"indirect table length {length} (must be a non-zero multiple of 16, at most {self.num} entries)",
+                                     count, expected=f"16..{16 * self.num}, a multiple of 16", seen=length, **where)
                 try:
                     table = mem.gpa_view(addr, length)
                 except OutOfBounds as e:
-                    raise ChainError("indirect_out_of_bounds", str(e)) from None
+                    raise ChainError("indirect_out_of_bounds", str(e), count, **where) from None
                 limit = length >> 4
                 indirect = True
                 i = 0
                 continue
             count += 1
             if count > limit:
-                raise ChainError("chain_too_long", f"chain longer than {limit} descriptors (a loop?)")
+                raise ChainError("chain_too_long", f"chain longer than {limit} descriptors (a loop?)",
+                                 count, desc=i, indirect_table=indirect, expected=f"at most {limit} descriptors",
+                                 seen=f"more than {limit}")
+            if count > MAX_CHAIN_DESCS:
+                raise ChainError("chain_excessive", f"chain longer than the device's limit of {MAX_CHAIN_DESCS} "
+                                 f"descriptors", count, desc=i, indirect_table=indirect,
+                                 expected=f"at most {MAX_CHAIN_DESCS} descriptors", seen=f"more than {MAX_CHAIN_DESCS}")
             if length:
                 try:
                     if flags & VRING_DESC_F_WRITE:
@@ -201,15 +279,19 @@ class SplitRing:
                     else:
                         if writable:
                             raise ChainError("read_after_write",
-                                             "device-readable descriptor after a device-writable one")
+                                             "device-readable descriptor after a device-writable one",
+                                             count, desc=i, indirect_table=indirect, addr=addr, len=length,
+                                             flags=flags)
                         readable.extend(mem.gpa_views(addr, length))
                         rlen += length
                 except OutOfBounds as e:
-                    raise ChainError("desc_out_of_bounds", str(e)) from None
+                    raise ChainError("desc_out_of_bounds", str(e), count, desc=i, indirect_table=indirect,
+                                     addr=addr, len=length, flags=flags) from None
             if not flags & VRING_DESC_F_NEXT:
                 break
             if nxt >= limit:
-                raise ChainError("next_out_of_range", f"next index {nxt} is out of range 0..{limit - 1}")
+                raise ChainError("next_out_of_range", f"next index {nxt} is out of range 0..{limit - 1}",
+                                 count, desc=i, indirect_table=indirect, expected=f"< {limit}", seen=nxt)
             i = nxt
         return Chain(head, readable, writable, rlen, wlen, count)
 
@@ -265,17 +347,23 @@ class SplitRing:
             return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
         return not self._avail_h[0] & VRING_AVAIL_F_NO_INTERRUPT
 
-    def want_kick_at_next(self) -> bool:
-        """With EVENT_IDX, ask for a kick when the next chain arrives.
+    def want_kick_at_next(self, seen: int | None = None) -> bool:
+        """With EVENT_IDX, ask for a kick when the driver moves avail->idx past SEEN.
 
-        Returns True if chains arrived meanwhile (re-check after the barrier),
-        so the caller goes round again instead of sleeping on a lost kick.
+        SEEN is by default last_avail_idx (everything taken); after a
+        rollback it is `avail_seen`, since the chains given back are there
+        but not enough. Returns True if the driver moved past it meanwhile
+        (re-check after the barrier), so the caller goes round again instead
+        of sleeping on a lost kick.
         """
-        if not self.event_idx or self._used_h is None:
-            return self.pending() > 0 if self._avail_h is not None else False
-        self._used_h[2 + 4 * self.num] = self.last_avail_idx
-        full_barrier()
-        return self._avail_h[1] != self.last_avail_idx
+        if self._avail_h is None or self._used_h is None:
+            return False
+        if seen is None:
+            seen = self.last_avail_idx
+        if self.event_idx:
+            self._used_h[2 + 4 * self.num] = seen
+            full_barrier()
+        return self._avail_h[1] != seen
 
     def has_unpublished(self) -> bool:
         """Used elements written but not yet published to the driver."""
@@ -325,6 +413,7 @@ class SplitRing:
                             if self._used_h is not None and self.event_idx else None),
         }
         d.update(self.stats)
-        d["errors"] = dict(self.errors)
+        d["errors"] = self.errors
+        d["findings"] = self.findings.describe()
         return d
 
