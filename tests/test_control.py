@@ -471,3 +471,28 @@ async def test_desc_of_a_frame_merged_over_rx_buffers(backend):
             while srv.current is not None:
                 await trio.sleep(0.005)
         fe.release()
+
+
+async def test_desc_of_a_planted_huge_indirect_table_is_bounded(backend, guest):
+    """Issue 7 case 6: an indirect table as large as guest memory, every entry chained to
+    the next, used to be listed whole (262,145 descriptors, 30 MB of JSON)."""
+    import struct
+    bound = 1024 + 1                                # the device's chain limit (ring.MAX_CHAIN_DESCS) + 1
+    _, ctl = backend
+    table, entries = 0x1000000, 1 << 16           # 1 MiB of table at 16 MiB
+    for i in range(entries):
+        struct.pack_into("<QIHH", guest.mem, table + 16 * i, 0x30000, 64, F_NEXT, (i + 1) & 0xFFFF)
+    r = guest.tx
+    r.write_desc(200, table, 16 * entries, F_INDIRECT)
+    doc = await ask(ctl.path, "desc", queue=1, head=200)
+    check_doc(doc, "desc", allow_missing=["last_used.", "vnet_hdr.", "frame."])
+    assert len(doc["descriptors"]) == 1             # a table the device would refuse is not entered
+    assert doc["refusal"]["id"] == "bad_indirect_len" and doc["refusal"]["section"] == "2.7.5.3"
+    # A table the device would enter, chained past the device's limit: bounded, and said so.
+    r.write_desc(201, table, 16 * r.size, F_INDIRECT)
+    r.write_desc(202, 0x30000, 64, F_NEXT, 202)    # a loop in the ring's own table
+    for head in (201, 202):
+        doc = await ask(ctl.path, "desc", queue=1, head=head)
+        assert len(doc["descriptors"]) <= bound
+        assert doc["refusal"]["id"] in ("next_out_of_range", "chain_too_long")
+    assert doc["descriptors_truncated"] is True and doc["refusal"]["id"] == "chain_too_long"

@@ -133,6 +133,16 @@ def _fd_count():
     return len(os.listdir("/proc/self/fd"))
 
 
+def _fd_links():
+    out = {}
+    for n in os.listdir("/proc/self/fd"):
+        try:
+            out[n] = os.readlink(f"/proc/self/fd/{n}")
+        except OSError:
+            pass
+    return out
+
+
 async def test_disconnect_unmaps_and_closes_fds_then_reconnect(server):
     before = _fd_count()
     for round_ in range(3):
@@ -142,7 +152,7 @@ async def test_disconnect_unmaps_and_closes_fds_then_reconnect(server):
         got = await fe.exchange([ping(seq=round_)], want=1)
         assert Ether(got[0])[ICMP].seq == round_
         await fe.shutdown(server)
-        assert _fd_count() == before, "fds leaked across a connection"
+        assert _fd_count() == before, f"fds leaked across a connection: {_fd_links()}"
     assert server.connections == 3
 
 

@@ -99,6 +99,8 @@ def _queue_text(q: dict) -> list[str]:
             ([f"last used: id {lu['id']} len {lu['len']} (used ring idx {lu['idx']})"] if lu else [])
             + ([f"next avail: id {na}"] if na is not None else [])))
     lines.append(f"  errors: {_kv(q['errors'])}")
+    for f in q.get("findings", []):
+        lines.append(f"    {f['id']} x{f['count']}: {f['message']} ({f['level']}); first: {f['first'].get('detail', '')}")
     return lines
 
 
@@ -115,7 +117,12 @@ def desc_text(doc: dict) -> str:
         tag = "  (indirect)" if d["indirect_table"] else ""
         out.append(f"  [{d['index']:>4}] addr {d['addr']:#014x} len {d['len']:>6} "
                    f"flags {decode.desc_flags(d['flags']):<14} next {d['next']:<5} {where}{tag}")
+    if doc.get("descriptors_truncated"):
+        out.append(f"  ... the chain claims more; listing stopped after {len(doc['descriptors'])} descriptors")
     out.append(f"  device-readable {doc['readable_bytes']} bytes, device-writable {doc['writable_bytes']} bytes")
+    ref = doc.get("refusal")
+    if ref:
+        out.append(f"  the device refuses this chain: {ref['message']} ({ref['level']}): {ref['detail']}")
     if doc["note"]:
         out.append(f"  {doc['note']}")
     if doc["frame"] is None:

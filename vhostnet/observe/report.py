@@ -7,9 +7,12 @@ device counters and `Stack.snapshot()`. Field by field, the documents are
 described in docs/json.md; tests/test_control.py holds the code to that
 page. Text rendering for people lives in vhostnet/render.py.
 
-Bounded: a descriptor dump reads at most MAX_DUMP bytes of guest memory,
-however long the chain claims to be; the avail-ring scan looks at most at
-one queue's worth of entries.
+Bounded, since a hostile driver controls what is read: a descriptor dump
+lists at most MAX_CHAIN_DESCS + 1 descriptors (an indirect table is entered
+only if the device would accept its length) and reads at most MAX_DUMP bytes
+of guest memory, however long the chain claims to be; the avail-ring scan
+looks at most at one queue's worth of entries, once per request; finding a
+merged RX frame's first buffer looks back at most MERGE_SCAN used entries.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import time
 from vhostnet.link.control import stats_faults
 from vhostnet.observe import decode
 from vhostnet.virtio import features as F
+from vhostnet.virtio.ring import MAX_CHAIN_DESCS
 from vhostnet.vhostuser.memory import OutOfBounds
 from vhostnet.vhostuser.protocol import PROTOCOL_FEATURE_NAMES
 
@@ -26,6 +30,9 @@ __all__ = ["inspect_doc", "desc_doc", "stats_doc", "VERSION", "MAX_DUMP"]
 
 VERSION = 1
 MAX_DUMP = 12 + 14 + 65535  # virtio-net header + the largest frame
+# Used entries looked back through for a merged frame's first buffer: a
+# frame's num_buffers never exceeds the descriptors one frame may take.
+MERGE_SCAN = MAX_CHAIN_DESCS
 _FRAME_COUNTERS = ("tx_frames", "tx_bytes", "rx_frames", "rx_bytes")
 
 
@@ -132,13 +139,12 @@ def _chain_bytes(mem, descs: list[dict], writable: bool) -> tuple[bytes, bool]:
     return bytes(out), total > len(out)
 
 
-def _avail_positions(vq, head: int) -> list[int]:
-    """Avail ring indices between last_avail_idx and avail->idx naming HEAD."""
-    out = []
+def _posted(vq) -> dict[int, list[int]]:
+    """Head -> avail ring indices between last_avail_idx and avail->idx naming it (one pass)."""
+    out: dict[int, list[int]] = {}
     idx = vq.last_avail_idx
     for _ in range(min(vq.pending(), vq.num)):
-        if vq.avail_entry(idx) == head:
-            out.append(idx)
+        out.setdefault(vq.avail_entry(idx), []).append(idx)
         idx = (idx + 1) & 0xFFFF
     return out
 
@@ -157,16 +163,21 @@ def desc_doc(server, queue: int, head: int) -> dict:
     if not 0 <= head < vq.num:
         raise ReportError(f"descriptor {head} is out of range: queue {queue} has size {vq.num}")
     descs = vq.describe_chain(head)
+    truncated = vq.chain_truncated(descs)
     for d in descs:
+        d.pop("more", None)
         d["flag_names"] = decode.desc_flags(d["flags"]).split("|") if d["flags"] else []
     hdr_len = conn.device.hdr_len
     readable, rtrunc = _chain_bytes(vq.mem, descs, writable=False)
     writable, wtrunc = _chain_bytes(vq.mem, descs, writable=True)
-    pending = _avail_positions(vq, head)
+    posted = _posted(vq)
+    pending = posted.get(head, [])
     used = _last_used(vq, head)
     doc = {
         "version": VERSION, "queue": queue, "name": vq.name, "head": head, "size": vq.num,
         "descriptors": descs,
+        "descriptors_truncated": truncated,
+        "refusal": vq.chain_refusal(head),
         "readable_bytes": sum(d["len"] for d in descs if not d["flags"] & 6),
         "writable_bytes": sum(d["len"] for d in descs if d["flags"] & 2 and not d["flags"] & 4),
         "pending_in_avail_ring": pending,
@@ -189,7 +200,7 @@ def desc_doc(server, queue: int, head: int) -> dict:
         return doc
     elif writable and used is not None:
         doc["source"] = "writable"
-        part = _merged_frame(vq, used["idx"]) if conn.device.mrg else None
+        part = _merged_frame(vq, used["idx"], posted) if conn.device.mrg else None
         if conn.device.mrg and part is None:
             doc["note"] = ("with MRG_RXBUF a frame may span several buffers, and which frame this one "
                            "belongs to cannot be told: its neighbours in the used ring were posted again")
@@ -239,15 +250,15 @@ def _used_bytes(vq, idx: int, count: int = 1) -> tuple[bytes, bool]:
     return out, trunc
 
 
-def _num_buffers(vq, idx: int) -> int | None:
+def _num_buffers(vq, idx: int, posted) -> int | None:
     """num_buffers of the header at the start of used entry IDX's buffer
     (0 for a refused, zero-length entry: a boundary of its own)."""
     head, length = _used_entry(vq, idx)
     if length == 0:
         return 0
-    if head >= vq.num or length < 12 or _avail_positions(vq, head):
+    if head >= vq.num or length < 12 or head in posted:
         return None   # posted again: the descriptor may point at a fresh buffer now
-    first = vq.describe_chain(head)[0]
+    first = vq.describe_chain(head, limit=1)[0]
     if not first["in_guest_memory"] or first["len"] < 12:
         return None
     try:
@@ -256,7 +267,7 @@ def _num_buffers(vq, idx: int) -> int | None:
         return None
 
 
-def _merged_frame(vq, idx: int) -> dict | None:
+def _merged_frame(vq, idx: int, posted) -> dict | None:
     """With MRG_RXBUF: which frame the buffer at used entry IDX belongs to.
 
     The published used->idx is always a frame boundary (a frame's buffers
@@ -264,17 +275,17 @@ def _merged_frame(vq, idx: int) -> dict | None:
     the frame ending there starts at the nearest entry S whose header says
     num_buffers == B - S (a continuation buffer's payload matching that by
     chance is a 1 in 65536 event). Repeat until IDX's frame is found; stop
-    at one ring's worth, older entries are overwritten.
+    at one ring's worth (older entries are overwritten) or MERGE_SCAN entries.
     """
     boundary = vq.guest_used_idx()
     back = (boundary - idx) & 0xFFFF
-    if not 0 < back <= vq.num:
+    window = min(vq.num, MERGE_SCAN)
+    if not 0 < back <= window:
         return None
-    window = vq.num
     while True:
         start = None
         for d in range(1, window + 1):
-            nb = _num_buffers(vq, (boundary - d) & 0xFFFF)
+            nb = _num_buffers(vq, (boundary - d) & 0xFFFF, posted)
             if nb == d or (nb == 0 and d == 1):
                 start = (boundary - d) & 0xFFFF
                 break

@@ -26,7 +26,7 @@ from __future__ import annotations
 import struct
 import threading
 
-from vhostnet.virtio.findings import Findings
+from vhostnet.virtio.findings import Findings, rule as findings_rule
 from vhostnet.virtio.ring import MAX_CHAIN_DESCS, Budget, Chain, ChainError
 from vhostnet.vhostuser.memory import GuestMemory, OutOfBounds
 
@@ -295,21 +295,34 @@ class SplitRing:
             i = nxt
         return Chain(head, readable, writable, rlen, wlen, count)
 
-    def describe_chain(self, head: int) -> list[dict]:
-        """Raw descriptors of a chain for dumps; never raises on a bad chain."""
+    def describe_chain(self, head: int, limit: int | None = None) -> list[dict]:
+        """Raw descriptors of a chain for dumps; never raises on a bad chain.
+
+        Bounded like the walk: at most MAX_CHAIN_DESCS + 1 entries (an
+        indirect descriptor and its table's entries count), and an indirect
+        table is entered only if the device would accept its length, so a
+        planted table as large as guest memory is one entry, not millions.
+        `chain_truncated(entries)` tells a dump that stopped at the bound.
+        LIMIT stops earlier (e.g. 1: the head descriptor only).
+        """
         out = []
+        bound = MAX_CHAIN_DESCS if limit is None else min(limit - 1, MAX_CHAIN_DESCS)
         if self._desc is None or not 0 <= head < self.num:
             return out
         table = self._desc
         limit = self.num
         i = head
         indirect = False
-        while len(out) <= limit:
+        while True:
+            if len(out) > min(limit, bound):
+                out[-1]["more"] = True   # the bound, not the chain's end
+                break
             addr, length, flags, nxt = _desc_unpack(table, i << 4)
             inside = self.mem.contains_gpa(addr, length) if self.mem else False
             out.append({"index": i, "indirect_table": indirect, "addr": addr, "len": length,
                         "flags": flags, "next": nxt, "in_guest_memory": inside})
-            if flags & VRING_DESC_F_INDIRECT and not indirect and length and length % 16 == 0 and inside:
+            if (flags & VRING_DESC_F_INDIRECT and not indirect and length and length % 16 == 0
+                    and length // 16 <= self.num and inside):
                 try:
                     table = self.mem.gpa_view(addr, length)
                 except OutOfBounds:
@@ -322,6 +335,23 @@ class SplitRing:
                 break
             i = nxt
         return out
+
+    @staticmethod
+    def chain_truncated(entries: list[dict]) -> bool:
+        """describe_chain() stopped at its bound: the chain claims more descriptors."""
+        return bool(entries) and entries[-1].get("more", False)
+
+    def chain_refusal(self, head: int) -> dict | None:
+        """The finding the device would refuse the chain at HEAD with, or None (read-only)."""
+        if self._desc is None or self.mem is None or not 0 <= head < self.num:
+            return None
+        try:
+            self._walk(head)
+        except ChainError as e:
+            r = findings_rule(e.reason)
+            return {"id": r.id, "level": r.level, "section": r.section, "message": r.message,
+                    "detail": str(e)}
+        return None
 
     # -- returning chains --------------------------------------------------
 
