@@ -7,6 +7,7 @@
     stats      frames, drops by reason, ARP/UDP/TCP tables, live with --watch
     capture    the guest's frames as pcap (-w) or as tcpdump-like lines
     fault      link fault injection: set, clear, show (vhostnet/link/cli.py)
+    check      the driver's spec violations, MUST / SHOULD (vhostnet/observe/check.py)
 
 The looking-inside tools talk to the backend over its control socket
 (vhostnet/observe/control.py); each finds it from --control, or --socket + ".ctl",
@@ -24,6 +25,7 @@ import time
 
 from vhostnet import __version__
 from vhostnet.link import cli as link_cli
+from vhostnet.observe import check as check_cli
 
 EXIT_NO_QEMU = 3
 
@@ -47,6 +49,7 @@ examples:
   vhostnet serve --socket /tmp/v.sock --pcap all.pcap --log-level debug
   vhostnet serve --disable-feature offloads --disable-feature mrg-rxbuf
   vhostnet serve --fault loss=5%,reorder=2%,delay=20ms,jitter=5ms,seed=1,dir=both
+  vhostnet serve --strict     # a driver's first MUST violation stops that ring (vhostnet check)
 """
 
 EPILOG_RUN = """\
@@ -188,6 +191,7 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rx-pending", type=int, default=1024, metavar="N",
                    help="frames held for the guest while it posts no RX buffers, before dropping (default %(default)s)")
     link_cli.add_fault_option(p)
+    check_cli.add_strict_option(p)
     _add_net_options(p)
 
 
@@ -275,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or stack (as the stack receives and sends)")
     _add_client_options(c)
     link_cli.add_fault_command(sub, COMMANDS, _add_client_options)
+    check_cli.add_check_command(sub, COMMANDS, _add_client_options)
     return p
 
 

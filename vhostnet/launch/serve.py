@@ -37,6 +37,7 @@ def make_server(socket_path: str, *, config: NetConfig | None = None,
                 features: int = F.DEFAULT_FEATURES, rx_pending_limit: int = 1024,
                 once: bool = False, rlog: RateLimitedLog | None = None,
                 device_rlog: RateLimitedLog | None = None, link: LinkSettings | None = None,
+                strict: bool = False, checks: bool = True, safety_poll: bool = True,
                 **device_kw) -> Server:
     """A Server making one NetDevice per connection; all share the server's taps
     and LINK (give the same LinkSettings to the ControlServer)."""
@@ -48,7 +49,8 @@ def make_server(socket_path: str, *, config: NetConfig | None = None,
         return NetDevice(config, features=features, rx_pending_limit=rx_pending_limit,
                          rlog=device_rlog, taps=taps, link_layers=link.compose, **device_kw)
 
-    return Server(socket_path, make_device, once=once, rlog=rlog, taps=taps)
+    return Server(socket_path, make_device, once=once, rlog=rlog, taps=taps,
+                  strict=strict, checks=checks, safety_poll=safety_poll)
 
 
 def _net_config(args):
@@ -77,7 +79,8 @@ def make_backend(args, socket_path: str):
 
     link = LinkSettings(FaultSettings(args.fault))
     server = make_server(socket_path, config=config, features=feats,
-                         rx_pending_limit=args.rx_pending, once=getattr(args, "once", False), link=link)
+                         rx_pending_limit=args.rx_pending, once=getattr(args, "once", False), link=link,
+                         strict=getattr(args, "strict", False))
     control = None
     if not args.no_control:
         control = ControlServer(server, args.control or default_control_path(socket_path),

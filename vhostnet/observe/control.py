@@ -8,6 +8,7 @@ per line, one reply object per line.
     -> {"cmd": "inspect"}                  <- {"ok": true, "result": {...}}
     -> {"cmd": "desc", "queue": 1, "head": 0}
     -> {"cmd": "stats"}
+    -> {"cmd": "check"}                    (vhostnet/observe/check.py)
     -> {"cmd": "ping"}                     <- {"ok": true, "result": {"pid": ...}}
     -> {"cmd": "fault", "op": "set", "spec": "loss=5%"}   (vhostnet/link/control.py)
     -> {"cmd": "capture", "count": 10, "at": "guest"}   <- {"ok": true, "result": {"linktype": 1, ...}}
@@ -42,6 +43,7 @@ import trio
 
 from vhostnet.link.control import FaultRequestError, fault_request
 from vhostnet.observe import report
+from vhostnet.observe.check import check_doc
 from vhostnet.observe.pcap import LINKTYPE_ETHERNET, snapshot, wire_bytes
 from vhostnet.ratelimit import RateLimitedLog
 from vhostnet.sockets import bind_unix
@@ -212,12 +214,14 @@ class ControlServer:
             return report.stats_doc(self.server, self)
         if cmd == "desc":
             return report.desc_doc(self.server, _int(req, "queue"), _int(req, "head"))
+        if cmd == "check":
+            return check_doc(self.server)
         if cmd == "fault":
             try:
                 return fault_request(self.link, self.server, req)
             except FaultRequestError as e:
                 raise _BadRequest(str(e)) from None
-        raise _BadRequest(f"unknown command {cmd!r}; known: ping, inspect, desc, stats, fault, capture")
+        raise _BadRequest(f"unknown command {cmd!r}; known: ping, inspect, desc, stats, check, fault, capture")
 
     async def _capture(self, stream, req: dict) -> None:
         count = req.get("count")

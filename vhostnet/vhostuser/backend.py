@@ -38,7 +38,9 @@ from vhostnet.vhostuser.fdkind import require_eventfd
 from vhostnet.vhostuser.memory import GuestMemory, MemoryError_
 from vhostnet.vhostuser.protocol import Req, BadMessage
 from vhostnet.ratelimit import RateLimitedLog
+from vhostnet.virtio.findings import Findings
 from vhostnet.virtio.split import MAX_QUEUE_SIZE, SplitRing
+from vhostnet.virtio import features as F
 from vhostnet.vhostuser.device import Device
 
 __all__ = ["Backend"]
@@ -91,11 +93,15 @@ class Backend:
 
     def __init__(self, device: Device, *, rlog: RateLimitedLog | None = None,
                  on_queue_start: Callable[[SplitRing], None] = _no_op,
-                 on_queue_stop: Callable[[SplitRing], None] = _no_op):
+                 on_queue_stop: Callable[[SplitRing], None] = _no_op,
+                 strict: bool = False, checks: bool = True):
         self.device = device
         self.rlog = rlog or RateLimitedLog(log)
-        self.queues = [SplitRing(i, device.queue_names[i], on_error=self._queue_error)
+        self.queues = [SplitRing(i, device.queue_names[i], on_error=self._queue_error,
+                                 strict=strict, checks=checks)
                        for i in range(device.num_queues)]
+        # Findings that belong to no queue: the features the driver took (§2.2.1).
+        self.findings = Findings("device")
         self.mem: GuestMemory | None = None
         self.features = 0
         self.protocol_features = 0
@@ -209,10 +215,20 @@ class Backend:
         want = body.value
         extra = want & ~self.offered_features
         if extra:
+            self.findings.add("feature_not_offered", f"SET_FEATURES {want:#x} takes {extra:#x}, not offered",
+                              {"expected": f"bits of {self.offered_features:#x}", "seen": f"{want:#x}",
+                               "extra": F.names(extra)})
             raise BadMessage(f"SET_FEATURES asks for bits we did not offer: {extra:#x}")
+        missing = F.missing_requirements(want)
+        if missing:
+            # Tolerated: the device only uses an offload together with what it needs.
+            self.findings.add("feature_dependency", f"SET_FEATURES {want:#x}: " + "; ".join(missing),
+                              {"expected": "each feature with the ones it requires (§5.1.3.1)",
+                               "seen": missing})
         self.features = want
         for q in self.queues:
             q.event_idx = bool(want >> 29 & 1)
+            q.indirect_ok = bool(want >> F.INDIRECT_DESC & 1)
         self.device.set_features(want)
 
     def _get_protocol_features(self, body, fds, raw):
@@ -351,6 +367,7 @@ class Backend:
         q.kick_fd = None if fd is None else _keep(fds, fd)
         q.kick_polled = fd is None
         q.used_idx = q.guest_used_idx()
+        q.reset_held()
         q.broken = None  # a restart is the driver's way out of a broken ring
         q.started = True
         if not self.features >> P.VHOST_USER_F_PROTOCOL_FEATURES & 1:

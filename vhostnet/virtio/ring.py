@@ -87,6 +87,7 @@ class Ring(Protocol):
     num: int
     call_fd: int | None
     broken: str | None
+    checks: bool                    # the conformance checks are on (findings.py)
     avail_seen: int
     stats: dict[str, int]
     errors: dict[str, int]          # refusals by rule id (findings.py)
