@@ -245,6 +245,8 @@ class NetDevice:
         flags, gso_type, _hl, gso_size, csum_start, csum_offset = HDR10.unpack_from(hdr)
         if q.checks:
             self._check_tx_header(q, chain.head, hdr, flags, gso_type)
+            if q.broken is not None:
+                return   # --strict: the violation broke the ring; its frame goes nowhere
         frame = Frame(data)
         if flags & NEEDS_CSUM:
             if csum_start + csum_offset + 2 > len(data) or csum_start < 14:
