@@ -15,7 +15,7 @@ from vhostnet.launch.cli import EXIT_NO_QEMU, build_parser, main
 from .device.test_datapath import ping
 from .observe import backend, cli, guest, sockdir  # noqa: F401 (fixtures)
 
-COMMANDS = ["serve", "run", "qemu-args", "inspect", "stats", "capture"]
+COMMANDS = ["serve", "run", "qemu-args", "inspect", "stats", "capture", "check"]
 
 
 def vhostnet(*argv, env=None, timeout=30):
