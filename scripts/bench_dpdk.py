@@ -99,7 +99,7 @@ def run_case(workdir: Path, kind: str, frame: int, seconds: float, window: int, 
     mode, port, counter, tp_counter = (("txonly", 9, "tx_frames", "TX-packets") if kind == "discard"
                                        else ("5tswap", 7, "rx_frames", "RX-packets"))
     cpus = sorted(os.sched_getaffinity(0))
-    with VhostnetServe(workdir, log_level="info", cpu=cpus[0]) as be:
+    with VhostnetServe(workdir, log_level="info", cpu=cpus[0], allow_unsealed_memory=True) as be:
         with TestPmd(be.socket, app_args=testpmd_args(mode, port, frame), lcores=f"0@{cpus[0]},1@{cpus[-1]}",
                      queue_size=queue_size, log=workdir / "testpmd.log") as tp:
             be.wait_connected()

@@ -65,7 +65,7 @@ async def test_inspect_without_qemu(backend):
     check_doc(doc, "inspect", allow_missing=[k for k in ("features", "protocol_features", "owner", "mtu",
                                                           "hdr_len", "mergeable_rx_buffers", "offloads",
                                                           "rx_pending", "memory", "queues", "requests",
-                                                          "request_errors", "messages")])
+                                                          "request_errors", "messages", "loop")])
 
 
 async def test_inspect_document_matches_docs(backend, guest):

@@ -55,7 +55,7 @@ def udp_args(mode: str, dport: int, *extra: str) -> tuple[str, ...]:
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
-    with VhostnetServe(tmp_path_factory.mktemp("dpdk"), log_level="debug") as be:
+    with VhostnetServe(tmp_path_factory.mktemp("dpdk"), log_level="debug", allow_unsealed_memory=True) as be:
         yield be
 
 

@@ -145,6 +145,7 @@ def _fd_links():
 
 async def test_disconnect_unmaps_and_closes_fds_then_reconnect(server):
     before = _fd_count()
+    links = _fd_links()
     for round_ in range(3):
         fe = Frontend()
         await fe.connect(server.socket_path)
@@ -152,7 +153,10 @@ async def test_disconnect_unmaps_and_closes_fds_then_reconnect(server):
         got = await fe.exchange([ping(seq=round_)], want=1)
         assert Ether(got[0])[ICMP].seq == round_
         await fe.shutdown(server)
-        assert _fd_count() == before, f"fds leaked across a connection: {_fd_links()}"
+        now = _fd_links()
+        assert _fd_count() == before, ("fds leaked across a connection: "
+                                       f"{ {k: v for k, v in now.items() if links.get(k) != v} }, "
+                                       f"gone: { {k: v for k, v in links.items() if now.get(k) != v} }")
     assert server.connections == 3
 
 

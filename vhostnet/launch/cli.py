@@ -192,6 +192,9 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
                    help="frames held for the guest while it posts no RX buffers, before dropping (default %(default)s)")
     link_cli.add_fault_option(p)
     check_cli.add_strict_option(p)
+    p.add_argument("--allow-unsealed-memory", action="store_true",
+                   help="accept guest memory without F_SEAL_SHRINK (memory-backend-file, memfd seal=off, "
+                        "DPDK); a front-end that shrinks it then kills the backend (SIGBUS): trusted front-ends only")
     _add_net_options(p)
 
 

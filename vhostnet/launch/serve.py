@@ -37,6 +37,7 @@ def make_server(socket_path: str, *, config: NetConfig | None = None,
                 features: int = F.DEFAULT_FEATURES, rx_pending_limit: int = 1024,
                 once: bool = False, rlog: RateLimitedLog | None = None,
                 device_rlog: RateLimitedLog | None = None, link: LinkSettings | None = None,
+                allow_unsealed_memory: bool = False,
                 strict: bool = False, checks: bool = True, safety_poll: bool = True,
                 **device_kw) -> Server:
     """A Server making one NetDevice per connection; all share the server's taps
@@ -50,6 +51,7 @@ def make_server(socket_path: str, *, config: NetConfig | None = None,
                          rlog=device_rlog, taps=taps, link_layers=link.compose, **device_kw)
 
     return Server(socket_path, make_device, once=once, rlog=rlog, taps=taps,
+                  allow_unsealed_memory=allow_unsealed_memory,
                   strict=strict, checks=checks, safety_poll=safety_poll)
 
 
@@ -80,6 +82,7 @@ def make_backend(args, socket_path: str):
     link = LinkSettings(FaultSettings(args.fault))
     server = make_server(socket_path, config=config, features=feats,
                          rx_pending_limit=args.rx_pending, once=getattr(args, "once", False), link=link,
+                         allow_unsealed_memory=getattr(args, "allow_unsealed_memory", False),
                          strict=getattr(args, "strict", False))
     control = None
     if not args.no_control:

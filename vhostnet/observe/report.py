@@ -115,6 +115,7 @@ def inspect_doc(server, control=None) -> dict:
         "queues": [{**_queue(q), **_ring_heads(vq)} for q, vq in zip(d["queues"], b.queues)],
         "requests": d["requests"], "request_errors": d["errors"],
         "messages": conn.messages,
+        "loop": conn.steps.describe(),
     })
     return doc
 
@@ -336,6 +337,7 @@ def stats_doc(server, control=None) -> dict:
         },
         "queues": [{"name": q.name, **q.stats, "errors": dict(q.errors)} for q in conn.backend.queues],
         "faults": stats_faults(dev),
+        "loop": conn.steps.describe(),
         "stack": {
             "drops": {k: v for k, v in sorted(sc.items()) if "drop" in k},
             "loopback_frames": sc.get("loopback_frames", 0),

@@ -90,12 +90,13 @@ class VhostnetServe:
     """`python -m vhostnet serve --socket DIR/vhost.sock` in a subprocess."""
 
     def __init__(self, workdir: str | os.PathLike, *, args: tuple[str, ...] = (),
-                 log_level: str = "debug", cpu: int | None = None):
+                 log_level: str = "debug", cpu: int | None = None, allow_unsealed_memory: bool = False):
         self.workdir = Path(workdir)
         self.socket = str(self.workdir / "vhost.sock")
         self.control = self.socket + ".ctl"
         self.log = self.workdir / "backend.log"
-        self.args = tuple(args)
+        # testpmd's --no-huge memory is a memfd without seals (vhostnet/vhostuser/memory.py)
+        self.args = tuple(args) + (("--allow-unsealed-memory",) if allow_unsealed_memory else ())
         self.log_level = log_level
         self.cpu = cpu
         self.proc: subprocess.Popen | None = None

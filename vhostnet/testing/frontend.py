@@ -9,6 +9,7 @@ play a hostile driver (bad addresses, loops, index jumps) with raw writes.
 from __future__ import annotations
 
 import array
+import fcntl
 import os
 import socket
 import struct
@@ -133,11 +134,20 @@ class Ring:
                 pass
 
 
+# What QEMU's memory-backend-memfd does with seal=on, its default (qemu_memfd_alloc).
+QEMU_SEALS = fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+
+
 class Frontend:
-    def __init__(self, mem_size: int = 32 << 20, queue_size: int = 256, two_regions: bool = False):
+    def __init__(self, mem_size: int = 32 << 20, queue_size: int = 256, two_regions: bool = False,
+                 sealed: bool = True):
         self.mem_size = mem_size
-        self.memfd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+        # Guest RAM as QEMU makes it: a memfd, sealed against growing and shrinking
+        # (sealed=False plays a front-end that does not seal, e.g. memory-backend-memfd,seal=off).
+        self.memfd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealed else 0))
         os.ftruncate(self.memfd, mem_size)
+        if sealed:
+            fcntl.fcntl(self.memfd, fcntl.F_ADD_SEALS, QEMU_SEALS)
         import mmap
         self.mm = mmap.mmap(self.memfd, mem_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.mem = memoryview(self.mm)

@@ -94,8 +94,10 @@ class Backend:
     def __init__(self, device: Device, *, rlog: RateLimitedLog | None = None,
                  on_queue_start: Callable[[SplitRing], None] = _no_op,
                  on_queue_stop: Callable[[SplitRing], None] = _no_op,
-                 strict: bool = False, checks: bool = True):
+                 allow_unsealed_memory: bool = False, strict: bool = False, checks: bool = True):
         self.device = device
+        # memory.py: accept guest memory a front-end could shrink under us (SIGBUS)?
+        self.allow_unsealed_memory = allow_unsealed_memory
         self.rlog = rlog or RateLimitedLog(log)
         self.queues = [SplitRing(i, device.queue_names[i], on_error=self._queue_error,
                                  strict=strict, checks=checks)
@@ -270,7 +272,10 @@ class Backend:
 
     def _set_mem_table(self, body, fds, raw):
         # The mappings keep the memory; handle() closes the fds afterwards.
-        new = GuestMemory.from_fds(body, fds)
+        warnings: list[str] = []
+        new = GuestMemory.from_fds(body, fds, allow_unsealed=self.allow_unsealed_memory, warnings=warnings)
+        for w in warnings:
+            log.warning("%s", w)
         old = self.mem
         for q in self.queues:
             q.detach()

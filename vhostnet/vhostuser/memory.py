@@ -12,14 +12,37 @@ Nothing else in vhostnet touches raw addresses: every access goes through
 mapped memory. A buffer may cross from one region into the next when the
 regions are contiguous in guest-physical space; `gpa_views` returns one view
 per piece for that case.
+
+Memory that cannot shrink under us. A front-end that truncates a region's
+file after SET_MEM_TABLE turns the next access to the lost pages into
+SIGBUS, which kills the process; Python cannot catch it. So a region must
+be a memfd sealed with F_SEAL_SHRINK (fcntl F_GET_SEALS), which is what QEMU's
+`-object memory-backend-memfd,...,share=on` gives by default (seal=on seals
+GROW, SHRINK and SEAL). Anything else is refused at SET_MEM_TABLE with a
+message naming the QEMU option:
+
+- a memfd without the seal (QEMU's seal=off, DPDK's virtio-user): refused;
+- a file (`memory-backend-file`, hugetlbfs, /dev/shm): it cannot be
+  sealed at all, so it is refused too.
+
+`--allow-unsealed-memory` (Backend/Server/make_server allow_unsealed_memory=True)
+accepts both, with a warning per memory table: then a front-end that
+shrinks the file kills the backend, so use it only with a front-end you
+trust. Either way the region must lie within the file's current size.
 """
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
+import stat
 from dataclasses import dataclass
 
-__all__ = ["GuestMemory", "Region", "MemoryError_", "OutOfBounds"]
+__all__ = ["GuestMemory", "Region", "MemoryError_", "OutOfBounds", "UnsealedMemory", "check_region_fd"]
+
+F_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x0002)   # linux/fcntl.h
+F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)          # F_LINUX_SPECIFIC_BASE + 10
+QEMU_SEALED = "-object memory-backend-memfd,id=mem,size=...,share=on (seal=on is the default)"
 
 
 class MemoryError_(Exception):
@@ -28,6 +51,40 @@ class MemoryError_(Exception):
 
 class OutOfBounds(MemoryError_):
     """A guest address range not wholly inside mapped guest memory."""
+
+
+class UnsealedMemory(MemoryError_):
+    """A region whose file could shrink under us (no F_SEAL_SHRINK)."""
+
+
+def check_region_fd(fd: int, end: int, allow_unsealed: bool = False) -> str | None:
+    """Check a region's fd before mapping END bytes of it; a warning to log, or None.
+
+    Raises MemoryError_ (UnsealedMemory for the seal) with a message for the user.
+    """
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise MemoryError_(f"region fd: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise MemoryError_("region fd is not a memfd or a file (QEMU sends the fd of its "
+                           f"memory backend: use {QEMU_SEALED})")
+    if end > st.st_size:
+        raise MemoryError_(f"region ends at offset {end:#x}, past the end of its file ({st.st_size:#x} bytes)")
+    try:
+        seals = fcntl.fcntl(fd, F_GET_SEALS)
+        memfd = True
+    except OSError:
+        seals, memfd = 0, False       # EINVAL: not a memfd, cannot be sealed
+    if seals & F_SEAL_SHRINK:
+        return None
+    what = ("a memfd without F_SEAL_SHRINK (QEMU: memory-backend-memfd with seal=off)" if memfd else
+            "a file, which cannot be sealed (QEMU: memory-backend-file)")
+    risk = "the front-end could shrink it under the backend, which would then die of SIGBUS"
+    if not allow_unsealed:
+        raise UnsealedMemory(f"guest memory is {what}: {risk}. Use {QEMU_SEALED}, or start vhostnet with "
+                             f"--allow-unsealed-memory if you trust the front-end")
+    return f"guest memory is {what}, accepted (--allow-unsealed-memory): {risk}"
 
 
 @dataclass
@@ -55,10 +112,21 @@ class GuestMemory:
         self._last: Region | None = None
 
     @classmethod
-    def from_fds(cls, table, fds: list[int]) -> "GuestMemory":
-        """Map every region of a parsed SET_MEM_TABLE. Closes no fds; the caller owns them."""
+    def from_fds(cls, table, fds: list[int], *, allow_unsealed: bool = False,
+                 warnings: list[str] | None = None) -> "GuestMemory":
+        """Map every region of a parsed SET_MEM_TABLE. Closes no fds; the caller owns them.
+
+        Each fd is checked first (check_region_fd); warnings for accepted
+        unsealed regions are appended to WARNINGS.
+        """
         if len(fds) != len(table):
             raise MemoryError_(f"SET_MEM_TABLE: {len(table)} regions but {len(fds)} fds")
+        for r, fd in zip(table, fds):
+            if r.memory_size <= 0 or r.mmap_offset + r.memory_size > 1 << 64:
+                raise MemoryError_(f"region at {r.guest_phys_addr:#x} has size {r.memory_size}")
+            warning = check_region_fd(fd, r.mmap_offset + r.memory_size, allow_unsealed)
+            if warning and warnings is not None:
+                warnings.append(f"region at {r.guest_phys_addr:#x}: {warning}")
         mem = cls()
         try:
             for r, fd in zip(table, fds):
@@ -121,6 +189,10 @@ class GuestMemory:
                 self._last = r
                 return r
         return None
+
+    def region_for_gpa(self, gpa: int) -> Region | None:
+        """The region holding guest-physical address GPA (for callers that cache it)."""
+        return self._region_for_gpa(gpa)
 
     def gpa_view(self, gpa: int, length: int) -> memoryview:
         """A view of [gpa, gpa+length) that lies inside one region, or OutOfBounds."""

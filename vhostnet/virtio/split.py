@@ -328,6 +328,10 @@ class SplitRing:
         i = head
         count = 0
         indirect = False
+        # The region the last buffer was in: most buffers of a chain are in the
+        # same one, so they are sliced here without asking GuestMemory.
+        r_gpa = r_end = 0
+        r_view = None
         while True:
             addr, length, flags, nxt = _desc_unpack(table, i << 4)
             if flags & VRING_DESC_F_INDIRECT:
@@ -362,8 +366,15 @@ class SplitRing:
                                  expected=f"at most {MAX_CHAIN_DESCS} descriptors", seen=f"more than {MAX_CHAIN_DESCS}")
             if length:
                 try:
+                    if r_gpa <= addr and addr + length <= r_end:
+                        views = (r_view[addr - r_gpa:addr - r_gpa + length],)
+                    else:
+                        views = mem.gpa_views(addr, length)
+                        if len(views) == 1:
+                            reg = mem.region_for_gpa(addr)
+                            r_gpa, r_end, r_view = reg.gpa, reg.gpa + reg.size, reg.view
                     if flags & VRING_DESC_F_WRITE:
-                        writable.extend(mem.gpa_views(addr, length))
+                        writable.extend(views)
                         wlen += length
                     else:
                         if writable:
@@ -371,7 +382,7 @@ class SplitRing:
                                              "device-readable descriptor after a device-writable one",
                                              count, desc=i, indirect_table=indirect, addr=addr, len=length,
                                              flags=flags)
-                        readable.extend(mem.gpa_views(addr, length))
+                        readable.extend(views)
                         rlen += length
                 except OutOfBounds as e:
                     raise ChainError("desc_out_of_bounds", str(e), count, desc=i, indirect_table=indirect,
