@@ -189,3 +189,16 @@ async def test_stats_watch_until_ctrl_c(backend, guest):
     docs = [json.loads(line) for line in got.splitlines() if line.strip()]
     assert len(docs) >= 3
     assert docs[-1]["device"]["tx_frames"] >= docs[0]["device"]["tx_frames"]
+
+
+def test_serve_strict_reaches_the_rings(sockdir):
+    from vhostnet.launch import serve
+    args = build_parser().parse_args(["serve", "--strict", "--socket", str(sockdir / "s.sock"), "--no-control"])
+    assert args.strict is True
+    server, control, tap = serve.make_backend(args, args.socket)
+    try:
+        assert server.strict is True and control is None
+    finally:
+        serve.close_listeners(server, control)
+    args = build_parser().parse_args(["serve", "--socket", str(sockdir / "t.sock")])
+    assert args.strict is False

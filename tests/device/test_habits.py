@@ -335,3 +335,20 @@ async def test_rcore_wrap_stalls_without_the_safety_poll(tmp_path, nursery):
         assert srv.current.device.counters["tx_frames"] == 4   # the batch before the wrap only
     finally:
         await fe.shutdown(srv)
+
+
+async def test_safety_poll_parks_when_idle_and_resumes_on_a_kick(ready, server):
+    """An idle guest costs nothing: the poll stops looking; the next kick (any queue) resumes it."""
+    await ready.exchange([ping(seq=1)], want=1)
+    poll = server.current._polls[1]
+    with trio.fail_after(5):
+        while poll.looking:            # QUIET_AFTER with nothing new: parked
+            await trio.sleep(0.01)
+    q = server.current.backend.queues[1]
+    ready.post_tx(ping(seq=2))         # no kick, and the poll is parked ...
+    ready.rx.kick()                    # ... until a kick on the other queue wakes it
+    with trio.fail_after(5):
+        while not (got := ready.read_rx()):
+            await ready.rx.wait_call(0.05)
+    assert Ether(got[0][1])[ICMP].seq == 2
+    assert q.stats["unkicked"] == 1 and poll.looking

@@ -61,6 +61,7 @@ class SafetyPoll:
         self.suspect = None                 # (time, avail->idx, detail, example)
         self.missed_ever = False
         self.busy = 0                       # the kick task is draining this ring
+        self.looking = False                # polling now (False: parked until a kick or work)
         self._wake = trio.Event()
 
     # -- called by the server ------------------------------------------------
@@ -88,6 +89,7 @@ class SafetyPoll:
     async def run(self) -> None:
         while True:
             quiet_since = self.clock()
+            self.looking = True
             while True:
                 await trio.sleep(INTERVAL)
                 now = self.clock()
@@ -96,6 +98,7 @@ class SafetyPoll:
                 elif now - quiet_since >= QUIET_AFTER:
                     break
             self._wake = trio.Event()
+            self.looking = False
             if self.missed_ever:
                 with trio.move_on_after(IDLE_LOOK):
                     await self._wake.wait()
