@@ -352,3 +352,20 @@ async def test_safety_poll_parks_when_idle_and_resumes_on_a_kick(ready, server):
             await ready.rx.wait_call(0.05)
     assert Ether(got[0][1])[ICMP].seq == 2
     assert q.stats["unkicked"] == 1 and poll.looking
+
+
+async def test_parked_safety_poll_still_finds_a_missed_first_kick(ready, server):
+    """The first frame after a quiet spell, not kicked, and nothing else to wake the device:
+    the parked poll's idle look (IDLE_LOOK) finds it."""
+    from vhostnet.vhostuser.safety_poll import IDLE_LOOK
+    await ready.exchange([ping(seq=1)], want=1)
+    poll = server.current._polls[1]
+    with trio.fail_after(5):
+        while poll.looking:
+            await trio.sleep(0.01)
+    ready.post_tx(ping(seq=2))
+    with trio.fail_after(IDLE_LOOK * 3):
+        while not (got := ready.read_rx()):
+            await ready.rx.wait_call(0.05)
+    assert Ether(got[0][1])[ICMP].seq == 2
+    assert server.current.backend.queues[1].stats["unkicked"] == 1

@@ -23,12 +23,14 @@ with nothing new in the ring: that is the driver's own kick, only late
 (a vCPU descheduled between its idx store and its kick on a loaded host),
 and no finding.
 
-Cost: a look is a few reads of guest memory. The poll stops after QUIET_AFTER
-with nothing new in the ring and no kick, so an idle guest costs nothing;
-the next kick or device work on any queue of the connection (`wake`)
-resumes it. A ring on which kicks have been missed before keeps a slow
-look every IDLE_LOOK instead of stopping, since its driver may miss the
-next one too with nothing else to wake the device.
+Cost: a look is a few reads of guest memory (about 5 µs). The poll stops
+after QUIET_AFTER with nothing new in the ring and no kick, so an idle
+guest costs next to nothing; the next kick or device work on any queue of
+the connection (`wake`) resumes it. While parked it still takes one look
+every IDLE_LOOK (1 s): a driver that misses the very first kick after a
+quiet spell, with nothing else to wake the device, would otherwise stall
+for ever (seen with the in-process frontend: an unkicked frame 0.3 s after
+the last kick was never sent). One look a second is about 0.003% of a core.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ INTERVAL = 0.005
 QUIET_AFTER = 0.25
 #: A kick this late, with nothing new in the ring, was the driver's own: no finding.
 LATE_KICK_GRACE = 0.25
-#: The idle look of a ring whose driver has missed kicks before.
+#: While parked: one look this often, so a missed first kick stalls a ring at most this long.
 IDLE_LOOK = 1.0
 
 
@@ -59,7 +61,6 @@ class SafetyPoll:
         self.kicks_prev = q.stats["kicks"]
         self.activity = None                # (avail->idx, kicks, used_idx) at the last look
         self.suspect = None                 # (time, avail->idx, detail, example)
-        self.missed_ever = False
         self.busy = 0                       # the kick task is draining this ring
         self.looking = False                # polling now (False: parked until a kick or work)
         self._wake = trio.Event()
@@ -97,13 +98,22 @@ class SafetyPoll:
                     quiet_since = now
                 elif now - quiet_since >= QUIET_AFTER:
                     break
-            self._wake = trio.Event()
             self.looking = False
-            if self.missed_ever:
-                with trio.move_on_after(IDLE_LOOK):
-                    await self._wake.wait()
-            else:
+            await self._parked()
+
+    async def _parked(self) -> None:
+        """Until a kick or device work wakes us, or an idle look finds the ring moved."""
+        while True:
+            self._wake = trio.Event()
+            with trio.move_on_after(IDLE_LOOK):
                 await self._wake.wait()
+                return
+            # Two idle looks in a row see an entry no kick announced (tick's rule).
+            if await self.tick(self.clock()) or self.unkicked_prev:
+                if self.unkicked_prev:
+                    await trio.sleep(INTERVAL)
+                    await self.tick(self.clock())
+                return
 
     async def tick(self, now: float) -> bool:
         """One look; True if the ring moved (or was kicked) since the previous one."""
@@ -134,7 +144,6 @@ class SafetyPoll:
         q.stats["unkicked"] += new
         if q.must_notify(known, n):
             self._confirm(force=True)
-            self.missed_ever = True
             self.suspect = (now, n, f"avail->idx moved from {known} to {n} with notifications enabled "
                                     f"and no kick for {INTERVAL * 1000:.0f} ms or more",
                             {"avail_idx": n, "device_knew": known, "entries": new,
