@@ -5,16 +5,19 @@
 
 PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 
-.PHONY: help setup guest demo test check test-qemu-smoke bench
+.PHONY: help setup guest demo demo-apps test check test-qemu-smoke bench
 
 help:
 	@echo "make setup            install apt packages (root) and pip install -e '.[test]'"
 	@echo "make guest            build the QEMU test guest into qemu/build/ (cached)"
 	@echo "make demo             setup + guest, then boot the test guest on vhostnet (vhostnet run)"
+	@echo "make demo-apps        the guest runs iperf3, redis-cli and git against host servers"
+	@echo "                      (needs NAT: BACKEND=slirp make demo-apps until vhostnet has it)"
 	@echo "make test             setup, then run the whole pytest suite (includes the QEMU guests)"
 	@echo "make check            the pytest suite alone, without the setup step"
 	@echo "make test-qemu-smoke  boot the guest on a vhostnet backend and check its markers"
 	@echo "                      e.g. NET=1 TCP_ECHO_TEST=1 make test-qemu-smoke; BACKEND=slirp ..."
+	@echo "                      NET=1 IPERF_TEST=1 REDIS_TEST=1 GIT_TEST=1 make test-qemu-smoke"
 	@echo "make bench            run every scripts/bench_*.py"
 
 setup:
@@ -31,6 +34,12 @@ demo: setup guest
 run-guest:
 	$(PYTHON) -m vhostnet run
 
+# iperf3, redis-cli and git in the guest against iperf3 -s, redis-server and
+# git daemon on 127.0.0.1, through the backend's NAT (BACKEND=slirp: QEMU's).
+demo-apps: setup guest
+	NET=1 IPERF_TEST=1 REDIS_TEST=1 GIT_TEST=1 ICMP_TEST=0 TCP_ECHO_TEST=0 UDP_ECHO_TEST=0 \
+		NET_LOOPBACK_TEST=0 $(PYTHON) qemu/smoke.py
+
 test: setup
 	$(MAKE) --no-print-directory check
 
@@ -38,8 +47,9 @@ check:
 	$(PYTHON) -m pytest
 
 # The smoke runner reads NET, EXPECT_NET, ICMP_TEST, TCP_ECHO_TEST,
-# UDP_ECHO_TEST, NET_LOOPBACK_TEST, BACKEND, SMOKE_TIMEOUT, ACCEL and
-# BACKEND_ARGS from the environment (see qemu/smoke.py).
+# UDP_ECHO_TEST, NET_LOOPBACK_TEST, IPERF_TEST, REDIS_TEST, GIT_TEST, BACKEND,
+# MACHINE, TRANSPORT, LEGACY, QUEUE_SIZE, SMOKE_TIMEOUT, ACCEL and BACKEND_ARGS
+# from the environment (see qemu/smoke.py).
 test-qemu-smoke:
 	$(PYTHON) qemu/smoke.py
 

@@ -1,6 +1,6 @@
 /*
  * kvm-probe.S: a 238-byte multiboot kernel that tells whether KVM can really
- * run a guest here.  vhostnet/qemu.py embeds the assembled bytes (see
+ * run a guest here.  vhostnet/launch/qemu.py embeds the assembled bytes (see
  * KVM_PROBE there; tests/test_qemu_smoke.py checks they match this source).
  *
  * Some hosts expose a /dev/kvm on which QEMU starts fine but every fresh

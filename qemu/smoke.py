@@ -23,7 +23,22 @@ Switches, from the environment or the matching --options (1 on, 0 off):
                         run and expect that test (default: NET; with
                         BACKEND=slirp only ICMP_TEST, as slirp has no echo
                         service and does not reflect frames to the guest)
+  IPERF_TEST, REDIS_TEST, GIT_TEST
+                        application tests (default 0): the guest boots the
+                        image with iperf3, redis-cli and git, and runs them
+                        against real servers this runner starts on 127.0.0.1
+                        (iperf3 -s, redis-server, git daemon over a bare repo
+                        it makes; vhostnet/testing/hostservers.py) and stops
+                        afterwards; the guest reaches them as 10.0.2.2:PORT,
+                        so they need NAT (slirp has it)
   BACKEND               vhostnet (default) or slirp
+  MACHINE               q35 (default) or virt-aarch64 (boots the arm64 image,
+                        GUEST_ARCH=arm64 scripts/build-guest.sh)
+  TRANSPORT             pci or mmio (default: the machine's; q35 has pci only)
+  LEGACY                1: a legacy-only device (disable-modern=on,
+                        virtio-mmio.force-legacy=true); 0: modern-only;
+                        unset: QEMU's default (transitional PCI, legacy mmio)
+  QUEUE_SIZE            rx_queue_size and tx_queue_size of the NIC (e.g. 1024)
   SMOKE_TIMEOUT         seconds for the whole guest run (default 120)
   ACCEL                 auto (default), kvm or tcg
   BACKEND_ARGS          extra arguments for `vhostnet serve`
@@ -50,6 +65,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 from vhostnet.launch import qemu
+from vhostnet.testing.hostservers import HostServers, ServerError
 
 GATEWAY = "10.0.2.2"
 FALLBACK = "falling back on userspace virtio"
@@ -63,8 +79,17 @@ TEST_MARKERS = [
     ("TCP_ECHO_TEST", "tcp-echo: ok"),
     ("UDP_ECHO_TEST", "udp-echo: ok"),
     ("NET_LOOPBACK_TEST", "net: tcp loopback ok"),
+    ("IPERF_TEST", "iperf3: ok"),
+    ("REDIS_TEST", "redis: ok"),
+    ("GIT_TEST", "git: ok"),
 ]
-SLIRP_TESTS = {"ICMP_TEST"}     # tests that QEMU's slirp can serve
+# Tests that QEMU's slirp can serve, on by default with BACKEND=slirp.
+SLIRP_TESTS = {"ICMP_TEST"}
+# The guest prints the virtio feature bits its driver took (sysfs: a string
+# of 0/1, bit 0 first) after this.
+FEATURES_LINE = "net: virtio features "
+# Application tests: off unless asked for; they need host servers.
+APP_TESTS = {"IPERF_TEST": "iperf", "REDIS_TEST": "redis", "GIT_TEST": "git"}
 
 
 # --- configuration -----------------------------------------------------------
@@ -88,12 +113,23 @@ class Plan:
     backend_args: list[str] = field(default_factory=list)
     append: str = ""
     memory: str = qemu.DEFAULT_MEMORY
+    machine: str = "q35"
+    transport: str | None = None
+    legacy: bool | None = None
+    queue_size: int | None = None
 
-    def guest_vars(self) -> dict[str, int]:
+    def guest_vars(self, ports: dict[str, int] | None = None) -> dict[str, int]:
+        """Switches for the guest's command line, plus the host servers' PORTS."""
         v = {"NET": int(self.net)}
         if self.net:
             v.update({name: int(on) for name, on in self.tests.items()})
+            v.update(ports or {})
         return v
+
+    def apps(self) -> dict[str, bool]:
+        """Which host servers the application tests need."""
+        return {server: self.net and self.tests.get(name, False)
+                for name, server in APP_TESTS.items()}
 
     def expected(self) -> list[str]:
         out = ["init: start"]
@@ -113,9 +149,26 @@ def make_plan(args: argparse.Namespace) -> Plan:
     net = _flag(args.net or env.get("NET"), True, "NET")
     tests = {}
     for name, _ in TEST_MARKERS:
-        default = net and (backend != "slirp" or name in SLIRP_TESTS)
+        default = net and name not in APP_TESTS and (backend != "slirp" or name in SLIRP_TESTS)
         tests[name] = _flag(getattr(args, name.lower()) or env.get(name), default, name)
+    machine = args.machine or env.get("MACHINE") or "q35"
+    transport = args.transport or env.get("TRANSPORT") or None
+    try:
+        if not qemu.machine(machine).image_arch:
+            raise ValueError(f"there is no test image for the {machine} machine")
+        qemu.transport_of(qemu.machine(machine), transport)
+    except ValueError as e:
+        raise SystemExit(f"smoke: {e}") from None
+    legacy = args.legacy or env.get("LEGACY")
+    if legacy not in (None, "", "0", "1"):
+        raise SystemExit(f"smoke: LEGACY must be 0 or 1, not {legacy!r}")
+    queue_size = args.queue_size or env.get("QUEUE_SIZE")
+    if queue_size is not None and not str(queue_size).isdigit():
+        raise SystemExit(f"smoke: QUEUE_SIZE must be a number, not {queue_size!r}")
     return Plan(
+        machine=machine, transport=transport,
+        legacy=None if legacy in (None, "") else legacy == "1",
+        queue_size=int(queue_size) if queue_size else None,
         backend=backend, net=net, tests=tests,
         expect_net=_flag(args.expect_net or env.get("EXPECT_NET"), net, "EXPECT_NET"),
         timeout=float(args.timeout or env.get("SMOKE_TIMEOUT") or 120),
@@ -134,14 +187,15 @@ def log(msg: str) -> None:
     print(f"smoke: {msg}", flush=True)
 
 
-def build_image(skip: bool) -> qemu.GuestImage:
+def build_image(skip: bool, arch: str = "amd64") -> qemu.GuestImage:
     if not skip:
         t0 = time.monotonic()
-        r = subprocess.run(["bash", str(ROOT / "scripts" / "build-guest.sh")], cwd=ROOT)
+        r = subprocess.run(["bash", str(ROOT / "scripts" / "build-guest.sh")], cwd=ROOT,
+                           env={**os.environ, "GUEST_ARCH": arch})
         if r.returncode != 0:
-            raise Failure(f"scripts/build-guest.sh failed (exit {r.returncode})")
-        log(f"guest image ready in {time.monotonic() - t0:.1f} s")
-    return qemu.find_image()
+            raise Failure(f"GUEST_ARCH={arch} scripts/build-guest.sh failed (exit {r.returncode})")
+        log(f"{arch} guest image ready in {time.monotonic() - t0:.1f} s")
+    return qemu.find_image(arch=arch)
 
 
 def new_run_dir() -> Path:
@@ -190,6 +244,7 @@ def stop(proc: subprocess.Popen | None, grace: float) -> int | None:
 class Console:
     lines: list[str] = field(default_factory=list)
     seen: dict[str, float] = field(default_factory=dict)   # marker -> seconds
+    said: dict[str, str] = field(default_factory=dict)     # marker -> its whole line
     fails: list[str] = field(default_factory=list)
     fallback: str | None = None
     qemu_said: list[str] = field(default_factory=list)     # QEMU's own warnings/errors
@@ -232,6 +287,7 @@ def watch_console(proc: subprocess.Popen, plan: Plan, console_log: Path,
         for m in markers:
             if m in text and m not in c.seen:
                 c.seen[m] = now
+                c.said[m] = text.strip()
         if "FAIL:" in text:
             c.fails.append(text.strip())
         if FALLBACK in text and c.fallback is None:
@@ -261,7 +317,8 @@ def context(lines: list[str], needle: str, n: int = 3) -> Excerpt:
 
 def run(plan: Plan, args: argparse.Namespace) -> int:
     t_start = time.monotonic()
-    image = build_image(args.no_build)
+    machine = qemu.machine(plan.machine)
+    image = build_image(args.no_build, machine.image_arch)
     run_dir = new_run_dir()
     console_log, backend_log = run_dir / "console.log", run_dir / "backend.log"
     sock_dir = Path(tempfile.mkdtemp(prefix="vhostnet-smoke-"))   # short path for AF_UNIX
@@ -270,20 +327,31 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
     problems: list[str] = []
     c = Console()
     boot_secs = 0.0
-    accel = qemu.choose_accel(plan.accel)
-    if plan.accel == "auto" and accel == "tcg" and os.path.exists("/dev/kvm"):
+    accel = qemu.machine_accel(plan.accel, machine)
+    if plan.accel == "auto" and accel == "tcg" and machine.name == "q35" and os.path.exists("/dev/kvm"):
         log(f"accel tcg: {qemu.kvm_verdict().reason}")
+    servers = HostServers(run_dir / "servers", **plan.apps())
     try:
+        if any(plan.apps().values()):
+            image = image.with_apps()
+            servers.__enter__()
+            log(f"host servers on 127.0.0.1: "
+                f"{', '.join(f'{k} {v}' for k, v in servers.ports.items())}")
         if plan.backend == "vhostnet":
             backend = start_backend(plan, sock, backend_log)
         else:
             backend_log.write_text("BACKEND=slirp: QEMU's user-mode network, no vhostnet backend\n")
+        guest_vars = plan.guest_vars(servers.guest_vars())
         argv = qemu.qemu_argv(sock, netdev="vhost-user" if plan.backend == "vhostnet" else "user",
-                              image=image, guest_vars=plan.guest_vars(), append=plan.append,
-                              memory=plan.memory, accel=accel)
+                              image=image, guest_vars=guest_vars, append=plan.append,
+                              memory=plan.memory, accel=accel, machine=machine,
+                              transport=plan.transport, legacy=plan.legacy,
+                              queue_size=plan.queue_size)
         (run_dir / "qemu.cmd").write_text(qemu.format_argv(argv) + "\n")
-        log(f"guest: {', '.join(f'{k}={v}' for k, v in plan.guest_vars().items())}; "
-            f"backend {plan.backend}; accel {accel}; timeout {plan.timeout:.0f} s")
+        log(f"guest: {', '.join(f'{k}={v}' for k, v in guest_vars.items())}; "
+            f"backend {plan.backend}; {machine.name} {qemu.transport_of(machine, plan.transport)}"
+            f"{'' if plan.legacy is None else (' legacy' if plan.legacy else ' modern')}; "
+            f"accel {accel}; timeout {plan.timeout:.0f} s")
         log(f"qemu: {shlex.join(argv)}")
         t_boot = time.monotonic()
         qemu_proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL,
@@ -299,11 +367,13 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
         backend_rc = stop(backend, 10)
         if backend is not None and backend_rc not in (0, None) and not c.timed_out:
             problems.append(f"the backend exited with status {backend_rc}")
-    except Failure as e:
+        problems += servers.verify()
+    except (Failure, ServerError, qemu.ImageNotBuilt) as e:
         problems.append(str(e))
     finally:
         stop(qemu_proc, 0)
         stop(backend, 0)
+        servers.stop()
         shutil.rmtree(sock_dir, ignore_errors=True)
 
     # --- verdict
@@ -320,7 +390,13 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
         Path(args.result_json).write_text(json.dumps({
             "passed": not problems, "problems": problems,
             "markers": {m: c.seen.get(m) for m in plan.expected()},
-            "guest_vars": plan.guest_vars(), "backend": plan.backend, "accel": accel,
+            "marker_lines": {m: c.said.get(m) for m in plan.expected()},
+            "guest_vars": plan.guest_vars(servers.ports and servers.guest_vars()),
+            "machine": machine.name, "transport": qemu.transport_of(machine, plan.transport),
+            "legacy": plan.legacy, "queue_size": plan.queue_size,
+            "guest_features": next((line.split()[-1] for line in c.lines
+                                    if line.startswith(FEATURES_LINE)), None),
+            "backend": plan.backend, "accel": accel,
             "guest_seconds": boot_secs, "run_dir": str(run_dir),
             "console_log": str(console_log), "backend_log": str(backend_log)}, indent=2))
 
@@ -329,7 +405,7 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
     if qemu_proc is not None:
         print()
         for m in plan.expected():
-            print(f"  {'ok  ' if m in c.seen else 'MISS'} {m}"
+            print(f"  {'ok  ' if m in c.seen else 'MISS'} {c.said.get(m, m)}"
                   + (f"  ({c.seen[m]:.1f} s)" if m in c.seen else ""))
         print()
     if not problems:
@@ -356,11 +432,15 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
     return 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Each option overrides the environment variable of "
                                        "the same name (see the module docstring).")
     p.add_argument("--backend", choices=["vhostnet", "slirp"])
+    p.add_argument("--machine", choices=[n for n, m in qemu.MACHINES.items() if m.image_arch])
+    p.add_argument("--transport", choices=["pci", "mmio"])
+    p.add_argument("--legacy", choices=["0", "1"])
+    p.add_argument("--queue-size", help="rx_queue_size and tx_queue_size of the NIC")
     p.add_argument("--net", choices=["0", "1"])
     p.add_argument("--expect-net", choices=["0", "1"])
     for name, _ in TEST_MARKERS:
@@ -373,12 +453,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-build", action="store_true", help="use the image as built")
     p.add_argument("-q", "--quiet", action="store_true", help="do not echo the console")
     p.add_argument("--result-json", metavar="PATH", help="also write the verdict as JSON to PATH")
-    args = p.parse_args(argv)
-    if shutil.which(qemu.QEMU) is None:
-        log(f"{qemu.QEMU} not found (install qemu-system-x86: make setup)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    plan = make_plan(args)
+    m = qemu.machine(plan.machine)
+    if shutil.which(m.qemu) is None:
+        log(f"{m.qemu} not found (install {m.package}: make setup)")
         return 2
     try:
-        return run(make_plan(args), args)
+        return run(plan, args)
     except (qemu.ImageNotBuilt, Failure) as e:
         log(f"FAIL: {e}")
         return 1

@@ -3,7 +3,13 @@
 #
 #   apt (Debian 12): qemu-system-x86   QEMU 7.2, boots the test guest
 #                    tshark tcpdump    capture and decode the guest's frames
-#                    iperf3            throughput benchmarks
+#                    iperf3            throughput benchmarks; the guest's iperf3 test server
+#                    redis-server git  host servers for the guest's redis-cli and git tests
+#                    qemu-system-arm   QEMU 7.2 for aarch64: the arm64 test guest and U-Boot on virt
+#                    u-boot-qemu       U-Boot builds for QEMU: a second, fast-booting driver
+#                                      (tests/test_uboot.py, the QEMU restart tests)
+#                    gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+#                                      static arm64 guest test programs (GUEST_ARCH=arm64)
 #                    passt             a reference vhost-user backend to compare with
 #                    gcc libc6-dev     static guest test programs (scripts/build-guest.sh)
 #                    xz-utils cpio     unpack the guest kernel, pack the initramfs
@@ -11,6 +17,10 @@
 #                                      DPDK's virtio-user as a second frontend;
 #                                      optional: skipped when apt does not have it
 #   pip:             this package, editable, with its test extras (.[test])
+#   discovery:       QEMU's vhost-user discovery file, 50-vhostnet.json (type
+#                    net, naming the vhostnet-backend just installed), in
+#                    /usr/share/qemu/vhost-user as root, else in
+#                    $XDG_CONFIG_HOME/qemu/vhost-user; skipped with DISCOVERY=0
 #
 # apt is skipped when every package is already installed; it needs root.
 # pip goes to the Python given by $PYTHON (default python3); when that one is
@@ -21,7 +31,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 
-REQUIRED=(qemu-system-x86 tshark tcpdump iperf3 passt gcc libc6-dev xz-utils cpio make)
+REQUIRED=(qemu-system-x86 qemu-system-arm u-boot-qemu tshark tcpdump iperf3 redis-server git passt
+          gcc libc6-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross xz-utils cpio make)
 OPTIONAL=(dpdk-dev librte-net-virtio23)
 
 say() { printf 'setup: %s\n' "$*"; }
@@ -94,6 +105,19 @@ setup_python() {
     (cd "$ROOT" && "$py" -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]')
 }
 
+# QEMU's backend program conventions: management tools find backends through
+# discovery files (docs/interop/vhost-user.json). The file names the absolute
+# path of vhostnet-backend, which only exists once pip has installed it.
+setup_discovery() {
+    [ "${DISCOVERY:-1}" = 1 ] || { say "discovery: skipped (DISCOVERY=0)"; return; }
+    local py=$PYTHON where=()
+    [ -x "$ROOT/.venv/bin/python" ] && py=$ROOT/.venv/bin/python
+    [ "$(id -u)" -eq 0 ] || where=(--user)
+    "$py" -m vhostnet install-discovery "${where[@]}" 2>&1 | sed 's/^/setup: /' ||
+        say "discovery: not written (vhostnet install-discovery failed; see above)"
+}
+
 setup_apt
 setup_python
+setup_discovery
 say "done"

@@ -61,7 +61,41 @@ def test_qemu_args(capsys):
     assert "socket,id=chr0,path=/tmp/my dir/v.sock" in flags
 
 
+def test_run_shell_needs_a_terminal():
+    p = subprocess.run([sys.executable, "-m", "vhostnet", "run", "--shell"], stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "--shell needs a terminal on stdin" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("machine,extra,binary,package,want", [
+    ("q35", ["--legacy"], "qemu-system-x86_64", "qemu-system-x86",
+     ["-M q35,memory-backend=mem",
+      "-device virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,vectors=0,romfile=,disable-modern=on"]),
+    ("q35", ["--modern"], "qemu-system-x86_64", "qemu-system-x86",
+     ["-device virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,vectors=0,romfile=,disable-legacy=on"]),
+    ("virt-aarch64", [], "qemu-system-aarch64", "qemu-system-arm",
+     ["-M virt,memory-backend=mem", "-device virtio-net-device,netdev=net0,mac=52:54:00:12:34:56"]),
+    ("virt-aarch64", ["--modern"], "qemu-system-aarch64", "qemu-system-arm",
+     ["-global virtio-mmio.force-legacy=false -device virtio-net-device,"]),
+    ("virt-riscv64", ["--legacy"], "qemu-system-riscv64", "qemu-system-misc",
+     ["-M virt,memory-backend=mem", "-global virtio-mmio.force-legacy=true -device virtio-net-device,"]),
+    ("virt-riscv64", ["--transport", "pci"], "qemu-system-riscv64", "qemu-system-misc",
+     ["-M virt,memory-backend=mem", "-device virtio-net-pci,netdev=net0,"]),
+])
+def test_qemu_args_per_machine(machine, extra, binary, package, want, capsys):
+    assert main(["qemu-args", "--socket", "/tmp/v.sock", "--machine", machine, *extra]) == 0
+    out, err = capsys.readouterr()
+    for piece in want:
+        assert piece in out, out
+    assert "memory-backend-memfd,id=mem,size=256M,share=on" in out
+    assert ("virtio-net-device" in out) is ("pci" not in extra and machine != "q35")
+    assert f"{binary} (Debian package {package})" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["qemu-args", "--machine", "q35", "--transport", "mmio"], "the q35 machine has no mmio transport"),
+    (["run", "--machine", "virt-riscv64"], "there is no test guest for virt-riscv64"),
+    (["run", "--shell", "--", "-kernel", "bzImage"], "--shell boots the test guest"),
     (["qemu-args", "--mem", "12Q"], "memory size '12Q' is not like 256M"),
     (["qemu-args", "--mac", "52:54:00"], "MAC '52:54:00' is not like"),
     (["qemu-args", "--mac", "01:00:5e:00:00:01"], "multicast"),

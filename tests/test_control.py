@@ -196,21 +196,17 @@ async def test_stalled_client_does_not_block_the_data_path(backend, guest, monke
 
 
 async def test_too_many_clients(backend, monkeypatch):
+    """Full of idle clients, a new one evicts the longest idle (more in
+    tests/test_control_slots.py); the evicted one is told, then closed."""
     _, ctl = backend
     monkeypatch.setattr(control, "MAX_CLIENTS", 3)
     idle = [_raw(ctl.path) for _ in range(3)]
     with trio.fail_after(5):
         while ctl.clients < 3:
             await trio.sleep(0.01)
-
-    def one_more():
-        s = _raw(ctl.path)
-        r = _lines(s, 1)[0]
-        s.close()
-        return r
-
-    r = await trio.to_thread.run_sync(one_more)
-    assert r["ok"] is False and "too many" in r["error"]
+    assert (await ask(ctl.path, "ping"))["pid"] == os.getpid()
+    r = await trio.to_thread.run_sync(_lines, idle[0], 1)
+    assert r[0]["closed"] == "idle" and "full" in r[0]["error"]
     for s in idle:
         s.close()
     with trio.fail_after(5):

@@ -204,3 +204,38 @@ def test_terminal_input_and_ctrl_c(sockdir):
     qpid, path, *_ = info.read_text().splitlines()
     assert gone(int(qpid)) and not os.path.exists(os.path.dirname(path))
     assert b"Traceback" not in out and b"Fatal Python error" not in out
+
+
+def test_run_machine_virt_aarch64_boots_the_arm64_image(fake_qemu, sockdir):
+    """--machine virt-aarch64: the arm64 image, a virt board, the NIC on virtio-mmio."""
+    image = sockdir / "arm64"
+    image.mkdir()
+    (image / "Image").write_bytes(b"kernel")
+    (image / "initramfs.cpio.gz").write_bytes(b"")
+    (image / "image.env").write_text(f"ARCH=arm64\nKERNEL={image / 'Image'}\n"
+                                     f"INITRD={image / 'initramfs.cpio.gz'}\nKERNEL_VERSION=6.1.0-x-arm64\n")
+    info = sockdir / "info"
+    argv = [sys.executable, "-m", "vhostnet", "run", "--qemu", str(fake_qemu), "--accel", "tcg",
+            "--log-level", "warning", "--machine", "virt-aarch64", "--modern", "--image", str(image)]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "FAKE_QEMU": "poweroff", "FAKE_QEMU_INFO": str(info)})
+    assert p.returncode == 0, p.stderr
+    _, _, qargv = info_of(info)
+    line = " ".join(qargv)
+    assert "-M virt,memory-backend=mem" in line and "-cpu cortex-a57" in line
+    assert "-global virtio-mmio.force-legacy=false -device virtio-net-device,netdev=net0," in line
+    assert qargv[qargv.index("-kernel") + 1] == str(image / "Image")
+    assert "console=ttyAMA0" in qargv[qargv.index("-append") + 1]
+    assert "virt-aarch64 (mmio)" in p.stderr
+
+
+def test_run_refuses_an_image_of_another_architecture(fake_qemu, sockdir):
+    image = sockdir / "amd64"
+    image.mkdir()
+    for name in ("vmlinux", "initramfs.cpio.gz"):
+        (image / name).write_bytes(b"")
+    (image / "image.env").write_text(f"KERNEL={image / 'vmlinux'}\nINITRD={image / 'initramfs.cpio.gz'}\n")
+    p = subprocess.run([sys.executable, "-m", "vhostnet", "run", "--qemu", str(fake_qemu), "--accel", "tcg",
+                        "--machine", "virt-aarch64", "--image", str(image)],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "boots the arm64 image, not amd64" in p.stderr

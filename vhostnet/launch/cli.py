@@ -1,8 +1,11 @@
 """The `vhostnet` command line: serve, run, qemu-args, and the looking-inside tools.
 
-    serve      the backend on a vhost-user socket (+ control socket, + --pcap)
+    serve      the backend on a vhost-user socket (+ control socket, + --pcap);
+               also as `vhostnet-backend`, with QEMU's backend program
+               conventions (--socket-path, --fd, --print-capabilities)
     run        the backend and a QEMU guest together, in one process
     qemu-args  the QEMU flags that attach a guest to a backend
+    install-discovery  the vhost-user discovery file (type "net") for management tools
     inspect    rings, indices, features, memory; one descriptor chain with --desc
     stats      frames, drops by reason, ARP/UDP/TCP tables, live with --watch
     capture    the guest's frames as pcap (-w) or as tcpdump-like lines
@@ -44,12 +47,40 @@ While it runs, look inside from another terminal:
   vhostnet stats --watch 1    traffic, drops, ARP/UDP/TCP tables
   vhostnet capture -w g.pcap  the guest's frames, for tshark/wireshark
 
+With -chardev socket,...,reconnect=1 (`vhostnet qemu-args --reconnect`),
+QEMU survives the backend: stop or kill it, start it again on the same
+socket, and the guest's link comes back within about a second.
+
+QEMU's backend program conventions (docs/interop/vhost-user.rst): the
+vhostnet-backend command is this one; --socket-path is --socket, --fd N
+serves a listening Unix socket the caller opened and passed as fd N (its
+path, if any, is left in place; the control socket is that path + .ctl),
+and --print-capabilities prints {"type": "net"} and exits.
+
 examples:
   vhostnet serve
   vhostnet serve --socket /tmp/v.sock --pcap all.pcap --log-level debug
   vhostnet serve --disable-feature offloads --disable-feature mrg-rxbuf
   vhostnet serve --fault loss=5%,reorder=2%,delay=20ms,jitter=5ms,seed=1,dir=both
   vhostnet serve --strict     # a driver's first MUST violation stops that ring (vhostnet check)
+  vhostnet-backend --socket-path=/run/vm1/net0.sock
+  systemd-socket-activate -l /run/vm1/net0.sock vhostnet-backend --fd 3
+  vhostnet serve --print-capabilities
+"""
+
+EPILOG_DISCOVERY = """The file is QEMU's vhost-user discovery format (docs/interop/vhost-user.json,
+VhostUserBackend): type "net" and the absolute path of vhostnet-backend,
+which management software (libvirt, scripts) runs with --socket-path or
+--fd. Directories searched by such software, most general first:
+/usr/share/qemu/vhost-user (packages: the default, --prefix /usr),
+/etc/qemu/vhost-user (--sysconf), $XDG_CONFIG_HOME/qemu/vhost-user (--user).
+
+examples:
+  sudo vhostnet install-discovery            # /usr/share/qemu/vhost-user/50-vhostnet.json
+  vhostnet install-discovery --user
+  vhostnet install-discovery --prefix /opt/vhostnet --binary /opt/vhostnet/bin/vhostnet-backend
+  vhostnet install-discovery --print
+  vhostnet install-discovery --user --remove
 """
 
 EPILOG_RUN = """\
@@ -62,17 +93,50 @@ qemu-args` shows them). The console is on stdout; Ctrl-C stops QEMU and the
 backend. Exit status: QEMU's own, 128+N after signal N, 1 if QEMU fell back
 on userspace virtio.
 
+With --reconnect the backend runs as a child process, started again
+whenever it exits (crash, kill -9, or `kill PID` to pick up a new version),
+and QEMU gets -chardev socket,...,reconnect=1: the guest keeps running, its
+link goes down while the backend is away and comes back within about a
+second of the new backend listening.
+
+--machine virt-aarch64 boots the arm64 test guest (qemu/build-arm64/, made by
+`GUEST_ARCH=arm64 scripts/build-guest.sh`) on a `virt` board, its NIC on
+virtio-mmio unless --transport pci; --legacy / --modern force the device's
+mode (QEMU's default: transitional on PCI, legacy on mmio).
+
+--shell boots the test guest to a shell on the console instead, with eth0 up
+(10.0.2.15, gateway 10.0.2.2) and ping, wget, iperf3, redis-cli and git on
+its PATH; the terminal is raw, so Ctrl-C reaches the guest. Leaving the shell
+(exit, Ctrl-D) powers the guest off; Ctrl-A x quits QEMU at once.
+
 examples:
   vhostnet run
+  vhostnet run --reconnect
+  vhostnet run --shell
+  vhostnet run --machine virt-aarch64 --modern
   vhostnet run --append "vhostnet.TCP_ECHO_TEST=0" --pcap guest.pcap
   vhostnet run --mem 1G -- -kernel bzImage -initrd rootfs.cpio -append "console=ttyS0"
   vhostnet run -- -drive file=disk.qcow2,if=virtio -smp 2
 """
 
 EPILOG_QEMU_ARGS = """\
+With --reconnect, QEMU keeps the guest when the backend goes away and
+reconnects (every second) until it is back: restart `vhostnet serve` at will.
+
+Machines: q35 (x86_64, virtio-pci), virt-aarch64 and virt-riscv64 (virtio-mmio
+by default, or --transport pci). --legacy makes a legacy-only device (VERSION_1
+never offered: disable-modern=on, virtio-mmio.force-legacy=true), --modern a
+modern-only one; without either, QEMU's default (transitional PCI, legacy
+mmio). A line on stderr names the QEMU binary and its Debian package.
+
 examples:
   qemu-system-x86_64 -accel kvm -nographic -kernel bzImage \\
       $(vhostnet qemu-args --socket /tmp/v.sock --mem 1G)
+  qemu-system-aarch64 -cpu cortex-a57 -nographic -kernel Image \\
+      $(vhostnet qemu-args --machine virt-aarch64 --modern)
+  qemu-system-riscv64 -nographic -kernel my-kernel.elf \\
+      $(vhostnet qemu-args --machine virt-riscv64 --legacy)
+  vhostnet qemu-args --reconnect
   vhostnet qemu-args --json
 """
 
@@ -149,6 +213,16 @@ def _count(text: str) -> int:
     return v
 
 
+def _fdnum(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file descriptor number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a file descriptor number (>= 0)")
+    return v
+
+
 def _index(text: str) -> int:
     try:
         v = int(text, 0)
@@ -190,12 +264,26 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
                         "'offloads' for all four offloads. Handy to test a driver's simple paths")
     p.add_argument("--rx-pending", type=int, default=1024, metavar="N",
                    help="frames held for the guest while it posts no RX buffers, before dropping (default %(default)s)")
-    link_cli.add_fault_option(p)
-    check_cli.add_strict_option(p)
     p.add_argument("--allow-unsealed-memory", action="store_true",
                    help="accept guest memory without F_SEAL_SHRINK (memory-backend-file, memfd seal=off, "
                         "DPDK); a front-end that shrinks it then kills the backend (SIGBUS): trusted front-ends only")
+    link_cli.add_fault_option(p)
+    check_cli.add_strict_option(p)
     _add_net_options(p)
+
+
+def _add_machine_options(p: argparse.ArgumentParser) -> None:
+    from vhostnet.launch import qemu
+    g = p.add_argument_group("machine and NIC")
+    g.add_argument("--machine", default="q35", choices=list(qemu.MACHINES),
+                   help="QEMU machine (default %(default)s)")
+    g.add_argument("--transport", choices=["pci", "mmio"],
+                   help="virtio transport (default: mmio on virt machines, pci on q35)")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--legacy", dest="legacy", action="store_const", const=True,
+                      help="legacy-only virtio device (disable-modern=on / virtio-mmio.force-legacy=true)")
+    mode.add_argument("--modern", dest="legacy", action="store_const", const=False,
+                      help="modern-only virtio device (disable-legacy=on / virtio-mmio.force-legacy=false)")
 
 
 def _add_client_options(p: argparse.ArgumentParser) -> None:
@@ -220,8 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the backend on a vhost-user socket", formatter_class=Formatter,
                        description="Listen on a vhost-user Unix socket and serve one QEMU at a time.",
                        epilog=EPILOG_SERVE)
-    s.add_argument("--socket", default=default_socket(), metavar="PATH",
-                   help="vhost-user socket to listen on (default %(default)s, or $VHOSTNET_SOCKET)")
+    where = s.add_mutually_exclusive_group()
+    where.add_argument("--socket-path", "--socket", dest="socket", metavar="PATH",
+                       help=f"vhost-user socket to listen on (default {default_socket()}, "
+                            f"or $VHOSTNET_SOCKET)")
+    where.add_argument("--fd", type=_fdnum, metavar="FDNUM",
+                       help="serve the listening AF_UNIX stream socket the caller opened and "
+                            "passed as file descriptor FDNUM, instead of binding a path")
+    s.add_argument("--print-capabilities", action="store_true",
+                   help='print the backend\'s vhost-user capabilities as JSON ({"type": "net"}) and exit')
     s.add_argument("--once", action="store_true", help="exit when the first QEMU disconnects")
     _add_backend_options(s)
 
@@ -236,8 +331,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra kernel command-line words for the test guest, e.g. 'vhostnet.TCP_ECHO_TEST=0'")
     r.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"],
                    help="accelerator; auto uses KVM if it can really run a guest (default %(default)s)")
-    r.add_argument("--image", metavar="DIR", help="test guest image directory (default qemu/build/)")
-    r.add_argument("--qemu", default=qemu.QEMU, metavar="BINARY", help="QEMU binary (default %(default)s)")
+    r.add_argument("--image", metavar="DIR",
+                   help="test guest image directory (default qemu/build/, qemu/build-arm64/ for virt-aarch64)")
+    r.add_argument("--qemu", metavar="BINARY", help="QEMU binary (default: the machine's, e.g. qemu-system-x86_64)")
+    r.add_argument("--shell", action="store_true",
+                   help="boot the test guest to a shell on the console, network up, tools on PATH")
+    _add_machine_options(r)
+    r.add_argument("--reconnect", action="store_true",
+                   help="run the backend as a child process that is started again whenever it exits, "
+                        "and QEMU with reconnect=1 so the guest outlives it (its link goes down and "
+                        "comes back); `kill` the backend's pid to restart it")
     _add_backend_options(r)
 
     a = sub.add_parser("qemu-args", help="print the QEMU flags that attach a guest", formatter_class=Formatter,
@@ -248,7 +351,24 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--mem", default=qemu.DEFAULT_MEMORY, metavar="SIZE",
                    help="guest RAM, shared with the backend (default %(default)s)")
     a.add_argument("--mac", default=qemu.DEFAULT_MAC, metavar="MAC", help="guest MAC (default %(default)s)")
+    _add_machine_options(a)
     a.add_argument("--json", action="store_true", help="print a JSON list of arguments")
+    a.add_argument("--reconnect", action="store_true",
+                   help=f"add reconnect={qemu.RECONNECT_SECONDS} to the chardev: QEMU keeps the guest "
+                        f"when the backend goes and reconnects when it is back")
+
+    d = sub.add_parser("install-discovery", help="write the vhost-user discovery file for management tools",
+                       formatter_class=Formatter, epilog=EPILOG_DISCOVERY,
+                       description="Write 50-vhostnet.json, the vhost-user backend discovery file "
+                                   "(type net) naming vhostnet-backend.")
+    dw = d.add_mutually_exclusive_group()
+    dw.add_argument("--prefix", metavar="DIR", help="write to DIR/share/qemu/vhost-user (default prefix /usr)")
+    dw.add_argument("--sysconf", action="store_true", help="write to /etc/qemu/vhost-user")
+    dw.add_argument("--user", action="store_true", help="write to $XDG_CONFIG_HOME/qemu/vhost-user")
+    dw.add_argument("--print", action="store_true", help="print the file on stdout; write nothing")
+    d.add_argument("--binary", metavar="PATH",
+                   help="the backend binary to name (default: the installed vhostnet-backend)")
+    d.add_argument("--remove", action="store_true", help="remove the file instead")
 
     i = sub.add_parser("inspect", help="show rings, indices, features and memory of a running backend",
                        formatter_class=Formatter, epilog=EPILOG_INSPECT,
@@ -303,12 +423,30 @@ def cmd_serve(args) -> int:
     from vhostnet.launch.serve import serve_backend
     from vhostnet.logging_setup import setup
 
+    from vhostnet.launch import conventions
+
+    listener = None
+    sock_path = args.socket or default_socket()
+    if args.fd is not None:
+        try:
+            listener = conventions.adopt_listener(args.fd)
+        except conventions.FdError as e:
+            return _fail(str(e), 2)
+        bound = conventions.listener_path(listener)
+        sock_path = bound or f"fd {args.fd}"
+        if bound is None and not args.control and not args.no_control:
+            print(f"vhostnet: --fd {args.fd} has no path to put a control socket beside; "
+                  f"none opened (give --control PATH for one)", file=sys.stderr)
+            args.no_control = True
     setup(args.log_level, args.log_file)
     try:
-        server, control, tap = serve.make_backend(args, args.socket)
+        server, control, tap = serve.make_backend(args, sock_path, listener=listener)
     except (ValueError, OSError) as e:
+        if listener is not None:
+            listener.close()    # the one fd we were handed, and may close
         return _fail(str(e), 2 if isinstance(e, ValueError) else 1)
-    print(f"vhostnet: vhost-user socket {args.socket}", file=sys.stderr)
+    via = f" (--fd {args.fd})" if args.fd is not None else ""
+    print(f"vhostnet: vhost-user socket {sock_path}{via}", file=sys.stderr)
     if control is not None:
         print(f"vhostnet: control socket {control.path} (vhostnet inspect --control {control.path})",
               file=sys.stderr)
@@ -344,10 +482,30 @@ def cmd_run(args) -> int:
         if own and args.append:
             raise launch.RunError("--append is for the test guest; with your own -kernel, "
                                   "put -append in the QEMU arguments")
-        if shutil.which(args.qemu) is None:
-            return _fail(f"{args.qemu} not found (install qemu-system-x86, e.g. scripts/setup.sh)")
-        image = None if own else qemu.find_image(args.image)
-        accel = qemu.choose_accel(args.accel, args.qemu)
+        if own and args.shell:
+            raise launch.RunError("--shell boots the test guest; it does not go with your own "
+                                  "boot arguments")
+        if args.shell and not sys.stdin.isatty():
+            # Input typed before the guest's shell opens the console is lost,
+            # so a pipe of commands would hang; a person at a terminal is fine.
+            raise launch.RunError("--shell needs a terminal on stdin (for scripted guests, "
+                                  "use vhostnet.NAME=V switches with --append)")
+        machine = qemu.machine(args.machine)
+        transport = qemu.transport_of(machine, args.transport)
+        if not own and not machine.image_arch:
+            raise launch.RunError(f"there is no test guest for {machine.name}; boot your own: "
+                                  f"vhostnet run --machine {machine.name} -- -kernel ...")
+        binary = args.qemu or machine.qemu
+        if shutil.which(binary) is None:
+            return _fail(f"{binary} not found (install Debian's {machine.package}, e.g. scripts/setup.sh)")
+        image = None if own else qemu.find_image(args.image, arch=machine.image_arch)
+        if image is not None and image.arch != machine.image_arch:
+            raise launch.RunError(f"the {machine.name} machine boots the {machine.image_arch} image, "
+                                  f"not {image.arch} ({args.image})")
+        if args.shell:
+            image = image.with_apps()
+        accel = qemu.machine_accel(args.accel, machine) if binary == machine.qemu \
+            else qemu.choose_accel(args.accel, binary)
     except qemu.ImageNotBuilt as e:
         return _fail(f"{e}; or boot your own guest: vhostnet run -- -kernel ... (see --help)")
     except (launch.RunError, ValueError) as e:
@@ -355,23 +513,36 @@ def cmd_run(args) -> int:
     setup(args.log_level, args.log_file)
     tmp = None if args.socket else launch.temp_socket_dir()
     sock = args.socket or os.path.join(tmp, "vhost.sock")
+    if args.reconnect:
+        try:
+            return _run_reconnect(args, sock, mem, mac, image, own, accel, binary, machine, transport)
+        finally:
+            if tmp is not None:
+                launch.remove_dir(tmp)
     try:
         try:
             server, control, tap = serve.make_backend(args, sock)
         except (ValueError, OSError) as e:
             return _fail(str(e), 2 if isinstance(e, ValueError) else 1)
+        guest_vars = None if own else {"NET": 1, **({"INTERACTIVE": 1} if args.shell else {})}
         argv = qemu.qemu_argv(sock, memory=mem, mac=mac, image=image,
-                              guest_vars=None if own else {"NET": 1}, append=args.append,
-                              extra_args=extra, accel=accel, qemu=args.qemu)
+                              guest_vars=guest_vars, append=args.append,
+                              extra_args=extra, accel=accel, qemu=binary, machine=machine,
+                              transport=transport, legacy=args.legacy)
         what = "your QEMU arguments" if own else f"the test guest ({image.kernel.name}, {image.kernel_version})"
-        print(f"vhostnet: backend on {sock}; booting {what} with {accel}", file=sys.stderr)
+        print(f"vhostnet: backend on {sock}; booting {what} on {machine.name} ({transport}) "
+              f"with {accel}", file=sys.stderr)
         if control is not None:
             print(f"vhostnet: look inside: vhostnet inspect --control {control.path}", file=sys.stderr)
+        if args.shell:
+            print("vhostnet: a shell on the guest's console; leave it (exit) to power off, "
+                  "Ctrl-A x quits QEMU", file=sys.stderr)
         sys.stderr.flush()
         logging.getLogger("vhostnet.launch").info("qemu: %s", shlex.join(argv))
         try:
-            return trio.run(functools.partial(launch.run_guest, server, control, argv, pcap_tap=tap,
-                                              forward_stdin=sys.stdin.isatty()))
+            with launch.raw_terminal(args.shell and sys.stdin.isatty()):
+                return trio.run(functools.partial(launch.run_guest, server, control, argv, pcap_tap=tap,
+                                                  forward_stdin=sys.stdin.isatty()))
         finally:
             serve.close_listeners(server, control)
     finally:
@@ -379,14 +550,101 @@ def cmd_run(args) -> int:
             launch.remove_dir(tmp)
 
 
+def cmd_install_discovery(args) -> int:
+    from vhostnet.launch import conventions as cv
+    binary = args.binary or cv.find_binary()
+    if binary is None and not args.remove:
+        return _fail(f"no {cv.BINARY_NAME} found beside this Python or on PATH; install the package "
+                     f"(pip install .), or name the binary with --binary PATH")
+    try:
+        if binary is not None and not args.remove:
+            cv.check_binary(binary)
+    except ValueError as e:
+        return _fail(str(e), 2)
+    if args.print:
+        print(json.dumps(cv.discovery_doc(binary), indent=2))
+        return 0
+    directory = cv.discovery_dir(args.prefix, user=args.user, sysconf=args.sysconf)
+    path = os.path.join(directory, cv.DISCOVERY_NAME)
+    try:
+        if args.remove:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                print(f"vhostnet: {path} was not there", file=sys.stderr)
+                return 0
+            print(f"vhostnet: removed {path}", file=sys.stderr)
+            return 0
+        path = cv.write_discovery(directory, binary)
+    except OSError as e:
+        hint = " (run as root, or use --user)" if isinstance(e, PermissionError) else ""
+        return _fail(f"cannot write {path}: {e.strerror or e}{hint}")
+    print(f"vhostnet: wrote {path} (type {cv.BACKEND_TYPE}, binary {binary})", file=sys.stderr)
+    return 0
+
+
+def _backend_argv(args, sock: str, start: int) -> list[str]:
+    """`vhostnet serve` with run's backend options, for the START-th backend
+    of `run --reconnect` (a --pcap file per start: FILE, FILE.1, ...)."""
+    argv = [sys.executable, "-m", "vhostnet", "serve", "--socket", sock, "--log-level", args.log_level,
+            "--rx-pending", str(args.rx_pending), "--mac", args.mac, "--guest-ip", args.guest_ip,
+            "--prefix", str(args.prefix), "--gateway-ip", args.gateway_ip, "--dns-ip", args.dns_ip,
+            "--gateway-mac", args.gateway_mac, "--mtu", str(args.mtu)]
+    for name in args.disable_feature:
+        argv += ["--disable-feature", name]
+    fault = getattr(args, "fault", None)
+    if fault is not None and fault.active:
+        # The same seed for every start, so a restarted backend repeats the pattern.
+        argv += ["--fault", str(fault)]
+    for flag, value in (("--log-file", args.log_file), ("--control", args.control),
+                        ("--pcap", args.pcap and (args.pcap if start == 0 else f"{args.pcap}.{start}"))):
+        if value:
+            argv += [flag, value]
+    if args.no_control:
+        argv.append("--no-control")
+    if args.raw_csum:
+        argv.append("--raw-csum")
+    return argv
+
+
+def _run_reconnect(args, sock, mem, mac, image, own, accel, binary, machine, transport) -> int:
+    import functools
+    import logging
+    import shlex
+
+    import trio
+
+    from vhostnet.launch import qemu
+    from vhostnet.launch import run as launch
+    from vhostnet.observe.control import default_control_path
+
+    argv = qemu.qemu_argv(sock, memory=mem, mac=mac, image=image,
+                          guest_vars=None if own else {"NET": 1}, append=args.append,
+                          extra_args=args.qemu_args, accel=accel, qemu=binary, machine=machine,
+                          transport=transport, legacy=args.legacy, reconnect=qemu.RECONNECT_SECONDS)
+    what = "your QEMU arguments" if own else f"the test guest ({image.kernel.name}, {image.kernel_version})"
+    print(f"vhostnet: backend on {sock} (restarted whenever it exits); booting {what} with {accel}, "
+          f"reconnect={qemu.RECONNECT_SECONDS}", file=sys.stderr)
+    if not args.no_control:
+        print(f"vhostnet: look inside: vhostnet inspect --control {args.control or default_control_path(sock)}",
+              file=sys.stderr)
+    sys.stderr.flush()
+    logging.getLogger("vhostnet.launch").info("qemu: %s", shlex.join(argv))
+    return trio.run(functools.partial(launch.run_guest_reconnect, functools.partial(_backend_argv, args, sock),
+                                      sock, argv, forward_stdin=sys.stdin.isatty()))
+
+
 def cmd_qemu_args(args) -> int:
     import shlex
 
-    from vhostnet.launch.run import RunError, attach_flags
+    from vhostnet.launch import qemu
+    from vhostnet.launch.run import RunError, attach_flags, machine_note
     try:
-        flags = attach_flags(args.socket, args.mem, args.mac)
+        flags = attach_flags(args.socket, args.mem, args.mac, args.machine, args.transport, args.legacy,
+                             reconnect=qemu.RECONNECT_SECONDS if args.reconnect else None)
     except RunError as e:
         return _fail(str(e), 2)
+    print(machine_note(args.machine), file=sys.stderr)
     print(json.dumps(flags) if args.json else shlex.join(flags))
     return 0
 
@@ -542,6 +800,7 @@ def cmd_capture(args) -> int:
 
 
 COMMANDS = {"serve": cmd_serve, "run": cmd_run, "qemu-args": cmd_qemu_args,
+            "install-discovery": cmd_install_discovery,
             "inspect": cmd_inspect, "stats": cmd_stats, "capture": cmd_capture}
 
 
@@ -551,6 +810,11 @@ def main(argv=None) -> int:
     if "--" in argv:
         k = argv.index("--")
         argv, extra = argv[:k], argv[k + 1:]
+    if argv[:1] == ["serve"] and "--print-capabilities" in argv:
+        # The convention: print them and exit 0, whatever else is on the line.
+        from vhostnet.launch.conventions import capabilities
+        print(json.dumps(capabilities()))
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -563,3 +827,10 @@ def main(argv=None) -> int:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
+
+
+def backend_main(argv=None) -> int:
+    """`vhostnet-backend`: `vhostnet serve` under the name management tools run
+    (the discovery file's "binary"), so `vhostnet-backend --fd 3` just works."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return main(["serve", *argv])

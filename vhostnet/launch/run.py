@@ -17,15 +17,25 @@ Exit status: QEMU's own (128 + N if a signal N killed it), 128 + N if
 signal N made us stop it, 1 if QEMU fell back on userspace virtio (the NIC
 silently stopped using the backend: never a success).
 
+`run --reconnect` (`run_guest_reconnect()`) runs the backend as a child
+process instead (`python -m vhostnet serve` with the same options) and QEMU
+with -chardev socket,...,reconnect=1: when the backend exits, however it
+exits (a crash, SIGKILL, `kill PID` to upgrade it), it is started again on
+the same socket and QEMU reconnects within about a second; the guest sees
+its link go down and come back. A backend that exits more than
+RESTART_LIMIT times within RESTART_WINDOW seconds stops the run (status 1).
+
 QEMU flags come from vhostnet/qemu.py; this module only adds the choice
 between our test image and the user's own boot arguments.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 
@@ -34,7 +44,7 @@ import trio
 from vhostnet.launch import qemu
 from vhostnet.launch.serve import serve_backend
 
-__all__ = ["attach_flags", "run_guest", "RunError", "uses_own_boot",
+__all__ = ["attach_flags", "run_guest", "run_guest_reconnect", "RunError", "uses_own_boot",
            "FALLBACK", "parse_mem"]
 
 FALLBACK = "falling back on userspace virtio"
@@ -64,9 +74,44 @@ def check_mac(mac: str) -> str:
     return mac.lower()
 
 
-def attach_flags(socket: str, mem: str = qemu.DEFAULT_MEMORY, mac: str = qemu.DEFAULT_MAC) -> list[str]:
-    """The QEMU flags that attach a guest's NIC to a backend on SOCKET."""
-    return qemu.memory_args(parse_mem(mem)) + qemu.nic_args(socket, check_mac(mac))
+def attach_flags(socket: str, mem: str = qemu.DEFAULT_MEMORY, mac: str = qemu.DEFAULT_MAC,
+                 machine: str = "q35", transport: str | None = None,
+                 legacy: bool | None = None, reconnect: int | None = None) -> list[str]:
+    """The QEMU flags that attach a guest's NIC to a backend on SOCKET: the
+    machine's shared-memory RAM and the NIC on TRANSPORT (see qemu.nic_args
+    for LEGACY; RECONNECT: QEMU retries a lost backend every that many seconds)."""
+    try:
+        m = qemu.machine(machine)
+        transport = qemu.transport_of(m, transport)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    return qemu.memory_args(parse_mem(mem), m) + qemu.nic_args(socket, check_mac(mac), "vhost-user",
+                                                              transport, legacy, reconnect=reconnect)
+
+
+def machine_note(machine: str) -> str:
+    """One line: the QEMU binary MACHINE needs, and its Debian package."""
+    m = qemu.machine(machine)
+    cpu = f"; under TCG add {' '.join(m.tcg_cpu)}" if m.tcg_cpu else ""
+    return f"# {m.name}: run {m.qemu} (Debian package {m.package}) with these flags{cpu}"
+
+
+@contextlib.contextmanager
+def raw_terminal(on: bool):
+    """Our terminal (stdin) in raw mode while ON: every key, Ctrl-C included,
+    goes to the guest's console, and the guest does the echoing.  Restored
+    on the way out, whatever happens."""
+    if not on:
+        yield
+        return
+    import termios
+    import tty
+    saved = termios.tcgetattr(0)
+    try:
+        tty.setraw(0)
+        yield
+    finally:
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)
 
 
 def uses_own_boot(extra: list[str]) -> bool:
@@ -199,6 +244,135 @@ async def run_guest(server, control, argv: list[str], *, pcap_tap=None, forward_
             "goes through vhostnet, so this run is an error. Look for the reason on the lines "
             "above (often the backend refused a request, or memory is not shared: "
             "memory-backend-memfd with share=on).")
+    elif guest.stop_reason is None and status != 0:
+        say(f"vhostnet: QEMU exited with status {status}")
+    return status
+
+
+# -- run --reconnect: the backend as a child process QEMU can outlive ---------------
+
+#: A backend that keeps dying is not restarted for ever: more than
+#: RESTART_LIMIT exits within RESTART_WINDOW seconds stop QEMU too (status 1).
+RESTART_LIMIT = 5
+RESTART_WINDOW = 60.0
+#: How long a started backend may take to listen (Python start-up, imports).
+LISTEN_TIMEOUT = 60.0
+LISTEN_POLL = 0.02
+
+
+def _connectable(path: str) -> bool:
+    import socket as _socket
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+class _BackendChild:
+    """`vhostnet serve` as a child process, started again whenever it exits
+    while QEMU runs. QEMU (-chardev ...,reconnect=1) takes the guest's link
+    down meanwhile and reconnects within a second of the new one listening."""
+
+    def __init__(self, argv_for, socket_path: str, say):
+        self.argv_for = argv_for        # start number (0, 1, ...) -> argv
+        self.socket_path = socket_path
+        self.say = say
+        self.proc: trio.Process | None = None
+        self.starts = 0
+        self.exits: list[float] = []
+
+    async def _start(self) -> None:
+        # A backend killed with SIGKILL leaves its socket file behind: the new
+        # one replaces it (vhostnet/sockets.py), so "connectable" means the new one.
+        # Its own session, like QEMU: a terminal's Ctrl-C reaches only us, and we stop it.
+        self.proc = await trio.lowlevel.open_process(self.argv_for(self.starts), stdin=subprocess.DEVNULL,
+                                                     start_new_session=True)
+        self.starts += 1
+        with trio.move_on_after(LISTEN_TIMEOUT):
+            while self.proc.poll() is None:
+                if await trio.to_thread.run_sync(_connectable, self.socket_path):
+                    return
+                await trio.sleep(LISTEN_POLL)
+        if self.proc.poll() is None:
+            raise RunError(f"the backend did not listen on {self.socket_path} within {LISTEN_TIMEOUT:g} s")
+
+    async def supervise(self, guest: "_Guest", task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._start()
+            if self.proc.returncode is not None:
+                raise RunError(f"the backend exited at once (status {self.proc.returncode}); "
+                               f"see its messages above")
+            self.say(f"vhostnet: backend pid {self.proc.pid} (restartable: QEMU reconnects; "
+                     f"`kill {self.proc.pid}` restarts it)")
+            task_status.started()
+            while True:
+                status = await self.proc.wait()
+                now = trio.current_time()
+                self.exits = [t for t in self.exits if now - t < RESTART_WINDOW] + [now]
+                if len(self.exits) > RESTART_LIMIT:
+                    self.say(f"vhostnet: the backend exited {len(self.exits)} times within "
+                             f"{RESTART_WINDOW:g} s; giving up and stopping QEMU")
+                    guest.request_stop("backend", 1)
+                    return
+                how = f"signal {-status}" if status < 0 else f"status {status}"
+                self.say(f"vhostnet: the backend exited ({how}); starting it again, QEMU will reconnect")
+                await self._start()
+                if self.proc.returncode is None:
+                    self.say(f"vhostnet: backend pid {self.proc.pid} listening again")
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.stop()
+
+    async def stop(self) -> None:
+        p = self.proc
+        if p is None or p.returncode is not None:
+            return
+        p.terminate()
+        with trio.move_on_after(KILL_AFTER):
+            await p.wait()
+            return
+        p.kill()
+        await p.wait()
+
+
+async def run_guest_reconnect(backend_argv, socket_path: str, argv: list[str], *,
+                              forward_stdin: bool = False,
+                              say=lambda msg: print(msg, file=sys.stderr, flush=True),
+                              err=None, out=None) -> int:
+    """`run --reconnect`: the backend in a child process, restarted whenever it
+    exits, and QEMU (started with reconnect=) outliving it. Returns QEMU's
+    status as run_guest() does; 1 if the backend could not be kept up.
+    BACKEND_ARGV(n) is the argv of the backend's n-th start (0 first)."""
+    guest = _Guest(argv, err or sys.stderr.buffer, out or sys.stdout.buffer)
+    child = _BackendChild(backend_argv, socket_path, say)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
+        async with trio.open_nursery() as nursery:
+            try:
+                await nursery.start(child.supervise, guest)
+            except RunError as e:
+                say(f"vhostnet: {e}")
+                nursery.cancel_scope.cancel()
+                return 1
+
+            async def on_signal():
+                async for sig in sigs:
+                    name = signal.Signals(sig).name
+                    if guest.stop_reason is None:
+                        say(f"vhostnet: {name}: stopping QEMU")
+                        guest.request_stop(name, 128 + sig)
+                    elif guest.proc is not None and guest.proc.returncode is None:
+                        say(f"vhostnet: {name} again: killing QEMU")
+                        guest.proc.kill()
+            nursery.start_soon(on_signal)
+            status = await guest.run(forward_stdin)
+            nursery.cancel_scope.cancel()
+    if guest.stop_reason == "fallback":
+        say("vhostnet: QEMU said it is \"falling back on userspace virtio\": the NIC no longer "
+            "goes through vhostnet, so this run is an error.")
     elif guest.stop_reason is None and status != 0:
         say(f"vhostnet: QEMU exited with status {status}")
     return status

@@ -37,11 +37,13 @@ def make_server(socket_path: str, *, config: NetConfig | None = None,
                 features: int = F.DEFAULT_FEATURES, rx_pending_limit: int = 1024,
                 once: bool = False, rlog: RateLimitedLog | None = None,
                 device_rlog: RateLimitedLog | None = None, link: LinkSettings | None = None,
-                allow_unsealed_memory: bool = False,
+                listener=None, allow_unsealed_memory: bool = False,
                 strict: bool = False, checks: bool = True, safety_poll: bool = True,
                 **device_kw) -> Server:
     """A Server making one NetDevice per connection; all share the server's taps
-    and LINK (give the same LinkSettings to the ControlServer)."""
+    and LINK (give the same LinkSettings to the ControlServer).
+    LISTENER: an already-listening socket to serve instead of binding SOCKET_PATH.
+    ALLOW_UNSEALED_MEMORY: accept guest memory without F_SEAL_SHRINK (vhostuser/memory.py)."""
     config = config or NetConfig()
     taps: list = []
     link = link if link is not None else LinkSettings()
@@ -50,7 +52,7 @@ def make_server(socket_path: str, *, config: NetConfig | None = None,
         return NetDevice(config, features=features, rx_pending_limit=rx_pending_limit,
                          rlog=device_rlog, taps=taps, link_layers=link.compose, **device_kw)
 
-    return Server(socket_path, make_device, once=once, rlog=rlog, taps=taps,
+    return Server(socket_path, make_device, once=once, rlog=rlog, taps=taps, listener=listener,
                   allow_unsealed_memory=allow_unsealed_memory,
                   strict=strict, checks=checks, safety_poll=safety_poll)
 
@@ -72,22 +74,26 @@ def _features(disabled: list[str]) -> int:
     return feats
 
 
-def make_backend(args, socket_path: str):
-    """Server, control server and pcap tap, listening; or ValueError/OSError with a message."""
+def make_backend(args, socket_path: str, listener=None, control_path: str | None = None):
+    """Server, control server and pcap tap, listening; or ValueError/OSError with a message.
+
+    LISTENER: the socket of `serve --fd` (SOCKET_PATH then only names it).
+    CONTROL_PATH: the control socket when --control does not say; default
+    SOCKET_PATH + ".ctl"."""
     config = _net_config(args)
     feats = _features(args.disable_feature)
     if args.rx_pending < 1:
         raise ValueError("--rx-pending must be at least 1")
 
     link = LinkSettings(FaultSettings(args.fault))
-    server = make_server(socket_path, config=config, features=feats,
+    server = make_server(socket_path, config=config, features=feats, listener=listener,
                          rx_pending_limit=args.rx_pending, once=getattr(args, "once", False), link=link,
                          allow_unsealed_memory=getattr(args, "allow_unsealed_memory", False),
                          strict=getattr(args, "strict", False))
     control = None
+    ctl_path = args.control or control_path or default_control_path(socket_path)
     if not args.no_control:
-        control = ControlServer(server, args.control or default_control_path(socket_path),
-                                complete_csum=not args.raw_csum, link=link)
+        control = ControlServer(server, ctl_path, complete_csum=not args.raw_csum, link=link)
     tap = None
     try:
         try:
@@ -111,10 +117,13 @@ def make_backend(args, socket_path: str):
 
 
 def close_listeners(server, control) -> None:
+    """Close the listening sockets; unlink only the paths we bound ourselves."""
     for obj in (server, control):
         if obj is not None and obj.listener is not None:
             obj.listener.close()
             obj.listener = None
+            if obj is server and not server.owns_path:
+                continue
             path = obj.socket_path if obj is server else obj.path
             try:
                 os.unlink(path)

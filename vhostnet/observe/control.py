@@ -18,17 +18,28 @@ per line, one reply object per line.
 
 Results are documented in docs/json.md (built by vhostnet/observe/report.py).
 
-Robustness, since the backend must outlive any client:
-- at most MAX_CLIENTS at once; one more gets an error line and is closed;
+Robustness, since the backend must outlive any client. Every client holds
+one of MAX_CLIENTS slots, and no kind of client can hold one for ever:
+- a client waiting between requests is *idle*. It is closed after
+  IDLE_TIMEOUT seconds, and when all slots are taken a new client evicts
+  the longest-idle one (which gets a last `{"ok": false, "closed": "idle"}`
+  line; ControlClient reconnects by itself). Only when no slot is idle is
+  a new client refused with an error line;
+- a client that has begun a request line must end it within
+  REQUEST_TIMEOUT seconds (a byte a minute would otherwise hold its slot);
 - a request line is at most MAX_REQUEST bytes; a longer one gets an error
   and the connection is closed (the stream cannot be resynchronised);
 - a bad request gets an error reply and the connection carries on;
-- a client that stops reading blocks only its own task; a reply it has
-  not taken within SEND_TIMEOUT seconds closes it;
+- at most MAX_CAPTURES captures run at once (a capture on a quiet link is
+  not idle, so captures alone must never fill the slots);
+- a client's output is bounded: one reply at a time (the next request is
+  not read until the reply is taken), and a reply it has not taken within
+  SEND_TIMEOUT seconds closes it. It blocks only its own task;
 - a capture's frames wait in a queue bounded by CAPTURE_FRAMES and
-  CAPTURE_BYTES; past that they are dropped and counted, never queued
-  without bound nor waited for in the data path. The tap is removed when
-  the count is reached or the client goes (EOF is watched while idle).
+  CAPTURE_BYTES, and all captures together by CAPTURE_BYTES_TOTAL; past
+  that they are dropped and counted, never queued without bound nor waited
+  for in the data path. The tap is removed when the count is reached or
+  the client goes (EOF is watched while idle).
 """
 from __future__ import annotations
 
@@ -52,11 +63,15 @@ __all__ = ["ControlServer", "ControlClient", "ControlError", "default_control_pa
 
 log = logging.getLogger("vhostnet.control")
 
-MAX_CLIENTS = 16
-MAX_REQUEST = 64 * 1024
-SEND_TIMEOUT = 10.0
-CAPTURE_FRAMES = 4096
-CAPTURE_BYTES = 16 << 20
+MAX_CLIENTS = 16            # slots; see the module docstring for who may hold one
+MAX_CAPTURES = 4            # < MAX_CLIENTS: captures never take every slot
+MAX_REQUEST = 64 * 1024     # bytes in one request line
+IDLE_TIMEOUT = 300.0        # seconds a client may wait between requests (`--watch 60` fits)
+REQUEST_TIMEOUT = 10.0      # seconds from a request line's first byte to its newline
+SEND_TIMEOUT = 10.0         # seconds a client may take to read one reply or frame
+CAPTURE_FRAMES = 4096       # frames queued for one capture client
+CAPTURE_BYTES = 16 << 20    # bytes queued for one capture client
+CAPTURE_BYTES_TOTAL = 32 << 20   # bytes queued for all capture clients together
 
 
 def default_control_path(socket_path: str) -> str:
@@ -71,11 +86,23 @@ class _BadRequest(Exception):
     pass
 
 
+class _Lost(ControlError):
+    """The connection broke (not a timeout): a request may retry on a new one."""
+
+
+class _BytePool:
+    """Bytes queued for all capture clients together, against CAPTURE_BYTES_TOTAL."""
+
+    def __init__(self):
+        self.used = 0
+
+
 class _Capture:
     """One client's capture: a tap filling a bounded queue the client task drains."""
 
-    def __init__(self, count: int | None):
+    def __init__(self, count: int | None, pool: _BytePool):
         self.count = count
+        self.pool = pool
         self.queue: collections.deque = collections.deque()
         self.queued_bytes = 0
         self.taken = 0      # frames accepted from the tap
@@ -86,13 +113,40 @@ class _Capture:
         if self.count is not None and self.taken >= self.count:
             return
         n = len(frame.data)
-        if len(self.queue) >= CAPTURE_FRAMES or self.queued_bytes + n > CAPTURE_BYTES:
+        if (len(self.queue) >= CAPTURE_FRAMES or self.queued_bytes + n > CAPTURE_BYTES
+                or self.pool.used + n > CAPTURE_BYTES_TOTAL):
             self.dropped += 1
             return
         self.queue.append(snapshot(direction, frame))
         self.queued_bytes += n
+        self.pool.used += n
         self.taken += 1
         self.wake.set()
+
+    def take(self):
+        snap = self.queue.popleft()
+        self.queued_bytes -= len(snap.data)
+        self.pool.used -= len(snap.data)
+        return snap
+
+    def discard(self) -> None:
+        """The capture ended: give its queued bytes back to the pool."""
+        self.pool.used -= self.queued_bytes
+        self.queued_bytes = 0
+        self.queue.clear()
+
+
+class _Client:
+    """One connected client's slot. `idle_since` is set while it waits for a
+    request with nothing half-received (evictable), None while it is busy."""
+
+    def __init__(self, stream, number: int):
+        self.stream = stream
+        self.number = number
+        self.scope = trio.CancelScope()
+        self.idle_since: float | None = None
+        self.line_started = 0.0     # trio time of the first byte of the current request line
+        self.evicted = False
 
 
 class ControlServer:
@@ -102,12 +156,21 @@ class ControlServer:
         self.path = path
         self.complete_csum = complete_csum
         self.started = time.monotonic()
-        self.clients = 0
+        self.slots: dict[int, _Client] = {}
+        self.accepted = 0
+        self.evictions = 0      # idle clients closed to make room
+        self.refused = 0        # clients refused: every slot busy
+        self.timeouts = 0       # clients closed for idling or a request left unfinished
         self.captures: list[_Capture] = []
+        self.capture_pool = _BytePool()
         self.capture_frames = 0
         self.capture_dropped = 0
         self.rlog = RateLimitedLog(log)
         self.listener: socket.socket | None = None
+
+    @property
+    def clients(self) -> int:
+        return len(self.slots)
 
     def listen(self) -> None:
         if self.listener is None:
@@ -132,11 +195,16 @@ class ControlServer:
                 while True:
                     sock, _ = await lsock.accept()
                     stream = trio.SocketStream(sock)
-                    if self.clients >= MAX_CLIENTS:
+                    if len(self.slots) >= MAX_CLIENTS and not self._evict_one():
+                        self.refused += 1
+                        self.rlog.info("refused", "control socket: all %d slots busy; refusing a client",
+                                       MAX_CLIENTS)
                         nursery.start_soon(self._refuse, stream)
                         continue
-                    self.clients += 1
-                    nursery.start_soon(self._client, stream)
+                    self.accepted += 1
+                    client = _Client(stream, self.accepted)
+                    self.slots[client.number] = client
+                    nursery.start_soon(self._client, client)
         finally:
             lsock.close()
             try:
@@ -144,9 +212,27 @@ class ControlServer:
             except OSError:
                 pass
 
+    def _evict_one(self) -> bool:
+        """Close the longest-idle client, if any is idle, to free its slot now."""
+        idle = [c for c in self.slots.values() if c.idle_since is not None and not c.evicted]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c.idle_since)
+        victim.evicted = True
+        victim.scope.cancel()
+        del self.slots[victim.number]   # the slot is free at once; its task ends soon
+        self.evictions += 1
+        self.rlog.info("evicted", "control socket full: closed a client idle for %.1f s",
+                       time.monotonic() - victim.idle_since)
+        return True
+
     async def _refuse(self, stream) -> None:
         with trio.move_on_after(1):
-            await self._send(stream, {"ok": False, "error": f"too many control clients (at most {MAX_CLIENTS})"})
+            try:
+                await self._send(stream, {"ok": False, "error": f"too many control clients "
+                                          f"(at most {MAX_CLIENTS}, none idle)"})
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
+                pass
         await stream.aclose()
 
     async def _send(self, stream, obj) -> None:
@@ -154,44 +240,86 @@ class ControlServer:
         with trio.fail_after(SEND_TIMEOUT):
             await stream.send_all(data)
 
-    async def _client(self, stream) -> None:
-        buf = bytearray()
+    async def _goodbye(self, stream, reason: str, error: str) -> None:
+        """A last line for a client we close (not an answer to a request), briefly."""
+        with trio.move_on_after(0.2):
+            try:
+                await self._send(stream, {"ok": False, "closed": reason, "error": error})
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
+                pass
+
+    async def _client(self, client: _Client) -> None:
+        stream = client.stream
         try:
             async with stream:
-                while True:
-                    nl = buf.find(b"\n")
-                    if nl < 0:
-                        if len(buf) > MAX_REQUEST:
-                            await self._send(stream, {"ok": False, "error":
-                                             f"request longer than {MAX_REQUEST} bytes; closing"})
-                            return
-                        chunk = await stream.receive_some(65536)
-                        if not chunk:
-                            return
-                        buf += chunk
-                        continue
-                    line = bytes(buf[:nl])
-                    del buf[:nl + 1]
-                    if len(line) > MAX_REQUEST:
-                        await self._send(stream, {"ok": False, "error":
-                                         f"request longer than {MAX_REQUEST} bytes; closing"})
-                        return
-                    if not line.strip():
-                        continue
-                    try:
-                        req = self._parse(line)
-                        if req["cmd"] == "capture":
-                            await self._capture(stream, req)
-                            return
-                        reply = {"ok": True, "result": self._answer(req)}
-                    except (_BadRequest, report.ReportError) as e:
-                        self.rlog.info("bad_request", "control client: %s", e)
-                        reply = {"ok": False, "error": str(e)}
-                    await self._send(stream, reply)
+                with client.scope:
+                    await self._requests(client)
+                if client.evicted:
+                    with trio.CancelScope(shield=True):
+                        await self._goodbye(stream, "idle", "closed while idle: the control socket "
+                                            f"was full ({MAX_CLIENTS} clients); reconnect")
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
             pass
         finally:
-            self.clients -= 1
+            self.slots.pop(client.number, None)
+
+    async def _receive(self, client: _Client, buf: bytearray) -> bool:
+        """More bytes of a request into BUF; False when the client left or timed out."""
+        if buf:
+            client.idle_since = None
+            deadline, why = client.line_started + REQUEST_TIMEOUT, "request"
+        else:
+            client.idle_since = time.monotonic()
+            deadline, why = trio.current_time() + IDLE_TIMEOUT, "idle"
+        with trio.move_on_at(deadline) as scope:
+            chunk = await client.stream.receive_some(65536)
+        client.idle_since = None
+        if scope.cancelled_caught:
+            self.timeouts += 1
+            await self._goodbye(client.stream, why, f"closed: no request for {IDLE_TIMEOUT:g} s"
+                                if why == "idle" else
+                                f"closed: a request line unfinished after {REQUEST_TIMEOUT:g} s")
+            return False
+        if not chunk:
+            return False
+        if not buf:
+            client.line_started = trio.current_time()
+        buf += chunk
+        return True
+
+    async def _requests(self, client: _Client) -> None:
+        stream = client.stream
+        buf = bytearray()
+        while True:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                if len(buf) > MAX_REQUEST:
+                    await self._send(stream, {"ok": False, "error":
+                                     f"request longer than {MAX_REQUEST} bytes; closing"})
+                    return
+                if not await self._receive(client, buf):
+                    return
+                continue
+            line = bytes(buf[:nl])
+            del buf[:nl + 1]
+            if buf:   # the rest is the start of the next request line
+                client.line_started = trio.current_time()
+            if len(line) > MAX_REQUEST:
+                await self._send(stream, {"ok": False, "error":
+                                 f"request longer than {MAX_REQUEST} bytes; closing"})
+                return
+            if not line.strip():
+                continue
+            try:
+                req = self._parse(line)
+                if req["cmd"] == "capture":
+                    await self._capture(stream, req)
+                    return
+                reply = {"ok": True, "result": self._answer(req)}
+            except (_BadRequest, report.ReportError) as e:
+                self.rlog.info("bad_request", "control client: %s", e)
+                reply = {"ok": False, "error": str(e)}
+            await self._send(stream, reply)
 
     @staticmethod
     def _parse(line: bytes) -> dict:
@@ -234,7 +362,9 @@ class ControlServer:
         if at not in ("guest", "stack") or (at == "stack" and self.link is None):
             raise _BadRequest('"at" is "guest" (as the guest sends and receives) or "stack" '
                               '(as the stack does, on the other side of the fault layer)')
-        cap = _Capture(count)
+        if len(self.captures) >= MAX_CAPTURES:
+            raise _BadRequest(f"too many captures at once (at most {MAX_CAPTURES})")
+        cap = _Capture(count, self.capture_pool)
         taps = self.server.taps if at == "guest" else self.link.stack_taps
         taps.append(cap)
         self.captures.append(cap)
@@ -250,8 +380,7 @@ class ControlServer:
                         cap.wake = trio.Event()
                         await cap.wake.wait()
                         continue
-                    snap = cap.queue.popleft()
-                    cap.queued_bytes -= len(snap.data)
+                    snap = cap.take()
                     data = wire_bytes(snap, complete)
                     # A JSON header line, then the frame's bytes as they are:
                     # no base64 or escaping of 64 KiB frames in the backend.
@@ -270,6 +399,7 @@ class ControlServer:
             if cap in taps:
                 taps.remove(cap)
             self.captures.remove(cap)   # its drops move from the running ones to the total
+            cap.discard()
             self.capture_dropped += cap.dropped
             if not ended:   # the backend is stopping (or the client left): say so, briefly
                 with trio.CancelScope(shield=True):
@@ -301,12 +431,22 @@ def _int(req: dict, key: str) -> int:
 # -- client --------------------------------------------------------------------
 
 class ControlClient:
-    """Blocking client for the CLI: one connection, request/reply or a stream."""
+    """Blocking client for the CLI: one connection, request/reply or a stream.
+
+    The backend may close a client that sat idle (IDLE_TIMEOUT, or evicted
+    to make room); `request()` then reconnects once and asks again, which
+    is safe because every request/reply command only reads."""
 
     def __init__(self, path: str, timeout: float = 10.0):
         self.path = path
+        self.timeout = timeout
+        self.reconnects = 0
+        self._connect()
+
+    def _connect(self) -> None:
+        path = self.path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
+        self.sock.settimeout(self.timeout)
         try:
             self.sock.connect(path)
         except FileNotFoundError:
@@ -329,8 +469,10 @@ class ControlClient:
     def send(self, obj: dict) -> None:
         try:
             self.sock.sendall(json.dumps(obj).encode() + b"\n")
+        except socket.timeout:
+            raise ControlError(f"the backend at {self.path} did not take a request in time") from None
         except OSError as e:
-            raise ControlError(f"lost the backend at {self.path}: {e}") from None
+            raise _Lost(f"lost the backend at {self.path}: {e}") from None
 
     def read(self) -> dict | None:
         try:
@@ -338,7 +480,7 @@ class ControlClient:
         except socket.timeout:
             raise ControlError(f"the backend at {self.path} did not answer in time") from None
         except OSError as e:
-            raise ControlError(f"lost the backend at {self.path}: {e}") from None
+            raise _Lost(f"lost the backend at {self.path}: {e}") from None
         if not line:
             return None
         return json.loads(line)
@@ -354,10 +496,22 @@ class ControlClient:
         return data
 
     def request(self, cmd: str, **kw) -> dict:
-        self.send({"cmd": cmd, **kw})
-        reply = self.read()
-        if reply is None:
-            raise ControlError(f"the backend at {self.path} closed the connection")
+        for attempt in (0, 1):
+            try:
+                self.send({"cmd": cmd, **kw})
+                reply = self.read()
+            except _Lost:
+                if attempt:
+                    raise
+                reply = None
+            if reply is not None and "closed" not in reply:
+                break
+            if attempt:   # closed again, at once: not an idle timeout
+                raise ControlError(reply.get("error") if reply else
+                                   f"the backend at {self.path} closed the connection")
+            self.close()          # closed while we were idle: once more, on a new connection
+            self._connect()
+            self.reconnects += 1
         if not reply.get("ok"):
             raise ControlError(reply.get("error", "error"))
         return reply["result"]

@@ -336,8 +336,8 @@ def stats_doc(server, control=None) -> dict:
             "drops": {k: v for k, v in sorted(c.items()) if k not in _FRAME_COUNTERS},
         },
         "queues": [{"name": q.name, **q.stats, "errors": dict(q.errors)} for q in conn.backend.queues],
-        "faults": stats_faults(dev),
         "loop": conn.steps.describe(),
+        "faults": stats_faults(dev),
         "stack": {
             "drops": {k: v for k, v in sorted(sc.items()) if "drop" in k},
             "loopback_frames": sc.get("loopback_frames", 0),

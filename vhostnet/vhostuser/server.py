@@ -25,6 +25,7 @@ import gc
 import logging
 import math
 import os
+import socket
 import time
 
 import trio
@@ -282,11 +283,18 @@ class Connection:
 
 
 class Server:
+    """Serves one frontend at a time on SOCKET_PATH, or on LISTENER: an
+    already-listening socket handed over by the caller (`serve --fd`). Then
+    SOCKET_PATH only names it in logs and reports, and is never unlinked:
+    the path, if any, belongs to whoever bound it. The listener itself is
+    closed at the end either way (it was handed to us)."""
+
     def __init__(self, socket_path: str, make_device, *, once: bool = False,
                  rlog: RateLimitedLog | None = None, taps: list | None = None,
-                 allow_unsealed_memory: bool = False,
+                 listener: socket.socket | None = None, allow_unsealed_memory: bool = False,
                  strict: bool = False, checks: bool = True, safety_poll: bool = True):
         self.socket_path = socket_path
+        self.owns_path = listener is None
         self.allow_unsealed_memory = allow_unsealed_memory
         self.strict = strict            # a MUST finding breaks the ring (serve --strict)
         self.checks = checks            # the conformance checks (off only to measure their cost)
@@ -300,7 +308,7 @@ class Server:
         # capture outlives a reconnect. Empty means no cost.
         self.taps: list = taps if taps is not None else []
         self.connections = 0
-        self.listener: socket.socket | None = None
+        self.listener: socket.socket | None = listener
         self.ready = trio.Event()
 
     def listen(self) -> None:
@@ -317,49 +325,50 @@ class Server:
                 sock, _ = await lsock.accept()
                 self.connections += 1
                 log.info("frontend connected (connection %d)", self.connections)
-                try:
-                    await self._serve_connection(sock)
-                finally:
-                    sock.close()
+                await self._serve_connection(sock)
                 log.info("frontend disconnected; guest memory unmapped, fds closed")
                 if self.once:
                     return
         finally:
             lsock.close()
-            try:
-                os.unlink(self.socket_path)
-            except OSError:
-                pass
+            self.listener = None
+            if self.owns_path:
+                try:
+                    os.unlink(self.socket_path)
+                except OSError:
+                    pass
 
     async def _serve_connection(self, sock) -> None:
-        try:
-            async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
+            try:
                 conn = Connection(self, sock, nursery)
-                self.current = conn
-                # A full (generation 2) collection walks every tracked object: ~12 ms
-                # here with the process's objects, inside whatever step triggered
-                # it. Frozen, the objects that exist now (the program, this
-                # connection's device and stack) are left out of it, so a step
-                # pays only for what it allocates. Unfrozen and collected when the
-                # connection ends, so nothing cyclic from it outlives it.
-                gc.freeze()
-                try:
-                    nursery.start_soon(conn.timer_loop)
-                    await conn.message_loop()
-                finally:
-                    nursery.cancel_scope.cancel()
-                    for poll in list(conn._polls.values()):
-                        poll.close()   # pending kick_missed suspects become findings
-                    self._log_errors(conn)
-                    self._log_findings(conn)
-                    conn.close()
-        finally:
-            # Only once every task of the connection has ended and its socket is
-            # closed does the connection count as gone (tests wait on `current`).
-            sock.close()
-            self.current = None
-            gc.unfreeze()
-            gc.collect()
+            except BaseException:
+                sock.close()
+                raise
+            self.current = conn
+            # A full (generation 2) collection walks every tracked object: ~12 ms
+            # here with the process's objects, inside whatever step triggered
+            # it. Frozen, the objects that exist now (the program, this
+            # connection's device and stack) are left out of it, so a step
+            # pays only for what it allocates. Unfrozen and collected when the
+            # connection ends, so nothing cyclic from it outlives it.
+            gc.freeze()
+            try:
+                nursery.start_soon(conn.timer_loop)
+                await conn.message_loop()
+            finally:
+                nursery.cancel_scope.cancel()
+                for poll in list(conn._polls.values()):
+                    poll.close()   # pending kick_missed suspects become findings
+                self._log_errors(conn)
+                self._log_findings(conn)
+                conn.close()
+                # The socket goes before `current` is cleared: whoever waits
+                # for current to be None sees every fd of the connection closed.
+                sock.close()
+                self.current = None
+                gc.unfreeze()
+                gc.collect()
 
     def _log_findings(self, conn: Connection) -> None:
         """One line per finding of the connection (bounded), MUST before SHOULD."""
