@@ -39,7 +39,7 @@ descriptor ids, addresses, what was expected and what was seen). The
 device tolerates what it can (`vhostnet serve --strict` breaks the ring at
 the first MUST instead). Entries made available without a kick are found
 by the safety poll (`unkicked` in `vhostnet stats`); a missed kick becomes
-a finding after 0.25 s, unless the driver's kick was only late.
+a finding after 1 s, unless the driver's kick was only late.
 
 Exit status: 0 no MUST finding (SHOULD findings pass); 1 a MUST finding
 (or no backend answers); 3 the backend runs but no QEMU is connected.
