@@ -30,7 +30,9 @@ def sockdir():
 
 @pytest.fixture
 async def backend(sockdir, nursery):
-    srv = make_server(sockdir / "v.sock")
+    # No safety poll: these tests look at chains posted and not yet kicked,
+    # which it would take within 10 ms (tests/device/test_habits.py tests it).
+    srv = make_server(sockdir / "v.sock", safety_poll=False)
     ctl = ControlServer(srv, str(sockdir / "v.sock.ctl"))
     await nursery.start(serve_backend, srv, ctl)
     yield srv, ctl

@@ -15,7 +15,7 @@ from vhostnet.launch.cli import EXIT_NO_QEMU, build_parser, main
 from .device.test_datapath import ping
 from .observe import backend, cli, guest, sockdir  # noqa: F401 (fixtures)
 
-COMMANDS = ["serve", "run", "qemu-args", "inspect", "stats", "capture", "forward"]
+COMMANDS = ["serve", "run", "qemu-args", "inspect", "stats", "capture", "forward", "check"]
 
 
 def vhostnet(*argv, env=None, timeout=30):
@@ -223,3 +223,16 @@ async def test_stats_watch_until_ctrl_c(backend, guest):
     docs = [json.loads(line) for line in got.splitlines() if line.strip()]
     assert len(docs) >= 3
     assert docs[-1]["device"]["tx_frames"] >= docs[0]["device"]["tx_frames"]
+
+
+def test_serve_strict_reaches_the_rings(sockdir):
+    from vhostnet.launch import serve
+    args = build_parser().parse_args(["serve", "--strict", "--socket", str(sockdir / "s.sock"), "--no-control"])
+    assert args.strict is True
+    server, control, tap = serve.make_backend(args, args.socket)
+    try:
+        assert server.strict is True and control is None
+    finally:
+        serve.close_listeners(server, control)
+    args = build_parser().parse_args(["serve", "--socket", str(sockdir / "t.sock")])
+    assert args.strict is False

@@ -497,3 +497,60 @@ async def test_desc_of_a_planted_huge_indirect_table_is_bounded(backend, guest):
         assert len(doc["descriptors"]) <= bound
         assert doc["refusal"]["id"] in ("next_out_of_range", "chain_too_long")
     assert doc["descriptors_truncated"] is True and doc["refusal"]["id"] == "chain_too_long"
+
+
+# -- check: the driver-conformance report ------------------------------------------------
+
+from .observe import cli  # noqa: E402
+
+
+async def test_check_document_matches_docs_and_gates_on_must(backend, guest, capsys):
+    srv, ctl = backend
+    await guest.exchange([ping(seq=1)], want=1)
+    assert await cli("check", "--control", ctl.path, "--json") == 0      # a clean driver passes
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["findings"] == [] and doc["must"] == 0
+    check_doc(doc, "check", allow_missing=["findings[]"])
+    # A device-writable descriptor before a device-readable one (§2.7.4.2).
+    r = guest.tx
+    r.add([(0x200000, 64, F_WRITE), (0x201000, 64, 0)])
+    r.kick()
+    with trio.fail_after(5):
+        while not srv.current.backend.queues[1].errors:
+            await trio.sleep(0.005)
+    assert await cli("check", "--control", ctl.path, "--json") == 1
+    doc = json.loads(capsys.readouterr().out)
+    check_doc(doc, "check")
+    [f] = doc["findings"]
+    assert (f["rule"], f["section"], f["level"], f["queue"], f["count"]) == \
+        ("read_after_write", "2.7.4.2", "MUST", 1, 1)
+    assert f["example"]["addr"] == 0x201000
+    assert await cli("check", "--socket", srv.socket_path) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("MUST (1 rule(s) broken)\n  read_after_write  §2.7.4.2  tx  x1\n")
+    assert "virtio 1.2 §2.7.4.2: device-readable descriptor after a device-writable one" in out
+
+
+async def test_check_passes_with_only_should_findings(backend, capsys):
+    from vhostnet.virtio import features as F
+    srv, ctl = backend
+    fe = Frontend()
+    await fe.connect(srv.socket_path)
+    try:
+        await fe.handshake(features=F.DEFAULT_FEATURES & ~(1 << F.MRG_RXBUF | F.OFFLOAD_FEATURES) | 1 << 30)
+        fe.post_rx(size=1024)
+        fe.rx.kick()
+        assert len(await fe.exchange([ping(seq=1)], want=1)) == 1
+        assert await cli("check", "--control", ctl.path) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("SHOULD (1 rule(s) broken)\n  rx_buffer_below_minimum  §5.1.6.3.1  rx  x")
+    finally:
+        await fe.shutdown(srv)
+
+
+async def test_check_without_qemu(backend, capsys):
+    srv, ctl = backend
+    assert await cli("check", "--control", ctl.path, "--json") == 3
+    assert json.loads(capsys.readouterr().out) == {"version": 1, "connected": False}
+    assert await cli("check", "--control", ctl.path) == 3
+    assert capsys.readouterr().out.strip() == "no QEMU connected"

@@ -444,7 +444,12 @@ def test_renegotiation_within_one_connection(backend, testpmd):
     # Counters belong to the connection: they carry on over the restart.
     assert s["device"]["tx_frames"] == s["device"]["rx_frames"] == 64, s["device"]
     assert st["TX-packets"] == st["RX-packets"] == 32, st  # testpmd's own restart with the port
-    assert all(q["errors"] == {} and q["broken"] is None for q in backend.inspect()["queues"])
+    # A real DPDK quirk the checker names (docs/json.md, "check"): with TX offloads on,
+    # virtio-user fills only the offload fields of the header it pushes into the mbuf's
+    # headroom, so num_buffers keeps what was there (1, from the mbuf's previous life
+    # as an RX buffer) against §5.1.6.2.1. Tolerated; nothing else is found.
+    for q in backend.inspect()["queues"]:
+        assert q["broken"] is None and set(q["errors"]) <= {"tx_num_buffers"}, q["findings"]
     no_drops(s)
 
 

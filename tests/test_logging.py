@@ -59,12 +59,15 @@ async def _post_bad(fe, srv, n):
     """N chains whose only descriptor lies outside guest memory, in batches the ring holds."""
     q = srv.current.backend.queues[1]
     start = q.errors.get("desc_out_of_bounds", 0)
-    fe.tx.write_desc(0, fe.mem_size + 0x1000, 100, 0)
+    for i in range(fe.tx.size // 2):
+        fe.tx.write_desc(i, fe.mem_size + 0x1000, 100, 0)
     left = n
     while left:
         k = min(left, fe.tx.size // 2)
-        for _ in range(k):
-            fe.tx.push_avail(0)
+        # Distinct heads per batch: one head twice before the device returns it
+        # would be a different finding (avail_head_in_use, §2.7.13.1).
+        for i in range(k):
+            fe.tx.push_avail(i)
         fe.tx.kick()
         left -= k
         with trio.fail_after(5):

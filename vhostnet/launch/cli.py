@@ -11,6 +11,7 @@
     capture    the guest's frames as pcap (-w) or as tcpdump-like lines
     fault      link fault injection: set, clear, show (vhostnet/link/cli.py)
     forward    add, remove or list port forwards of a running backend
+    check      the driver's spec violations, MUST / SHOULD (vhostnet/observe/check.py)
 
 The looking-inside tools talk to the backend over its control socket
 (vhostnet/observe/control.py); each finds it from --control, or --socket + ".ctl",
@@ -28,6 +29,7 @@ import time
 
 from vhostnet import __version__
 from vhostnet.link import cli as link_cli
+from vhostnet.observe import check as check_cli
 
 EXIT_NO_QEMU = 3
 
@@ -63,6 +65,7 @@ examples:
   vhostnet serve --disable-feature offloads --disable-feature mrg-rxbuf
   vhostnet serve --tftp ~/tftp --bootfile u-boot.scr --dns-upstream 127.0.0.1:5353
   vhostnet serve --fault loss=5%,reorder=2%,delay=20ms,jitter=5ms,seed=1,dir=both
+  vhostnet serve --strict     # a driver's first MUST violation stops that ring (vhostnet check)
   vhostnet-backend --socket-path=/run/vm1/net0.sock
   systemd-socket-activate -l /run/vm1/net0.sock vhostnet-backend --fd 3
   vhostnet serve --print-capabilities
@@ -270,6 +273,7 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
                    help="accept guest memory without F_SEAL_SHRINK (memory-backend-file, memfd seal=off, "
                         "DPDK); a front-end that shrinks it then kills the backend (SIGBUS): trusted front-ends only")
     link_cli.add_fault_option(p)
+    check_cli.add_strict_option(p)
     _add_net_options(p)
 
 
@@ -407,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_options(c)
     link_cli.add_fault_command(sub, COMMANDS, _add_client_options)
     add_forward_command(sub, _add_client_options, Formatter)
+    check_cli.add_check_command(sub, COMMANDS, _add_client_options)
     return p
 
 

@@ -39,6 +39,7 @@ def make_server(socket_path: str, *, config: NetConfig | None = None,
                 once: bool = False, rlog: RateLimitedLog | None = None,
                 device_rlog: RateLimitedLog | None = None, link: LinkSettings | None = None,
                 listener=None, hostnet=None, allow_unsealed_memory: bool = False,
+                strict: bool = False, checks: bool = True, safety_poll: bool = True,
                 **device_kw) -> Server:
     """A Server making one NetDevice per connection; all share the server's taps
     and LINK (give the same LinkSettings to the ControlServer).
@@ -56,7 +57,8 @@ def make_server(socket_path: str, *, config: NetConfig | None = None,
                          **device_kw)
 
     return Server(socket_path, make_device, once=once, rlog=rlog, taps=taps, listener=listener,
-                  hostnet=hostnet, allow_unsealed_memory=allow_unsealed_memory)
+                  hostnet=hostnet, allow_unsealed_memory=allow_unsealed_memory,
+                  strict=strict, checks=checks, safety_poll=safety_poll)
 
 
 def _net_config(args):
@@ -94,7 +96,8 @@ def make_backend(args, socket_path: str, listener=None, control_path: str | None
     server = make_server(socket_path, config=config, features=feats, listener=listener,
                          rx_pending_limit=args.rx_pending, once=getattr(args, "once", False), link=link,
                          hostnet=hostnet, net_services=net_services, dns_upstreams=dns_upstreams,
-                         allow_unsealed_memory=getattr(args, "allow_unsealed_memory", False))
+                         allow_unsealed_memory=getattr(args, "allow_unsealed_memory", False),
+                         strict=getattr(args, "strict", False))
     control = None
     ctl_path = args.control or control_path or default_control_path(socket_path)
     if not args.no_control:

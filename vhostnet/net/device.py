@@ -55,6 +55,13 @@ log = logging.getLogger("vhostnet.net")
 _ONE = (1).to_bytes(8, "little")
 _ETH_IP_TCP = struct.Struct("!12xH")  # ethertype
 RX, TX = 0, 1
+# The largest frame without and with receive offloads (virtio 1.2 §5.1.6.3): the
+# RX buffers a driver without MRG_RXBUF SHOULD post hold one plus the header.
+RX_FRAME_MAX = 1514
+RX_GSO_FRAME_MAX = 65550
+VIRTIO_NET_HDR_F_RSC_INFO = 4       # §5.1.6: never for the driver to set (§5.1.6.2.1)
+_NUM_BUFFERS = struct.Struct("<H")  # num_buffers, at offset 10 of the 12-byte header
+NUM_BUFFERS_OFFSET = 10
 # Guest-controlled work per event-loop step, in descriptors (refused chains
 # count too): then the step ends and the loop yields, so the message loop
 # and the other ring get their turn. At a few microseconds per descriptor
@@ -113,6 +120,7 @@ class NetDevice:
         # The list is the caller's: a capture can outlive a connection.
         self.taps: list = taps if taps is not None else []
         self.mtu = self.config.mtu
+        self.rx_min = self.hdr_len + RX_FRAME_MAX   # §5.1.6.3.1, set again by set_features
         self._rx_more = False   # flush_rx stopped on its budget with work left
 
     # -- negotiation (called by the backend) -----------------------------
@@ -122,6 +130,8 @@ class NetDevice:
         has = lambda bit: bool(feats >> bit & 1)
         self.mrg = has(F.MRG_RXBUF)
         self.hdr_len = hdr_len_for(self.mrg, has(F.VERSION_1))
+        rx_gso = has(F.GUEST_TSO4) or has(F.GUEST_TSO6) or has(F.GUEST_UFO)
+        self.rx_min = self.hdr_len + (RX_GSO_FRAME_MAX if rx_gso else RX_FRAME_MAX)
         self.guest_csum = has(F.GUEST_CSUM)
         self.guest_tso = has(F.GUEST_TSO4) and self.guest_csum
         self.host_csum = has(F.CSUM)
@@ -218,6 +228,27 @@ class NetDevice:
         r = finding.rule
         self.rlog.warning(reason, detail + " (%s %s)", *args, r.message, r.level)
 
+    def _note(self, q, reason: str, example: dict, detail: str, *args) -> None:
+        """A driver mistake the device tolerates: a finding on the ring, logged; no drop counted."""
+        finding = q.record(reason, detail % args, **example)
+        r = finding.rule
+        self.rlog.warning(reason, detail + " (%s %s; tolerated)", *args, r.message, r.level)
+
+    def _check_tx_header(self, q, head: int, hdr, flags: int, gso_type: int) -> None:
+        """The driver requirements of §5.1.6.2.1 the device can carry on after."""
+        if self.hdr_len == 12:
+            nbuf = _NUM_BUFFERS.unpack_from(hdr, NUM_BUFFERS_OFFSET)[0]
+            if nbuf:
+                self._note(q, "tx_num_buffers", {"head": head, "expected": 0, "seen": nbuf},
+                           "tx: header at descriptor %d has num_buffers %d", head, nbuf)
+        if flags & NEEDS_CSUM and not self.host_csum:
+            self._note(q, "tx_csum_not_negotiated", {"head": head, "expected": "flags 0", "seen": flags},
+                       "tx: header at descriptor %d sets NEEDS_CSUM, VIRTIO_NET_F_CSUM not negotiated", head)
+        if flags & (DATA_VALID | VIRTIO_NET_HDR_F_RSC_INFO):
+            self._note(q, "tx_data_valid", {"head": head, "expected": "no DATA_VALID, no RSC_INFO",
+                                            "seen": f"flags {flags:#x}"},
+                       "tx: header at descriptor %d sets flags %#x (DATA_VALID/RSC_INFO)", head, flags)
+
     # -- TX: guest -> stack ----------------------------------------------
 
     def drain_tx(self, rings: Sequence[Ring], now: float, budget: int | None = None) -> bool:
@@ -275,6 +306,10 @@ class NetDevice:
             hdr = buf
             data = memoryview(buf)[hl:]
         flags, gso_type, _hl, gso_size, csum_start, csum_offset = HDR10.unpack_from(hdr)
+        if q.checks:
+            self._check_tx_header(q, chain.head, hdr, flags, gso_type)
+            if q.broken is not None:
+                return   # --strict: the violation broke the ring; its frame goes nowhere
         frame = Frame(data)
         if flags & NEEDS_CSUM:
             if csum_start + csum_offset + 2 > len(data) or csum_start < 14:
@@ -289,13 +324,22 @@ class NetDevice:
         elif flags & DATA_VALID:
             frame.csum_valid = True
         if gso_type != GSO_NONE:
-            if gso_type & ~GSO_ECN != GSO_TCPV4 or not self.host_tso or gso_size == 0:
+            if gso_type & ~GSO_ECN != GSO_TCPV4 or not self.host_tso:
                 return self._refuse(q, "tx_bad_gso",
                                     {"head": chain.head, "gso_type": gso_type, "gso_size": gso_size,
-                                     "expected": "TCPV4 with HOST_TSO4, gso_size > 0" if self.host_tso else "GSO_NONE",
+                                     "expected": "TCPV4 with HOST_TSO4" if self.host_tso else "GSO_NONE",
                                      "seen": f"gso_type {gso_type} gso_size {gso_size}"},
                                     "tx: gso_type %d gso_size %d not allowed by the negotiated features (HOST_TSO4=%s)",
                                     gso_type, gso_size, self.host_tso)
+            if gso_size == 0:
+                return self._refuse(q, "tx_gso_without_size",
+                                    {"head": chain.head, "gso_type": gso_type, "expected": "gso_size > 0 (the MSS)",
+                                     "seen": 0}, "tx: gso_type %d with gso_size 0", gso_type)
+            if not flags & NEEDS_CSUM:
+                return self._refuse(q, "tx_gso_without_csum",
+                                    {"head": chain.head, "gso_type": gso_type, "expected": "NEEDS_CSUM in flags",
+                                     "seen": f"flags {flags:#x}"},
+                                    "tx: gso_type %d without NEEDS_CSUM", gso_type)
             frame.gso_size = gso_size
         self.counters["tx_frames"] += 1
         self.counters["tx_bytes"] += len(data)
@@ -387,6 +431,11 @@ class NetDevice:
             c = q.pop(budget)
             if c is None:
                 return False
+            if c.write_len < self.rx_min and q.checks:
+                self._note(q, "rx_buffer_below_minimum",
+                           {"head": c.head, "expected": f">= {self.rx_min} bytes", "seen": c.write_len},
+                           "rx: buffer at descriptor %d holds %d bytes; without MRG_RXBUF the spec asks "
+                           "for %d", c.head, c.write_len, self.rx_min)
             if c.write_len < need:
                 q.unpop()
                 self._refuse(q, "rx_buffer_too_small",

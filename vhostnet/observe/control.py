@@ -8,6 +8,7 @@ per line, one reply object per line.
     -> {"cmd": "inspect"}                  <- {"ok": true, "result": {...}}
     -> {"cmd": "desc", "queue": 1, "head": 0}
     -> {"cmd": "stats"}
+    -> {"cmd": "check"}                    (vhostnet/observe/check.py)
     -> {"cmd": "ping"}                     <- {"ok": true, "result": {"pid": ...}}
     -> {"cmd": "fault", "op": "set", "spec": "loss=5%"}   (vhostnet/link/control.py)
     -> {"cmd": "forward_add", "spec": "tcp:127.0.0.1:2222-:22"}   (and forward_remove, forward_list)
@@ -54,6 +55,7 @@ import trio
 
 from vhostnet.link.control import FaultRequestError, fault_request
 from vhostnet.observe import report
+from vhostnet.observe.check import check_doc
 from vhostnet.observe.pcap import LINKTYPE_ETHERNET, snapshot, wire_bytes
 from vhostnet.ratelimit import RateLimitedLog
 from vhostnet.sockets import bind_unix
@@ -341,6 +343,8 @@ class ControlServer:
             return report.stats_doc(self.server, self)
         if cmd == "desc":
             return report.desc_doc(self.server, _int(req, "queue"), _int(req, "head"))
+        if cmd == "check":
+            return check_doc(self.server)
         if cmd == "fault":
             try:
                 return fault_request(self.link, self.server, req)
@@ -348,7 +352,7 @@ class ControlServer:
                 raise _BadRequest(str(e)) from None
         if cmd in ("forward_add", "forward_remove", "forward_list"):
             return self._forward(cmd, req)
-        raise _BadRequest(f"unknown command {cmd!r}; known: ping, inspect, desc, stats, fault, capture, "
+        raise _BadRequest(f"unknown command {cmd!r}; known: ping, inspect, desc, stats, check, fault, capture, "
                           f"forward_add, forward_remove, forward_list")
 
     def _forward(self, cmd: str, req: dict):

@@ -77,6 +77,12 @@ class Ring:
         self.avail_idx = idx & 0xFFFF
         self.mem[self.avail + 2:self.avail + 4] = struct.pack("<H", self.avail_idx)
 
+    def start_at(self, idx: int) -> None:
+        """A ring that has already run IDX entries (as after a reconnect): both indices at IDX."""
+        self.avail_idx = self.last_used = idx & 0xFFFF
+        struct.pack_into("<H", self.mem, self.avail + 2, self.avail_idx)
+        struct.pack_into("<H", self.mem, self.used + 2, self.avail_idx)
+
     def set_avail_flags(self, flags: int) -> None:
         struct.pack_into("<H", self.mem, self.avail, flags)
 
@@ -226,7 +232,7 @@ class Frontend:
         return payload, [self.memfd] * len(regions)
 
     async def handshake(self, features: int | None = None, enable: bool = True,
-                        reply_ack: bool = True) -> None:
+                        reply_ack: bool = True, base: int = 0) -> None:
         """The sequence QEMU 7.2 sends for -netdev vhost-user + virtio-net-pci."""
         offered = await self.get_u64(Req.GET_FEATURES)
         pf = await self.get_u64(Req.GET_PROTOCOL_FEATURES)
@@ -251,7 +257,9 @@ class Frontend:
         payload, fds = self.mem_table()
         await self.request(Req.SET_MEM_TABLE, payload, fds)
         for r in self.rings:
-            await self.setup_ring(r)
+            if base:
+                r.start_at(base)
+            await self.setup_ring(r, base or None)   # None: a fresh ring of its format
         if enable and self.features >> 30 & 1:
             for r in self.rings:
                 await self.request(Req.SET_VRING_ENABLE, STATE.pack(r.index, 1))

@@ -40,7 +40,9 @@ from vhostnet.vhostuser.protocol import Req, BadMessage
 from vhostnet.ratelimit import RateLimitedLog
 from vhostnet.virtio import features as F
 from vhostnet.virtio.packed import PackedRing
+from vhostnet.virtio.findings import Findings
 from vhostnet.virtio.split import MAX_QUEUE_SIZE, SplitRing
+from vhostnet.virtio import features as F
 from vhostnet.vhostuser.device import Device
 
 __all__ = ["Backend"]
@@ -94,13 +96,16 @@ class Backend:
     def __init__(self, device: Device, *, rlog: RateLimitedLog | None = None,
                  on_queue_start: Callable[[SplitRing], None] = _no_op,
                  on_queue_stop: Callable[[SplitRing], None] = _no_op,
-                 allow_unsealed_memory: bool = False):
+                 allow_unsealed_memory: bool = False, strict: bool = False, checks: bool = True):
         self.device = device
         # memory.py: accept guest memory a front-end could shrink under us (SIGBUS)?
         self.allow_unsealed_memory = allow_unsealed_memory
         self.rlog = rlog or RateLimitedLog(log)
-        self.queues = [SplitRing(i, device.queue_names[i], on_error=self._queue_error)
+        self.queues = [SplitRing(i, device.queue_names[i], on_error=self._queue_error,
+                                 strict=strict, checks=checks)
                        for i in range(device.num_queues)]
+        # Findings that belong to no queue: the features the driver took (§2.2.1).
+        self.findings = Findings("device")
         self.mem: GuestMemory | None = None
         self.features = 0
         self.protocol_features = 0
@@ -214,7 +219,16 @@ class Backend:
         want = body.value
         extra = want & ~self.offered_features
         if extra:
+            self.findings.add("feature_not_offered", f"SET_FEATURES {want:#x} takes {extra:#x}, not offered",
+                              {"expected": f"bits of {self.offered_features:#x}", "seen": f"{want:#x}",
+                               "extra": F.names(extra)})
             raise BadMessage(f"SET_FEATURES asks for bits we did not offer: {extra:#x}")
+        missing = F.missing_requirements(want)
+        if missing:
+            # Tolerated: the device only uses an offload together with what it needs.
+            self.findings.add("feature_dependency", f"SET_FEATURES {want:#x}: " + "; ".join(missing),
+                              {"expected": "each feature with the ones it requires (§5.1.3.1)",
+                               "seen": missing})
         packed = bool(want >> F.RING_PACKED & 1)
         if any(q.packed != packed for q in self.queues):
             if any(q.started for q in self.queues):
@@ -223,6 +237,7 @@ class Backend:
         self.features = want
         for q in self.queues:
             q.event_idx = bool(want >> F.EVENT_IDX & 1)
+            q.indirect_ok = bool(want >> F.INDIRECT_DESC & 1)
         self.device.set_features(want)
 
     def _reformat(self, q, cls):
@@ -231,7 +246,7 @@ class Backend:
         QEMU sends SET_VRING_ENABLE before SET_FEATURES, so a ring may be
         enabled, and have call/err fds, before its format is known."""
         q.detach()
-        new = cls(q.index, q.name, on_error=self._queue_error)
+        new = cls(q.index, q.name, on_error=self._queue_error, strict=q.strict, checks=q.checks)
         for name in ("num", "desc_uva", "avail_uva", "used_uva", "log_gpa", "addr_flags", "enabled",
                      "kick_fd", "call_fd", "err_fd", "kick_polled", "call_none"):
             setattr(new, name, getattr(q, name))

@@ -15,6 +15,11 @@ guest- or front-end-controlled work (a kick's ring work, a timer poll, one
 vhost-user message) is timed: `Connection.steps` keeps the count, the
 longest and how many took more than SLOW_STEP, shown by `inspect`/`stats`
 as `loop` (docs/json.md).
+
+Next to each kick waiter runs the queue's safety poll (safety_poll.py),
+which finds entries a driver made available without kicking. At
+disconnect the log has one line per finding (rule, section, count, first
+example), at most SUMMARY_LINES.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import trio
 from vhostnet.vhostuser.backend import Backend
 from vhostnet.vhostuser.channel import FramingError, close_all, read_message
 from vhostnet.vhostuser.protocol import request_name
+from vhostnet.vhostuser.safety_poll import SafetyPoll
 from vhostnet.ratelimit import RateLimitedLog
 from vhostnet.sockets import SocketInUse, bind_unix
 
@@ -42,6 +48,8 @@ log = logging.getLogger("vhostnet.server")
 POLL_INTERVAL = 0.001
 # After an unexpected exception in a timer poll, wait this long before the next.
 INTERNAL_ERROR_BACKOFF = 0.1
+# At disconnect, at most this many findings are logged one per line.
+SUMMARY_LINES = 32
 # An event-loop step longer than this is counted as slow (issue 7: about 10 ms).
 SLOW_STEP = 0.010
 
@@ -105,8 +113,10 @@ class Connection:
         self.device = server.make_device()
         self.backend = Backend(self.device, rlog=server.rlog,
                                on_queue_start=self._queue_start, on_queue_stop=self._queue_stop,
-                               allow_unsealed_memory=server.allow_unsealed_memory)
+                               allow_unsealed_memory=server.allow_unsealed_memory,
+                               strict=server.strict, checks=server.checks)
         self._kick_scopes: dict[int, trio.CancelScope] = {}
+        self._polls: dict[int, SafetyPoll] = {}
         self._timer_wake = trio.Event()
         self._armed = math.inf
         self.messages = 0
@@ -122,9 +132,27 @@ class Connection:
         if q.kick_fd is None:
             self.nursery.start_soon(self._poll_loop, q, scope)
         else:
-            self.nursery.start_soon(self._kick_loop, q, q.kick_fd, scope)
+            poll = self._polls[q.index] = SafetyPoll(q, self._drain)
+            self.nursery.start_soon(self._queue_tasks, q, q.kick_fd, scope, poll)
+
+    def _wake_polls(self) -> None:
+        for poll in self._polls.values():
+            poll.wake()
+
+    async def _queue_tasks(self, q, fd: int, scope: trio.CancelScope, poll: SafetyPoll) -> None:
+        """The kick waiter and the safety poll of one started queue, under its scope."""
+        with scope:
+            async with trio.open_nursery() as nursery:
+                # The safety poll reads split-ring indices; packed rings go without it.
+                if self.server.safety_poll and not q.packed:
+                    nursery.start_soon(poll.run)
+                await self._kick_loop(q, fd, poll)
+                nursery.cancel_scope.cancel()
 
     def _queue_stop(self, q) -> None:
+        poll = self._polls.pop(q.index, None)
+        if poll is not None:
+            poll.close()
         scope = self._kick_scopes.pop(q.index, None)
         if scope is not None:
             scope.cancel()
@@ -160,28 +188,33 @@ class Connection:
         while self._work(q):
             await trio.sleep(0)
 
-    async def _kick_loop(self, q, fd: int, scope: trio.CancelScope) -> None:
-        with scope:
-            try:
-                await self._drain(q)  # chains posted before the kick fd arrived
-                while True:
-                    await trio.lowlevel.wait_readable(fd)
+    async def _kick_loop(self, q, fd: int, poll: SafetyPoll) -> None:
+        try:
+            await self._drain(q)  # chains posted before the kick fd arrived
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                try:
+                    got = os.read(fd, 8)
+                except BlockingIOError:
+                    continue
+                if len(got) != 8:
+                    # Not an eventfd after all (the backend checks, this is the last line):
+                    # readable for ever, so stop waiting rather than spin.
+                    self.server.rlog.warning("kick_eof", "%s: kick fd gave %d bytes, not an eventfd "
+                                             "counter; no longer waiting on it", q.name, len(got))
+                    return
+                q.stats["kicks"] += 1
+                poll.kicked()
+                self._wake_polls()
+                if q.ready:
+                    poll.busy += 1
                     try:
-                        got = os.read(fd, 8)
-                    except BlockingIOError:
-                        continue
-                    if len(got) != 8:
-                        # Not an eventfd after all (the backend checks, this is the last line):
-                        # readable for ever, so stop waiting rather than spin.
-                        self.server.rlog.warning("kick_eof", "%s: kick fd gave %d bytes, not an eventfd "
-                                                 "counter; no longer waiting on it", q.name, len(got))
-                        return
-                    q.stats["kicks"] += 1
-                    if q.ready:
                         await self._drain(q)
-            except (trio.ClosedResourceError, OSError) as e:
-                if getattr(e, "errno", None) not in (None, errno.EBADF):
-                    log.warning("%s: kick fd error: %s", q.name, e)
+                    finally:
+                        poll.busy -= 1
+        except (trio.ClosedResourceError, OSError) as e:
+            if getattr(e, "errno", None) not in (None, errno.EBADF):
+                log.warning("%s: kick fd error: %s", q.name, e)
 
     async def _poll_loop(self, q, scope: trio.CancelScope) -> None:
         with scope:
@@ -206,6 +239,7 @@ class Connection:
                 await self._timer_wake.wait()
             now = trio.current_time()
             if now >= self._armed:
+                self._wake_polls()
                 t0 = self.steps.start()
                 try:
                     self.device.poll(self.backend.queues, now)
@@ -262,10 +296,14 @@ class Server:
     def __init__(self, socket_path: str, make_device, *, once: bool = False,
                  rlog: RateLimitedLog | None = None, taps: list | None = None,
                  listener: socket.socket | None = None, hostnet=None,
-                 allow_unsealed_memory: bool = False):
+                 allow_unsealed_memory: bool = False,
+                 strict: bool = False, checks: bool = True, safety_poll: bool = True):
         self.socket_path = socket_path
         self.owns_path = listener is None
         self.allow_unsealed_memory = allow_unsealed_memory
+        self.strict = strict            # a MUST finding breaks the ring (serve --strict)
+        self.checks = checks            # the conformance checks (off only to measure their cost)
+        self.safety_poll = safety_poll  # look for unkicked entries (off only to measure its cost)
         # The host network's server-level part (port forwards), served next to
         # the accept loop so its listeners outlive a QEMU reconnect; or None.
         self.hostnet = hostnet
@@ -336,7 +374,10 @@ class Server:
                 await conn.message_loop()
             finally:
                 nursery.cancel_scope.cancel()
+                for poll in list(conn._polls.values()):
+                    poll.close()   # pending kick_missed suspects become findings
                 self._log_errors(conn)
+                self._log_findings(conn)
                 conn.close()
                 # The socket goes before `current` is cleared: whoever waits
                 # for current to be None sees every fd of the connection closed.
@@ -344,6 +385,18 @@ class Server:
                 self.current = None
                 gc.unfreeze()
                 gc.collect()
+
+    def _log_findings(self, conn: Connection) -> None:
+        """One line per finding of the connection (bounded), MUST before SHOULD."""
+        from vhostnet.observe.check import connection_findings
+        found = connection_findings(conn.backend)
+        if not found:
+            return
+        for f in found[:SUMMARY_LINES]:
+            log.warning("finding %s %s §%s on %s: %d time(s), first: %s", f["level"], f["rule"], f["section"],
+                        f["queue_name"], f["count"], f["example"].get("detail", ""))
+        if len(found) > SUMMARY_LINES:
+            log.warning("... and %d more finding(s) (vhostnet check)", len(found) - SUMMARY_LINES)
 
     def _log_errors(self, conn: Connection) -> None:
         """One line per connection with every error count, so what rate limiting held back is told."""

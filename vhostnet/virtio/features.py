@@ -53,5 +53,22 @@ BY_NAME = {
 }
 
 
+# virtio 1.2 §5.1.3.1: feature -> the features one of which it requires.
+REQUIRES = {
+    GUEST_TSO4: (GUEST_CSUM,), GUEST_TSO6: (GUEST_CSUM,), GUEST_ECN: (GUEST_TSO4, GUEST_TSO6),
+    GUEST_UFO: (GUEST_CSUM,), HOST_TSO4: (CSUM,), HOST_TSO6: (CSUM,),
+    HOST_ECN: (HOST_TSO4, HOST_TSO6), HOST_UFO: (CSUM,), MQ: (CTRL_VQ,),
+}
+
+
+def missing_requirements(bits: int) -> list[str]:
+    """What BITS take without a feature they require (§5.1.3.1), one phrase each."""
+    out = []
+    for feat, needs in REQUIRES.items():
+        if bits >> feat & 1 and not any(bits >> n & 1 for n in needs):
+            out.append(f"{FEATURE_NAMES[feat]} without {' or '.join(FEATURE_NAMES[n] for n in needs)}")
+    return out
+
+
 def names(bits: int, table: dict[int, str] = FEATURE_NAMES) -> list[str]:
     return [table.get(i, f"bit{i}") for i in range(64) if bits >> i & 1]

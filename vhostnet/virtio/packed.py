@@ -96,8 +96,14 @@ class PackedRing:
 
     packed = True
 
-    def __init__(self, index: int, name: str = "", *, on_error=None):
+    def __init__(self, index: int, name: str = "", *, on_error=None, strict: bool = False,
+                 checks: bool = True):
         self.index = index
+        # As on the split ring: the device's own checks run when CHECKS, and
+        # STRICT breaks the ring at a MUST finding (serve --strict).
+        self.checks = checks
+        self.strict = strict
+        self.indirect_ok = True
         self.name = name or f"q{index}"
         self.num = 0
         self.desc_uva = self.avail_uva = self.used_uva = self.log_gpa = 0
@@ -133,7 +139,8 @@ class PackedRing:
         self.avail_seen: tuple[int, bool] = (0, True)
         # Where the last publish() started: the range an EVENT_IDX check covers.
         self._published_from = (0, True)
-        self.stats = {"kicks": 0, "calls": 0, "calls_suppressed": 0, "chains": 0, "bytes": 0}
+        self.stats = {"kicks": 0, "calls": 0, "calls_suppressed": 0, "chains": 0, "bytes": 0,
+                      "unkicked": 0}   # the safety poll does not run on packed rings: stays 0
         self.findings = Findings(self.name)
         self.on_error = on_error
 
@@ -193,6 +200,9 @@ class PackedRing:
         self._held = 0
         self._unpublished.clear()
         self._published_from = (used, uw)
+
+    def reset_held(self) -> None:
+        """The split ring's head-reuse tracking has no packed counterpart: ids are only echoed."""
 
     def on_start(self) -> None:
         """The ring was (re)started: a broken ring is the driver's to restart."""

@@ -20,9 +20,19 @@ queue size (or the indirect table size), nested indirect tables, descriptors
 out of range and index jumps are refused, and each refusal is a finding
 (findings.py): a rule id with its virtio 1.2 section, counted per queue,
 with the first example kept.
+
+The conformance checker (issue #10) adds what the device can tolerate but
+a driver must not do, checked on every chain and publish when `checks` is
+on (the default): a head made available again while the device holds it
+(`_held`, a byte per descriptor: set at pop, cleared when the used element
+is published, or given back by unpop/rollback), INDIRECT without the
+feature, avail->idx going backwards, bad avail->flags. With `strict`, any
+MUST finding breaks the ring (and signals the err eventfd) until the
+driver restarts it.
 """
 from __future__ import annotations
 
+import os
 import struct
 import threading
 
@@ -44,6 +54,7 @@ DESC = struct.Struct("<QIHH")
 _desc_unpack = DESC.unpack_from
 
 _barrier_lock = threading.Lock()
+_ONE = (1).to_bytes(8, "little")   # an eventfd increment
 
 
 def full_barrier() -> None:
@@ -54,7 +65,8 @@ def full_barrier() -> None:
 class SplitRing:
     """A split virtqueue (virtio 1.2 §2.7); implements vhostnet.virtio.ring.Ring."""
 
-    def __init__(self, index: int, name: str = "", *, on_error=None):
+    def __init__(self, index: int, name: str = "", *, on_error=None, strict: bool = False,
+                 checks: bool = True):
         self.index = index
         self.name = name or f"q{index}"
         self.num = 0
@@ -77,7 +89,7 @@ class SplitRing:
         self._used_h: memoryview | None = None
         self._used_i: memoryview | None = None
         self.stats = {"kicks": 0, "calls": 0, "calls_suppressed": 0,
-                      "chains": 0, "bytes": 0}
+                      "chains": 0, "bytes": 0, "unkicked": 0}
         self.findings = Findings(self.name)
         # Chain refusals of a tentative take (mark() .. commit()/rollback()), not yet counted.
         self._deferred: list | None = None
@@ -85,6 +97,15 @@ class SplitRing:
         # want_kick_at_next(seen) asks to be kicked past.
         self.avail_seen = 0
         self.on_error = on_error  # callback(queue, finding, detail), for logging
+        self.strict = strict      # a MUST finding breaks the ring (serve --strict)
+        self.checks = checks      # the conformance checks beyond what safety needs
+        self.indirect_ok = True   # VIRTIO_F_INDIRECT_DESC negotiated (the backend sets it)
+        # Heads taken and not yet published as used (see the module docstring),
+        # the heads pushed since the last publish, and those taken since mark().
+        self._held = bytearray(0)
+        self._unpublished: list[int] = []
+        self._marked_heads: list[int] | None = None
+        self._walk_indirect = None   # the last walk's indirect descriptor, if it had one
 
     # -- set-up ------------------------------------------------------------
 
@@ -97,11 +118,17 @@ class SplitRing:
             raise ValueError(f"{self.name}: ring addresses are misaligned "
                              f"(desc {self.desc_uva:#x}, avail {self.avail_uva:#x}, used {self.used_uva:#x})")
         self.mem = mem
+        self.reset_held()
         self._desc = mem.uva_view(self.desc_uva, 16 * n)
         self._avail_h = mem.uva_view(self.avail_uva, 6 + 2 * n).cast("H")
         used = mem.uva_view(self.used_uva, 6 + 8 * n)
         self._used_h = used.cast("H")
         self._used_i = used[:4 + 8 * n].cast("I")
+
+    def reset_held(self) -> None:
+        """The ring (re)starts: the device holds no chain."""
+        self._held = bytearray(self.num)
+        self._unpublished.clear()
 
     def detach(self) -> None:
         for v in (self._desc, self._avail_h, self._used_h, self._used_i):
@@ -127,6 +154,7 @@ class SplitRing:
         """The ring was (re)started (SET_VRING_KICK): resume from what the guest
         sees, and a broken ring is the driver's to restart."""
         self.used_idx = self.guest_used_idx()
+        self.reset_held()
         self.broken = None
 
     @property
@@ -142,6 +170,7 @@ class SplitRing:
     def count_error(self, reason: str, detail: str, **example) -> None:
         """Record a refusal: a finding (findings.py) for this queue, and a log line."""
         finding = self.findings.add(reason, detail, example)
+        self._strict(finding, signal=False)   # on_error signals the err fd of a broken ring
         if self.on_error is not None:
             self.on_error(self, finding, detail)
 
@@ -154,7 +183,24 @@ class SplitRing:
 
     def record(self, reason: str, detail: str, **example):
         """Record a refusal the caller logs itself (the device, with its own rate limit)."""
-        return self.findings.add(reason, detail, example)
+        finding = self.findings.add(reason, detail, example)
+        self._strict(finding, signal=True)
+        return finding
+
+    def _strict(self, finding, signal: bool) -> None:
+        """serve --strict: a MUST finding breaks the ring until the driver restarts it."""
+        if not self.strict or finding.rule.level != "MUST" or self.broken is not None:
+            return
+        self.broken = finding.rule.id
+        if signal and self.err_fd is not None:
+            try:
+                os.write(self.err_fd, _ONE)
+            except OSError:
+                pass
+
+    def _note(self, reason: str, detail: str, **example) -> None:
+        """A tolerated finding: counted now, or at commit() of a tentative take, like a refusal."""
+        self._refuse(reason, detail, **example)
 
     def describe_findings(self) -> list[dict]:
         return self.findings.describe()
@@ -183,12 +229,20 @@ class SplitRing:
         """
         avail_h = self._avail_h
         while budget is None or budget.left > 0:
+            if self.broken is not None:   # --strict broke it inside this batch
+                return None
             avail = avail_h[1]
             last = self.last_avail_idx
             if avail == last:
                 self.avail_seen = avail
                 return None
             if (avail - last) & 0xFFFF > self.num:
+                if self.checks and (last - avail) & 0xFFFF <= self.num:
+                    self.broken = "avail_idx_backwards"
+                    self.count_error("avail_idx_backwards",
+                                     f"avail->idx went back from {last} to {avail}",
+                                     last_avail_idx=last, expected=f"{last} or later", seen=avail)
+                    return None
                 self.broken = "avail_idx_jump"
                 self.count_error("avail_idx_jump",
                                  f"avail->idx jumped from {last} to {avail}, more than the queue size {self.num}",
@@ -204,6 +258,23 @@ class SplitRing:
                                  f"avail ring slot {last} names descriptor {head}, queue size is {self.num}",
                                  avail_idx=last, head=head, expected=f"< {self.num}", seen=head)
                 continue
+            if self.checks:
+                held = self._held
+                if held[head]:
+                    # Taken and not yet returned: walking it again would return the
+                    # id twice. The slot is consumed, the chain stays ours.
+                    if budget is not None:
+                        budget.left -= 1
+                    self._refuse("avail_head_in_use",
+                                 f"avail ring slot {last} names descriptor {head}, which the device "
+                                 f"still holds", avail_idx=last, head=head,
+                                 expected="a free descriptor (returned in the used ring)",
+                                 seen=f"descriptor {head}, taken and not yet returned")
+                    continue
+                held[head] = 1
+                if self._marked_heads is not None:
+                    self._marked_heads.append(head)
+                self._walk_indirect = None
             try:
                 chain = self._walk(head)
             except ChainError as e:
@@ -215,6 +286,13 @@ class SplitRing:
                 continue
             if budget is not None:
                 budget.left -= chain.ndesc
+            if self._walk_indirect is not None and not self.indirect_ok and self.checks:
+                i, addr, length, flags = self._walk_indirect
+                self._note("indirect_not_negotiated",
+                           f"chain at descriptor {head}: descriptor {i} is INDIRECT, "
+                           f"VIRTIO_F_INDIRECT_DESC was not negotiated",
+                           avail_idx=last, head=head, desc=i, addr=addr, len=length, flags=flags,
+                           expected="no INDIRECT flag", seen=f"flags {flags:#x}")
             self.stats["chains"] += 1
             return chain
         return None
@@ -223,6 +301,10 @@ class SplitRing:
         """Give back the one chain pop() just returned (nothing pushed since): no use for it yet."""
         self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
         self.stats["chains"] -= 1
+        if self.checks:
+            head = self._avail_h[2 + (self.last_avail_idx & (self.num - 1))]
+            if head < self.num:
+                self._held[head] = 0
 
     # A tentative take, for a frame that needs several chains (MRG_RXBUF):
     # everything pop() took and refused after mark() is given back by
@@ -234,16 +316,23 @@ class SplitRing:
 
     def mark(self) -> tuple:
         self._deferred = []
-        return (self.last_avail_idx, self.used_idx, self.stats["chains"], self.stats["bytes"])
+        self._marked_heads = []
+        return (self.last_avail_idx, self.used_idx, self.stats["chains"], self.stats["bytes"],
+                len(self._unpublished))
 
     def commit(self) -> None:
+        self._marked_heads = None
         deferred, self._deferred = self._deferred, None
         for reason, detail, example in deferred or ():
             self.count_error(reason, detail, **example)
 
     def rollback(self, mark: tuple) -> None:
-        self.last_avail_idx, self.used_idx, self.stats["chains"], self.stats["bytes"] = mark
+        self.last_avail_idx, self.used_idx, self.stats["chains"], self.stats["bytes"], pushed = mark
         self._deferred = None
+        for head in self._marked_heads or ():
+            self._held[head] = 0     # given back: the device no longer holds them
+        self._marked_heads = None
+        del self._unpublished[pushed:]
 
     def taken_since(self, mark: tuple) -> int:
         """Avail entries consumed since MARK."""
@@ -267,6 +356,7 @@ class SplitRing:
             addr, length, flags, nxt = _desc_unpack(table, i << 4)
             if flags & VRING_DESC_F_INDIRECT:
                 where = dict(desc=i, addr=addr, len=length, flags=flags)
+                self._walk_indirect = (i, addr, length, flags)
                 if indirect:
                     raise ChainError("nested_indirect", "indirect descriptor inside an indirect table",
                                      count, indirect_table=True, **where)
@@ -393,19 +483,60 @@ class SplitRing:
         ui[2 + 2 * slot] = length
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self.stats["bytes"] += length
+        if self.checks:
+            self._unpublished.append(head)
 
     def publish(self) -> bool:
         """Publish used->idx; True if the driver wants an interrupt for it."""
         old = self._used_h[1]
         new = self.used_idx
+        if self.checks:
+            self._release_published()
         if old == new:
             return False
         self._used_h[1] = new
         full_barrier()
+        flags = self._avail_h[0]
         if self.event_idx:
+            if flags and self.checks:
+                self._flags_finding(flags, "0")
             used_event = self._avail_h[2 + self.num]
             return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-        return not self._avail_h[0] & VRING_AVAIL_F_NO_INTERRUPT
+        if flags > VRING_AVAIL_F_NO_INTERRUPT and self.checks:
+            self._flags_finding(flags, "0 or 1")
+        return not flags & VRING_AVAIL_F_NO_INTERRUPT
+
+    def _release_published(self) -> None:
+        held = self._held
+        for head in self._unpublished:
+            if head < len(held):
+                held[head] = 0
+        self._unpublished.clear()
+
+    def _flags_finding(self, flags: int, expected: str) -> None:
+        self.count_error("avail_flags_invalid",
+                         f"avail->flags is {flags:#x} ({'with' if self.event_idx else 'without'} EVENT_IDX)",
+                         expected=expected, seen=flags, event_idx=self.event_idx)
+
+    def avail_event(self) -> int | None:
+        """With EVENT_IDX: the avail index the device last asked to be kicked at."""
+        if self._used_h is None or not self.event_idx:
+            return None
+        return self._used_h[2 + 4 * self.num]
+
+    def must_notify(self, old: int, new: int) -> bool:
+        """Whether a driver moving avail->idx from OLD to NEW had to notify (§2.7.10.1).
+
+        Without EVENT_IDX: unless used->flags says NO_NOTIFY (never set by
+        this device). With it: if the move crossed avail_event, the value the
+        device wrote (vring_need_event, as Linux and QEMU compute it).
+        """
+        if self._used_h is None:
+            return False
+        if self.event_idx:
+            event = self._used_h[2 + 4 * self.num]
+            return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        return not self._used_h[0] & VRING_USED_F_NO_NOTIFY
 
     def want_kick_at_next(self, seen: int | None = None) -> bool:
         """With EVENT_IDX, ask for a kick when the driver moves avail->idx past SEEN.
