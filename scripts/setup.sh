@@ -18,6 +18,9 @@
 #                    dpdk-dev librte-net-virtio23
 #                                      DPDK's virtio-user as a second frontend;
 #                                      optional: skipped when apt does not have it
+#                    qemu-system-misc opensbi
+#                                      QEMU 7.2 for riscv64 and OpenSBI (its -bios) for the
+#                                      README's riscv64 walk-through; optional, no test needs them
 #   pip:             this package, editable, with its test extras (.[test])
 #   discovery:       QEMU's vhost-user discovery file, 50-vhostnet.json (type
 #                    net, naming the vhostnet-backend just installed), in
@@ -35,7 +38,7 @@ PYTHON=${PYTHON:-python3}
 
 REQUIRED=(qemu-system-x86 qemu-system-arm u-boot-qemu ipxe tshark tcpdump iperf3 redis-server git passt
           gcc libc6-dev python3-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross xz-utils cpio make iproute2 util-linux)
-OPTIONAL=(dpdk-dev librte-net-virtio23)
+OPTIONAL=(dpdk-dev librte-net-virtio23 qemu-system-misc opensbi)
 
 say() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }

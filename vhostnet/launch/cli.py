@@ -30,6 +30,7 @@ import time
 from vhostnet import __version__
 from vhostnet.link import cli as link_cli
 from vhostnet.observe import check as check_cli
+from vhostnet.virtio import features
 
 EXIT_NO_QEMU = 3
 
@@ -264,9 +265,9 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=LEVELS, help="log level (default %(default)s)")
     p.add_argument("--log-file", metavar="FILE", help="append the log to FILE instead of stderr")
     p.add_argument("--disable-feature", action="append", default=[], metavar="NAME",
-                   help="do not offer a virtio feature; repeatable. Names: csum, guest-csum, "
-                        "guest-tso4, host-tso4, mrg-rxbuf, event-idx, indirect-desc, status, mac; "
-                        "'offloads' for all four offloads. Handy to test a driver's simple paths")
+                   help="do not offer a virtio feature; repeatable. Names: "
+                        + ", ".join(features.BY_NAME)   # the accepted names, so none goes unlisted
+                        + "; 'offloads' for all four offloads. Handy to test a driver's simple paths")
     p.add_argument("--rx-pending", type=int, default=1024, metavar="N",
                    help="frames held for the guest while it posts no RX buffers, before dropping (default %(default)s)")
     p.add_argument("--allow-unsealed-memory", action="store_true",
