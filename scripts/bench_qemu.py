@@ -694,6 +694,9 @@ def main(argv: list[str] | None = None) -> int:
     for t in args.tests:
         if t not in ALL_TESTS:
             p.error(f"unknown test {t!r} (choose from {', '.join(ALL_TESTS)})")
+    if args.builtin and {"isend", "irecv"} & set(args.tests):
+        p.error("--builtin: the built-in services have no iperf3 (tests: "
+                + ",".join(BUILTIN_TESTS) + ")")
     if not 1 <= args.repeat <= 20:
         p.error("--repeat must be 1..20")
     if not 1 <= args.seconds <= 120:
