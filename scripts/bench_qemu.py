@@ -1,46 +1,62 @@
 #!/usr/bin/env python3
-"""bench_qemu.py: TCP and UDP through a real guest, on vhostnet and its peers.
+"""bench_qemu.py: vhostnet, slirp and passt doing the same work for a real guest.
 
-    python3 scripts/bench_qemu.py                          # every backend, 5 s per test
-    python3 scripts/bench_qemu.py --backends vhostnet,slirp --seconds 3
-    python3 scripts/bench_qemu.py --tests send,recv        # bulk only
+    python3 scripts/bench_qemu.py --repeat 3              # the fair table, median of 3
+    python3 scripts/bench_qemu.py --quick                 # smoke check: 1 boot, 2 s per test
+    python3 scripts/bench_qemu.py --backends vhostnet,slirp --tests send,ping
+    python3 scripts/bench_qemu.py --builtin               # vhostnet's built-in services
+    python3 scripts/bench_qemu.py --rss                   # RSS with 1,000 NAT connections
 
-Boots the test guest (qemu/, Linux 6.1) once per backend with BENCH= on its
-command line; its init runs the same guest program, qemu/guest/tcp_bench.c,
-on every backend:
+The same work on every backend: the test guest (qemu/, Linux 6.1, its
+application image) boots with BENCH= on its command line and runs the same
+programs against 10.0.2.2:PORT, which every backend maps to the host's
+127.0.0.1:PORT, where the same host servers listen on free ports:
+scripts/hostsrv.c (discard, chargen, echo; TCP and UDP) and `iperf3 -s`.
+vhostnet runs `vhostnet serve --no-services`, so nothing is answered inside
+the backend except ARP and ping: every byte goes through its NAT
+(stack/flows.py, vhostnet/hostnet/) and real host sockets, as for slirp
+and passt.
 
-  send   guest->host bulk TCP to a discard service (Mbit/s, until the server
-         has read every byte)
-  recv   host->guest bulk TCP from a chargen service (Mbit/s)
-  crr    TCP connect + 1-byte echo + close, sequential (connections/s)
-  udp    64-byte UDP echo, one in flight (round trips/s)
+  isend  iperf3 guest->host (Mbit/s, receiver side)
+  irecv  iperf3 -R, host->guest (Mbit/s)
+  send   qemu/guest/tcp_bench.c bulk TCP to discard (Mbit/s)
+  recv   tcp_bench bulk TCP from chargen (Mbit/s)
+  crr    tcp_bench TCP connect + 1-byte echo + close, sequential (connections/s)
+  udp    tcp_bench 64-byte UDP echo, one in flight (round trips/s)
+  ping   busybox ping -i 0.2 of the gateway for the test's seconds (average RTT, ms;
+         lower is better; answered by the backend itself on every backend)
 
-Backends (--backends, comma-separated):
-  vhostnet             `vhostnet serve`; the services are its own, on 10.0.2.2
+Rows (--backends, comma-separated):
+  vhostnet             `vhostnet serve --no-services`
   vhostnet-nooffloads  the same with --disable-feature offloads (no CSUM,
                        GUEST_CSUM, HOST_TSO4, GUEST_TSO4): what the offloads buy
-  slirp                QEMU's -netdev user; 10.0.2.2:PORT is the host's
-                       127.0.0.1:PORT, served by scripts/hostsrv.c
+  slirp                QEMU's -netdev user
   passt                `passt -f -s SOCK -a 10.0.2.15 -n 24 -g 10.0.2.2`, QEMU
-                       -netdev stream on that socket; passt maps the gateway
-                       address to the host's loopback (its default, see
-                       --no-map-gw in passt(1)), so hostsrv serves it too
+                       -netdev stream on that socket (passt maps the gateway to
+                       the host's loopback, its default)
 
-All backends use the same NIC (virtio-net-pci, vectors=0) and the same guest
-MTU (1500; the guest's addresses are static, so passt's DHCP MTU of 65520
-is never applied).
+All rows use the same NIC (virtio-net-pci, vectors=0) and guest MTU 1500.
+--repeat N boots every backend N times, round-robin (vhostnet, nooffloads,
+slirp, passt, vhostnet, ...), so a burst of load from other tenants hits
+every row alike; each cell is the median of the N boots. Every metric is
+also printed as a ratio to slirp's median in the same run.
+
+--builtin: the old comparison, kept apart and labelled as such: the vhostnet
+rows talk to the backend's own discard/chargen/echo services on 10.0.2.2:
+9/19/7 (no host sockets, not the work slirp and passt do), slirp and passt
+to hostsrv as above. Not what a user's application sees.
 
 CPU: utime+stime from /proc over each test, in % of one core. "backend" is
-the process that does the network work: vhostnet's Python process, passt,
-or for slirp QEMU's main thread (slirp runs in QEMU's main loop, together
-with the virtio-net emulation that vhost-user and passt take elsewhere).
-"vcpu" is QEMU's TCG vCPU thread, i.e. the guest, which is the bottleneck
-on TCG.
+the process doing the network work: vhostnet's Python process, passt, or
+for slirp QEMU's main thread (slirp runs in QEMU's main loop, together with
+the virtio-net emulation that vhost-user and passt take elsewhere). The
+guest's vCPU thread (TCG) is the bottleneck on this machine; it and the
+other tenants' load are in the detail table.
 
-Every run has a deadline; QEMU, the backend and hostsrv are stopped
-(SIGTERM, then SIGKILL) whatever happens. Only loopback and in-guest traffic.
-Logs (console, backend, vhostnet stats snapshots) go to
-logs/bench-qemu/<time>/<backend>/. Prints tables; not a test.
+Every boot has a deadline; QEMU, the backend and the host servers are
+stopped (SIGTERM, then SIGKILL) whatever happens. Only loopback and
+in-guest traffic. Logs (console, backend, vhostnet stats snapshots) go to
+logs/bench-qemu/<time>/<backend>.<n>/. Prints tables; not a test.
 """
 from __future__ import annotations
 
@@ -60,15 +76,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from vhostnet.launch import qemu
+from vhostnet.launch import qemu  # noqa: E402
+from vhostnet.testing.hostservers import HostServers  # noqa: E402
 
 ALL_BACKENDS = ("vhostnet", "vhostnet-nooffloads", "slirp", "passt")
-ALL_TESTS = ("send", "recv", "crr", "udp")
+ALL_TESTS = ("isend", "irecv", "send", "recv", "crr", "udp", "ping")
+BUILTIN_TESTS = ("send", "recv", "crr", "udp", "ping")   # the services have no iperf3
+LOWER_IS_BETTER = {"ping"}
+QUICK_SECONDS = 2
 GUEST_IP, PREFIX, GATEWAY = "10.0.2.15", 24, "10.0.2.2"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-RESULT = re.compile(r"^bench: (send|recv|crr|udp) ([0-9.]+) (\S+)(.*)$")
-START = re.compile(r"^bench: (send|recv|crr|udp) start$")
+_MODES = "|".join(ALL_TESTS)
+RESULT = re.compile(rf"^bench: ({_MODES}) ([0-9.]+) (\S+)(.*)$")
+START = re.compile(rf"^bench: ({_MODES}) start$")
+BUILTIN_PORTS = {"BENCH_DISCARD_PORT": 9, "BENCH_CHARGEN_PORT": 19, "BENCH_ECHO_PORT": 7}
+RSS_CONNECTIONS = 1000
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1bc")
 
 
@@ -151,6 +175,15 @@ def vcpu_tid(pid: int) -> int | None:
     return None
 
 
+def ping_sockets_for(gid: int) -> bool:
+    """May group GID open ICMP echo sockets (net.ipv4.ping_group_range)?"""
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ping_group_range").read_text().split())
+    except (OSError, ValueError):
+        return True
+    return lo <= gid <= hi
+
+
 # --- one backend ---------------------------------------------------------------
 
 @dataclass
@@ -214,6 +247,7 @@ class Bench:
         self.hostsrv_bin: Path | None = None
         self.tmp = Path(tempfile.mkdtemp(prefix="vhostnet-bench-"))   # short: AF_UNIX paths
         self.extra_dirs: list[Path] = []
+        self.servers: list[HostServers] = []
 
     def close(self) -> None:
         for d in [self.tmp, *self.extra_dirs]:
@@ -232,7 +266,7 @@ class Bench:
 
     def timeout(self) -> float:
         # boot + per test: its seconds, connect/drain slack, and tcp_bench's own stall limits
-        return 60 + len(self.args.tests) * (self.args.seconds + 25)
+        return 90 + len(self.args.tests) * (self.args.seconds + 25)
 
     def run(self, name: str, rep: int = 0) -> Run:
         run = Run(name)
@@ -251,11 +285,17 @@ class Bench:
         procs: list[subprocess.Popen] = []
         qemu_proc = None
         try:
-            ports = {"BENCH_DISCARD_PORT": 9, "BENCH_CHARGEN_PORT": 19, "BENCH_ECHO_PORT": 7}
+            builtin = self.args.builtin and name.startswith("vhostnet")
+            if builtin:
+                ports = dict(BUILTIN_PORTS)
+            else:
+                ports = self._host_servers(run, procs)
             backend_pid = None
             if name.startswith("vhostnet"):
                 argv = [sys.executable, "-m", "vhostnet", "serve", "--socket", str(sock),
                         "--once", "--log-level", "warning"]
+                if not builtin:
+                    argv.append("--no-services")     # 10.0.2.2:7/9/19 go to the host too
                 if name == "vhostnet-nooffloads":
                     argv += ["--disable-feature", "offloads"]
                 backend = self._spawn(argv, run.log_dir / "backend.log")
@@ -264,42 +304,32 @@ class Bench:
                 wait_path(Path(str(sock) + ".ctl"), backend, "vhostnet serve (control socket)")
                 backend_pid = backend.pid
                 netdev = qemu.nic_args(sock)
-                run.notes.append("backend CPU = the vhostnet Python process")
+            elif name == "slirp":
+                netdev = qemu.nic_args(None, netdev="user")
             else:
-                hs = subprocess.Popen([str(self.hostsrv()), "-t", str(int(self.timeout()) + 30)],
-                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=open(run.log_dir / "hostsrv.log", "wb"), text=True)
-                procs.append(hs)
-                line = hs.stdout.readline()
-                m = re.match(r"hostsrv: discard=(\d+) chargen=(\d+) echo=(\d+)", line)
-                if not m:
-                    raise RuntimeError(f"hostsrv did not start: {line!r}")
-                ports = dict(zip(ports, map(int, m.groups())))
-                if name == "slirp":
-                    netdev = qemu.nic_args(None, netdev="user")
-                    run.notes.append("backend CPU = QEMU's main thread (slirp + virtio-net emulation)")
-                else:
-                    # passt drops root for nobody before it binds the socket (and this
-                    # 2023 version says "bound" even when that bind fails): give it a
-                    # directory of its own that nobody may write.
-                    pdir = Path(tempfile.mkdtemp(prefix="vhostnet-passt-"))
-                    self.extra_dirs.append(pdir)
-                    nobody = pwd.getpwnam("nobody")
-                    if os.geteuid() == 0:
-                        os.chown(pdir, nobody.pw_uid, nobody.pw_gid)
-                    sock = pdir / "passt.sock"
-                    argv = ["passt", "-f", "-e", "-s", str(sock), "-a", GUEST_IP,
-                            "-n", str(PREFIX), "-g", GATEWAY, "-4"]
-                    backend = self._spawn(argv, run.log_dir / "backend.log")
-                    procs.append(backend)
-                    wait_path(sock, backend, "passt")
-                    backend_pid = backend.pid
-                    netdev = ["-netdev", f"stream,id=net0,server=off,addr.type=unix,"
-                                         f"addr.path={sock}",
-                              "-device", f"virtio-net-pci,netdev=net0,mac={qemu.DEFAULT_MAC},"
-                                         f"vectors=0,romfile="]
-                    run.notes.append("backend CPU = the passt process: "
-                                     + " ".join(argv).replace(str(sock), "SOCKET"))
+                # passt drops root for nobody before it binds the socket (and this
+                # 2023 version says "bound" even when that bind fails): give it a
+                # directory of its own that nobody may write.
+                pdir = Path(tempfile.mkdtemp(prefix="vhostnet-passt-"))
+                self.extra_dirs.append(pdir)
+                nobody = pwd.getpwnam("nobody")
+                if os.geteuid() == 0:
+                    os.chown(pdir, nobody.pw_uid, nobody.pw_gid)
+                sock = pdir / "passt.sock"
+                if "ping" in self.args.tests and not ping_sockets_for(nobody.pw_gid):
+                    run.notes.append("passt answers ping through ICMP echo sockets, which "
+                                     "net.ipv4.ping_group_range forbids its user nobody here: "
+                                     "no ping column (the host's sysctl is left alone)")
+                argv = ["passt", "-f", "-e", "-s", str(sock), "-a", GUEST_IP,
+                        "-n", str(PREFIX), "-g", GATEWAY, "-4"]
+                backend = self._spawn(argv, run.log_dir / "backend.log")
+                procs.append(backend)
+                wait_path(sock, backend, "passt")
+                backend_pid = backend.pid
+                netdev = ["-netdev", f"stream,id=net0,server=off,addr.type=unix,"
+                                     f"addr.path={sock}",
+                          "-device", f"virtio-net-pci,netdev=net0,mac={qemu.DEFAULT_MAC},"
+                                     f"vectors=0,romfile="]
             guest_vars = {"BENCH": ",".join(self.args.tests),
                           "BENCH_SECONDS": self.args.seconds, **ports}
             # debug-threads: the vCPU thread is called "CPU 0/TCG", so its CPU time can be told apart
@@ -307,6 +337,10 @@ class Bench:
                     *qemu.accel_args(self.accel), *qemu.memory_args(),
                     *qemu.console_args(), *netdev,
                     *qemu.boot_args(self.image, qemu.kernel_append(guest_vars))]
+            run.notes.append("backend: " + {"slirp": "QEMU's main thread (slirp + virtio-net "
+                                            "emulation)", "passt": "the passt process"}.get(
+                name, "the vhostnet Python process, " + ("built-in services" if builtin
+                                                         else "--no-services (NAT)")))
             (run.log_dir / "qemu.cmd").write_text(qemu.format_argv(argv) + "\n")
             log(f"{name}: booting the guest ({', '.join(self.args.tests)}, "
                 f"{self.args.seconds:g} s each)")
@@ -324,7 +358,31 @@ class Bench:
                 stop(p)
                 if p.stdout:
                     p.stdout.close()
+            while self.servers:
+                self.servers.pop().stop()
         return run
+
+    def _host_servers(self, run: Run, procs: list) -> dict:
+        """hostsrv (discard/chargen/echo) and, for the iperf3 modes, `iperf3 -s`,
+        on free ports of 127.0.0.1; their BENCH_*_PORT guest variables."""
+        hs = subprocess.Popen([str(self.hostsrv()), "-t", str(int(self.timeout()) + 30)],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=open(run.log_dir / "hostsrv.log", "wb"), text=True)
+        procs.append(hs)
+        line = hs.stdout.readline()
+        m = re.match(r"hostsrv: discard=(\d+) chargen=(\d+) echo=(\d+)", line)
+        if not m:
+            raise RuntimeError(f"hostsrv did not start: {line!r}")
+        ports = dict(zip(BUILTIN_PORTS, map(int, m.groups())))
+        if {"isend", "irecv"} & set(self.args.tests):
+            servers = HostServers(run.log_dir / "servers", iperf=True)
+            self.servers.append(servers)
+            try:
+                servers.__enter__()
+            except Exception as e:        # ServerError, a missing iperf3
+                raise RuntimeError(f"iperf3 -s: {e}") from e
+            ports["BENCH_IPERF_PORT"] = servers.ports["iperf"]
+        return ports
 
     @staticmethod
     def _spawn(argv: list[str], logfile: Path) -> subprocess.Popen:
@@ -385,54 +443,114 @@ class Bench:
 
 # --- report --------------------------------------------------------------------
 
-COLS = [("send", "guest->host Mbit/s"), ("recv", "host->guest Mbit/s"),
-        ("crr", "TCP conn/s"), ("udp", "UDP rt/s")]
+COLS = {"isend": "iperf3 g->h Mbit/s", "irecv": "iperf3 h->g Mbit/s",
+        "send": "bulk send Mbit/s", "recv": "bulk recv Mbit/s", "crr": "TCP conn/s",
+        "udp": "UDP rt/s", "ping": "ping RTT ms"}
+BASE = "slirp"          # every ratio is to this row of the same run
 
 
-def table(runs: list[Run], tests: list[str]) -> str:
-    cols = [(t, h) for t, h in COLS if t in tests]
-    w0 = max(len("backend"), *(len(r.backend) for r in runs))
-    head = f"{'backend':<{w0}}" + "".join(f"  {h:>18}" for _, h in cols)
-    lines = [head, "-" * len(head)]
-    for r in runs:
+def median(values: list[float]) -> float:
+    v = sorted(values)
+    n = len(v)
+    if n == 0:
+        return float("nan")
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def median_of(runs: list[Run]) -> Run:
+    """One row from a backend's repeated boots: per test the median of the
+    boots that gave a result (and how many did), the median of each CPU
+    figure over the same boots; every boot's problems, numbered."""
+    out = Run(runs[0].backend, skipped=runs[0].skipped, log_dir=runs[0].log_dir)
+    tests = [t for t in ALL_TESTS if any(t in r.results for r in runs)]
+    for t in tests:
+        got = [r for r in runs if t in r.results]
+        unit = got[0].results[t][1]
+        out.results[t] = (median([r.results[t][0] for r in got]), unit,
+                          f"median of {len(got)}/{len(runs)}: "
+                          + " ".join(f"{r.results[t][0]:g}" for r in got))
+        cpus = [r.cpu[t] for r in got if r.cpu.get(t)]
+        if cpus:
+            out.cpu[t] = {n: median([c[n] for c in cpus]) for n in Meters.NAMES}
+    for i, r in enumerate(runs):
+        out.problems += [f"boot {i + 1}: {p}" if len(runs) > 1 else p for p in r.problems]
+        out.notes += [n for n in r.notes if n not in out.notes]
+    return out
+
+
+def ratios(rows: list[Run], base: str = BASE) -> dict[str, dict[str, float]]:
+    """backend -> test -> value / the base row's value (nan where either is missing)."""
+    ref = next((r for r in rows if r.backend == base and not r.skipped), None)
+    out = {}
+    for r in rows:
         if r.skipped:
-            lines.append(f"{r.backend:<{w0}}  skipped: {r.skipped}")
             continue
-        cells = []
-        for t, _ in cols:
-            v = r.results.get(t)
-            cells.append(f"{v[0]:>18,.1f}" if v else f"{'-':>18}")
-        lines.append(f"{r.backend:<{w0}}" + "".join(f"  {c}" for c in cells))
-    lines.append("")
-    lines.append("CPU during each test, % of one core: backend / QEMU main thread / guest vCPU "
-                 "/ other processes on the host (contention):")
-    head = f"{'backend':<{w0}}" + "".join(f"  {t:>20}" for t, _ in cols)
-    lines += [head, "-" * len(head)]
-    for r in runs:
+        out[r.backend] = {}
+        for t, v in r.results.items():
+            b = ref.results.get(t) if ref else None
+            out[r.backend][t] = v[0] / b[0] if b and b[0] else float("nan")
+    return out
+
+
+def _grid(head: list[str], rows: list[list[str]]) -> list[str]:
+    w = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w[0]) if i == 0 else c.rjust(w[i])  # noqa: E731
+                                   for i, c in enumerate(cells))
+    return [line(head), "-" * len(line(head)), *(line(r) for r in rows)]
+
+
+def _num(v: float) -> str:
+    if v != v:
+        return "-"
+    return f"{v:,.2f}" if v < 10 else f"{v:,.0f}"
+
+
+def table(rows: list[Run], tests: list[str], base: str = BASE) -> str:
+    """The values (medians), the ratios to BASE, the backend's CPU, and the CPU detail."""
+    tests = [t for t in ALL_TESTS if t in tests]
+    lines = []
+    body = []
+    for r in rows:
         if r.skipped:
+            body.append([r.backend, f"skipped: {r.skipped}"] + [""] * (len(tests) - 1))
             continue
-        cells = []
-        for t, _ in cols:
-            c = r.cpu.get(t)
-            cells.append(f"{c['backend']:>4.0f}/{c['qemu_main']:>3.0f}/{c['vcpu']:>3.0f}"
-                         f"/{c['others']:>4.0f}" if c else "-")
-        lines.append(f"{r.backend:<{w0}}" + "".join(f"  {c:>20}" for c in cells))
+        body.append([r.backend] + [_num(r.results[t][0]) if t in r.results else "-" for t in tests])
+    lines += _grid(["backend"] + [COLS[t] for t in tests], body)
+    rat = ratios(rows, base)
+    if any(r.backend == base and not r.skipped for r in rows):
+        lines += ["", f"ratio to {base} (same run; ping: lower is better, every other column "
+                      "higher is better):"]
+        body = [[b] + [f"{v[t]:.2f}x" if v.get(t, float('nan')) == v.get(t, float('nan'))
+                       and t in v else "-" for t in tests] for b, v in rat.items()]
+        lines += _grid(["backend"] + tests, body)
+    lines += ["", "backend CPU during each test, % of one core (median):"]
+    body = [[r.backend] + [f"{r.cpu[t]['backend']:.0f}" if r.cpu.get(t) else "-" for t in tests]
+            for r in rows if not r.skipped]
+    lines += _grid(["backend"] + tests, body)
+    lines += ["", "CPU detail, % of one core: backend / QEMU main thread / guest vCPU / other "
+                  "processes on the host (contention):"]
+    body = [[r.backend] + [f"{c['backend']:.0f}/{c['qemu_main']:.0f}/{c['vcpu']:.0f}/"
+                           f"{c['others']:.0f}" if (c := r.cpu.get(t)) else "-" for t in tests]
+            for r in rows if not r.skipped]
+    lines += _grid(["backend"] + tests, body)
     return "\n".join(lines)
 
 
-def best_of(runs: list[Run]) -> Run:
-    """One row from repeated runs: per test the best value (contention only ever
-    lowers them), with the CPU figures of the run that gave it."""
-    if len(runs) == 1:
-        return runs[0]
-    out = Run(runs[0].backend, skipped=runs[0].skipped, log_dir=runs[0].log_dir)
-    for i, r in enumerate(runs):
-        for t, v in r.results.items():
-            if t not in out.results or v[0] > out.results[t][0]:
-                out.results[t] = v
-                out.cpu[t] = r.cpu.get(t, {})
-        out.problems += [f"boot {i + 1}: {p}" for p in r.problems]
-        out.notes += [n for n in r.notes if n not in out.notes]
+# Issue 12, part 4: each as a ratio to slirp in the same run (and bulk to passt).
+TARGETS = (("send", ">=", 1.5, BASE), ("recv", ">=", 1.5, BASE), ("send", ">=", 1.0, "passt"),
+           ("recv", ">=", 1.0, "passt"), ("crr", ">=", 1.0, BASE), ("udp", ">=", 1.0, BASE),
+           ("ping", "<=", 1.0, BASE))
+
+
+def targets(rows: list[Run], who: str = "vhostnet") -> list[str]:
+    """One line per target: met or not, with the ratio."""
+    out = []
+    for t, op, want, peer in TARGETS:
+        r = ratios(rows, peer).get(who, {}).get(t)
+        if r is None or r != r:
+            continue
+        ok = r >= want if op == ">=" else r <= want
+        out.append(f"{'met' if ok else 'MISSED'}: {who} {t} {r:.2f}x {peer} (target {op} {want:g}x)")
     return out
 
 
@@ -463,37 +581,122 @@ def retransmit_summary(run: Run) -> str | None:
     return "\n".join(parts) if parts else None
 
 
+def rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def rss_bench(n: int = RSS_CONNECTIONS) -> dict:
+    """VmRSS of a `vhostnet serve` before and with N open NAT connections."""
+    import trio
+    tmp = Path(tempfile.mkdtemp(prefix="vhostnet-rss-"))
+    sock = tmp / "v.sock"
+    b = subprocess.Popen([sys.executable, "-m", "vhostnet", "serve", "--socket", str(sock),
+                          "--once", "--log-level", "warning", "--max-nat-tcp", str(n + 24)],
+                         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    res = {}
+    try:
+        wait_path(Path(str(sock) + ".ctl"), b, "vhostnet serve")
+
+        async def main():
+            from stack.tcp.config import TcpConfig
+            from vhostnet.testing.frontend import Frontend
+            from tests.hostnet.guest import GW_B, FeGuest
+            held = []
+            ls = trio.socket.socket()
+            await ls.bind(("127.0.0.1", 0))
+            ls.listen(2048)
+            port = ls.getsockname()[1]
+            async with trio.open_nursery() as nur:
+                async def acceptor():
+                    while True:
+                        s, _ = await ls.accept()
+                        held.append(s)
+                nur.start_soon(acceptor)
+                fe = Frontend()
+                await fe.connect(str(sock))
+                from vhostnet.virtio import features as F
+                await fe.handshake(features=F.DEFAULT_FEATURES & ~F.OFFLOAD_FEATURES)
+                fe.post_rx()
+                fe.rx.kick()
+                g = FeGuest(fe, TcpConfig(max_connections=n + 24, rcvbuf=65536, sndbuf=65536))
+                nur.start_soon(g.run)
+                await trio.sleep(0.5)
+                res["rss_before_kib"] = rss_kib(b.pid)
+                conns = []
+                for i in range(n):
+                    conns.append(await g.connect(GW_B, port, timeout=30))
+                res["established"] = sum(c.state.value == "ESTABLISHED" for c in conns)
+                with trio.fail_after(30):
+                    while len(held) < n:
+                        await trio.sleep(0.05)
+                await trio.sleep(1.0)
+                res["rss_with_kib"] = rss_kib(b.pid)
+                res["host_accepted"] = len(held)
+                nur.cancel_scope.cancel()
+        trio.run(main)
+    finally:
+        stop(b)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return res
+
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--backends", default=",".join(ALL_BACKENDS),
                    help="comma-separated, from: " + ", ".join(ALL_BACKENDS))
-    p.add_argument("--tests", default=",".join(ALL_TESTS),
-                   help="comma-separated, from: " + ", ".join(ALL_TESTS))
+    p.add_argument("--tests", default=None,
+                   help="comma-separated, from: " + ", ".join(ALL_TESTS)
+                        + f" (default all; with --builtin {','.join(BUILTIN_TESTS)})")
     p.add_argument("--seconds", type=int, default=5, help="per test, whole seconds (default 5)")
-    p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
     p.add_argument("--repeat", type=int, default=1, metavar="N",
-                   help="boot each backend N times; the table shows the best of N per test")
+                   help="boot each backend N times, round-robin; each cell is the median")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke check: 1 boot per backend, {QUICK_SECONDS} s per test")
+    p.add_argument("--builtin", action="store_true",
+                   help="vhostnet rows on its built-in services (not the same work; a "
+                        "separate, labelled table)")
+    p.add_argument("--rss", action="store_true",
+                   help=f"only the RSS of vhostnet serve idle and with {RSS_CONNECTIONS} NAT "
+                        "connections (no guest)")
+    p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
     p.add_argument("--no-build", action="store_true", help="use the guest image as built")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
-                   help="before each backend, wait up to SECONDS for other processes to go "
+                   help="before each boot, wait up to SECONDS for other processes to go "
                         f"below {QUIET:.0f}%% of one core (for shared machines)")
     p.add_argument("-v", "--verbose", action="store_true", help="echo the guest console")
     args = p.parse_args(argv)
     # Ctrl-C or SIGTERM (even when started in the background, where SIGINT may
     # come in ignored) unwinds through the finally blocks that stop QEMU,
-    # the backend and hostsrv.
+    # the backend and the host servers.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    if args.rss:
+        r = rss_bench()
+        print(f"vhostnet RSS: {r.get('rss_before_kib', 0) / 1024:.1f} MiB idle, "
+              f"{r.get('rss_with_kib', 0) / 1024:.1f} MiB with {r.get('established')} open NAT "
+              f"connections ({r.get('host_accepted')} accepted by the host listener)")
+        return 0
+    if args.quick:
+        args.repeat, args.seconds = 1, QUICK_SECONDS
     backends = [b for b in args.backends.split(",") if b]
-    args.tests = [t for t in args.tests.split(",") if t]
+    default = BUILTIN_TESTS if args.builtin else ALL_TESTS
+    args.tests = [t for t in (args.tests.split(",") if args.tests else default) if t]
     for b in backends:
         if b not in ALL_BACKENDS:
             p.error(f"unknown backend {b!r} (choose from {', '.join(ALL_BACKENDS)})")
     for t in args.tests:
         if t not in ALL_TESTS:
             p.error(f"unknown test {t!r} (choose from {', '.join(ALL_TESTS)})")
+    if args.builtin and {"isend", "irecv"} & set(args.tests):
+        p.error("--builtin: the built-in services have no iperf3 (tests: "
+                + ",".join(BUILTIN_TESTS) + ")")
     if not 1 <= args.repeat <= 20:
         p.error("--repeat must be 1..20")
     if not 1 <= args.seconds <= 120:
@@ -507,8 +710,11 @@ def main(argv: list[str] | None = None) -> int:
             log("scripts/build-guest.sh failed")
             return 1
     image = qemu.find_image()
+    if {"isend", "irecv"} & set(args.tests):
+        image = image.with_apps()         # iperf3; the same image for every backend
     accel = qemu.choose_accel(args.accel)
     idle_load = host_load(1.0)
+    load_avg = os.getloadavg()
     if idle_load > 20:
         log(f"warning: the host is busy before the benchmark ({idle_load:.0f}% of one core in "
             f"use by other processes); the numbers will be low and noisy")
@@ -516,25 +722,43 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args, image, accel, out_dir)
     all_runs: list[Run] = []
     try:
-        for rep in range(args.repeat):
+        for rep in range(args.repeat):          # round-robin: noise hits every row alike
             for b in backends:
                 all_runs.append(bench.run(b, rep))
     finally:
         bench.close()
-    runs = [best_of([r for r in all_runs if r.backend == b]) for b in backends]
+    rows = [median_of([r for r in all_runs if r.backend == b]) for b in backends]
+    end_avg = os.getloadavg()
     print()
+    if args.builtin:
+        print("# BUILT-IN SERVICES: the vhostnet rows talk to the backend's own discard/chargen/"
+              "echo on 10.0.2.2 (no host sockets);\n# slirp and passt talk to host servers. "
+              "Not the same work: not what an application through the NAT sees.")
+    else:
+        print("# SAME WORK: every backend NATs the guest to the same host servers on 127.0.0.1 "
+              "(hostsrv, iperf3 -s); vhostnet with --no-services")
     print(f"# bench_qemu: {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, "
           f"accel {accel}, guest {image.kernel_version}, {args.seconds:g} s per test, MTU 1500, "
-          + (f"best of {args.repeat} boots, " if args.repeat > 1 else "") +
-          f"host busy before start {idle_load:.0f}% of one core")
-    print(table(runs, args.tests))
+          f"median of {args.repeat} boot(s) per backend, round-robin; host busy before start "
+          f"{idle_load:.0f}% of one core; load average {load_avg[0]:.2f} at start, "
+          f"{end_avg[0]:.2f} at end")
+    print(table(rows, args.tests))
+    if not args.builtin:
+        t = targets(rows)
+        if t:
+            print("\nissue 12 targets (ratios of medians):\n  " + "\n  ".join(t))
     bad = 0
-    for r in runs:
+    for r in rows:
         for n in r.notes:
             print(f"\n{r.backend}: {n}")
-        s = retransmit_summary(r)
-        if s:
-            print(f"\n{r.backend}: the backend's counters during each test:\n{s}")
+        if args.repeat > 1:
+            for t, v in r.results.items():
+                print(f"{r.backend}: {t}: {v[2]}")
+        for run in (x for x in all_runs if x.backend == r.backend):
+            s = retransmit_summary(run)
+            if s:
+                print(f"\n{r.backend} ({run.log_dir.name}): the backend's counters during each "
+                      f"test:\n{s}")
         for prob in r.problems:
             print(f"\n{r.backend}: PROBLEM: {prob}")
             bad += 1

@@ -1,0 +1,105 @@
+"""The report logic of scripts/bench_qemu.py on canned runs: the median of
+repeated boots, the ratios to slirp, the target lines and the table.
+
+No guest is booted and nothing is timed: the Run records are made by hand,
+as the console parser would fill them, and the checks are on the arithmetic
+and on what the table says about missing or skipped cells."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_qemu.py"
+
+
+@pytest.fixture(scope="module")
+def bq():
+    spec = importlib.util.spec_from_file_location("bench_qemu", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod          # its dataclasses look themselves up there
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def cpu(bq, backend: float) -> dict:
+    return {n: backend if n == "backend" else 1.0 for n in bq.Meters.NAMES}
+
+
+def run(bq, name: str, **values) -> "bq.Run":
+    r = bq.Run(name)
+    for t, v in values.items():
+        r.results[t] = (v, "x", "")
+        r.cpu[t] = cpu(bq, v / 10)
+    return r
+
+
+def test_median_odd_even_and_empty(bq):
+    assert bq.median([3.0, 1.0, 2.0]) == 2.0
+    assert bq.median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    assert math.isnan(bq.median([]))
+
+
+def test_median_of_takes_each_test_over_the_boots_that_gave_it(bq):
+    boots = [run(bq, "vhostnet", send=100.0, crr=7.0), run(bq, "vhostnet", send=300.0),
+             run(bq, "vhostnet", send=200.0, crr=9.0)]
+    boots[1].problems.append("no result for crr")
+    row = bq.median_of(boots)
+    assert row.results["send"][0] == 200.0
+    assert row.results["crr"][0] == 8.0                 # two boots gave crr
+    assert "2/3" in row.results["crr"][2]
+    assert row.cpu["send"]["backend"] == 20.0           # median of 10, 30, 20
+    assert row.problems == ["boot 2: no result for crr"]
+
+
+def test_ratios_are_to_slirp_and_missing_cells_are_nan(bq):
+    rows = [run(bq, "vhostnet", send=300.0, ping=3.0, udp=50.0),
+            run(bq, "slirp", send=100.0, ping=2.0), run(bq, "passt", send=600.0)]
+    r = bq.ratios(rows)
+    assert r["vhostnet"]["send"] == 3.0
+    assert r["vhostnet"]["ping"] == 1.5
+    assert math.isnan(r["vhostnet"]["udp"])             # slirp has no udp result
+    assert r["slirp"]["send"] == 1.0
+    assert bq.ratios(rows, "passt")["vhostnet"]["send"] == 0.5
+
+
+def test_targets_say_met_or_missed_and_ping_is_lower_is_better(bq):
+    rows = [run(bq, "vhostnet", send=300.0, recv=120.0, ping=1.0, crr=50.0),
+            run(bq, "slirp", send=100.0, recv=100.0, ping=2.0, crr=100.0),
+            run(bq, "passt", send=600.0, recv=60.0)]
+    lines = bq.targets(rows)
+    assert "met: vhostnet send 3.00x slirp (target >= 1.5x)" in lines
+    assert "MISSED: vhostnet recv 1.20x slirp (target >= 1.5x)" in lines
+    assert "MISSED: vhostnet send 0.50x passt (target >= 1x)" in lines
+    assert "met: vhostnet recv 2.00x passt (target >= 1x)" in lines
+    assert "MISSED: vhostnet crr 0.50x slirp (target >= 1x)" in lines
+    assert "met: vhostnet ping 0.50x slirp (target <= 1x)" in lines
+    assert not any(" udp " in line for line in lines)   # no numbers, no line
+
+
+def test_table_shows_values_ratios_cpu_and_skips(bq):
+    skipped = bq.Run("passt", skipped="passt not found")
+    rows = [run(bq, "vhostnet", send=1234.0, ping=2.5), run(bq, "slirp", send=617.0, ping=5.0),
+            skipped]
+    text = bq.table(rows, ["send", "ping"])
+    lines = text.splitlines()
+    vrow = next(line for line in lines if line.startswith("vhostnet"))
+    assert "1,234" in vrow and "2.50" in vrow
+    assert any(line.startswith("passt") and "skipped: passt not found" in line for line in lines)
+    ratio_block = text.split("ratio to slirp")[1].split("backend CPU")[0]
+    vratio = next(line for line in ratio_block.splitlines() if line.startswith("vhostnet"))
+    assert vratio.split()[1:] == ["2.00x", "0.50x"]
+    cpu_block = text.split("backend CPU during each test")[1].split("CPU detail")[0]
+    vcpu = next(line for line in cpu_block.splitlines() if line.startswith("vhostnet"))
+    assert vcpu.split()[1:] == ["123", "0"]              # 1234/10, 2.5/10 rounded
+
+
+def test_table_without_slirp_prints_no_ratios(bq):
+    text = bq.table([run(bq, "vhostnet", send=1.0)], ["send"])
+    assert "ratio to" not in text
