@@ -42,8 +42,8 @@ from __future__ import annotations
 import collections
 import struct
 
-from vhostnet.virtio.findings import Findings, rule as findings_rule
-from vhostnet.virtio.ring import Chain, ChainError
+from vhostnet.virtio.findings import Findings
+from vhostnet.virtio.ring import chain_truncated, refusal_doc, Chain, ChainError
 from vhostnet.virtio.split import MAX_QUEUE_SIZE, full_barrier
 from vhostnet.vhostuser.memory import GuestMemory, OutOfBounds
 
@@ -577,9 +577,7 @@ class PackedRing:
             pos = (pos + 1) % self.num
         return out
 
-    @staticmethod
-    def chain_truncated(entries: list[dict]) -> bool:
-        return bool(entries) and entries[-1].get("more", False)
+    chain_truncated = staticmethod(chain_truncated)
 
     def chain_refusal(self, head: int) -> dict | None:
         """The finding the device would refuse the chain at ring position HEAD with (read-only)."""
@@ -589,9 +587,7 @@ class PackedRing:
         try:
             self._walk(head, wrap, record=False)
         except ChainError as e:
-            r = findings_rule(e.reason)
-            return {"id": r.id, "level": r.level, "section": r.section, "message": r.message,
-                    "detail": str(e)}
+            return refusal_doc(e)
         return None
 
     def describe(self) -> dict:

@@ -131,3 +131,15 @@ class Ring(Protocol):
     def used_entry(self, idx: int) -> tuple[int, int] | None: ...
     def avail_entry(self, idx: int) -> int | None: ...
     def guest_used_idx(self) -> int: ...
+
+
+def chain_truncated(entries: list[dict]) -> bool:
+    """A ring's describe_chain() stopped at its bound: the chain claims more descriptors."""
+    return bool(entries) and entries[-1].get("more", False)
+
+
+def refusal_doc(e: ChainError) -> dict:
+    """What `inspect --desc` shows of the finding a chain would be refused with."""
+    from vhostnet.virtio.findings import rule
+    r = rule(e.reason)
+    return {"id": r.id, "level": r.level, "section": r.section, "message": r.message, "detail": str(e)}

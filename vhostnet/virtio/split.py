@@ -36,8 +36,8 @@ import os
 import struct
 import threading
 
-from vhostnet.virtio.findings import Findings, rule as findings_rule
-from vhostnet.virtio.ring import MAX_CHAIN_DESCS, Budget, Chain, ChainError
+from vhostnet.virtio.findings import Findings
+from vhostnet.virtio.ring import chain_truncated, refusal_doc, MAX_CHAIN_DESCS, Budget, Chain, ChainError
 from vhostnet.vhostuser.memory import GuestMemory, OutOfBounds
 
 __all__ = ["SplitRing", "Chain", "VRING_DESC_F_NEXT", "VRING_DESC_F_WRITE",
@@ -456,10 +456,7 @@ class SplitRing:
             i = nxt
         return out
 
-    @staticmethod
-    def chain_truncated(entries: list[dict]) -> bool:
-        """describe_chain() stopped at its bound: the chain claims more descriptors."""
-        return bool(entries) and entries[-1].get("more", False)
+    chain_truncated = staticmethod(chain_truncated)
 
     def chain_refusal(self, head: int) -> dict | None:
         """The finding the device would refuse the chain at HEAD with, or None (read-only)."""
@@ -468,9 +465,7 @@ class SplitRing:
         try:
             self._walk(head)
         except ChainError as e:
-            r = findings_rule(e.reason)
-            return {"id": r.id, "level": r.level, "section": r.section, "message": r.message,
-                    "detail": str(e)}
+            return refusal_doc(e)
         return None
 
     # -- returning chains --------------------------------------------------
