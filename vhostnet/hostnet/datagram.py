@@ -57,6 +57,38 @@ class _DatagramRelay:
                     pass
                 self.sock.close()
 
+    # (counter, rate-limit key, message) for a failed recv; and what a
+    # datagram from the host becomes: the subclass's.
+    RECV_ERROR = ("datagram_recv_error", "dgram_recv", "recv from the host failed: %s")
+
+    def _deliver(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _refused_by_host(self) -> None:
+        self.p.count(self.RECV_ERROR[0])
+
+    async def run(self) -> None:
+        """Every datagram the host socket receives, for the life of the flow.
+        Each wait is a checkpoint, so a host that floods cannot starve the loop."""
+        p, s = self.p, self.sock
+        counter, key, message = self.RECV_ERROR
+        with self.scope:
+            while True:
+                await trio.lowlevel.wait_readable(s)
+                try:
+                    data = s.recv(UDP_MAX_DATAGRAM)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except ConnectionRefusedError:
+                    self._refused_by_host()
+                    continue
+                except OSError as e:
+                    p.count(counter)
+                    p.rlog.warning(key, message, e)
+                    continue
+                self._deliver(data)
+                p.flush()
+
     def _send(self, data, addr=None) -> None:
         try:
             if addr is None:
@@ -121,24 +153,13 @@ class UdpRelay(_DatagramRelay):
                 self.p.count("datagram_send_error")
                 self.p.rlog.warning("dgram_send", "UDP forward reply failed: %s", e)
 
-    async def run(self) -> None:
-        p, s = self.p, self.sock
-        with self.scope:
-            while True:
-                await trio.lowlevel.wait_readable(s)
-                try:
-                    data = s.recv(UDP_MAX_DATAGRAM)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except ConnectionRefusedError:
-                    self._refused()
-                    continue
-                except OSError as e:
-                    p.count("datagram_recv_error")
-                    p.rlog.warning("dgram_recv", "UDP from the host failed: %s", e)
-                    continue
-                p.flows.udp_send(p.now(), self.fid, data)
-                p.flush()
+    RECV_ERROR = ("datagram_recv_error", "dgram_recv", "UDP from the host failed: %s")
+
+    def _refused_by_host(self) -> None:
+        self._refused()
+
+    def _deliver(self, data: bytes) -> None:
+        self.p.flows.udp_send(self.p.now(), self.fid, data)
 
 
 class PingRelay(_DatagramRelay):
@@ -160,22 +181,12 @@ class PingRelay(_DatagramRelay):
         # The kernel fills in the identifier and the checksum (ping socket).
         self._send(ICMP_ECHO.pack(icmpw.ECHO_REQUEST, 0, 0, 0, seq) + payload)
 
-    async def run(self) -> None:
-        p, s = self.p, self.sock
-        with self.scope:
-            while True:
-                await trio.lowlevel.wait_readable(s)
-                try:
-                    data = s.recv(UDP_MAX_DATAGRAM)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError as e:
-                    p.count("icmp_recv_error")
-                    p.rlog.warning("icmp_recv", "ICMP from %s: %s", self.dst, e)
-                    continue
-                if len(data) < ICMP_ECHO.size or data[0] != icmpw.ECHO_REPLY:
-                    p.count("icmp_unexpected")
-                    continue
-                _t, _c, _cs, _id, seq = ICMP_ECHO.unpack_from(data)
-                p.flows.icmp_reply(p.now(), self.fid, seq, data[ICMP_ECHO.size:])
-                p.flush()
+    RECV_ERROR = ("icmp_recv_error", "icmp_recv", "ICMP from the host failed: %s")
+
+    def _deliver(self, data: bytes) -> None:
+        p = self.p
+        if len(data) < ICMP_ECHO.size or data[0] != icmpw.ECHO_REPLY:
+            p.count("icmp_unexpected")
+            return
+        _t, _c, _cs, _id, seq = ICMP_ECHO.unpack_from(data)
+        p.flows.icmp_reply(p.now(), self.fid, seq, data[ICMP_ECHO.size:])
