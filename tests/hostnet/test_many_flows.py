@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
 import trio
 
-from .guest import GUEST_B, GW_B
-from .test_proxy import attach, backend, fds, tcp_server  # noqa: F401 (backend: a fixture)
+from vhostnet.launch.serve import make_server, serve_backend
+from vhostnet.observe.control import ControlServer
+
 from ..observe import ask
+from .guest import GUEST_B, GW_B
+from .test_proxy import attach, fds, hostnet, tcp_server
 
 N_CONNS = 200
 BATCH = 50                  # under the NAT's 128 held SYNs (FlowConfig.max_half_open)
@@ -27,6 +31,17 @@ def payload(i: int) -> bytes:
     """Bytes of connection I's own (a mix-up between flows shows as a mismatch)."""
     seed = hashlib.sha256(b"flow %d" % i).digest()
     return (b"%05d:" % i + seed * (PAYLOAD // len(seed) + 1))[:PAYLOAD]
+
+
+@pytest.fixture
+async def backend(tmp_path, nursery):
+    """(server, control): the backend with its default host network (caps included)."""
+    srv = make_server(str(tmp_path / "v.sock"), hostnet=hostnet())
+    srv.listen()
+    ctl = ControlServer(srv, str(tmp_path / "v.sock.ctl"))
+    ctl.listen()
+    await nursery.start(serve_backend, srv, ctl)
+    yield srv, ctl
 
 
 async def echo(s) -> None:
