@@ -97,6 +97,25 @@ class _TokenBucket:
         return False
 
 
+#: Connections kept for the built-in TCP services beside the NAT's flows.
+SERVICE_CONNECTIONS = 64
+
+
+def _tcp_config_for(flows: FlowConfig | None):
+    """The TCP layer's cap on connections must not cut the NAT's below its
+    own cap: every NAT flow is a connection, and the ones the host side
+    closed first linger in TIME-WAIT after their flow is gone (up to
+    max_time_wait). Without room for both, SYNs past the layer's cap were
+    dropped silently (tcp_conn_limit_drops) before the NAT's cap, which
+    answers with a RST and counts nat_tcp_flow_limit, was reached."""
+    if TcpLayer is None or flows is None:
+        return None
+    from .tcp.config import TcpConfig
+    base = TcpConfig()
+    need = flows.max_tcp + base.max_time_wait + SERVICE_CONNECTIONS
+    return TcpConfig(max_connections=max(base.max_connections, need))
+
+
 class Stack:
     def __init__(self, config: NetConfig | None = None, *, icmp_rate: float = 100.0,
                  icmp_burst: int = 20, arp_ttl: float = 300.0, reasm_timeout: float = 30.0,
@@ -131,7 +150,7 @@ class Stack:
         self.flows: FlowTable | None = None
         if TcpLayer is not None:
             # ACKs batched per take_frames(): see TcpLayer.flush_acks.
-            self.tcp = TcpLayer(self._tcp_emit, defer_acks=True)
+            self.tcp = TcpLayer(self._tcp_emit, defer_acks=True, config=_tcp_config_for(flows))
             if flows is not None:
                 self.flows = FlowTable(flows, self.tcp, self.counters, self._gw_ip,
                                        set_now=self._set_now, udp_output=self._udp_output,

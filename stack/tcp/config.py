@@ -23,7 +23,9 @@ class TcpConfig:
     msl: float = 30.0               # TIME_WAIT lasts 2*MSL
     max_time_wait: int = 512        # oldest TIME_WAIT is dropped beyond this
     # All connections in any state. With 256 KiB each way this caps what a
-    # guest can make the TCP layer buffer at 1024 * 512 KiB = 512 MiB.
+    # guest can make the TCP layer buffer at 1024 * 512 KiB = 512 MiB. A Stack
+    # with NAT flows raises it to its flow cap + TIME-WAIT + services
+    # (stack/interface.py _tcp_config_for); the flow cap then bounds the buffers.
     max_connections: int = 1024
     syn_retries: int = 6
     max_retries: int = 15           # data retransmissions / unanswered probes before abort
