@@ -449,6 +449,8 @@ def drive(args, g, pid: int, ctl: str | None, port: int, counts: list[int]) -> d
     """G: the guest (a Guest on the vhost-user rings, or a PasstGuest); CTL:
     vhostnet's control socket (None for passt: no flow counts, only fds)."""
     cs = Conns(g, port)
+    # The guest stack's own cap (TcpConfig.max_connections, 1,024) must not be the limit.
+    g.st.tcp.config.max_connections = max(g.st.tcp.config.max_connections, max(counts) + 64)
     # Idle: the handshake is done and the RX ring posted; let the backend settle.
     run_for(g, cs, 1.0)
     out = {"idle": rss(pid), "idle_fds": nfds(pid), "idle_nat": nat_counts(ctl), "rows": []}
