@@ -102,6 +102,7 @@ sys.argv = ["vhostnet"] + sys.argv[1:]
 pr.enable()
 runpy.run_module("vhostnet", run_name="__main__")
 """
+SETTLE = 0.3                    # s: past the guest's delayed ACKs (40 ms) before a stats request
 STREAM_LEN = struct.Struct("!I")   # QEMU -netdev stream: each frame after its length
 
 
@@ -456,13 +457,20 @@ def drive(args, g, pid: int, ctl: str | None, port: int, counts: list[int]) -> d
     out = {"idle": rss(pid), "idle_fds": nfds(pid), "idle_nat": nat_counts(ctl), "rows": []}
     for n in counts:
         open_to(g, cs, n, args.batch)
-        row = {"n": n, "open_rss": rss(pid), "open_fds": nfds(pid), "nat": nat_counts(ctl)}
+        row = {"n": n, "open_rss": rss(pid), "open_fds": nfds(pid)}
+        t = time.monotonic()
+        row["nat"] = nat_counts(ctl)
+        row["stats_ms"] = 1e3 * (time.monotonic() - t)   # one `stats` request, all flows listed
         row["idle_cpu"] = measure_idle(g, cs, pid, args.idle_seconds)
         warm_up(g, cs, args.batch)
+        # A `stats` request blocks this process, the guest too: let its delayed
+        # ACKs go out first, or the backend's RTO fires for them meanwhile.
+        run_for(g, cs, SETTLE)
         lo = losses(ctl, g.st.all_counters())
         prev = (lo["backend"]["tcp_rto_timeouts"], lo["guest"]["tcp_rto_timeouts"])
         row.update(measure_traffic(g, cs, pid, n, args.rate, args.seconds))
         row["after_rss"] = rss(pid)
+        run_for(g, cs, SETTLE)
         lo = losses(ctl, g.st.all_counters())
         row["retx"] = (lo["backend"]["tcp_rto_timeouts"] - prev[0],
                        lo["guest"]["tcp_rto_timeouts"] - prev[1])
@@ -541,6 +549,11 @@ def table(runs: list[dict], name: str) -> str:
     L.append(f"per connection: {med(per) / 1e3:.1f} kB "
              f"(RSS with {runs[0]['rows'][-1]['n']} open minus idle, divided); "
              f"peak RSS (VmHWM) {med([r['hwm'] for r in runs]) / MB:.1f} MB")
+    if runs[0]["idle_nat"]["tcp"] is not None:
+        L.append("a `stats` request, every flow listed (the loop serves no frames meanwhile): " +
+                 ", ".join(f"{runs[0]['rows'][k]['n']} conns "
+                           f"{med([r['rows'][k]['stats_ms'] for r in runs]):.0f} ms"
+                           for k in range(len(runs[0]["rows"]))))
     L.append("")
     head = (f"{'connections':>11} {'msg/s':>7} {'frames/msg':>10} {'us/frame':>9} {'us/msg':>7} "
             f"{'vs first':>8} {'p50 ms':>7} {'p99 ms':>7} {'retx b/g':>9} "
