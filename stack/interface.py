@@ -6,7 +6,9 @@ dispatch to the UDP sockets and the TCP layer. Everything it sends to the
 guest is appended to an output list that `take_frames` hands over.
 
 Receive path, top to bottom (`receive`):
-  Ethernet type -> ARP (`_rx_arp`) or IPv4 (`_rx_ipv4`): header checks
+  Ethernet type -> ARP (`_rx_arp`), IPv6 (`_rx_ipv6`: only a Router
+  Solicitation is answered, with "no router here", stack/wire/ndp.py) or
+  IPv4 (`_rx_ipv4`): header checks
   (stack/wire/ipv4.py `check_header`, the one IPv4 parser) -> learn the
   guest's MAC -> loopback if addressed to the guest -> the routing step
   (`_route`) -> reassembly -> per protocol:
@@ -51,6 +53,7 @@ from .services.network import NetworkServices, ServicesConfig
 from .udp import UdpLayer
 from .wire import arp as arpw
 from .wire import icmp as icmpw
+from .wire import ndp
 from .wire.udp import HEADER as _UDPH
 from .wire.ethernet import BROADCAST, MIN_FRAME
 from .wire.ipv4 import (FLAG_DF, FLAG_MF, HEADER as IPH, OFFSET_MASK, PROTO_ICMP, PROTO_TCP,
@@ -69,6 +72,7 @@ __all__ = ["Stack", "finalize_l4_checksum"]
 ETH_HLEN = 14                  # IEEE 802.3: two MACs and the EtherType
 _ETH_IP = b"\x08\x00"
 _ETH_ARP = b"\x08\x06"
+_ETH_IPV6 = b"\x86\xdd"
 _ZERO_IP = b"\0\0\0\0"
 TSO_MAX_PAYLOAD = 65535 - 40 - 20
 
@@ -142,6 +146,8 @@ class Stack:
         self._netaddr = net.network_address.packed
         self._hosts = frozenset(cfg.host_ips)
         self._errors = _TokenBucket(icmp_rate, icmp_burst)
+        self._ra_frame = bytes(ndp.advertisement(self._gw_mac))
+        self._last_ra: float | None = None
         self.arp = ArpCache(self.counters, ttl=arp_ttl)
         self.reasm = Reassembler(self.counters, timeout=reasm_timeout, max_total=reasm_max_total)
         self.udp = UdpLayer(self._udp_output, self.counters, self._gw_ip)
@@ -252,6 +258,8 @@ class Stack:
             self._rx_ipv4(frame, buf, n, now)
         elif et == _ETH_ARP:
             self._rx_arp(buf, now)
+        elif et == _ETH_IPV6:
+            self._rx_ipv6(buf, now)
         else:
             c["drop_eth_unknown_type"] += 1
 
@@ -289,6 +297,28 @@ class Stack:
         f += bytes(MIN_FRAME - len(f))
         c["arp_replies"] += 1
         self._emit(Frame(f))
+
+    # ---------------------------------------------------------------- IPv6
+    def _rx_ipv6(self, buf: bytes, now: float) -> None:
+        """IPv4 only: the one IPv6 packet answered is a Router Solicitation,
+        with an advertisement that there is no router (stack/wire/ndp.py),
+        at most once per MIN_DELAY_BETWEEN_RAS."""
+        c = self.counters
+        try:
+            ndp.parse_solicitation(buf, ETH_HLEN)
+        except ndp.NotSolicitation:
+            c["drop_ipv6_unsupported"] += 1     # MLD reports, neighbour solicitations...
+            return
+        except ndp.NdpError as e:
+            c["drop_" + e.reason] += 1
+            return
+        c["ndp_rs_rx"] += 1
+        if self._last_ra is not None and now - self._last_ra < ndp.MIN_DELAY_BETWEEN_RAS:
+            c["ndp_rs_rate_limited"] += 1
+            return
+        self._last_ra = now
+        c["ndp_ra_tx"] += 1
+        self._emit(Frame(bytearray(self._ra_frame)))
 
     def _send_arp_request(self, ip: bytes) -> None:
         req = arpw.ArpRepr(arpw.OP_REQUEST, self._gw_mac, self._gw_ip, b"\0" * 6, ip)

@@ -24,7 +24,7 @@ def test_multicast_and_pad():
 
 def test_runt_and_unknown_types_counted(st):
     assert send(st, b"\x00" * 13) == []
-    assert send(st, bytes(Ether(src=GUEST_MAC, dst=GW_MAC, type=0x86DD) / bytes(40))) == []
+    assert send(st, bytes(Ether(src=GUEST_MAC, dst=GW_MAC, type=0x8035) / bytes(40))) == []  # RARP
     assert st.counters["drop_eth_truncated"] == 1
     assert st.counters["drop_eth_unknown_type"] == 1
     assert st.counters["rx_frames"] == 2

@@ -26,9 +26,10 @@ test reads the backend's stats; `ipxe_session()` then ends QEMU and the
 backend.
 
 iPXE's `dhcp` returns only when every configurator of the NIC is done, and
-its IPv6 one starts with it: router solicitations that vhostnet (IPv4 only)
-never answers, so `dhcp` returns about 16 s after the DISCOVER although the
-lease is bound after 3 s.  The waits below allow for that.
+its IPv6 one starts with it: a router solicitation, which the stack answers
+with an advertisement that there is no IPv6 router (stack/wire/ndp.py), so
+`dhcp` returns as soon as the lease is bound (about 3 s under TCG; without
+the answer iPXE retransmits for about 16 s).
 
     with ipxe_session(script, tftp_files) as q:
         stats = q.wait_stats(lambda s: s["services"]["tftp"]["completed"] >= 1)
@@ -53,7 +54,7 @@ IPXE_LKRN = Path("/usr/lib/ipxe/ipxe.lkrn")
 IPXE_PACKAGE = "ipxe"
 SCRIPT_MAGIC = "#!ipxe"            # iPXE's script image signature (first line)
 STATS_POLL = 0.1                   # seconds between stats requests while waiting
-WAIT_TIMEOUT = 90.0                # seconds: boot + DHCP + iPXE's ~16 s IPv6 autoconf wait
+WAIT_TIMEOUT = 90.0                # seconds: boot + DHCP under a loaded TCG host
 
 # The lease as iPXE's settings spell it, in the name the script asks for.
 LEASE_FILE_TEMPLATE = ("lease-${net0/ip}-${net0/netmask}-${net0/gateway}-${net0/dns}.ipxe")
