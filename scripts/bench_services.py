@@ -51,7 +51,7 @@ from vhostnet.hostnet.tftp_root import TftpRoot  # noqa: E402
 from vhostnet.launch.serve import make_server, serve_backend  # noqa: E402
 from vhostnet.testing.dnsserver import DnsTestServer  # noqa: E402
 from vhostnet.testing.frontend import Frontend  # noqa: E402
-from vhostnet.testing.uboot import UBoot, uboot_argv, uboot_session  # noqa: E402
+from vhostnet.testing.uboot import UBoot, missing, uboot_argv, uboot_session  # noqa: E402
 
 GMAC, GWMAC = "52:54:00:12:34:56", "52:55:0a:00:02:02"
 
@@ -294,8 +294,8 @@ async def main_async(args) -> None:
         print(f"  {'blksize':>8}{'MB/s':>10}")
         for blk in (512, 1468, 8192, 65464):
             print(f"  {blk:>8}{tftp_stack(size, blk, root) / 1e6:>10.1f}")
-        if args.no_qemu or not os.path.exists("/usr/lib/u-boot/qemu-x86_64/u-boot.rom"):
-            print("\n(U-Boot runs skipped)")
+        if args.no_qemu or missing() is not None:
+            print(f"\n(U-Boot runs skipped: {'--no-qemu' if args.no_qemu else missing()})")
             return
         lx_size = 1 << 20
         with open(os.path.join(root, "tftp.bin"), "wb") as f:

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from vhostnet.launch import qemu
-from vhostnet.testing.guest import FALLBACK, UBOOT_ROM, Guest, Lines
+from vhostnet.testing import uboot
+from vhostnet.testing.guest import FALLBACK, Guest, Lines
 from vhostnet.testing.restarts import backend_restart, qemu_restarts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,7 +86,7 @@ def test_fd_serves_a_qemu_guest(workdir):
     assert path.is_socket()          # the caller's path, left alone
 
 
-@pytest.mark.skipif(not os.path.exists(UBOOT_ROM), reason=f"{UBOOT_ROM} is missing (make setup installs u-boot-qemu)")
+@pytest.mark.skipif(uboot.missing() is not None, reason=str(uboot.missing()))
 def test_qemu_killed_again_and_again_leaves_the_backend_flat(workdir):
     """(a) in short: early kills, U-Boot guests and one Linux guest, each
     killed with SIGKILL mid-traffic (100 cycles: scripts/reconnect_qemu_restarts.py)."""

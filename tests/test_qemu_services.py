@@ -31,7 +31,7 @@ from vhostnet.hostnet.tftp_root import TftpRoot
 from vhostnet.launch import qemu
 from vhostnet.launch.serve import serve_backend
 from vhostnet.testing.dnsserver import DnsTestServer
-from vhostnet.testing.uboot import uboot_session
+from vhostnet.testing.uboot import missing, uboot_session
 
 from .device.conftest import make_server
 from .observe import sockdir  # noqa: F401 (fixture)
@@ -94,8 +94,7 @@ async def test_linux_guest_udhcpc_dns_and_tftp(nursery, sockdir, tmp_path):
     assert "tftp: ok" in out
 
 
-@pytest.mark.skipif(not os.path.exists("/usr/lib/u-boot/qemu-x86_64/u-boot.rom"),
-                    reason="u-boot-qemu is not installed")
+@pytest.mark.skipif(missing() is not None, reason=str(missing()))
 def test_uboot_dhcp_and_tftp(tmp_path):
     """Through `vhostnet serve --tftp DIR --bootfile boot.bin` (the CLI wiring too)."""
     root = tmp_path / "tftp"

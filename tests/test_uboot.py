@@ -11,32 +11,18 @@ must be in the device's counters.  About a second per case under TCG.
 """
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
-from vhostnet.launch import qemu
 from vhostnet.testing import uboot
 
 CASES = [("q35", True), ("q35", False), ("virt-aarch64", True), ("virt-aarch64", False)]
-
-
-def _missing(machine: str) -> str | None:
-    m = qemu.machine(machine)
-    if shutil.which(m.qemu) is None:
-        return f"{m.qemu} is not installed (Debian package {m.package}; scripts/setup.sh)"
-    try:
-        uboot.firmware(machine)
-    except uboot.UBootError as e:
-        return str(e)
-    return None
 
 
 @pytest.mark.qemu
 @pytest.mark.parametrize("machine,legacy", CASES,
                          ids=[f"{m}-{'legacy' if legacy else 'modern'}" for m, legacy in CASES])
 def test_uboot_pings_the_gateway(machine, legacy, tmp_path, record_property):
-    why = _missing(machine)
+    why = uboot.missing(machine)
     if why:
         pytest.skip(why)
     with uboot.uboot_session(machine, legacy=legacy, workdir=tmp_path) as u:
@@ -59,7 +45,7 @@ def test_uboot_pings_the_gateway(machine, legacy, tmp_path, record_property):
 
 def test_uboot_argv_per_machine():
     """No QEMU needed: firmware, transport and legacy/modern flags."""
-    if _missing("q35") or _missing("virt-aarch64"):
+    if uboot.missing("q35") or uboot.missing("virt-aarch64"):
         pytest.skip("u-boot-qemu is not installed")
     x86 = uboot.uboot_argv("q35", "/tmp/v.sock", legacy=True)
     assert x86[0] == "qemu-system-x86_64" and x86[x86.index("-bios") + 1].endswith("qemu-x86_64/u-boot.rom")

@@ -7,11 +7,11 @@ kill one under the other (tests/test_qemu_backend.py, scripts/reconnect_*.py).
     Backend      `python -m vhostnet serve` as a child process, its log in Lines
     Guest        qemu-system-x86_64 booting the test image (qemu/build/), its
                  console and stderr in Lines
-    UBootGuest   the same NIC driven by U-Boot (Debian's u-boot-qemu): at its
-                 prompt within a second or two under TCG, where Linux needs
-                 several, so restart loops can run a hundred cycles; its
-                 driver is another one (legacy, MAC only, polling)
     fd_count(), rss_kib()   what /proc says about a process
+
+U-Boot guests (at their prompt within a second or two under TCG, where
+Linux needs several) are vhostnet/testing/uboot.py's `UBoot`, which has the
+same kill() and fallback.
 
 The guest runs qemu/init's modes; LOOP=N is the one made for this: steady
 pings (0.1 s) and TCP connections (0.5 s) to the gateway for N seconds.
@@ -31,7 +31,7 @@ from pathlib import Path
 
 from vhostnet.launch import qemu
 
-__all__ = ["Lines", "Backend", "Guest", "UBootGuest", "fd_count", "rss_kib"]
+__all__ = ["Lines", "Backend", "Guest", "fd_count", "rss_kib"]
 
 ROOT = Path(__file__).resolve().parents[2]
 FALLBACK = "falling back on userspace virtio"
@@ -183,6 +183,15 @@ class Guest:
             self.proc.kill()
         self.proc.wait()
 
+    @property
+    def fallback(self) -> bool:
+        """QEMU said it fell back on userspace virtio (the NIC skipped us)."""
+        return self.console.find(FALLBACK) is not None
+
+    def tail(self, n: int = 15) -> str:
+        with self.console.cond:
+            return "\n".join("    " + line for _, line in self.console.lines[-n:])
+
     def wait(self, timeout: float = 60.0) -> int:
         try:
             return self.proc.wait(timeout)
@@ -199,50 +208,3 @@ class Guest:
                     out.append((t, int(m.group(1))))
         return out
 
-
-UBOOT_ROM = "/usr/lib/u-boot/qemu-x86_64/u-boot.rom"
-
-
-class UBootGuest:
-    """QEMU running U-Boot as firmware, typing commands at its prompt: scan
-    virtio, configure QEMU user-net addresses, then PINGS pings of the gateway.
-
-    U-Boot's x86 device tree is the i440FX one, so the machine is `pc`
-    (memory-backend= works there as on q35)."""
-
-    COMMANDS = ["virtio scan", "setenv ipaddr 10.0.2.15", "setenv netmask 255.255.255.0",
-                "setenv gatewayip 10.0.2.2", "setenv serverip 10.0.2.2", "setenv ethact virtio-net#0"]
-
-    def __init__(self, sock: str | os.PathLike, pings: int = 50, rom: str = UBOOT_ROM, echo=None):
-        if not os.path.exists(rom):
-            raise FileNotFoundError(f"{rom} is missing (apt-get install u-boot-qemu)")
-        mem = qemu.DEFAULT_MEMORY
-        self.argv = [qemu.QEMU, *qemu.accel_args("tcg"),
-                     "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
-                     "-M", "pc,memory-backend=mem", "-m", mem,
-                     "-nodefaults", "-nographic", "-serial", "stdio", "-no-reboot",
-                     *qemu.nic_args(sock), "-bios", rom]
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        self.console = Lines(self.proc.stdout, echo)
-        self.pings = pings
-
-    def drive(self, timeout: float = 60.0) -> None:
-        """Stop autoboot, then type the commands (QEMU's UART takes them as U-Boot reads)."""
-        at = self.console.wait_raw("Hit any key to stop autoboot", 0, timeout)
-        self.proc.stdin.write(b"\n")
-        self.proc.stdin.flush()
-        self.console.wait_raw("=> ", at, timeout)
-        script = self.COMMANDS + ["ping 10.0.2.2"] * self.pings
-        self.proc.stdin.write(("\n".join(script) + "\n").encode())
-        self.proc.stdin.flush()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass

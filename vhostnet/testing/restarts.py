@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vhostnet.observe.control import ControlClient
-from vhostnet.testing.guest import FALLBACK, Backend, Guest, UBootGuest, fd_count, rss_kib
+from vhostnet.testing.guest import FALLBACK, Backend, Guest, fd_count, rss_kib
+from vhostnet.testing.uboot import GATEWAY, UBoot, uboot_argv
 
 __all__ = ["Sample", "qemu_restarts", "Timeline", "backend_restart"]
 
@@ -75,6 +76,25 @@ def _started(doc: dict) -> bool:
     return doc.get("connected") and all(q["started"] for q in doc["queues"])
 
 
+def _traffic(doc: dict) -> bool:
+    return bool(doc.get("connected") and doc["device"]["tx_frames"] >= TRAFFIC_FRAMES
+                and doc["device"]["rx_frames"] >= TRAFFIC_FRAMES)
+
+
+def _uboot_pings(u: UBoot, c: ControlClient, timeout: float) -> None:
+    """U-Boot at its prompt with the gateway's address set, then pings of the
+    gateway until the backend counts TRAFFIC_FRAMES each way."""
+    u.stop_autoboot(timeout)
+    u.command("virtio scan")       # x86's U-Boot finds no NIC without it
+    u.static_ip()
+    deadline = time.monotonic() + timeout
+    while not _traffic(_ask(c, "stats")):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"U-Boot's pings did not reach {TRAFFIC_FRAMES} frames each way "
+                               f"within {timeout:g} s; console:\n{u.tail()}")
+        u.ping(GATEWAY)
+
+
 def fd_targets(pid: int) -> list[str]:
     """What the process's fds are (sockets, eventfds, memfds...), for a leak report."""
     out = []
@@ -109,7 +129,8 @@ def qemu_restarts(workdir: Path, kinds: list[str], echo=None,
         c = ControlClient(backend.ctl)
         for n, kind in enumerate(kinds, 1):
             t0 = time.monotonic()
-            guest = UBootGuest(sock) if kind == "uboot" else Guest(sock, {"LOOP": LOOP_SECONDS})
+            guest = (UBoot(uboot_argv("q35", sock, legacy=None)) if kind == "uboot"
+                     else Guest(sock, {"LOOP": LOOP_SECONDS}))
             alive = (lambda g: lambda: g.proc.poll() is None)(guest)
             try:
                 if kind == "early":
@@ -117,18 +138,17 @@ def qemu_restarts(workdir: Path, kinds: list[str], echo=None,
                     tx = rx = 0
                 else:
                     if kind == "uboot":
-                        guest.drive(boot_timeout)
+                        _uboot_pings(guest, c, boot_timeout)
                     _until(c, "inspect", _started, boot_timeout, "both rings started", alive)
-                    doc = _until(c, "stats", lambda d: d.get("connected")
-                                 and d["device"]["tx_frames"] >= TRAFFIC_FRAMES
-                                 and d["device"]["rx_frames"] >= TRAFFIC_FRAMES,
-                                 boot_timeout, "frames both ways", alive)
+                    doc = _until(c, "stats", _traffic, boot_timeout, "frames both ways", alive)
                     tx, rx = doc["device"]["tx_frames"], doc["device"]["rx_frames"]
+                    if kind == "uboot":
+                        guest.start(f"ping {GATEWAY}")   # killed with a ping in flight
             finally:
                 killed = time.monotonic()
                 guest.kill()            # SIGKILL: no goodbye to the backend
-            if guest.console.find(FALLBACK):
-                raise RuntimeError(f"QEMU fell back on userspace virtio:\n{guest.console.text()[-2000:]}")
+            if guest.fallback:
+                raise RuntimeError(f"QEMU fell back on userspace virtio:\n{guest.tail(40)}")
             # The server logs this once the connection's socket is closed too
             # ("connected": false comes a moment earlier, while its tasks end).
             backend.log.wait(r"frontend disconnected", killed, 30)

@@ -24,6 +24,10 @@ backend logged a traceback.
 `u.backend.request("inspect")` (or "stats") asks the backend, over its
 control socket, what the driver negotiated and what went through.
 
+Without `uboot_session()`, `UBoot(uboot_argv(...))` is the QEMU alone, for
+callers that keep their own backend (vhostnet/testing/restarts.py kills it
+with kill(), SIGKILL, mid-ping).
+
 `UBoot` talks to the console through QEMU's stdin/stdout (`-serial stdio`,
 no monitor).  A reader thread appends everything to a buffer (and a log
 file) and wakes waiters; `expect()` waits for a regex past the current
@@ -94,6 +98,19 @@ def firmware(machine: str) -> Path:
     if not path.is_file():
         raise UBootError(f"{path} is missing (install Debian's {UBOOT_PACKAGE})")
     return path
+
+
+def missing(machine: str = "q35") -> str | None:
+    """Why U-Boot on MACHINE cannot run here (no QEMU, no firmware), or None:
+    the skip reason of the tests and scripts that boot it."""
+    m = qemu.machine(machine)
+    if shutil.which(m.qemu) is None:
+        return f"{m.qemu} is not installed (Debian package {m.package}; scripts/setup.sh)"
+    try:
+        firmware(machine)
+    except UBootError as e:
+        return str(e)
+    return None
 
 
 def uboot_argv(machine: str, socket: str | os.PathLike | None, *, legacy: bool | None,
@@ -211,6 +228,12 @@ class UBoot:
         end = self.expect(PROMPT_AT_LINE_START, timeout)
         return self.buf[start:end.start()]
 
+    def start(self, cmd: str) -> None:
+        """Type CMD and Enter without waiting for its prompt: for a command
+        the caller interrupts (kill() in the middle of a ping)."""
+        self.type(cmd)
+        self.write("\r")
+
     # --- network helpers
 
     def static_ip(self, ip: str = GUEST_IP, netmask: str = NETMASK, gateway: str = GATEWAY,
@@ -225,6 +248,16 @@ class UBoot:
         return f"host {host} is alive" in out, out
 
     # --- the end
+
+    def kill(self) -> None:
+        """SIGKILL QEMU at once, as a crash would: no goodbye to the backend."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self._reader.join(STOP_GRACE)
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.stdin.close()
 
     def close(self) -> int | None:
         """End QEMU: `poweroff` is not in every build, so SIGTERM, then SIGKILL."""
