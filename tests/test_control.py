@@ -13,7 +13,7 @@ from scapy.layers.l2 import Ether
 
 from stack import native
 from vhostnet.observe import control
-from vhostnet.observe.control import ControlClient, ControlError, ControlServer
+from vhostnet.observe.control import ControlClient, ControlError, ControlServer, Reports
 from vhostnet.launch.serve import serve_backend
 
 from .device.conftest import make_server
@@ -434,6 +434,53 @@ async def test_capture_told_when_the_backend_stops(sockdir):
     assert c.read() == {"end": {"frames": 0, "dropped": 0, "reason": "backend stopping"}}
     assert c.read() is None
     c.close()
+
+
+async def test_a_failing_report_builder_answers_that_client_and_nothing_dies(sockdir, caplog):
+    """The last resort: a bug in building one reply (here a stats builder
+    that raises, passed in as the real builders are) is an error line for
+    that request, counted and logged rate-limited; the connection, the
+    server and the data path carry on."""
+    calls = []
+
+    def broken_stats(server, control_server):
+        calls.append(server)
+        raise KeyError("services")          # the shape of a real report bug
+
+    srv = make_server(sockdir / "v.sock", safety_poll=False)
+    ctl = ControlServer(srv, str(sockdir / "v.sock.ctl"), reports=Reports(stats=broken_stats))
+    requests = 20
+    async with trio.open_nursery() as n:
+        await n.start(serve_backend, srv, ctl)
+
+        def talk():
+            with ControlClient(ctl.path) as c:
+                errors = []
+                for _ in range(requests):
+                    with pytest.raises(ControlError) as e:
+                        c.request("stats")
+                    errors.append(str(e.value))
+                return errors, c.request("inspect"), c.reconnects
+
+        with caplog.at_level("ERROR", logger="vhostnet.control"):
+            errors, inspect, reconnects = await trio.to_thread.run_sync(talk)
+        assert len(calls) == requests and reconnects == 0       # one connection throughout
+        assert all("internal error serving the 'stats' request: KeyError" in e for e in errors), errors[0]
+        assert inspect["backend"]["control_errors"] == requests == ctl.internal_errors
+        logged = [r for r in caplog.records if "internal error" in r.getMessage()]
+        assert 1 <= len(logged) < requests, len(logged)          # rate-limited
+        assert logged[0].exc_info is not None                    # with its traceback
+        # The backend still serves a guest, and the control socket other requests.
+        fe = Frontend()
+        await fe.connect(srv.socket_path)
+        await fe.handshake()
+        fe.post_rx()
+        fe.rx.kick()
+        assert len(await fe.exchange([ping(seq=1)], want=1)) == 1
+        assert (await ask(ctl.path, "ping"))["connected"] is True
+        await fe.close()
+        n.cancel_scope.cancel()
+    fe.release()
 
 
 async def test_desc_of_a_frame_merged_over_rx_buffers(backend):

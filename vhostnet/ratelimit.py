@@ -23,7 +23,7 @@ class RateLimitedLog:
         self._buckets: dict[str, list[float]] = {}  # key -> [tokens, last, suppressed]
         self.suppressed_total = 0
 
-    def log(self, level: int, key: str, msg: str, *args) -> bool:
+    def log(self, level: int, key: str, msg: str, *args, exc_info=None) -> bool:
         now = self.clock()
         b = self._buckets.get(key)
         if b is None:
@@ -41,11 +41,14 @@ class RateLimitedLog:
             msg = msg + " (%d similar suppressed)"
             args = args + (int(b[2]),)
             b[2] = 0
-        self.logger.log(level, msg, *args)
+        self.logger.log(level, msg, *args, exc_info=exc_info)
         return True
 
     def warning(self, key: str, msg: str, *args) -> bool:
         return self.log(logging.WARNING, key, msg, *args)
+
+    def error(self, key: str, msg: str, *args, exc_info=None) -> bool:
+        return self.log(logging.ERROR, key, msg, *args, exc_info=exc_info)
 
     def info(self, key: str, msg: str, *args) -> bool:
         return self.log(logging.INFO, key, msg, *args)

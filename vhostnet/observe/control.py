@@ -31,6 +31,12 @@ one of MAX_CLIENTS slots, and no kind of client can hold one for ever:
 - a request line is at most MAX_REQUEST bytes; a longer one gets an error
   and the connection is closed (the stream cannot be resynchronised);
 - a bad request gets an error reply and the connection carries on;
+- a bug in building a reply (any exception from a report builder, a
+  fault or forward request, a capture) is the last resort's: that client
+  gets `{"ok": false, "error": "internal error ..."}` (or, mid-capture, is
+  closed), the error is counted (`internal_errors`, `backend.control_errors`
+  in inspect/stats) and logged rate-limited with its traceback, and the
+  server, the other clients and the backend carry on;
 - at most MAX_CAPTURES captures run at once (a capture on a quiet link is
   not idle, so captures alone must never fill the slots);
 - a client's output is bounded: one reply at a time (the next request is
@@ -45,11 +51,13 @@ one of MAX_CLIENTS slots, and no kind of client can hold one for ever:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import os
 import socket
 import time
+from typing import Callable
 
 import trio
 
@@ -60,7 +68,7 @@ from vhostnet.observe.pcap import LINKTYPE_ETHERNET, snapshot, wire_bytes
 from vhostnet.ratelimit import RateLimitedLog
 from vhostnet.sockets import bind_unix
 
-__all__ = ["ControlServer", "ControlClient", "ControlError", "default_control_path"]
+__all__ = ["ControlServer", "Reports", "ControlClient", "ControlError", "default_control_path"]
 
 log = logging.getLogger("vhostnet.control")
 
@@ -150,9 +158,21 @@ class _Client:
         self.evicted = False
 
 
+@dataclasses.dataclass(frozen=True)
+class Reports:
+    """What builds each read-only document (vhostnet/observe/report.py,
+    check.py); a test passes its own to reach the last-resort handler."""
+    inspect: Callable = report.inspect_doc      # (server, control) -> dict
+    stats: Callable = report.stats_doc          # (server, control) -> dict
+    desc: Callable = report.desc_doc            # (server, queue, head) -> dict
+    check: Callable = check_doc                 # (server) -> dict
+
+
 class ControlServer:
-    def __init__(self, server, path: str, *, complete_csum: bool = True, link=None):
+    def __init__(self, server, path: str, *, complete_csum: bool = True, link=None,
+                 reports: Reports = Reports()):
         self.server = server
+        self.reports = reports
         self.link = link    # vhostnet.link.LinkSettings, as given to make_server: faults, stack-side taps
         self.path = path
         self.complete_csum = complete_csum
@@ -162,6 +182,7 @@ class ControlServer:
         self.evictions = 0      # idle clients closed to make room
         self.refused = 0        # clients refused: every slot busy
         self.timeouts = 0       # clients closed for idling or a request left unfinished
+        self.internal_errors = 0    # requests the last resort answered (a bug of ours)
         self.captures: list[_Capture] = []
         self.capture_pool = _BytePool()
         self.capture_frames = 0
@@ -261,8 +282,19 @@ class ControlServer:
                                             f"was full ({MAX_CLIENTS} clients); reconnect")
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
             pass
+        except Exception as e:      # the last resort (a capture's bug): this client only
+            self._internal_error("a client", e)
         finally:
             self.slots.pop(client.number, None)
+
+    def _internal_error(self, what: str, e: Exception) -> str:
+        """Count and log (rate-limited, with the traceback) a bug of ours met
+        while serving WHAT; the error line for the client."""
+        self.internal_errors += 1
+        self.rlog.error("internal", "control socket: internal error serving %s: %s", what, e,
+                        exc_info=e)
+        return (f"internal error serving {what}: {type(e).__name__}: {e} (a vhostnet bug, "
+                f"logged; the backend carries on)")
 
     async def _receive(self, client: _Client, buf: bytearray) -> bool:
         """More bytes of a request into BUF; False when the client left or timed out."""
@@ -311,6 +343,7 @@ class ControlServer:
                 return
             if not line.strip():
                 continue
+            req = None
             try:
                 req = self._parse(line)
                 if req["cmd"] == "capture":
@@ -320,6 +353,11 @@ class ControlServer:
             except (_BadRequest, report.ReportError) as e:
                 self.rlog.info("bad_request", "control client: %s", e)
                 reply = {"ok": False, "error": str(e)}
+            except Exception as e:      # the last resort: a bug building this reply
+                if req and req["cmd"] == "capture":
+                    raise               # mid-stream: no reply line fits; _client closes it
+                what = f"the {req['cmd']!r} request" if req else "a request"
+                reply = {"ok": False, "error": self._internal_error(what, e)}
             await self._send(stream, reply)
 
     @staticmethod
@@ -338,13 +376,13 @@ class ControlServer:
             return {"pid": os.getpid(), "socket": self.server.socket_path,
                     "connected": self.server.current is not None}
         if cmd == "inspect":
-            return report.inspect_doc(self.server, self)
+            return self.reports.inspect(self.server, self)
         if cmd == "stats":
-            return report.stats_doc(self.server, self)
+            return self.reports.stats(self.server, self)
         if cmd == "desc":
-            return report.desc_doc(self.server, _int(req, "queue"), _int(req, "head"))
+            return self.reports.desc(self.server, _int(req, "queue"), _int(req, "head"))
         if cmd == "check":
-            return check_doc(self.server)
+            return self.reports.check(self.server)
         if cmd == "fault":
             try:
                 return fault_request(self.link, self.server, req)

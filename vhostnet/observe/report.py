@@ -53,6 +53,7 @@ def _backend_info(server, control=None) -> dict:
         "log_suppressed": server.rlog.suppressed_total + (
             server.current.device.rlog.suppressed_total if server.current else 0),
         "taps": len(server.taps) + len(getattr(getattr(control, "link", None), "stack_taps", ())),
+        "control_errors": control.internal_errors if control else 0,
         "native": native.describe(),
     }
 
