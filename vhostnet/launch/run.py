@@ -206,15 +206,41 @@ class _Guest:
 
     async def stop(self) -> None:
         """End QEMU if it still runs: SIGTERM, then SIGKILL after KILL_AFTER s."""
-        p = self.proc
-        if p is None or p.returncode is not None:
-            return
-        p.terminate()
-        with trio.move_on_after(KILL_AFTER):
-            await p.wait()
-            return
-        p.kill()
+        await _end_process(self.proc)
+
+
+async def _end_process(p: trio.Process | None) -> None:
+    """End P if it still runs: SIGTERM, then SIGKILL after KILL_AFTER s."""
+    if p is None or p.returncode is not None:
+        return
+    p.terminate()
+    with trio.move_on_after(KILL_AFTER):
         await p.wait()
+        return
+    p.kill()
+    await p.wait()
+
+
+async def _stop_on_signals(sigs, guest: "_Guest", say) -> None:
+    """A first SIGINT/SIGTERM/SIGHUP stops QEMU gently (status 128+N); another kills it."""
+    async for sig in sigs:
+        name = signal.Signals(sig).name
+        if guest.stop_reason is None:
+            say(f"vhostnet: {name}: stopping QEMU")
+            guest.request_stop(name, 128 + sig)
+        elif guest.proc is not None and guest.proc.returncode is None:
+            say(f"vhostnet: {name} again: killing QEMU")
+            guest.proc.kill()
+
+
+def _say_how_it_ended(guest: "_Guest", status: int, say) -> None:
+    if guest.stop_reason == "fallback":
+        say("vhostnet: QEMU said it is \"falling back on userspace virtio\": the NIC no longer "
+            "goes through vhostnet, so this run is an error. Look for the reason on the lines "
+            "above (often the backend refused a request, or memory is not shared: "
+            "memory-backend-memfd with share=on).")
+    elif guest.stop_reason is None and status != 0:
+        say(f"vhostnet: QEMU exited with status {status}")
 
 
 async def run_guest(server, control, argv: list[str], *, pcap_tap=None, forward_stdin: bool = False,
@@ -225,27 +251,10 @@ async def run_guest(server, control, argv: list[str], *, pcap_tap=None, forward_
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_backend, server, control, pcap_tap)
-
-            async def on_signal():
-                async for sig in sigs:
-                    name = signal.Signals(sig).name
-                    if guest.stop_reason is None:
-                        say(f"vhostnet: {name}: stopping QEMU")
-                        guest.request_stop(name, 128 + sig)
-                    else:
-                        say(f"vhostnet: {name} again: killing QEMU")
-                        if guest.proc is not None and guest.proc.returncode is None:
-                            guest.proc.kill()
-            nursery.start_soon(on_signal)
+            nursery.start_soon(_stop_on_signals, sigs, guest, say)
             status = await guest.run(forward_stdin)
             nursery.cancel_scope.cancel()
-    if guest.stop_reason == "fallback":
-        say("vhostnet: QEMU said it is \"falling back on userspace virtio\": the NIC no longer "
-            "goes through vhostnet, so this run is an error. Look for the reason on the lines "
-            "above (often the backend refused a request, or memory is not shared: "
-            "memory-backend-memfd with share=on).")
-    elif guest.stop_reason is None and status != 0:
-        say(f"vhostnet: QEMU exited with status {status}")
+    _say_how_it_ended(guest, status, say)
     return status
 
 
@@ -328,15 +337,7 @@ class _BackendChild:
                 await self.stop()
 
     async def stop(self) -> None:
-        p = self.proc
-        if p is None or p.returncode is not None:
-            return
-        p.terminate()
-        with trio.move_on_after(KILL_AFTER):
-            await p.wait()
-            return
-        p.kill()
-        await p.wait()
+        await _end_process(self.proc)
 
 
 async def run_guest_reconnect(backend_argv, socket_path: str, argv: list[str], *,
@@ -357,24 +358,10 @@ async def run_guest_reconnect(backend_argv, socket_path: str, argv: list[str], *
                 say(f"vhostnet: {e}")
                 nursery.cancel_scope.cancel()
                 return 1
-
-            async def on_signal():
-                async for sig in sigs:
-                    name = signal.Signals(sig).name
-                    if guest.stop_reason is None:
-                        say(f"vhostnet: {name}: stopping QEMU")
-                        guest.request_stop(name, 128 + sig)
-                    elif guest.proc is not None and guest.proc.returncode is None:
-                        say(f"vhostnet: {name} again: killing QEMU")
-                        guest.proc.kill()
-            nursery.start_soon(on_signal)
+            nursery.start_soon(_stop_on_signals, sigs, guest, say)
             status = await guest.run(forward_stdin)
             nursery.cancel_scope.cancel()
-    if guest.stop_reason == "fallback":
-        say("vhostnet: QEMU said it is \"falling back on userspace virtio\": the NIC no longer "
-            "goes through vhostnet, so this run is an error.")
-    elif guest.stop_reason is None and status != 0:
-        say(f"vhostnet: QEMU exited with status {status}")
+    _say_how_it_ended(guest, status, say)
     return status
 
 
