@@ -35,7 +35,12 @@ def sh(*argv: str) -> None:
 
 
 def far() -> None:
-    """Namespace B: wait for the veth end, configure it, serve."""
+    """Namespace B: say it is in its namespace, wait for the veth end,
+    configure it, serve."""
+    # Python runs, so `unshare -n` has made our namespace: only now may the
+    # parent move far1 to our pid (before, it would land in the parent's own
+    # namespace, which we shared until then, and `ip addr add` fail here).
+    print("in-namespace", flush=True)
     sys.stdin.readline()                            # "go": far1 has been moved in
     sh("ip", "link", "set", "lo", "up")
     sh("ip", "addr", "add", f"{FAR_IP}/24", "dev", "far1")
@@ -72,6 +77,7 @@ def backend() -> None:
     farp = subprocess.Popen(["unshare", "-n", sys.executable, "-m", "tests.hostnet.netns_child",
                              "far"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
+        assert farp.stdout.readline().strip() == "in-namespace"
         sh("ip", "link", "set", "far1", "netns", str(farp.pid))
         sh("ip", "addr", "add", f"{NS_IP}/24", "dev", "far0")
         sh("ip", "link", "set", "far0", "up")
