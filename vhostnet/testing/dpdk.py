@@ -46,6 +46,8 @@ GATEWAY_MAC = "52:55:0a:00:02:02"
 GUEST_IP = "10.0.2.15"
 GATEWAY_IP = "10.0.2.2"
 PROMPT = b"testpmd> "
+QUIT_GRACE = 10.0       # seconds testpmd may take to quit after "quit"
+TERM_GRACE = 5.0        # seconds a process may take to exit after SIGTERM (then SIGKILL)
 # With `set verbose 1` the forwarding lcore prints every packet, a line at a
 # time, while the command line writes its prompt and echo a character at a
 # time: a dump can land in the middle of "testpmd> ". These are the dump's
@@ -82,6 +84,18 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except Exception:
         pass
+
+
+def _terminate(p: subprocess.Popen) -> None:
+    """SIGTERM P if it still runs; SIGKILL if it has not exited TERM_GRACE s later."""
+    if p.poll() is not None:
+        return
+    p.terminate()
+    try:
+        p.wait(TERM_GRACE)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(TERM_GRACE)
 
 
 # --------------------------------------------------------------------------- vhostnet
@@ -124,14 +138,8 @@ class VhostnetServe:
         return self
 
     def __exit__(self, *exc) -> None:
-        p = self.proc
-        if p is not None and p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        if self.proc is not None:
+            _terminate(self.proc)
         for path in (self.socket, self.control):
             try:
                 os.unlink(path)
@@ -309,14 +317,9 @@ class TestPmd:
             except OSError:
                 pass
             try:
-                p.wait(10)
+                p.wait(QUIT_GRACE)
             except subprocess.TimeoutExpired:
-                p.terminate()
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
+                _terminate(p)
         try:
             p.stdin.close()
         except OSError:

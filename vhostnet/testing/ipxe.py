@@ -48,7 +48,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 from vhostnet.launch import qemu
-from vhostnet.testing.uboot import GATEWAY, Backend, UBoot, UBootError
+from vhostnet.testing.uboot import (GATEWAY, Backend, UBoot, UBootError, check_fallback,
+                                    end_session)
 
 IPXE_LKRN = Path("/usr/lib/ipxe/ipxe.lkrn")
 IPXE_PACKAGE = "ipxe"
@@ -160,13 +161,6 @@ def ipxe_session(script_text: str, tftp_files: Mapping[str, str] | None = None, 
         backend = Backend(sock, logs / "backend.log", ["--tftp", str(tftp), *backend_args])
         proc = UBoot(argv, logs / "console.log", backend)
         yield Ipxe(proc, backend)
-        if proc.fallback:
-            raise IpxeError("QEMU fell back on userspace virtio: the NIC did not use vhostnet")
+        check_fallback(proc, IpxeError)
     finally:
-        if proc is not None:
-            proc.close()
-        if backend is not None:
-            backend.stop()
-            if "Traceback (most recent call last)" in backend.text():
-                raise IpxeError(f"the backend logged a traceback:\n{backend.text()[-3000:]}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        end_session(proc, backend, tmp, IpxeError)

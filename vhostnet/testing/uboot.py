@@ -320,6 +320,27 @@ class Backend:
             return c.request(cmd, **kw)
 
 
+def check_fallback(u: UBoot, error: type[UBootError] = UBootError) -> None:
+    """ERROR if QEMU said it fell back on userspace virtio."""
+    if u.fallback:
+        raise error("QEMU fell back on userspace virtio: the NIC did not use vhostnet")
+
+
+def end_session(u: UBoot | None, backend: Backend | None, tmp: Path,
+                error: type[UBootError] = UBootError) -> None:
+    """End a session's QEMU, then its backend, and remove TMP; ERROR if the
+    backend logged a traceback (uboot_session, ipxe.ipxe_session)."""
+    try:
+        if u is not None:
+            u.close()
+        if backend is not None:
+            backend.stop()
+            if "Traceback (most recent call last)" in backend.text():
+                raise error(f"the backend logged a traceback:\n{backend.text()[-3000:]}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def uboot_session(machine: str = "q35", *, legacy: bool | None = None,
                   transport: str | None = None, backend_args: Sequence[str] = (),
@@ -349,13 +370,6 @@ def uboot_session(machine: str = "q35", *, legacy: bool | None = None,
         # this its net commands say "No ethernet found".
         u.command("virtio scan")
         yield u
-        if u.fallback:
-            raise UBootError("QEMU fell back on userspace virtio: the NIC did not use vhostnet")
+        check_fallback(u)
     finally:
-        if u is not None:
-            u.close()
-        if backend is not None:
-            backend.stop()
-            if "Traceback (most recent call last)" in backend.text():
-                raise UBootError(f"the backend logged a traceback:\n{backend.text()[-3000:]}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        end_session(u, backend, tmp)
