@@ -10,6 +10,7 @@ import struct
 
 import dns.flags
 import dns.message
+import dns.query
 import dns.rcode
 import dns.rrset
 import pytest
@@ -324,3 +325,24 @@ def test_cli_service_mistakes_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["serve", "--dns-upstream", "resolver.example"])
     assert e.value.code == 2 and "not an IP address" in capsys.readouterr().err
+
+
+async def test_dns_test_server_takes_a_port_free_for_both_transports():
+    """Port 0: the UDP and TCP sockets share one number, free for both (a
+    TCP listener elsewhere on the UDP port chosen is skipped, not fatal).
+    A port the caller names is used as it is: taken, it is an error."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        busy = taken.getsockname()[1]
+        with pytest.raises(OSError):
+            async with DnsTestServer(port=busy):
+                pass
+        async with DnsTestServer() as srv:
+            q = dns.message.make_query("host.test.", "A")
+            r = await trio.to_thread.run_sync(lambda: dns.query.tcp(q, "127.0.0.1", port=srv.port, timeout=5))
+            u = await trio.to_thread.run_sync(lambda: dns.query.udp(q, "127.0.0.1", port=srv.port, timeout=5))
+        assert r.answer and u.answer and srv.queries == {"udp": 1, "tcp": 1}
+    finally:
+        taken.close()

@@ -16,6 +16,7 @@ Use: `async with DnsTestServer() as srv: ... srv.port ...`, or
 """
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 
@@ -31,6 +32,7 @@ __all__ = ["DnsTestServer", "RECORDS", "BIG_COUNT"]
 RECORDS = {"host.test.": "192.0.2.7", "www.test.": "192.0.2.8", "guest.test.": "192.0.2.9"}
 BIG_COUNT = 40
 UDP_LIMIT = 512                       # RFC 1035 §4.2.1 without EDNS
+BIND_ATTEMPTS = 20                    # port numbers tried for a UDP+TCP pair (port 0)
 
 
 class DnsTestServer:
@@ -66,7 +68,11 @@ class DnsTestServer:
     async def __aenter__(self):
         self._cm = trio.open_nursery()
         nursery = await self._cm.__aenter__()
-        await nursery.start(self.serve)
+        try:
+            await nursery.start(self.serve)
+        except BaseException as e:      # e.g. the port is taken: close the nursery too
+            if not await self._cm.__aexit__(type(e), e, e.__traceback__):
+                raise
         self._nursery = nursery
         return self
 
@@ -74,13 +80,29 @@ class DnsTestServer:
         self._nursery.cancel_scope.cancel()
         return await self._cm.__aexit__(*exc)
 
+    async def _bind_pair(self):
+        """A UDP and a TCP socket on one port. With port 0 the kernel picks
+        the UDP port, and that number may be taken for TCP by someone else
+        (other tests, other agents' servers): then try another, a bounded
+        number of times."""
+        for attempt in range(BIND_ATTEMPTS):
+            udp = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            tcp = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                await udp.bind((self.host, self.port))
+                port = udp.getsockname()[1]
+                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                await tcp.bind((self.host, port))
+                return udp, tcp, port
+            except OSError as e:
+                udp.close()
+                tcp.close()
+                if self.port != 0 or e.errno != errno.EADDRINUSE or attempt == BIND_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        udp = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        await udp.bind((self.host, self.port))
-        self.port = udp.getsockname()[1]
-        tcp = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        await tcp.bind((self.host, self.port))
+        udp, tcp, self.port = await self._bind_pair()
         tcp.listen(16)
         listeners = [trio.SocketListener(tcp)]
         with udp:
