@@ -26,8 +26,11 @@ FAKE = textwrap.dedent('''\
     argv = sys.argv[1:]
     chardev = next(a for a in argv if a.startswith("socket,id=chr0,"))
     opts = dict(kv.split("=", 1) for kv in chardev.split(",")[1:])
-    with open(os.environ["FAKE_QEMU_INFO"], "w") as f:
+    # Written aside, then renamed: the file exists only once it is whole.
+    info = os.environ["FAKE_QEMU_INFO"]
+    with open(info + ".tmp", "w") as f:
         f.write(f"{{os.getpid()}}\\n{{opts['path']}}\\n{{opts.get('reconnect', '')}}\\n")
+    os.replace(info + ".tmp", info)
     print("ready", flush=True)
     time.sleep(120)
     ''')
@@ -83,7 +86,9 @@ def test_backend_killed_is_started_again_and_everything_stops_cleanly(fake_qemu,
     p = start(fake_qemu, info, "--socket", str(sock))
     try:
         first = backend_pid(str(sock) + ".ctl", p)
+        deadline = time.monotonic() + 60
         while not info.exists():
+            assert p.poll() is None and time.monotonic() < deadline, "the stand-in QEMU never started"
             time.sleep(0.02)
         qpid, path, reconnect = info.read_text().splitlines()
         assert (path, reconnect) == (str(sock), "1")
