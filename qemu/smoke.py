@@ -40,6 +40,8 @@ Switches, from the environment or the matching --options (1 on, 0 off):
                         unset: QEMU's default (transitional PCI, legacy mmio)
   QUEUE_SIZE            rx_queue_size and tx_queue_size of the NIC (e.g. 1024)
   PACKED=1              packed virtqueues (the NIC's packed=on; virtio 1.2 §2.8)
+  QUEUES=N              N queue pairs (multiqueue): -netdev vhost-user,queues=N,
+                        virtio-net-pci,mq=on, `serve --queues N` and -smp N
   SMOKE_TIMEOUT         seconds for the whole guest run (default 120)
   ACCEL                 auto (default), kvm or tcg
   BACKEND_ARGS          extra arguments for `vhostnet serve`
@@ -119,6 +121,7 @@ class Plan:
     legacy: bool | None = None
     queue_size: int | None = None
     packed: bool = False
+    queues: int = 1
 
     def guest_vars(self, ports: dict[str, int] | None = None) -> dict[str, int]:
         """Switches for the guest's command line, plus the host servers' PORTS."""
@@ -167,7 +170,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
     queue_size = args.queue_size or env.get("QUEUE_SIZE")
     if queue_size is not None and not str(queue_size).isdigit():
         raise SystemExit(f"smoke: QUEUE_SIZE must be a number, not {queue_size!r}")
+    queues = args.queues or env.get("QUEUES") or "1"
+    if not str(queues).isdigit() or int(queues) < 1:
+        raise SystemExit(f"smoke: QUEUES must be a number >= 1, not {queues!r}")
     return Plan(
+        queues=int(queues),
         machine=machine, transport=transport,
         legacy=None if legacy in (None, "") else legacy == "1",
         queue_size=int(queue_size) if queue_size else None,
@@ -216,8 +223,10 @@ def start_backend(plan: Plan, sock: Path, logfile: Path) -> subprocess.Popen:
     # names its own upstream (a server it started on 127.0.0.1).
     dns = [] if any(a.startswith("--dns-upstream") or a == "--no-dns" for a in plan.backend_args) \
         else ["--no-dns"]
+    queues = [] if plan.queues == 1 or any(a.startswith("--queues") for a in plan.backend_args) \
+        else ["--queues", str(plan.queues)]
     argv = [sys.executable, "-m", "vhostnet", "serve", "--socket", str(sock), "--once",
-            *dns, *plan.backend_args]
+            *dns, *queues, *plan.backend_args]
     log(f"backend: {shlex.join(argv)}")
     out = open(logfile, "wb")
     proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out,
@@ -354,7 +363,9 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
                               image=image, guest_vars=guest_vars, append=plan.append,
                               memory=plan.memory, accel=accel, machine=machine,
                               transport=plan.transport, legacy=plan.legacy,
-                              queue_size=plan.queue_size, packed=plan.packed)
+                              queue_size=plan.queue_size, packed=plan.packed,
+                              queue_pairs=plan.queues,
+                              extra_args=["-smp", str(plan.queues)] if plan.queues > 1 else [])
         (run_dir / "qemu.cmd").write_text(qemu.format_argv(argv) + "\n")
         log(f"guest: {', '.join(f'{k}={v}' for k, v in guest_vars.items())}; "
             f"backend {plan.backend}; {machine.name} {qemu.transport_of(machine, plan.transport)}"
@@ -402,6 +413,7 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
             "guest_vars": plan.guest_vars(servers.ports and servers.guest_vars()),
             "machine": machine.name, "transport": qemu.transport_of(machine, plan.transport),
             "legacy": plan.legacy, "queue_size": plan.queue_size, "packed": plan.packed,
+            "queues": plan.queues,
             "guest_features": next((line.split()[-1] for line in c.lines
                                     if line.startswith(FEATURES_LINE)), None),
             "backend": plan.backend, "accel": accel,
@@ -450,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--legacy", choices=["0", "1"])
     p.add_argument("--queue-size", help="rx_queue_size and tx_queue_size of the NIC")
     p.add_argument("--packed", choices=["0", "1"], help="packed virtqueues (packed=on)")
+    p.add_argument("--queues", help="queue pairs (multiqueue: queues=N, mq=on, -smp N)")
     p.add_argument("--net", choices=["0", "1"])
     p.add_argument("--expect-net", choices=["0", "1"])
     for name, _ in TEST_MARKERS:

@@ -34,6 +34,11 @@ from vhostnet.virtio import features
 
 EXIT_NO_QEMU = 3
 
+# serve --queues: see docs/multiqueue.md for the measurement behind it.
+DEFAULT_QUEUE_PAIRS = 1
+QUEUES_NOTE = ("vectors=0 stays: under TCG QEMU 7.2 a Linux guest runs every pair on one INTx "
+               "interrupt (MSI-X on a vhost-user NIC crashes QEMU 7.2 under TCG)")
+
 EPILOG_SERVE = """\
 Start the backend first, then QEMU with the flags of `vhostnet qemu-args`:
   -object memory-backend-memfd,id=mem,size=256M,share=on -M q35,memory-backend=mem -m 256M
@@ -67,6 +72,7 @@ examples:
   vhostnet serve --tftp ~/tftp --bootfile u-boot.scr --dns-upstream 127.0.0.1:5353
   vhostnet serve --fault loss=5%,reorder=2%,delay=20ms,jitter=5ms,seed=1,dir=both
   vhostnet serve --strict     # a driver's first MUST violation stops that ring (vhostnet check)
+  vhostnet serve --queues 2   # with -netdev vhost-user,...,queues=2 and virtio-net-pci,...,mq=on
   vhostnet-backend --socket-path=/run/vm1/net0.sock
   systemd-socket-activate -l /run/vm1/net0.sock vhostnet-backend --fd 3
   vhostnet serve --print-capabilities
@@ -141,6 +147,7 @@ examples:
   qemu-system-riscv64 -nographic -kernel my-kernel.elf \\
       $(vhostnet qemu-args --machine virt-riscv64 --legacy)
   vhostnet qemu-args --reconnect
+  vhostnet qemu-args --queues 2 --packed     # with: vhostnet serve --queues 2
   vhostnet qemu-args --json
 """
 
@@ -227,6 +234,17 @@ def _fdnum(text: str) -> int:
     return v
 
 
+def _queue_pairs(text: str) -> int:
+    from vhostnet.net.device import MAX_QUEUE_PAIRS
+    try:
+        v = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= v <= MAX_QUEUE_PAIRS:
+        raise argparse.ArgumentTypeError(f"{v} queue pairs: give 1..{MAX_QUEUE_PAIRS}")
+    return v
+
+
 def _index(text: str) -> int:
     try:
         v = int(text, 0)
@@ -268,6 +286,10 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
                    help="do not offer a virtio feature; repeatable. Names: "
                         + ", ".join(features.BY_NAME)   # the accepted names, so none goes unlisted
                         + "; 'offloads' for all four offloads. Handy to test a driver's simple paths")
+    p.add_argument("--queues", type=_queue_pairs, default=DEFAULT_QUEUE_PAIRS, metavar="N",
+                   help="queue pairs served (multiqueue, VIRTIO_NET_F_MQ when N > 1): QEMU's "
+                        "-netdev vhost-user,queues= may ask for up to N. " + QUEUES_NOTE
+                        + " (default %(default)s)")
     p.add_argument("--rx-pending", type=int, default=1024, metavar="N",
                    help="frames held for the guest while it posts no RX buffers, before dropping (default %(default)s)")
     p.add_argument("--allow-unsealed-memory", action="store_true",
@@ -361,6 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guest RAM, shared with the backend (default %(default)s)")
     a.add_argument("--mac", default=qemu.DEFAULT_MAC, metavar="MAC", help="guest MAC (default %(default)s)")
     _add_machine_options(a)
+    a.add_argument("--queues", type=_queue_pairs, default=1, metavar="N",
+                   help="queue pairs: -netdev vhost-user,...,queues=N and virtio-net-pci,mq=on "
+                        "(serve the backend with --queues N or more). " + QUEUES_NOTE + " (default %(default)s)")
+    a.add_argument("--packed", action="store_true",
+                   help="packed virtqueues: virtio-net-pci,packed=on (VIRTIO_F_RING_PACKED)")
     a.add_argument("--json", action="store_true", help="print a JSON list of arguments")
     a.add_argument("--reconnect", action="store_true",
                    help=f"add reconnect={qemu.RECONNECT_SECONDS} to the chardev: QEMU keeps the guest "
@@ -538,7 +565,7 @@ def cmd_run(args) -> int:
         argv = qemu.qemu_argv(sock, memory=mem, mac=mac, image=image,
                               guest_vars=guest_vars, append=args.append,
                               extra_args=extra, accel=accel, qemu=binary, machine=machine,
-                              transport=transport, legacy=args.legacy)
+                              transport=transport, legacy=args.legacy, queue_pairs=args.queues)
         what = "your QEMU arguments" if own else f"the test guest ({image.kernel.name}, {image.kernel_version})"
         print(f"vhostnet: backend on {sock}; booting {what} on {machine.name} ({transport}) "
               f"with {accel}", file=sys.stderr)
@@ -597,7 +624,7 @@ def _backend_argv(args, sock: str, start: int) -> list[str]:
     """`vhostnet serve` with run's backend options, for the START-th backend
     of `run --reconnect` (a --pcap file per start: FILE, FILE.1, ...)."""
     argv = [sys.executable, "-m", "vhostnet", "serve", "--socket", sock, "--log-level", args.log_level,
-            "--rx-pending", str(args.rx_pending), "--mac", args.mac, "--guest-ip", args.guest_ip,
+            "--rx-pending", str(args.rx_pending), "--queues", str(args.queues), "--mac", args.mac, "--guest-ip", args.guest_ip,
             "--prefix", str(args.prefix), "--gateway-ip", args.gateway_ip, "--dns-ip", args.dns_ip,
             "--gateway-mac", args.gateway_mac, "--mtu", str(args.mtu)]
     for name in args.disable_feature:
@@ -640,7 +667,8 @@ def _run_reconnect(args, sock, mem, mac, image, own, accel, binary, machine, tra
     argv = qemu.qemu_argv(sock, memory=mem, mac=mac, image=image,
                           guest_vars=None if own else {"NET": 1}, append=args.append,
                           extra_args=args.qemu_args, accel=accel, qemu=binary, machine=machine,
-                          transport=transport, legacy=args.legacy, reconnect=qemu.RECONNECT_SECONDS)
+                          transport=transport, legacy=args.legacy, reconnect=qemu.RECONNECT_SECONDS,
+                          queue_pairs=args.queues)
     what = "your QEMU arguments" if own else f"the test guest ({image.kernel.name}, {image.kernel_version})"
     print(f"vhostnet: backend on {sock} (restarted whenever it exits); booting {what} with {accel}, "
           f"reconnect={qemu.RECONNECT_SECONDS}", file=sys.stderr)
@@ -660,7 +688,8 @@ def cmd_qemu_args(args) -> int:
     from vhostnet.launch.run import RunError, attach_flags, machine_note
     try:
         flags = attach_flags(args.socket, args.mem, args.mac, args.machine, args.transport, args.legacy,
-                             reconnect=qemu.RECONNECT_SECONDS if args.reconnect else None)
+                             reconnect=qemu.RECONNECT_SECONDS if args.reconnect else None,
+                             queue_pairs=args.queues, packed=args.packed)
     except RunError as e:
         return _fail(str(e), 2)
     print(machine_note(args.machine), file=sys.stderr)

@@ -338,7 +338,7 @@ def nic_args(socket: str | os.PathLike | None, mac: str = DEFAULT_MAC,
              netdev: str = "vhost-user", transport: str = "pci",
              legacy: bool | None = None, pci_slot: int | None = None,
              queue_size: int | None = None, reconnect: int | None = None,
-             packed: bool = False) -> list[str]:
+             packed: bool = False, queue_pairs: int = 1) -> list[str]:
     """The virtio-net NIC and what serves it.
 
     netdev "vhost-user": the NIC's queues are served by the backend listening
@@ -366,6 +366,14 @@ def nic_args(socket: str | os.PathLike | None, mac: str = DEFAULT_MAC,
     QUEUE_SIZE sets rx_queue_size and tx_queue_size (QEMU's default is 256;
     a TX ring above 256 needs a vhost-user backend, and 1024 is the most).
 
+    QUEUE_PAIRS > 1: multiqueue. -netdev vhost-user,queues=N opens N queue
+    pairs on the one socket (the backend must serve at least N: `serve
+    --queues`), and virtio-net-pci,mq=on offers VIRTIO_NET_F_MQ to the
+    guest. vectors= stays 0: measured on QEMU 7.2 under TCG (tests/
+    test_qemu_mq.py, docs/multiqueue.md), a Linux guest runs every pair on
+    the one INTx interrupt; MSI-X (vectors=2N+2, what QEMU would pick) is
+    what KVM users want, and is given with MSIX_VECTORS.
+
     RECONNECT (seconds): the chardev's reconnect=. QEMU then outlives the
     backend: when it goes, QEMU takes the guest's link down and tries the
     socket again every RECONNECT seconds; when it is back, QEMU redoes the
@@ -382,14 +390,21 @@ def nic_args(socket: str | os.PathLike | None, mac: str = DEFAULT_MAC,
             if reconnect < 1:
                 raise ValueError(f"reconnect must be at least 1 second, not {reconnect}")
             chardev += f",reconnect={reconnect}"
-        backend = ["-chardev", chardev, "-netdev", "vhost-user,id=net0,chardev=chr0"]
+        netdev_opt = "vhost-user,id=net0,chardev=chr0"
+        if queue_pairs > 1:
+            netdev_opt += f",queues={queue_pairs}"
+        backend = ["-chardev", chardev, "-netdev", netdev_opt]
     elif netdev == "user":
         backend = ["-netdev", "user,id=net0"]
     else:
         raise ValueError(f"netdev must be vhost-user or user, not {netdev!r}")
     queues = "" if queue_size is None else f",rx_queue_size={queue_size},tx_queue_size={queue_size}"
+    if queue_pairs < 1:
+        raise ValueError(f"queue pairs must be at least 1, not {queue_pairs}")
     if packed:
         queues += ",packed=on"     # PACKED: the device offers VIRTIO_F_RING_PACKED (virtio 1.2 §2.8)
+    if queue_pairs > 1:
+        queues += ",mq=on"         # the device offers VIRTIO_NET_F_MQ (virtio 1.2 §5.1.3)
     if transport == "pci":
         device = f"virtio-net-pci,netdev=net0,mac={mac},vectors=0,romfile={queues}"
         if legacy is not None:
@@ -451,7 +466,7 @@ def qemu_argv(socket: str | os.PathLike | None = None, *,
               legacy: bool | None = None,
               queue_size: int | None = None,
               reconnect: int | None = None,
-              packed: bool = False) -> list[str]:
+              packed: bool = False, queue_pairs: int = 1) -> list[str]:
     """The full argv of a QEMU guest whose NIC is served on SOCKET.
 
     With IMAGE (see find_image) QEMU boots our test kernel and initramfs,
@@ -470,7 +485,8 @@ def qemu_argv(socket: str | os.PathLike | None = None, *,
     accel = machine_accel(accel, m) if qemu == m.qemu else choose_accel(accel, qemu)
     argv = [qemu, *accel_args(accel, m), *memory_args(memory, m),
             *console_args(), *nic_args(socket, mac, netdev, transport, legacy,
-                                       queue_size=queue_size, reconnect=reconnect, packed=packed)]
+                                       queue_size=queue_size, reconnect=reconnect, packed=packed,
+                                       queue_pairs=queue_pairs)]
     if image is not None:
         argv += boot_args(image, kernel_append(guest_vars, append, m))
     elif guest_vars or append:

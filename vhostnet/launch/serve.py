@@ -97,6 +97,7 @@ def make_backend(args, socket_path: str, listener=None, control_path: str | None
                          rx_pending_limit=args.rx_pending, once=getattr(args, "once", False), link=link,
                          hostnet=hostnet, net_services=net_services, dns_upstreams=dns_upstreams,
                          allow_unsealed_memory=getattr(args, "allow_unsealed_memory", False),
+                         queue_pairs=getattr(args, "queues", 1),
                          strict=getattr(args, "strict", False))
     control = None
     ctl_path = args.control or control_path or default_control_path(socket_path)

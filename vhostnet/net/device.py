@@ -19,9 +19,16 @@ checksum. With CSUM/TSO negotiated both ways the guest and the stack move
 64 KiB segments without computing a checksum, which is how a Python
 backend keeps up with a guest.
 
-Bounded: frames for the guest wait in `rx_pending` (at most
-`rx_pending_limit` frames) while the guest has posted no RX buffers; past
-that they are dropped and counted. A TX frame larger than 64 KiB plus
+Multiqueue (VIRTIO_NET_F_MQ, `queue_pairs` > 1): ring 2k is pair k's RX,
+2k+1 its TX (vhost-user numbering; the control queue stays in QEMU). TX
+from every pair goes into the one stack; steering.py picks the RX pair of
+each frame for the guest: the pair its flow was sent from, else a hash
+over the pairs whose RX ring is ready (QEMU disables the rings of pairs
+the driver stopped using). With one pair none of this runs.
+
+Bounded: frames for the guest wait in their pair's `rx_pending` deque (at
+most `rx_pending_limit` frames each) while the guest has posted no RX
+buffers; past that they are dropped and counted. A TX frame larger than 64 KiB plus
 headers is dropped. Every driver mistake is counted by reason and logged
 rate-limited.
 """
@@ -43,6 +50,7 @@ from stack.services.dns import DnsQuery
 from vhostnet.hostnet.dns import DnsForwarder
 
 from vhostnet.virtio import features as F
+from vhostnet.net.steering import Steering
 from vhostnet.net.header import (DATA_VALID, GSO_ECN, GSO_NONE, GSO_TCPV4, HDR10, HDR12, MAX_FRAME,
                                   NEEDS_CSUM, hdr_len_for, scatter)
 from vhostnet.ratelimit import RateLimitedLog
@@ -68,6 +76,15 @@ NUM_BUFFERS_OFFSET = 10
 # plus the stack's work per frame this keeps a step well under 10 ms.
 TX_BUDGET = 256
 RX_BUDGET = 256
+# `serve --queues`: the most queue pairs offered. QEMU's own limit for
+# -netdev vhost-user,queues= is MAX_QUEUE_NUM 1024 (net/vhost-user.c); one
+# Python thread runs every ring, so more pairs than guest CPUs only adds rings to poll.
+MAX_QUEUE_PAIRS = 64
+
+
+def queue_names(pairs: int) -> tuple[str, ...]:
+    """rx, tx for pair 0 (as with one pair), then rx1, tx1, rx2, tx2..."""
+    return ("rx", "tx") + tuple(f"{d}{k}" for k in range(1, pairs) for d in ("rx", "tx"))
 
 
 def _one_line_traceback(e: BaseException) -> str:
@@ -81,11 +98,19 @@ class NetDevice:
     queue_names = ("rx", "tx")
 
     def __init__(self, config: NetConfig | None = None, *, features: int = F.DEFAULT_FEATURES,
-                 rx_pending_limit: int = 1024, rlog: RateLimitedLog | None = None,
+                 queue_pairs: int = 1, rx_pending_limit: int = 1024, rlog: RateLimitedLog | None = None,
                  taps: list | None = None, link_layers=None, hostnet=None,
                  net_services: ServicesConfig | None = None, dns_upstreams=()):
         self.config = config or NetConfig()
-        self.device_features = features
+        if not 1 <= queue_pairs <= MAX_QUEUE_PAIRS:
+            raise ValueError(f"queue pairs {queue_pairs} not in 1..{MAX_QUEUE_PAIRS}")
+        self.queue_pairs = queue_pairs
+        self.num_queues = 2 * queue_pairs
+        self.queue_names = queue_names(queue_pairs)
+        # MQ (§5.1.3) only with something to steer; MQ's CTRL_VQ is QEMU's (the control queue stays there).
+        self.device_features = features | (1 << F.MQ if queue_pairs > 1 else 0)
+        self.steering = Steering(queue_pairs) if queue_pairs > 1 else None
+        self._all_pairs = tuple(range(queue_pairs))
         # With a host network (vhostnet/hostnet), the stack's NAT flows are
         # driven by a HostProxy that `run` starts in the connection's nursery.
         # DHCP/DNS/TFTP run inside the stack; DNS queries leave it as pulled
@@ -113,7 +138,9 @@ class NetDevice:
         self.guest_tso = False
         self.host_csum = False
         self.host_tso = False
-        self.rx_pending: collections.deque[Frame] = collections.deque()
+        # Frames waiting for RX buffers, one deque per pair; rx_pending is pair 0's.
+        self.rx_pendings: list[collections.deque[Frame]] = [collections.deque() for _ in range(queue_pairs)]
+        self.rx_pending = self.rx_pendings[0]
         self.rx_pending_limit = rx_pending_limit
         self.counters = collections.Counter()
         # Link taps, callables tap(direction, frame), "tx" = from the guest.
@@ -140,20 +167,25 @@ class NetDevice:
         if feats:
             log.info("features negotiated: %s", " ".join(F.names(feats)))
 
+    @property
+    def vhost_queue_num(self) -> int:
+        """What GET_QUEUE_NUM answers: queue pairs, as QEMU's net/vhost-user.c reads it."""
+        return self.queue_pairs
+
     def set_mtu(self, mtu: int) -> None:
         self.mtu = mtu
 
     def get_config(self, offset: int, size: int) -> bytes:
         # struct virtio_net_config: mac, status (LINK_UP), max_virtqueue_pairs, mtu
-        cfg = self.config.guest_mac_b + struct.pack("<HHH", 1, 1, self.mtu)
+        cfg = self.config.guest_mac_b + struct.pack("<HHH", 1, self.queue_pairs, self.mtu)
         return cfg[offset:offset + size].ljust(size, b"\0") if 0 <= offset <= 0x100 and size <= 0x100 else b""
 
     # -- events ----------------------------------------------------------
 
     def process(self, rings: Sequence[Ring], index: int, now: float) -> bool:
         """Work on ring INDEX after a kick (or a poll). True if more work is waiting."""
-        if index == TX:
-            return self.drain_tx(rings, now)
+        if index & 1:
+            return self.drain_tx(rings, now, pair=index >> 1)
         return self.flush_rx(rings)
 
     def poll(self, rings: Sequence[Ring], now: float) -> None:
@@ -251,8 +283,8 @@ class NetDevice:
 
     # -- TX: guest -> stack ----------------------------------------------
 
-    def drain_tx(self, rings: Sequence[Ring], now: float, budget: int | None = None) -> bool:
-        q = rings[TX]
+    def drain_tx(self, rings: Sequence[Ring], now: float, budget: int | None = None, pair: int = 0) -> bool:
+        q = rings[2 * pair + TX]
         if not q.ready:
             return False
         b = Budget(TX_BUDGET if budget is None else budget)
@@ -343,6 +375,8 @@ class NetDevice:
             frame.gso_size = gso_size
         self.counters["tx_frames"] += 1
         self.counters["tx_bytes"] += len(data)
+        if self.steering is not None:
+            self.steering.learn(data, q.index >> 1)
         for tap in self.taps:
             tap("tx", frame)
         self.link.receive(frame, now)
@@ -353,23 +387,62 @@ class NetDevice:
         if self._services:
             self._service_io()
         out = self.link.take_frames()
+        if self.steering is not None:
+            return self._flush_pairs(rings, out)
         pending = self.rx_pending
         if out:
-            room = self.rx_pending_limit - len(pending)
-            if len(out) > room:
-                dropped = len(out) - max(room, 0)
-                out = out[:max(room, 0)]
-                self.counters["rx_dropped_no_buffers"] += dropped
-                self.rlog.warning("rx_dropped_no_buffers",
-                                  "rx: guest posts no RX buffers; %d frame(s) dropped (%d waiting)",
-                                  dropped, len(pending))
-            pending.extend(out)
+            self._queue_rx(pending, out)
         self._rx_more = False
         if not pending:
             return False
         q = rings[RX]
         if not q.ready:
             return False
+        self._rx_more = self._fill(q, pending)
+        return self._rx_more
+
+    def _queue_rx(self, pending: collections.deque, out) -> None:
+        """OUT joins PENDING, past rx_pending_limit dropped and counted."""
+        room = self.rx_pending_limit - len(pending)
+        if len(out) > room:
+            dropped = len(out) - max(room, 0)
+            out = out[:max(room, 0)]
+            self.counters["rx_dropped_no_buffers"] += dropped
+            self.rlog.warning("rx_dropped_no_buffers",
+                              "rx: guest posts no RX buffers; %d frame(s) dropped (%d waiting)",
+                              dropped, len(pending))
+        pending.extend(out)
+
+    def _flush_pairs(self, rings: Sequence[Ring], out) -> bool:
+        """Multiqueue: each frame to its pair's deque (steering.py), then every ready RX ring filled."""
+        pendings = self.rx_pendings
+        ready = [p for p in self._all_pairs if rings[2 * p + RX].ready]
+        if ready:
+            # Frames left on a pair whose ring went away (disabled by `ethtool -L`, stopped)
+            # are steered again, ahead of the new ones.
+            stranded = [f for p in self._all_pairs if p not in ready for f in pendings[p]]
+            if stranded:
+                for p in self._all_pairs:
+                    if p not in ready:
+                        pendings[p].clear()
+                out = stranded + list(out)
+        if out:
+            choose = self.steering.choose
+            among = ready or self._all_pairs
+            by_pair: dict[int, list] = {}
+            for f in out:
+                by_pair.setdefault(choose(f.data, among), []).append(f)
+            for p, frames in by_pair.items():
+                self._queue_rx(pendings[p], frames)
+        more = False
+        for p in ready:
+            if pendings[p]:
+                more |= self._fill(rings[2 * p + RX], pendings[p])
+        self._rx_more = more
+        return more
+
+    def _fill(self, q, pending: collections.deque) -> bool:
+        """Frames of PENDING into ring Q's posted buffers, a budget's worth. True: call again soon."""
         b = Budget(RX_BUDGET)
         waiting = False
         while pending and not b.spent and q.ready:
@@ -392,8 +465,7 @@ class NetDevice:
         # Not when the frame waits for the driver: a failed gather (a looping
         # chain walked and given back, say) can spend the budget too, and
         # "more" then would poll the same ring for ever without a kick.
-        self._rx_more = bool(pending) and b.spent and q.ready and not waiting
-        return self._rx_more
+        return bool(pending) and b.spent and q.ready and not waiting
 
     def _rx_one(self, q, f: Frame, budget: Budget) -> bool:
         """Write one frame into posted RX buffers, or drop it. False: no room yet, try later."""
@@ -531,6 +603,13 @@ class NetDevice:
             "mergeable_rx_buffers": self.mrg,
             "offloads": {"guest_csum": self.guest_csum, "guest_tso4": self.guest_tso,
                          "host_csum": self.host_csum, "host_tso4": self.host_tso},
-            "rx_pending": len(self.rx_pending),
+            "rx_pending": self.rx_waiting(),
             "counters": dict(self.counters),
+            "queue_pairs": self.queue_pairs,
+            "rx_pending_by_pair": [len(d) for d in self.rx_pendings],
+            "steering": self.steering.describe() if self.steering is not None else None,
         }
+
+    def rx_waiting(self) -> int:
+        """Frames waiting for RX buffers, every pair together."""
+        return sum(len(d) for d in self.rx_pendings)

@@ -6,6 +6,17 @@ the virtqueues; the device (vhostnet/net/device.py, through the Device protocol 
 kicks. The server (server.py) does the socket and eventfd I/O and
 is told through `on_queue_start` / `on_queue_stop` when to wait on a kick fd.
 
+Multiqueue (PROTOCOL_F_MQ): one connection carries every queue pair.
+QEMU's vhost-user net opens one vhost_dev per pair on the same socket;
+each sends its own SET_FEATURES and vring messages (ring 2k, 2k+1), the
+one-time requests (SET_OWNER, SET_MEM_TABLE, GET_QUEUE_NUM...) come from
+pair 0 only, and SET_VRING_ENABLE switches a pair's rings when the guest
+changes the number of pairs. A repeated SET_FEATURES with the same bits
+changes nothing. GET_QUEUE_NUM answers the device's `vhost_queue_num`
+(queue pairs for virtio-net). `on_queue_num_short(pair)` is told when the
+front-end asks for a ring of a pair we do not serve, so the server can say
+so once, whatever the reconnect rate.
+
 Ring rules (docs/interop/vhost-user.rst): a ring is *started* by
 SET_VRING_KICK and *stopped* by GET_VRING_BASE. If PROTOCOL_FEATURES was not
 negotiated a started ring is enabled at once; otherwise it starts disabled
@@ -96,6 +107,7 @@ class Backend:
     def __init__(self, device: Device, *, rlog: RateLimitedLog | None = None,
                  on_queue_start: Callable[[SplitRing], None] = _no_op,
                  on_queue_stop: Callable[[SplitRing], None] = _no_op,
+                 on_queue_num_short: Callable[[int], None] = _no_op,
                  allow_unsealed_memory: bool = False, strict: bool = False, checks: bool = True):
         self.device = device
         # memory.py: accept guest memory a front-end could shrink under us (SIGBUS)?
@@ -115,6 +127,10 @@ class Backend:
         self.errors: dict[str, int] = {}
         self.on_queue_start = on_queue_start
         self.on_queue_stop = on_queue_stop
+        self.on_queue_num_short = on_queue_num_short
+        # For the server's "asked for more pairs than served" line: what the front-end did.
+        self.queue_num_asked = False
+        self.features_set = False
 
     # -- what we offer ---------------------------------------------------
 
@@ -126,8 +142,15 @@ class Backend:
     def offered_protocol_features(self) -> int:
         # CONFIG is left out: QEMU's virtio-net keeps its own config space
         # and warns about a backend offering it. GET_CONFIG is still answered.
-        return ((1 << P.ProtoFeat.REPLY_ACK) | (1 << P.ProtoFeat.MTU)
+        # MQ always: with it QEMU asks GET_QUEUE_NUM and, with one pair
+        # served and queues=2 asked, says so instead of failing on a ring index.
+        return ((1 << P.ProtoFeat.MQ) | (1 << P.ProtoFeat.REPLY_ACK) | (1 << P.ProtoFeat.MTU)
                 | (1 << P.ProtoFeat.RESET_DEVICE))
+
+    @property
+    def queue_num(self) -> int:
+        """GET_QUEUE_NUM's answer: the device's (queue pairs for virtio-net), else its queue count."""
+        return getattr(self.device, "vhost_queue_num", len(self.queues))
 
     def proto(self, feat: P.ProtoFeat) -> bool:
         return bool(self.protocol_features >> feat & 1)
@@ -197,6 +220,9 @@ class Backend:
 
     def _queue(self, index: int) -> SplitRing:
         if not 0 <= index < len(self.queues):
+            if index >= len(self.queues) and self.queue_num < len(self.queues):
+                # A queue pair past the ones served (virtio-net: rings 2k, 2k+1 are pair k).
+                self.on_queue_num_short(index * self.queue_num // len(self.queues))
             raise BadMessage(f"queue index {index} out of range 0..{len(self.queues) - 1}")
         return self.queues[index]
 
@@ -223,7 +249,9 @@ class Backend:
                               {"expected": f"bits of {self.offered_features:#x}", "seen": f"{want:#x}",
                                "extra": F.names(extra)})
             raise BadMessage(f"SET_FEATURES asks for bits we did not offer: {extra:#x}")
-        missing = F.missing_requirements(want)
+        # MQ requires CTRL_VQ (§5.1.3.1), but the control queue is the front-end's
+        # (QEMU, DPDK virtio-user keep it) and its bit is never sent to a vhost-user backend.
+        missing = F.missing_requirements(want | 1 << F.CTRL_VQ if want >> F.MQ & 1 else want)
         if missing:
             # Tolerated: the device only uses an offload together with what it needs.
             self.findings.add("feature_dependency", f"SET_FEATURES {want:#x}: " + "; ".join(missing),
@@ -235,6 +263,7 @@ class Backend:
                 raise BadMessage("SET_FEATURES changes the ring format (RING_PACKED) while a ring is started")
             self.queues = [self._reformat(q, PackedRing if packed else SplitRing) for q in self.queues]
         self.features = want
+        self.features_set = True
         for q in self.queues:
             q.event_idx = bool(want >> F.EVENT_IDX & 1)
             q.indirect_ok = bool(want >> F.INDIRECT_DESC & 1)
@@ -268,7 +297,8 @@ class Backend:
         self.protocol_features = want
 
     def _get_queue_num(self, body, fds, raw):
-        return _U64.pack(len(self.queues))
+        self.queue_num_asked = True
+        return _U64.pack(self.queue_num)
 
     def _get_max_mem_slots(self, body, fds, raw):
         return _U64.pack(P.MAX_MEM_REGIONS)

@@ -16,6 +16,13 @@ vhost-user message) is timed: `Connection.steps` keeps the count, the
 longest and how many took more than SLOW_STEP, shown by `inspect`/`stats`
 as `loop` (docs/json.md).
 
+A front-end that wants more queue pairs than served (QEMU's
+-netdev vhost-user,queues=N past `serve --queues`) gives up after
+GET_QUEUE_NUM and reconnects at once, up to a thousand times a second:
+the server, not the connection, holds the limiter of the one line that
+says which option to change (QUEUE_NUM_LOG_INTERVAL), and of the
+connect/disconnect lines.
+
 Next to each kick waiter runs the queue's safety poll (safety_poll.py),
 which finds entries a driver made available without kicking. At
 disconnect the log has one line per finding (rule, section, count, first
@@ -35,6 +42,7 @@ import trio
 
 from vhostnet.vhostuser.backend import Backend
 from vhostnet.vhostuser.channel import FramingError, close_all, read_message
+from vhostnet.vhostuser import protocol as P
 from vhostnet.vhostuser.protocol import request_name
 from vhostnet.vhostuser.safety_poll import SafetyPoll
 from vhostnet.ratelimit import RateLimitedLog
@@ -52,6 +60,9 @@ INTERNAL_ERROR_BACKOFF = 0.1
 SUMMARY_LINES = 32
 # An event-loop step longer than this is counted as slow (issue 7: about 10 ms).
 SLOW_STEP = 0.010
+# The "asked for more queue pairs than served" line: once, then at most once a minute
+# (with the count of those held back), however fast the front-end reconnects.
+QUEUE_NUM_LOG_INTERVAL = 60.0
 
 
 class StepStats:
@@ -113,6 +124,7 @@ class Connection:
         self.device = server.make_device()
         self.backend = Backend(self.device, rlog=server.rlog,
                                on_queue_start=self._queue_start, on_queue_stop=self._queue_stop,
+                               on_queue_num_short=server.queue_num_short,
                                allow_unsealed_memory=server.allow_unsealed_memory,
                                strict=server.strict, checks=server.checks)
         self._kick_scopes: dict[int, trio.CancelScope] = {}
@@ -310,6 +322,10 @@ class Server:
         self.make_device = make_device
         self.once = once
         self.rlog = rlog or RateLimitedLog(log)
+        # Server-level, so a reconnect storm shares them (see the module docstring).
+        self.queue_num_log = RateLimitedLog(log, burst=1, per_second=1 / QUEUE_NUM_LOG_INTERVAL)
+        self.connect_log = RateLimitedLog(log)
+        self.queue_num_short_seen = 0
         self.current: Connection | None = None
         # Link taps, callables tap(direction, frame): the same list the
         # composition root gave each device (vhostnet/launch/serve.py), so a
@@ -347,9 +363,9 @@ class Server:
         while True:
             sock, _ = await lsock.accept()
             self.connections += 1
-            log.info("frontend connected (connection %d)", self.connections)
+            self.connect_log.info("connect", "frontend connected (connection %d)", self.connections)
             await self._serve_connection(sock)
-            log.info("frontend disconnected; guest memory unmapped, fds closed")
+            self.connect_log.info("disconnect", "frontend disconnected; guest memory unmapped, fds closed")
             if self.once:
                 return
 
@@ -376,6 +392,7 @@ class Server:
                 nursery.cancel_scope.cancel()
                 for poll in list(conn._polls.values()):
                     poll.close()   # pending kick_missed suspects become findings
+                self._check_queue_num(conn)
                 self._log_errors(conn)
                 self._log_findings(conn)
                 conn.close()
@@ -385,6 +402,27 @@ class Server:
                 self.current = None
                 gc.unfreeze()
                 gc.collect()
+
+    def queue_num_short(self, pair: int | None) -> None:
+        """The front-end wants queue pair PAIR (None: more than GET_QUEUE_NUM said) and we serve fewer."""
+        self.queue_num_short_seen += 1
+        served = self.current.backend.queue_num if self.current is not None else None
+        if pair is None:
+            asked = (f"the front-end left right after GET_QUEUE_NUM answered {served} queue pair(s), as QEMU "
+                     f"does when asked for more (\"you are asking more queues than supported: {served}\")")
+            want = "N"
+        else:
+            asked = f"the front-end asked for queue pair {pair + 1} but vhostnet serves {served}"
+            want = str(pair + 1)
+        self.queue_num_log.warning(
+            "queue_num", "%s: start vhostnet with --queues %s (QEMU's -netdev vhost-user,queues=%s), "
+            "or give -netdev vhost-user,...,queues=%s", asked, want, want, served)
+
+    def _check_queue_num(self, conn: Connection) -> None:
+        b = conn.backend
+        if (b.queue_num_asked and not b.features_set and b.proto(P.ProtoFeat.MQ)
+                and not any(q.started for q in b.queues)):
+            self.queue_num_short(None)
 
     def _log_findings(self, conn: Connection) -> None:
         """One line per finding of the connection (bounded), MUST before SHOULD."""
