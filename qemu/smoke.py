@@ -31,6 +31,10 @@ Switches, from the environment or the matching --options (1 on, 0 off):
                         it makes; vhostnet/testing/hostservers.py) and stops
                         afterwards; the guest reaches them as 10.0.2.2:PORT,
                         so they need NAT (slirp has it)
+  MQ_TEST               multiqueue (default 0; with QUEUES=2): the guest, with
+                        the applications archive, runs TCP echo pinned to each
+                        CPU after `ethtool -L eth0 combined 2`, then after
+                        `combined 1`, and checks `ethtool -S` per-queue counts
   BACKEND               vhostnet (default) or slirp
   MACHINE               q35 (default) or virt-aarch64 (boots the arm64 image,
                         GUEST_ARCH=arm64 scripts/build-guest.sh)
@@ -85,6 +89,7 @@ TEST_MARKERS = [
     ("IPERF_TEST", "iperf3: ok"),
     ("REDIS_TEST", "redis: ok"),
     ("GIT_TEST", "git: ok"),
+    ("MQ_TEST", "mq: ok"),
 ]
 # Tests that QEMU's slirp can serve, on by default with BACKEND=slirp.
 SLIRP_TESTS = {"ICMP_TEST"}
@@ -93,6 +98,9 @@ SLIRP_TESTS = {"ICMP_TEST"}
 FEATURES_LINE = "net: virtio features "
 # Application tests: off unless asked for; they need host servers.
 APP_TESTS = {"IPERF_TEST": "iperf", "REDIS_TEST": "redis", "GIT_TEST": "git"}
+# Off unless asked for too: they need the applications archive, not a host server
+# (MQ_TEST: ethtool -L and ethtool -S in the guest; give it QUEUES=2).
+APP_ONLY_TESTS = {"MQ_TEST"}
 
 
 # --- configuration -----------------------------------------------------------
@@ -154,7 +162,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     net = _flag(args.net or env.get("NET"), True, "NET")
     tests = {}
     for name, _ in TEST_MARKERS:
-        default = net and name not in APP_TESTS and (backend != "slirp" or name in SLIRP_TESTS)
+        default = net and name not in APP_TESTS and name not in APP_ONLY_TESTS and (backend != "slirp" or name in SLIRP_TESTS)
         tests[name] = _flag(getattr(args, name.lower()) or env.get(name), default, name)
     machine = args.machine or env.get("MACHINE") or "q35"
     transport = args.transport or env.get("TRANSPORT") or None
@@ -349,7 +357,7 @@ def run(plan: Plan, args: argparse.Namespace) -> int:
         log(f"accel tcg: {qemu.kvm_verdict().reason}")
     servers = HostServers(run_dir / "servers", **plan.apps())
     try:
-        if any(plan.apps().values()):
+        if any(plan.apps().values()) or any(plan.tests.get(t) for t in APP_ONLY_TESTS):
             image = image.with_apps()
             servers.__enter__()
             log(f"host servers on 127.0.0.1: "

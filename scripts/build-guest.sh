@@ -16,7 +16,8 @@
 #           (package gcc-aarch64-linux-gnu + libc6-dev-arm64-cross)
 #
 # The amd64 image also carries real applications for the guest to run against
-# host servers: iperf3, redis-cli (redis-tools) and git (git:// only; no curl).
+# host servers: iperf3, redis-cli (redis-tools) and git (git:// only; no curl),
+# and ethtool (multiqueue: `ethtool -L eth0 combined K`).
 # Each binary is copied from its Debian package together with the shared
 # libraries it needs (found by following ELF NEEDED entries through the
 # unpacked packages of APP_PACKAGES) and its loader (PT_INTERP).  They go in a
@@ -71,12 +72,13 @@ amd64)
     CC=gcc
     # The applications and every package their shared libraries come from.
     # A library missing from these stops the build with its name.
-    APP_BINARIES=(usr/bin/iperf3 usr/bin/redis-cli usr/lib/git-core/git)
+    APP_BINARIES=(usr/bin/iperf3 usr/bin/redis-cli usr/lib/git-core/git sbin/ethtool)
     APP_PACKAGES=(libc6 libgcc-s1 libstdc++6 libssl3 zlib1g
                   iperf3 libiperf0 libsctp1
                   redis-tools libatomic1 libjemalloc2 liblzf1 libsystemd0 libcap2
                   libgcrypt20 libgpg-error0 liblz4-1 liblzma5 libzstd1
-                  git libpcre2-8-0)
+                  git libpcre2-8-0
+                  ethtool libmnl0)
     ;;
 arm64)
     OUT=${GUEST_BUILD_DIR:-$ROOT/qemu/build-arm64}
@@ -89,7 +91,7 @@ arm64)
 esac
 
 KERNEL_RECIPE=3
-APPS_RECIPE=2
+APPS_RECIPE=3
 
 T0=$(date +%s.%N)
 say() { printf 'build-guest: %s\n' "$*" >&2; }

@@ -35,9 +35,10 @@ import smoke  # noqa: E402
 # Every marker the guest prints with NET=1 against our backend (the
 # application tests are off unless asked for).
 MARKERS = ["init: start", *smoke.NET_MARKERS,
-           *(m for name, m in smoke.TEST_MARKERS if name not in smoke.APP_TESTS), "init: done"]
+           *(m for name, m in smoke.TEST_MARKERS
+             if name not in smoke.APP_TESTS and name not in smoke.APP_ONLY_TESTS), "init: done"]
 SMOKE_ENV_VARS = ["NET", "EXPECT_NET", "BACKEND", "BACKEND_ARGS", "ACCEL", "MACHINE", "TRANSPORT",
-                  "LEGACY", "QUEUE_SIZE",
+                  "LEGACY", "QUEUE_SIZE", "QUEUES", "PACKED",
                   *(name for name, _ in smoke.TEST_MARKERS)]
 APP_MARKERS = [m for name, m in smoke.TEST_MARKERS if name in smoke.APP_TESTS]
 

@@ -324,7 +324,7 @@ class Server:
         self.rlog = rlog or RateLimitedLog(log)
         # Server-level, so a reconnect storm shares them (see the module docstring).
         self.queue_num_log = RateLimitedLog(log, burst=1, per_second=1 / QUEUE_NUM_LOG_INTERVAL)
-        self.connect_log = RateLimitedLog(log)
+        self.connect_log = RateLimitedLog(log, burst=5, per_second=0.2)
         self.queue_num_short_seen = 0
         self.current: Connection | None = None
         # Link taps, callables tap(direction, frame): the same list the
@@ -393,6 +393,7 @@ class Server:
                 for poll in list(conn._polls.values()):
                     poll.close()   # pending kick_missed suspects become findings
                 self._check_queue_num(conn)
+                self._log_queues(conn)
                 self._log_errors(conn)
                 self._log_findings(conn)
                 conn.close()
@@ -423,6 +424,12 @@ class Server:
         if (b.queue_num_asked and not b.features_set and b.proto(P.ProtoFeat.MQ)
                 and not any(q.started for q in b.queues)):
             self.queue_num_short(None)
+
+    def _log_queues(self, conn: Connection) -> None:
+        """One line: the chains each ring that ran moved (with several pairs, how traffic spread)."""
+        used = [f"{q.name} {q.stats['chains']}" for q in conn.backend.queues if q.stats["chains"]]
+        if used:
+            self.connect_log.info("queues", "chains per queue: %s", ", ".join(used))
 
     def _log_findings(self, conn: Connection) -> None:
         """One line per finding of the connection (bounded), MUST before SHOULD."""
