@@ -5,6 +5,12 @@ kicks and calls are eventfds, and the messages go over a Unix socket to the
 real server. The "driver" half writes split-ring descriptors and avail
 entries into that memory and reads the used ring back, so tests can also
 play a hostile driver (bad addresses, loops, index jumps) with raw writes.
+
+PAIRS > 1 plays QEMU's multiqueue (-netdev vhost-user,queues=N): the rings
+of pair k are 2k (RX) and 2k+1 (TX), each pair laid out like pair 0 in its
+own PAIR_SPAN of guest memory; the handshake repeats SET_FEATURES per pair
+as QEMU's one vhost_dev per pair does. `rx`/`tx` are pair 0's rings;
+`pair_rings[k]` is (rx, tx) of pair k, and the frame helpers take `pair=`.
 """
 from __future__ import annotations
 
@@ -32,6 +38,8 @@ RING_PACKED_BIT = 1 << 34   # virtio 1.2 §6: VIRTIO_F_RING_PACKED
 PACKED_FRESH_BASE = 1 << 15 | 1 << 31   # avail and used wrap counters 1, both indices 0
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 RXQ, TXQ = 0, 1
+# Guest memory per queue pair: its rings and buffers at the same offsets as pair 0's.
+PAIR_SPAN = 32 << 20
 
 
 class Ring:
@@ -142,7 +150,9 @@ QEMU_SEALS = fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
 
 class Frontend:
     def __init__(self, mem_size: int = 32 << 20, queue_size: int = 256, two_regions: bool = False,
-                 sealed: bool = True, packed: bool = False):
+                 sealed: bool = True, packed: bool = False, pairs: int = 1):
+        if pairs > 1:
+            mem_size = max(mem_size, PAIR_SPAN * pairs)
         self.mem_size = mem_size
         # Guest RAM as QEMU makes it: a memfd, sealed against growing and shrinking
         # (sealed=False plays a front-end that does not seal, e.g. memory-backend-memfd,seal=off).
@@ -163,12 +173,18 @@ class Frontend:
             from vhostnet.testing.packed_driver import frontend_ring as Ring_
         else:
             Ring_ = Ring
-        self.rx = Ring_(self.mem, RXQ, n, 0x1000, 0x1000 + 16 * n, 0x1000 + 16 * n + 0x2000,
-                       0x100000, 0x1000)
-        self.tx = Ring_(self.mem, TXQ, n, 0x40000, 0x40000 + 16 * n, 0x40000 + 16 * n + 0x2000,
-                       0x400000, 0x10000 + 0x100)
-        assert self.tx.buf(n - 1) + self.tx.buf_size <= mem_size, "guest memory too small for the TX buffers"
-        self.rings = [self.rx, self.tx]
+        self.pair_rings = []
+        for k in range(pairs):
+            b = k * PAIR_SPAN
+            rx = Ring_(self.mem, 2 * k + RXQ, n, b + 0x1000, b + 0x1000 + 16 * n, b + 0x1000 + 16 * n + 0x2000,
+                       b + 0x100000, 0x1000)
+            tx = Ring_(self.mem, 2 * k + TXQ, n, b + 0x40000, b + 0x40000 + 16 * n,
+                       b + 0x40000 + 16 * n + 0x2000, b + 0x400000, 0x10000 + 0x100)
+            assert tx.buf(n - 1) + tx.buf_size <= b + (PAIR_SPAN if pairs > 1 else mem_size), \
+                "guest memory too small for the TX buffers"
+            self.pair_rings.append((rx, tx))
+        self.rx, self.tx = self.pair_rings[0]
+        self.rings = [r for pair in self.pair_rings for r in pair]
         self.sock: trio.socket.SocketType | None = None
         self.features = 0
         self.protocol_features = 0
@@ -256,10 +272,14 @@ class Frontend:
         self.hdr_len = 12 if self.features & (1 << 32 | 1 << 15) else 10
         payload, fds = self.mem_table()
         await self.request(Req.SET_MEM_TABLE, payload, fds)
-        for r in self.rings:
-            if base:
-                r.start_at(base)
-            await self.setup_ring(r, base or None)   # None: a fresh ring of its format
+        for k, pair in enumerate(self.pair_rings):
+            if k:
+                # QEMU: each pair's vhost_dev sends its own SET_FEATURES (not SET_MEM_TABLE: one-time).
+                await self.request(Req.SET_FEATURES, U64.pack(self.features))
+            for r in pair:
+                if base:
+                    r.start_at(base)
+                await self.setup_ring(r, base or None)   # None: a fresh ring of its format
         if enable and self.features >> 30 & 1:
             for r in self.rings:
                 await self.request(Req.SET_VRING_ENABLE, STATE.pack(r.index, 1))
@@ -289,9 +309,15 @@ class Frontend:
         h = NET_HDR.pack(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers)
         return h[:self.hdr_len]
 
-    def post_tx(self, frame: bytes, hdr: bytes | None = None, split: bool = False) -> int:
+    async def enable_pair(self, pair: int, on: bool) -> None:
+        """SET_VRING_ENABLE on both rings of PAIR, as QEMU does when the guest changes the pairs in use."""
+        for r in self.pair_rings[pair]:
+            await self.request(Req.SET_VRING_ENABLE, STATE.pack(r.index, int(on)))
+        await self.get_u64(Req.GET_FEATURES)   # a round trip: handled
+
+    def post_tx(self, frame: bytes, hdr: bytes | None = None, split: bool = False, pair: int = 0) -> int:
         """Place one frame (with its virtio-net header) in the TX ring. Does not kick."""
-        r = self.tx
+        r = self.pair_rings[pair][1]
         hdr = self.net_hdr() if hdr is None else hdr
         slot = r.free[-1]
         addr = r.buf(slot)
@@ -303,8 +329,8 @@ class Frontend:
         self.mem[addr:addr + len(data)] = data
         return r.add([(addr, len(data), 0)])
 
-    def post_rx(self, count: int | None = None, size: int = 0x1000) -> int:
-        r = self.rx
+    def post_rx(self, count: int | None = None, size: int = 0x1000, pair: int = 0) -> int:
+        r = self.pair_rings[pair][0]
         n = 0
         while r.free and (count is None or n < count):
             slot = r.free[-1]
@@ -312,23 +338,24 @@ class Frontend:
             n += 1
         return n
 
-    def read_rx(self) -> list[tuple[bytes, bytes]]:
+    def read_rx(self, pair: int = 0) -> list[tuple[bytes, bytes]]:
         """(virtio-net header, frame) for every RX buffer the device returned."""
         out = []
-        pending: list[tuple[int, int]] = self.rx.take_used()
+        rx = self.pair_rings[pair][0]
+        pending: list[tuple[int, int]] = rx.take_used()
         i = 0
         while i < len(pending):
             head, length = pending[i]
             if length == 0:   # a buffer the device refused, returned unused
                 i += 1
                 continue
-            data = bytes(self.mem[self.rx.buf(head):self.rx.buf(head) + length])
+            data = bytes(self.mem[rx.buf(head):rx.buf(head) + length])
             hdr = data[:self.hdr_len]
             nbuf = NET_HDR.unpack(hdr)[6] if self.hdr_len == 12 and self.features >> 15 & 1 else 1
             body = data[self.hdr_len:]
             for k in range(1, nbuf):
                 h2, l2 = pending[i + k]
-                body += bytes(self.mem[self.rx.buf(h2):self.rx.buf(h2) + l2])
+                body += bytes(self.mem[rx.buf(h2):rx.buf(h2) + l2])
             out.append((hdr, body))
             i += max(nbuf, 1)
         return out

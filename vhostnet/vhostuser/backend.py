@@ -131,6 +131,7 @@ class Backend:
         # For the server's "asked for more pairs than served" line: what the front-end did.
         self.queue_num_asked = False
         self.features_set = False
+        self.wanted_pair: int | None = None   # a ring of a pair past queue_num was asked for
 
     # -- what we offer ---------------------------------------------------
 
@@ -222,7 +223,8 @@ class Backend:
         if not 0 <= index < len(self.queues):
             if index >= len(self.queues) and self.queue_num < len(self.queues):
                 # A queue pair past the ones served (virtio-net: rings 2k, 2k+1 are pair k).
-                self.on_queue_num_short(index * self.queue_num // len(self.queues))
+                self.wanted_pair = index * self.queue_num // len(self.queues)
+                self.on_queue_num_short(self.wanted_pair)
             raise BadMessage(f"queue index {index} out of range 0..{len(self.queues) - 1}")
         return self.queues[index]
 

@@ -421,7 +421,7 @@ class Server:
 
     def _check_queue_num(self, conn: Connection) -> None:
         b = conn.backend
-        if (b.queue_num_asked and not b.features_set and b.proto(P.ProtoFeat.MQ)
+        if (b.queue_num_asked and not b.features_set and b.proto(P.ProtoFeat.MQ) and b.wanted_pair is None
                 and not any(q.started for q in b.queues)):
             self.queue_num_short(None)
 
