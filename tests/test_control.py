@@ -65,7 +65,7 @@ async def test_inspect_without_qemu(backend):
     assert doc["backend"]["control"] == ctl.path
     check_doc(doc, "inspect", allow_missing=[k for k in ("features", "protocol_features", "owner", "mtu",
                                                           "hdr_len", "mergeable_rx_buffers", "offloads",
-                                                          "rx_pending", "memory", "queues", "requests",
+                                                          "rx_pending", "queue_pairs", "memory", "queues", "requests",
                                                           "request_errors", "messages", "loop")])
 
 

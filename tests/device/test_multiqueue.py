@@ -239,3 +239,33 @@ def test_flow_map_is_bounded():
     for i in range(100):
         s.learn(udp(30000 + i), i % 2)
     assert len(s.flows) == 8 and s.counters["evicted"] == 92
+
+
+async def test_inspect_and_stats_show_every_queue(tmp_path, nursery):
+    """Both documents list every pair's rings and the pairs in use, as docs/json.md says."""
+    import json
+    from vhostnet.observe.report import inspect_doc, stats_doc
+    from ..observe import check_doc
+    srv = await serve(tmp_path, nursery, 2)
+    fe = await connect(srv, 2)
+    try:
+        await fe.handshake()
+        fe.post_rx(pair=1)
+        fe.pair_rings[1][0].kick()
+        fe.post_tx(udp(44000), pair=1)
+        fe.pair_rings[1][1].kick()
+        assert len((await collect(fe, {1: 1}))[1]) == 1
+        await fe.enable_pair(1, False)
+        ins = json.loads(json.dumps(inspect_doc(srv)))
+        check_doc(ins, "inspect", allow_missing=["queues[].last_used.", "memory[]"])
+        assert [(q["name"], q["pair"]) for q in ins["queues"]] == [("rx", 0), ("tx", 0), ("rx1", 1), ("tx1", 1)]
+        assert ins["queue_pairs"]["served"] == 2 and ins["queue_pairs"]["enabled"] == [0]
+        assert ins["queue_pairs"]["steering"]["rx_by_flow"] == 1
+        st = json.loads(json.dumps(stats_doc(srv)))
+        check_doc(st, "stats", allow_missing=["stack.", "nat.", "forwards[]", "services.", "faults.",
+                                              "capture.", "backend."])
+        rings = {q["name"]: q for q in st["queues"]}
+        assert rings["tx1"]["chains"] == 1 and rings["rx1"]["chains"] == 1 and not rings["rx1"]["enabled"]
+        assert rings["tx"]["chains"] == 0
+    finally:
+        await fe.shutdown(srv)

@@ -40,6 +40,19 @@ def not_connected(doc: dict) -> str:
             + "\nStart QEMU with the flags of `vhostnet qemu-args --socket " + b["socket"] + "`.")
 
 
+def _pairs_text(qp: dict | None) -> list[str]:
+    """Multiqueue: one line (nothing with one pair)."""
+    if not qp or qp["served"] == 1:
+        return []
+    line = (f"queue pairs: {qp['served']} served, enabled {qp['enabled'] or 'none'}, "
+            f"waiting for RX buffers per pair {qp['rx_pending']}")
+    st = qp.get("steering")
+    if st:
+        line += (f"; steering: {st['flows']} flow(s), rx by flow {st['rx_by_flow']}, "
+                 f"by hash {st['rx_by_hash']}, no flow {st['rx_no_flow']}")
+    return [line]
+
+
 def inspect_text(doc: dict, queue: int | None = None) -> str:
     if not doc["connected"]:
         return not_connected(doc)
@@ -56,6 +69,7 @@ def inspect_text(doc: dict, queue: int | None = None) -> str:
     out.append(f"virtio-net header {doc['hdr_len']} bytes, mergeable RX buffers "
                f"{'yes' if doc['mergeable_rx_buffers'] else 'no'}, offloads: {off}; "
                f"{doc['rx_pending']} frame(s) waiting for RX buffers")
+    out += _pairs_text(doc.get("queue_pairs"))
     mem = doc["memory"]
     out.append(f"memory: {len(mem)} region(s)")
     for r in mem:
@@ -167,6 +181,7 @@ def stats_text(doc: dict, prev: dict | None = None) -> str:
            f"           waiting for RX buffers {dev['rx_pending']}, loopback injections {st['loopback_frames']}",
            f"drops      device: {_kv(dev['drops'])}",
            f"           stack:  {_kv(st['drops'])}"]
+    out += _pairs_text(doc.get("queue_pairs"))
     for q in doc["queues"]:
         out.append(f"queue {q['name']:<5} kicks {q['kicks']}  calls {q['calls']}  suppressed "
                    f"{q['calls_suppressed']}  chains {q['chains']}  errors: {_kv(q['errors'])}")

@@ -68,13 +68,13 @@ def _addr(q: dict, which: str) -> dict:
 
 def _queue(q: dict) -> dict:
     return {
-        "index": q["index"], "name": q["name"], "size": q["size"],
+        "index": q["index"], "name": q["name"], "pair": q["index"] >> 1, "size": q["size"],
         "started": q["started"], "enabled": q["enabled"], "broken": q["broken"],
         "desc": _addr(q, "desc"), "avail": _addr(q, "avail"), "used": _addr(q, "used"),
         "avail_idx": q["avail_idx"], "used_idx": q["guest_used_idx"],
         "last_avail_idx": q["last_avail_idx"], "next_used_idx": q["used_idx"],
         "pending": q["pending"], "in_flight": q["in_flight"],
-        "rx_buffers_posted": q["pending"] if q["name"] == "rx" else None,
+        "rx_buffers_posted": q["pending"] if q["name"].startswith("rx") else None,
         "kicks": q["kicks"], "calls": q["calls"], "calls_suppressed": q["calls_suppressed"],
         "chains": q["chains"], "bytes": q["bytes"], "unkicked": q["unkicked"],
         "event_idx": q["event_idx"], "avail_flags": q["avail_flags"], "used_flags": q["used_flags"],
@@ -89,6 +89,17 @@ def _queue(q: dict) -> dict:
         **({k: q[k] for k in ("avail_wrap_counter", "used_wrap_counter", "driver_event", "device_event")}
            if q.get("format") == "packed" else {}),
     }
+
+
+def _queue_pairs(conn) -> dict:
+    """Multiqueue: the pairs served, which are in use (both rings enabled), and the steering map."""
+    dev, queues = conn.device, conn.backend.queues
+    pairs = getattr(dev, "queue_pairs", 1)
+    steering = getattr(dev, "steering", None)
+    return {"served": pairs,
+            "enabled": [k for k in range(pairs) if queues[2 * k].enabled and queues[2 * k + 1].enabled],
+            "rx_pending": [len(d) for d in getattr(dev, "rx_pendings", [dev.rx_pending])],
+            "steering": steering.describe() if steering is not None else None}
 
 
 def _ring_heads(vq) -> dict:
@@ -130,6 +141,7 @@ def inspect_doc(server, control=None) -> dict:
         "owner": d["owner"], "mtu": d["mtu"],
         "hdr_len": dev["hdr_len"], "mergeable_rx_buffers": dev["mergeable_rx_buffers"],
         "offloads": dev["offloads"], "rx_pending": dev["rx_pending"],
+        "queue_pairs": _queue_pairs(conn),
         "memory": d["memory"],
         "queues": [{**_queue(q), **_ring_heads(vq)} for q, vq in zip(d["queues"], b.queues)],
         "requests": d["requests"], "request_errors": d["errors"],
@@ -353,10 +365,12 @@ def stats_doc(server, control=None) -> dict:
         "connected": True,
         "device": {
             **{k: c.get(k, 0) for k in _FRAME_COUNTERS},
-            "rx_pending": len(dev.rx_pending),
+            "rx_pending": dev.rx_waiting(),
             "drops": {k: v for k, v in sorted(c.items()) if k not in _FRAME_COUNTERS},
         },
-        "queues": [{"name": q.name, **q.stats, "errors": dict(q.errors)} for q in conn.backend.queues],
+        "queue_pairs": _queue_pairs(conn),
+        "queues": [{"name": q.name, "pair": q.index >> 1, "enabled": q.enabled, **q.stats,
+                    "errors": dict(q.errors)} for q in conn.backend.queues],
         "loop": conn.steps.describe(),
         "faults": stats_faults(dev),
         "stack": {
