@@ -3,6 +3,7 @@
 
     python3 scripts/bench_dpdk.py                 # 3 s per case
     python3 scripts/bench_dpdk.py --seconds 5 --window 1,4
+    python3 scripts/bench_dpdk.py --queues 1,2,4   # multiqueue: the same cases on 1, 2, 4 pairs
 
 testpmd's virtio-user port is a busy-polling virtio-net driver in C with no
 guest and no QEMU in the way, so whatever rate comes out is the backend's
@@ -18,6 +19,11 @@ the stack.
            back as a new request (MACs, IPs and ports swapped), so the window
            stays closed at N*32. "frames/s" is round trips per second
            (vhostnet's device.rx_frames over the window).
+
+--queues Q1,Q2...: each case once per queue-pair count Q, side by side:
+`serve --queues Q` and virtio-user queues=Q with testpmd --rxq=Q --txq=Q
+(its one forwarding lcore polls every queue); "x q1" is the rate against
+the same case on one pair in the same run.
 
 "testpmd/s" is the same rate as testpmd counted it (forward statistics:
 TX-packets for discard, RX-packets for echo), over the same window: the two
@@ -94,14 +100,17 @@ def fwd_counts(tp: TestPmd) -> dict[str, int]:
     return parse_port_stats(tp.cmd("show fwd stats all").split("+++")[0])
 
 
-def run_case(workdir: Path, kind: str, frame: int, seconds: float, window: int, queue_size: int) -> dict:
+def run_case(workdir: Path, kind: str, frame: int, seconds: float, window: int, queue_size: int,
+             queues: int = 1) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     mode, port, counter, tp_counter = (("txonly", 9, "tx_frames", "TX-packets") if kind == "discard"
                                        else ("5tswap", 7, "rx_frames", "RX-packets"))
     cpus = sorted(os.sched_getaffinity(0))
-    with VhostnetServe(workdir, log_level="info", cpu=cpus[0], allow_unsealed_memory=True) as be:
-        with TestPmd(be.socket, app_args=testpmd_args(mode, port, frame), lcores=f"0@{cpus[0]},1@{cpus[-1]}",
-                     queue_size=queue_size, log=workdir / "testpmd.log") as tp:
+    mq = ("--rxq", str(queues), "--txq", str(queues)) if queues > 1 else ()
+    with VhostnetServe(workdir, log_level="info", cpu=cpus[0], allow_unsealed_memory=True,
+                       args=("--queues", str(queues))) as be:
+        with TestPmd(be.socket, app_args=testpmd_args(mode, port, frame) + mq, lcores=f"0@{cpus[0]},1@{cpus[-1]}",
+                     queue_size=queue_size, log=workdir / "testpmd.log", vdev_args=f"queues={queues}") as tp:
             be.wait_connected()
             tp.cmd("start" if kind == "discard" else f"start tx_first {window}")
             time.sleep(0.5)  # warm-up
@@ -123,7 +132,7 @@ def run_case(workdir: Path, kind: str, frame: int, seconds: float, window: int, 
     dt = t1 - t0
     udp = {u["port"]: u for u in s_end["stack"]["udp"]}
     return {
-        "kind": kind, "frame": frame, "window": window,
+        "kind": kind, "frame": frame, "window": window, "queues": queues,
         "rate": (s1["device"][counter] - s0["device"][counter]) / dt,
         "tp_rate": (f1[tp_counter] - f0[tp_counter]) / dt,
         "cpu": 100.0 * (c1 - c0) / dt,
@@ -143,6 +152,7 @@ def main() -> int:
     ap.add_argument("--frames", default="64,1514", help="Ethernet frame sizes (default %(default)s)")
     ap.add_argument("--window", default="1,8",
                     help="echo: bursts of 32 in flight, comma-separated (default %(default)s)")
+    ap.add_argument("--queues", default="1", help="queue pairs, comma-separated: each case on each (default %(default)s)")
     ap.add_argument("--queue-size", type=int, default=256, help="virtio-user ring size (default %(default)s)")
     ap.add_argument("--wait-quiet", type=float, default=60, metavar="SECONDS",
                     help=f"before each case, wait up to SECONDS for other processes to go below {QUIET:.0f}%% "
@@ -156,27 +166,32 @@ def main() -> int:
     frames = [int(x) for x in args.frames.split(",")]
     windows = [int(x) for x in args.window.split(",")]
     logs = Path(args.logs)
-    cases = [(f"discard-{frame}", "discard", frame, 0) for frame in frames]
-    cases += [(f"echo-{frame}-w{w}", "echo", frame, w) for frame in frames for w in windows]
+    qs = [int(x) for x in args.queues.split(",")]
+    cases = [(f"discard-{frame}-q{q}", "discard", frame, 0, q) for frame in frames for q in qs]
+    cases += [(f"echo-{frame}-w{w}-q{q}", "echo", frame, w, q) for frame in frames for w in windows for q in qs]
     rows = []
-    for name, kind, frame, w in cases:
+    for name, kind, frame, w, q in cases:
         if args.wait_quiet:
             wait_quiet(args.wait_quiet)
-        rows.append(run_case(logs / name, kind, frame, args.seconds, w, args.queue_size))
+        rows.append(run_case(logs / name, kind, frame, args.seconds, w, args.queue_size, q))
+    base = {(r["kind"], r["frame"], r["window"]): r["rate"] for r in rows if r["queues"] == qs[0]}
     print(f"vhostnet <- dpdk-testpmd virtio-user (queue {args.queue_size}, {args.seconds:g} s per case); "
           f"logs in {logs}")
-    print(f"{'case':28} {'frame':>6} {'payload':>8} {'frames/s':>10} {'Mbit/s':>8} {'testpmd/s':>10} "
-          f"{'backend CPU':>11} {'us CPU/frame':>12} {'others':>7}")
+    print(f"{'case':28} {'pairs':>5} {'frame':>6} {'payload':>8} {'frames/s':>10} {'x q' + str(qs[0]):>6} "
+          f"{'Mbit/s':>8} {'testpmd/s':>10} {'backend CPU':>11} {'us CPU/frame':>12} {'others':>7}")
     for r in rows:
         name = "UDP -> discard (9)" if r["kind"] == "discard" else f"UDP echo (7), {32 * r['window']} in flight"
         mbit = r["rate"] * r["frame"] * 8 / 1e6
         per = 1e4 * r["cpu"] / r["rate"] if r["rate"] else float("nan")
-        print(f"{name:28} {r['frame']:>5}B {r['frame'] - 42:>7}B {r['rate']:>10,.0f} {mbit:>8,.1f} "
+        b = base.get((r["kind"], r["frame"], r["window"]))
+        ratio = f"{r['rate'] / b:.2f}" if b else "-"
+        print(f"{name:28} {r['queues']:>5} {r['frame']:>5}B {r['frame'] - 42:>7}B {r['rate']:>10,.0f} {ratio:>6} "
+              f"{mbit:>8,.1f} "
               f"{r['tp_rate']:>10,.0f} {r['cpu']:>10.0f}% {per:>12.1f} {r['others']:>6.0f}%")
     print()
     print("totals after stop (testpmd TX/RX packets; vhostnet tx_frames/rx_frames; drops; "
           "check: every frame testpmd sent reached the UDP service, every echo came back):")
-    for (name, *_), r in zip(cases, rows):
+    for (name, *_), r in zip(cases, rows):  # noqa: B007
         drops = ", ".join(f"{k} {v}" for k, v in r["drops"].items()) or "none"
         ok = r["vn_tx"] == r["tp_tx"] == r["udp_rx"] and (r["kind"] == "discard" or r["vn_rx"] == r["vn_tx"])
         print(f"  {name:16} testpmd {r['tp_tx']}/{r['tp_rx']}  vhostnet {r['vn_tx']}/{r['vn_rx']}  "

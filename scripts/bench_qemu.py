@@ -34,6 +34,12 @@ Rows (--backends, comma-separated):
   passt                `passt -f -s SOCK -a 10.0.2.15 -n 24 -g 10.0.2.2`, QEMU
                        -netdev stream on that socket (passt maps the gateway to
                        the host's loopback, its default)
+  vhostnet-q2, -q4     multiqueue: `serve --queues N --no-services`, QEMU
+                       queues=N and mq=on (not in the default set; give --smp
+                       and --streams so the guest uses the pairs: Linux runs
+                       min(vCPUs, N) pairs and XPS puts each CPU's sends on its pair)
+
+--smp N gives every row's guest N vCPUs; --streams N runs iperf3 -P N.
 
 All rows use the same NIC (virtio-net-pci, vectors=0) and guest MTU 1500.
 --repeat N boots every backend N times, round-robin (vhostnet, nooffloads,
@@ -81,7 +87,9 @@ sys.path.insert(0, str(ROOT))
 from vhostnet.launch import qemu  # noqa: E402
 from vhostnet.testing.hostservers import HostServers  # noqa: E402
 
-ALL_BACKENDS = ("vhostnet", "vhostnet-nooffloads", "slirp", "passt")
+ALL_BACKENDS = ("vhostnet", "vhostnet-nooffloads", "slirp", "passt", "vhostnet-q2", "vhostnet-q4")
+# Multiqueue rows: `serve --queues N`, -netdev vhost-user,queues=N, virtio-net-pci,mq=on.
+QUEUE_ROWS = {"vhostnet-q2": 2, "vhostnet-q4": 4}
 ALL_TESTS = ("isend", "irecv", "send", "recv", "crr", "udp", "ping")
 BUILTIN_TESTS = ("send", "recv", "crr", "udp", "ping")   # the services have no iperf3
 LOWER_IS_BETTER = {"ping"}
@@ -298,12 +306,15 @@ class Bench:
                     argv.append("--no-services")     # 10.0.2.2:7/9/19 go to the host too
                 if name == "vhostnet-nooffloads":
                     argv += ["--disable-feature", "offloads"]
+                pairs = QUEUE_ROWS.get(name, 1)
+                if pairs > 1:
+                    argv += ["--queues", str(pairs)]
                 backend = self._spawn(argv, run.log_dir / "backend.log")
                 procs.append(backend)
                 wait_path(sock, backend, "vhostnet serve")
                 wait_path(Path(str(sock) + ".ctl"), backend, "vhostnet serve (control socket)")
                 backend_pid = backend.pid
-                netdev = qemu.nic_args(sock)
+                netdev = qemu.nic_args(sock, queue_pairs=pairs)
             elif name == "slirp":
                 netdev = qemu.nic_args(None, netdev="user")
             else:
@@ -332,10 +343,13 @@ class Bench:
                                      f"vectors=0,romfile="]
             guest_vars = {"BENCH": ",".join(self.args.tests),
                           "BENCH_SECONDS": self.args.seconds, **ports}
+            if self.args.streams > 1:
+                guest_vars["BENCH_IPERF_STREAMS"] = self.args.streams
             # debug-threads: the vCPU thread is called "CPU 0/TCG", so its CPU time can be told apart
             argv = [qemu.QEMU, "-name", f"bench-{name},debug-threads=on",
                     *qemu.accel_args(self.accel), *qemu.memory_args(),
                     *qemu.console_args(), *netdev,
+                    *(["-smp", str(self.args.smp)] if self.args.smp > 1 else []),
                     *qemu.boot_args(self.image, qemu.kernel_append(guest_vars))]
             run.notes.append("backend: " + {"slirp": "QEMU's main thread (slirp + virtio-net "
                                             "emulation)", "passt": "the passt process"}.get(
@@ -649,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--backends", default=",".join(ALL_BACKENDS),
+    p.add_argument("--backends", default=",".join(b for b in ALL_BACKENDS if b not in QUEUE_ROWS),
                    help="comma-separated, from: " + ", ".join(ALL_BACKENDS))
     p.add_argument("--tests", default=None,
                    help="comma-separated, from: " + ", ".join(ALL_TESTS)
@@ -665,6 +679,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rss", action="store_true",
                    help=f"only the RSS of vhostnet serve idle and with {RSS_CONNECTIONS} NAT "
                         "connections (no guest)")
+    p.add_argument("--smp", type=int, default=1, metavar="N", help="guest vCPUs, every row (default 1)")
+    p.add_argument("--streams", type=int, default=1, metavar="N",
+                   help="iperf3 parallel streams (-P N) for isend/irecv (default 1)")
     p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
     p.add_argument("--no-build", action="store_true", help="use the guest image as built")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",

@@ -72,6 +72,31 @@ def test_qemu_args(capsys):
     assert "socket,id=chr0,path=/tmp/my dir/v.sock" in flags
 
 
+@pytest.mark.parametrize("extra,netdev,device", [
+    (["--queues", "2", "--packed"], "vhost-user,id=net0,chardev=chr0,queues=2",
+     "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,vectors=0,romfile=,packed=on,mq=on"),
+    (["--queues", "4", "--msix"], "vhost-user,id=net0,chardev=chr0,queues=4",
+     "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,vectors=10,romfile=,mq=on"),
+    (["--msix"], "vhost-user,id=net0,chardev=chr0",
+     "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,vectors=4,romfile="),
+])
+def test_qemu_args_multiqueue(extra, netdev, device, capsys):
+    """queues=N on the netdev and mq=on on the NIC; vectors=0 unless --msix (2N+2: a vector per
+    queue, the control queue and config changes); tests/test_qemu_mq.py boots the first."""
+    assert main(["qemu-args", "--json", "--socket", "/tmp/v.sock", *extra]) == 0
+    flags = json.loads(capsys.readouterr().out)
+    assert flags[flags.index("-netdev") + 1] == netdev
+    assert flags[flags.index("-device") + 1] == device
+
+
+def test_serve_queues_out_of_range_is_a_usage_error(capsys):
+    for bad in ("0", "65", "two"):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", "--queues", bad])
+        assert e.value.code == 2
+        assert "--queues" in capsys.readouterr().err
+
+
 def test_run_shell_needs_a_terminal():
     p = subprocess.run([sys.executable, "-m", "vhostnet", "run", "--shell"], stdin=subprocess.DEVNULL,
                        capture_output=True, text=True, timeout=30)

@@ -269,3 +269,19 @@ async def test_inspect_and_stats_show_every_queue(tmp_path, nursery):
         assert rings["tx"]["chains"] == 0
     finally:
         await fe.shutdown(srv)
+
+
+async def test_a_late_disconnect_is_not_taken_for_too_many_pairs(tmp_path, nursery, caplog, monkeypatch):
+    """QEMU crashing (MSI-X under TCG) before SET_FEATURES is no queue-count problem: only a
+    front-end that leaves within QUEUE_NUM_GIVE_UP of connecting gets the --queues line."""
+    from vhostnet.vhostuser import server as server_mod
+    monkeypatch.setattr(server_mod, "QUEUE_NUM_GIVE_UP", 0.0)
+    srv = await serve(tmp_path, nursery, 2)
+    caplog.set_level(logging.WARNING, logger="vhostnet.server")
+    fe = await connect(srv, 2)
+    pf = await fe.get_u64(Req.GET_PROTOCOL_FEATURES)
+    await fe.request(Req.SET_PROTOCOL_FEATURES, U64.pack(pf))
+    assert await fe.get_u64(Req.GET_QUEUE_NUM) == 2
+    await fe.shutdown(srv)
+    assert srv.queue_num_short_seen == 0
+    assert not [r for r in caplog.records if "--queues" in r.getMessage()]

@@ -77,7 +77,7 @@ def check_mac(mac: str) -> str:
 def attach_flags(socket: str, mem: str = qemu.DEFAULT_MEMORY, mac: str = qemu.DEFAULT_MAC,
                  machine: str = "q35", transport: str | None = None,
                  legacy: bool | None = None, reconnect: int | None = None,
-                 queue_pairs: int = 1, packed: bool = False) -> list[str]:
+                 queue_pairs: int = 1, packed: bool = False, msix: bool = False) -> list[str]:
     """The QEMU flags that attach a guest's NIC to a backend on SOCKET: the
     machine's shared-memory RAM and the NIC on TRANSPORT (see qemu.nic_args
     for LEGACY; RECONNECT: QEMU retries a lost backend every that many seconds)."""
@@ -88,7 +88,8 @@ def attach_flags(socket: str, mem: str = qemu.DEFAULT_MEMORY, mac: str = qemu.DE
         raise RunError(str(e)) from None
     return qemu.memory_args(parse_mem(mem), m) + qemu.nic_args(socket, check_mac(mac), "vhost-user",
                                                               transport, legacy, reconnect=reconnect,
-                                                              queue_pairs=queue_pairs, packed=packed)
+                                                              queue_pairs=queue_pairs, packed=packed,
+                                                              msix=msix)
 
 
 def machine_note(machine: str) -> str:

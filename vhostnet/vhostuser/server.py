@@ -63,6 +63,10 @@ SLOW_STEP = 0.010
 # The "asked for more queue pairs than served" line: once, then at most once a minute
 # (with the count of those held back), however fast the front-end reconnects.
 QUEUE_NUM_LOG_INTERVAL = 60.0
+# QEMU gives up within a few messages of GET_QUEUE_NUM (net/vhost-user.c checks the
+# count after pair 0's vhost_dev is set up); a connection that ends later without
+# SET_FEATURES is something else (a guest that never loaded its driver, a crash).
+QUEUE_NUM_GIVE_UP = 2.0
 
 
 class StepStats:
@@ -133,6 +137,7 @@ class Connection:
         self._armed = math.inf
         self.messages = 0
         self.steps = StepStats()
+        self.opened = time.monotonic()
 
     # -- queues ----------------------------------------------------------
 
@@ -420,8 +425,13 @@ class Server:
             "or give -netdev vhost-user,...,queues=%s", asked, want, want, served)
 
     def _check_queue_num(self, conn: Connection) -> None:
+        # The signs of QEMU's "you are asking more queues than supported": it asked
+        # GET_QUEUE_NUM, set up pair 0 only (each pair's vhost_dev says GET_PROTOCOL_FEATURES),
+        # never sent SET_FEATURES, and left at once.
         b = conn.backend
         if (b.queue_num_asked and not b.features_set and b.proto(P.ProtoFeat.MQ) and b.wanted_pair is None
+                and b.requests.get("GET_PROTOCOL_FEATURES", 0) == 1
+                and time.monotonic() - conn.opened < QUEUE_NUM_GIVE_UP
                 and not any(q.started for q in b.queues)):
             self.queue_num_short(None)
 
