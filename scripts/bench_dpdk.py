@@ -97,7 +97,11 @@ def testpmd_args(mode: str, port: int, frame: int) -> tuple[str, ...]:
 
 def fwd_counts(tp: TestPmd) -> dict[str, int]:
     """testpmd's forward statistics for port 0 so far (RX-packets, TX-packets, TX-dropped, ...)."""
-    return parse_port_stats(tp.cmd("show fwd stats all").split("+++")[0])
+    text = tp.cmd("show fwd stats all").split("+++")[0]
+    # With several queues, per-stream sections come first: the port's totals follow this header.
+    if "Forward statistics for port" in text:
+        text = text.split("Forward statistics for port", 1)[1]
+    return parse_port_stats(text)
 
 
 def run_case(workdir: Path, kind: str, frame: int, seconds: float, window: int, queue_size: int,
