@@ -36,8 +36,8 @@ async def serve(tmp_path, nursery, pairs):
     return srv
 
 
-async def connect(srv, pairs, queue_size=64):
-    fe = Frontend(pairs=pairs, queue_size=queue_size)
+async def connect(srv, pairs, queue_size=64, packed=False):
+    fe = Frontend(pairs=pairs, queue_size=queue_size, packed=packed)
     await fe.connect(srv.socket_path)
     return fe
 
@@ -85,10 +85,10 @@ async def test_one_pair_offers_no_mq_feature(tmp_path, nursery):
         await fe.shutdown(srv)
 
 
-@pytest.mark.parametrize("pairs", [2, 4])
-async def test_rx_goes_back_on_the_pair_the_flow_came_from(tmp_path, nursery, pairs):
+@pytest.mark.parametrize("pairs,packed", [(2, False), (4, False), (2, True)])
+async def test_rx_goes_back_on_the_pair_the_flow_came_from(tmp_path, nursery, pairs, packed):
     srv = await serve(tmp_path, nursery, pairs)
-    fe = await connect(srv, pairs)
+    fe = await connect(srv, pairs, packed=packed)
     try:
         await fe.handshake()
         dev = srv.current.device
@@ -111,6 +111,7 @@ async def test_rx_goes_back_on_the_pair_the_flow_came_from(tmp_path, nursery, pa
         # Every ring of every pair moved chains: TX drained, RX filled.
         for q in srv.current.backend.queues:
             assert q.stats["chains"] > 0, q.name
+            assert q.packed is packed
     finally:
         await fe.shutdown(srv)
 

@@ -24,6 +24,9 @@ class Device(Protocol):
     queue_names: Sequence[str]
     #: virtio feature bits the device offers (virtio 1.2 §2.2).
     device_features: int
+    #: What GET_QUEUE_NUM answers (PROTOCOL_F_MQ): virtio-net's queue pairs, as
+    #: QEMU's net/vhost-user.c reads it. A device without it answers num_queues.
+    vhost_queue_num: int
 
     def set_features(self, features: int) -> None:
         """The driver's acked features (0 on reset)."""
