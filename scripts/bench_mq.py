@@ -17,7 +17,9 @@ does; every pair count side by side in the same run:
            back on each flow's pair (vhostnet/net/steering.py)
   RSS      the process's resident memory with the connection up
 
-"x1" is the rate against one pair in the same run. The rings are all in one
+"us/rt" is the process's CPU time per round trip (frontend and backend
+together), which a busy host disturbs much less than the rate; "x1" is that
+cost against one pair in the same run (above 1: dearer). The rings are all in one
 trio thread: more pairs add rings to poll and no CPU, so the rate cannot
 grow with N; the question is how little it falls, which sets
 `serve --queues`' default (docs/multiqueue.md). Prints a table; not a test.
@@ -28,6 +30,7 @@ import argparse
 import contextlib
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -77,12 +80,13 @@ async def connected(pairs: int, queue_size: int):
             nursery.cancel_scope.cancel()
 
 
-async def echo_rate(fe, use: list[int], seconds: float, window: int) -> float:
-    """Round trips/s with WINDOW datagrams in flight, split over the pairs in USE."""
+async def echo_rate(fe, use: list[int], seconds: float, window: int) -> tuple[float, float]:
+    """(round trips/s, CPU µs per round trip) with WINDOW datagrams in flight, split over the pairs in USE."""
     frames = {k: udp_frame(20000 + k) for k in use}
     per = max(1, window // len(use))
     in_flight = dict.fromkeys(use, 0)
     done = 0
+    c0 = time.process_time()
     t0 = time.perf_counter()
     deadline = t0 + seconds
     while time.perf_counter() < deadline:
@@ -102,7 +106,8 @@ async def echo_rate(fe, use: list[int], seconds: float, window: int) -> float:
             fe.post_rx(pair=k)
             rx.kick()
         await trio.sleep(0)
-    return done / (time.perf_counter() - t0)
+    cpu = time.process_time() - c0
+    return done / (time.perf_counter() - t0), 1e6 * cpu / max(done, 1)
 
 
 async def measure(pairs: int, seconds: float, window: int, queue_size: int) -> dict:
@@ -111,9 +116,10 @@ async def measure(pairs: int, seconds: float, window: int, queue_size: int) -> d
         c0, t0 = time.process_time(), time.perf_counter()
         await trio.sleep(min(seconds, 2.0))
         idle = 100.0 * (time.process_time() - c0) / (time.perf_counter() - t0)
-        pair0 = await echo_rate(fe, [0], seconds, window)
-        spread = await echo_rate(fe, list(range(pairs)), seconds, window)
-        return {"pairs": pairs, "idle": idle, "pair0": pair0, "spread": spread, "rss": rss_mib()}
+        pair0, pair0_us = await echo_rate(fe, [0], seconds, window)
+        spread, spread_us = await echo_rate(fe, list(range(pairs)), seconds, window)
+        return {"pairs": pairs, "idle": idle, "pair0": pair0, "spread": spread, "rss": rss_mib(),
+                "pair0_us": pair0_us, "spread_us": spread_us}
 
 
 def main() -> int:
@@ -122,17 +128,27 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3.0, help="per rate (default %(default)s)")
     ap.add_argument("--window", type=int, default=32, help="datagrams in flight (default %(default)s)")
     ap.add_argument("--queue-size", type=int, default=256, help="ring size (default %(default)s)")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="rounds over every pair count (round-robin, so load hits each alike); "
+                         "each cell is the median (default %(default)s)")
     args = ap.parse_args()
-    rows = [trio.run(measure, int(p), args.seconds, args.window, args.queue_size)
-            for p in args.pairs.split(",")]
+    counts = [int(p) for p in args.pairs.split(",")]
+    runs: dict[int, list[dict]] = {p: [] for p in counts}
+    for _ in range(args.repeat):
+        for p in counts:
+            runs[p].append(trio.run(measure, p, args.seconds, args.window, args.queue_size))
+    rows = [{k: statistics.median(r[k] for r in runs[p]) for k in runs[p][0]} for p in counts]
     base = rows[0]
     print(f"# bench_mq: {time.strftime('%Y-%m-%d %H:%M')}, one process (server + in-process frontend), "
           f"UDP echo, {args.window} in flight, ring {args.queue_size}, {args.seconds:g} s per rate, "
+          f"median of {args.repeat}, "
           f"load average {os.getloadavg()[0]:.2f}")
-    print(f"{'pairs':>5} {'idle CPU':>9} {'pair0 rt/s':>11} {'x1':>5} {'spread rt/s':>12} {'x1':>5} {'RSS MiB':>8}")
+    print(f"{'pairs':>5} {'idle CPU':>9} {'pair0 rt/s':>11} {'us/rt':>6} {'x1':>5} "
+          f"{'spread rt/s':>12} {'us/rt':>6} {'x1':>5} {'RSS MiB':>8}")
     for r in rows:
-        print(f"{r['pairs']:>5} {r['idle']:>8.1f}% {r['pair0']:>11,.0f} {r['pair0'] / base['pair0']:>5.2f} "
-              f"{r['spread']:>12,.0f} {r['spread'] / base['spread']:>5.2f} {r['rss']:>8.1f}")
+        print(f"{int(r['pairs']):>5} {r['idle']:>8.1f}% {r['pair0']:>11,.0f} {r['pair0_us']:>6.0f} "
+              f"{r['pair0_us'] / base['pair0_us']:>5.2f} {r['spread']:>12,.0f} {r['spread_us']:>6.0f} "
+              f"{r['spread_us'] / base['spread_us']:>5.2f} {r['rss']:>8.1f}")
     print(f"(max RSS of the run {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f} MiB; "
           f"guest memory is a memfd of 32 MiB per pair, mapped by both sides)")
     return 0

@@ -11,7 +11,7 @@ key -> the pair it came from; the flow key is symmetric (the two endpoints
 sorted), so the RX frame of the same flow, with source and destination
 swapped, finds the same entry. A frame whose flow was never seen (a
 connection the host opened, ARP, a flow whose pair was disabled) is spread
-by a symmetric hash of the same key over the pairs whose RX ring is ready.
+by a hash of the same (symmetric) key over the pairs whose RX ring is ready.
 Only IPv4/IPv6 with TCP or UDP ports (not a later fragment) has ports; any
 other IP frame is keyed by its addresses; non-IP frames (ARP) go to the
 first ready pair.
@@ -24,7 +24,6 @@ one pair the device does not call this module at all.
 from __future__ import annotations
 
 import struct
-import zlib
 from typing import Sequence
 
 __all__ = ["Steering", "FLOW_MAP_SIZE", "flow_key"]
@@ -48,42 +47,46 @@ IPV6_NEXT_OFFSET = 6                 # RFC 8200 §3: next header
 IPV6_ADDRS_OFFSET = 8                # source then destination, 16 bytes each
 PORTS_LEN = 4                        # TCP (RFC 9293 §3.1) and UDP (RFC 768): source, destination port
 
+# One unpack for what IPv4 steering needs (RFC 791 §3.1, after the 14-byte Ethernet header):
+# EtherType, version/IHL, flags + fragment offset, protocol, source, destination.
+_V4 = struct.Struct("!12xHB5xHxB2xII")
+assert _V4.size == ETH_HLEN + IPV4_ADDRS_OFFSET + 8, "_V4 encodes the offsets above"
 _U16 = struct.Struct("!H")
+_PORTS = struct.Struct("!HH")
 _PORTED = (IPPROTO_TCP, IPPROTO_UDP)
 
 
-def flow_key(data) -> bytes | None:
-    """The symmetric flow key of an Ethernet frame, or None for a frame with no flow (ARP, runts)."""
+def flow_key(data) -> tuple | None:
+    """The symmetric flow key of an Ethernet frame, or None for a frame with no flow (ARP, runts).
+
+    (protocol, lower endpoint, higher endpoint), each endpoint address << 16 | port
+    (port 0 without ports): the same for both directions, ints only, so hash() of
+    it is the same in every process (no PYTHONHASHSEED in it)."""
     n = len(data)
     if n < ETH_HLEN + IPV4_MIN_HLEN:
         return None
-    etype = _U16.unpack_from(data, ETH_TYPE_OFFSET)[0]
+    etype, vihl, frag, proto, src, dst = _V4.unpack_from(data)
     if etype == ETHERTYPE_IPV4:
-        ihl = (data[ETH_HLEN] & 0x0F) * 4
-        proto = data[ETH_HLEN + IPV4_PROTO_OFFSET]
-        a0 = ETH_HLEN + IPV4_ADDRS_OFFSET
-        alen = 4
+        ihl = (vihl & 0x0F) * 4
         l4 = ETH_HLEN + ihl
-        ported = (proto in _PORTED and ihl >= IPV4_MIN_HLEN
-                  and not _U16.unpack_from(data, ETH_HLEN + IPV4_FRAG_OFFSET)[0] & IPV4_FRAG_MASK)
+        ported = proto in _PORTED and ihl >= IPV4_MIN_HLEN and not frag & IPV4_FRAG_MASK
     elif etype == ETHERTYPE_IPV6:
         if n < ETH_HLEN + IPV6_HLEN:
             return None
         proto = data[ETH_HLEN + IPV6_NEXT_OFFSET]
         a0 = ETH_HLEN + IPV6_ADDRS_OFFSET
-        alen = 16
+        src = int.from_bytes(data[a0:a0 + 16], "big")
+        dst = int.from_bytes(data[a0 + 16:a0 + 32], "big")
         l4 = ETH_HLEN + IPV6_HLEN
         ported = proto in _PORTED
     else:
         return None
-    addrs = bytes(data[a0:a0 + 2 * alen])
     if ported and l4 + PORTS_LEN <= n:
-        ports = bytes(data[l4:l4 + PORTS_LEN])
-        a = addrs[:alen] + ports[:2]
-        b = addrs[alen:] + ports[2:]
+        sport, dport = _PORTS.unpack_from(data, l4)
+        a, b = src << 16 | sport, dst << 16 | dport
     else:
-        a, b = addrs[:alen], addrs[alen:]
-    return bytes((proto,)) + (a + b if a <= b else b + a)
+        a, b = src << 16, dst << 16
+    return (proto, a, b) if a <= b else (proto, b, a)
 
 
 class Steering:
@@ -94,7 +97,7 @@ class Steering:
             raise ValueError(f"need at least one pair and one flow slot (pairs {pairs}, capacity {capacity})")
         self.pairs = pairs
         self.capacity = capacity
-        self.flows: dict[bytes, int] = {}
+        self.flows: dict[tuple, int] = {}
         # Counters for stats: RX frames placed by the map, by the hash, with no flow; TX flows learned
         # and moved (the guest sent an old flow from another pair), entries evicted.
         self.counters = {"rx_by_flow": 0, "rx_by_hash": 0, "rx_no_flow": 0,
@@ -129,7 +132,7 @@ class Steering:
             self.counters["rx_by_flow"] += 1
             return pair
         self.counters["rx_by_hash"] += 1
-        return ready[zlib.crc32(key) % len(ready)]
+        return ready[hash(key) % len(ready)]
 
     def describe(self) -> dict:
         return {"pairs": self.pairs, "flows": len(self.flows), "capacity": self.capacity, **self.counters}
