@@ -413,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="show rings, indices, features and memory of a running backend",
                        formatter_class=Formatter, epilog=EPILOG_INSPECT,
                        description="Show what the backend knows about the connected guest's virtio-net device.")
-    i.add_argument("--queue", type=_index, metavar="N", help="only queue N (0 = rx, 1 = tx)")
+    i.add_argument("--queue", type=_index, metavar="N",
+                   help="only queue N (0 = rx, 1 = tx; with --queues, pair k is 2k = rxK, 2k+1 = txK)")
     i.add_argument("--desc", type=_index, metavar="N",
                    help="dump the descriptor chain at descriptor N of --queue and decode its frame")
     i.add_argument("--json", action="store_true", help="print JSON (docs/json.md)")
