@@ -34,7 +34,11 @@ from vhostnet.virtio import features
 
 EXIT_NO_QEMU = 3
 
-# serve --queues: see docs/multiqueue.md for the measurement behind it.
+# serve --queues: one pair by default. Measured side by side (docs/multiqueue.md:
+# scripts/bench_mq.py, bench_dpdk.py --queues 1,2,4, bench_qemu.py vhostnet-q2/-q4):
+# one Python thread runs every ring, so more pairs bring no throughput; 2 pairs cost
+# about what 1 does, 4 and 8 cost more per frame (smaller batches per kick); and with
+# one pair the data path runs no steering at all.
 DEFAULT_QUEUE_PAIRS = 1
 QUEUES_NOTE = ("vectors=0 works with mq=on: measured under TCG with QEMU 7.2, a Linux guest runs "
                "every pair on the one INTx interrupt, while MSI-X (vectors=2N+2) segfaults QEMU")
@@ -290,7 +294,9 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queues", type=_queue_pairs, default=DEFAULT_QUEUE_PAIRS, metavar="N",
                    help="queue pairs served (multiqueue, VIRTIO_NET_F_MQ when N > 1): QEMU's "
                         "-netdev vhost-user,queues= may ask for up to N. " + QUEUES_NOTE
-                        + " (default %(default)s)")
+                        + ". Default %(default)s: one Python thread runs every ring, so pairs add no "
+                          "throughput (measured with 1, 2, 4 pairs side by side, docs/multiqueue.md); "
+                          "2 fits at about the cost of 1 per frame, 4 and more cost more")
     p.add_argument("--rx-pending", type=int, default=1024, metavar="N",
                    help="frames held for the guest while it posts no RX buffers, before dropping (default %(default)s)")
     p.add_argument("--allow-unsealed-memory", action="store_true",
