@@ -5,7 +5,7 @@
   -smp 2, and `serve --queues 2`; the guest's MQ_TEST runs a TCP echo pinned
   to each CPU after `ethtool -L eth0 combined 2` and again after `combined 1`,
   and checks its per-queue counters (ethtool -S). The backend's own count of
-  chains per ring must show both pairs used.
+  chains per ring must show both pairs used. Split and packed rings.
 - too many pairs: QEMU with queues=4 against `serve --queues 2` gives up after
   GET_QUEUE_NUM and reconnects as fast as it can; the backend must say which
   option to change exactly once for the whole storm, and keep its log bounded.
@@ -28,6 +28,7 @@ from vhostnet.launch import qemu
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "qemu" / "smoke.py"
 MQ = 22   # virtio 1.2 §5.1.3: VIRTIO_NET_F_MQ
+RING_PACKED = 34   # virtio 1.2 §6
 SMOKE_ENV_VARS = ["NET", "EXPECT_NET", "BACKEND", "BACKEND_ARGS", "ACCEL", "MACHINE", "TRANSPORT",
                   "LEGACY", "QUEUE_SIZE", "PACKED", "QUEUES", "ICMP_TEST", "TCP_ECHO_TEST", "UDP_ECHO_TEST",
                   "NET_LOOPBACK_TEST", "IPERF_TEST", "REDIS_TEST", "GIT_TEST", "MQ_TEST"]
@@ -45,10 +46,11 @@ def _chains(backend_log: str) -> dict[str, int]:
 
 @pytest.mark.qemu
 @needs_qemu
-def test_linux_guest_two_pairs_ethtool(tmp_path):
+@pytest.mark.parametrize("packed", ["0", "1"], ids=["split", "packed"])
+def test_linux_guest_two_pairs_ethtool(tmp_path, packed):
     result = tmp_path / "result.json"
     env = {k: v for k, v in os.environ.items() if k not in SMOKE_ENV_VARS}
-    env.update(NET="1", BACKEND="vhostnet", QUEUES="2", MQ_TEST="1", UDP_ECHO_TEST="0")
+    env.update(NET="1", BACKEND="vhostnet", QUEUES="2", MQ_TEST="1", UDP_ECHO_TEST="0", PACKED=packed)
     proc = subprocess.run([sys.executable, str(SMOKE), "--quiet", "--result-json", str(result)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     report = proc.stdout + proc.stderr
@@ -58,6 +60,7 @@ def test_linux_guest_two_pairs_ethtool(tmp_path):
     assert verdict["queues"] == 2
     bits = verdict["guest_features"]
     assert bits and bits[MQ] == "1", f"the guest driver did not take VIRTIO_NET_F_MQ: {bits}"
+    assert bits[RING_PACKED] == packed, bits
     console = Path(verdict["console_log"]).read_text(errors="replace")
     rounds = dict(re.findall(r"mq: combined (\d) (tx0 .*)", console))
     assert set(rounds) == {"1", "2"}, console[-2000:]
