@@ -286,3 +286,25 @@ async def test_a_late_disconnect_is_not_taken_for_too_many_pairs(tmp_path, nurse
     await fe.shutdown(srv)
     assert srv.queue_num_short_seen == 0
     assert not [r for r in caplog.records if "--queues" in r.getMessage()]
+
+
+async def test_safety_poll_watches_every_pair(tmp_path, nursery):
+    """A frame made available on tx1 without a kick: pair 1's own safety poll finds it
+    (its `unkicked` count), and its reply comes back on rx1."""
+    srv = await serve(tmp_path, nursery, 2)
+    fe = await connect(srv, 2)
+    try:
+        await fe.handshake()
+        rx1, tx1 = fe.pair_rings[1]
+        fe.post_rx(pair=1)
+        rx1.kick()
+        fe.post_tx(udp(45000), pair=1)      # no kick
+        queues = srv.current.backend.queues
+        with trio.fail_after(5):
+            while queues[3].stats["unkicked"] < 1:
+                await trio.sleep(0.01)
+        got = await collect(fe, {1: 1})
+        assert [Ether(f)[UDP].dport for f in got[1]] == [45000] and not got[0]
+        assert queues[1].stats["unkicked"] == 0
+    finally:
+        await fe.shutdown(srv)
