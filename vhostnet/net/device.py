@@ -77,7 +77,7 @@ NUM_BUFFERS_OFFSET = 10
 TX_BUDGET = 256
 RX_BUDGET = 256
 # `serve --queues`: the most queue pairs offered. QEMU's own limit for
-# -netdev vhost-user,queues= is MAX_QUEUE_NUM 1024 (net/vhost-user.c); one
+# -netdev vhost-user,queues= is MAX_QUEUE_NUM (include/net/net.h, 1024); one
 # Python thread runs every ring, so more pairs than guest CPUs only adds rings to poll.
 MAX_QUEUE_PAIRS = 64
 
