@@ -575,7 +575,8 @@ def cmd_run(args) -> int:
         guest_vars = None if own else {"NET": 1, **({"INTERACTIVE": 1} if args.shell else {})}
         argv = qemu.qemu_argv(sock, memory=mem, mac=mac, image=image,
                               guest_vars=guest_vars, append=args.append,
-                              extra_args=extra, accel=accel, qemu=binary, machine=machine,
+                              extra_args=[*extra, *_test_guest_smp(args, own)], accel=accel, qemu=binary,
+                              machine=machine,
                               transport=transport, legacy=args.legacy, queue_pairs=args.queues)
         what = "your QEMU arguments" if own else f"the test guest ({image.kernel.name}, {image.kernel_version})"
         print(f"vhostnet: backend on {sock}; booting {what} on {machine.name} ({transport}) "
@@ -631,6 +632,12 @@ def cmd_install_discovery(args) -> int:
     return 0
 
 
+def _test_guest_smp(args, own: bool) -> list[str]:
+    """With --queues N the test guest gets N vCPUs: Linux runs min(vCPUs, N) queue pairs.
+    Your own guest's -smp is yours to give."""
+    return ["-smp", str(args.queues)] if args.queues > 1 and not own else []
+
+
 def _backend_argv(args, sock: str, start: int) -> list[str]:
     """`vhostnet serve` with run's backend options, for the START-th backend
     of `run --reconnect` (a --pcap file per start: FILE, FILE.1, ...)."""
@@ -677,7 +684,8 @@ def _run_reconnect(args, sock, mem, mac, image, own, accel, binary, machine, tra
 
     argv = qemu.qemu_argv(sock, memory=mem, mac=mac, image=image,
                           guest_vars=None if own else {"NET": 1}, append=args.append,
-                          extra_args=args.qemu_args, accel=accel, qemu=binary, machine=machine,
+                          extra_args=[*args.qemu_args, *_test_guest_smp(args, own)], accel=accel, qemu=binary,
+                          machine=machine,
                           transport=transport, legacy=args.legacy, reconnect=qemu.RECONNECT_SECONDS,
                           queue_pairs=args.queues)
     what = "your QEMU arguments" if own else f"the test guest ({image.kernel.name}, {image.kernel_version})"
