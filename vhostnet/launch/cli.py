@@ -36,9 +36,9 @@ EXIT_NO_QEMU = 3
 
 # serve --queues: one pair by default. Measured side by side (docs/multiqueue.md:
 # scripts/bench_mq.py, bench_dpdk.py --queues 1,2,4, bench_qemu.py vhostnet-q2/-q4):
-# one Python thread runs every ring, so more pairs bring no throughput; 2 pairs cost
-# about what 1 does, 4 and 8 cost more per frame (smaller batches per kick); and with
-# one pair the data path runs no steering at all.
+# one Python thread runs every ring, so more pairs bring no throughput (the CPU per
+# frame stays about flat; a real guest busy on 2 vCPUs even leaves a 2-core host's
+# backend less CPU); and with one pair the data path runs no steering at all.
 DEFAULT_QUEUE_PAIRS = 1
 QUEUES_NOTE = ("vectors=0 works with mq=on: measured under TCG with QEMU 7.2, a Linux guest runs "
                "every pair on the one INTx interrupt, while MSI-X (vectors=2N+2) segfaults QEMU")
@@ -295,8 +295,9 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
                    help="queue pairs served (multiqueue, VIRTIO_NET_F_MQ when N > 1): QEMU's "
                         "-netdev vhost-user,queues= may ask for up to N. " + QUEUES_NOTE
                         + ". Default %(default)s: one Python thread runs every ring, so pairs add no "
-                          "throughput (measured with 1, 2, 4 pairs side by side, docs/multiqueue.md); "
-                          "2 fits at about the cost of 1 per frame, 4 and more cost more")
+                          "throughput (measured with 1, 2, 4 pairs side by side, docs/multiqueue.md: "
+                          "CPU per frame about flat, and a guest busy on 2 vCPUs leaves a 2-core host's "
+                          "backend less CPU); use 2 when the guest needs mq=on")
     p.add_argument("--rx-pending", type=int, default=1024, metavar="N",
                    help="frames held for the guest while it posts no RX buffers, before dropping (default %(default)s)")
     p.add_argument("--allow-unsealed-memory", action="store_true",
