@@ -34,6 +34,9 @@ Rows (--backends, comma-separated):
   passt                `passt -f -s SOCK -a 10.0.2.15 -n 24 -g 10.0.2.2`, QEMU
                        -netdev stream on that socket (passt maps the gateway to
                        the host's loopback, its default)
+  vhostnet-base        with --base-tree DIR: "vhostnet" run from DIR's code
+                       (another checkout), so a change is measured before and
+                       after in the same run, interleaved with the rest
 
 All rows use the same NIC (virtio-net-pci, vectors=0) and guest MTU 1500.
 --repeat N boots every backend N times, round-robin (vhostnet, nooffloads,
@@ -82,6 +85,7 @@ from vhostnet.launch import qemu  # noqa: E402
 from vhostnet.testing.hostservers import HostServers  # noqa: E402
 
 ALL_BACKENDS = ("vhostnet", "vhostnet-nooffloads", "slirp", "passt")
+BASE_ROW = "vhostnet-base"      # --base-tree: the same as "vhostnet", from another tree
 ALL_TESTS = ("isend", "irecv", "send", "recv", "crr", "udp", "ping")
 BUILTIN_TESTS = ("send", "recv", "crr", "udp", "ping")   # the services have no iperf3
 LOWER_IS_BETTER = {"ping"}
@@ -298,7 +302,8 @@ class Bench:
                     argv.append("--no-services")     # 10.0.2.2:7/9/19 go to the host too
                 if name == "vhostnet-nooffloads":
                     argv += ["--disable-feature", "offloads"]
-                backend = self._spawn(argv, run.log_dir / "backend.log")
+                tree = self.args.base_tree if name == BASE_ROW else None
+                backend = self._spawn(argv, run.log_dir / "backend.log", tree)
                 procs.append(backend)
                 wait_path(sock, backend, "vhostnet serve")
                 wait_path(Path(str(sock) + ".ctl"), backend, "vhostnet serve (control socket)")
@@ -385,10 +390,12 @@ class Bench:
         return ports
 
     @staticmethod
-    def _spawn(argv: list[str], logfile: Path) -> subprocess.Popen:
+    def _spawn(argv: list[str], logfile: Path, tree: Path | None = None) -> subprocess.Popen:
+        """Start ARGV (with TREE's code on PYTHONPATH, run from TREE, if given)."""
+        env = None if tree is None else dict(os.environ, PYTHONPATH=str(tree))
         with open(logfile, "wb") as out:
-            return subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT)
+            return subprocess.Popen(argv, cwd=tree or ROOT, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, env=env)
 
     def _watch(self, run: Run, proc: subprocess.Popen, meters: Meters, ctl: str | None) -> None:
         """Read the console until QEMU exits or the deadline; sample CPU at the marks."""
@@ -665,6 +672,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rss", action="store_true",
                    help=f"only the RSS of vhostnet serve idle and with {RSS_CONNECTIONS} NAT "
                         "connections (no guest)")
+    p.add_argument("--base-tree", type=Path, default=None, metavar="DIR",
+                   help=f"another vhostnet checkout; adds the row {BASE_ROW} (its code), for "
+                        "before/after in the same run")
     p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
     p.add_argument("--no-build", action="store_true", help="use the guest image as built")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
@@ -688,9 +698,16 @@ def main(argv: list[str] | None = None) -> int:
     backends = [b for b in args.backends.split(",") if b]
     default = BUILTIN_TESTS if args.builtin else ALL_TESTS
     args.tests = [t for t in (args.tests.split(",") if args.tests else default) if t]
+    if args.base_tree is not None:
+        if not (args.base_tree / "vhostnet" / "__init__.py").is_file():
+            p.error(f"--base-tree {args.base_tree}: not a vhostnet checkout")
+        args.base_tree = args.base_tree.resolve()
+        if BASE_ROW not in backends:
+            backends.insert(0, BASE_ROW)
     for b in backends:
-        if b not in ALL_BACKENDS:
-            p.error(f"unknown backend {b!r} (choose from {', '.join(ALL_BACKENDS)})")
+        if b not in ALL_BACKENDS and not (b == BASE_ROW and args.base_tree is not None):
+            p.error(f"unknown backend {b!r} (choose from {', '.join(ALL_BACKENDS)}"
+                    f"; {BASE_ROW} with --base-tree)")
     for t in args.tests:
         if t not in ALL_TESTS:
             p.error(f"unknown test {t!r} (choose from {', '.join(ALL_TESTS)})")
@@ -745,6 +762,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows, args.tests))
     if not args.builtin:
         t = targets(rows)
+        if any(r.backend == BASE_ROW for r in rows):
+            t += targets(rows, BASE_ROW)
         if t:
             print("\nissue 12 targets (ratios of medians):\n  " + "\n  ".join(t))
     bad = 0

@@ -164,7 +164,7 @@ class NetDevice:
     def _wake_proxy(self) -> None:
         p = self.proxy
         if p is not None and self.stack.flows.pending:
-            p.wake()
+            p.pump()
 
     def next_deadline(self):
         if self._rx_more:
