@@ -19,7 +19,9 @@ server is scripts/hostsrv.c on 127.0.0.1, as for bench_qemu.py.
   crr   TCP connect through the NAT + 1-byte echo + guest close, sequential
         (connections/s)
 
-Columns: ops/s; the backend's CPU per op (utime+stime from /proc, µs); with
+Columns: ops/s; the backend's CPU per op (utime+stime from /proc, µs); how
+often the backend slept per op (voluntary context switches: each is a
+wake-up to pay, and on a loaded machine a wait for a core); with
 --strace, the backend's syscalls per op (strace -c -f, which slows the
 backend: look at the counts, not the rate). With --base DIR, every test
 runs on DIR's vhostnet too, alternating (base, this, base, this...) --repeat
@@ -66,6 +68,16 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     text = Path(f"/proc/{pid}/stat").read_text()
     f = text[text.rindex(")") + 2:].split()
     return int(f[11]) / CLK_TCK, int(f[12]) / CLK_TCK
+
+
+def sleeps(pid: int) -> int:
+    """Voluntary context switches of every thread of PID: how often it slept."""
+    n = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                n += int(line.split()[1])
+    return n
 
 
 class Guest:
@@ -219,18 +231,19 @@ def measure(tree: Path, test: str, seconds: float, echo_port: int, tmp: Path, *,
                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             if tools:
                 await trio.sleep(1.0)           # attached
-            c0, t0 = cpu_seconds(pid), time.monotonic()
+            c0, t0, z0 = cpu_seconds(pid), time.monotonic(), sleeps(pid)
             n = 0
             while time.monotonic() - t0 < seconds:
                 await op()
                 n += 1
-            t1, c1 = time.monotonic(), cpu_seconds(pid)
+            t1, c1, z1 = time.monotonic(), cpu_seconds(pid), sleeps(pid)
             for t in tools:
                 t.send_signal(signal.SIGINT)
                 t.wait(20)
             user, sys_ = c1[0] - c0[0], c1[1] - c0[1]
             res.update(ops=n, rate=n / (t1 - t0), cpu_us=1e6 * (user + sys_) / max(n, 1),
-                       sys_us=1e6 * sys_ / max(n, 1), cpu_pct=100 * (user + sys_) / (t1 - t0))
+                       sys_us=1e6 * sys_ / max(n, 1), cpu_pct=100 * (user + sys_) / (t1 - t0),
+                       sleeps=(z1 - z0) / max(n, 1))
             await fe.close()
         trio.run(main)
     finally:
@@ -308,7 +321,7 @@ def main(argv=None) -> int:
                 r = measure(ROOT, t, args.seconds, echo, tmp, strace=args.strace,
                             pyspy=args.pyspy)
                 print(f"{t}: {r['rate']:.0f}/s, {r['cpu_us']:.0f} µs backend CPU per op "
-                      f"({r['sys_us']:.0f} in the kernel)")
+                      f"({r['sys_us']:.0f} in the kernel), {r['sleeps']:.2f} sleeps per op")
                 if args.strace:
                     print("  syscalls per op: " + ", ".join(
                         f"{k} {v:.2f}" for k, v in r["syscalls"].items() if v >= 0.05))
@@ -321,7 +334,7 @@ def main(argv=None) -> int:
                     r = measure(tree, t, args.seconds, echo, tmp)
                     results.setdefault((name, t), []).append(r)
                     print(f"bench: {name} {t}: {r['rate']:.0f}/s, {r['cpu_us']:.0f} µs/op "
-                          f"({r['sys_us']:.0f} kernel)",
+                          f"({r['sys_us']:.0f} kernel), {r['sleeps']:.2f} sleeps/op",
                           file=sys.stderr, flush=True)
     finally:
         hs.terminate()
@@ -329,7 +342,8 @@ def main(argv=None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"# bench_latency: {time.strftime('%Y-%m-%d %H:%M')}, median of {args.repeat}, "
           f"{args.seconds:g} s per test, load average {os.getloadavg()[0]:.2f}")
-    head = f"{'test':6} " + "".join(f"{n + ' ops/s':>14}{n + ' µs/op':>14}" for n, _ in trees)
+    head = f"{'test':6} " + "".join(f"{n + ' ops/s':>14}{n + ' µs/op':>14}{n + ' sleeps/op':>17}"
+                                    for n, _ in trees)
     if len(trees) > 1:
         head += f"{'rate this/base':>16}{'cpu this/base':>15}"
     print(head)
@@ -338,8 +352,9 @@ def main(argv=None) -> int:
         meds = {}
         for n, _ in trees:
             rs = results[(n, t)]
-            meds[n] = (median([r["rate"] for r in rs]), median([r["cpu_us"] for r in rs]))
-            cells.append(f"{meds[n][0]:14,.0f}{meds[n][1]:14,.0f}")
+            meds[n] = (median([r["rate"] for r in rs]), median([r["cpu_us"] for r in rs]),
+                       median([r["sleeps"] for r in rs]))
+            cells.append(f"{meds[n][0]:14,.0f}{meds[n][1]:14,.0f}{meds[n][2]:17.2f}")
         line = f"{t:6} " + "".join(cells)
         if len(trees) > 1:
             line += f"{meds['this'][0] / meds['base'][0]:15.2f}x{meds['this'][1] / meds['base'][1]:14.2f}x"

@@ -161,7 +161,7 @@ class HostProxy:
             return
         r = TcpRelay(self, ev.fid, (host, ev.dst_port))
         self.relays[ev.fid] = r
-        self._nursery.start_soon(r.run_outbound)
+        r.start_outbound(self._nursery)
 
     def _udp(self, ev: F.UdpDatagram) -> None:
         r = self.relays.get(ev.fid)
