@@ -317,16 +317,15 @@ def main(argv=None) -> int:
     results: dict = {}
     try:
         if args.pyspy or args.strace:
-            for t in tests:
-                r = measure(ROOT, t, args.seconds, echo, tmp, strace=args.strace,
+            runs = [(name, tree, t) for t in tests for name, tree in trees]
+            for name, tree, t in runs[:1] if args.pyspy else runs:
+                r = measure(tree, t, args.seconds, echo, tmp, strace=args.strace,
                             pyspy=args.pyspy)
-                print(f"{t}: {r['rate']:.0f}/s, {r['cpu_us']:.0f} µs backend CPU per op "
+                print(f"{name} {t}: {r['rate']:.0f}/s, {r['cpu_us']:.0f} µs backend CPU per op "
                       f"({r['sys_us']:.0f} in the kernel), {r['sleeps']:.2f} sleeps per op")
                 if args.strace:
                     print("  syscalls per op: " + ", ".join(
                         f"{k} {v:.2f}" for k, v in r["syscalls"].items() if v >= 0.05))
-                if args.pyspy:
-                    break
             return 0
         for rep in range(args.repeat):
             for t in tests:
