@@ -9,9 +9,10 @@
 No guest CPU in the way (bench_qemu.py is the real race): `vhostnet serve
 --no-services --once` runs as its own process; this process plays QEMU and
 the driver with the in-process frontend (vhostnet/testing/frontend.py:
-shared memfd, eventfd kick and call, split rings) and a minimal guest
-(stack/tcp TcpLayer for TCP, prebuilt frames for UDP and ping). The host
-server is scripts/hostsrv.c on 127.0.0.1, as for bench_qemu.py.
+shared memfd, eventfd kick and call, split rings; kicks as Linux does them
+with EVENT_IDX) and a minimal guest (tests/hostnet/guest.py: our TcpLayer
+for TCP; prebuilt frames for UDP and ping). The host server is
+scripts/hostsrv.c on 127.0.0.1, as for bench_qemu.py.
 
   udp   64-byte UDP to 10.0.2.2:echo -> NAT -> host socket -> hostsrv -> back
         (round trips/s, one in flight, one flow)
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import re
 import shutil
 import signal
@@ -47,10 +47,10 @@ sys.path.insert(0, str(ROOT))
 
 import trio  # noqa: E402
 from scapy.layers.inet import ICMP, IP, UDP  # noqa: E402
-from scapy.layers.l2 import ARP, Ether  # noqa: E402
+from scapy.layers.l2 import Ether  # noqa: E402
 
 from stack import NetConfig  # noqa: E402
-from stack.tcp.layer import TcpLayer  # noqa: E402
+from tests.hostnet.guest import FeGuest  # noqa: E402
 from vhostnet.testing.frontend import Frontend  # noqa: E402
 from vhostnet.virtio import features as F  # noqa: E402
 
@@ -80,22 +80,9 @@ def sleeps(pid: int) -> int:
     return n
 
 
-class Guest:
-    """Just enough guest: frames out through TX, frames in from RX, TCP by TcpLayer."""
-
-    def __init__(self, fe: Frontend):
-        self.fe = fe
-        self.out: list[bytes] = []
-        self.inbox: list[bytes] = []
-        self.tcp = TcpLayer(self._emit, rng=random.Random(7))
-        from tests.hostnet.guest import FeGuest
-        self._fg = FeGuest.__new__(FeGuest)   # its TCP framing (checksums, headers)
-        self._fg.out = self.out
-        self._fg.wake = trio.Event()
-
-    def _emit(self, src, dst, seg, gso) -> None:
-        from tests.hostnet.guest import FeGuest
-        FeGuest._emit(self._fg, src, dst, seg, gso)
+class Guest(FeGuest):
+    """The host-network tests' guest (our TCP, ARP answers, other frames kept
+    in `other`), driven here by `until` instead of its own task."""
 
     def pump(self) -> None:
         fe = self.fe
@@ -114,21 +101,6 @@ class Guest:
         self.tcp.poll(now)
         if self.out and fe.tx.free:
             self.pump()
-
-    def _deliver(self, frame: bytes) -> None:
-        if frame[12:14] == b"\x08\x00" and frame[23] == 6 and frame[30:34] == CFG.guest_ip_b:
-            ihl = (frame[14] & 15) * 4
-            tot = (frame[16] << 8) | frame[17]
-            self.tcp.receive(trio.current_time(), frame[26:30], CFG.guest_ip_b,
-                             frame[14 + ihl:14 + tot])
-        elif frame[12:14] == b"\x08\x06":
-            p = Ether(frame)
-            if p[ARP].op == 1 and p[ARP].pdst == CFG.guest_ip:
-                self.out.append(bytes(Ether(src=CFG.guest_mac, dst=p[ARP].hwsrc) / ARP(
-                    op=2, hwsrc=CFG.guest_mac, psrc=CFG.guest_ip, hwdst=p[ARP].hwsrc,
-                    pdst=p[ARP].psrc)))
-        else:
-            self.inbox.append(frame)
 
     async def until(self, done) -> None:
         with trio.fail_after(OP_TIMEOUT):
@@ -185,9 +157,9 @@ async def one_test(sock: str, test: str, echo_port: int):
             c.close()
             await g.until(lambda: c.state.value in ("TIME-WAIT", "CLOSED"))
             return
-        g.inbox.clear()
+        g.other.clear()
         g.out.append(frame)
-        await g.until(lambda: g.inbox)
+        await g.until(lambda: g.other)
 
     for _ in range(WARMUP):
         await op()
