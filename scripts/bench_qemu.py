@@ -39,6 +39,10 @@ Rows (--backends, comma-separated):
                        and --streams so the guest uses the pairs: Linux runs
                        min(vCPUs, N) pairs and XPS puts each CPU's sends on its pair)
 
+  vhostnet-base        with --base-tree DIR: "vhostnet" run from DIR's code
+                       (another checkout), so a change is measured before and
+                       after in the same run, interleaved with the rest
+
 --smp N gives every row's guest N vCPUs; --streams N runs iperf3 -P N.
 
 All rows use the same NIC (virtio-net-pci, vectors=0) and guest MTU 1500.
@@ -90,6 +94,7 @@ from vhostnet.testing.hostservers import HostServers  # noqa: E402
 ALL_BACKENDS = ("vhostnet", "vhostnet-nooffloads", "slirp", "passt", "vhostnet-q2", "vhostnet-q4")
 # Multiqueue rows: `serve --queues N`, -netdev vhost-user,queues=N, virtio-net-pci,mq=on.
 QUEUE_ROWS = {"vhostnet-q2": 2, "vhostnet-q4": 4}
+BASE_ROW = "vhostnet-base"      # --base-tree: the same as "vhostnet", from another tree
 ALL_TESTS = ("isend", "irecv", "send", "recv", "crr", "udp", "ping")
 BUILTIN_TESTS = ("send", "recv", "crr", "udp", "ping")   # the services have no iperf3
 LOWER_IS_BETTER = {"ping"}
@@ -309,7 +314,8 @@ class Bench:
                 pairs = QUEUE_ROWS.get(name, 1)
                 if pairs > 1:
                     argv += ["--queues", str(pairs)]
-                backend = self._spawn(argv, run.log_dir / "backend.log")
+                tree = self.args.base_tree if name == BASE_ROW else None
+                backend = self._spawn(argv, run.log_dir / "backend.log", tree)
                 procs.append(backend)
                 wait_path(sock, backend, "vhostnet serve")
                 wait_path(Path(str(sock) + ".ctl"), backend, "vhostnet serve (control socket)")
@@ -399,10 +405,12 @@ class Bench:
         return ports
 
     @staticmethod
-    def _spawn(argv: list[str], logfile: Path) -> subprocess.Popen:
+    def _spawn(argv: list[str], logfile: Path, tree: Path | None = None) -> subprocess.Popen:
+        """Start ARGV (with TREE's code on PYTHONPATH, run from TREE, if given)."""
+        env = None if tree is None else dict(os.environ, PYTHONPATH=str(tree))
         with open(logfile, "wb") as out:
-            return subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT)
+            return subprocess.Popen(argv, cwd=tree or ROOT, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, env=env)
 
     def _watch(self, run: Run, proc: subprocess.Popen, meters: Meters, ctl: str | None) -> None:
         """Read the console until QEMU exits or the deadline; sample CPU at the marks."""
@@ -682,6 +690,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smp", type=int, default=1, metavar="N", help="guest vCPUs, every row (default 1)")
     p.add_argument("--streams", type=int, default=1, metavar="N",
                    help="iperf3 parallel streams (-P N) for isend/irecv (default 1)")
+    p.add_argument("--base-tree", type=Path, default=None, metavar="DIR",
+                   help=f"another vhostnet checkout; adds the row {BASE_ROW} (its code), for "
+                        "before/after in the same run")
     p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
     p.add_argument("--no-build", action="store_true", help="use the guest image as built")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
@@ -705,9 +716,16 @@ def main(argv: list[str] | None = None) -> int:
     backends = [b for b in args.backends.split(",") if b]
     default = BUILTIN_TESTS if args.builtin else ALL_TESTS
     args.tests = [t for t in (args.tests.split(",") if args.tests else default) if t]
+    if args.base_tree is not None:
+        if not (args.base_tree / "vhostnet" / "__init__.py").is_file():
+            p.error(f"--base-tree {args.base_tree}: not a vhostnet checkout")
+        args.base_tree = args.base_tree.resolve()
+        if BASE_ROW not in backends:
+            backends.insert(0, BASE_ROW)
     for b in backends:
-        if b not in ALL_BACKENDS:
-            p.error(f"unknown backend {b!r} (choose from {', '.join(ALL_BACKENDS)})")
+        if b not in ALL_BACKENDS and not (b == BASE_ROW and args.base_tree is not None):
+            p.error(f"unknown backend {b!r} (choose from {', '.join(ALL_BACKENDS)}"
+                    f"; {BASE_ROW} with --base-tree)")
     for t in args.tests:
         if t not in ALL_TESTS:
             p.error(f"unknown test {t!r} (choose from {', '.join(ALL_TESTS)})")
@@ -762,6 +780,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows, args.tests))
     if not args.builtin:
         t = targets(rows)
+        if any(r.backend == BASE_ROW for r in rows):
+            t += targets(rows, BASE_ROW)
         if t:
             print("\nissue 12 targets (ratios of medians):\n  " + "\n  ".join(t))
     bad = 0

@@ -361,12 +361,14 @@ async def test_syn_flood_is_capped(backend, nursery):
         g.send_ip(IP(src=GUEST_IP, dst="10.0.2.2") / TCP(sport=sport, dport=port, flags="S"))
     c = srv.current.device.stack
     # The listener's queue takes one or two connections, which leave the
-    # half-open count: allow for them.
+    # half-open count (a loopback connect that completes is accepted in the
+    # step that saw its SYN, and the guest, which never sent that SYN from a
+    # socket, resets it): allow for them both ways.
     slack = 2
     with trio.fail_after(10):
         while c.all_counters().get("tcp_listen_overflow", 0) < 400 - 16 - slack:
             await trio.sleep(0.01)
-    assert 16 <= c.flows.counts()["tcp"] <= 16 + slack
+    assert 16 - slack <= c.flows.counts()["tcp"] <= 16 + slack
     assert fds() - before <= 16 + slack
     ls.close()
 

@@ -15,6 +15,15 @@ Then two tasks move bytes, each bounded by the far side's appetite:
 * guest -> host peeks the stack's receive buffer, sends what the host
   socket takes, and consumes exactly that much, so a slow host reader
   closes the window the stack advertises to the guest.
+Latency (issue 12's profile): the host connect starts in the proxy's step
+that saw the SYN, and a loopback connect is complete when connect()
+returns, so the SYN-ACK goes to the guest in that same step, with no task
+started first; only a connect still in progress gets a task to wait for it.
+The pumps use the plain non-blocking socket and wait only when it would
+block, so a read goes into the stack and out to the guest without a
+scheduler pass in between (trio's socket methods add one after every
+successful call).
+
 EOF maps to FIN both ways (shutdown(SHUT_WR) on the host socket after the
 guest's FIN; close() in the stack after the host's EOF). A reset either way
 is a reset on the other: an error on the host socket aborts the flow (RST
@@ -24,6 +33,7 @@ so the host peer sees a RST too.
 from __future__ import annotations
 
 import errno
+import select
 import socket
 import struct
 
@@ -48,8 +58,7 @@ class TcpRelay:
         self.p = proxy
         self.fid = fid
         self.remote = remote
-        self._stdsock = sock
-        self.tsock = None
+        self.sock = sock                # the host socket (non-blocking), ours to close
         self.scope = trio.CancelScope()
         self._rd = trio.Event()
         self._wr = trio.Event()
@@ -85,9 +94,13 @@ class TcpRelay:
         if self.closed:
             return
         self.closed = True
-        s = self.tsock if self.tsock is not None else self._stdsock
+        s = self.sock
         if s is None:
             return
+        try:
+            trio.lowlevel.notify_closing(s)     # a pump may be waiting on it
+        except RuntimeError:
+            pass
         if self.reset:
             try:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
@@ -96,31 +109,57 @@ class TcpRelay:
         s.close()
 
     # ----------------------------------------------------------- outbound
+    def start_outbound(self, nursery) -> None:
+        """Called by the proxy on the guest's SYN: connect now; a connect that
+        completes at once (loopback) is accepted here, in the proxy's step."""
+        p = self.p
+        try:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.setblocking(False)
+        except OSError as e:
+            p.count("tcp_socket_error")
+            p.rlog.warning("tcp_socket", "TCP: cannot open a host socket: %s", e)
+            self._refuse(None)
+            return
+        err = self.sock.connect_ex(self.remote)
+        if err == errno.EINPROGRESS and _writable_now(self.sock):
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err == errno.EINPROGRESS:
+            nursery.start_soon(self.run_outbound)
+        elif self._connected(err):
+            nursery.start_soon(self._run_pumps)
+
+    def _connected(self, err: int) -> bool:
+        """Accept or refuse the guest's SYN after the host connect ended with ERR."""
+        if err:
+            code = _UNREACH.get(err)
+            self.p.count("tcp_connect_refused" if code is None else "tcp_connect_unreachable")
+            self._refuse(code)
+            return False
+        self.p.flows.accept(self.p.now(), self.fid)
+        self.p.flush()
+        self._describe()
+        return True
+
     async def run_outbound(self) -> None:
-        p, flows, fid = self.p, self.p.flows, self.fid
+        """A connect still in progress: wait for it (at most the connect timeout)."""
+        p = self.p
         with self.scope:
             try:
-                self.tsock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            except OSError as e:
-                p.count("tcp_socket_error")
-                p.rlog.warning("tcp_socket", "TCP: cannot open a host socket: %s", e)
-                self._refuse(None)
-                return
-            try:
                 with trio.fail_after(p.config.connect_timeout):
-                    await self.tsock.connect(self.remote)
+                    await trio.lowlevel.wait_writable(self.sock)
             except trio.TooSlowError:
                 p.count("tcp_connect_timeout")
                 self._refuse(icmpw.UNREACH_HOST)
                 return
-            except OSError as e:
-                code = _UNREACH.get(e.errno)
-                p.count("tcp_connect_refused" if code is None else "tcp_connect_unreachable")
-                self._refuse(code)
+            except OSError as e:            # the socket went away under us
+                self._connected(e.errno or errno.EHOSTUNREACH)
                 return
-            flows.accept(p.now(), fid)
-            p.flush()
-            self._describe()
+            if self._connected(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)):
+                await self._pump()
+
+    async def _run_pumps(self) -> None:
+        with self.scope:
             await self._pump()
 
     def _refuse(self, icmp_code) -> None:
@@ -132,8 +171,7 @@ class TcpRelay:
     # ------------------------------------------------------------ inbound
     async def run_inbound(self) -> None:
         with self.scope:
-            self.tsock = trio.socket.from_stdlib_socket(self._stdsock)
-            self._stdsock = None
+            self.sock.setblocking(False)
             await self._est.wait()
             self._describe()
             await self._pump()
@@ -141,15 +179,15 @@ class TcpRelay:
     # ---------------------------------------------------------- the pump
     def _describe(self) -> None:
         try:
-            a, b = self.tsock.getsockname(), self.tsock.getpeername()
+            a, b = self.sock.getsockname(), self.sock.getpeername()
             self.p.flows.describe(self.fid, f"{a[0]}:{a[1]}->{b[0]}:{b[1]}")
         except OSError:
             pass
 
     async def _pump(self) -> None:
         async with trio.open_nursery() as n:
-            n.start_soon(self._guarded, self._host_to_guest)
             n.start_soon(self._guarded, self._guest_to_host)
+            await self._guarded(self._host_to_guest)   # in this task: one task fewer
 
     async def _guarded(self, direction) -> None:
         try:
@@ -166,14 +204,20 @@ class TcpRelay:
             self.p.forget(self.fid)
 
     async def _host_to_guest(self) -> None:
-        p, flows, fid, s = self.p, self.p.flows, self.fid, self.tsock
+        p, flows, fid, s = self.p, self.p.flows, self.fid, self.sock
+        wait_readable = trio.lowlevel.wait_readable
         while True:
             space = flows.send_space(fid)
             if space <= 0:
                 self._wr = trio.Event()
                 await self._wr.wait()
                 continue
-            data = await s.recv(min(space, RECV_CHUNK))
+            # Wait first (the checkpoint), then read and deliver in one go.
+            await wait_readable(s)
+            try:
+                data = s.recv(min(space, RECV_CHUNK))
+            except (BlockingIOError, InterruptedError):
+                continue
             if not data:
                 flows.close(p.now(), fid)
                 p.flush()
@@ -182,11 +226,15 @@ class TcpRelay:
             p.flush()
 
     async def _guest_to_host(self) -> None:
-        p, flows, fid, s = self.p, self.p.flows, self.fid, self.tsock
+        p, flows, fid, s = self.p, self.p.flows, self.fid, self.sock
         while True:
             n = flows.readable(fid)
             if n:
-                sent = await s.send(flows.peek(fid, min(n, SEND_CHUNK)))
+                try:
+                    sent = s.send(flows.peek(fid, min(n, SEND_CHUNK)))
+                except (BlockingIOError, InterruptedError):
+                    await trio.lowlevel.wait_writable(s)
+                    continue
                 flows.consume(p.now(), fid, sent)
                 p.flush()
                 continue
@@ -195,3 +243,13 @@ class TcpRelay:
                 return
             self._rd = trio.Event()
             await self._rd.wait()
+
+
+_POLL_OUT = select.POLLOUT | select.POLLERR | select.POLLHUP
+
+
+def _writable_now(sock: socket.socket) -> bool:
+    """Has a non-blocking connect ended already (zero-timeout poll)?"""
+    p = select.poll()
+    p.register(sock, _POLL_OUT)
+    return bool(p.poll(0))

@@ -196,7 +196,7 @@ class NetDevice:
     def _wake_proxy(self) -> None:
         p = self.proxy
         if p is not None and self.stack.flows.pending:
-            p.wake()
+            p.pump()
 
     def next_deadline(self):
         if self._rx_more:
@@ -303,6 +303,10 @@ class NetDevice:
             # frame views point into guest memory.
             q.push(chain.head, 0)
             chain = None
+        # The NAT first: the guest's datagrams and SYNs go to their host
+        # sockets before the eventfd write below, which wakes QEMU and on a
+        # busy host may cost this process its core (issue 12 latency profile).
+        self._wake_proxy()
         # Chains refused by pop() were pushed too, so publish regardless.
         if q.has_unpublished():
             if q.publish():
@@ -311,7 +315,6 @@ class NetDevice:
                 q.stats["calls_suppressed"] += 1
         more = (b.spent or q.want_kick_at_next()) and q.ready
         self.flush_rx(rings)
-        self._wake_proxy()
         return more
 
     def _tx_one(self, q, chain, now: float) -> None:
