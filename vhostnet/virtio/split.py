@@ -52,6 +52,7 @@ MAX_QUEUE_SIZE = 32768
 
 DESC = struct.Struct("<QIHH")
 _desc_unpack = DESC.unpack_from
+_NEXT_OR_INDIRECT = VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT
 
 _barrier_lock = threading.Lock()
 _ONE = (1).to_bytes(8, "little")   # an eventfd increment
@@ -106,6 +107,11 @@ class SplitRing:
         self._unpublished: list[int] = []
         self._marked_heads: list[int] | None = None
         self._walk_indirect = None   # the last walk's indirect descriptor, if it had one
+        # (gpa, end, view) of the guest region the last walk's buffer was in:
+        # pop() takes a one-descriptor chain inside it without a walk (the
+        # common case: Linux's TX frame with any_layout, every RX buffer).
+        # Cleared at attach/detach, so it never outlives the mapping.
+        self._rcache: tuple | None = None
 
     # -- set-up ------------------------------------------------------------
 
@@ -118,6 +124,7 @@ class SplitRing:
             raise ValueError(f"{self.name}: ring addresses are misaligned "
                              f"(desc {self.desc_uva:#x}, avail {self.avail_uva:#x}, used {self.used_uva:#x})")
         self.mem = mem
+        self._rcache = None
         self.reset_held()
         self._desc = mem.uva_view(self.desc_uva, 16 * n)
         self._avail_h = mem.uva_view(self.avail_uva, 6 + 2 * n).cast("H")
@@ -135,6 +142,7 @@ class SplitRing:
             if v is not None:
                 v.release()
         self._desc = self._avail_h = self._used_h = self._used_i = None
+        self._rcache = None
         self.mem = None
 
     packed = False
@@ -275,6 +283,22 @@ class SplitRing:
                 if self._marked_heads is not None:
                     self._marked_heads.append(head)
                 self._walk_indirect = None
+            # Fast path: one descriptor, no NEXT/INDIRECT, non-empty, wholly
+            # inside the cached region: the same checks _walk makes, inline.
+            addr, length, flags, _nxt = _desc_unpack(self._desc, head << 4)
+            rc = self._rcache
+            if (not flags & _NEXT_OR_INDIRECT and length and rc is not None
+                    and rc[0] <= addr and addr + length <= rc[1]):
+                off = addr - rc[0]
+                v = rc[2][off:off + length]
+                if flags & VRING_DESC_F_WRITE:
+                    chain = Chain(head, [], [v], 0, length, 1)
+                else:
+                    chain = Chain(head, [v], [], length, 0, 1)
+                if budget is not None:
+                    budget.left -= 1
+                self.stats["chains"] += 1
+                return chain
             try:
                 chain = self._walk(head)
             except ChainError as e:
@@ -393,6 +417,7 @@ class SplitRing:
                         if len(views) == 1:
                             reg = mem.region_for_gpa(addr)
                             r_gpa, r_end, r_view = reg.gpa, reg.gpa + reg.size, reg.view
+                            self._rcache = (r_gpa, r_end, r_view)
                     if flags & VRING_DESC_F_WRITE:
                         writable.extend(views)
                         wlen += length
