@@ -71,6 +71,7 @@ BASE_INDEX_MASK = 0x7FFF
 
 DESC = struct.Struct("<QIHH")    # addr, len, id, flags
 _desc_unpack = DESC.unpack_from
+_NEXT_OR_INDIRECT = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT
 _FLAGS_H = 7                     # flags as the 8th 16-bit word of a descriptor
 _ID_H = 6
 _LEN_I = 2                       # len as the 3rd 32-bit word
@@ -130,6 +131,13 @@ class PackedRing:
         # Chains taken and not yet returned, in order: (buffer id, ring slots).
         self._inflight: collections.deque[tuple[int, int]] = collections.deque()
         self._held = 0   # ring slots those chains take
+        # How many of those chains carry each buffer id (the id_in_flight
+        # finding asks this per chain: a dict look-up, not a scan of the deque).
+        self._id_count: dict[int, int] = {}
+        # (gpa, end, view) of the guest region the last buffer was in: pop()
+        # takes a one-descriptor chain inside it without a walk. Cleared at
+        # attach/detach, so it never outlives the mapping.
+        self._rcache: tuple | None = None
         # Used descriptors not yet written: (slot, id, len, flags). Their id
         # and len go out at publish() too: the slot is the chain's first
         # descriptor, which a rollback() may hand back to the driver unread.
@@ -158,6 +166,7 @@ class PackedRing:
                              f"(desc {self.desc_uva:#x}, driver area {self.avail_uva:#x}, "
                              f"device area {self.used_uva:#x})")
         self.mem = mem
+        self._rcache = None
         self._desc = mem.uva_view(self.desc_uva, DESC_SIZE * n)
         self._desc_h = self._desc.cast("H")
         self._desc_i = self._desc.cast("I")
@@ -169,6 +178,7 @@ class PackedRing:
             if v is not None:
                 v.release()
         self._desc = self._desc_h = self._desc_i = self._driver_h = self._device_h = None
+        self._rcache = None
         self.mem = None
 
     @property
@@ -197,6 +207,7 @@ class PackedRing:
                              f"outside a ring of {self.num}")
         self.last_avail_idx, self.avail_wrap, self.used_idx, self.used_wrap = avail, aw, used, uw
         self._inflight.clear()
+        self._id_count.clear()
         self._held = 0
         self._unpublished.clear()
         self._published_from = (used, uw)
@@ -208,6 +219,7 @@ class PackedRing:
         """The ring was (re)started: a broken ring is the driver's to restart."""
         self.broken = None
         self._inflight.clear()
+        self._id_count.clear()
         self._held = 0
         self._unpublished.clear()
         self._published_from = (self.used_idx, self.used_wrap)
@@ -295,6 +307,25 @@ class PackedRing:
                             "before the device used it", position=self.last_avail_idx)
                 return None
             start = self.last_avail_idx
+            # Fast path: one descriptor (no NEXT/INDIRECT), non-empty, inside the
+            # cached region, an id in range and not in flight: what _walk would
+            # take without a finding, taken inline. Anything else: _walk.
+            addr, length, buf_id, flags = _desc_unpack(self._desc, start * DESC_SIZE)
+            rc = self._rcache
+            if (not flags & _NEXT_OR_INDIRECT and length and rc is not None
+                    and rc[0] <= addr and addr + length <= rc[1]
+                    and buf_id < self.num and buf_id not in self._id_count):
+                off = addr - rc[0]
+                v = rc[2][off:off + length]
+                if flags & VIRTQ_DESC_F_WRITE:
+                    chain = Chain(buf_id, [], [v], 0, length, 1)
+                else:
+                    chain = Chain(buf_id, [v], [], length, 0, 1)
+                if budget is not None:
+                    budget.left -= 1
+                self._take(buf_id, 1)
+                self.stats["chains"] += 1
+                return chain
             try:
                 chain, ndesc = self._walk(start, self.avail_wrap)
             except ChainError as e:
@@ -323,11 +354,22 @@ class PackedRing:
         self.last_avail_idx, self.avail_wrap = self._advance(self.last_avail_idx, self.avail_wrap, ndesc)
         self._inflight.append((buf_id, ndesc))
         self._held += ndesc
+        c = self._id_count
+        c[buf_id] = c.get(buf_id, 0) + 1
+
+    def _untake_id(self, buf_id: int) -> None:
+        c = self._id_count
+        n = c.get(buf_id, 0) - 1
+        if n > 0:
+            c[buf_id] = n
+        else:
+            c.pop(buf_id, None)
 
     def unpop(self) -> None:
         """Give back the one chain pop() just returned (nothing pushed since): no use for it yet."""
-        _, ndesc = self._inflight.pop()
+        buf_id, ndesc = self._inflight.pop()
         self._held -= ndesc
+        self._untake_id(buf_id)
         self.last_avail_idx, self.avail_wrap = self._back(self.last_avail_idx, self.avail_wrap, ndesc)
         self.stats["chains"] -= 1
 
@@ -349,6 +391,7 @@ class PackedRing:
     def rollback(self, mark: tuple) -> None:
         (self.last_avail_idx, self.avail_wrap, self.used_idx, self.used_wrap, self._inflight,
          self._held, n_unpublished, self.stats["chains"], self.stats["bytes"]) = mark
+        self._id_count = dict(collections.Counter(i for i, _ in self._inflight))
         del self._unpublished[n_unpublished:]
         self._deferred = None
 
@@ -409,7 +452,7 @@ class PackedRing:
             self._refuse("packed_id_out_of_range",
                              f"chain at ring position {start}: buffer id {buf_id} is not below the queue size {self.num}",
                              position=start, buffer_id=buf_id, expected=f"< {self.num}", seen=buf_id)
-        elif any(i == buf_id for i, _ in self._inflight):
+        elif buf_id in self._id_count:
             self._refuse("packed_id_in_flight",
                              f"chain at ring position {start}: buffer id {buf_id} made available again "
                              "while the device still holds it", position=start, buffer_id=buf_id)
@@ -417,14 +460,18 @@ class PackedRing:
 
     def _buffer(self, addr, length, flags, readable, writable, rlen, wlen):
         try:
+            views = self.mem.gpa_views(addr, length)
             if flags & VIRTQ_DESC_F_WRITE:
-                writable.extend(self.mem.gpa_views(addr, length))
+                writable.extend(views)
                 wlen += length
             else:
                 if writable:
                     raise ChainError("packed_read_after_write", "device-readable descriptor after a device-writable one")
-                readable.extend(self.mem.gpa_views(addr, length))
+                readable.extend(views)
                 rlen += length
+            if len(views) == 1 and (self._rcache is None or not self._rcache[0] <= addr < self._rcache[1]):
+                reg = self.mem.region_for_gpa(addr)
+                self._rcache = (reg.gpa, reg.gpa + reg.size, reg.view)
         except OutOfBounds as e:
             raise ChainError("packed_desc_out_of_bounds", str(e), addr=addr, len=length) from None
         return rlen, wlen
@@ -461,6 +508,7 @@ class PackedRing:
                 ndesc = n
                 del self._inflight[k]
                 self._held -= n
+                self._untake_id(buf_id)
                 break
         flags = (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) if self.used_wrap else 0
         if length:
