@@ -318,9 +318,9 @@ class PackedRing:
                 off = addr - rc[0]
                 v = rc[2][off:off + length]
                 if flags & VIRTQ_DESC_F_WRITE:
-                    chain = Chain(buf_id, [], [v], 0, length, 1)
+                    chain = Chain(buf_id, (), (v,), 0, length, 1)
                 else:
-                    chain = Chain(buf_id, [v], [], length, 0, 1)
+                    chain = Chain(buf_id, (v,), (), length, 0, 1)
                 if budget is not None:
                     budget.left -= 1
                 self._take(buf_id, 1)

@@ -67,7 +67,8 @@ class ChainError(Exception):
 class Chain:
     """One descriptor chain taken from the avail ring.
 
-    `readable` / `writable` are views straight into guest memory, in chain
+    `readable` / `writable` are sequences (lists, or tuples on the rings'
+    one-descriptor fast path) of views straight into guest memory, in chain
     order; drop the chain before the memory is unmapped.
     """
     __slots__ = ("head", "readable", "writable", "read_len", "write_len", "ndesc")

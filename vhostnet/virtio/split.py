@@ -292,9 +292,9 @@ class SplitRing:
                 off = addr - rc[0]
                 v = rc[2][off:off + length]
                 if flags & VRING_DESC_F_WRITE:
-                    chain = Chain(head, [], [v], 0, length, 1)
+                    chain = Chain(head, (), (v,), 0, length, 1)
                 else:
-                    chain = Chain(head, [v], [], length, 0, 1)
+                    chain = Chain(head, (v,), (), length, 0, 1)
                 if budget is not None:
                     budget.left -= 1
                 self.stats["chains"] += 1
