@@ -72,6 +72,7 @@ BASE_INDEX_MASK = 0x7FFF
 DESC = struct.Struct("<QIHH")    # addr, len, id, flags
 _desc_unpack = DESC.unpack_from
 _NEXT_OR_INDIRECT = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT
+_AVAIL_USED = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
 _FLAGS_H = 7                     # flags as the 8th 16-bit word of a descriptor
 _ID_H = 6
 _LEN_I = 2                       # len as the 3rd 32-bit word
@@ -293,9 +294,12 @@ class PackedRing:
         Chain.head is the buffer id: what push() returns to the driver.
         """
         while budget is None or budget.left > 0:
-            if self.broken is not None or self._desc_h is None:
+            desc_h = self._desc_h
+            if self.broken is not None or desc_h is None:
                 return None
-            if not _is_avail(self._flags(self.last_avail_idx), self.avail_wrap):
+            # _is_avail inline: AVAIL equal to the wrap counter, USED not.
+            expect = VIRTQ_DESC_F_AVAIL if self.avail_wrap else VIRTQ_DESC_F_USED
+            if desc_h[self.last_avail_idx * 8 + _FLAGS_H] & _AVAIL_USED != expect:
                 self.avail_seen = (self.last_avail_idx, self.avail_wrap)
                 return None
             if self._held >= self.num:
@@ -312,7 +316,8 @@ class PackedRing:
             # take without a finding, taken inline. Anything else: _walk.
             addr, length, buf_id, flags = _desc_unpack(self._desc, start * DESC_SIZE)
             rc = self._rcache
-            if (not flags & _NEXT_OR_INDIRECT and length and rc is not None
+            if (not flags & _NEXT_OR_INDIRECT and flags & _AVAIL_USED == expect
+                    and length and rc is not None
                     and rc[0] <= addr and addr + length <= rc[1]
                     and buf_id < self.num and buf_id not in self._id_count):
                 off = addr - rc[0]
@@ -323,7 +328,15 @@ class PackedRing:
                     chain = Chain(buf_id, (v,), (), length, 0, 1)
                 if budget is not None:
                     budget.left -= 1
-                self._take(buf_id, 1)
+                # _take(buf_id, 1) inline
+                pos = start + 1
+                if pos >= self.num:
+                    self.last_avail_idx, self.avail_wrap = pos - self.num, not self.avail_wrap
+                else:
+                    self.last_avail_idx = pos
+                self._inflight.append((buf_id, 1))
+                self._held += 1
+                self._id_count[buf_id] = 1     # not in flight before: the condition above
                 self.stats["chains"] += 1
                 return chain
             try:
@@ -514,7 +527,11 @@ class PackedRing:
         if length:
             flags |= VIRTQ_DESC_F_WRITE   # §2.8.3: the device wrote into the buffer
         self._unpublished.append((self.used_idx, head, length, flags))
-        self.used_idx, self.used_wrap = self._advance(self.used_idx, self.used_wrap, ndesc)
+        pos = self.used_idx + ndesc
+        if pos < self.num:
+            self.used_idx = pos
+        else:
+            self.used_idx, self.used_wrap = self._advance(self.used_idx, self.used_wrap, ndesc)
         self.stats["bytes"] += length
 
     def has_unpublished(self) -> bool:
