@@ -432,9 +432,10 @@ class NetDevice:
         need = self.hdr_len + n
         if self.mrg:
             # Fast path: the next buffer holds header and frame (a 64 B echo in
-            # a 4 KiB buffer): no tentative take. Anything else is given back
-            # (nothing was pushed since it was popped) and _gather decides.
-            c = q.pop(budget)
+            # a 4 KiB buffer): no tentative take. pop_fast takes only a chain
+            # that needs no finding, so giving a too-small one back (nothing
+            # pushed since) leaves nothing behind, and _gather decides.
+            c = q.pop_fast(budget)
             if c is not None:
                 if c.writable and c.write_len >= need:
                     hdr = HDR12.pack(flags, gso_type, hdr_len, gso_size, cs, co, 1)

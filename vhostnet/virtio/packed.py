@@ -135,8 +135,8 @@ class PackedRing:
         # How many of those chains carry each buffer id (the id_in_flight
         # finding asks this per chain: a dict look-up, not a scan of the deque).
         self._id_count: dict[int, int] = {}
-        # (gpa, end, view) of the guest region the last buffer was in: pop()
-        # takes a one-descriptor chain inside it without a walk. Cleared at
+        # (gpa, end, view) of the guest region the last buffer was in:
+        # pop_fast() takes a one-descriptor chain inside it without a walk. Cleared at
         # attach/detach, so it never outlives the mapping.
         self._rcache: tuple | None = None
         # Used descriptors not yet written: (slot, id, len, flags). Their id
@@ -311,33 +311,8 @@ class PackedRing:
                             "before the device used it", position=self.last_avail_idx)
                 return None
             start = self.last_avail_idx
-            # Fast path: one descriptor (no NEXT/INDIRECT), non-empty, inside the
-            # cached region, an id in range and not in flight: what _walk would
-            # take without a finding, taken inline. Anything else: _walk.
-            addr, length, buf_id, flags = _desc_unpack(self._desc, start * DESC_SIZE)
-            rc = self._rcache
-            if (not flags & _NEXT_OR_INDIRECT and flags & _AVAIL_USED == expect
-                    and length and rc is not None
-                    and rc[0] <= addr and addr + length <= rc[1]
-                    and buf_id < self.num and buf_id not in self._id_count):
-                off = addr - rc[0]
-                v = rc[2][off:off + length]
-                if flags & VIRTQ_DESC_F_WRITE:
-                    chain = Chain(buf_id, (), (v,), 0, length, 1)
-                else:
-                    chain = Chain(buf_id, (v,), (), length, 0, 1)
-                if budget is not None:
-                    budget.left -= 1
-                # _take(buf_id, 1) inline
-                pos = start + 1
-                if pos >= self.num:
-                    self.last_avail_idx, self.avail_wrap = pos - self.num, not self.avail_wrap
-                else:
-                    self.last_avail_idx = pos
-                self._inflight.append((buf_id, 1))
-                self._held += 1
-                self._id_count[buf_id] = 1     # not in flight before: the condition above
-                self.stats["chains"] += 1
+            chain = self.pop_fast(budget)
+            if chain is not None:
                 return chain
             try:
                 chain, ndesc = self._walk(start, self.avail_wrap)
@@ -362,6 +337,45 @@ class PackedRing:
             self.stats["chains"] += 1
             return chain
         return None
+
+    def pop_fast(self, budget=None) -> Chain | None:
+        """The next chain if it is the common case, taken; otherwise None, with
+        nothing taken, refused or recorded (pop() or a tentative take decide).
+
+        The common case: available, a slot free, one descriptor (no NEXT or
+        INDIRECT), non-empty, inside the region of the last buffer, a buffer
+        id in range and not in flight: what _walk would take without a
+        finding, taken inline (flags read once, AVAIL/USED checked on them).
+        """
+        desc_h = self._desc_h
+        if (self.broken is not None or desc_h is None or self._held >= self.num
+                or (budget is not None and budget.left <= 0)):
+            return None
+        start = self.last_avail_idx
+        expect = VIRTQ_DESC_F_AVAIL if self.avail_wrap else VIRTQ_DESC_F_USED
+        addr, length, buf_id, flags = _desc_unpack(self._desc, start * DESC_SIZE)
+        rc = self._rcache
+        if (flags & _NEXT_OR_INDIRECT or flags & _AVAIL_USED != expect or not length or rc is None
+                or not (rc[0] <= addr and addr + length <= rc[1])
+                or buf_id >= self.num or buf_id in self._id_count):
+            return None
+        off = addr - rc[0]
+        v = rc[2][off:off + length]
+        if budget is not None:
+            budget.left -= 1
+        # _take(buf_id, 1), inline
+        pos = start + 1
+        if pos >= self.num:
+            self.last_avail_idx, self.avail_wrap = pos - self.num, not self.avail_wrap
+        else:
+            self.last_avail_idx = pos
+        self._inflight.append((buf_id, 1))
+        self._held += 1
+        self._id_count[buf_id] = 1     # not in flight before: checked above
+        self.stats["chains"] += 1
+        if flags & VIRTQ_DESC_F_WRITE:
+            return Chain(buf_id, (), (v,), 0, length, 1)
+        return Chain(buf_id, (v,), (), length, 0, 1)
 
     def _take(self, buf_id: int, ndesc: int) -> None:
         self.last_avail_idx, self.avail_wrap = self._advance(self.last_avail_idx, self.avail_wrap, ndesc)
