@@ -249,6 +249,7 @@ def test_pop_fast_takes_only_what_needs_no_finding(guest):
     and leaves anything a finding would be recorded for to pop(), untouched."""
     import struct
     mem, raw = guest
+    raw[0:0x3000] = bytes(0x3000)   # the module's memory: clear what the walker test left
     q = SplitRing(0, "rx")
     q.num = 8
     q.desc_uva, q.avail_uva, q.used_uva = UVA_BASE, UVA_BASE + 0x1000, UVA_BASE + 0x2000
