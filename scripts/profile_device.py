@@ -4,6 +4,7 @@
     python3 scripts/profile_device.py tcp-send          # 64 KiB TSO frames guest -> backend
     python3 scripts/profile_device.py tcp-recv --no-offloads
     python3 scripts/profile_device.py echo              # 64-byte ICMP echo round trips
+    python3 scripts/profile_device.py echo --packed     # the same on packed rings
     python3 scripts/profile_device.py tcp-send --profile 25   # + cProfile top 25, per side
 
 Everything runs in this process on one core, with no event loop and no
@@ -67,8 +68,9 @@ class Side:
         return "\n".join(line[:150] for line in s.getvalue().splitlines() if line.strip())
 
 
-async def tcp(direction: str, offloads: bool, seconds: float, profile: bool, bufsize: int) -> dict:
-    async with bench_device.connected(0 if offloads else F.OFFLOAD_FEATURES) as (srv, fe):
+async def tcp(direction: str, offloads: bool, seconds: float, profile: bool, bufsize: int,
+              packed: bool = False) -> dict:
+    async with bench_device.connected(0 if offloads else F.OFFLOAD_FEATURES, packed) as (srv, fe):
         conn = srv.current
         dev = conn.device
         rings = conn.backend.queues
@@ -111,9 +113,9 @@ async def tcp(direction: str, offloads: bool, seconds: float, profile: bool, buf
         return {"wall": wall, "bytes": nbytes, "frames": nframes, "be": be, "gu": gu}
 
 
-async def echo(size: int, seconds: float, profile: bool, window: int = 64) -> dict:
+async def echo(size: int, seconds: float, profile: bool, window: int = 64, packed: bool = False) -> dict:
     """ICMP echo, WINDOW pings per round, as bench_device.py's direct row."""
-    async with bench_device.connected() as (srv, fe):
+    async with bench_device.connected(packed=packed) as (srv, fe):
         conn = srv.current
         dev = conn.device
         rings = conn.backend.queues
@@ -186,18 +188,20 @@ def main() -> None:
     ap.add_argument("--no-offloads", action="store_true")
     ap.add_argument("--guest-buf", type=int, default=256 * 1024)
     ap.add_argument("--size", type=int, default=64, help="echo: ICMP payload bytes (default 64)")
+    ap.add_argument("--packed", action="store_true", help="packed rings (default: split)")
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N functions per side")
     a = ap.parse_args()
     if a.case == "echo":
-        r = trio.run(echo, a.size, a.seconds, bool(a.profile))
+        r = trio.run(echo, a.size, a.seconds, bool(a.profile), 64, a.packed)
         if a.json:
             print(json.dumps(summary(r)))
             return
         report(f"echo {a.size} B", r, a.profile)
         print(f"  round trips/s the backend alone could do: {r['frames'] / max(r['be'].cpu, 1e-9):,.0f}")
         return
-    r = trio.run(tcp, a.case.split("-")[1], not a.no_offloads, a.seconds, bool(a.profile), a.guest_buf)
+    r = trio.run(tcp, a.case.split("-")[1], not a.no_offloads, a.seconds, bool(a.profile), a.guest_buf,
+               a.packed)
     if a.json:
         print(json.dumps(summary(r)))
         return

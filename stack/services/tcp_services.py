@@ -69,7 +69,8 @@ class _Discard:
 
     @staticmethod
     def drain(conn) -> None:
-        conn.recv()
+        # Dropped unread: recv() would copy the bytes out only to throw them away.
+        conn.skip(conn.readable, lazy=False)
         _finish_if_eof(conn)
 
 
@@ -92,7 +93,7 @@ class _Chargen:
             self.offset += sent
 
     def drain(self, conn) -> None:
-        conn.recv()
+        conn.skip(conn.readable, lazy=False)   # what chargen receives is discarded
         _finish_if_eof(conn)
 
 

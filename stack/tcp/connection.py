@@ -211,14 +211,16 @@ class TcpConnection(InputMixin, OutputMixin, TimersMixin):
             self._window_update()
         return data
 
-    def skip(self, n: int) -> int:
+    def skip(self, n: int, lazy: bool = True) -> int:
         """Drop up to n received bytes unread (a NAT proxy that already copied
-        them out with a peek); returns how many. Same window logic as recv."""
+        them out with a peek, or discard); returns how many. The window logic
+        of recv, lazy by default (see _window_update); lazy=False announces
+        a grown window as recv() does."""
         buf = self.rcvbuf.buf
         n = min(max(n, 0), len(buf))
         if n:
             del buf[:n]
-            self._window_update(lazy=True)
+            self._window_update(lazy=lazy)
         return n
 
     def _window_update(self, lazy: bool = False) -> None:

@@ -53,6 +53,32 @@ async def test_tx_split_header_descriptor(ready):
     assert Ether(got[0])[ICMP].seq == 7
 
 
+def _post_tx_pieces(fe, data: bytes, cuts: list[int]) -> None:
+    """Place header + frame in the TX ring as one chain, cut at CUTS (offsets into it)."""
+    r = fe.tx
+    addr = r.buf(r.free[-1])
+    bufs, start = [], 0
+    for i, end in enumerate(cuts + [len(data)]):
+        piece = data[start:end]
+        a = addr + 0x100 * i + start     # pieces apart in memory, as fragments are
+        fe.mem[a:a + len(piece)] = piece
+        bufs.append((a, len(piece), 0))
+        start = end
+    r.add(bufs)
+
+
+async def test_tx_linux_layout_and_split_header(ready, server):
+    """Header pushed in front of the frame's start, then fragments (Linux's
+    layout), and a header cut across two descriptors: the frame arrives whole."""
+    hl = ready.hdr_len
+    for seq, cuts in ((1, [hl + 20, hl + 40, hl + 60]), (2, [5, hl + 30]), (3, [hl + 14])):
+        _post_tx_pieces(ready, ready.net_hdr() + ping(payload=bytes(range(56)), seq=seq), cuts)
+    got = await ready.exchange([], want=3)
+    assert sorted(Ether(g)[ICMP].seq for g in got) == [1, 2, 3]
+    assert all(bytes(Ether(g)[ICMP].payload) == bytes(range(56)) for g in got)
+    assert server.current.device.counters["tx_frames"] == 3
+
+
 async def test_frames_wait_for_rx_buffers(fe, server):
     await fe.handshake()
     # No RX buffers posted: the reply waits in the device.

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from vhostnet.vhostuser.memory import GuestMemory
 from vhostnet.virtio.split import SplitRing
+from vhostnet.virtio.ring import Budget
 
 from .conftest import wait_counter
 from vhostnet.testing.frontend import F_INDIRECT, F_NEXT, F_WRITE, Frontend, UVA_BASE
@@ -241,3 +242,38 @@ def test_ring_walker_never_raises_or_escapes(guest, desc, avail, extra):
     q.publish()
     q.detach()
     assert taken <= 8
+
+
+def test_pop_fast_takes_only_what_needs_no_finding(guest):
+    """pop_fast (the device's RX fast path) takes a plain one-descriptor chain
+    and leaves anything a finding would be recorded for to pop(), untouched."""
+    import struct
+    mem, raw = guest
+    raw[0:0x3000] = bytes(0x3000)   # the module's memory: clear what the walker test left
+    q = SplitRing(0, "rx")
+    q.num = 8
+    q.desc_uva, q.avail_uva, q.used_uva = UVA_BASE, UVA_BASE + 0x1000, UVA_BASE + 0x2000
+    for i in range(3):   # descriptors 0..2: 64 writable bytes each at gpa 0x14000 + 64 i
+        struct.pack_into("<QIHH", raw, 16 * i, 0x14000 + 64 * i, 64, 2, 0)
+    q.attach(mem)
+    q.started = q.enabled = True
+
+    def offer(*heads):
+        for k, h in enumerate(heads):
+            idx = struct.unpack_from("<H", raw, 0x1002)[0]
+            struct.pack_into("<H", raw, 0x1004 + 2 * (idx % 8), h)
+            struct.pack_into("<H", raw, 0x1002, idx + 1)
+    offer(0)
+    assert q.pop().head == 0                  # a walk: caches the region
+    offer(0)                                  # head 0 again, still held by the device
+    assert q.pop_fast(Budget(8)) is None and q.errors == {} and q.last_avail_idx == 1
+    assert q.pop() is None and q.errors == {"avail_head_in_use": 1}
+    offer(1)
+    c = q.pop_fast(Budget(8))
+    assert c.head == 1 and c.write_len == 64 and len(c.writable) == 1
+    q.unpop()
+    assert q.pop().head == 1 and q.errors == {"avail_head_in_use": 1}
+    struct.pack_into("<QIHH", raw, 32, 0x14000 + 128, 64, 2 | 1, 0)   # descriptor 2 chains to 0
+    offer(2)
+    assert q.pop_fast(Budget(8)) is None and q.last_avail_idx == 3
+    q.detach()

@@ -348,3 +348,25 @@ def test_random_descriptor_bytes_never_raise_or_hang(raw, start, wrap):
         r.ring.describe_chain(start)
     finally:
         r.close()
+
+
+def test_pop_fast_takes_only_what_needs_no_finding(rig):
+    """pop_fast (the device's RX fast path) takes a plain one-descriptor chain
+    and leaves anything a finding would be recorded for to pop(), untouched:
+    so a chain given back with unpop() and taken again is counted once."""
+    r = rig(num=8)
+    r.drv.add([(r.buf(0)[0], 10, F_WRITE)], buf_id=1)
+    r.ring.pop()                        # a walk: caches the region
+    r.drv.add([(r.buf(1)[0], 10, F_WRITE)], buf_id=1)      # id 1 still in flight
+    assert r.ring.pop_fast(Budget(8)) is None
+    assert r.ring.errors == {} and r.ring.last_avail_idx == 1
+    c = r.ring.pop()
+    assert c.head == 1 and r.ring.errors == {"packed_id_in_flight": 1}
+    r.drv.add([(r.buf(2)[0], 10, F_WRITE)], buf_id=2)
+    c = r.ring.pop_fast(Budget(8))
+    assert c.head == 2 and c.write_len == 10 and r.ring.last_avail_idx == 3
+    r.ring.unpop()
+    assert r.ring.pop().head == 2 and r.ring.errors == {"packed_id_in_flight": 1}
+    r.drv.add([(r.buf(3)[0], 10, F_WRITE), (r.buf(4)[0], 10, F_WRITE)], buf_id=3)   # two descriptors
+    assert r.ring.pop_fast(Budget(8)) is None and r.ring.last_avail_idx == 3
+    assert r.ring.pop().write_len == 20

@@ -71,6 +71,8 @@ BASE_INDEX_MASK = 0x7FFF
 
 DESC = struct.Struct("<QIHH")    # addr, len, id, flags
 _desc_unpack = DESC.unpack_from
+_NEXT_OR_INDIRECT = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT
+_AVAIL_USED = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
 _FLAGS_H = 7                     # flags as the 8th 16-bit word of a descriptor
 _ID_H = 6
 _LEN_I = 2                       # len as the 3rd 32-bit word
@@ -130,6 +132,13 @@ class PackedRing:
         # Chains taken and not yet returned, in order: (buffer id, ring slots).
         self._inflight: collections.deque[tuple[int, int]] = collections.deque()
         self._held = 0   # ring slots those chains take
+        # How many of those chains carry each buffer id (the id_in_flight
+        # finding asks this per chain: a dict look-up, not a scan of the deque).
+        self._id_count: dict[int, int] = {}
+        # (gpa, end, view) of the guest region the last buffer was in:
+        # pop_fast() takes a one-descriptor chain inside it without a walk. Cleared at
+        # attach/detach, so it never outlives the mapping.
+        self._rcache: tuple | None = None
         # Used descriptors not yet written: (slot, id, len, flags). Their id
         # and len go out at publish() too: the slot is the chain's first
         # descriptor, which a rollback() may hand back to the driver unread.
@@ -158,6 +167,7 @@ class PackedRing:
                              f"(desc {self.desc_uva:#x}, driver area {self.avail_uva:#x}, "
                              f"device area {self.used_uva:#x})")
         self.mem = mem
+        self._rcache = None
         self._desc = mem.uva_view(self.desc_uva, DESC_SIZE * n)
         self._desc_h = self._desc.cast("H")
         self._desc_i = self._desc.cast("I")
@@ -169,6 +179,7 @@ class PackedRing:
             if v is not None:
                 v.release()
         self._desc = self._desc_h = self._desc_i = self._driver_h = self._device_h = None
+        self._rcache = None
         self.mem = None
 
     @property
@@ -197,6 +208,7 @@ class PackedRing:
                              f"outside a ring of {self.num}")
         self.last_avail_idx, self.avail_wrap, self.used_idx, self.used_wrap = avail, aw, used, uw
         self._inflight.clear()
+        self._id_count.clear()
         self._held = 0
         self._unpublished.clear()
         self._published_from = (used, uw)
@@ -208,6 +220,7 @@ class PackedRing:
         """The ring was (re)started: a broken ring is the driver's to restart."""
         self.broken = None
         self._inflight.clear()
+        self._id_count.clear()
         self._held = 0
         self._unpublished.clear()
         self._published_from = (self.used_idx, self.used_wrap)
@@ -281,9 +294,12 @@ class PackedRing:
         Chain.head is the buffer id: what push() returns to the driver.
         """
         while budget is None or budget.left > 0:
-            if self.broken is not None or self._desc_h is None:
+            desc_h = self._desc_h
+            if self.broken is not None or desc_h is None:
                 return None
-            if not _is_avail(self._flags(self.last_avail_idx), self.avail_wrap):
+            # _is_avail inline: AVAIL equal to the wrap counter, USED not.
+            expect = VIRTQ_DESC_F_AVAIL if self.avail_wrap else VIRTQ_DESC_F_USED
+            if desc_h[self.last_avail_idx * 8 + _FLAGS_H] & _AVAIL_USED != expect:
                 self.avail_seen = (self.last_avail_idx, self.avail_wrap)
                 return None
             if self._held >= self.num:
@@ -295,6 +311,9 @@ class PackedRing:
                             "before the device used it", position=self.last_avail_idx)
                 return None
             start = self.last_avail_idx
+            chain = self.pop_fast(budget)
+            if chain is not None:
+                return chain
             try:
                 chain, ndesc = self._walk(start, self.avail_wrap)
             except ChainError as e:
@@ -319,15 +338,65 @@ class PackedRing:
             return chain
         return None
 
+    def pop_fast(self, budget=None) -> Chain | None:
+        """The next chain if it is the common case, taken; otherwise None, with
+        nothing taken, refused or recorded (pop() or a tentative take decide).
+
+        The common case: available, a slot free, one descriptor (no NEXT or
+        INDIRECT), non-empty, inside the region of the last buffer, a buffer
+        id in range and not in flight: what _walk would take without a
+        finding, taken inline (flags read once, AVAIL/USED checked on them).
+        """
+        desc_h = self._desc_h
+        if (self.broken is not None or desc_h is None or self._held >= self.num
+                or (budget is not None and budget.left <= 0)):
+            return None
+        start = self.last_avail_idx
+        expect = VIRTQ_DESC_F_AVAIL if self.avail_wrap else VIRTQ_DESC_F_USED
+        addr, length, buf_id, flags = _desc_unpack(self._desc, start * DESC_SIZE)
+        rc = self._rcache
+        if (flags & _NEXT_OR_INDIRECT or flags & _AVAIL_USED != expect or not length or rc is None
+                or not (rc[0] <= addr and addr + length <= rc[1])
+                or buf_id >= self.num or buf_id in self._id_count):
+            return None
+        off = addr - rc[0]
+        v = rc[2][off:off + length]
+        if budget is not None:
+            budget.left -= 1
+        # _take(buf_id, 1), inline
+        pos = start + 1
+        if pos >= self.num:
+            self.last_avail_idx, self.avail_wrap = pos - self.num, not self.avail_wrap
+        else:
+            self.last_avail_idx = pos
+        self._inflight.append((buf_id, 1))
+        self._held += 1
+        self._id_count[buf_id] = 1     # not in flight before: checked above
+        self.stats["chains"] += 1
+        if flags & VIRTQ_DESC_F_WRITE:
+            return Chain(buf_id, (), (v,), 0, length, 1)
+        return Chain(buf_id, (v,), (), length, 0, 1)
+
     def _take(self, buf_id: int, ndesc: int) -> None:
         self.last_avail_idx, self.avail_wrap = self._advance(self.last_avail_idx, self.avail_wrap, ndesc)
         self._inflight.append((buf_id, ndesc))
         self._held += ndesc
+        c = self._id_count
+        c[buf_id] = c.get(buf_id, 0) + 1
+
+    def _untake_id(self, buf_id: int) -> None:
+        c = self._id_count
+        n = c.get(buf_id, 0) - 1
+        if n > 0:
+            c[buf_id] = n
+        else:
+            c.pop(buf_id, None)
 
     def unpop(self) -> None:
         """Give back the one chain pop() just returned (nothing pushed since): no use for it yet."""
-        _, ndesc = self._inflight.pop()
+        buf_id, ndesc = self._inflight.pop()
         self._held -= ndesc
+        self._untake_id(buf_id)
         self.last_avail_idx, self.avail_wrap = self._back(self.last_avail_idx, self.avail_wrap, ndesc)
         self.stats["chains"] -= 1
 
@@ -349,6 +418,7 @@ class PackedRing:
     def rollback(self, mark: tuple) -> None:
         (self.last_avail_idx, self.avail_wrap, self.used_idx, self.used_wrap, self._inflight,
          self._held, n_unpublished, self.stats["chains"], self.stats["bytes"]) = mark
+        self._id_count = dict(collections.Counter(i for i, _ in self._inflight))
         del self._unpublished[n_unpublished:]
         self._deferred = None
 
@@ -409,7 +479,7 @@ class PackedRing:
             self._refuse("packed_id_out_of_range",
                              f"chain at ring position {start}: buffer id {buf_id} is not below the queue size {self.num}",
                              position=start, buffer_id=buf_id, expected=f"< {self.num}", seen=buf_id)
-        elif any(i == buf_id for i, _ in self._inflight):
+        elif buf_id in self._id_count:
             self._refuse("packed_id_in_flight",
                              f"chain at ring position {start}: buffer id {buf_id} made available again "
                              "while the device still holds it", position=start, buffer_id=buf_id)
@@ -417,14 +487,18 @@ class PackedRing:
 
     def _buffer(self, addr, length, flags, readable, writable, rlen, wlen):
         try:
+            views = self.mem.gpa_views(addr, length)
             if flags & VIRTQ_DESC_F_WRITE:
-                writable.extend(self.mem.gpa_views(addr, length))
+                writable.extend(views)
                 wlen += length
             else:
                 if writable:
                     raise ChainError("packed_read_after_write", "device-readable descriptor after a device-writable one")
-                readable.extend(self.mem.gpa_views(addr, length))
+                readable.extend(views)
                 rlen += length
+            if len(views) == 1 and (self._rcache is None or not self._rcache[0] <= addr < self._rcache[1]):
+                reg = self.mem.region_for_gpa(addr)
+                self._rcache = (reg.gpa, reg.gpa + reg.size, reg.view)
         except OutOfBounds as e:
             raise ChainError("packed_desc_out_of_bounds", str(e), addr=addr, len=length) from None
         return rlen, wlen
@@ -461,12 +535,17 @@ class PackedRing:
                 ndesc = n
                 del self._inflight[k]
                 self._held -= n
+                self._untake_id(buf_id)
                 break
         flags = (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) if self.used_wrap else 0
         if length:
             flags |= VIRTQ_DESC_F_WRITE   # §2.8.3: the device wrote into the buffer
         self._unpublished.append((self.used_idx, head, length, flags))
-        self.used_idx, self.used_wrap = self._advance(self.used_idx, self.used_wrap, ndesc)
+        pos = self.used_idx + ndesc
+        if pos < self.num:
+            self.used_idx = pos
+        else:
+            self.used_idx, self.used_wrap = self._advance(self.used_idx, self.used_wrap, ndesc)
         self.stats["bytes"] += length
 
     def has_unpublished(self) -> bool:

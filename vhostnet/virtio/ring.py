@@ -10,6 +10,8 @@ Taking and returning buffers:
 
     chain = ring.pop(budget)    # next well-formed chain, or None (bad ones are refused and counted;
                                 # None too once the Budget of descriptors is spent)
+    chain = ring.pop_fast(budget)   # the same, but only a one-descriptor chain needing no
+                                # finding; else None and nothing taken (no refusal either)
     ring.push(chain.head, n)    # a used element: n bytes written into the chain
     if ring.publish(): ...      # make them visible; True if the driver wants an interrupt
     ring.want_kick_at_next()    # ask for a kick before sleeping; True if work raced in
@@ -67,7 +69,8 @@ class ChainError(Exception):
 class Chain:
     """One descriptor chain taken from the avail ring.
 
-    `readable` / `writable` are views straight into guest memory, in chain
+    `readable` / `writable` are sequences (lists, or tuples on the rings'
+    one-descriptor fast path) of views straight into guest memory, in chain
     order; drop the chain before the memory is unmapped.
     """
     __slots__ = ("head", "readable", "writable", "read_len", "write_len", "ndesc")
@@ -97,6 +100,9 @@ class Ring(Protocol):
 
     # -- the data path -------------------------------------------------
     def pop(self, budget: Budget | None = None) -> Chain | None: ...
+    # The common case only (a one-descriptor chain needing no finding), else
+    # None with nothing taken or recorded: pop() itself starts with it.
+    def pop_fast(self, budget: Budget | None = None) -> Chain | None: ...
     def unpop(self) -> None: ...
     def mark(self) -> tuple: ...
     def commit(self) -> None: ...

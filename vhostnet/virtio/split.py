@@ -52,6 +52,7 @@ MAX_QUEUE_SIZE = 32768
 
 DESC = struct.Struct("<QIHH")
 _desc_unpack = DESC.unpack_from
+_NEXT_OR_INDIRECT = VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT
 
 _barrier_lock = threading.Lock()
 _ONE = (1).to_bytes(8, "little")   # an eventfd increment
@@ -106,6 +107,11 @@ class SplitRing:
         self._unpublished: list[int] = []
         self._marked_heads: list[int] | None = None
         self._walk_indirect = None   # the last walk's indirect descriptor, if it had one
+        # (gpa, end, view) of the guest region the last walk's buffer was in:
+        # pop_fast() takes a one-descriptor chain inside it without a walk (the
+        # common case: Linux's TX frame with any_layout, every RX buffer).
+        # Cleared at attach/detach, so it never outlives the mapping.
+        self._rcache: tuple | None = None
 
     # -- set-up ------------------------------------------------------------
 
@@ -118,6 +124,7 @@ class SplitRing:
             raise ValueError(f"{self.name}: ring addresses are misaligned "
                              f"(desc {self.desc_uva:#x}, avail {self.avail_uva:#x}, used {self.used_uva:#x})")
         self.mem = mem
+        self._rcache = None
         self.reset_held()
         self._desc = mem.uva_view(self.desc_uva, 16 * n)
         self._avail_h = mem.uva_view(self.avail_uva, 6 + 2 * n).cast("H")
@@ -135,6 +142,7 @@ class SplitRing:
             if v is not None:
                 v.release()
         self._desc = self._avail_h = self._used_h = self._used_i = None
+        self._rcache = None
         self.mem = None
 
     packed = False
@@ -229,6 +237,9 @@ class SplitRing:
         """
         avail_h = self._avail_h
         while budget is None or budget.left > 0:
+            chain = self.pop_fast(budget)
+            if chain is not None:
+                return chain
             if self.broken is not None:   # --strict broke it inside this batch
                 return None
             avail = avail_h[1]
@@ -296,6 +307,47 @@ class SplitRing:
             self.stats["chains"] += 1
             return chain
         return None
+
+    def pop_fast(self, budget: Budget | None = None) -> Chain | None:
+        """The next chain if it is the common case, taken; otherwise None, with
+        nothing taken, refused or recorded (pop() or a tentative take decide).
+
+        The common case: avail->idx moved by at most the queue size, a head in
+        range that the device does not hold, one descriptor (no NEXT or
+        INDIRECT), non-empty and wholly inside the region of the last walk's
+        buffer (Linux's TX frames with any_layout, every RX buffer): the
+        checks _walk makes, inline, without a walk.
+        """
+        if self.broken is not None or (budget is not None and budget.left <= 0):
+            return None
+        avail_h = self._avail_h
+        if avail_h is None:
+            return None
+        last = self.last_avail_idx
+        num = self.num
+        if not 0 < (avail_h[1] - last) & 0xFFFF <= num:
+            return None
+        head = avail_h[2 + (last & (num - 1))]
+        rc = self._rcache
+        if head >= num or rc is None or (self.checks and self._held[head]):
+            return None
+        addr, length, flags, _nxt = _desc_unpack(self._desc, head << 4)
+        if flags & _NEXT_OR_INDIRECT or not length or not (rc[0] <= addr and addr + length <= rc[1]):
+            return None
+        self.last_avail_idx = (last + 1) & 0xFFFF
+        if self.checks:
+            self._held[head] = 1
+            if self._marked_heads is not None:
+                self._marked_heads.append(head)
+            self._walk_indirect = None
+        off = addr - rc[0]
+        v = rc[2][off:off + length]
+        if budget is not None:
+            budget.left -= 1
+        self.stats["chains"] += 1
+        if flags & VRING_DESC_F_WRITE:
+            return Chain(head, (), (v,), 0, length, 1)
+        return Chain(head, (v,), (), length, 0, 1)
 
     def unpop(self) -> None:
         """Give back the one chain pop() just returned (nothing pushed since): no use for it yet."""
@@ -393,6 +445,7 @@ class SplitRing:
                         if len(views) == 1:
                             reg = mem.region_for_gpa(addr)
                             r_gpa, r_end, r_view = reg.gpa, reg.gpa + reg.size, reg.view
+                            self._rcache = (r_gpa, r_end, r_view)
                     if flags & VRING_DESC_F_WRITE:
                         writable.extend(views)
                         wlen += length
