@@ -539,9 +539,13 @@ class FlowTable:
     def next_deadline(self) -> float | None:
         return self._idle[0][0] if self._idle else None
 
-    def snapshot(self, now: float) -> list[dict]:
+    def snapshot(self, now: float, limit: int | None = None) -> list[dict]:
+        """Every flow, or the LIMIT most recently active ones."""
         out = []
-        for f in self._flows.values():
+        flows = self._flows.values()
+        if limit is not None and len(self._flows) > limit:
+            flows = heapq.nlargest(limit, flows, key=lambda f: f.last)
+        for f in flows:
             if f.proto == PROTO_TCP:
                 state = f.conn.state.value if not f.conn.held else "HELD"
             else:
@@ -555,6 +559,9 @@ class FlowTable:
                         "age_s": round(max(now - f.created, 0.0), 3),
                         "idle_s": round(max(now - f.last, 0.0), 3)})
         return out
+
+    def __len__(self) -> int:
+        return len(self._flows)
 
     def counts(self) -> dict:
         return {"tcp": self._n[PROTO_TCP], "udp": self._n[PROTO_UDP], "icmp": self._n[1]}

@@ -221,13 +221,17 @@ class Stack:
         ds = [d for d in ds if d is not None]
         return min(ds) if ds else None
 
-    def snapshot(self) -> dict:
+    def snapshot(self, limit: int | None = None) -> dict:
+        """The stack's state; LIMIT bounds the TCP connections and NAT flows
+        listed (their totals are in `tcp_total` and `nat_total`)."""
         return {
             "arp": self.arp.snapshot(),
             "udp": self.udp.snapshot(),
-            "tcp": self.tcp.snapshot() if self.tcp is not None else [],
+            "tcp": self.tcp.snapshot(limit) if self.tcp is not None else [],
+            "tcp_total": self.tcp.connection_count if self.tcp is not None else 0,
             "reassembly": self.reasm.snapshot(),
-            "nat": self.flows.snapshot(self._now) if self.flows is not None else [],
+            "nat": self.flows.snapshot(self._now, limit) if self.flows is not None else [],
+            "nat_total": len(self.flows) if self.flows is not None else 0,
             "services": self.net_services.snapshot() if self.net_services is not None else None,
             "counters": self.all_counters(),
         }

@@ -213,7 +213,8 @@ class TcpLayer:
         # The top may be stale (earlier than needed); that only costs an idle poll.
         return self._heap[0][0] if self._heap else None
 
-    def snapshot(self) -> list[dict]:
+    def snapshot(self, limit: int | None = None) -> list[dict]:
+        """Listeners, then connections (at most LIMIT of them, the newest)."""
         from ..config import ip_text
         u = self._unclaimed
         out = [] if u is None else [{"state": "LISTEN", "local": "*:*", "remote": "*:*",
@@ -221,8 +222,15 @@ class TcpLayer:
         out += [{"state": "LISTEN", "local": f"{ip_text(l.ip)}:{l.port}", "remote": "*:*",
                 "backlog": l.backlog, "pending": l.pending}
                for l in self._listeners.values()]
-        out += [conn.info() for conn in self._conns.values()]
+        conns = self._conns.values()
+        if limit is not None and len(self._conns) > limit:
+            conns = list(conns)[len(self._conns) - limit:]
+        out += [conn.info() for conn in conns]
         return out
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._conns)
 
     @property
     def connections(self) -> list[TcpConnection]:

@@ -16,6 +16,7 @@ import trio
 
 from vhostnet.launch.serve import make_server, serve_backend
 from vhostnet.observe.control import ControlServer
+from vhostnet.observe.report import STATS_LISTED_MAX
 
 from ..observe import ask
 from .guest import GUEST_B, GW_B
@@ -77,6 +78,11 @@ async def test_backend_holds_many_flows_keeps_them_apart_and_releases_them(backe
         {c.error for c in conns if c.error}
     assert await nat_now(ctl) == (N_CONNS, N_CONNS)
     assert fds() >= before + N_CONNS         # one host socket per flow, at least
+    # stats lists a bounded number of flows and connections, and says how many there are.
+    doc = await ask(ctl.path, "stats")
+    assert (doc["nat"]["flows_total"], len(doc["nat"]["flows"])) == (N_CONNS, STATS_LISTED_MAX)
+    listed = [t for t in doc["stack"]["tcp"] if t["state"] != "LISTEN"]
+    assert (doc["stack"]["tcp_total"], len(listed)) == (N_CONNS, STATS_LISTED_MAX)
 
     # Every connection sends its own bytes, round-robin, and must get exactly them back.
     want = [payload(i) for i in range(N_CONNS)]

@@ -36,8 +36,10 @@ class FakeTcp:
     def next_deadline(self):
         return 7.5
 
-    def snapshot(self):
+    def snapshot(self, limit=None):
         return [{"conn": 1}]
+
+    connection_count = 1
 
 
 @pytest.fixture

@@ -200,6 +200,9 @@ def stats_text(doc: dict, prev: dict | None = None) -> str:
     out += [f"  {u['ip']}:{u['port']:<6} rx {u.get('rx', 0)} tx {u.get('tx', 0)}" for u in st["udp"]] or ["  (none)"]
     out.append("TCP")
     out += _tcp_lines(st["tcp"]) or ["  (none)"]
+    listed = sum(1 for t in st["tcp"] if t.get("state") != "LISTEN")
+    if st.get("tcp_total", 0) > listed:
+        out.append(f"  ... {st['tcp_total'] - listed} more connection(s) not listed (the newest {listed} are)")
     if st["reassembly"]:
         out.append(f"IP reassembly: {len(st['reassembly'])} datagram(s) in progress")
     out += nat_lines(doc.get("nat"), doc.get("forwards", []))
@@ -224,6 +227,9 @@ def nat_lines(nat: dict | None, forwards: list[dict]) -> list[str]:
             out.append(f"  {f['proto']:<5} {f['direction']:<3} {f['guest']:<21} {f['remote']:<21} "
                        f"{f['host'] or '-':<43} {f['state']:<12} {f['bytes_from_guest']:>10} "
                        f"{f['bytes_to_guest']:>10} {f['age_s']:>6.1f}s")
+        if nat.get("flows_total", 0) > len(nat["flows"]):
+            out.append(f"  ... {nat['flows_total'] - len(nat['flows'])} more flow(s) not listed "
+                       f"(the {len(nat['flows'])} most recently active are)")
     if forwards:
         out.append("forwards")
         out += [f"  {f['proto']:<4} host {f['host']:<21} -> guest {f['guest']:<21} "
