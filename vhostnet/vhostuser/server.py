@@ -369,12 +369,19 @@ class Server:
             sock, _ = await lsock.accept()
             self.connections += 1
             self.connect_log.info("connect", "frontend connected (connection %d)", self.connections)
-            await self._serve_connection(sock)
-            self.connect_log.info("disconnect", "frontend disconnected; guest memory unmapped, fds closed")
+            session = await self._serve_connection(sock)
+            # A front-end that set features had a session: its end is always
+            # told (tools and tests wait for it). Only the short visits of a
+            # reconnect storm (QEMU leaving after GET_QUEUE_NUM) are rate-limited.
+            if session:
+                log.info("frontend disconnected; guest memory unmapped, fds closed")
+            else:
+                self.connect_log.info("disconnect", "frontend disconnected; guest memory unmapped, fds closed")
             if self.once:
                 return
 
-    async def _serve_connection(self, sock) -> None:
+    async def _serve_connection(self, sock) -> bool:
+        """Serve one front-end until it goes; True if it set features (a session, not a visit)."""
         async with trio.open_nursery() as nursery:
             try:
                 conn = Connection(self, sock, nursery)
@@ -408,6 +415,7 @@ class Server:
                 self.current = None
                 gc.unfreeze()
                 gc.collect()
+        return conn.backend.features_set
 
     def queue_num_short(self, pair: int | None) -> None:
         """The front-end wants queue pair PAIR (None: more than GET_QUEUE_NUM said) and we serve fewer."""
