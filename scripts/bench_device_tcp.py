@@ -50,7 +50,6 @@ import argparse
 import os
 import select
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -64,6 +63,7 @@ import trio
 from stack import Frame, NetConfig, Stack
 from stack.tcp.config import TcpConfig
 from vhostnet.testing.frontend import NET_HDR, Frontend
+from vhostnet.testing.processes import end
 from vhostnet.virtio import features as F
 
 GUEST_IP = bytes([10, 0, 2, 15])
@@ -226,15 +226,7 @@ async def one_run(direction: str, offloads: bool, seconds: float, log_dir: Path,
         finally:
             if fe is not None:
                 await fe.close()
-            try:
-                backend.wait(5)         # --once: it exits when we hang up
-            except subprocess.TimeoutExpired:
-                backend.terminate()
-                try:
-                    backend.wait(3)
-                except subprocess.TimeoutExpired:
-                    backend.kill()
-                    backend.wait()
+            end(backend, linger=5)      # --once: it exits when we hang up
             if fe is not None:
                 fe.release()
 

@@ -52,6 +52,7 @@ from scapy.layers.l2 import Ether  # noqa: E402
 from stack import NetConfig  # noqa: E402
 from tests.hostnet.guest import FeGuest  # noqa: E402
 from vhostnet.testing.frontend import Frontend  # noqa: E402
+from vhostnet.testing.processes import end  # noqa: E402
 from vhostnet.virtio import features as F  # noqa: E402
 
 CFG = NetConfig()
@@ -219,15 +220,7 @@ def measure(tree: Path, test: str, seconds: float, echo_port: int, tmp: Path, *,
             await fe.close()
         trio.run(main)
     finally:
-        try:
-            proc.wait(5)            # --once: it ends when the frontend goes
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        end(proc, linger=5, grace=10, sig=signal.SIGINT)   # --once: it ends when the frontend goes
         if os.path.exists(sock):
             os.unlink(sock)
     if st is not None and st.exists():

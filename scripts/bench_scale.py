@@ -81,6 +81,7 @@ from bench_device_tcp import GATEWAY_IP, GUEST_IP, Guest, guest_stack, host_busy
 from stack import Frame
 from vhostnet.testing.frontend import Frontend
 from vhostnet.testing.hostservers import HostServers
+from vhostnet.testing.processes import end
 
 RSS_IDLE_TARGET_MB = 80         # issue 12 §6
 RSS_1000_TARGET_MB = 200        # issue 12 §6, with 1,000 NAT TCP connections
@@ -393,12 +394,7 @@ async def passt_run(args, port: int, log_dir: Path, run: int) -> dict:
         finally:
             if g is not None:
                 g.close()
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            end(proc, grace=5)
     finally:
         shutil.rmtree(pdir, ignore_errors=True)
 
@@ -433,15 +429,7 @@ async def one_run(args, port: int, log_dir: Path, run: int) -> dict:
         finally:
             if fe is not None:
                 await fe.close()
-            try:
-                backend.wait(10)
-            except subprocess.TimeoutExpired:
-                backend.terminate()
-                try:
-                    backend.wait(3)
-                except subprocess.TimeoutExpired:
-                    backend.kill()
-                    backend.wait()
+            end(backend, linger=10)
             if fe is not None:
                 fe.release()
 

@@ -36,6 +36,8 @@ import threading
 import time
 from pathlib import Path
 
+from vhostnet.testing.processes import end
+
 __all__ = ["TESTPMD", "skip_reason", "pmd_available", "VhostnetServe", "TestPmd",
            "GUEST_MAC", "GATEWAY_MAC", "GUEST_IP", "GATEWAY_IP"]
 
@@ -86,18 +88,6 @@ def _die_with_parent() -> None:
         pass
 
 
-def _terminate(p: subprocess.Popen) -> None:
-    """SIGTERM P if it still runs; SIGKILL if it has not exited TERM_GRACE s later."""
-    if p.poll() is not None:
-        return
-    p.terminate()
-    try:
-        p.wait(TERM_GRACE)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait(TERM_GRACE)
-
-
 # --------------------------------------------------------------------------- vhostnet
 
 class VhostnetServe:
@@ -139,7 +129,7 @@ class VhostnetServe:
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None:
-            _terminate(self.proc)
+            end(self.proc, grace=TERM_GRACE)
         for path in (self.socket, self.control):
             try:
                 os.unlink(path)
@@ -319,7 +309,7 @@ class TestPmd:
             try:
                 p.wait(QUIT_GRACE)
             except subprocess.TimeoutExpired:
-                _terminate(p)
+                end(p, grace=TERM_GRACE)
         try:
             p.stdin.close()
         except OSError:
