@@ -78,7 +78,8 @@ After every step the fuzzer checks (the step fails if one does not hold):
   after a step that gave a kick fd other than an eventfd or left a frame
   no posted buffer can take, with nothing sent for
   IDLE_WINDOW the backend must not be runnable most of the time while its
-  rings make no progress (a kick fd that is always readable does that).
+  rings make no progress and it never blocks (a kick fd that is always
+  readable does that; a ring polled every millisecond blocks each time).
 
 A failure prints the seed, the step, the class (what failed and where: the
 traceback's frames for a crash, the frame every faulthandler sample of a
@@ -153,6 +154,8 @@ IDLE_EVERY = 128        # steps between idle checks (also before every connectin
 IDLE_WINDOW = 0.02      # seconds of silence measured
 IDLE_BUSY = 0.8         # fraction of the time an idle backend may be runnable (a polled kick
                         # ring: up to ~0.45 under load; a spin: ~1, however little of a core it gets)
+IDLE_BLOCKS = 3         # a backend that blocked this often in the window is polling (a "none" kick:
+                        # every 1 ms), not spinning, however runnable a loaded machine makes it look
 RSS_SLACK = 96 << 20
 CONN_FDS = 1 + 3 * 2 + P.MAX_MEM_REGIONS  # a connection: its socket, kick, call, err per queue, region fds if kept
 FD_SLACK = 8            # trio internals, a capture being set up, timing of closes
@@ -705,6 +708,25 @@ class Backend:
             pass
         return total
 
+    def blocks(self) -> int:
+        """Times its threads went to sleep of their own accord (voluntary context switches).
+
+        A spin never does: a loop that finds work at once, a timer due at
+        once, a kick fd always readable, all go round without blocking. A
+        ring polled every millisecond does, each time, however long it then
+        waits for a CPU on a loaded machine.
+        """
+        total = 0
+        try:
+            for t in os.listdir(f"/proc/{self.pid}/task"):
+                with open(f"/proc/{self.pid}/task/{t}/status") as f:
+                    for line in f:
+                        if line.startswith("voluntary_ctxt_switches"):
+                            total += int(line.split()[1])
+        except OSError:
+            pass
+        return total
+
 
 _FRAME_RE = re.compile(r'File "([^"]*?/(?:vhostnet|stack|trio)/[^"]+)", line (\d+),? in (\w+)')
 _EXC_RE = re.compile(r"^[\s|+\-]*([A-Za-z_][\w.]*(?:Error|error|Exception|Interrupt|Exit)\b[^\n]*)$", re.M)
@@ -1136,10 +1158,10 @@ class Executor:
         busy = 0.0
         for _ in range(2):   # twice, so one unlucky window is not a finding
             p0 = self.ring_progress()
-            c0, t0 = self.b.runnable_ns(), time.monotonic()
+            c0, v0, t0 = self.b.runnable_ns(), self.b.blocks(), time.monotonic()
             time.sleep(IDLE_WINDOW)
             busy = (self.b.runnable_ns() - c0) / 1e9 / (time.monotonic() - t0)
-            if busy < IDLE_BUSY:
+            if busy < IDLE_BUSY or self.b.blocks() - v0 >= IDLE_BLOCKS:
                 return
             p1 = self.ring_progress()
             if p0 is None or p1 is None or p1 != p0:

@@ -122,6 +122,10 @@ class NetDevice:
         self.mtu = self.config.mtu
         self.rx_min = self.hdr_len + RX_FRAME_MAX   # §5.1.6.3.1, set again by set_features
         self._rx_more = False   # flush_rx stopped on its budget with work left
+        # The head of rx_pending found no room, and the driver posted nothing
+        # since: the RX ring's epoch then, else None. See flush_rx.
+        self._rx_stalled: int | None = None
+        self.rx_waits = 0       # times a frame found no room and began to wait (not a drop)
 
     # -- negotiation (called by the backend) -----------------------------
 
@@ -366,10 +370,19 @@ class NetDevice:
             pending.extend(out)
         self._rx_more = False
         if not pending:
+            self._rx_stalled = None
             return False
         q = rings[RX]
         if not q.ready:
             return False
+        # A frame that found no room waits for the driver to post more (or to
+        # restart the ring): until then, trying again would walk the same
+        # buffers and give them back, as often as anything calls flush_rx
+        # (every TX drain, timer poll, host socket and 1 kHz ring poll): busy
+        # for nothing, up to MAX_CHAIN_DESCS descriptors a time.
+        if self._rx_stalled == q.epoch and not q.want_kick_at_next(q.avail_seen):
+            return False
+        self._rx_stalled = None
         b = Budget(RX_BUDGET)
         waiting = False
         while pending and not b.spent and q.ready:
@@ -381,6 +394,8 @@ class NetDevice:
             # again only if it already has (the budget bounds the retries).
             if not q.ready or not q.want_kick_at_next(q.avail_seen):
                 waiting = True
+                self._rx_stalled = q.epoch
+                self.rx_waits += 1
                 break
         if q.has_unpublished():
             if q.publish():

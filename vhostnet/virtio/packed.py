@@ -137,6 +137,7 @@ class PackedRing:
         self._deferred: list | None = None     # findings of a tentative take (mark/commit)
         # Where pop() last found nothing available: what a kick is asked past.
         self.avail_seen: tuple[int, bool] = (0, True)
+        self.epoch = 0   # bumped by attach() and on_start(), as on the split ring
         # Where the last publish() started: the range an EVENT_IDX check covers.
         self._published_from = (0, True)
         self.stats = {"kicks": 0, "calls": 0, "calls_suppressed": 0, "chains": 0, "bytes": 0,
@@ -158,6 +159,7 @@ class PackedRing:
                              f"(desc {self.desc_uva:#x}, driver area {self.avail_uva:#x}, "
                              f"device area {self.used_uva:#x})")
         self.mem = mem
+        self.epoch += 1
         self._desc = mem.uva_view(self.desc_uva, DESC_SIZE * n)
         self._desc_h = self._desc.cast("H")
         self._desc_i = self._desc.cast("I")
@@ -206,6 +208,7 @@ class PackedRing:
 
     def on_start(self) -> None:
         """The ring was (re)started: a broken ring is the driver's to restart."""
+        self.epoch += 1
         self.broken = None
         self._inflight.clear()
         self._held = 0
