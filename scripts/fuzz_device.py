@@ -89,6 +89,7 @@ The --json document's fields are JSON_FIELDS below.
 Examples:
     PYTHONPATH=$PWD python3 scripts/fuzz_device.py --seed 1 --steps 20000
     PYTHONPATH=$PWD python3 scripts/fuzz_device.py --seconds 60 --keep-going --json
+    PYTHONPATH=$PWD nice -n 10 python3 scripts/fuzz_device.py --workers 4 --seed 100 --steps 1000000
     PYTHONPATH=$PWD python3 scripts/fuzz_device.py --replay 1 --steps 4242
     PYTHONPATH=$PWD python3 scripts/fuzz_device.py --only feed,long --seed 3 --steps 20
     PYTHONPATH=$PWD python3 scripts/fuzz_device.py --tree /path/to/other/checkout --seconds 30
@@ -963,6 +964,10 @@ class Executor:
         self.rss_max = 0
         self.probe_max = 0.0
         self.idle_due = False
+        # The longest event-loop step the backend timed (ms, kind, its CPU ms), read
+        # with inspect at every idle check (and so before every connecting step).
+        self.loop_max: tuple[float, str | None, float] = (0.0, None, 0.0)
+        self.loop_slow = 0
 
     # -- connection
     def vh_connect(self) -> None:
@@ -1145,8 +1150,16 @@ class Executor:
             c.close()
         if not doc.get("ok"):
             return None
+        self.note_loop(doc["result"].get("loop"))
         return sum(q.get("chains", 0) + q.get("bytes", 0) + sum(q.get("errors", {}).values())
                    for q in doc["result"].get("queues", []))
+
+    def note_loop(self, loop: dict | None) -> None:
+        """The backend's own timing of its event-loop steps (inspect's `loop`, per connection)."""
+        if loop and loop.get("max_step_ms", 0) > self.loop_max[0]:
+            self.loop_max = (loop["max_step_ms"], loop.get("max_step_kind"), loop.get("max_step_cpu_ms", 0.0))
+        if loop:
+            self.loop_slow = max(self.loop_slow, loop.get("slow_steps", 0))
 
     def check_idle(self) -> None:
         """Nothing sent, no ring work left, and yet runnable all the time: a spin.
@@ -1901,13 +1914,15 @@ def run(args) -> dict:
             if dt > longest[0]:
                 longest = (dt, st["op"])
     finally:
+        if backend.alive():
+            ex.ring_progress()   # the last connection's loop stats
         ex.close_all()
         backend.stop()
         if not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     elapsed = time.monotonic() - t_start
     return {
-        "seed": args.seed, "steps": steps, "seconds": round(elapsed, 2),
+        "seed": args.seed, "seeds": [args.seed], "workers": 1, "steps": steps, "seconds": round(elapsed, 2),
         "steps_per_s": round(steps / elapsed, 1) if elapsed else 0.0,
         "seconds_recovering": round(recovering, 2),
         "steps_per_s_fuzzing": round(steps / (elapsed - recovering), 1) if elapsed > recovering else 0.0,
@@ -1918,6 +1933,8 @@ def run(args) -> dict:
         "rss_idle_mib": round(ex.base_rss / (1 << 20), 1), "rss_max_mib": round(ex.rss_max / (1 << 20), 1),
         "longest_probe_ms": round(ex.probe_max * 1000, 1),
         "longest_step_ms": round(longest[0] * 1000, 1), "longest_step_op": longest[1],
+        "loop_max_step_ms": ex.loop_max[0], "loop_max_step_kind": ex.loop_max[1],
+        "loop_max_step_cpu_ms": ex.loop_max[2], "loop_slow_steps_max": ex.loop_slow,
         "ms_per_op": {op: round(t / n * 1000, 2) for op, (n, t) in sorted(op_time.items())},
         "findings": sorted(findings.values(), key=lambda r: r["step"]),
         "tree": str(tree),
@@ -1929,6 +1946,8 @@ def run(args) -> dict:
 #: holds the output to this table both ways).
 JSON_FIELDS = {
     "seed": "the RNG seed: with steps, names the input sequence",
+    "seeds": "the seeds of every worker (--workers N runs seeds seed .. seed+N-1, one backend each)",
+    "workers": "worker processes (each a fuzzer with its own backend); sums and maxima are over all of them",
     "steps": "steps run",
     "seconds": "wall time of the run, from the backend's first answer (its start-up is left out)",
     "steps_per_s": "steps / seconds",
@@ -1947,11 +1966,86 @@ JSON_FIELDS = {
     "longest_probe_ms": "the longest a passing GET_FEATURES probe waited: a bound on the longest event-loop step",
     "longest_step_ms": "the longest passing step, with its checks",
     "longest_step_op": "that step's op",
+    "loop_max_step_ms": "the longest event-loop step the backend itself timed (inspect's loop.max_step_ms, "
+                        "read at every idle check, so before every connecting step), wall clock",
+    "loop_max_step_kind": "that step's kind (rx, tx, timer, message)",
+    "loop_max_step_cpu_ms": "the most CPU time one backend step took (loop.max_step_cpu_ms): its own work, "
+                            "without the time the kernel gave other processes",
+    "loop_slow_steps_max": "the most steps over the backend's SLOW_STEP (10 ms) one connection had",
     "ms_per_op": "mean wall time per step, by op",
     "findings": "failures by class, first occurrence first: class, kind, count, seed, step, detail, "
                 "ops (op -> first step), log (steps since the last connect), backend_log, after_failures",
     "tree": "the vhostnet tree the backend ran from",
 }
+
+
+def run_workers(args) -> dict:
+    """--workers N: N fuzzers in their own processes, seeds seed .. seed+N-1, one backend each.
+
+    While one waits for its backend (a probe, an idle window), the others
+    work: on a shared machine that is where the rate comes from. Each worker
+    keeps every check of every step; the document sums steps and failures
+    and takes the maxima.
+    """
+    seeds = [args.seed + i for i in range(args.workers)]
+    procs = []
+    for sd in seeds:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--seed", str(sd), "--json", "--tree", args.tree]
+        if args.seconds:
+            cmd += ["--seconds", str(args.seconds)]
+        if args.steps < 1 << 62:
+            cmd += ["--steps", str(max(1, args.steps // args.workers))]
+        if args.keep_going:
+            cmd.append("--keep-going")
+        if args.only:
+            cmd += ["--only", ",".join(sorted(args.only))]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE))
+    t0 = time.monotonic()
+    docs = []
+    for pr in procs:
+        out, _ = pr.communicate()
+        try:
+            docs.append(json.loads(out))
+        except ValueError:
+            docs.append(None)
+    wall = time.monotonic() - t0
+    lost = [sd for sd, d in zip(seeds, docs) if d is None]
+    docs = [d for d in docs if d is not None]
+    if not docs:
+        raise SystemExit(f"every worker failed (seeds {seeds})")
+    total = lambda k: sum(d[k] for d in docs)
+    top = lambda k: max(docs, key=lambda d: d[k] or 0)
+    steps = total("steps")
+    seconds = max(d["seconds"] for d in docs)
+    recovering = max(d["seconds_recovering"] for d in docs)
+    ops: dict[str, list] = collections.defaultdict(list)
+    for d in docs:
+        for op, ms in d["ms_per_op"].items():
+            ops[op].append(ms)
+    findings = [f for d in docs for f in d["findings"]]
+    for sd in lost:
+        findings.append({"class": "worker_lost", "count": 1, "seed": sd, "step": 0, "kind": "worker_lost",
+                         "detail": "the worker printed no result", "ops": {}})
+    loop = top("loop_max_step_ms")
+    longest = top("longest_step_ms")
+    return {
+        "seed": args.seed, "seeds": seeds, "workers": args.workers, "steps": steps, "seconds": round(seconds, 2),
+        "steps_per_s": round(steps / seconds, 1) if seconds else 0.0,
+        "seconds_recovering": round(recovering, 2),
+        "steps_per_s_fuzzing": round(steps / (seconds - recovering), 1) if seconds > recovering else 0.0,
+        "connections": total("connections"), "disconnects_by_backend": total("disconnects_by_backend"),
+        "backend_starts": total("backend_starts"), "crashes": total("crashes"), "hangs": total("hangs"),
+        "fd_idle": max(d["fd_idle"] for d in docs), "fd_max": max(d["fd_max"] for d in docs),
+        "rss_idle_mib": max(d["rss_idle_mib"] for d in docs), "rss_max_mib": max(d["rss_max_mib"] for d in docs),
+        "longest_probe_ms": max(d["longest_probe_ms"] for d in docs),
+        "longest_step_ms": longest["longest_step_ms"], "longest_step_op": longest["longest_step_op"],
+        "loop_max_step_ms": loop["loop_max_step_ms"], "loop_max_step_kind": loop["loop_max_step_kind"],
+        "loop_max_step_cpu_ms": max(d["loop_max_step_cpu_ms"] for d in docs),
+        "loop_slow_steps_max": max(d["loop_slow_steps_max"] for d in docs),
+        "ms_per_op": {op: round(sum(v) / len(v), 2) for op, v in sorted(ops.items())},
+        "findings": sorted(findings, key=lambda r: (r["seed"], r["step"])),
+        "tree": docs[0]["tree"], "load_avg": round(os.getloadavg()[0], 2),
+    }
 
 
 def report_failure(rec: dict, args) -> None:
@@ -1973,7 +2067,8 @@ def report_failure(rec: dict, args) -> None:
 
 
 def table(doc: dict) -> str:
-    rows = [("seed", doc["seed"]), ("steps", doc["steps"]), ("seconds", doc["seconds"]),
+    rows = [("seed", doc["seed"] if doc["workers"] == 1 else
+             f"{doc['seeds'][0]}..{doc['seeds'][-1]} ({doc['workers']} workers)"), ("steps", doc["steps"]), ("seconds", doc["seconds"]),
             ("steps/s", doc["steps_per_s"]),
             ("steps/s, failures aside", f"{doc['steps_per_s_fuzzing']} ({doc['seconds_recovering']} s "
                                         f"spent on failures and restarts)"),
@@ -1983,7 +2078,9 @@ def table(doc: dict) -> str:
             ("fd idle / max", f"{doc['fd_idle']} / {doc['fd_max']}"),
             ("RSS idle / max", f"{doc['rss_idle_mib']} / {doc['rss_max_mib']} MiB"),
             ("longest probe", f"{doc['longest_probe_ms']} ms"),
-            ("longest step", f"{doc['longest_step_ms']} ms ({doc['longest_step_op']})")]
+            ("longest step", f"{doc['longest_step_ms']} ms ({doc['longest_step_op']})"),
+            ("longest backend loop step", f"{doc['loop_max_step_ms']} ms ({doc['loop_max_step_kind']}; "
+                                          f"{doc['loop_max_step_cpu_ms']} ms CPU)")]
     w = max(len(k) for k, _ in rows)
     lines = [f"{k:<{w}}  {v}" for k, v in rows]
     lines.append("findings by class:" if doc["findings"] else "findings: none")
@@ -2000,6 +2097,8 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=None, help="stop after this long")
     p.add_argument("--replay", type=int, metavar="SEED", help="run SEED's steps again, printing each (with --steps N)")
     p.add_argument("--keep-going", action="store_true", help="after a failure restart the backend and go on")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="N fuzzers in parallel, seeds SEED..SEED+N-1, each with its own backend (--steps is shared)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--verbose", action="store_true", help="print every step")
     p.add_argument("--only", metavar="OP,OP", help="draw only these ops, e.g. ctl,idle,idleflood "
@@ -2022,7 +2121,9 @@ def main(argv=None) -> int:
         args.steps = 1 << 62 if args.seconds else 10000
     if args.steps < 1 or (args.seconds is not None and args.seconds <= 0):
         p.error("--steps and --seconds must be positive")
-    doc = run(args)
+    if args.workers < 1 or (args.workers > 1 and args.replay is not None):
+        p.error("--workers must be at least 1, and 1 with --replay")
+    doc = run_workers(args) if args.workers > 1 else run(args)
     print(json.dumps(doc, indent=1) if args.json else table(doc))
     return 1 if doc["findings"] else 0
 
