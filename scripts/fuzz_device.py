@@ -157,6 +157,8 @@ IDLE_BUSY = 0.8         # fraction of the time an idle backend may be runnable (
                         # ring: up to ~0.45 under load; a spin: ~1, however little of a core it gets)
 IDLE_BLOCKS = 3         # a backend that blocked this often in the window is polling (a "none" kick:
                         # every 1 ms), not spinning, however runnable a loaded machine makes it look
+IDLE_CONFIRM = 3        # windows more, after IDLE_PAUSE, before two busy ones are a finding
+IDLE_PAUSE = 0.25
 RSS_SLACK = 96 << 20
 CONN_FDS = 1 + 3 * 2 + P.MAX_MEM_REGIONS  # a connection: its socket, kick, call, err per queue, region fds if kept
 FD_SLACK = 8            # trio internals, a capture being set up, timing of closes
@@ -1169,7 +1171,12 @@ class Executor:
         progress, which inspect's counters show; that is not a finding.
         """
         busy = 0.0
-        for _ in range(2):   # twice, so one unlucky window is not a finding
+        # Twice, then (only if both look busy) IDLE_CONFIRM more after a pause:
+        # a spin is busy for ever, while work the backend is still doing
+        # (a capture being streamed, a step slowed down by a loaded machine) ends.
+        for k in range(2 + IDLE_CONFIRM):
+            if k == 2:
+                time.sleep(IDLE_PAUSE)
             p0 = self.ring_progress()
             c0, v0, t0 = self.b.runnable_ns(), self.b.blocks(), time.monotonic()
             time.sleep(IDLE_WINDOW)
