@@ -115,9 +115,11 @@ import time
 from pathlib import Path
 
 from stack.config import NetConfig
-from vhostnet.testing.frontend import (FD_KINDS, encode_message, make_fd, make_memfd, recv_message,
-                                       send_message)
+from vhostnet.testing.frontend import (FD_KINDS, PACKED_FRESH_BASE, encode_message, make_fd, make_memfd,
+                                       recv_message, send_message)
+from vhostnet.testing.packed_driver import PackedDriver
 from vhostnet.virtio import features as F
+from vhostnet.virtio.packed import VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, decode_base
 from vhostnet.vhostuser import protocol as P
 from vhostnet.vhostuser.protocol import Req
 
@@ -168,9 +170,16 @@ LOG_KEEP = 40           # steps shown with a failure
 START_TIMEOUT = 20.0
 STACK_SAMPLES = 5       # faulthandler samples of a hung backend's stack
 
-# The driver model here writes split rings (virtio 1.2 §2.7), so it never takes
-# RING_PACKED; the packed ring's hostile cases are tests/device/test_packed_ring.py.
+# Two driver models: split rings (virtio 1.2 §2.7), written here, and packed
+# rings (§2.8, vhostnet/testing/packed_driver.py), negotiated on PACKED_SHARE
+# of the connects, with their own hostile moves (g_pbad, g_pevent).
 OFFERED = F.DEFAULT_FEATURES & ~(1 << F.RING_PACKED) | 1 << F.PROTOCOL_FEATURES
+PACKED_BIT = 1 << F.RING_PACKED
+OFFERED_ANY = OFFERED | PACKED_BIT
+PACKED_SHARE = 0.3
+PACKED_EVENT = 4                                   # §2.8.14: struct pvirtq_event_suppress
+PACKED_KINDS = ("noend", "nested", "indirect_len", "indirect_chain", "id_oob", "id_inflight", "not_avail",
+                "out_of_order", "wrap_bad", "wrap_flip", "oob", "readafterwrite", "zero_len")
 CFG = NetConfig()
 GUEST_IP = bytes(map(int, CFG.guest_ip.split(".")))
 GATEWAY_IP = bytes(map(int, CFG.gateway_ip.split(".")))
@@ -185,9 +194,12 @@ ALL_REQUESTS = [int(r) for r in Req] + [0, 41, 99, 0xFFFF, 0x7FFFFFFF]
 DATA_FD_KINDS = [k for k in FD_KINDS]
 
 
-def ring_addrs(q: int, n: int) -> tuple[int, int, int]:
-    """(desc, avail, used) guest addresses of queue q with size n (virtio 1.2 §2.7 alignment)."""
+def ring_addrs(q: int, n: int, packed: bool = False) -> tuple[int, int, int]:
+    """(desc, avail, used) guest addresses of queue q with size n (virtio 1.2 §2.7 alignment);
+    packed: (descriptor ring, driver event area, device event area), §2.8.10.1."""
     desc = RING_GPA[q]
+    if packed:
+        return desc, desc + 16 * n, desc + 16 * n + PACKED_EVENT
     avail = desc + 16 * n
     used = (avail + 6 + 2 * n + 3) & ~3
     return desc, avail, used
@@ -263,6 +275,7 @@ class Gen:
         self.qsize = [256, 256]
         self.feats = 0
         self.regions = 2
+        self.packed = False      # the last connect negotiated RING_PACKED: driver steps are packed ones
         self.planted: list[int | None] = [None, None]   # a head whose desc is a huge indirect table
         self.ops = [  # (weight, generator); targeted ones that open their own connection are rarer
             (14, self.g_tx), (10, self.g_rx), (9, self.g_bad), (5, self.g_avail), (2, self.g_aflags),
@@ -312,9 +325,14 @@ class Gen:
         feats = r.choice([OFFERED, OFFERED, OFFERED & ~(1 << F.MRG_RXBUF), OFFERED & ~(1 << F.EVENT_IDX),
                           OFFERED & ~F.OFFLOAD_FEATURES, 1 << F.PROTOCOL_FEATURES | 1 << F.MAC,
                           r.getrandbits(40) & OFFERED, OFFERED | 1 << 35])
+        packed = r.random() < PACKED_SHARE
+        if packed:   # a valid set mostly; a random one now and then
+            feats = r.choice([OFFERED, OFFERED, OFFERED & ~(1 << F.MRG_RXBUF), OFFERED & ~(1 << F.EVENT_IDX),
+                              OFFERED & ~(1 << F.INDIRECT_DESC), r.getrandbits(40) & OFFERED]) | PACKED_BIT
         q = [r.choice(QUEUE_SIZES), r.choice(QUEUE_SIZES)]
         self.qsize = list(q)
-        self.feats = feats if not feats & ~OFFERED else 0
+        self.feats = feats if not feats & ~OFFERED_ANY else 0
+        self.packed = bool(self.feats & PACKED_BIT)
         self.regions = r.choice([1, 2, 2])
         self.planted = [None, None]
         kick = r.choices(["eventfd", "pipe", "pipe_eof", "socket_eof", "none", "opath"],
@@ -355,7 +373,7 @@ class Gen:
         if req == Req.SET_VRING_ADDR:
             qi = q & 1
             n = r.choice([self.qsize[qi], r.choice(QUEUE_SIZES)])
-            d, a, u = ring_addrs(qi, n)
+            d, a, u = ring_addrs(qi, n, self.packed)
             addrs = [gpa_to_uva(d), gpa_to_uva(u), gpa_to_uva(a)]
             if r.random() < 0.3:
                 addrs[r.randrange(3)] = r.choice([0, 1, r.getrandbits(64), REGION_UVA[0] + REGION - 8,
@@ -420,10 +438,14 @@ class Gen:
         if r.random() < 0.9:
             order.insert(0, "stop")     # GET_VRING_BASE first, as QEMU does before it sets a ring up again
         addr_n = r.choice([self.qsize[q], n])
-        base = r.choice([0, 0, 1, 65535, 70000])
+        if self.packed:   # wrap-counter games: both counters, each index, as vhost-user.rst packs them
+            base = r.choice([PACKED_FRESH_BASE, PACKED_FRESH_BASE, 0, 1 << 15, 1 << 31, 5 | 1 << 15 | 5 << 16,
+                             r.getrandbits(32), 0xFFFFFFFF])
+        else:
+            base = r.choice([0, 0, 1, 65535, 70000])
         # When the set-up is complete and valid, the driver model follows it.
         follow = ({"num", "addr", "kick"} <= set(order) and "num2" not in order and addr_n == n
-                  and n in QUEUE_SIZES and base <= 0xFFFF)
+                  and n in QUEUE_SIZES and base <= (0xFFFFFFFF if self.packed else 0xFFFF))
         if follow:
             self.qsize[q] = n
         return {"op": "ring", "q": q, "num": n, "num2": r.choice(QUEUE_SIZES), "base": base,
@@ -444,6 +466,7 @@ class Gen:
     def g_mrg_refused(self) -> dict:
         """Targeted (case 11): merged RX buffers, one too small and the next refused, and a frame to place."""
         st = self.g_connect()
+        self.packed = False   # its own set-up is split rings
         st.update(op="mrgref", feats=OFFERED, q=[256, 256], kick="eventfd", enable=True, sealed=True)
         self.feats, self.qsize = OFFERED, [256, 256]
         r = self.rng
@@ -454,6 +477,7 @@ class Gen:
     def g_rx_small(self) -> dict:
         """Targeted (case 1): MRG_RXBUF, RX buffers that together cannot hold the frame, a frame for them."""
         st = self.g_connect()
+        self.packed = False   # its own set-up is split rings
         st.update(op="rxsmall", feats=OFFERED, q=[256, 256], kick="eventfd", enable=True, sealed=True)
         self.feats, self.qsize = OFFERED, [256, 256]
         r = self.rng
@@ -463,8 +487,10 @@ class Gen:
     def g_rx_jump(self) -> dict:
         """Targeted (case 2): a frame waits for RX buffers, and RX avail->idx jumps past the queue size."""
         st = self.g_connect()
+        self.packed = False   # its own set-up is split rings
         r = self.rng
-        st.update(op="rxjump", q=[r.choice([16, 256]), 256], kick="eventfd", enable=True, sealed=True)
+        st.update(op="rxjump", q=[r.choice([16, 256]), 256], kick="eventfd", enable=True, sealed=True,
+                  feats=st["feats"] & ~PACKED_BIT)
         self.feats, self.qsize = st["feats"] if not st["feats"] & ~OFFERED else 0, list(st["q"])
         st.update(jump=st["q"][0] + r.randrange(1, 1000), s=r.getrandbits(32))
         return st
@@ -472,8 +498,9 @@ class Gen:
     def g_shrink(self) -> dict:
         """Targeted (case 3): unsealed guest memory, shrunk under the backend, then the rings used."""
         st = self.g_connect()
+        self.packed = False   # its own set-up is split rings
         r = self.rng
-        st.update(op="shrink", sealed=False, kick="eventfd", enable=True,
+        st.update(op="shrink", sealed=False, kick="eventfd", enable=True, feats=st["feats"] & ~PACKED_BIT,
                   to=r.choice([0, GUARD, GUARD + 4096]), s=r.getrandbits(32))
         return st
 
@@ -500,6 +527,8 @@ class Gen:
     # -- driver
     def g_tx(self) -> dict:
         r = self.rng
+        if self.packed:
+            return self.g_ptx()
         kind = r.choices(["arp", "ping", "udp", "junk"], [3, 4, 3, 1])[0]
         size = r.choice([0, 1, 56, 200, 1000, 1472, 3000, 9000, 65000])
         hdr = "ok" if r.random() < 0.8 else "rand"
@@ -511,6 +540,8 @@ class Gen:
 
     def g_rx(self) -> dict:
         r = self.rng
+        if self.packed:
+            return self.g_prx()
         count = r.choice([1, 1, 4, 16, 64, 256])
         size = r.choice([1, 12, 20, 60, 100, 1526, 4096, 65562, "mix"])
         bufs = []
@@ -521,6 +552,8 @@ class Gen:
 
     def g_bad(self) -> dict:
         r = self.rng
+        if self.packed:
+            return self.g_pbad()
         q = r.choice([0, 1])
         kind = r.choice(["loop", "oob", "guard", "gap", "indirect", "nested", "next_oob", "readafterwrite",
                          "huge_indirect", "indirect_loop", "zero_len", "head_oob"])
@@ -532,6 +565,8 @@ class Gen:
 
     def g_avail(self) -> dict:
         r = self.rng
+        if self.packed:
+            return self.g_pevent()
         q = r.choice([0, 1])
         n = self.qsize[q]
         mode = r.choice(["fwd", "jump", "back", "rand"])
@@ -541,8 +576,45 @@ class Gen:
 
     def g_aflags(self) -> dict:
         r = self.rng
+        if self.packed:
+            return self.g_pevent()
         return {"op": "aflags", "q": r.choice([0, 1]), "flags": r.choice([0, 1, 0xFFFF]),
                 "used_event": r.getrandbits(16)}
+
+    # -- driver, packed rings (virtio 1.2 §2.8): the executor's PackedDriver writes them
+    def g_ptx(self) -> dict:
+        r = self.rng
+        kind = r.choices(["arp", "ping", "udp", "junk"], [3, 4, 3, 1])[0]
+        size = r.choice([0, 1, 56, 200, 1000, 1472, 3000, 9000, 65000])
+        return {"op": "ptx", "kind": kind, "size": size, "hdr": "ok" if r.random() < 0.8 else "rand",
+                "nseg": r.choices([1, 2, 3], [6, 3, 1])[0], "addr": self.buf_addr(size + 200),
+                "kick": r.random() < 0.8, "s": r.getrandbits(32), "hl": self.hdr_len,
+                "indirect": r.random() < 0.15}
+
+    def g_prx(self) -> dict:
+        r = self.rng
+        count = r.choice([1, 1, 4, 16, 64, 256])
+        size = r.choice([1, 12, 20, 60, 100, 1526, 4096, 65562, "mix"])
+        bufs = []
+        for _ in range(min(count, self.qsize[RXQ])):
+            sz = r.choice([1, 12, 30, 64, 1526, 4096]) if size == "mix" else size
+            bufs.append((self.buf_addr(sz), sz, r.random() < 0.05))
+        return {"op": "prx", "bufs": bufs, "kick": r.random() < 0.8}
+
+    def g_pbad(self) -> dict:
+        """A packed-ring hostile move (§2.8): each should be refused with a packed_* finding."""
+        r = self.rng
+        q = r.choice([0, 1])
+        return {"op": "pbad", "q": q, "kind": r.choice(PACKED_KINDS), "s": r.getrandbits(32),
+                "n": self.qsize[q], "kick": r.random() < 0.85}
+
+    def g_pevent(self) -> dict:
+        """Event suppression games (§2.8.10, §2.8.14): the driver's structure, and scribbles on ours."""
+        r = self.rng
+        return {"op": "pevent", "q": r.choice([0, 1]), "flags": r.choice([0, 1, 2, 3, 3, r.getrandbits(16)]),
+                "off": r.choice([0, 1, self.qsize[0] - 1, self.qsize[0], 0x7FFF, r.getrandbits(15)]),
+                "wrap": r.random() < 0.5, "device": r.random() < 0.2, "raw": r.getrandbits(32),
+                "kick": r.random() < 0.7}
 
     def g_kick(self) -> dict:
         return {"op": "kick", "q": self.rng.choice([0, 1])}
@@ -551,6 +623,7 @@ class Gen:
         """Targeted (case 12): min(512, n) copies of a chain as long as the queue, n up to 32768."""
         r = self.rng
         st = self.g_connect()
+        self.packed = False   # its own set-up is split rings
         n = r.choice([1024, 32768, 32768])
         st.update(op="long", q=[256, n], kick="eventfd", enable=True, sealed=True, indirect=r.random() < 0.5)
         self.qsize = [256, n]
@@ -559,7 +632,9 @@ class Gen:
     def g_eof_kick(self) -> dict:
         """Targeted (case 7): a kick fd that is always readable (a pipe or socket whose writer is gone)."""
         st = self.g_connect()
-        st.update(op="eofkick", kick=self.rng.choice(["pipe_eof", "socket_eof"]), enable=True, sealed=True)
+        self.packed = False   # its own set-up is split rings
+        st.update(op="eofkick", kick=self.rng.choice(["pipe_eof", "socket_eof"]), enable=True, sealed=True,
+                  feats=st["feats"] & ~PACKED_BIT)
         return st
 
     def g_feed(self) -> dict:
@@ -568,6 +643,7 @@ class Gen:
         # shared machine is not always running, and a 32768-entry ring gives
         # it time to refill before the backend catches up.
         st = self.g_connect()
+        self.packed = False   # its own set-up is split rings
         st.update(op="feed", q=[256, 32768], kick="eventfd", enable=True, sealed=True, secs=0.3)
         self.qsize = [256, 32768]
         return st
@@ -953,6 +1029,9 @@ class Executor:
         self.oracle: list[RingOracle | None] = [None, None]
         self.qsize = [256, 256]
         self.feats = 0
+        self.packed = False                        # this connection negotiated RING_PACKED
+        self.pdrv: list[PackedDriver | None] = [None, None]   # the packed driver model per queue
+        self.rules_seen: set[str] = set()          # refusal rule ids inspect showed (findings.py)
         self.last_connect: dict | None = None
         self.idle: list[Ctl] = []
         self.captures: list[tuple[Ctl, bool]] = []
@@ -1027,6 +1106,7 @@ class Executor:
             self.mem.close()
             self.mem = None
         self.oracle = [None, None]
+        self.pdrv = [None, None]
 
     # -- probe
     def probe(self) -> float:
@@ -1153,6 +1233,8 @@ class Executor:
         if not doc.get("ok"):
             return None
         self.note_loop(doc["result"].get("loop"))
+        for q in doc["result"].get("queues", []):
+            self.rules_seen.update(q.get("errors", {}))
         return sum(q.get("chains", 0) + q.get("bytes", 0) + sum(q.get("errors", {}).values())
                    for q in doc["result"].get("queues", []))
 
@@ -1226,6 +1308,7 @@ class Executor:
         feats, q = st["feats"], st["q"]
         self.qsize = list(q)
         self.feats = feats
+        self.packed = bool(feats & PACKED_BIT) and not feats & ~OFFERED_ANY
         self.send(Req.GET_FEATURES)
         self.send(Req.GET_PROTOCOL_FEATURES)
         pf = 1 << P.ProtoFeat.MTU | (1 << P.ProtoFeat.REPLY_ACK if st["ack"] else 0)
@@ -1238,7 +1321,9 @@ class Executor:
         self.send_mem_table(st["regions"])
         for i in (RXQ, TXQ):
             self.setup_ring(i, q[i], st["kick"])
-            self.oracle[i] = RingOracle(q[i])
+            # The used-ring oracle reads split used rings; a packed ring's refusals
+            # are checked through the findings inspect names (rules_seen).
+            self.oracle[i] = None if self.packed else RingOracle(q[i])
         if st["enable"]:
             for i in (RXQ, TXQ):
                 self.send(Req.SET_VRING_ENABLE, STATE.pack(i, 1))
@@ -1248,13 +1333,29 @@ class Executor:
         payload = struct.pack("<II", n, 0) + b"".join(REGION_DESC.pack(*r) for r in regs)
         self.send_fds(Req.SET_MEM_TABLE, payload, ["guest"] * n)
 
-    def setup_ring(self, i: int, n: int, kick: str, base: int = 0, call: str = "eventfd") -> None:
-        d, a, u = ring_addrs(i, n)
+    def setup_ring(self, i: int, n: int, kick: str, base: int | None = None, call: str = "eventfd") -> None:
+        if base is None:
+            base = PACKED_FRESH_BASE if self.packed else 0
+        d, a, u = ring_addrs(i, n, self.packed)
+        self.follow_packed(i, n, base)
         self.send(Req.SET_VRING_NUM, STATE.pack(i, n))
         self.send(Req.SET_VRING_BASE, STATE.pack(i, base))
         self.send(Req.SET_VRING_ADDR, ADDR.pack(i, 0, gpa_to_uva(d), gpa_to_uva(u), gpa_to_uva(a), 0))
         self.send_call(i, call)
         self.send_kick(i, kick)
+
+    def follow_packed(self, i: int, n: int, base: int) -> None:
+        """A packed driver model for queue I of size N starting at BASE (vhost-user.rst "Ring states")."""
+        if not self.packed or self.mem is None or base > 0xFFFFFFFF:
+            self.pdrv[i] = None
+            return
+        d, a, u = ring_addrs(i, n, True)
+        drv = PackedDriver(self.mem.mm, n, GuestMem.off(d), GuestMem.off(a), GuestMem.off(u))
+        avail, aw, used, uw = decode_base(base)
+        if base >> 16 == 0:
+            used, uw = avail, aw    # only the avail half given: the backend takes it for both
+        drv.next_avail, drv.avail_wrap, drv.next_used, drv.used_wrap = avail % n, aw, used % n, uw
+        self.pdrv[i] = drv
 
     def send_kick(self, i: int, kind: str) -> None:
         self.kick_kind[i] = kind
@@ -1303,7 +1404,8 @@ class Executor:
     def x_ring(self, st: dict) -> None:
         q, n = st["q"], st["num"]
         self.disarm(q)
-        d, a, u = ring_addrs(q, st["addr_n"])
+        self.pdrv[q] = None      # until the set-up below is followed
+        d, a, u = ring_addrs(q, st["addr_n"], self.packed)
         for part in st["order"]:
             if part == "stop":
                 self.send(Req.GET_VRING_BASE, STATE.pack(q, 0))
@@ -1321,7 +1423,11 @@ class Executor:
                 self.send_kick(q, st["kick"])
             elif part == "enable":
                 self.send(Req.SET_VRING_ENABLE, STATE.pack(q, 1))
-        if st.get("follow"):
+        if st.get("follow") and self.packed:
+            self.qsize[q] = n
+            self.follow_packed(q, n, st["base"] if "base" in st["order"] else PACKED_FRESH_BASE)
+            self.pdrv[q] = None if "base" not in st["order"] else self.pdrv[q]
+        elif st.get("follow"):
             self.qsize[q] = n
             o = RingOracle(n)
             o.avail = st["base"] if "base" in st["order"] else 0
@@ -1428,7 +1534,7 @@ class Executor:
         if self.session is None:
             self.session = Ctl(self.b.ctl_path)
         self.session_request({"cmd": "ping"})
-        d, a, u = ring_addrs(q, self.qsize[q])
+        d, a, u = ring_addrs(q, self.qsize[q], self.packed)
         self.send(Req.SET_VRING_ADDR, ADDR.pack(q, 0, gpa_to_uva(d), gpa_to_uva(u), gpa_to_uva(a), 0))
         self.send_kick(q, "eventfd")                                      # stops the ring: closes its old kick fd
         self.probe()
@@ -1574,6 +1680,145 @@ class Executor:
             o.armed = False
         if self.mem is not None:
             self.mem.write(a + 2, struct.pack("<H", o.avail))
+        if st["kick"]:
+            self.kick(q)
+
+    # packed driver steps (virtio 1.2 §2.8)
+    def _pdrv(self, q: int) -> PackedDriver | None:
+        """Queue Q's packed driver model, with what the device used since reclaimed."""
+        drv = self.pdrv[q]
+        if drv is None or self.mem is None or not self.packed:
+            return None
+        try:
+            drv.used()
+        except (ValueError, IndexError):
+            self.pdrv[q] = None
+            return None
+        # Ids the device echoed that were never ours (a hostile id, a scribble) are not reused.
+        drv.free_ids = [i for i in dict.fromkeys(drv.free_ids) if 0 <= i < drv.size and i not in drv.slots_of]
+        return drv
+
+    def _padd(self, drv: PackedDriver, bufs, buf_id: int | None = None) -> int | None:
+        if len(bufs) > drv.free_slots or (buf_id is None and not drv.free_ids):
+            return None
+        return drv.add(bufs, buf_id=buf_id)
+
+    def x_ptx(self, st: dict) -> None:
+        drv = self._pdrv(TXQ)
+        if drv is None:
+            return
+        rng = random.Random(st["s"])
+        hl = st["hl"]
+        f = frame(st["kind"], st["size"], rng)
+        hdr = bytes(hl) if st["hdr"] == "ok" else rng.randbytes(hl)
+        data = hdr + f
+        addr = st["addr"]
+        self.mem.write(addr, data)
+        cuts = sorted(rng.randrange(len(data) + 1) for _ in range(st["nseg"] - 1))
+        bounds = [0] + cuts + [len(data)]
+        segs = [(addr + bounds[k], bounds[k + 1] - bounds[k], 0) for k in range(st["nseg"])]
+        if st["indirect"]:   # §2.8.7: the segments in a table, one INDIRECT descriptor in the ring
+            table = (addr + len(data) + 15) & ~15
+            self.mem.write(table, b"".join(DESC.pack(a, n, 0, 0) for a, n, _f in segs))
+            segs = [(table, 16 * len(segs), F_INDIRECT)]
+        self._padd(drv, segs)
+        if st["kick"]:
+            self.kick(TXQ)
+
+    def x_prx(self, st: dict) -> None:
+        drv = self._pdrv(RXQ)
+        if drv is None:
+            return
+        for addr, size, split in st["bufs"]:
+            if split and size > 1:
+                bufs = [(addr, size // 2, F_WRITE), (addr + size // 2, size - size // 2, F_WRITE)]
+            else:
+                bufs = [(addr, size, F_WRITE)]
+            if self._padd(drv, bufs) is None:
+                break
+        if st["kick"]:
+            self.kick(RXQ)
+
+    def x_pbad(self, st: dict) -> None:
+        """One hostile packed move; moves that leave the ring with no safe position break it
+        (the device's rule), and the driver model stops there until the ring is set up again."""
+        q, kind, n = st["q"], st["kind"], st["n"]
+        drv = self._pdrv(q)
+        if drv is None:
+            return
+        rng = random.Random(st["s"])
+        w = F_WRITE if q == RXQ else 0
+        a = rng.randrange(BUF_LO, REGION - 0x2000)
+        avail = drv.avail_flags(drv.avail_wrap)
+        slot = drv.next_avail
+        if kind == "noend":
+            # Every slot available, every one with NEXT: a chain that never ends.
+            if drv.free_slots < n:
+                return
+            for k in range(n):
+                drv.write_desc((slot + k) % n, a, 64, 0, w | F_NEXT | drv.avail_flags(
+                    drv.avail_wrap if slot + k < n else not drv.avail_wrap))
+            self.pdrv[q] = None
+        elif kind == "nested":   # an indirect table holding an indirect descriptor (§2.8.19)
+            t = rng.randrange(BUF_LO, REGION - 0x10000) & ~15
+            self.mem.write(t, DESC.pack(t + 64, 32, F_INDIRECT, 0) + DESC.pack(a, 64, w, 0))
+            self._padd(drv, [(t, 32, F_INDIRECT)])
+        elif kind == "indirect_len":
+            t = rng.randrange(BUF_LO, REGION - 0x10000) & ~15
+            self._padd(drv, [(t, rng.choice([0, 8, 17, 16 * (n + 1), 0xFFFFFFF0]), F_INDIRECT)])
+        elif kind == "indirect_chain":   # INDIRECT inside a chain linked by NEXT (§2.8.19)
+            t = rng.randrange(BUF_LO, REGION - 0x10000) & ~15
+            self.mem.write(t, DESC.pack(a, 64, w, 0))
+            self._padd(drv, [(a, 64, w), (t, 16, F_INDIRECT)])
+        elif kind == "id_oob":   # a buffer id not below the queue size
+            self._padd(drv, [(a, 64, w)], buf_id=rng.choice([n, n + 1, 0xFFFF]))
+        elif kind == "id_inflight":   # an id the device still holds, made available again
+            if drv.slots_of:
+                self._padd(drv, [(a, 64, w)], buf_id=rng.choice(sorted(drv.slots_of)))
+                self.pdrv[q] = None   # two chains, one id: the model cannot tell them apart
+        elif kind == "not_avail":   # the head available before the rest of its chain (§2.8.17)
+            if drv.free_slots < 2 or n < 2:
+                return
+            drv.write_desc((slot + 1) % n, a + 64, 64, 0, w)             # not available for this lap
+            drv.write_desc(slot, a, 64, 0, w | F_NEXT | avail)
+            self.pdrv[q] = None
+        elif kind == "out_of_order":   # the second chain's head made available before the first's
+            if drv.free_slots < 2 or n < 2:
+                return
+            first = drv.free_ids.pop()
+            nxt, nwrap = (slot + 1) % n, drv.avail_wrap if slot + 1 < n else not drv.avail_wrap
+            second = drv.free_ids.pop() if drv.free_ids else first
+            drv.write_desc(nxt, a + 64, 64, second, w | drv.avail_flags(nwrap))
+            self.kick(q)
+            drv.write_desc(slot, a, 64, first, w | avail)
+            drv.slots_of[first] = drv.slots_of[second] = 1
+            drv.free_slots -= 2
+            drv.next_avail, drv.avail_wrap = (slot + 2) % n, drv.avail_wrap if slot + 2 < n else not drv.avail_wrap
+        elif kind == "wrap_bad":   # AVAIL and USED equal: a descriptor that looks used, not available
+            drv.write_desc(slot, a, 64, 0, w | (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
+                                                 if rng.random() < 0.5 else 0))
+        elif kind == "wrap_flip":   # the driver's wrap counter flipped without passing the end
+            drv.avail_wrap = not drv.avail_wrap
+            self._padd(drv, [(a, 64, w)])
+            self.pdrv[q] = None
+        elif kind == "oob":
+            self._padd(drv, [(rng.choice([2 * REGION, 1 << 40, (1 << 64) - 16]), rng.choice([1, 4096, 0xFFFFFFFF]), w)])
+        elif kind == "readafterwrite":
+            self._padd(drv, [(a, 64, F_WRITE), (a + 64, 64, 0)])
+        elif kind == "zero_len":
+            self._padd(drv, [(a, 0, w)])
+        if st["kick"]:
+            self.kick(q)
+
+    def x_pevent(self, st: dict) -> None:
+        q = st["q"]
+        if not self.packed or self.mem is None:
+            return
+        _d, drv_area, dev_area = ring_addrs(q, self.qsize[q], True)
+        if st["device"]:   # the driver scribbles on the device's own structure
+            self.mem.write(dev_area, struct.pack("<I", st["raw"]))
+        else:
+            self.mem.write(drv_area, struct.pack("<HH", (st["off"] & 0x7FFF) | st["wrap"] << 15, st["flags"] & 0xFFFF))
         if st["kick"]:
             self.kick(q)
 
@@ -1940,6 +2185,7 @@ def run(args) -> dict:
         "rss_idle_mib": round(ex.base_rss / (1 << 20), 1), "rss_max_mib": round(ex.rss_max / (1 << 20), 1),
         "longest_probe_ms": round(ex.probe_max * 1000, 1),
         "longest_step_ms": round(longest[0] * 1000, 1), "longest_step_op": longest[1],
+        "rules_seen": sorted(ex.rules_seen),
         "loop_max_step_ms": ex.loop_max[0], "loop_max_step_kind": ex.loop_max[1],
         "loop_max_step_cpu_ms": ex.loop_max[2], "loop_slow_steps_max": ex.loop_slow,
         "ms_per_op": {op: round(t / n * 1000, 2) for op, (n, t) in sorted(op_time.items())},
@@ -1973,6 +2219,7 @@ JSON_FIELDS = {
     "longest_probe_ms": "the longest a passing GET_FEATURES probe waited: a bound on the longest event-loop step",
     "longest_step_ms": "the longest passing step, with its checks",
     "longest_step_op": "that step's op",
+    "rules_seen": "refusal rule ids (vhostnet/virtio/findings.py) inspect showed on some queue at an idle check",
     "loop_max_step_ms": "the longest event-loop step the backend itself timed (inspect's loop.max_step_ms, "
                         "read at every idle check, so before every connecting step), wall clock",
     "loop_max_step_kind": "that step's kind (rx, tx, timer, message)",
@@ -2046,6 +2293,7 @@ def run_workers(args) -> dict:
         "rss_idle_mib": max(d["rss_idle_mib"] for d in docs), "rss_max_mib": max(d["rss_max_mib"] for d in docs),
         "longest_probe_ms": max(d["longest_probe_ms"] for d in docs),
         "longest_step_ms": longest["longest_step_ms"], "longest_step_op": longest["longest_step_op"],
+        "rules_seen": sorted({r for d in docs for r in d["rules_seen"]}),
         "loop_max_step_ms": loop["loop_max_step_ms"], "loop_max_step_kind": loop["loop_max_step_kind"],
         "loop_max_step_cpu_ms": max(d["loop_max_step_cpu_ms"] for d in docs),
         "loop_slow_steps_max": max(d["loop_slow_steps_max"] for d in docs),
@@ -2090,6 +2338,8 @@ def table(doc: dict) -> str:
                                           f"{doc['loop_max_step_cpu_ms']} ms CPU)")]
     w = max(len(k) for k, _ in rows)
     lines = [f"{k:<{w}}  {v}" for k, v in rows]
+    packed = [r for r in doc["rules_seen"] if r.startswith("packed_")]
+    lines.append(f"{'rules seen':<{w}}  {len(doc['rules_seen'])}, packed: {', '.join(packed) or 'none'}")
     lines.append("findings by class:" if doc["findings"] else "findings: none")
     for f in doc["findings"]:
         lines.append(f"  {f['count']:5d}  {f['class']}  (first: seed {f['seed']} step {f['step']})")

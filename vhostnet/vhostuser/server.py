@@ -36,7 +36,7 @@ import trio
 from vhostnet.vhostuser.backend import Backend
 from vhostnet.vhostuser.channel import FramingError, close_all, read_message
 from vhostnet.vhostuser.protocol import request_name
-from vhostnet.vhostuser.safety_poll import SafetyPoll
+from vhostnet.vhostuser.safety_poll import SafetyPoll, safety_poll_for
 from vhostnet.ratelimit import RateLimitedLog
 from vhostnet.sockets import SocketInUse, bind_unix
 
@@ -132,7 +132,7 @@ class Connection:
         if q.kick_fd is None:
             self.nursery.start_soon(self._poll_loop, q, scope)
         else:
-            poll = self._polls[q.index] = SafetyPoll(q, self._drain)
+            poll = self._polls[q.index] = safety_poll_for(q, self._drain)
             self.nursery.start_soon(self._queue_tasks, q, q.kick_fd, scope, poll)
 
     def _wake_polls(self) -> None:
@@ -143,8 +143,7 @@ class Connection:
         """The kick waiter and the safety poll of one started queue, under its scope."""
         with scope:
             async with trio.open_nursery() as nursery:
-                # The safety poll reads split-ring indices; packed rings go without it.
-                if self.server.safety_poll and not q.packed:
+                if self.server.safety_poll:
                     nursery.start_soon(poll.run)
                 await self._kick_loop(q, fd, poll)
                 nursery.cancel_scope.cancel()

@@ -526,6 +526,32 @@ class PackedRing:
 
     # -- read-only inspection -------------------------------------------------
 
+    def position(self) -> tuple[int, bool]:
+        """(last_avail_idx, avail wrap counter): the next descriptor the device takes."""
+        return self.last_avail_idx, self.avail_wrap
+
+    def linear(self, pos: int, wrap: bool) -> int:
+        """POS as a point on a circle of two laps (2 * num), so that positions with wrap counters compare."""
+        return self._linear(pos, wrap)
+
+    def available_at(self, pos: int, wrap: bool) -> bool:
+        """§2.8.1: the descriptor at POS was made available for wrap counter WRAP
+        (AVAIL == WRAP, USED != WRAP). Read-only: no event suppression written."""
+        if self._desc_h is None or not 0 <= pos < self.num:
+            return False
+        return _is_avail(self._flags(pos), wrap)
+
+    def advance(self, pos: int, wrap: bool, n: int) -> tuple[int, bool]:
+        """POS moved N slots on, the wrap counter flipped at each pass of the end."""
+        return self._advance(pos, wrap, n)
+
+    def device_event(self) -> tuple[int, int, bool] | None:
+        """Our event suppression structure (§2.8.14): (flags, desc offset, desc wrap), or None."""
+        if self._device_h is None:
+            return None
+        off = self._device_h[0]
+        return self._device_h[1] & RING_EVENT_FLAGS_MASK, off & EVENT_OFF_MASK, bool(off >> EVENT_WRAP_BIT)
+
     def guest_used_idx(self) -> int:
         """The used position the driver can see (the start of anything unpublished)."""
         return self._unpublished[0][0] if self._unpublished else self.used_idx
