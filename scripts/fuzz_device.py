@@ -1075,7 +1075,11 @@ class Executor:
         fds, keep = [], None
         try:
             for k in kinds:
-                if k == "guest":
+                if k == "guest" and self.mem is None:
+                    # No guest memory on this connection (a bare reconnect after a
+                    # failed recovery): a memfd of the same size stands in.
+                    fds.append(make_memfd(MEM_SIZE, True, "fuzz-guest-standin"))
+                elif k == "guest":
                     fds.append(os.dup(self.mem.fd))
                 else:
                     fd, other = make_fd(k, REGION + GUARD)
