@@ -506,7 +506,7 @@ class Gen:
 
     def g_desc_bomb(self) -> dict:
         """Targeted (case 6): plant an indirect table as large as memory that loops, and inspect it."""
-        st = self.g_bad()
+        st = self.split_bad()   # on a packed ring: split structures written over it, junk to the device
         st.update(op="descbomb", kind="huge_indirect")
         return st
 
@@ -551,9 +551,12 @@ class Gen:
         return {"op": "rx", "bufs": bufs, "kick": r.random() < 0.8}
 
     def g_bad(self) -> dict:
-        r = self.rng
         if self.packed:
             return self.g_pbad()
+        return self.split_bad()
+
+    def split_bad(self) -> dict:
+        r = self.rng
         q = r.choice([0, 1])
         kind = r.choice(["loop", "oob", "guard", "gap", "indirect", "nested", "next_oob", "readafterwrite",
                          "huge_indirect", "indirect_loop", "zero_len", "head_oob"])
@@ -2131,10 +2134,20 @@ def run(args) -> dict:
                 print(f"{steps:8d} {describe(st)}", file=sys.stderr, flush=True)
             t0 = time.monotonic()
             try:
-                if st["op"] in CONNECTING_OPS and steps > 1:
-                    ex.check_idle()   # the connection is about to go: is it leaving a core burning?
-                ex.run(st)
-                ex.check(steps, idle=steps % IDLE_EVERY == 0 or steps == args.steps)
+                try:
+                    if st["op"] in CONNECTING_OPS and steps > 1:
+                        ex.check_idle()   # the connection is about to go: is it leaving a core burning?
+                    ex.run(st)
+                    ex.check(steps, idle=steps % IDLE_EVERY == 0 or steps == args.steps)
+                except Failure:
+                    raise
+                except Exception as e:
+                    if not args.keep_going:
+                        raise     # a bug of the fuzzer's own: loud
+                    # A long run goes on: named as the fuzzer's, never as the backend's.
+                    import traceback
+                    raise Failure("fuzzer_error", f"{type(e).__name__}: {e} at "
+                                  f"{traceback.extract_tb(e.__traceback__)[-1].name}") from None
             except Failure as f:
                 t_fail = t0
                 cls = classify(f, backend, st["op"])

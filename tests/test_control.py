@@ -554,3 +554,26 @@ async def test_check_without_qemu(backend, capsys):
     assert json.loads(capsys.readouterr().out) == {"version": 1, "connected": False}
     assert await cli("check", "--control", ctl.path) == 3
     assert capsys.readouterr().out.strip() == "no QEMU connected"
+
+
+async def test_an_internal_error_in_a_request_is_an_error_reply_not_the_end(backend, monkeypatch):
+    """Found by scripts/fuzz_device.py (seed 2003): a report that met a ring state
+    it did not expect raised, and the exception ended the whole process (and the
+    guest's network). Now the client gets an error and the socket keeps serving."""
+    from vhostnet.observe import report
+    srv, ctl = backend
+
+    def broken(*a, **kw):
+        raise IndexError("index out of bounds on dimension 1")
+    monkeypatch.setattr(report, "inspect_doc", broken)
+    s = _raw(ctl.path)
+
+    def talk():   # blocking, so in a thread: the server runs in this one
+        s.sendall(b'{"cmd": "inspect"}\n{"cmd": "ping"}\n')
+        return _lines(s, 2)
+    err, pong = await trio.to_thread.run_sync(talk)
+    assert err["ok"] is False and "internal error: IndexError" in err["error"]
+    assert pong["ok"] is True                           # the same client, served on
+    s.close()
+    monkeypatch.undo()
+    assert (await ask(ctl.path, "inspect"))["connected"] is False

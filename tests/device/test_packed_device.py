@@ -188,3 +188,44 @@ async def test_packed_safety_poll_leaves_a_frame_waiting_for_rx_room_alone(packe
             await fe.rx.wait_call(0.05)
     assert rx.stats["unkicked"] == 0
     await fe.shutdown(packed_server)
+
+
+async def test_a_packed_base_beyond_a_shrunk_ring_is_refused_not_read_past_its_end():
+    """Found by scripts/fuzz_device.py (seed 2003, step 666): SET_VRING_BASE with
+    positions valid for the old size, then SET_VRING_NUM 2: the ring started with
+    positions past its end, pop() raised IndexError, and inspect (pending()) ended
+    the process. The ring now refuses to start; inspect and the guest go on."""
+    import shutil
+    import tempfile
+    from vhostnet.testing.dpdk import VhostnetServe
+    from vhostnet.testing.frontend import ADDR, STATE, U64, UVA_BASE
+    from vhostnet.virtio.packed import encode_base
+    from .conftest import ask_backend, responsive
+    d = tempfile.mkdtemp(prefix="vn-", dir="/tmp")
+    try:
+        with VhostnetServe(d, log_level="info") as b:
+            fe = Frontend(queue_size=256, packed=True)
+            await fe.connect(b.socket)
+            await fe.handshake()
+            r = fe.rx
+            await fe.get_vring_base(0)                                   # stop RX
+            await fe.request(Req.SET_VRING_BASE, STATE.pack(0, encode_base(200, True, 200, True)))
+            await fe.request(Req.SET_VRING_NUM, STATE.pack(0, 2))
+            await fe.request(Req.SET_VRING_ADDR, ADDR.pack(0, 0, UVA_BASE + r.desc, UVA_BASE + r.used,
+                                                           UVA_BASE + r.avail, 0))
+            await fe.request(Req.SET_VRING_KICK, U64.pack(0), [r.kick_fd])
+            r.kick()
+            await responsive(fe, b)
+            doc = await ask_backend(b)
+            rxq = doc["queues"][0]
+            assert not rxq["started"] and rxq["size"] == 2
+            assert b.proc.poll() is None
+            # Set up properly again, the ring works.
+            await fe.request(Req.SET_VRING_NUM, STATE.pack(0, 256))
+            await fe.request(Req.SET_VRING_BASE, STATE.pack(0, encode_base(0, True, 0, True)))
+            await responsive(fe, b)
+            assert b.proc.poll() is None
+            await fe.close()
+            fe.release()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

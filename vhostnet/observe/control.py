@@ -311,6 +311,7 @@ class ControlServer:
                 return
             if not line.strip():
                 continue
+            req = None
             try:
                 req = self._parse(line)
                 if req["cmd"] == "capture":
@@ -320,6 +321,15 @@ class ControlServer:
             except (_BadRequest, report.ReportError) as e:
                 self.rlog.info("bad_request", "control client: %s", e)
                 reply = {"ok": False, "error": str(e)}
+            except Exception as e:
+                # A bug in a report (a ring state it did not expect) must not
+                # end the process, and with it the guest's network: the client
+                # gets an error, the log the traceback (rate-limited).
+                import traceback
+                self.rlog.log(logging.ERROR, "control_internal_error", "control request %s: internal error: %s",
+                              req.get("cmd") if isinstance(req, dict) else "?",
+                              " | ".join(line.strip() for line in traceback.format_exception(e) if line.strip()))
+                reply = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
             await self._send(stream, reply)
 
     @staticmethod

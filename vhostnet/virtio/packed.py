@@ -158,6 +158,11 @@ class PackedRing:
             raise ValueError(f"{self.name}: ring addresses are misaligned "
                              f"(desc {self.desc_uva:#x}, driver area {self.avail_uva:#x}, "
                              f"device area {self.used_uva:#x})")
+        if self.last_avail_idx >= n or self.used_idx >= n:
+            # SET_VRING_BASE named positions for a larger ring, then SET_VRING_NUM
+            # shrank it: every descriptor read would be past the ring's end.
+            raise ValueError(f"{self.name}: ring positions {self.last_avail_idx}/{self.used_idx} "
+                             f"(SET_VRING_BASE) are outside a ring of {n}")
         self.mem = mem
         self.epoch += 1
         self._desc = mem.uva_view(self.desc_uva, DESC_SIZE * n)
