@@ -43,7 +43,7 @@ import collections
 import struct
 
 from vhostnet.virtio.findings import Findings
-from vhostnet.virtio.ring import chain_truncated, refusal_doc, Chain, ChainError
+from vhostnet.virtio.ring import MAX_CHAIN_DESCS, chain_truncated, refusal_doc, Chain, ChainError
 from vhostnet.virtio.split import MAX_QUEUE_SIZE, full_barrier
 from vhostnet.vhostuser.memory import GuestMemory, OutOfBounds
 
@@ -306,8 +306,9 @@ class PackedRing:
             try:
                 chain, ndesc = self._walk(start, self.avail_wrap)
             except ChainError as e:
-                if e.reason in ("packed_desc_not_avail", "packed_chain_too_long"):
-                    # No end to skip to: stop here (see the module docstring).
+                if "slots" not in e.example:
+                    # Raised by the slot walk itself (not available, too long, excessive):
+                    # no end to skip to, so stop here (see the module docstring).
                     if budget is not None:
                         budget.left -= e.ndesc
                     self._break(e.reason, f"chain at ring position {start}: {e}", position=start, **e.example)
@@ -380,6 +381,13 @@ class PackedRing:
             if slots >= self.num:
                 raise ChainError("packed_chain_too_long", f"chain longer than the queue size {self.num} (no end)",
                                  count, expected=f"at most {self.num} descriptors", seen=f"more than {self.num}")
+            if slots >= MAX_CHAIN_DESCS:
+                # Its end, if any, is further than one step may walk (a 32768-entry
+                # ring of NEXT descriptors took seconds): no position to go on from.
+                raise ChainError("packed_chain_excessive",
+                                 f"chain longer than the device's limit of {MAX_CHAIN_DESCS} descriptors",
+                                 count, expected=f"at most {MAX_CHAIN_DESCS} descriptors",
+                                 seen=f"more than {MAX_CHAIN_DESCS}")
             addr, length, buf_id, flags = _desc_unpack(self._desc, pos * DESC_SIZE)
             if not _is_avail(flags, w):
                 raise ChainError("packed_desc_not_avail",
@@ -452,6 +460,10 @@ class PackedRing:
         for i in range(length // DESC_SIZE):
             a, n, _id, f = _desc_unpack(table, i * DESC_SIZE)
             count += 1
+            if count > MAX_CHAIN_DESCS:
+                raise ChainError("packed_chain_excessive", f"indirect table longer than the device's limit of "
+                                 f"{MAX_CHAIN_DESCS} descriptors", count, indirect_index=i,
+                                 expected=f"at most {MAX_CHAIN_DESCS} descriptors", seen=length // DESC_SIZE)
             if f & VIRTQ_DESC_F_INDIRECT:
                 raise ChainError("packed_nested_indirect", "indirect descriptor inside an indirect table", count,
                                  indirect_index=i)
