@@ -2115,6 +2115,7 @@ def run(args) -> dict:
     recovering = 0.0   # time spent on failures: stack dumps, waiting out hangs, restarts
     op_time: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
     failures_before = 0
+    last_progress = time.monotonic()
     try:
         backend.start()
         ex.vh_connect()
@@ -2178,6 +2179,13 @@ def run(args) -> dict:
                 recovering += time.monotonic() - t_fail
                 continue
             dt = time.monotonic() - t0
+            if args.progress and time.monotonic() - last_progress > PROGRESS_EVERY:
+                last_progress = time.monotonic()
+                write_progress(args.progress, {
+                    "seed": args.seed, "steps": steps, "seconds": round(last_progress - t_start, 1),
+                    "findings": {k: v["count"] for k, v in findings.items()},
+                    "loop_max_step_ms": ex.loop_max[0], "loop_max_step_cpu_ms": ex.loop_max[2],
+                    "rules_seen": sorted(ex.rules_seen)})
             op_time[st["op"]][0] += 1
             op_time[st["op"]][1] += dt
             if dt > longest[0]:
@@ -2250,6 +2258,17 @@ JSON_FIELDS = {
 }
 
 
+PROGRESS_EVERY = 5.0    # seconds between --progress snapshots
+
+
+def write_progress(path: str, doc: dict) -> None:
+    """A snapshot of a running fuzzer, replaced atomically: what a killed run leaves behind."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+    os.replace(tmp, path)
+
+
 def run_workers(args) -> dict:
     """--workers N: N fuzzers in their own processes, seeds seed .. seed+N-1, one backend each.
 
@@ -2270,6 +2289,8 @@ def run_workers(args) -> dict:
             cmd.append("--keep-going")
         if args.only:
             cmd += ["--only", ",".join(sorted(args.only))]
+        if args.progress:
+            cmd += ["--progress", f"{args.progress}.{sd}"]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE))
     t0 = time.monotonic()
     docs = []
@@ -2371,6 +2392,8 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=None, help="stop after this long")
     p.add_argument("--replay", type=int, metavar="SEED", help="run SEED's steps again, printing each (with --steps N)")
     p.add_argument("--keep-going", action="store_true", help="after a failure restart the backend and go on")
+    p.add_argument("--progress", metavar="FILE", help=f"write a JSON snapshot (steps, findings by class, loop "
+                   f"stats) every {PROGRESS_EVERY:.0f} s; with --workers, FILE.SEED per worker")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="N fuzzers in parallel, seeds SEED..SEED+N-1, each with its own backend (--steps is shared)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
