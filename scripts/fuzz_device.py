@@ -1696,6 +1696,11 @@ class Executor:
         drv = self.pdrv[q]
         if drv is None or self.mem is None or not self.packed:
             return None
+        if self.mem.valid < MEM_SIZE:
+            # Truncated (unsealed memory): the driver model writes the mapping
+            # directly, and a page past the end would be our own SIGBUS.
+            self.pdrv[q] = None
+            return None
         try:
             drv.used()
         except (ValueError, IndexError):
@@ -2385,6 +2390,8 @@ def table(doc: dict) -> str:
 
 
 def main(argv=None) -> int:
+    import faulthandler
+    faulthandler.enable()   # a fatal signal in the fuzzer itself leaves its stack on stderr
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__[__doc__.index("Examples:"):],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=None, help="RNG seed (default: random, printed)")
