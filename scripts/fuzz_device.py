@@ -1795,7 +1795,7 @@ class Executor:
             drv.write_desc(slot, a, 64, 0, w | F_NEXT | avail)
             self.pdrv[q] = None
         elif kind == "out_of_order":   # the second chain's head made available before the first's
-            if drv.free_slots < 2 or n < 2:
+            if drv.free_slots < 2 or n < 2 or not drv.free_ids:
                 return
             first = drv.free_ids.pop()
             nxt, nwrap = (slot + 1) % n, drv.avail_wrap if slot + 1 < n else not drv.avail_wrap
