@@ -78,7 +78,8 @@ After every step the fuzzer checks (the step fails if one does not hold):
   after a step that gave a kick fd other than an eventfd or left a frame
   no posted buffer can take, with nothing sent for
   IDLE_WINDOW the backend must not be runnable most of the time while its
-  rings make no progress (a kick fd that is always readable does that).
+  rings make no progress and it never blocks (a kick fd that is always
+  readable does that; a ring polled every millisecond blocks each time).
 
 A failure prints the seed, the step, the class (what failed and where: the
 traceback's frames for a crash, the frame every faulthandler sample of a
@@ -88,6 +89,7 @@ The --json document's fields are JSON_FIELDS below.
 Examples:
     PYTHONPATH=$PWD python3 scripts/fuzz_device.py --seed 1 --steps 20000
     PYTHONPATH=$PWD python3 scripts/fuzz_device.py --seconds 60 --keep-going --json
+    PYTHONPATH=$PWD nice -n 10 python3 scripts/fuzz_device.py --workers 4 --seed 100 --steps 1000000
     PYTHONPATH=$PWD python3 scripts/fuzz_device.py --replay 1 --steps 4242
     PYTHONPATH=$PWD python3 scripts/fuzz_device.py --only feed,long --seed 3 --steps 20
     PYTHONPATH=$PWD python3 scripts/fuzz_device.py --tree /path/to/other/checkout --seconds 30
@@ -113,9 +115,11 @@ import time
 from pathlib import Path
 
 from stack.config import NetConfig
-from vhostnet.testing.frontend import (FD_KINDS, encode_message, make_fd, make_memfd, recv_message,
-                                       send_message)
+from vhostnet.testing.frontend import (FD_KINDS, PACKED_FRESH_BASE, encode_message, make_fd, make_memfd,
+                                       recv_message, send_message)
+from vhostnet.testing.packed_driver import PackedDriver
 from vhostnet.virtio import features as F
+from vhostnet.virtio.packed import VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, decode_base
 from vhostnet.vhostuser import protocol as P
 from vhostnet.vhostuser.protocol import Req
 
@@ -153,6 +157,10 @@ IDLE_EVERY = 128        # steps between idle checks (also before every connectin
 IDLE_WINDOW = 0.02      # seconds of silence measured
 IDLE_BUSY = 0.8         # fraction of the time an idle backend may be runnable (a polled kick
                         # ring: up to ~0.45 under load; a spin: ~1, however little of a core it gets)
+IDLE_BLOCKS = 3         # a backend that blocked this often in the window is polling (a "none" kick:
+                        # every 1 ms), not spinning, however runnable a loaded machine makes it look
+IDLE_CONFIRM = 3        # windows more, after IDLE_PAUSE, before two busy ones are a finding
+IDLE_PAUSE = 0.25
 RSS_SLACK = 96 << 20
 CONN_FDS = 1 + 3 * 2 + P.MAX_MEM_REGIONS  # a connection: its socket, kick, call, err per queue, region fds if kept
 FD_SLACK = 8            # trio internals, a capture being set up, timing of closes
@@ -162,9 +170,16 @@ LOG_KEEP = 40           # steps shown with a failure
 START_TIMEOUT = 20.0
 STACK_SAMPLES = 5       # faulthandler samples of a hung backend's stack
 
-# The driver model here writes split rings (virtio 1.2 §2.7), so it never takes
-# RING_PACKED; the packed ring's hostile cases are tests/device/test_packed_ring.py.
+# Two driver models: split rings (virtio 1.2 §2.7), written here, and packed
+# rings (§2.8, vhostnet/testing/packed_driver.py), negotiated on PACKED_SHARE
+# of the connects, with their own hostile moves (g_pbad, g_pevent).
 OFFERED = F.DEFAULT_FEATURES & ~(1 << F.RING_PACKED) | 1 << F.PROTOCOL_FEATURES
+PACKED_BIT = 1 << F.RING_PACKED
+OFFERED_ANY = OFFERED | PACKED_BIT
+PACKED_SHARE = 0.3
+PACKED_EVENT = 4                                   # §2.8.14: struct pvirtq_event_suppress
+PACKED_KINDS = ("noend", "nested", "indirect_len", "indirect_chain", "id_oob", "id_inflight", "not_avail",
+                "out_of_order", "wrap_bad", "wrap_flip", "oob", "readafterwrite", "zero_len")
 CFG = NetConfig()
 GUEST_IP = bytes(map(int, CFG.guest_ip.split(".")))
 GATEWAY_IP = bytes(map(int, CFG.gateway_ip.split(".")))
@@ -179,9 +194,12 @@ ALL_REQUESTS = [int(r) for r in Req] + [0, 41, 99, 0xFFFF, 0x7FFFFFFF]
 DATA_FD_KINDS = [k for k in FD_KINDS]
 
 
-def ring_addrs(q: int, n: int) -> tuple[int, int, int]:
-    """(desc, avail, used) guest addresses of queue q with size n (virtio 1.2 §2.7 alignment)."""
+def ring_addrs(q: int, n: int, packed: bool = False) -> tuple[int, int, int]:
+    """(desc, avail, used) guest addresses of queue q with size n (virtio 1.2 §2.7 alignment);
+    packed: (descriptor ring, driver event area, device event area), §2.8.10.1."""
     desc = RING_GPA[q]
+    if packed:
+        return desc, desc + 16 * n, desc + 16 * n + PACKED_EVENT
     avail = desc + 16 * n
     used = (avail + 6 + 2 * n + 3) & ~3
     return desc, avail, used
@@ -257,6 +275,7 @@ class Gen:
         self.qsize = [256, 256]
         self.feats = 0
         self.regions = 2
+        self.packed = False      # the last connect negotiated RING_PACKED: driver steps are packed ones
         self.planted: list[int | None] = [None, None]   # a head whose desc is a huge indirect table
         self.ops = [  # (weight, generator); targeted ones that open their own connection are rarer
             (14, self.g_tx), (10, self.g_rx), (9, self.g_bad), (5, self.g_avail), (2, self.g_aflags),
@@ -306,9 +325,14 @@ class Gen:
         feats = r.choice([OFFERED, OFFERED, OFFERED & ~(1 << F.MRG_RXBUF), OFFERED & ~(1 << F.EVENT_IDX),
                           OFFERED & ~F.OFFLOAD_FEATURES, 1 << F.PROTOCOL_FEATURES | 1 << F.MAC,
                           r.getrandbits(40) & OFFERED, OFFERED | 1 << 35])
+        packed = r.random() < PACKED_SHARE
+        if packed:   # a valid set mostly; a random one now and then
+            feats = r.choice([OFFERED, OFFERED, OFFERED & ~(1 << F.MRG_RXBUF), OFFERED & ~(1 << F.EVENT_IDX),
+                              OFFERED & ~(1 << F.INDIRECT_DESC), r.getrandbits(40) & OFFERED]) | PACKED_BIT
         q = [r.choice(QUEUE_SIZES), r.choice(QUEUE_SIZES)]
         self.qsize = list(q)
-        self.feats = feats if not feats & ~OFFERED else 0
+        self.feats = feats if not feats & ~OFFERED_ANY else 0
+        self.packed = bool(self.feats & PACKED_BIT)
         self.regions = r.choice([1, 2, 2])
         self.planted = [None, None]
         kick = r.choices(["eventfd", "pipe", "pipe_eof", "socket_eof", "none", "opath"],
@@ -349,7 +373,7 @@ class Gen:
         if req == Req.SET_VRING_ADDR:
             qi = q & 1
             n = r.choice([self.qsize[qi], r.choice(QUEUE_SIZES)])
-            d, a, u = ring_addrs(qi, n)
+            d, a, u = ring_addrs(qi, n, self.packed)
             addrs = [gpa_to_uva(d), gpa_to_uva(u), gpa_to_uva(a)]
             if r.random() < 0.3:
                 addrs[r.randrange(3)] = r.choice([0, 1, r.getrandbits(64), REGION_UVA[0] + REGION - 8,
@@ -414,10 +438,14 @@ class Gen:
         if r.random() < 0.9:
             order.insert(0, "stop")     # GET_VRING_BASE first, as QEMU does before it sets a ring up again
         addr_n = r.choice([self.qsize[q], n])
-        base = r.choice([0, 0, 1, 65535, 70000])
+        if self.packed:   # wrap-counter games: both counters, each index, as vhost-user.rst packs them
+            base = r.choice([PACKED_FRESH_BASE, PACKED_FRESH_BASE, 0, 1 << 15, 1 << 31, 5 | 1 << 15 | 5 << 16,
+                             r.getrandbits(32), 0xFFFFFFFF])
+        else:
+            base = r.choice([0, 0, 1, 65535, 70000])
         # When the set-up is complete and valid, the driver model follows it.
         follow = ({"num", "addr", "kick"} <= set(order) and "num2" not in order and addr_n == n
-                  and n in QUEUE_SIZES and base <= 0xFFFF)
+                  and n in QUEUE_SIZES and base <= (0xFFFFFFFF if self.packed else 0xFFFF))
         if follow:
             self.qsize[q] = n
         return {"op": "ring", "q": q, "num": n, "num2": r.choice(QUEUE_SIZES), "base": base,
@@ -438,6 +466,7 @@ class Gen:
     def g_mrg_refused(self) -> dict:
         """Targeted (case 11): merged RX buffers, one too small and the next refused, and a frame to place."""
         st = self.g_connect()
+        self.packed = False   # its own set-up is split rings
         st.update(op="mrgref", feats=OFFERED, q=[256, 256], kick="eventfd", enable=True, sealed=True)
         self.feats, self.qsize = OFFERED, [256, 256]
         r = self.rng
@@ -448,6 +477,7 @@ class Gen:
     def g_rx_small(self) -> dict:
         """Targeted (case 1): MRG_RXBUF, RX buffers that together cannot hold the frame, a frame for them."""
         st = self.g_connect()
+        self.packed = False   # its own set-up is split rings
         st.update(op="rxsmall", feats=OFFERED, q=[256, 256], kick="eventfd", enable=True, sealed=True)
         self.feats, self.qsize = OFFERED, [256, 256]
         r = self.rng
@@ -457,8 +487,10 @@ class Gen:
     def g_rx_jump(self) -> dict:
         """Targeted (case 2): a frame waits for RX buffers, and RX avail->idx jumps past the queue size."""
         st = self.g_connect()
+        self.packed = False   # its own set-up is split rings
         r = self.rng
-        st.update(op="rxjump", q=[r.choice([16, 256]), 256], kick="eventfd", enable=True, sealed=True)
+        st.update(op="rxjump", q=[r.choice([16, 256]), 256], kick="eventfd", enable=True, sealed=True,
+                  feats=st["feats"] & ~PACKED_BIT)
         self.feats, self.qsize = st["feats"] if not st["feats"] & ~OFFERED else 0, list(st["q"])
         st.update(jump=st["q"][0] + r.randrange(1, 1000), s=r.getrandbits(32))
         return st
@@ -466,14 +498,15 @@ class Gen:
     def g_shrink(self) -> dict:
         """Targeted (case 3): unsealed guest memory, shrunk under the backend, then the rings used."""
         st = self.g_connect()
+        self.packed = False   # its own set-up is split rings
         r = self.rng
-        st.update(op="shrink", sealed=False, kick="eventfd", enable=True,
+        st.update(op="shrink", sealed=False, kick="eventfd", enable=True, feats=st["feats"] & ~PACKED_BIT,
                   to=r.choice([0, GUARD, GUARD + 4096]), s=r.getrandbits(32))
         return st
 
     def g_desc_bomb(self) -> dict:
         """Targeted (case 6): plant an indirect table as large as memory that loops, and inspect it."""
-        st = self.g_bad()
+        st = self.split_bad()   # on a packed ring: split structures written over it, junk to the device
         st.update(op="descbomb", kind="huge_indirect")
         return st
 
@@ -494,6 +527,8 @@ class Gen:
     # -- driver
     def g_tx(self) -> dict:
         r = self.rng
+        if self.packed:
+            return self.g_ptx()
         kind = r.choices(["arp", "ping", "udp", "junk"], [3, 4, 3, 1])[0]
         size = r.choice([0, 1, 56, 200, 1000, 1472, 3000, 9000, 65000])
         hdr = "ok" if r.random() < 0.8 else "rand"
@@ -505,6 +540,8 @@ class Gen:
 
     def g_rx(self) -> dict:
         r = self.rng
+        if self.packed:
+            return self.g_prx()
         count = r.choice([1, 1, 4, 16, 64, 256])
         size = r.choice([1, 12, 20, 60, 100, 1526, 4096, 65562, "mix"])
         bufs = []
@@ -514,6 +551,11 @@ class Gen:
         return {"op": "rx", "bufs": bufs, "kick": r.random() < 0.8}
 
     def g_bad(self) -> dict:
+        if self.packed:
+            return self.g_pbad()
+        return self.split_bad()
+
+    def split_bad(self) -> dict:
         r = self.rng
         q = r.choice([0, 1])
         kind = r.choice(["loop", "oob", "guard", "gap", "indirect", "nested", "next_oob", "readafterwrite",
@@ -526,6 +568,8 @@ class Gen:
 
     def g_avail(self) -> dict:
         r = self.rng
+        if self.packed:
+            return self.g_pevent()
         q = r.choice([0, 1])
         n = self.qsize[q]
         mode = r.choice(["fwd", "jump", "back", "rand"])
@@ -535,8 +579,45 @@ class Gen:
 
     def g_aflags(self) -> dict:
         r = self.rng
+        if self.packed:
+            return self.g_pevent()
         return {"op": "aflags", "q": r.choice([0, 1]), "flags": r.choice([0, 1, 0xFFFF]),
                 "used_event": r.getrandbits(16)}
+
+    # -- driver, packed rings (virtio 1.2 §2.8): the executor's PackedDriver writes them
+    def g_ptx(self) -> dict:
+        r = self.rng
+        kind = r.choices(["arp", "ping", "udp", "junk"], [3, 4, 3, 1])[0]
+        size = r.choice([0, 1, 56, 200, 1000, 1472, 3000, 9000, 65000])
+        return {"op": "ptx", "kind": kind, "size": size, "hdr": "ok" if r.random() < 0.8 else "rand",
+                "nseg": r.choices([1, 2, 3], [6, 3, 1])[0], "addr": self.buf_addr(size + 200),
+                "kick": r.random() < 0.8, "s": r.getrandbits(32), "hl": self.hdr_len,
+                "indirect": r.random() < 0.15}
+
+    def g_prx(self) -> dict:
+        r = self.rng
+        count = r.choice([1, 1, 4, 16, 64, 256])
+        size = r.choice([1, 12, 20, 60, 100, 1526, 4096, 65562, "mix"])
+        bufs = []
+        for _ in range(min(count, self.qsize[RXQ])):
+            sz = r.choice([1, 12, 30, 64, 1526, 4096]) if size == "mix" else size
+            bufs.append((self.buf_addr(sz), sz, r.random() < 0.05))
+        return {"op": "prx", "bufs": bufs, "kick": r.random() < 0.8}
+
+    def g_pbad(self) -> dict:
+        """A packed-ring hostile move (§2.8): each should be refused with a packed_* finding."""
+        r = self.rng
+        q = r.choice([0, 1])
+        return {"op": "pbad", "q": q, "kind": r.choice(PACKED_KINDS), "s": r.getrandbits(32),
+                "n": self.qsize[q], "kick": r.random() < 0.85}
+
+    def g_pevent(self) -> dict:
+        """Event suppression games (§2.8.10, §2.8.14): the driver's structure, and scribbles on ours."""
+        r = self.rng
+        return {"op": "pevent", "q": r.choice([0, 1]), "flags": r.choice([0, 1, 2, 3, 3, r.getrandbits(16)]),
+                "off": r.choice([0, 1, self.qsize[0] - 1, self.qsize[0], 0x7FFF, r.getrandbits(15)]),
+                "wrap": r.random() < 0.5, "device": r.random() < 0.2, "raw": r.getrandbits(32),
+                "kick": r.random() < 0.7}
 
     def g_kick(self) -> dict:
         return {"op": "kick", "q": self.rng.choice([0, 1])}
@@ -545,6 +626,7 @@ class Gen:
         """Targeted (case 12): min(512, n) copies of a chain as long as the queue, n up to 32768."""
         r = self.rng
         st = self.g_connect()
+        self.packed = False   # its own set-up is split rings
         n = r.choice([1024, 32768, 32768])
         st.update(op="long", q=[256, n], kick="eventfd", enable=True, sealed=True, indirect=r.random() < 0.5)
         self.qsize = [256, n]
@@ -553,7 +635,9 @@ class Gen:
     def g_eof_kick(self) -> dict:
         """Targeted (case 7): a kick fd that is always readable (a pipe or socket whose writer is gone)."""
         st = self.g_connect()
-        st.update(op="eofkick", kick=self.rng.choice(["pipe_eof", "socket_eof"]), enable=True, sealed=True)
+        self.packed = False   # its own set-up is split rings
+        st.update(op="eofkick", kick=self.rng.choice(["pipe_eof", "socket_eof"]), enable=True, sealed=True,
+                  feats=st["feats"] & ~PACKED_BIT)
         return st
 
     def g_feed(self) -> dict:
@@ -562,6 +646,7 @@ class Gen:
         # shared machine is not always running, and a 32768-entry ring gives
         # it time to refill before the backend catches up.
         st = self.g_connect()
+        self.packed = False   # its own set-up is split rings
         st.update(op="feed", q=[256, 32768], kick="eventfd", enable=True, sealed=True, secs=0.3)
         self.qsize = [256, 32768]
         return st
@@ -701,6 +786,25 @@ class Backend:
                 with open(f"/proc/{self.pid}/task/{t}/schedstat") as f:
                     run, wait = f.read().split()[:2]
                     total += int(run) + int(wait)
+        except OSError:
+            pass
+        return total
+
+    def blocks(self) -> int:
+        """Times its threads went to sleep of their own accord (voluntary context switches).
+
+        A spin never does: a loop that finds work at once, a timer due at
+        once, a kick fd always readable, all go round without blocking. A
+        ring polled every millisecond does, each time, however long it then
+        waits for a CPU on a loaded machine.
+        """
+        total = 0
+        try:
+            for t in os.listdir(f"/proc/{self.pid}/task"):
+                with open(f"/proc/{self.pid}/task/{t}/status") as f:
+                    for line in f:
+                        if line.startswith("voluntary_ctxt_switches"):
+                            total += int(line.split()[1])
         except OSError:
             pass
         return total
@@ -928,6 +1032,9 @@ class Executor:
         self.oracle: list[RingOracle | None] = [None, None]
         self.qsize = [256, 256]
         self.feats = 0
+        self.packed = False                        # this connection negotiated RING_PACKED
+        self.pdrv: list[PackedDriver | None] = [None, None]   # the packed driver model per queue
+        self.rules_seen: set[str] = set()          # refusal rule ids inspect showed (findings.py)
         self.last_connect: dict | None = None
         self.idle: list[Ctl] = []
         self.captures: list[tuple[Ctl, bool]] = []
@@ -941,6 +1048,10 @@ class Executor:
         self.rss_max = 0
         self.probe_max = 0.0
         self.idle_due = False
+        # The longest event-loop step the backend timed (ms, kind, its CPU ms), read
+        # with inspect at every idle check (and so before every connecting step).
+        self.loop_max: tuple[float, str | None, float] = (0.0, None, 0.0)
+        self.loop_slow = 0
 
     # -- connection
     def vh_connect(self) -> None:
@@ -967,7 +1078,11 @@ class Executor:
         fds, keep = [], None
         try:
             for k in kinds:
-                if k == "guest":
+                if k == "guest" and self.mem is None:
+                    # No guest memory on this connection (a bare reconnect after a
+                    # failed recovery): a memfd of the same size stands in.
+                    fds.append(make_memfd(MEM_SIZE, True, "fuzz-guest-standin"))
+                elif k == "guest":
                     fds.append(os.dup(self.mem.fd))
                 else:
                     fd, other = make_fd(k, REGION + GUARD)
@@ -998,6 +1113,7 @@ class Executor:
             self.mem.close()
             self.mem = None
         self.oracle = [None, None]
+        self.pdrv = [None, None]
 
     # -- probe
     def probe(self) -> float:
@@ -1123,8 +1239,18 @@ class Executor:
             c.close()
         if not doc.get("ok"):
             return None
+        self.note_loop(doc["result"].get("loop"))
+        for q in doc["result"].get("queues", []):
+            self.rules_seen.update(q.get("errors", {}))
         return sum(q.get("chains", 0) + q.get("bytes", 0) + sum(q.get("errors", {}).values())
                    for q in doc["result"].get("queues", []))
+
+    def note_loop(self, loop: dict | None) -> None:
+        """The backend's own timing of its event-loop steps (inspect's `loop`, per connection)."""
+        if loop and loop.get("max_step_ms", 0) > self.loop_max[0]:
+            self.loop_max = (loop["max_step_ms"], loop.get("max_step_kind"), loop.get("max_step_cpu_ms", 0.0))
+        if loop:
+            self.loop_slow = max(self.loop_slow, loop.get("slow_steps", 0))
 
     def check_idle(self) -> None:
         """Nothing sent, no ring work left, and yet runnable all the time: a spin.
@@ -1134,12 +1260,17 @@ class Executor:
         progress, which inspect's counters show; that is not a finding.
         """
         busy = 0.0
-        for _ in range(2):   # twice, so one unlucky window is not a finding
+        # Twice, then (only if both look busy) IDLE_CONFIRM more after a pause:
+        # a spin is busy for ever, while work the backend is still doing
+        # (a capture being streamed, a step slowed down by a loaded machine) ends.
+        for k in range(2 + IDLE_CONFIRM):
+            if k == 2:
+                time.sleep(IDLE_PAUSE)
             p0 = self.ring_progress()
-            c0, t0 = self.b.runnable_ns(), time.monotonic()
+            c0, v0, t0 = self.b.runnable_ns(), self.b.blocks(), time.monotonic()
             time.sleep(IDLE_WINDOW)
             busy = (self.b.runnable_ns() - c0) / 1e9 / (time.monotonic() - t0)
-            if busy < IDLE_BUSY:
+            if busy < IDLE_BUSY or self.b.blocks() - v0 >= IDLE_BLOCKS:
                 return
             p1 = self.ring_progress()
             if p0 is None or p1 is None or p1 != p0:
@@ -1184,6 +1315,7 @@ class Executor:
         feats, q = st["feats"], st["q"]
         self.qsize = list(q)
         self.feats = feats
+        self.packed = bool(feats & PACKED_BIT) and not feats & ~OFFERED_ANY
         self.send(Req.GET_FEATURES)
         self.send(Req.GET_PROTOCOL_FEATURES)
         pf = 1 << P.ProtoFeat.MTU | (1 << P.ProtoFeat.REPLY_ACK if st["ack"] else 0)
@@ -1196,7 +1328,9 @@ class Executor:
         self.send_mem_table(st["regions"])
         for i in (RXQ, TXQ):
             self.setup_ring(i, q[i], st["kick"])
-            self.oracle[i] = RingOracle(q[i])
+            # The used-ring oracle reads split used rings; a packed ring's refusals
+            # are checked through the findings inspect names (rules_seen).
+            self.oracle[i] = None if self.packed else RingOracle(q[i])
         if st["enable"]:
             for i in (RXQ, TXQ):
                 self.send(Req.SET_VRING_ENABLE, STATE.pack(i, 1))
@@ -1206,13 +1340,29 @@ class Executor:
         payload = struct.pack("<II", n, 0) + b"".join(REGION_DESC.pack(*r) for r in regs)
         self.send_fds(Req.SET_MEM_TABLE, payload, ["guest"] * n)
 
-    def setup_ring(self, i: int, n: int, kick: str, base: int = 0, call: str = "eventfd") -> None:
-        d, a, u = ring_addrs(i, n)
+    def setup_ring(self, i: int, n: int, kick: str, base: int | None = None, call: str = "eventfd") -> None:
+        if base is None:
+            base = PACKED_FRESH_BASE if self.packed else 0
+        d, a, u = ring_addrs(i, n, self.packed)
+        self.follow_packed(i, n, base)
         self.send(Req.SET_VRING_NUM, STATE.pack(i, n))
         self.send(Req.SET_VRING_BASE, STATE.pack(i, base))
         self.send(Req.SET_VRING_ADDR, ADDR.pack(i, 0, gpa_to_uva(d), gpa_to_uva(u), gpa_to_uva(a), 0))
         self.send_call(i, call)
         self.send_kick(i, kick)
+
+    def follow_packed(self, i: int, n: int, base: int) -> None:
+        """A packed driver model for queue I of size N starting at BASE (vhost-user.rst "Ring states")."""
+        if not self.packed or self.mem is None or base > 0xFFFFFFFF:
+            self.pdrv[i] = None
+            return
+        d, a, u = ring_addrs(i, n, True)
+        drv = PackedDriver(self.mem.mm, n, GuestMem.off(d), GuestMem.off(a), GuestMem.off(u))
+        avail, aw, used, uw = decode_base(base)
+        if base >> 16 == 0:
+            used, uw = avail, aw    # only the avail half given: the backend takes it for both
+        drv.next_avail, drv.avail_wrap, drv.next_used, drv.used_wrap = avail % n, aw, used % n, uw
+        self.pdrv[i] = drv
 
     def send_kick(self, i: int, kind: str) -> None:
         self.kick_kind[i] = kind
@@ -1261,7 +1411,8 @@ class Executor:
     def x_ring(self, st: dict) -> None:
         q, n = st["q"], st["num"]
         self.disarm(q)
-        d, a, u = ring_addrs(q, st["addr_n"])
+        self.pdrv[q] = None      # until the set-up below is followed
+        d, a, u = ring_addrs(q, st["addr_n"], self.packed)
         for part in st["order"]:
             if part == "stop":
                 self.send(Req.GET_VRING_BASE, STATE.pack(q, 0))
@@ -1279,7 +1430,11 @@ class Executor:
                 self.send_kick(q, st["kick"])
             elif part == "enable":
                 self.send(Req.SET_VRING_ENABLE, STATE.pack(q, 1))
-        if st.get("follow"):
+        if st.get("follow") and self.packed:
+            self.qsize[q] = n
+            self.follow_packed(q, n, st["base"] if "base" in st["order"] else PACKED_FRESH_BASE)
+            self.pdrv[q] = None if "base" not in st["order"] else self.pdrv[q]
+        elif st.get("follow"):
             self.qsize[q] = n
             o = RingOracle(n)
             o.avail = st["base"] if "base" in st["order"] else 0
@@ -1386,7 +1541,7 @@ class Executor:
         if self.session is None:
             self.session = Ctl(self.b.ctl_path)
         self.session_request({"cmd": "ping"})
-        d, a, u = ring_addrs(q, self.qsize[q])
+        d, a, u = ring_addrs(q, self.qsize[q], self.packed)
         self.send(Req.SET_VRING_ADDR, ADDR.pack(q, 0, gpa_to_uva(d), gpa_to_uva(u), gpa_to_uva(a), 0))
         self.send_kick(q, "eventfd")                                      # stops the ring: closes its old kick fd
         self.probe()
@@ -1532,6 +1687,150 @@ class Executor:
             o.armed = False
         if self.mem is not None:
             self.mem.write(a + 2, struct.pack("<H", o.avail))
+        if st["kick"]:
+            self.kick(q)
+
+    # packed driver steps (virtio 1.2 §2.8)
+    def _pdrv(self, q: int) -> PackedDriver | None:
+        """Queue Q's packed driver model, with what the device used since reclaimed."""
+        drv = self.pdrv[q]
+        if drv is None or self.mem is None or not self.packed:
+            return None
+        if self.mem.valid < MEM_SIZE:
+            # Truncated (unsealed memory): the driver model writes the mapping
+            # directly, and a page past the end would be our own SIGBUS.
+            self.pdrv[q] = None
+            return None
+        try:
+            drv.used()
+        except (ValueError, IndexError):
+            self.pdrv[q] = None
+            return None
+        # Ids the device echoed that were never ours (a hostile id, a scribble) are not reused.
+        drv.free_ids = [i for i in dict.fromkeys(drv.free_ids) if 0 <= i < drv.size and i not in drv.slots_of]
+        return drv
+
+    def _padd(self, drv: PackedDriver, bufs, buf_id: int | None = None) -> int | None:
+        if len(bufs) > drv.free_slots or (buf_id is None and not drv.free_ids):
+            return None
+        return drv.add(bufs, buf_id=buf_id)
+
+    def x_ptx(self, st: dict) -> None:
+        drv = self._pdrv(TXQ)
+        if drv is None:
+            return
+        rng = random.Random(st["s"])
+        hl = st["hl"]
+        f = frame(st["kind"], st["size"], rng)
+        hdr = bytes(hl) if st["hdr"] == "ok" else rng.randbytes(hl)
+        data = hdr + f
+        addr = st["addr"]
+        self.mem.write(addr, data)
+        cuts = sorted(rng.randrange(len(data) + 1) for _ in range(st["nseg"] - 1))
+        bounds = [0] + cuts + [len(data)]
+        segs = [(addr + bounds[k], bounds[k + 1] - bounds[k], 0) for k in range(st["nseg"])]
+        if st["indirect"]:   # §2.8.7: the segments in a table, one INDIRECT descriptor in the ring
+            table = (addr + len(data) + 15) & ~15
+            self.mem.write(table, b"".join(DESC.pack(a, n, 0, 0) for a, n, _f in segs))
+            segs = [(table, 16 * len(segs), F_INDIRECT)]
+        self._padd(drv, segs)
+        if st["kick"]:
+            self.kick(TXQ)
+
+    def x_prx(self, st: dict) -> None:
+        drv = self._pdrv(RXQ)
+        if drv is None:
+            return
+        for addr, size, split in st["bufs"]:
+            if split and size > 1:
+                bufs = [(addr, size // 2, F_WRITE), (addr + size // 2, size - size // 2, F_WRITE)]
+            else:
+                bufs = [(addr, size, F_WRITE)]
+            if self._padd(drv, bufs) is None:
+                break
+        if st["kick"]:
+            self.kick(RXQ)
+
+    def x_pbad(self, st: dict) -> None:
+        """One hostile packed move; moves that leave the ring with no safe position break it
+        (the device's rule), and the driver model stops there until the ring is set up again."""
+        q, kind, n = st["q"], st["kind"], st["n"]
+        drv = self._pdrv(q)
+        if drv is None:
+            return
+        rng = random.Random(st["s"])
+        w = F_WRITE if q == RXQ else 0
+        a = rng.randrange(BUF_LO, REGION - 0x2000)
+        avail = drv.avail_flags(drv.avail_wrap)
+        slot = drv.next_avail
+        if kind == "noend":
+            # Every slot available, every one with NEXT: a chain that never ends.
+            if drv.free_slots < n:
+                return
+            for k in range(n):
+                drv.write_desc((slot + k) % n, a, 64, 0, w | F_NEXT | drv.avail_flags(
+                    drv.avail_wrap if slot + k < n else not drv.avail_wrap))
+            self.pdrv[q] = None
+        elif kind == "nested":   # an indirect table holding an indirect descriptor (§2.8.19)
+            t = rng.randrange(BUF_LO, REGION - 0x10000) & ~15
+            self.mem.write(t, DESC.pack(t + 64, 32, F_INDIRECT, 0) + DESC.pack(a, 64, w, 0))
+            self._padd(drv, [(t, 32, F_INDIRECT)])
+        elif kind == "indirect_len":
+            t = rng.randrange(BUF_LO, REGION - 0x10000) & ~15
+            self._padd(drv, [(t, rng.choice([0, 8, 17, 16 * (n + 1), 0xFFFFFFF0]), F_INDIRECT)])
+        elif kind == "indirect_chain":   # INDIRECT inside a chain linked by NEXT (§2.8.19)
+            t = rng.randrange(BUF_LO, REGION - 0x10000) & ~15
+            self.mem.write(t, DESC.pack(a, 64, w, 0))
+            self._padd(drv, [(a, 64, w), (t, 16, F_INDIRECT)])
+        elif kind == "id_oob":   # a buffer id not below the queue size
+            self._padd(drv, [(a, 64, w)], buf_id=rng.choice([n, n + 1, 0xFFFF]))
+        elif kind == "id_inflight":   # an id the device still holds, made available again
+            if drv.slots_of:
+                self._padd(drv, [(a, 64, w)], buf_id=rng.choice(sorted(drv.slots_of)))
+                self.pdrv[q] = None   # two chains, one id: the model cannot tell them apart
+        elif kind == "not_avail":   # the head available before the rest of its chain (§2.8.17)
+            if drv.free_slots < 2 or n < 2:
+                return
+            drv.write_desc((slot + 1) % n, a + 64, 64, 0, w)             # not available for this lap
+            drv.write_desc(slot, a, 64, 0, w | F_NEXT | avail)
+            self.pdrv[q] = None
+        elif kind == "out_of_order":   # the second chain's head made available before the first's
+            if drv.free_slots < 2 or n < 2 or not drv.free_ids:
+                return
+            first = drv.free_ids.pop()
+            nxt, nwrap = (slot + 1) % n, drv.avail_wrap if slot + 1 < n else not drv.avail_wrap
+            second = drv.free_ids.pop() if drv.free_ids else first
+            drv.write_desc(nxt, a + 64, 64, second, w | drv.avail_flags(nwrap))
+            self.kick(q)
+            drv.write_desc(slot, a, 64, first, w | avail)
+            drv.slots_of[first] = drv.slots_of[second] = 1
+            drv.free_slots -= 2
+            drv.next_avail, drv.avail_wrap = (slot + 2) % n, drv.avail_wrap if slot + 2 < n else not drv.avail_wrap
+        elif kind == "wrap_bad":   # AVAIL and USED equal: a descriptor that looks used, not available
+            drv.write_desc(slot, a, 64, 0, w | (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
+                                                 if rng.random() < 0.5 else 0))
+        elif kind == "wrap_flip":   # the driver's wrap counter flipped without passing the end
+            drv.avail_wrap = not drv.avail_wrap
+            self._padd(drv, [(a, 64, w)])
+            self.pdrv[q] = None
+        elif kind == "oob":
+            self._padd(drv, [(rng.choice([2 * REGION, 1 << 40, (1 << 64) - 16]), rng.choice([1, 4096, 0xFFFFFFFF]), w)])
+        elif kind == "readafterwrite":
+            self._padd(drv, [(a, 64, F_WRITE), (a + 64, 64, 0)])
+        elif kind == "zero_len":
+            self._padd(drv, [(a, 0, w)])
+        if st["kick"]:
+            self.kick(q)
+
+    def x_pevent(self, st: dict) -> None:
+        q = st["q"]
+        if not self.packed or self.mem is None:
+            return
+        _d, drv_area, dev_area = ring_addrs(q, self.qsize[q], True)
+        if st["device"]:   # the driver scribbles on the device's own structure
+            self.mem.write(dev_area, struct.pack("<I", st["raw"]))
+        else:
+            self.mem.write(drv_area, struct.pack("<HH", (st["off"] & 0x7FFF) | st["wrap"] << 15, st["flags"] & 0xFFFF))
         if st["kick"]:
             self.kick(q)
 
@@ -1821,6 +2120,7 @@ def run(args) -> dict:
     recovering = 0.0   # time spent on failures: stack dumps, waiting out hangs, restarts
     op_time: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
     failures_before = 0
+    last_progress = time.monotonic()
     try:
         backend.start()
         ex.vh_connect()
@@ -1840,10 +2140,20 @@ def run(args) -> dict:
                 print(f"{steps:8d} {describe(st)}", file=sys.stderr, flush=True)
             t0 = time.monotonic()
             try:
-                if st["op"] in CONNECTING_OPS and steps > 1:
-                    ex.check_idle()   # the connection is about to go: is it leaving a core burning?
-                ex.run(st)
-                ex.check(steps, idle=steps % IDLE_EVERY == 0 or steps == args.steps)
+                try:
+                    if st["op"] in CONNECTING_OPS and steps > 1:
+                        ex.check_idle()   # the connection is about to go: is it leaving a core burning?
+                    ex.run(st)
+                    ex.check(steps, idle=steps % IDLE_EVERY == 0 or steps == args.steps)
+                except Failure:
+                    raise
+                except Exception as e:
+                    if not args.keep_going:
+                        raise     # a bug of the fuzzer's own: loud
+                    # A long run goes on: named as the fuzzer's, never as the backend's.
+                    import traceback
+                    raise Failure("fuzzer_error", f"{type(e).__name__}: {e} at "
+                                  f"{traceback.extract_tb(e.__traceback__)[-1].name}") from None
             except Failure as f:
                 t_fail = t0
                 cls = classify(f, backend, st["op"])
@@ -1874,18 +2184,27 @@ def run(args) -> dict:
                 recovering += time.monotonic() - t_fail
                 continue
             dt = time.monotonic() - t0
+            if args.progress and time.monotonic() - last_progress > PROGRESS_EVERY:
+                last_progress = time.monotonic()
+                write_progress(args.progress, {
+                    "seed": args.seed, "steps": steps, "seconds": round(last_progress - t_start, 1),
+                    "findings": {k: v["count"] for k, v in findings.items()},
+                    "loop_max_step_ms": ex.loop_max[0], "loop_max_step_cpu_ms": ex.loop_max[2],
+                    "rules_seen": sorted(ex.rules_seen)})
             op_time[st["op"]][0] += 1
             op_time[st["op"]][1] += dt
             if dt > longest[0]:
                 longest = (dt, st["op"])
     finally:
+        if backend.alive():
+            ex.ring_progress()   # the last connection's loop stats
         ex.close_all()
         backend.stop()
         if not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     elapsed = time.monotonic() - t_start
     return {
-        "seed": args.seed, "steps": steps, "seconds": round(elapsed, 2),
+        "seed": args.seed, "seeds": [args.seed], "workers": 1, "steps": steps, "seconds": round(elapsed, 2),
         "steps_per_s": round(steps / elapsed, 1) if elapsed else 0.0,
         "seconds_recovering": round(recovering, 2),
         "steps_per_s_fuzzing": round(steps / (elapsed - recovering), 1) if elapsed > recovering else 0.0,
@@ -1896,6 +2215,9 @@ def run(args) -> dict:
         "rss_idle_mib": round(ex.base_rss / (1 << 20), 1), "rss_max_mib": round(ex.rss_max / (1 << 20), 1),
         "longest_probe_ms": round(ex.probe_max * 1000, 1),
         "longest_step_ms": round(longest[0] * 1000, 1), "longest_step_op": longest[1],
+        "rules_seen": sorted(ex.rules_seen),
+        "loop_max_step_ms": ex.loop_max[0], "loop_max_step_kind": ex.loop_max[1],
+        "loop_max_step_cpu_ms": ex.loop_max[2], "loop_slow_steps_max": ex.loop_slow,
         "ms_per_op": {op: round(t / n * 1000, 2) for op, (n, t) in sorted(op_time.items())},
         "findings": sorted(findings.values(), key=lambda r: r["step"]),
         "tree": str(tree),
@@ -1907,6 +2229,8 @@ def run(args) -> dict:
 #: holds the output to this table both ways).
 JSON_FIELDS = {
     "seed": "the RNG seed: with steps, names the input sequence",
+    "seeds": "the seeds of every worker (--workers N runs seeds seed .. seed+N-1, one backend each)",
+    "workers": "worker processes (each a fuzzer with its own backend); sums and maxima are over all of them",
     "steps": "steps run",
     "seconds": "wall time of the run, from the backend's first answer (its start-up is left out)",
     "steps_per_s": "steps / seconds",
@@ -1925,11 +2249,101 @@ JSON_FIELDS = {
     "longest_probe_ms": "the longest a passing GET_FEATURES probe waited: a bound on the longest event-loop step",
     "longest_step_ms": "the longest passing step, with its checks",
     "longest_step_op": "that step's op",
+    "rules_seen": "refusal rule ids (vhostnet/virtio/findings.py) inspect showed on some queue at an idle check",
+    "loop_max_step_ms": "the longest event-loop step the backend itself timed (inspect's loop.max_step_ms, "
+                        "read at every idle check, so before every connecting step), wall clock",
+    "loop_max_step_kind": "that step's kind (rx, tx, timer, message)",
+    "loop_max_step_cpu_ms": "the most CPU time one backend step took (loop.max_step_cpu_ms): its own work, "
+                            "without the time the kernel gave other processes",
+    "loop_slow_steps_max": "the most steps over the backend's SLOW_STEP (10 ms) one connection had",
     "ms_per_op": "mean wall time per step, by op",
     "findings": "failures by class, first occurrence first: class, kind, count, seed, step, detail, "
                 "ops (op -> first step), log (steps since the last connect), backend_log, after_failures",
     "tree": "the vhostnet tree the backend ran from",
 }
+
+
+PROGRESS_EVERY = 5.0    # seconds between --progress snapshots
+
+
+def write_progress(path: str, doc: dict) -> None:
+    """A snapshot of a running fuzzer, replaced atomically: what a killed run leaves behind."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+    os.replace(tmp, path)
+
+
+def run_workers(args) -> dict:
+    """--workers N: N fuzzers in their own processes, seeds seed .. seed+N-1, one backend each.
+
+    While one waits for its backend (a probe, an idle window), the others
+    work: on a shared machine that is where the rate comes from. Each worker
+    keeps every check of every step; the document sums steps and failures
+    and takes the maxima.
+    """
+    seeds = [args.seed + i for i in range(args.workers)]
+    procs = []
+    for sd in seeds:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--seed", str(sd), "--json", "--tree", args.tree]
+        if args.seconds:
+            cmd += ["--seconds", str(args.seconds)]
+        if args.steps < 1 << 62:
+            cmd += ["--steps", str(max(1, args.steps // args.workers))]
+        if args.keep_going:
+            cmd.append("--keep-going")
+        if args.only:
+            cmd += ["--only", ",".join(sorted(args.only))]
+        if args.progress:
+            cmd += ["--progress", f"{args.progress}.{sd}"]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE))
+    t0 = time.monotonic()
+    docs = []
+    for pr in procs:
+        out, _ = pr.communicate()
+        try:
+            docs.append(json.loads(out))
+        except ValueError:
+            docs.append(None)
+    wall = time.monotonic() - t0
+    lost = [sd for sd, d in zip(seeds, docs) if d is None]
+    docs = [d for d in docs if d is not None]
+    if not docs:
+        raise SystemExit(f"every worker failed (seeds {seeds})")
+    total = lambda k: sum(d[k] for d in docs)
+    top = lambda k: max(docs, key=lambda d: d[k] or 0)
+    steps = total("steps")
+    seconds = max(d["seconds"] for d in docs)
+    recovering = max(d["seconds_recovering"] for d in docs)
+    ops: dict[str, list] = collections.defaultdict(list)
+    for d in docs:
+        for op, ms in d["ms_per_op"].items():
+            ops[op].append(ms)
+    findings = [f for d in docs for f in d["findings"]]
+    for sd in lost:
+        findings.append({"class": "worker_lost", "count": 1, "seed": sd, "step": 0, "kind": "worker_lost",
+                         "detail": "the worker printed no result", "ops": {}})
+    loop = top("loop_max_step_ms")
+    longest = top("longest_step_ms")
+    return {
+        "seed": args.seed, "seeds": seeds, "workers": args.workers, "steps": steps, "seconds": round(seconds, 2),
+        "steps_per_s": round(steps / seconds, 1) if seconds else 0.0,
+        "seconds_recovering": round(recovering, 2),
+        "steps_per_s_fuzzing": round(steps / (seconds - recovering), 1) if seconds > recovering else 0.0,
+        "connections": total("connections"), "disconnects_by_backend": total("disconnects_by_backend"),
+        "backend_starts": total("backend_starts"), "crashes": total("crashes"), "hangs": total("hangs"),
+        "fd_idle": max(d["fd_idle"] for d in docs), "fd_max": max(d["fd_max"] for d in docs),
+        "rss_idle_mib": max(d["rss_idle_mib"] for d in docs), "rss_max_mib": max(d["rss_max_mib"] for d in docs),
+        "longest_probe_ms": max(d["longest_probe_ms"] for d in docs),
+        "longest_step_ms": longest["longest_step_ms"], "longest_step_op": longest["longest_step_op"],
+        "rules_seen": sorted({r for d in docs for r in d["rules_seen"]}),
+        "loop_max_step_ms": loop["loop_max_step_ms"], "loop_max_step_kind": loop["loop_max_step_kind"],
+        "loop_max_step_cpu_ms": max(d["loop_max_step_cpu_ms"] for d in docs),
+        "loop_slow_steps_max": max(d["loop_slow_steps_max"] for d in docs),
+        "ms_per_op": {op: round(sum(v) / len(v), 2) for op, v in sorted(ops.items())},
+        "findings": sorted(findings, key=lambda r: (r["seed"], r["step"])),
+        "tree": docs[0]["tree"], "load_avg": round(os.getloadavg()[0], 2),
+    }
 
 
 def report_failure(rec: dict, args) -> None:
@@ -1951,7 +2365,8 @@ def report_failure(rec: dict, args) -> None:
 
 
 def table(doc: dict) -> str:
-    rows = [("seed", doc["seed"]), ("steps", doc["steps"]), ("seconds", doc["seconds"]),
+    rows = [("seed", doc["seed"] if doc["workers"] == 1 else
+             f"{doc['seeds'][0]}..{doc['seeds'][-1]} ({doc['workers']} workers)"), ("steps", doc["steps"]), ("seconds", doc["seconds"]),
             ("steps/s", doc["steps_per_s"]),
             ("steps/s, failures aside", f"{doc['steps_per_s_fuzzing']} ({doc['seconds_recovering']} s "
                                         f"spent on failures and restarts)"),
@@ -1961,9 +2376,13 @@ def table(doc: dict) -> str:
             ("fd idle / max", f"{doc['fd_idle']} / {doc['fd_max']}"),
             ("RSS idle / max", f"{doc['rss_idle_mib']} / {doc['rss_max_mib']} MiB"),
             ("longest probe", f"{doc['longest_probe_ms']} ms"),
-            ("longest step", f"{doc['longest_step_ms']} ms ({doc['longest_step_op']})")]
+            ("longest step", f"{doc['longest_step_ms']} ms ({doc['longest_step_op']})"),
+            ("longest backend loop step", f"{doc['loop_max_step_ms']} ms ({doc['loop_max_step_kind']}; "
+                                          f"{doc['loop_max_step_cpu_ms']} ms CPU)")]
     w = max(len(k) for k, _ in rows)
     lines = [f"{k:<{w}}  {v}" for k, v in rows]
+    packed = [r for r in doc["rules_seen"] if r.startswith("packed_")]
+    lines.append(f"{'rules seen':<{w}}  {len(doc['rules_seen'])}, packed: {', '.join(packed) or 'none'}")
     lines.append("findings by class:" if doc["findings"] else "findings: none")
     for f in doc["findings"]:
         lines.append(f"  {f['count']:5d}  {f['class']}  (first: seed {f['seed']} step {f['step']})")
@@ -1971,6 +2390,8 @@ def table(doc: dict) -> str:
 
 
 def main(argv=None) -> int:
+    import faulthandler
+    faulthandler.enable()   # a fatal signal in the fuzzer itself leaves its stack on stderr
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__[__doc__.index("Examples:"):],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=None, help="RNG seed (default: random, printed)")
@@ -1978,6 +2399,10 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=None, help="stop after this long")
     p.add_argument("--replay", type=int, metavar="SEED", help="run SEED's steps again, printing each (with --steps N)")
     p.add_argument("--keep-going", action="store_true", help="after a failure restart the backend and go on")
+    p.add_argument("--progress", metavar="FILE", help=f"write a JSON snapshot (steps, findings by class, loop "
+                   f"stats) every {PROGRESS_EVERY:.0f} s; with --workers, FILE.SEED per worker")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="N fuzzers in parallel, seeds SEED..SEED+N-1, each with its own backend (--steps is shared)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--verbose", action="store_true", help="print every step")
     p.add_argument("--only", metavar="OP,OP", help="draw only these ops, e.g. ctl,idle,idleflood "
@@ -2000,7 +2425,9 @@ def main(argv=None) -> int:
         args.steps = 1 << 62 if args.seconds else 10000
     if args.steps < 1 or (args.seconds is not None and args.seconds <= 0):
         p.error("--steps and --seconds must be positive")
-    doc = run(args)
+    if args.workers < 1 or (args.workers > 1 and args.replay is not None):
+        p.error("--workers must be at least 1, and 1 with --replay")
+    doc = run_workers(args) if args.workers > 1 else run(args)
     print(json.dumps(doc, indent=1) if args.json else table(doc))
     return 1 if doc["findings"] else 0
 

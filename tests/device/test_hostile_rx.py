@@ -131,3 +131,90 @@ async def test_a_frame_waiting_behind_a_looping_rx_chain_does_not_poll_for_ever(
     with trio.fail_after(5):
         while not any(Ether(f).haslayer(ICMP) for _h, f in fe.read_rx()):
             await fe.rx.wait_call(0.1)
+
+
+async def test_a_waiting_frame_is_not_tried_again_until_the_driver_posts_more(fe, server):
+    """Found by scripts/fuzz_device.py (seed 202, step 9909: `mrgref ... extra:loop`,
+    then traffic): a frame waiting behind RX buffers that cannot hold it was
+    gathered again, and given back again, by every call to flush_rx: each TX
+    drain, timer poll, host socket and (for a polled ring) every millisecond,
+    walking a looping chain each time. It waits for the driver now: nothing is
+    walked again until avail moves or the ring restarts."""
+    await fe.handshake()
+    assert fe.features >> 15 & 1                   # MRG_RXBUF
+    r = fe.rx
+    r.add([(r.buf(r.free[-1]), 1, F_WRITE)])      # smaller than the header: refused
+    loop = r.free.pop()
+    r.write_desc(loop, r.buf(loop), 64, F_WRITE | 1, loop)   # NEXT to itself
+    r.push_avail(loop)
+    r.kick()
+    fe.post_tx(ping(seq=1))                        # its reply cannot fit: it waits
+    fe.tx.kick()
+    with trio.fail_after(5):
+        while server.current is None or len(server.current.device.rx_pending) != 1:
+            await trio.sleep(0.01)
+    dev = server.current.device
+    rings = server.current.backend.queues
+    with trio.fail_after(5):
+        while dev.rx_waits == 0:
+            await trio.sleep(0.01)
+    waits = dev.rx_waits
+    # TX traffic (each drain calls flush_rx), kicks with nothing new and
+    # direct calls: the frame is not gathered again.
+    for seq in range(2, 6):
+        fe.post_tx(ping(seq=seq))
+        fe.tx.kick()
+    await wait_counter(dev, "tx_frames", 5)
+    for _ in range(50):
+        assert dev.flush_rx(rings) is False
+    r.kick()
+    for _ in range(20):
+        await trio.sleep(0)
+    assert dev.rx_waits == waits
+    assert dev.next_deadline() != 0.0
+    assert len(dev.rx_pending) == 5
+    # More room from the driver: the frames go out past the bad chains.
+    fe.post_rx(count=8, size=2048)
+    r.kick()
+    seqs = []
+    with trio.fail_after(5):
+        while len(seqs) < 5:
+            await r.wait_call(0.1)
+            seqs += [Ether(f)[ICMP].seq for _h, f in fe.read_rx() if Ether(f).haslayer(ICMP)]
+    assert seqs == [1, 2, 3, 4, 5]
+    assert not dev.rx_pending
+
+
+async def test_a_waiting_frame_is_tried_again_when_the_ring_restarts(fe, server):
+    """The wait ends with the ring's epoch too: a ring restarted (SET_VRING_KICK)
+    over the same avail index gets the waiting frame tried again at once."""
+    await fe.handshake()
+    r = fe.rx
+    small = r.add([(r.buf(r.free[-1]), 1, F_WRITE)])
+    r.kick()
+    fe.post_tx(ping(seq=1))
+    fe.tx.kick()
+    with trio.fail_after(5):
+        while server.current is None or server.current.device.rx_waits == 0:
+            await trio.sleep(0.01)
+    dev = server.current.device
+    q = server.current.backend.queues[0]
+    epoch = q.epoch
+    # The driver rewrites the refused buffer in place (no avail move): only a
+    # restart tells the device to look again.
+    r.write_desc(small, r.buf(small), 2048, F_WRITE)
+    assert dev.flush_rx(server.current.backend.queues) is False and len(dev.rx_pending) == 1
+    base = await fe.get_vring_base(0)
+    await fe.setup_ring(r, base=base)
+    with trio.fail_after(5):
+        while q.epoch == epoch:
+            await trio.sleep(0.01)
+    with trio.fail_after(5):
+        while dev.rx_pending:
+            await trio.sleep(0.01)
+    got = []
+    with trio.fail_after(5):
+        while not got:
+            await r.wait_call(0.1)
+            got = [Ether(f)[ICMP].seq for _h, f in fe.read_rx() if Ether(f).haslayer(ICMP)]
+    assert got == [1]

@@ -135,3 +135,97 @@ async def test_inspect_shows_the_packed_state(packed_server):
     d = desc_doc(packed_server, 1, 3)
     assert d["descriptors"][0]["index"] == 3
     await fe.shutdown(packed_server)
+
+
+async def test_safety_poll_finds_packed_descriptors_made_available_without_a_kick(packed_server):
+    """The packed counterpart of the split ring's safety poll: a TX descriptor
+    made available (AVAIL == wrap counter, USED != it) with no kick is found
+    and sent, counted as unkicked, and with notifications enabled it is a
+    packed_kick_missed finding (virtio 1.2 §2.8.21.3.1)."""
+    from .test_checker import named
+    fe = await _packed_frontend(packed_server)
+    got = await fe.exchange([ping(seq=1)], want=1)           # kicked: the ring runs
+    assert [Ether(g)[ICMP].seq for g in got] == [1]
+    conn = packed_server.current
+    tx = conn.backend.queues[1]
+    assert tx.packed and conn._polls[1].__class__.__name__ == "PackedSafetyPoll"
+    kicks = tx.stats["kicks"]
+    fe.post_tx(ping(seq=2))                                  # available, never kicked
+    with trio.fail_after(5):
+        while not (got := fe.read_rx()):
+            await fe.rx.wait_call(0.05)
+    assert [Ether(f)[ICMP].seq for _h, f in got] == [2]       # the safety poll found it
+    assert tx.stats["unkicked"] == 1 and tx.stats["kicks"] == kicks
+    f = await named(packed_server, 1, "packed_kick_missed", "2.8.21.3.1", "MUST")
+    assert f["example"]["entries"] == 1 and f["example"]["seen"] == "none"
+    await fe.shutdown(packed_server)
+
+
+async def test_packed_safety_poll_leaves_a_frame_waiting_for_rx_room_alone(packed_server):
+    """Chains given back for a frame that did not fit (a rollback) are available
+    again at the device's position, but the driver announced them: not unkicked."""
+    fe = Frontend(queue_size=256, packed=True)
+    await fe.connect(packed_server.socket_path)
+    await fe.handshake()
+    fe.post_rx(count=1, size=64)          # MRG_RXBUF: too small for the reply, and nothing more
+    fe.rx.kick()
+    fe.post_tx(ping(seq=1))
+    fe.tx.kick()
+    dev = packed_server.current.device
+    rx = packed_server.current.backend.queues[0]
+    with trio.fail_after(5):
+        while dev.rx_waits == 0:
+            await trio.sleep(0.01)
+    poll = packed_server.current._polls[0]
+    with trio.fail_after(5):
+        while poll.looking:            # it looks a while, finds nothing new, and parks
+            await trio.sleep(0.01)
+    assert rx.stats["unkicked"] == 0 and len(dev.rx_pending) == 1
+    fe.post_rx(count=1, size=2048)
+    fe.rx.kick()
+    with trio.fail_after(5):
+        while not any(Ether(f).haslayer(ICMP) for _h, f in fe.read_rx()):
+            await fe.rx.wait_call(0.05)
+    assert rx.stats["unkicked"] == 0
+    await fe.shutdown(packed_server)
+
+
+async def test_a_packed_base_beyond_a_shrunk_ring_is_refused_not_read_past_its_end():
+    """Found by scripts/fuzz_device.py (seed 2003, step 666): SET_VRING_BASE with
+    positions valid for the old size, then SET_VRING_NUM 2: the ring started with
+    positions past its end, pop() raised IndexError, and inspect (pending()) ended
+    the process. The ring now refuses to start; inspect and the guest go on."""
+    import shutil
+    import tempfile
+    from vhostnet.testing.dpdk import VhostnetServe
+    from vhostnet.testing.frontend import ADDR, STATE, U64, UVA_BASE
+    from vhostnet.virtio.packed import encode_base
+    from .conftest import ask_backend, responsive
+    d = tempfile.mkdtemp(prefix="vn-", dir="/tmp")
+    try:
+        with VhostnetServe(d, log_level="info") as b:
+            fe = Frontend(queue_size=256, packed=True)
+            await fe.connect(b.socket)
+            await fe.handshake()
+            r = fe.rx
+            await fe.get_vring_base(0)                                   # stop RX
+            await fe.request(Req.SET_VRING_BASE, STATE.pack(0, encode_base(200, True, 200, True)))
+            await fe.request(Req.SET_VRING_NUM, STATE.pack(0, 2))
+            await fe.request(Req.SET_VRING_ADDR, ADDR.pack(0, 0, UVA_BASE + r.desc, UVA_BASE + r.used,
+                                                           UVA_BASE + r.avail, 0))
+            await fe.request(Req.SET_VRING_KICK, U64.pack(0), [r.kick_fd])
+            r.kick()
+            await responsive(fe, b)
+            doc = await ask_backend(b)
+            rxq = doc["queues"][0]
+            assert not rxq["started"] and rxq["size"] == 2
+            assert b.proc.poll() is None
+            # Set up properly again, the ring works.
+            await fe.request(Req.SET_VRING_NUM, STATE.pack(0, 256))
+            await fe.request(Req.SET_VRING_BASE, STATE.pack(0, encode_base(0, True, 0, True)))
+            await responsive(fe, b)
+            assert b.proc.poll() is None
+            await fe.close()
+            fe.release()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

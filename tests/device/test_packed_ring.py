@@ -370,3 +370,32 @@ def test_pop_fast_takes_only_what_needs_no_finding(rig):
     r.drv.add([(r.buf(3)[0], 10, F_WRITE), (r.buf(4)[0], 10, F_WRITE)], buf_id=3)   # two descriptors
     assert r.ring.pop_fast(Budget(8)) is None and r.ring.last_avail_idx == 3
     assert r.ring.pop().write_len == 20
+
+
+def test_a_chain_past_the_device_limit_is_not_walked_to_its_end(rig):
+    """Found by scripts/fuzz_device.py (seed 3001, step 10482): on a 32768-entry
+    ring a chain of NEXT descriptors was walked to the queue size in one step
+    (GET_FEATURES waited 1.7 s). The walk stops at MAX_CHAIN_DESCS; with no end
+    to skip to, the ring breaks (QEMU's own limit is the same 1024)."""
+    from vhostnet.virtio.ring import MAX_CHAIN_DESCS
+    n = 2048                                        # what the rig's descriptor area holds
+    r = rig(num=n)
+    for s in range(n):
+        r.drv.write_desc(s, r.buf(0)[0], 10, 0, VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_NEXT)
+    b = Budget(1 << 20)
+    assert r.ring.pop(b) is None
+    assert r.ring.broken == "packed_chain_excessive"
+    assert (1 << 20) - b.left <= MAX_CHAIN_DESCS + 1    # what the step walked
+
+
+def test_an_indirect_table_past_the_device_limit_is_refused_and_the_ring_goes_on(rig):
+    from vhostnet.virtio.ring import MAX_CHAIN_DESCS
+    n = 2048
+    r = rig(num=n)
+    entries = [(r.buf(0)[0], 1, 0)] * (MAX_CHAIN_DESCS + 1)
+    gpa, length = _indirect_table(r, entries)
+    r.drv.add([(gpa, length, F_INDIRECT)])
+    good = r.drv.add([(r.buf(1)[0], 64, 0)])
+    chain = r.ring.pop()
+    assert chain is not None and chain.head == good        # the big table refused, the next chain taken
+    assert r.ring.errors == {"packed_chain_excessive": 1} and r.ring.broken is None

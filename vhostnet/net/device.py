@@ -149,6 +149,10 @@ class NetDevice:
         self.mtu = self.config.mtu
         self.rx_min = self.hdr_len + RX_FRAME_MAX   # §5.1.6.3.1, set again by set_features
         self._rx_more = False   # flush_rx stopped on its budget with work left
+        # RX ring index -> the ring's epoch when the head of its pending frames
+        # found no room; present only while the driver has posted nothing since. See _fill.
+        self._rx_stalled: dict[int, int] = {}
+        self.rx_waits = 0       # times a frame found no room and began to wait (not a drop)
 
     # -- negotiation (called by the backend) -----------------------------
 
@@ -408,6 +412,7 @@ class NetDevice:
             self._queue_rx(pending, out)
         self._rx_more = False
         if not pending:
+            self._rx_stalled.pop(RX, None)
             return False
         q = rings[RX]
         if not q.ready:
@@ -452,11 +457,21 @@ class NetDevice:
         for p in ready:
             if pendings[p]:
                 more |= self._fill(rings[2 * p + RX], pendings[p])
+            else:
+                self._rx_stalled.pop(2 * p + RX, None)
         self._rx_more = more
         return more
 
     def _fill(self, q, pending: collections.deque) -> bool:
         """Frames of PENDING into ring Q's posted buffers, a budget's worth. True: call again soon."""
+        # A frame that found no room waits for the driver to post more (or to
+        # restart the ring): until then, trying again would walk the same
+        # buffers and give them back, as often as anything calls flush_rx
+        # (every TX drain, timer poll, host socket and 1 kHz ring poll): busy
+        # for nothing, up to MAX_CHAIN_DESCS descriptors a time.
+        if self._rx_stalled.get(q.index) == q.epoch and not q.want_kick_at_next(q.avail_seen):
+            return False
+        self._rx_stalled.pop(q.index, None)
         b = Budget(RX_BUDGET)
         waiting = False
         while pending and not b.spent and q.ready:
@@ -468,6 +483,8 @@ class NetDevice:
             # again only if it already has (the budget bounds the retries).
             if not q.ready or not q.want_kick_at_next(q.avail_seen):
                 waiting = True
+                self._rx_stalled[q.index] = q.epoch
+                self.rx_waits += 1
                 break
         if q.has_unpublished():
             if q.publish():

@@ -28,6 +28,17 @@ entries moved avail_event: then a kick can be the driver reacting to the new
 avail_event (rcore's broken check starts kicking again once avail_event
 wraps too), and only a kick with nothing new in the ring counts as late.
 
+Packed rings (`PackedSafetyPoll`) have no avail index to compare: the
+driver makes a descriptor available by flipping its flags (virtio 1.2
+§2.8.1). The furthest position the device knows of is the furthest of
+where it takes next (last_avail_idx and its wrap counter), where pop() last
+found nothing, and what the previous look handed over; an entry is there
+when the descriptor at that position has AVAIL equal to the wrap counter
+and USED not. The same two-look rule, drain and grace period follow. The
+driver had to notify if our event suppression structure (§2.8.14) said
+ENABLE, or DESC at a position the new entries cover (EVENT_IDX): then a
+missed kick is `packed_kick_missed`.
+
 Cost: a look is a few reads of guest memory (about 5 µs). The poll stops
 after QUIET_AFTER with nothing new in the ring and no kick, so an idle
 guest costs next to nothing; the next kick or device work on any queue of
@@ -41,7 +52,9 @@ from __future__ import annotations
 
 import trio
 
-__all__ = ["SafetyPoll", "INTERVAL", "QUIET_AFTER", "LATE_KICK_GRACE", "IDLE_LOOK"]
+from vhostnet.virtio.packed import RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE
+
+__all__ = ["SafetyPoll", "PackedSafetyPoll", "safety_poll_for", "INTERVAL", "QUIET_AFTER", "LATE_KICK_GRACE", "IDLE_LOOK"]
 
 #: How often an active queue's avail ring is looked at, in seconds.
 INTERVAL = 0.005
@@ -75,9 +88,9 @@ class SafetyPoll:
     def kicked(self) -> None:
         """A kick arrived on this ring (before the device drains it)."""
         q = self.q
-        if not q.mapped or q.packed:   # split-ring indices only; packed rings go unpolled
+        if not q.mapped:
             return
-        n = q.avail_idx()
+        n = self._avail_now()
         s = self.suspect
         if s is not None and self.clock() - s[0] < LATE_KICK_GRACE and (n == s[1] or not s[4]):
             self.suspect = None   # the driver's own kick, late: nothing was missed
@@ -89,8 +102,6 @@ class SafetyPoll:
 
     def close(self) -> None:
         """The ring stops or the connection ends: no late kick can come any more."""
-        if self.q.packed:
-            return
         self._confirm(force=True)
 
     # -- the loop ----------------------------------------------------------------
@@ -130,7 +141,7 @@ class SafetyPoll:
         if not q.ready:
             self.unkicked_prev = False
             return False
-        n = q.avail_idx()
+        n = self._avail_now()
         kicks = q.stats["kicks"]
         state = (n, kicks, q.used_idx)
         moved = state != self.activity
@@ -139,8 +150,8 @@ class SafetyPoll:
             self.unkicked_prev = False
             return True
         known = self._known()
-        new = (n - known) & 0xFFFF
-        if new == 0 or new > q.num:   # nothing unannounced (or a jump: pop() names that)
+        new = self._new(known, n)
+        if new == 0:   # nothing unannounced (or a jump: pop() names that)
             self.unkicked_prev = False
             self.kicks_prev = kicks
             return moved
@@ -150,20 +161,46 @@ class SafetyPoll:
             return True
         self.unkicked_prev = False
         q.stats["unkicked"] += new
-        suspect = q.must_notify(known, n)
-        event_before = q.avail_event()
-        self.looked = n
+        suspect = self._must_notify(known, n, new)
+        event_before = self._event()
+        self.looked = self._looked(known, n, new)
         await self.drain(q)
         if suspect:
             self._confirm(force=True)
-            # (time, avail->idx, detail, example, the device moved avail_event meanwhile)
-            self.suspect = (now, n, f"avail->idx moved from {known} to {n} with notifications enabled "
-                                    f"and no kick for {INTERVAL * 1000:.0f} ms or more",
-                            {"avail_idx": n, "device_knew": known, "entries": new,
-                             "event_idx": q.event_idx, "avail_event": event_before,
-                             "expected": "a notification (kick)", "seen": "none"},
-                            q.avail_event() != event_before)
+            # (time, avail position, detail, example, the device moved its event meanwhile)
+            self.suspect = (now, n, *self._suspect(known, n, new, event_before), self._event() != event_before)
         return True
+
+    # -- the ring format: split (avail->idx) -------------------------------------------
+    # The packed subclass overrides these with descriptor flags and wrap counters.
+
+    RULE = "kick_missed"
+
+    def _avail_now(self):
+        """What the driver has made available, as a value that changes when it makes more."""
+        return self.q.avail_idx()
+
+    def _new(self, known, n) -> int:
+        """Entries past KNOWN the driver made available (0 if none, or a jump pop() names)."""
+        new = (n - known) & 0xFFFF
+        return 0 if new > self.q.num else new
+
+    def _must_notify(self, known, n, new) -> bool:
+        return self.q.must_notify(known, n)
+
+    def _event(self):
+        return self.q.avail_event()
+
+    def _looked(self, known, n, new):
+        return n
+
+    def _suspect(self, known, n, new, event_before) -> tuple[str, dict]:
+        q = self.q
+        return (f"avail->idx moved from {known} to {n} with notifications enabled "
+                f"and no kick for {INTERVAL * 1000:.0f} ms or more",
+                {"avail_idx": n, "device_knew": known, "entries": new,
+                 "event_idx": q.event_idx, "avail_event": event_before,
+                 "expected": "a notification (kick)", "seen": "none"})
 
     def _known(self) -> int:
         """The furthest avail position the device knows of (mod 2^16, relative to last_avail_idx)."""
@@ -181,4 +218,76 @@ class SafetyPoll:
         if s is None or not (force or now - s[0] >= LATE_KICK_GRACE):
             return
         self.suspect = None
-        self.q.count_error("kick_missed", s[2], **s[3])
+        self.q.count_error(self.RULE, s[2], **s[3])
+
+
+class PackedSafetyPoll(SafetyPoll):
+    """The safety poll of a packed ring: positions with wrap counters, descriptor flags (§2.8.1)."""
+
+    RULE = "packed_kick_missed"
+
+    def _avail_now(self):
+        # Whether the next descriptor the device would take is available, and
+        # where that is: a driver making more available changes this.
+        q = self.q
+        pos = q.position()
+        return (pos, q.available_at(*pos))
+
+    def _known(self):
+        """The furthest position the device knows of: (pos, wrap)."""
+        q = self.q
+        here = q.position()
+        base = q.linear(*here)
+        lap = 2 * q.num
+        best, ahead = here, 0
+        for p in (self.looked, q.avail_seen):
+            if p is None:
+                continue
+            d = (q.linear(*p) - base) % lap
+            if ahead < d <= q.num:
+                best, ahead = p, d
+        return best
+
+    def _new(self, known, n) -> int:
+        """Descriptors available from KNOWN on (a bounded scan, stopped at the first that is not)."""
+        q = self.q
+        pos, wrap = known
+        count = 0
+        while count < q.num and q.available_at(pos, wrap):
+            count += 1
+            pos, wrap = q.advance(pos, wrap, 1)
+        return count
+
+    def _must_notify(self, known, n, new) -> bool:
+        """Whether our event suppression structure asked for a kick for those descriptors (§2.8.10)."""
+        q = self.q
+        ev = q.device_event()
+        if ev is None:
+            return False
+        flags, off, wrap = ev
+        if flags == RING_EVENT_FLAGS_DISABLE:
+            return False
+        if flags == RING_EVENT_FLAGS_DESC and q.event_idx:
+            lap = 2 * q.num
+            return (q.linear(off, wrap) - q.linear(*known)) % lap < new
+        return flags == RING_EVENT_FLAGS_ENABLE
+
+    def _event(self):
+        return self.q.device_event()
+
+    def _looked(self, known, n, new):
+        return self.q.advance(*known, new)
+
+    def _suspect(self, known, n, new, event_before) -> tuple[str, dict]:
+        q = self.q
+        return (f"{new} descriptor(s) made available from ring position {known[0]} (wrap counter "
+                f"{int(known[1])}) with notifications enabled and no kick for {INTERVAL * 1000:.0f} ms or more",
+                {"position": known[0], "wrap": int(known[1]), "entries": new, "event_idx": q.event_idx,
+                 "device_event": None if event_before is None else
+                 {"flags": event_before[0], "off": event_before[1], "wrap": int(event_before[2])},
+                 "expected": "a notification (kick)", "seen": "none"})
+
+
+def safety_poll_for(q, drain, clock=trio.current_time) -> SafetyPoll:
+    """The safety poll for ring Q's format."""
+    return (PackedSafetyPoll if q.packed else SafetyPoll)(q, drain, clock)

@@ -88,6 +88,11 @@ RULES: dict[str, Rule] = {r.id: r for r in (
          "buffer id not below the queue size (at most Queue Size buffers can be queued)"),
     Rule("packed_id_in_flight", SHOULD, "2.8.21.1",
          "buffer id made available again while the device still holds it (ids are to be free)"),
+    Rule("packed_chain_excessive", SHOULD, "2.7.4.2",
+         "chain uses an excessive number of descriptors (more than the device's limit, 1024); "
+         "in the ring itself: ring broken"),
+    Rule("packed_kick_missed", MUST, "2.8.21.3.1",
+         "descriptors made available with notifications enabled, and no notification sent"),
     # -- the network device, virtio 1.2 §5.1 ---------------------------------------------
     Rule("tx_runt", MUST, "5.1.6.2",
          "TX chain shorter than the virtio-net header plus an Ethernet header"),

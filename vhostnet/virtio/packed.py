@@ -43,7 +43,7 @@ import collections
 import struct
 
 from vhostnet.virtio.findings import Findings
-from vhostnet.virtio.ring import chain_truncated, refusal_doc, Chain, ChainError
+from vhostnet.virtio.ring import MAX_CHAIN_DESCS, chain_truncated, refusal_doc, Chain, ChainError
 from vhostnet.virtio.split import MAX_QUEUE_SIZE, full_barrier
 from vhostnet.vhostuser.memory import GuestMemory, OutOfBounds
 
@@ -146,6 +146,7 @@ class PackedRing:
         self._deferred: list | None = None     # findings of a tentative take (mark/commit)
         # Where pop() last found nothing available: what a kick is asked past.
         self.avail_seen: tuple[int, bool] = (0, True)
+        self.epoch = 0   # bumped by attach() and on_start(), as on the split ring
         # Where the last publish() started: the range an EVENT_IDX check covers.
         self._published_from = (0, True)
         self.stats = {"kicks": 0, "calls": 0, "calls_suppressed": 0, "chains": 0, "bytes": 0,
@@ -166,8 +167,14 @@ class PackedRing:
             raise ValueError(f"{self.name}: ring addresses are misaligned "
                              f"(desc {self.desc_uva:#x}, driver area {self.avail_uva:#x}, "
                              f"device area {self.used_uva:#x})")
+        if self.last_avail_idx >= n or self.used_idx >= n:
+            # SET_VRING_BASE named positions for a larger ring, then SET_VRING_NUM
+            # shrank it: every descriptor read would be past the ring's end.
+            raise ValueError(f"{self.name}: ring positions {self.last_avail_idx}/{self.used_idx} "
+                             f"(SET_VRING_BASE) are outside a ring of {n}")
         self.mem = mem
         self._rcache = None
+        self.epoch += 1
         self._desc = mem.uva_view(self.desc_uva, DESC_SIZE * n)
         self._desc_h = self._desc.cast("H")
         self._desc_i = self._desc.cast("I")
@@ -218,6 +225,7 @@ class PackedRing:
 
     def on_start(self) -> None:
         """The ring was (re)started: a broken ring is the driver's to restart."""
+        self.epoch += 1
         self.broken = None
         self._inflight.clear()
         self._id_count.clear()
@@ -317,8 +325,9 @@ class PackedRing:
             try:
                 chain, ndesc = self._walk(start, self.avail_wrap)
             except ChainError as e:
-                if e.reason in ("packed_desc_not_avail", "packed_chain_too_long"):
-                    # No end to skip to: stop here (see the module docstring).
+                if "slots" not in e.example:
+                    # Raised by the slot walk itself (not available, too long, excessive):
+                    # no end to skip to, so stop here (see the module docstring).
                     if budget is not None:
                         budget.left -= e.ndesc
                     self._break(e.reason, f"chain at ring position {start}: {e}", position=start, **e.example)
@@ -442,6 +451,13 @@ class PackedRing:
             if slots >= self.num:
                 raise ChainError("packed_chain_too_long", f"chain longer than the queue size {self.num} (no end)",
                                  count, expected=f"at most {self.num} descriptors", seen=f"more than {self.num}")
+            if slots >= MAX_CHAIN_DESCS:
+                # Its end, if any, is further than one step may walk (a 32768-entry
+                # ring of NEXT descriptors took seconds): no position to go on from.
+                raise ChainError("packed_chain_excessive",
+                                 f"chain longer than the device's limit of {MAX_CHAIN_DESCS} descriptors",
+                                 count, expected=f"at most {MAX_CHAIN_DESCS} descriptors",
+                                 seen=f"more than {MAX_CHAIN_DESCS}")
             addr, length, buf_id, flags = _desc_unpack(self._desc, pos * DESC_SIZE)
             if not _is_avail(flags, w):
                 raise ChainError("packed_desc_not_avail",
@@ -518,6 +534,10 @@ class PackedRing:
         for i in range(length // DESC_SIZE):
             a, n, _id, f = _desc_unpack(table, i * DESC_SIZE)
             count += 1
+            if count > MAX_CHAIN_DESCS:
+                raise ChainError("packed_chain_excessive", f"indirect table longer than the device's limit of "
+                                 f"{MAX_CHAIN_DESCS} descriptors", count, indirect_index=i,
+                                 expected=f"at most {MAX_CHAIN_DESCS} descriptors", seen=length // DESC_SIZE)
             if f & VIRTQ_DESC_F_INDIRECT:
                 raise ChainError("packed_nested_indirect", "indirect descriptor inside an indirect table", count,
                                  indirect_index=i)
@@ -601,6 +621,32 @@ class PackedRing:
         return _is_avail(self._flags(pos), wrap)
 
     # -- read-only inspection -------------------------------------------------
+
+    def position(self) -> tuple[int, bool]:
+        """(last_avail_idx, avail wrap counter): the next descriptor the device takes."""
+        return self.last_avail_idx, self.avail_wrap
+
+    def linear(self, pos: int, wrap: bool) -> int:
+        """POS as a point on a circle of two laps (2 * num), so that positions with wrap counters compare."""
+        return self._linear(pos, wrap)
+
+    def available_at(self, pos: int, wrap: bool) -> bool:
+        """§2.8.1: the descriptor at POS was made available for wrap counter WRAP
+        (AVAIL == WRAP, USED != WRAP). Read-only: no event suppression written."""
+        if self._desc_h is None or not 0 <= pos < self.num:
+            return False
+        return _is_avail(self._flags(pos), wrap)
+
+    def advance(self, pos: int, wrap: bool, n: int) -> tuple[int, bool]:
+        """POS moved N slots on, the wrap counter flipped at each pass of the end."""
+        return self._advance(pos, wrap, n)
+
+    def device_event(self) -> tuple[int, int, bool] | None:
+        """Our event suppression structure (§2.8.14): (flags, desc offset, desc wrap), or None."""
+        if self._device_h is None:
+            return None
+        off = self._device_h[0]
+        return self._device_h[1] & RING_EVENT_FLAGS_MASK, off & EVENT_OFF_MASK, bool(off >> EVENT_WRAP_BIT)
 
     def guest_used_idx(self) -> int:
         """The used position the driver can see (the start of anything unpublished)."""

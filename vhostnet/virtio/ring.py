@@ -92,6 +92,7 @@ class Ring(Protocol):
     broken: str | None
     checks: bool                    # the conformance checks are on (findings.py)
     avail_seen: int
+    epoch: int                      # bumped by attach() and on_start(): cached views of the ring are stale
     stats: dict[str, int]
     errors: dict[str, int]          # refusals by rule id (findings.py)
 

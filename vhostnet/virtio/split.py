@@ -97,6 +97,9 @@ class SplitRing:
         # avail->idx as pop() last saw it when it found nothing more: what
         # want_kick_at_next(seen) asks to be kicked past.
         self.avail_seen = 0
+        # Bumped when the ring is (re)attached or (re)started: what a device
+        # remembers of the ring's contents (a frame waiting for room) is stale then.
+        self.epoch = 0
         self.on_error = on_error  # callback(queue, finding, detail), for logging
         self.strict = strict      # a MUST finding breaks the ring (serve --strict)
         self.checks = checks      # the conformance checks beyond what safety needs
@@ -125,6 +128,7 @@ class SplitRing:
                              f"(desc {self.desc_uva:#x}, avail {self.avail_uva:#x}, used {self.used_uva:#x})")
         self.mem = mem
         self._rcache = None
+        self.epoch += 1
         self.reset_held()
         self._desc = mem.uva_view(self.desc_uva, 16 * n)
         self._avail_h = mem.uva_view(self.avail_uva, 6 + 2 * n).cast("H")
@@ -162,6 +166,7 @@ class SplitRing:
         """The ring was (re)started (SET_VRING_KICK): resume from what the guest
         sees, and a broken ring is the driver's to restart."""
         self.used_idx = self.guest_used_idx()
+        self.epoch += 1
         self.reset_held()
         self.broken = None
 
