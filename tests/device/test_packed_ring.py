@@ -388,6 +388,31 @@ def test_a_chain_past_the_device_limit_is_not_walked_to_its_end(rig):
     assert (1 << 20) - b.left <= MAX_CHAIN_DESCS + 1    # what the step walked
 
 
+def test_posted_reads_each_available_descriptor_once(rig, monkeypatch):
+    """inspect --desc asks which chains are posted. Found by scripts/fuzz_device.py
+    (seed 5000, step 164816): asking avail_entry at every available position
+    walked each chain again from there, quadratic in the ring size (the backend
+    stopped for seconds on a 32768-entry ring of NEXT descriptors)."""
+    from vhostnet.virtio import packed
+    n = 2048
+    r = rig(num=n)
+    r.drv.add([(r.buf(0)[0], 10, F_WRITE)] * 3, buf_id=5)
+    r.drv.add([(r.buf(1)[0], 10, F_WRITE)], buf_id=7)
+    r.drv.add([(r.buf(2)[0], 10, F_WRITE)] * 2, buf_id=9)
+    assert r.ring.posted() == {5: [0], 7: [3], 9: [4]}
+    for s in range(6, n):                               # then a chain that never ends
+        r.drv.write_desc(s, r.buf(0)[0], 10, 0, VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_NEXT)
+    reads = [0]
+    real = packed._desc_unpack
+
+    def counted(*a):
+        reads[0] += 1
+        return real(*a)
+    monkeypatch.setattr(packed, "_desc_unpack", counted)
+    assert r.ring.posted() == {5: [0], 7: [3], 9: [4]}
+    assert reads[0] <= n
+
+
 def test_an_indirect_table_past_the_device_limit_is_refused_and_the_ring_goes_on(rig):
     from vhostnet.virtio.ring import MAX_CHAIN_DESCS
     n = 2048

@@ -171,16 +171,6 @@ def _chain_bytes(mem, descs: list[dict], writable: bool) -> tuple[bytes, bool]:
     return bytes(out), total > len(out)
 
 
-def _posted(vq) -> dict[int, list[int]]:
-    """Head -> avail ring indices between last_avail_idx and avail->idx naming it (one pass)."""
-    out: dict[int, list[int]] = {}
-    idx = vq.last_avail_idx
-    for _ in range(min(vq.pending(), vq.num)):
-        out.setdefault(vq.avail_entry(idx), []).append(idx)
-        idx = (idx + 1) & 0xFFFF
-    return out
-
-
 def desc_doc(server, queue: int, head: int) -> dict:
     conn = server.current
     if conn is None:
@@ -202,7 +192,7 @@ def desc_doc(server, queue: int, head: int) -> dict:
     hdr_len = conn.device.hdr_len
     readable, rtrunc = _chain_bytes(vq.mem, descs, writable=False)
     writable, wtrunc = _chain_bytes(vq.mem, descs, writable=True)
-    posted = _posted(vq)
+    posted = vq.posted()
     pending = posted.get(head, [])
     used = _last_used(vq, head)
     doc = {

@@ -624,6 +624,16 @@ class SplitRing:
         slot = idx & (self.num - 1)
         return self._used_i[1 + 2 * slot], self._used_i[2 + 2 * slot]
 
+    def posted(self) -> dict[int, list[int]]:
+        """Head -> the avail ring indices naming it, from last_avail_idx to
+        avail->idx: what the driver has posted that we have not taken (one pass)."""
+        out: dict[int, list[int]] = {}
+        idx = self.last_avail_idx
+        for _ in range(min(self.pending(), self.num)):
+            out.setdefault(self.avail_entry(idx), []).append(idx)
+            idx = (idx + 1) & 0xFFFF
+        return out
+
     def avail_entry(self, idx: int) -> int | None:
         """The head the driver put at avail ring index IDX."""
         if self._avail_h is None or not self.num:
