@@ -190,6 +190,30 @@ async def test_packed_safety_poll_leaves_a_frame_waiting_for_rx_room_alone(packe
     await fe.shutdown(packed_server)
 
 
+async def test_packed_rx_buffers_posted_with_a_kick_are_not_unkicked(packed_server):
+    """Seen with Linux (packed=on) in CI: RX buffers posted and kicked, with no
+    frame for the device to send, so nothing pops and the position does not
+    move. The poll took them for unkicked at its second look and named a
+    packed_kick_missed. The kick announced them."""
+    fe = Frontend(queue_size=256, packed=True)
+    await fe.connect(packed_server.socket_path)
+    await fe.handshake()
+    rx = packed_server.current.backend.queues[0]
+    poll = packed_server.current._polls[0]
+    kicks = rx.stats["kicks"]
+    fe.post_rx(count=64, size=2048)
+    fe.rx.kick()
+    with trio.fail_after(5):
+        while rx.stats["kicks"] == kicks or not poll.looking:   # the kick woke it
+            await trio.sleep(0.005)
+        while poll.looking:                                    # it looks, finds nothing new, parks
+            await trio.sleep(0.01)
+    poll.close()                                               # a suspect would be a finding now
+    assert rx.stats["unkicked"] == 0
+    assert "packed_kick_missed" not in rx.errors
+    await fe.shutdown(packed_server)
+
+
 async def test_a_packed_base_beyond_a_shrunk_ring_is_refused_not_read_past_its_end():
     """Found by scripts/fuzz_device.py (seed 2003, step 666): SET_VRING_BASE with
     positions valid for the old size, then SET_VRING_NUM 2: the ring started with

@@ -226,6 +226,19 @@ class PackedSafetyPoll(SafetyPoll):
 
     RULE = "packed_kick_missed"
 
+    def kicked(self) -> None:
+        # A kick announces every descriptor available when it came. Split
+        # rings read that off avail->idx; here it is the end of the available
+        # run past what the device knows of, so an RX ring the device has no
+        # frame for (nothing pops, nothing moves) is not taken for unkicked.
+        before = self.kick_seen
+        super().kicked()                # late-kick bookkeeping; its kick_seen is split's
+        self.kick_seen = before
+        q = self.q
+        if q.mapped and q.ready:
+            known = self._known()
+            self.kick_seen = q.advance(*known, self._new(known, None))
+
     def _avail_now(self):
         # Whether the next descriptor the device would take is available, and
         # where that is: a driver making more available changes this.
@@ -240,7 +253,7 @@ class PackedSafetyPoll(SafetyPoll):
         base = q.linear(*here)
         lap = 2 * q.num
         best, ahead = here, 0
-        for p in (self.looked, q.avail_seen):
+        for p in (self.kick_seen, self.looked, q.avail_seen):
             if p is None:
                 continue
             d = (q.linear(*p) - base) % lap
