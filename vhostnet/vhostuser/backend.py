@@ -53,7 +53,6 @@ from vhostnet.virtio import features as F
 from vhostnet.virtio.packed import PackedRing
 from vhostnet.virtio.findings import Findings
 from vhostnet.virtio.split import MAX_QUEUE_SIZE, SplitRing
-from vhostnet.virtio import features as F
 from vhostnet.vhostuser.device import Device
 
 __all__ = ["Backend"]

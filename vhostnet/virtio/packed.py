@@ -43,7 +43,7 @@ import collections
 import struct
 
 from vhostnet.virtio.findings import Findings
-from vhostnet.virtio.ring import MAX_CHAIN_DESCS, chain_truncated, refusal_doc, Chain, ChainError
+from vhostnet.virtio.ring import MAX_CHAIN_DESCS, describe_common, chain_truncated, refusal_doc, Chain, ChainError
 from vhostnet.virtio.split import MAX_QUEUE_SIZE, full_barrier
 from vhostnet.vhostuser.memory import GuestMemory, OutOfBounds
 
@@ -438,7 +438,6 @@ class PackedRing:
 
     def _walk(self, start: int, wrap: bool, record: bool = True) -> tuple[Chain, int]:
         """The chain at ring position START: (chain, ring slots it takes)."""
-        mem = self.mem
         readable: list = []
         writable: list = []
         rlen = wlen = 0
@@ -735,7 +734,6 @@ class PackedRing:
         return None
 
     def describe(self) -> dict:
-        mem = self.mem
         drv = (self._driver_h[0], self._driver_h[1]) if self._driver_h is not None else None
         dev = (self._device_h[0], self._device_h[1]) if self._device_h is not None else None
 
@@ -746,14 +744,7 @@ class PackedRing:
                     "wrap": ev[0] >> EVENT_WRAP_BIT}
 
         d = {
-            "index": self.index, "name": self.name, "size": self.num, "format": "packed",
-            "started": self.started, "enabled": self.enabled, "broken": self.broken,
-            "desc_user_addr": self.desc_uva, "avail_user_addr": self.avail_uva,
-            "used_user_addr": self.used_uva,
-            "desc_guest_addr": mem.uva_to_gpa(self.desc_uva) if mem else None,
-            "avail_guest_addr": mem.uva_to_gpa(self.avail_uva) if mem else None,
-            "used_guest_addr": mem.uva_to_gpa(self.used_uva) if mem else None,
-            "last_avail_idx": self.last_avail_idx, "used_idx": self.used_idx,
+            **describe_common(self), "format": "packed",
             "avail_wrap_counter": int(self.avail_wrap), "used_wrap_counter": int(self.used_wrap),
             # A packed ring has no avail->idx / used->idx: the positions above are the state.
             "avail_idx": None, "guest_used_idx": self.guest_used_idx() if self._desc is not None else None,

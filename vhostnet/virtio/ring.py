@@ -151,3 +151,19 @@ def refusal_doc(e: ChainError) -> dict:
     from vhostnet.virtio.findings import rule
     r = rule(e.reason)
     return {"id": r.id, "level": r.level, "section": r.section, "message": r.message, "detail": str(e)}
+
+
+def describe_common(ring) -> dict:
+    """The part of describe() both ring formats share: identity, state, the
+    three areas' addresses (user and guest) and the device's two positions."""
+    mem = ring.mem
+    return {
+        "index": ring.index, "name": ring.name, "size": ring.num,
+        "started": ring.started, "enabled": ring.enabled, "broken": ring.broken,
+        "desc_user_addr": ring.desc_uva, "avail_user_addr": ring.avail_uva,
+        "used_user_addr": ring.used_uva,
+        "desc_guest_addr": mem.uva_to_gpa(ring.desc_uva) if mem else None,
+        "avail_guest_addr": mem.uva_to_gpa(ring.avail_uva) if mem else None,
+        "used_guest_addr": mem.uva_to_gpa(ring.used_uva) if mem else None,
+        "last_avail_idx": ring.last_avail_idx, "used_idx": ring.used_idx,
+    }

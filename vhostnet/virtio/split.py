@@ -37,7 +37,7 @@ import struct
 import threading
 
 from vhostnet.virtio.findings import Findings
-from vhostnet.virtio.ring import chain_truncated, refusal_doc, MAX_CHAIN_DESCS, Budget, Chain, ChainError
+from vhostnet.virtio.ring import chain_truncated, describe_common, refusal_doc, MAX_CHAIN_DESCS, Budget, Chain, ChainError
 from vhostnet.vhostuser.memory import GuestMemory, OutOfBounds
 
 __all__ = ["SplitRing", "Chain", "VRING_DESC_F_NEXT", "VRING_DESC_F_WRITE",
@@ -641,16 +641,8 @@ class SplitRing:
         return self._avail_h[2 + (idx & (self.num - 1))]
 
     def describe(self) -> dict:
-        mem = self.mem
         d = {
-            "index": self.index, "name": self.name, "size": self.num,
-            "started": self.started, "enabled": self.enabled, "broken": self.broken,
-            "desc_user_addr": self.desc_uva, "avail_user_addr": self.avail_uva,
-            "used_user_addr": self.used_uva,
-            "desc_guest_addr": mem.uva_to_gpa(self.desc_uva) if mem else None,
-            "avail_guest_addr": mem.uva_to_gpa(self.avail_uva) if mem else None,
-            "used_guest_addr": mem.uva_to_gpa(self.used_uva) if mem else None,
-            "last_avail_idx": self.last_avail_idx, "used_idx": self.used_idx,
+            **describe_common(self),
             "avail_idx": self._avail_h[1] if self._avail_h is not None else None,
             "guest_used_idx": self._used_h[1] if self._used_h is not None else None,
             "pending": self.pending(),
