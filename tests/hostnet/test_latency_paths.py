@@ -56,7 +56,10 @@ async def test_syn_ack_leaves_in_the_step_that_saw_the_syn(backend, nursery):  #
     ls.listen(8)
     port = ls.getsockname()[1]
     g = await attach(srv, nursery)
-    await trio.sleep(0.05)               # the guest loop has posted its RX buffers
+    rx = srv.current.backend.queues[0]
+    with trio.fail_after(5):             # the guest loop has posted its RX buffers
+        while not rx.pending():
+            await trio.sleep(0.01)
     g.fe.post_tx(_frame(IP(src=CFG.guest_ip, dst=CFG.gateway_ip) /
                         TCP(sport=42000, dport=port, flags="S", seq=1000)))
     _step(srv)
