@@ -45,6 +45,7 @@ from .arp_cache import ArpCache
 from .checksum import checksum, finalize_l4_checksum, l4_sum, ones_sum, pseudo_sum
 from .config import NetConfig
 from .frame import Frame
+from .deadline import earliest
 from .loopback import loop_back
 from .reassembly import Reassembler
 from .segment import SegmentError, segment_tcp
@@ -211,15 +212,10 @@ class Stack:
             self.net_services.poll(now)
 
     def next_deadline(self) -> float | None:
-        ds = [self.arp.next_deadline(), self.reasm.next_deadline()]
-        if self.tcp is not None:
-            ds.append(self.tcp.next_deadline())
-        if self.flows is not None:
-            ds.append(self.flows.next_deadline())
-        if self.net_services is not None:
-            ds.append(self.net_services.next_deadline())
-        ds = [d for d in ds if d is not None]
-        return min(ds) if ds else None
+        return earliest(self.arp.next_deadline(), self.reasm.next_deadline(),
+                        None if self.tcp is None else self.tcp.next_deadline(),
+                        None if self.flows is None else self.flows.next_deadline(),
+                        None if self.net_services is None else self.net_services.next_deadline())
 
     def snapshot(self, limit: int | None = None) -> dict:
         """The stack's state; LIMIT bounds the TCP connections and NAT flows

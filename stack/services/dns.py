@@ -262,6 +262,8 @@ class DnsRelay:
             s.close_idle()
 
     def next_deadline(self) -> float | None:
+        if not self._pending and not self._sessions:
+            return None     # the usual case, asked after every frame
         ds = [p.deadline for p in self._pending.values()]
         ds += [d for d in (s.idle_deadline() for s in self._sessions) if d is not None]
         return min(ds, default=None)

@@ -11,6 +11,7 @@ needs a peer outside the stack.
 """
 from __future__ import annotations
 
+from ..deadline import earliest
 from .config import ServicesConfig
 from .dhcp import DhcpServer
 from .dns import COUNTERS as DNS_COUNTERS, DnsRelay
@@ -54,9 +55,8 @@ class NetworkServices:
             self.tftp.poll(now)
 
     def next_deadline(self) -> float | None:
-        ds = [s.next_deadline() for s in (self.dns, self.tftp) if s is not None]
-        ds = [d for d in ds if d is not None]
-        return min(ds) if ds else None
+        return earliest(None if self.dns is None else self.dns.next_deadline(),
+                        None if self.tftp is None else self.tftp.next_deadline())
 
     def snapshot(self) -> dict:
         """Every field always present (disabled services as zeros), so that

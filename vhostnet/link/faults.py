@@ -65,6 +65,7 @@ import random
 
 from stack import Frame
 from stack.checksum import finalize_l4_checksum
+from stack.deadline import earliest
 from stack.segment import SegmentError, segment_tcp
 
 from vhostnet.link.spec import DirFaults, FaultSpec
@@ -332,9 +333,7 @@ class FaultInjector:
                 self.inner.receive(f, now)
 
     def next_deadline(self) -> float | None:
-        ds = [d for d in (self.inner.next_deadline(), self.tx.next_deadline(),
-                          self.rx.next_deadline()) if d is not None]
-        return min(ds) if ds else None
+        return earliest(self.inner.next_deadline(), self.tx.next_deadline(), self.rx.next_deadline())
 
     # -- looking inside -------------------------------------------------------
 

@@ -98,7 +98,11 @@ class SafetyPoll:
         self.wake()
 
     def wake(self) -> None:
-        self._wake.set()
+        # Every kick wakes every poll of the connection; trio's Event.set is
+        # the dearer call (KI protection), and mostly the event is set already.
+        w = self._wake
+        if not w.is_set():
+            w.set()
 
     def close(self) -> None:
         """The ring stops or the connection ends: no late kick can come any more."""

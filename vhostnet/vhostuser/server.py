@@ -133,8 +133,8 @@ class Connection:
                                strict=server.strict, checks=server.checks)
         self._kick_scopes: dict[int, trio.CancelScope] = {}
         self._polls: dict[int, SafetyPoll] = {}
-        self._timer_wake = trio.Event()
-        self._armed = math.inf
+        # The timer task sleeps in this scope until its deadline: the stack's next deadline.
+        self._timer_scope = trio.CancelScope()
         self.messages = 0
         self.steps = StepStats()
         self.opened = time.monotonic()
@@ -242,19 +242,22 @@ class Connection:
     # -- stack timers ----------------------------------------------------
 
     def _rearm(self) -> None:
+        # Moving the sleeping scope's deadline, rather than waking the timer
+        # task to sleep again, saves a task step and a new cancel scope each
+        # time a TCP timer comes nearer (issue 12: 1.5 timer wakes per NATed
+        # connection, about 6 % of the backend's CPU in a connect/close race).
         dl = self.device.next_deadline()
-        if dl is not None and dl < self._armed:
-            self._timer_wake.set()
+        if dl is not None and dl < self._timer_scope.deadline:
+            self._timer_scope.deadline = dl
 
     async def timer_loop(self) -> None:
         while True:
             dl = self.device.next_deadline()
-            self._armed = math.inf if dl is None else dl
-            self._timer_wake = trio.Event()
-            with trio.move_on_at(self._armed):
-                await self._timer_wake.wait()
+            with trio.CancelScope(deadline=math.inf if dl is None else dl) as scope:
+                self._timer_scope = scope
+                await trio.sleep_forever()
             now = trio.current_time()
-            if now >= self._armed:
+            if now >= scope.deadline:
                 self._wake_polls()
                 t0 = self.steps.start()
                 try:
