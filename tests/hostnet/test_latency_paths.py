@@ -79,3 +79,41 @@ async def test_syn_ack_leaves_in_the_step_that_saw_the_syn(backend, nursery):  #
         while stack.flows.counts()["tcp"]:
             await trio.sleep(0.01)
     ls.close()
+
+
+async def test_guest_bytes_are_on_the_host_socket_in_the_kick_step(backend, nursery):  # noqa: F811
+    """An established NAT'd connection: the guest's data segment is sent on
+    the host socket in the step that saw it (the relay is called from the
+    flow event, reactor.py; it used to wait in a task of its own)."""
+    srv, _ = backend
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(8)
+    port = ls.getsockname()[1]
+    g = await attach(srv, nursery)
+    rx = srv.current.backend.queues[0]
+    with trio.fail_after(5):
+        while not rx.pending():
+            await trio.sleep(0.01)
+    ip = IP(src=CFG.guest_ip, dst=CFG.gateway_ip)
+    g.fe.post_tx(_frame(ip / TCP(sport=42001, dport=port, flags="S", seq=5000)))
+    _step(srv)
+    synack = [p for p in (Ether(f) for _h, f in g.fe.read_rx()) if TCP in p and p[TCP].dport == 42001][0]
+    conn, _ = ls.accept()
+    conn.setblocking(False)
+    isn = synack[TCP].seq
+    for i in range(3):
+        data = b"bytes %d" % i
+        g.fe.post_tx(_frame(ip / TCP(sport=42001, dport=port, flags="PA", seq=5001 + 7 * i,
+                                     ack=isn + 1) / data))
+        _step(srv)
+        assert conn.recv(100) == data       # no await since the step
+        await trio.sleep(0)
+    g.fe.post_tx(_frame(ip / TCP(sport=42001, dport=port, flags="R", seq=5022)))
+    g.fe.tx.kick()
+    stack = srv.current.device.stack
+    with trio.fail_after(5):
+        while stack.flows.counts()["tcp"]:
+            await trio.sleep(0.01)
+    conn.close()
+    ls.close()

@@ -13,8 +13,10 @@ the kick handler sleeps again (no second task to wake: issue 12's latency
 profile, one trio scheduling pass and one epoll_wait fewer per datagram).
 Past the budget, the rest waits for the loop, which sleeps on `wake` and
 takes at most EVENT_BUDGET events per pass and yields, so a guest flooding
-SYNs or datagrams cannot starve the vhost-user message loop. Each flow's host I/O runs in the flow's own task;
-the relays call back into the stack and then `flush()`, which hands the
+SYNs or datagrams cannot starve the vhost-user message loop. A datagram
+flow's host socket is read by the flow's own task; TCP relays' sockets are
+all waited on by one task (reactor.py). The relays call back into the
+stack and then `flush()`, which hands the
 frames that made to the guest and re-arms the stack's timer.
 
 Addresses: the gateway (10.0.2.2) is the host's 127.0.0.1 unless
@@ -40,6 +42,7 @@ from stack.wire import icmp as icmpw
 from vhostnet.ratelimit import RateLimitedLog
 
 from .datagram import PingRelay, UdpRelay
+from .reactor import Reactor
 from .tcp_relay import TcpRelay
 
 __all__ = ["HostProxy", "EVENT_BUDGET"]
@@ -64,6 +67,7 @@ class HostProxy:
         self.relays: dict[int, object] = {}
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self.reactor: Reactor | None = None    # the TCP relays' sockets, while run() runs
         self._flush = None
         # Inbound UDP forwards: (listening socket fd, peer) -> fid, and back.
         self._udp_in: dict[tuple, int] = {}
@@ -104,9 +108,11 @@ class HostProxy:
 
     async def run(self, flush, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self._flush = flush
+        self.reactor = Reactor(on_error=self._internal_error)
         try:
             async with trio.open_nursery() as n:
                 self._nursery = n
+                n.start_soon(self.reactor.run)
                 if self.forwards is not None:
                     self.forwards.proxy = self
                 task_status.started()
@@ -122,6 +128,7 @@ class HostProxy:
                 r.close()
             self.relays.clear()
             self._nursery = None
+            self.reactor.close()
 
     def _drain(self) -> None:
         flows = self.flows
@@ -132,10 +139,12 @@ class HostProxy:
             try:
                 self._handle(ev)
             except Exception as e:      # a proxy bug must not take the backend down
-                self.count("internal_error")
-                self.rlog.log(logging.ERROR, "proxy_internal_error",
-                              "host proxy: internal error on %s: %r", type(ev).__name__, e)
+                self._internal_error(e, type(ev).__name__)
         self._wake.set()                # more waiting: come back after yielding
+
+    def _internal_error(self, e: BaseException, on: str = "a host socket") -> None:
+        self.count("internal_error")
+        self.rlog.log(logging.ERROR, "proxy_internal_error", "host proxy: internal error on %s: %r", on, e)
 
     # -------------------------------------------------------------- events
     def _handle(self, ev) -> None:
@@ -232,9 +241,7 @@ class HostProxy:
             self.rlog.warning("fwd_refused", "forward to guest port %d refused: %s", guest_port, e)
             return False
         self.flush()
-        r = TcpRelay(self, fid, peer, sock=sock)
-        self.relays[fid] = r
-        self._nursery.start_soon(r.run_inbound)
+        self.relays[fid] = TcpRelay(self, fid, peer, sock=sock)   # pumps once the guest accepts
         return True
 
     def inbound_udp(self, lsock: socket.socket, peer, data: bytes, guest_ip: str,

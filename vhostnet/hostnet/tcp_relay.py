@@ -8,21 +8,23 @@ unreachable; no answer within the connect timeout -> ICMP host unreachable
 exists; the stack connects to the guest, and the relay starts once the
 guest accepts (a RST from the guest closes the host socket with a RST).
 
-Then two tasks move bytes, each bounded by the far side's appetite:
+Then bytes move both ways, each bounded by the far side's appetite:
 * host -> guest reads at most `send_space` (the room the guest's window
   leaves in the stack's send buffer), so a slow guest leaves bytes in the
   host kernel and the host sender's window closes;
 * guest -> host peeks the stack's receive buffer, sends what the host
   socket takes, and consumes exactly that much, so a slow host reader
   closes the window the stack advertises to the guest.
-Latency (issue 12's profile): the host connect starts in the proxy's step
-that saw the SYN, and a loopback connect is complete when connect()
-returns, so the SYN-ACK goes to the guest in that same step, with no task
-started first; only a connect still in progress gets a task to wait for it.
-The pumps use the plain non-blocking socket and wait only when it would
-block, so a read goes into the stack and out to the guest without a
-scheduler pass in between (trio's socket methods add one after every
-successful call).
+No task does this: the socket is registered once with the proxy's reactor
+(reactor.py, edge-triggered epoll), whose events and the stack's flow
+events (TcpReadable, TcpWritable, TcpEof) call the relay, which reads or
+writes until the socket would block or the far side has no room. Two flags
+remember readiness between edges. Latency (issue 12's profile): the host
+connect starts in the proxy's step that saw the SYN, and a loopback
+connect is complete when connect() returns, so the SYN-ACK goes to the
+guest in that same step; only a connect still in progress gets a task, to
+wait for it under the connect timeout. A host read goes into the stack and
+out to the guest in the reactor's step, with no scheduler pass between.
 
 EOF maps to FIN both ways (shutdown(SHUT_WR) on the host socket after the
 guest's FIN; close() in the stack after the host's EOF). A reset either way
@@ -59,11 +61,15 @@ class TcpRelay:
         self.fid = fid
         self.remote = remote
         self.sock = sock                # the host socket (non-blocking), ours to close
-        self.scope = trio.CancelScope()
-        self._rd = trio.Event()
-        self._wr = trio.Event()
-        self._est = trio.Event()
+        if sock is not None:
+            sock.setblocking(False)
+        self.scope = trio.CancelScope()  # the in-progress connect's task, if any
+        self.pumping = False            # registered with the reactor: bytes move
+        self.can_read = False           # readiness seen and not yet used up (edge-triggered)
+        self.can_write = False
+        self.host_eof = False
         self.guest_eof = False
+        self.shut = False               # SHUT_WR sent after the guest's FIN
         self.reset = False
         self.closed = False
 
@@ -71,14 +77,15 @@ class TcpRelay:
     def event(self, ev) -> None:
         t = type(ev)
         if t is F.TcpReadable:
-            self._rd.set()
+            self._guarded(self._to_host)
         elif t is F.TcpWritable:
-            self._wr.set()
+            self._guarded(self._to_guest)
         elif t is F.TcpEof:
             self.guest_eof = True
-            self._rd.set()
-        elif t is F.TcpEstablished:
-            self._est.set()
+            self._guarded(self._to_host)
+        elif t is F.TcpEstablished:     # inbound: the guest accepted
+            self._describe()
+            self._start_pumps()
         elif t is F.TcpReset:
             self.reset = True
             self._end()
@@ -97,8 +104,10 @@ class TcpRelay:
         s = self.sock
         if s is None:
             return
+        if self.pumping:
+            self.p.reactor.remove(s.fileno())
         try:
-            trio.lowlevel.notify_closing(s)     # a pump may be waiting on it
+            trio.lowlevel.notify_closing(s)     # the connect task may be waiting on it
         except RuntimeError:
             pass
         if self.reset:
@@ -127,7 +136,7 @@ class TcpRelay:
         if err == errno.EINPROGRESS:
             nursery.start_soon(self.run_outbound)
         elif self._connected(err):
-            nursery.start_soon(self._run_pumps)
+            self._start_pumps()
 
     def _connected(self, err: int) -> bool:
         """Accept or refuse the guest's SYN after the host connect ended with ERR."""
@@ -156,11 +165,7 @@ class TcpRelay:
                 self._connected(e.errno or errno.EHOSTUNREACH)
                 return
             if self._connected(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)):
-                await self._pump()
-
-    async def _run_pumps(self) -> None:
-        with self.scope:
-            await self._pump()
+                self._start_pumps()
 
     def _refuse(self, icmp_code) -> None:
         self.p.flows.refuse(self.p.now(), self.fid, icmp_code)
@@ -168,15 +173,6 @@ class TcpRelay:
         self.close()
         self.p.forget(self.fid)
 
-    # ------------------------------------------------------------ inbound
-    async def run_inbound(self) -> None:
-        with self.scope:
-            self.sock.setblocking(False)
-            await self._est.wait()
-            self._describe()
-            await self._pump()
-
-    # ---------------------------------------------------------- the pump
     def _describe(self) -> None:
         try:
             a, b = self.sock.getsockname(), self.sock.getpeername()
@@ -184,67 +180,96 @@ class TcpRelay:
         except OSError:
             pass
 
-    async def _pump(self) -> None:
-        async with trio.open_nursery() as n:
-            n.start_soon(self._guarded, self._guest_to_host)
-            await self._guarded(self._host_to_guest)   # in this task: one task fewer
-
-    async def _guarded(self, direction) -> None:
+    # ---------------------------------------------------------- the pumps
+    def _start_pumps(self) -> None:
+        if self.closed or self.pumping:
+            return
+        if self.fid not in self.p.relays:
+            return                          # refused or ended meanwhile
         try:
-            await direction()
-        except OSError as e:
-            # ECONNRESET, EPIPE, ETIMEDOUT...: the host side is gone; tell the guest.
-            self.p.count("tcp_host_reset" if e.errno in (errno.ECONNRESET, errno.EPIPE)
-                         else "tcp_host_error")
-            self.p.flows.abort(self.p.now(), self.fid)
-            self.p.flush()
-            self.reset = True
-            self.scope.cancel()
-            self.close()
-            self.p.forget(self.fid)
+            self.p.reactor.add(self.sock.fileno(), self._on_socket)
+        except (OSError, ValueError) as e:  # ENOMEM/ENOSPC from epoll: give the flow up
+            self._guarded_error(e)
+            return
+        self.pumping = True
+        # Registration reports the current state as an edge, but whatever the
+        # guest has already sent need not wait for it.
+        self.can_read = self.can_write = True
+        self._guarded(self._to_guest)
+        self._guarded(self._to_host)
 
-    async def _host_to_guest(self) -> None:
+    def _on_socket(self, events: int) -> None:
+        if events & _READ_EVENTS:
+            self.can_read = True
+            self._guarded(self._to_guest)
+        if events & _WRITE_EVENTS:
+            self.can_write = True
+            self._guarded(self._to_host)
+
+    def _guarded(self, direction) -> None:
+        if self.closed or not self.pumping:
+            return
+        try:
+            direction()
+        except OSError as e:
+            self._guarded_error(e)
+
+    def _guarded_error(self, e: OSError) -> None:
+        # ECONNRESET, EPIPE, ETIMEDOUT...: the host side is gone; tell the guest.
+        self.p.count("tcp_host_reset" if e.errno in (errno.ECONNRESET, errno.EPIPE)
+                     else "tcp_host_error")
+        self.p.flows.abort(self.p.now(), self.fid)
+        self.p.flush()
+        self.reset = True
+        self.scope.cancel()
+        self.close()
+        self.p.forget(self.fid)
+
+    def _to_guest(self) -> None:
+        """Host bytes into the stack while the socket has some and the guest has room."""
         p, flows, fid, s = self.p, self.p.flows, self.fid, self.sock
-        wait_readable = trio.lowlevel.wait_readable
-        while True:
+        while self.can_read and not self.host_eof:
             space = flows.send_space(fid)
             if space <= 0:
-                self._wr = trio.Event()
-                await self._wr.wait()
-                continue
-            # Wait first (the checkpoint), then read and deliver in one go.
-            await wait_readable(s)
+                return                      # TcpWritable calls again
             try:
                 data = s.recv(min(space, RECV_CHUNK))
             except (BlockingIOError, InterruptedError):
-                continue
+                self.can_read = False
+                return
             if not data:
+                self.host_eof = True
                 flows.close(p.now(), fid)
                 p.flush()
                 return
             flows.send(p.now(), fid, data)
             p.flush()
-
-    async def _guest_to_host(self) -> None:
-        p, flows, fid, s = self.p, self.p.flows, self.fid, self.sock
-        while True:
-            n = flows.readable(fid)
-            if n:
-                try:
-                    sent = s.send(flows.peek(fid, min(n, SEND_CHUNK)))
-                except (BlockingIOError, InterruptedError):
-                    await trio.lowlevel.wait_writable(s)
-                    continue
-                flows.consume(p.now(), fid, sent)
-                p.flush()
-                continue
-            if self.guest_eof:
-                s.shutdown(socket.SHUT_WR)
+            if self.closed:
                 return
-            self._rd = trio.Event()
-            await self._rd.wait()
+
+    def _to_host(self) -> None:
+        """The guest's bytes out to the host while it takes them; its FIN after them."""
+        p, flows, fid, s = self.p, self.p.flows, self.fid, self.sock
+        while self.can_write:
+            n = flows.readable(fid)
+            if not n:
+                if self.guest_eof and not self.shut:
+                    self.shut = True
+                    s.shutdown(socket.SHUT_WR)
+                return
+            try:
+                sent = s.send(flows.peek(fid, min(n, SEND_CHUNK)))
+            except (BlockingIOError, InterruptedError):
+                self.can_write = False
+                return
+            flows.consume(p.now(), fid, sent)
+            p.flush()
+            if self.closed:
+                return
 
 
+_READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_WRITE_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 _POLL_OUT = select.POLLOUT | select.POLLERR | select.POLLHUP
 
 
