@@ -369,3 +369,18 @@ async def test_parked_safety_poll_still_finds_a_missed_first_kick(ready, server)
             await ready.rx.wait_call(0.05)
     assert Ether(got[0][1])[ICMP].seq == 2
     assert server.current.backend.queues[1].stats["unkicked"] == 1
+
+
+async def test_a_failing_safety_poll_stops_alone_and_the_ring_goes_on(ready, server):
+    """A bug in the safety poll (here: kicked() raising) is counted and logged
+    once; the poll stops for that ring, the connection and the traffic go on."""
+    poll = server.current._polls[1]
+
+    def broken() -> None:
+        raise RuntimeError("poll bug")
+    poll.kicked = broken
+    for seq in (1, 2, 3):
+        got = await ready.exchange([ping(seq=seq)], want=1)
+        assert Ether(got[0])[ICMP].seq == seq
+    assert poll.failed
+    assert server.current.backend.errors["safety_poll_error"] == 1

@@ -81,6 +81,7 @@ class SafetyPoll:
         self.suspect = None                 # (time, avail->idx, detail, example)
         self.busy = 0                       # the kick task is draining this ring
         self.looking = False                # polling now (False: parked until a kick or work)
+        self.failed = False                 # raised once (a bug): the server stopped using it
         self._wake = trio.Event()
 
     # -- called by the server ------------------------------------------------

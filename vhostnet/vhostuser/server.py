@@ -69,6 +69,12 @@ QUEUE_NUM_LOG_INTERVAL = 60.0
 QUEUE_NUM_GIVE_UP = 2.0
 
 
+def _traceback_line(e: BaseException) -> str:
+    """E's traceback on one log line."""
+    import traceback
+    return " | ".join(line.strip() for line in traceback.format_exception(e) if line.strip())
+
+
 class StepStats:
     """How long the event loop's steps of work take: count, longest, slow ones, by kind.
 
@@ -161,7 +167,7 @@ class Connection:
         with scope:
             async with trio.open_nursery() as nursery:
                 if self.server.safety_poll:
-                    nursery.start_soon(poll.run)
+                    nursery.start_soon(self._run_poll, q, poll)
                 await self._kick_loop(q, fd, poll)
                 nursery.cancel_scope.cancel()
 
@@ -192,13 +198,26 @@ class Connection:
         return more
 
     def _internal_error(self, q, e: Exception) -> None:
-        import traceback
         if q is not None:
             q.broken = "internal_error"
         self.backend.errors["internal_error"] = self.backend.errors.get("internal_error", 0) + 1
         self.server.rlog.log(logging.ERROR, "internal_error", "%s: internal error, ring stopped: %s",
-                             q.name if q is not None else "device",
-                             " | ".join(line.strip() for line in traceback.format_exception(e) if line.strip()))
+                             q.name if q is not None else "device", _traceback_line(e))
+
+    async def _run_poll(self, q, poll: SafetyPoll) -> None:
+        try:
+            await poll.run()
+        except Exception as e:
+            self._poll_failed(q, poll, e)
+
+    def _poll_failed(self, q, poll: SafetyPoll, e: Exception) -> None:
+        # A bug in the poll (it only looks; the device refuses what the guest
+        # gets wrong): the ring goes on without its poll, kicks still work.
+        poll.failed = True
+        self.backend.errors["safety_poll_error"] = self.backend.errors.get("safety_poll_error", 0) + 1
+        self.server.rlog.log(logging.ERROR, "safety_poll_error",
+                             "%s: internal error in the safety poll, which stops for this ring: %s",
+                             q.name, _traceback_line(e))
 
     async def _drain(self, q) -> None:
         while self._work(q):
@@ -220,7 +239,11 @@ class Connection:
                                              "counter; no longer waiting on it", q.name, len(got))
                     return
                 q.stats["kicks"] += 1
-                poll.kicked()
+                if not poll.failed:
+                    try:
+                        poll.kicked()
+                    except Exception as e:
+                        self._poll_failed(q, poll, e)
                 self._wake_polls()
                 if q.ready:
                     poll.busy += 1
