@@ -60,7 +60,10 @@ After every step the fuzzer checks (the step fails if one does not hold):
   connection (allowed after a protocol error), a new connection must be
   accepted and answer within the same second: the backend serves one
   front-end at a time, so this also proves the old one was torn down. No
-  answer within HANG_GRACE more is a "hang", a late one is "slow";
+  answer within HANG_GRACE more is a "hang", a late one is "slow" if the
+  backend spent at least PROBE_TIMEOUT of CPU in the wait (it was working,
+  a loop), and otherwise only counted (late_answers_loaded: it was waiting
+  for a core on a loaded machine; seen at load 9 on 2 cores);
 - bounded: its fd count (/proc/PID/fd) stays under its count with one idle
   connection plus what a connection and our open control clients can hold,
   and its RSS under its idle RSS plus twice guest memory plus RSS_SLACK;
@@ -151,6 +154,7 @@ REGION_DESC = struct.Struct("<QQQQ")
 
 # -- checks ------------------------------------------------------------------------
 PROBE_TIMEOUT = 1.0     # a fresh GET_FEATURES must be answered within this (issue 7)
+CLK_TCK = os.sysconf("SC_CLK_TCK")   # proc(5): the unit of /proc/PID/stat's utime and stime
 HANG_GRACE = 2.0        # after a missed probe, how long we wait to tell "slow" from "stuck"
 CONTROL_TIMEOUT = 1.0
 IDLE_EVERY = 128        # steps between idle checks (also before every connecting step)
@@ -721,6 +725,15 @@ class Backend:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def cpu_seconds(self) -> float:
+        """The backend's CPU time so far (proc(5): utime + stime); 0 when it is gone."""
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK   # fields 14, 15 of stat
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
@@ -1047,6 +1060,7 @@ class Executor:
         self.fd_max = 0
         self.rss_max = 0
         self.probe_max = 0.0
+        self.late_loaded = 0
         self.idle_due = False
         # The longest event-loop step the backend timed (ms, kind, its CPU ms), read
         # with inspect at every idle check (and so before every connecting step).
@@ -1119,6 +1133,7 @@ class Executor:
     def probe(self) -> float:
         """GET_FEATURES answered within PROBE_TIMEOUT, on this connection or a fresh one."""
         t0 = time.monotonic()
+        self.cpu0 = self.b.cpu_seconds()
         self.send(Req.GET_FEATURES)
         while self.pending_gf:
             left = PROBE_TIMEOUT - (time.monotonic() - t0)
@@ -1168,6 +1183,9 @@ class Executor:
                     self.pending_gf -= 1
         except (socket.timeout, OSError, ValueError):
             raise Failure("hang", f"no answer to GET_FEATURES in {PROBE_TIMEOUT + HANG_GRACE:.0f} s", stack) from None
+        if self.b.cpu_seconds() - self.cpu0 < PROBE_TIMEOUT:
+            self.late_loaded += 1       # waiting for a core, not working: the machine, not the backend
+            return time.monotonic() - t0
         raise Failure("slow", f"GET_FEATURES answered after {time.monotonic() - t0:.2f} s "
                               f"(limit {PROBE_TIMEOUT} s)", stack)
 
@@ -2214,6 +2232,7 @@ def run(args) -> dict:
         "fd_idle": ex.base_fds, "fd_max": ex.fd_max,
         "rss_idle_mib": round(ex.base_rss / (1 << 20), 1), "rss_max_mib": round(ex.rss_max / (1 << 20), 1),
         "longest_probe_ms": round(ex.probe_max * 1000, 1),
+        "late_answers_loaded": ex.late_loaded,
         "longest_step_ms": round(longest[0] * 1000, 1), "longest_step_op": longest[1],
         "rules_seen": sorted(ex.rules_seen),
         "loop_max_step_ms": ex.loop_max[0], "loop_max_step_kind": ex.loop_max[1],
@@ -2247,6 +2266,8 @@ JSON_FIELDS = {
     "rss_idle_mib": "its RSS before the first step",
     "rss_max_mib": "its largest RSS after any step",
     "longest_probe_ms": "the longest a passing GET_FEATURES probe waited: a bound on the longest event-loop step",
+    "late_answers_loaded": "probes answered after PROBE_TIMEOUT with under PROBE_TIMEOUT of backend CPU in the "
+                           "wait: the backend waited for a core (a loaded machine), no finding",
     "longest_step_ms": "the longest passing step, with its checks",
     "longest_step_op": "that step's op",
     "rules_seen": "refusal rule ids (vhostnet/virtio/findings.py) inspect showed on some queue at an idle check",
@@ -2335,6 +2356,7 @@ def run_workers(args) -> dict:
         "fd_idle": max(d["fd_idle"] for d in docs), "fd_max": max(d["fd_max"] for d in docs),
         "rss_idle_mib": max(d["rss_idle_mib"] for d in docs), "rss_max_mib": max(d["rss_max_mib"] for d in docs),
         "longest_probe_ms": max(d["longest_probe_ms"] for d in docs),
+        "late_answers_loaded": total("late_answers_loaded"),
         "longest_step_ms": longest["longest_step_ms"], "longest_step_op": longest["longest_step_op"],
         "rules_seen": sorted({r for d in docs for r in d["rules_seen"]}),
         "loop_max_step_ms": loop["loop_max_step_ms"], "loop_max_step_kind": loop["loop_max_step_kind"],
@@ -2376,6 +2398,7 @@ def table(doc: dict) -> str:
             ("fd idle / max", f"{doc['fd_idle']} / {doc['fd_max']}"),
             ("RSS idle / max", f"{doc['rss_idle_mib']} / {doc['rss_max_mib']} MiB"),
             ("longest probe", f"{doc['longest_probe_ms']} ms"),
+            ("late answers, machine busy", doc["late_answers_loaded"]),
             ("longest step", f"{doc['longest_step_ms']} ms ({doc['longest_step_op']})"),
             ("longest backend loop step", f"{doc['loop_max_step_ms']} ms ({doc['loop_max_step_kind']}; "
                                           f"{doc['loop_max_step_cpu_ms']} ms CPU)")]

@@ -169,3 +169,30 @@ def test_packed_moves_are_refused_with_named_findings():
     packed = {r for r in doc["rules_seen"] if r.startswith("packed_")}
     assert len(packed) >= 2, doc["rules_seen"]
     assert packed <= set(RULES)
+
+
+def test_a_late_answer_from_a_backend_waiting_for_a_core_is_counted_not_failed(tmp_path):
+    """The liveness probe's limit is about the backend's work, not the machine:
+    a backend stopped (SIGSTOP, as a starved process is) past PROBE_TIMEOUT
+    and then let go answers late with no CPU spent; that is counted in
+    late_answers_loaded, not a "slow" failure (seen at load 9 on 2 cores)."""
+    import signal
+    import threading
+    backend = fz.Backend(str(tmp_path), ROOT)
+    ex = fz.Executor(backend)
+    backend.start()
+    try:
+        ex.vh_connect()
+        ex.probe()
+        os.kill(backend.pid, signal.SIGSTOP)
+        resume = threading.Timer(fz.PROBE_TIMEOUT + 0.4, os.kill, (backend.pid, signal.SIGCONT))
+        resume.start()
+        try:
+            waited = ex.probe()
+        finally:
+            resume.join()
+        assert waited > fz.PROBE_TIMEOUT and ex.late_loaded == 1
+    finally:
+        os.kill(backend.pid, signal.SIGCONT)
+        ex.close_all()
+        backend.stop()
