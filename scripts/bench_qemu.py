@@ -38,6 +38,8 @@ Rows (--backends, comma-separated):
                        queues=N and mq=on (not in the default set; give --smp
                        and --streams so the guest uses the pairs: Linux runs
                        min(vCPUs, N) pairs and XPS puts each CPU's sends on its pair)
+  vhostnet-nospin      `serve --nat-spin-us 0`: the NAT does not wait in the
+                       step for datagram answers (not in the default set)
 
   vhostnet-base        with --base-tree DIR: "vhostnet" run from DIR's code
                        (another checkout), so a change is measured before and
@@ -91,7 +93,10 @@ sys.path.insert(0, str(ROOT))
 from vhostnet.launch import qemu  # noqa: E402
 from vhostnet.testing.hostservers import HostServers  # noqa: E402
 
-ALL_BACKENDS = ("vhostnet", "vhostnet-nooffloads", "slirp", "passt", "vhostnet-q2", "vhostnet-q4")
+ALL_BACKENDS = ("vhostnet", "vhostnet-nooffloads", "slirp", "passt", "vhostnet-q2", "vhostnet-q4",
+                "vhostnet-nospin")
+#: Rows that are not in the default set (--backends names them).
+EXTRA_ROWS = ("vhostnet-q2", "vhostnet-q4", "vhostnet-nospin")
 # Multiqueue rows: `serve --queues N`, -netdev vhost-user,queues=N, virtio-net-pci,mq=on.
 QUEUE_ROWS = {"vhostnet-q2": 2, "vhostnet-q4": 4}
 BASE_ROW = "vhostnet-base"      # --base-tree: the same as "vhostnet", from another tree
@@ -311,6 +316,8 @@ class Bench:
                     argv.append("--no-services")     # 10.0.2.2:7/9/19 go to the host too
                 if name == "vhostnet-nooffloads":
                     argv += ["--disable-feature", "offloads"]
+                if name == "vhostnet-nospin":
+                    argv += ["--nat-spin-us", "0"]
                 pairs = QUEUE_ROWS.get(name, 1)
                 if pairs > 1:
                     argv += ["--queues", str(pairs)]
@@ -671,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--backends", default=",".join(b for b in ALL_BACKENDS if b not in QUEUE_ROWS),
+    p.add_argument("--backends", default=",".join(b for b in ALL_BACKENDS if b not in EXTRA_ROWS),
                    help="comma-separated, from: " + ", ".join(ALL_BACKENDS))
     p.add_argument("--tests", default=None,
                    help="comma-separated, from: " + ", ".join(ALL_TESTS)

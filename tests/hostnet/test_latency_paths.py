@@ -9,13 +9,17 @@ serve` builds them, the in-process frontend, host sockets on 127.0.0.1.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 
+import pytest
 import trio
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from .guest import CFG
 from .test_proxy import attach, backend  # noqa: F401  (the fixture)
+from vhostnet.hostnet.proxy import SPIN_MISSES
 
 TX = 1
 
@@ -117,3 +121,68 @@ async def test_guest_bytes_are_on_the_host_socket_in_the_kick_step(backend, nurs
             await trio.sleep(0.01)
     conn.close()
     ls.close()
+
+
+# A UDP echo server in its own process (as a real host server is): prints its port.
+_ECHO = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1], flush=True)
+while True:
+    d, a = s.recvfrom(2048)
+    s.sendto(d, a)
+"""
+
+
+@pytest.mark.hostnet_kw(answer_spin=0.5)   # generous: the echo process may wait for a core
+async def test_udp_answer_reaches_the_guest_in_the_kick_step(backend, nursery):  # noqa: F811
+    """HostProxy.spin: the host's answer to a datagram is in the RX ring when
+    the step that sent the datagram returns (no wake-up of the backend)."""
+    srv, _ = backend
+    echo = subprocess.Popen([sys.executable, "-c", _ECHO], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(echo.stdout.readline())
+        g = await attach(srv, nursery)
+        rx = srv.current.backend.queues[0]
+        with trio.fail_after(5):
+            while not rx.pending():
+                await trio.sleep(0.01)
+        proxy = srv.current.device.proxy
+        for i in range(3):
+            payload = b"answer %d" % i
+            g.fe.post_tx(_frame(IP(src=CFG.guest_ip, dst=CFG.gateway_ip) /
+                                UDP(sport=41001, dport=port) / payload))
+            _step(srv)
+            got = [Ether(f) for _h, f in g.fe.read_rx()]   # no await since the step
+            answers = [p for p in got if UDP in p and p[UDP].dport == 41001]
+            assert answers and answers[0][UDP].load == payload
+            await trio.sleep(0)
+        assert proxy.counters["spin_answered"] == 3
+    finally:
+        echo.kill()
+        echo.wait()
+
+
+@pytest.mark.hostnet_kw(answer_spin=0.001)
+async def test_udp_spin_backs_off_from_a_silent_host(backend, nursery):  # noqa: F811
+    """A host that never answers: SPIN_MISSES spins, then none for SPIN_BACKOFF."""
+    srv, _ = backend
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    port = silent.getsockname()[1]
+    g = await attach(srv, nursery)
+    proxy = srv.current.device.proxy
+    calls = []
+    real = proxy.spin
+    proxy.spin = lambda: calls.append(proxy._spin_resume) or real()
+    for i in range(SPIN_MISSES + 4):
+        g.fe.post_tx(_frame(IP(src=CFG.guest_ip, dst=CFG.gateway_ip) /
+                            UDP(sport=41002, dport=port) / b"x"))
+        _step(srv)
+        assert silent.recv(100) == b"x"
+    assert proxy.counters["spin_backoff"] == 1
+    assert "spin_answered" not in proxy.counters
+    # Spins after the backoff began return at once (resume time in the future).
+    assert all(r > 0 for r in calls[SPIN_MISSES + 1:]) and len(calls) == SPIN_MISSES + 4
+    silent.close()

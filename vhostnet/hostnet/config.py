@@ -17,12 +17,16 @@ from dataclasses import dataclass, field
 
 from stack.flows import FlowConfig
 
-__all__ = ["HostNetConfig", "HostNet", "FD_RESERVE"]
+__all__ = ["HostNetConfig", "HostNet", "FD_RESERVE", "DEFAULT_ANSWER_SPIN"]
 
 log = logging.getLogger("vhostnet.hostnet")
 
 #: Descriptors kept for everything else: vhost-user, eventfds, memfds, control, logs.
 FD_RESERVE = 256
+#: After the guest's datagrams leave, how long HostProxy.spin() waits, in the
+#: device's step, for the host's answers (a loopback echo answers in 10-30 µs
+#: here), so a request/response flow skips a wake-up per answer (issue 12).
+DEFAULT_ANSWER_SPIN = 50e-6
 
 
 @dataclass
@@ -31,6 +35,7 @@ class HostNetConfig:
     services: bool = True               # built-in echo/discard/chargen on the gateway
     map_host_loopback: bool = True      # gateway address -> 127.0.0.1 (slirp's default)
     connect_timeout: float = 30.0       # a host connect() that takes longer: host unreachable
+    answer_spin: float = DEFAULT_ANSWER_SPIN   # seconds; 0: never wait (--nat-spin-us)
     flows: FlowConfig = field(default_factory=FlowConfig)
 
     def __post_init__(self) -> None:
@@ -69,7 +74,7 @@ class HostNet:
     def make_proxy(self, flows, gateway_ip: bytes, guest_ip: bytes):
         from .proxy import HostProxy
         return HostProxy(flows, self.config, self.forwards, gateway_ip=gateway_ip,
-                         guest_ip=guest_ip)
+                         guest_ip=guest_ip, spin_max=self.config.answer_spin)
 
     async def serve(self, task_status=None) -> None:
         import trio

@@ -70,24 +70,30 @@ class _DatagramRelay:
     async def run(self) -> None:
         """Every datagram the host socket receives, for the life of the flow.
         Each wait is a checkpoint, so a host that floods cannot starve the loop."""
-        p, s = self.p, self.sock
-        counter, key, message = self.RECV_ERROR
         with self.scope:
             while True:
-                await trio.lowlevel.wait_readable(s)
-                try:
-                    data = s.recv(UDP_MAX_DATAGRAM)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except ConnectionRefusedError:
-                    self._refused_by_host()
-                    continue
-                except OSError as e:
-                    p.count(counter)
-                    p.rlog.warning(key, message, e)
-                    continue
-                self._deliver(data)
-                p.flush()
+                await trio.lowlevel.wait_readable(self.sock)
+                if self.receive_one() is not None:
+                    self.p.flush()
+
+    def receive_one(self) -> bool | None:
+        """One datagram from the host socket into the stack, if one is there.
+        True: delivered (the caller flushes); False: nothing yet; None: an error, counted."""
+        p = self.p
+        try:
+            data = self.sock.recv(UDP_MAX_DATAGRAM)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except ConnectionRefusedError:
+            self._refused_by_host()
+            return None
+        except OSError as e:
+            counter, key, message = self.RECV_ERROR
+            p.count(counter)
+            p.rlog.warning(key, message, e)
+            return None
+        self._deliver(data)
+        return True
 
     def _send(self, data, addr=None) -> None:
         try:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 
 import trio
 
@@ -41,6 +42,7 @@ from stack.config import ip_text
 from stack.wire import icmp as icmpw
 from vhostnet.ratelimit import RateLimitedLog
 
+from .config import DEFAULT_ANSWER_SPIN
 from .datagram import PingRelay, UdpRelay
 from .reactor import Reactor
 from .tcp_relay import TcpRelay
@@ -51,12 +53,17 @@ log = logging.getLogger("vhostnet.hostnet")
 
 #: Events handled before the loop yields to the other tasks.
 EVENT_BUDGET = 256
+#: Spins in a row that ended with an answer missing before spinning stops ...
+SPIN_MISSES = 8
+#: ... for this long (seconds): a far host, or one that does not answer, costs nothing.
+SPIN_BACKOFF = 1.0
 LOOPBACK = "127.0.0.1"
 LOOPBACK_NET = 127              # RFC 1122 3.2.1.3 (g)
 
 
 class HostProxy:
-    def __init__(self, flows, config, forwards=None, *, gateway_ip: bytes, guest_ip: bytes):
+    def __init__(self, flows, config, forwards=None, *, gateway_ip: bytes, guest_ip: bytes,
+                 spin_max: float = DEFAULT_ANSWER_SPIN):
         self.flows = flows
         self.config = config
         self.forwards = forwards
@@ -71,6 +78,10 @@ class HostProxy:
         self._flush = None
         # Inbound UDP forwards: (listening socket fd, peer) -> fid, and back.
         self._udp_in: dict[tuple, int] = {}
+        self.spin_max = spin_max
+        self._asked: list = []              # datagram relays that sent in this step (spin())
+        self._spin_misses = 0
+        self._spin_resume = 0.0             # no spinning before this time (backoff)
 
     # ------------------------------------------------------------ plumbing
     def count(self, key: str, n: int = 1) -> None:
@@ -86,6 +97,41 @@ class HostProxy:
             self._wake.set()
         else:
             self._drain()
+
+    def spin(self) -> bool:
+        """Wait up to spin_max for answers to the datagrams sent in this step, taking
+        them into the stack now (the caller then flushes). True if any came.
+
+        Bounded and adaptive: SPIN_MISSES spins in a row that missed an answer
+        stop spinning for SPIN_BACKOFF, so a host that answers late or never
+        (DNS upstream far away, a one-way stream) costs one spin per miss."""
+        asked = self._asked
+        if not asked:
+            return False
+        if self.spin_max <= 0 or self.now() < self._spin_resume:
+            asked.clear()
+            return False
+        got = False
+        end = time.perf_counter() + self.spin_max
+        while True:
+            for r in tuple(asked):
+                res = None if r.closed else r.receive_one()
+                if res is not False:
+                    asked.remove(r)
+                    got = got or bool(res)
+            if not asked or time.perf_counter() >= end:
+                break
+        if asked:
+            asked.clear()
+            self._spin_misses += 1
+            if self._spin_misses >= SPIN_MISSES:
+                self._spin_misses = 0
+                self._spin_resume = self.now() + SPIN_BACKOFF
+                self.count("spin_backoff")
+        else:
+            self._spin_misses = 0
+            self.count("spin_answered")
+        return got
 
     def flush(self) -> None:
         """Frames the last call into the stack made go to the guest now."""
@@ -192,6 +238,8 @@ class HostProxy:
             self.relays[ev.fid] = r
             self._nursery.start_soon(r.run)
         r.from_guest(ev.payload)
+        if r.sock is not None and r not in self._asked:
+            self._asked.append(r)
 
     def _icmp(self, ev: F.IcmpEcho) -> None:
         r = self.relays.get(ev.fid)
@@ -216,6 +264,8 @@ class HostProxy:
             self.relays[ev.fid] = r
             self._nursery.start_soon(r.run)
         r.from_guest(ev.seq, ev.payload)
+        if r not in self._asked:
+            self._asked.append(r)
 
     def _socket_failed(self, what: str, e: OSError, fid: int) -> None:
         """No host socket for a datagram flow (EMFILE, ENOBUFS...): drop it."""

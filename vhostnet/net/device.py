@@ -318,6 +318,10 @@ class NetDevice:
             else:
                 q.stats["calls_suppressed"] += 1
         more = (b.spent or q.want_kick_at_next()) and q.ready
+        # After the TX interrupt, so the guest's completion is not held: the
+        # host's answers to what just left, if they come at once (HostProxy.spin).
+        if self.proxy is not None:
+            self.proxy.spin()
         self.flush_rx(rings)
         return more
 
