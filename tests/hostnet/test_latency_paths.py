@@ -186,3 +186,51 @@ async def test_udp_spin_backs_off_from_a_silent_host(backend, nursery):  # noqa:
     # Spins after the backoff began return at once (resume time in the future).
     assert all(r > 0 for r in calls[SPIN_MISSES + 1:]) and len(calls) == SPIN_MISSES + 4
     silent.close()
+
+
+_TCP_ECHO = """
+import socket
+ls = socket.socket()
+ls.bind(("127.0.0.1", 0))
+ls.listen(1)
+print(ls.getsockname()[1], flush=True)
+c, _ = ls.accept()
+while True:
+    d = c.recv(2048)
+    if not d:
+        break
+    c.sendall(d)
+"""
+
+
+@pytest.mark.hostnet_kw(answer_spin=0.5)
+async def test_tcp_answer_reaches_the_guest_in_the_kick_step(backend, nursery):  # noqa: F811
+    """HostProxy.spin on a TCP relay: the host's echo of the guest's bytes is
+    in the RX ring when the step that sent them returns."""
+    srv, _ = backend
+    echo = subprocess.Popen([sys.executable, "-c", _TCP_ECHO], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(echo.stdout.readline())
+        g = await attach(srv, nursery)
+        rx = srv.current.backend.queues[0]
+        with trio.fail_after(5):
+            while not rx.pending():
+                await trio.sleep(0.01)
+        ip = IP(src=CFG.guest_ip, dst=CFG.gateway_ip)
+        g.fe.post_tx(_frame(ip / TCP(sport=42002, dport=port, flags="S", seq=7000)))
+        _step(srv)
+        synack = [p for p in (Ether(f) for _h, f in g.fe.read_rx()) if TCP in p and p[TCP].dport == 42002][0]
+        isn = synack[TCP].seq
+        g.fe.post_tx(_frame(ip / TCP(sport=42002, dport=port, flags="PA", seq=7001, ack=isn + 1) / b"ping"))
+        _step(srv)
+        got = [p for p in (Ether(f) for _h, f in g.fe.read_rx()) if TCP in p and p[TCP].dport == 42002]
+        assert any(p[TCP].load == b"ping" for p in got if p[TCP].payload), got
+        g.fe.post_tx(_frame(ip / TCP(sport=42002, dport=port, flags="R", seq=7005)))
+        g.fe.tx.kick()
+        stack = srv.current.device.stack
+        with trio.fail_after(5):
+            while stack.flows.counts()["tcp"]:
+                await trio.sleep(0.01)
+    finally:
+        echo.kill()
+        echo.wait()

@@ -52,8 +52,8 @@ def add_hostnet_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-nat-udp", type=int, default=512, metavar="N",
                    help="NAT UDP flows at once (default %(default)s)")
     g.add_argument("--nat-spin-us", type=int, default=round(DEFAULT_ANSWER_SPIN * 1e6), metavar="US",
-                   help="after the guest's datagrams (UDP, ping) go to their host sockets, wait up to US "
-                        "microseconds in that same step for the answers, which then reach the guest "
+                   help="after the guest's datagrams (UDP, ping) or TCP bytes go to their host sockets, "
+                        "wait up to US microseconds in that same step for the answers, which then reach the guest "
                         "without a wake-up of the backend (a loopback echo answers in 10-30 us). "
                         "8 misses in a row stop it for 1 s, so slow or silent hosts cost little. "
                         "0: never wait (default %(default)s)")

@@ -98,9 +98,15 @@ class HostProxy:
         else:
             self._drain()
 
+    def expect_answer(self, relay) -> None:
+        """RELAY sent the guest's bytes to its host socket in this step: spin() looks for the answer."""
+        if relay not in self._asked:
+            self._asked.append(relay)
+
     def spin(self) -> bool:
-        """Wait up to spin_max for answers to the datagrams sent in this step, taking
-        them into the stack now (the caller then flushes). True if any came.
+        """Wait up to spin_max for answers to what the relays sent in this step
+        (datagrams, TCP bytes), taking them into the stack now (the caller then
+        flushes). True if any came.
 
         Bounded and adaptive: SPIN_MISSES spins in a row that missed an answer
         stop spinning for SPIN_BACKOFF, so a host that answers late or never
@@ -238,8 +244,8 @@ class HostProxy:
             self.relays[ev.fid] = r
             self._nursery.start_soon(r.run)
         r.from_guest(ev.payload)
-        if r.sock is not None and r not in self._asked:
-            self._asked.append(r)
+        if r.sock is not None:
+            self.expect_answer(r)
 
     def _icmp(self, ev: F.IcmpEcho) -> None:
         r = self.relays.get(ev.fid)
@@ -264,8 +270,7 @@ class HostProxy:
             self.relays[ev.fid] = r
             self._nursery.start_soon(r.run)
         r.from_guest(ev.seq, ev.payload)
-        if r not in self._asked:
-            self._asked.append(r)
+        self.expect_answer(r)
 
     def _socket_failed(self, what: str, e: OSError, fid: int) -> None:
         """No host socket for a datagram flow (EMFILE, ENOBUFS...): drop it."""

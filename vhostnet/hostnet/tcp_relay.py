@@ -68,6 +68,7 @@ class TcpRelay:
         self.can_read = False           # readiness seen and not yet used up (edge-triggered)
         self.can_write = False
         self.host_eof = False
+        self.read_bytes = 0             # from the host socket, so far
         self.guest_eof = False
         self.shut = False               # SHUT_WR sent after the guest's FIN
         self.reset = False
@@ -225,6 +226,18 @@ class TcpRelay:
         self.close()
         self.p.forget(self.fid)
 
+    def receive_one(self) -> bool | None:
+        """HostProxy.spin's look for an answer: True if host bytes went into the
+        stack, False if none are there yet, None if the relay ended."""
+        if self.closed or not self.pumping or self.host_eof:
+            return None
+        self.can_read = True            # edge-triggered: a look we make ourselves
+        before = self.read_bytes
+        self._guarded(self._to_guest)
+        if self.closed:
+            return None
+        return self.read_bytes > before or (None if self.host_eof else False)
+
     def _to_guest(self) -> None:
         """Host bytes into the stack while the socket has some and the guest has room."""
         p, flows, fid, s = self.p, self.p.flows, self.fid, self.sock
@@ -242,6 +255,7 @@ class TcpRelay:
                 flows.close(p.now(), fid)
                 p.flush()
                 return
+            self.read_bytes += len(data)
             flows.send(p.now(), fid, data)
             p.flush()
             if self.closed:
@@ -263,6 +277,7 @@ class TcpRelay:
                 self.can_write = False
                 return
             flows.consume(p.now(), fid, sent)
+            p.expect_answer(self)
             p.flush()
             if self.closed:
                 return
