@@ -8,6 +8,7 @@ serve` builds them, the in-process frontend, host sockets on 127.0.0.1.
 """
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -34,6 +35,60 @@ def _step(srv) -> None:
     conn.device.process(conn.backend.queues, TX, trio.current_time())
 
 
+GW = IP(src=CFG.guest_ip, dst=CFG.gateway_ip)
+
+
+async def _attached_with_rx(srv, nursery):
+    """The guest, attached, once its loop has posted RX buffers (the ring's pending count)."""
+    g = await attach(srv, nursery)
+    rx = srv.current.backend.queues[0]
+    with trio.fail_after(5):
+        while not rx.pending():
+            await trio.sleep(0.01)
+    return g
+
+
+def _tcp_to_guest(g, sport: int) -> list:
+    """TCP segments in the RX ring for the guest's port SPORT."""
+    return [p for p in (Ether(f) for _h, f in g.fe.read_rx()) if TCP in p and p[TCP].dport == sport]
+
+
+def _syn(srv, g, sport: int, port: int, seq: int):
+    """The guest's SYN to the gateway's PORT, in one step; the SYN-ACK segments it got."""
+    g.fe.post_tx(_frame(GW / TCP(sport=sport, dport=port, flags="S", seq=seq)))
+    _step(srv)
+    return _tcp_to_guest(g, sport)
+
+
+async def _reset(srv, g, sport: int, port: int, seq: int) -> None:
+    """The guest resets its connection; wait until the NAT flow is gone."""
+    g.fe.post_tx(_frame(GW / TCP(sport=sport, dport=port, flags="R", seq=seq)))
+    g.fe.tx.kick()
+    stack = srv.current.device.stack
+    with trio.fail_after(5):
+        while stack.flows.counts()["tcp"]:
+            await trio.sleep(0.01)
+
+
+def _listener():
+    """A host TCP listener on 127.0.0.1 and its port."""
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(8)
+    return ls, ls.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _host_echo(program: str):
+    """A host echo server in its own process, as a real one is; yields its port."""
+    echo = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, text=True)
+    try:
+        yield int(echo.stdout.readline())
+    finally:
+        echo.kill()
+        echo.wait()
+
+
 async def test_udp_datagram_is_on_the_host_socket_in_the_kick_step(backend, nursery):  # noqa: F811
     srv, _ = backend
     host = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -55,33 +110,15 @@ async def test_udp_datagram_is_on_the_host_socket_in_the_kick_step(backend, nurs
 
 async def test_syn_ack_leaves_in_the_step_that_saw_the_syn(backend, nursery):  # noqa: F811
     srv, _ = backend
-    ls = socket.socket()
-    ls.bind(("127.0.0.1", 0))
-    ls.listen(8)
-    port = ls.getsockname()[1]
-    g = await attach(srv, nursery)
-    rx = srv.current.backend.queues[0]
-    with trio.fail_after(5):             # the guest loop has posted its RX buffers
-        while not rx.pending():
-            await trio.sleep(0.01)
-    g.fe.post_tx(_frame(IP(src=CFG.guest_ip, dst=CFG.gateway_ip) /
-                        TCP(sport=42000, dport=port, flags="S", seq=1000)))
-    _step(srv)
+    ls, port = _listener()
+    g = await _attached_with_rx(srv, nursery)
     # A loopback connect has completed when connect() returns: the SYN-ACK
     # is in the RX ring before any other task ran.
-    got = [Ether(f) for _h, f in g.fe.read_rx()]
-    synacks = [p for p in got if TCP in p and p[TCP].dport == 42000]
+    synacks = _syn(srv, g, 42000, port, 1000)
     assert synacks and synacks[0][TCP].flags == "SA" and synacks[0][TCP].ack == 1001
     conn, _ = ls.accept()                # and the host side has the connection
     conn.close()
-    # The guest never had that socket: reset it so the flow goes away.
-    g.fe.post_tx(_frame(IP(src=CFG.guest_ip, dst=CFG.gateway_ip) /
-                        TCP(sport=42000, dport=port, flags="R", seq=1001)))
-    g.fe.tx.kick()
-    stack = srv.current.device.stack
-    with trio.fail_after(5):
-        while stack.flows.counts()["tcp"]:
-            await trio.sleep(0.01)
+    await _reset(srv, g, 42000, port, 1001)   # the guest never had that socket
     ls.close()
 
 
@@ -90,35 +127,19 @@ async def test_guest_bytes_are_on_the_host_socket_in_the_kick_step(backend, nurs
     the host socket in the step that saw it (the relay is called from the
     flow event, reactor.py; it used to wait in a task of its own)."""
     srv, _ = backend
-    ls = socket.socket()
-    ls.bind(("127.0.0.1", 0))
-    ls.listen(8)
-    port = ls.getsockname()[1]
-    g = await attach(srv, nursery)
-    rx = srv.current.backend.queues[0]
-    with trio.fail_after(5):
-        while not rx.pending():
-            await trio.sleep(0.01)
-    ip = IP(src=CFG.guest_ip, dst=CFG.gateway_ip)
-    g.fe.post_tx(_frame(ip / TCP(sport=42001, dport=port, flags="S", seq=5000)))
-    _step(srv)
-    synack = [p for p in (Ether(f) for _h, f in g.fe.read_rx()) if TCP in p and p[TCP].dport == 42001][0]
+    ls, port = _listener()
+    g = await _attached_with_rx(srv, nursery)
+    isn = _syn(srv, g, 42001, port, 5000)[0][TCP].seq
     conn, _ = ls.accept()
     conn.setblocking(False)
-    isn = synack[TCP].seq
     for i in range(3):
         data = b"bytes %d" % i
-        g.fe.post_tx(_frame(ip / TCP(sport=42001, dport=port, flags="PA", seq=5001 + 7 * i,
+        g.fe.post_tx(_frame(GW / TCP(sport=42001, dport=port, flags="PA", seq=5001 + 7 * i,
                                      ack=isn + 1) / data))
         _step(srv)
         assert conn.recv(100) == data       # no await since the step
         await trio.sleep(0)
-    g.fe.post_tx(_frame(ip / TCP(sport=42001, dport=port, flags="R", seq=5022)))
-    g.fe.tx.kick()
-    stack = srv.current.device.stack
-    with trio.fail_after(5):
-        while stack.flows.counts()["tcp"]:
-            await trio.sleep(0.01)
+    await _reset(srv, g, 42001, port, 5022)
     conn.close()
     ls.close()
 
@@ -140,28 +161,17 @@ async def test_udp_answer_reaches_the_guest_in_the_kick_step(backend, nursery): 
     """HostProxy.spin: the host's answer to a datagram is in the RX ring when
     the step that sent the datagram returns (no wake-up of the backend)."""
     srv, _ = backend
-    echo = subprocess.Popen([sys.executable, "-c", _ECHO], stdout=subprocess.PIPE, text=True)
-    try:
-        port = int(echo.stdout.readline())
-        g = await attach(srv, nursery)
-        rx = srv.current.backend.queues[0]
-        with trio.fail_after(5):
-            while not rx.pending():
-                await trio.sleep(0.01)
-        proxy = srv.current.device.proxy
+    with _host_echo(_ECHO) as port:
+        g = await _attached_with_rx(srv, nursery)
         for i in range(3):
             payload = b"answer %d" % i
-            g.fe.post_tx(_frame(IP(src=CFG.guest_ip, dst=CFG.gateway_ip) /
-                                UDP(sport=41001, dport=port) / payload))
+            g.fe.post_tx(_frame(GW / UDP(sport=41001, dport=port) / payload))
             _step(srv)
             got = [Ether(f) for _h, f in g.fe.read_rx()]   # no await since the step
             answers = [p for p in got if UDP in p and p[UDP].dport == 41001]
             assert answers and answers[0][UDP].load == payload
             await trio.sleep(0)
-        assert proxy.counters["spin_answered"] == 3
-    finally:
-        echo.kill()
-        echo.wait()
+        assert srv.current.device.proxy.counters["spin_answered"] == 3
 
 
 @pytest.mark.hostnet_kw(answer_spin=0.001)
@@ -208,29 +218,11 @@ async def test_tcp_answer_reaches_the_guest_in_the_kick_step(backend, nursery): 
     """HostProxy.spin on a TCP relay: the host's echo of the guest's bytes is
     in the RX ring when the step that sent them returns."""
     srv, _ = backend
-    echo = subprocess.Popen([sys.executable, "-c", _TCP_ECHO], stdout=subprocess.PIPE, text=True)
-    try:
-        port = int(echo.stdout.readline())
-        g = await attach(srv, nursery)
-        rx = srv.current.backend.queues[0]
-        with trio.fail_after(5):
-            while not rx.pending():
-                await trio.sleep(0.01)
-        ip = IP(src=CFG.guest_ip, dst=CFG.gateway_ip)
-        g.fe.post_tx(_frame(ip / TCP(sport=42002, dport=port, flags="S", seq=7000)))
+    with _host_echo(_TCP_ECHO) as port:
+        g = await _attached_with_rx(srv, nursery)
+        isn = _syn(srv, g, 42002, port, 7000)[0][TCP].seq
+        g.fe.post_tx(_frame(GW / TCP(sport=42002, dport=port, flags="PA", seq=7001, ack=isn + 1) / b"ping"))
         _step(srv)
-        synack = [p for p in (Ether(f) for _h, f in g.fe.read_rx()) if TCP in p and p[TCP].dport == 42002][0]
-        isn = synack[TCP].seq
-        g.fe.post_tx(_frame(ip / TCP(sport=42002, dport=port, flags="PA", seq=7001, ack=isn + 1) / b"ping"))
-        _step(srv)
-        got = [p for p in (Ether(f) for _h, f in g.fe.read_rx()) if TCP in p and p[TCP].dport == 42002]
+        got = _tcp_to_guest(g, 42002)
         assert any(p[TCP].load == b"ping" for p in got if p[TCP].payload), got
-        g.fe.post_tx(_frame(ip / TCP(sport=42002, dport=port, flags="R", seq=7005)))
-        g.fe.tx.kick()
-        stack = srv.current.device.stack
-        with trio.fail_after(5):
-            while stack.flows.counts()["tcp"]:
-                await trio.sleep(0.01)
-    finally:
-        echo.kill()
-        echo.wait()
+        await _reset(srv, g, 42002, port, 7005)
