@@ -46,7 +46,7 @@ disabled), and "venable" steps switch single rings on and off. Every
 ring-level step then draws its ring from the connection's 2N (pair 0's
 most often), traffic runs on every pair (RX 2k, TX 2k+1), and the used-ring
 oracle and packed driver models are kept per ring. --queues 1 is the
-one-pair fuzzer: no MQ, no venable, the same draws for a seed.
+one-pair fuzzer: no MQ draws and no venable steps, rings 0 and 1 only.
 
 Targeted generators add the sequences that random steps reach too rarely,
 one per class of issue 7: a too-small merged RX buffer (rxsmall), an RX
@@ -182,12 +182,6 @@ IDLE_BLOCKS = 3         # a backend that blocked this often in the window is pol
 IDLE_CONFIRM = 3        # windows more, after IDLE_PAUSE, before two busy ones are a finding
 IDLE_PAUSE = 0.25
 RSS_SLACK = 96 << 20
-def conn_fds(queues: int) -> int:
-    """A connection's fds: its socket, kick, call, err per ring (2 per pair), region fds if kept."""
-    return 1 + 3 * 2 * queues + P.MAX_MEM_REGIONS
-
-
-
 FD_SLACK = 8            # trio internals, a capture being set up, timing of closes
 MAX_IDLE_CLIENTS = 20   # more than the backend's 16-client limit
 MAX_CONTROL_REPLY = 64 << 20
@@ -217,6 +211,11 @@ HARMLESS_REQUESTS = {Req.GET_FEATURES, Req.GET_PROTOCOL_FEATURES, Req.GET_QUEUE_
                      Req.SET_PROTOCOL_FEATURES, Req.GET_STATUS}
 ALL_REQUESTS = [int(r) for r in Req] + [0, 41, 99, 0xFFFF, 0x7FFFFFFF]
 DATA_FD_KINDS = [k for k in FD_KINDS]
+
+
+def conn_fds(queues: int) -> int:
+    """A connection's fds: its socket, kick, call, err per ring (2 rings per pair), region fds if kept."""
+    return 1 + 3 * 2 * queues + P.MAX_MEM_REGIONS
 
 
 def ring_addrs(q: int, n: int, packed: bool = False) -> tuple[int, int, int]:
@@ -2323,6 +2322,7 @@ def run(args) -> dict:
                     "seed": args.seed, "steps": steps, "seconds": round(last_progress - t_start, 1),
                     "findings": {k: v["count"] for k, v in findings.items()},
                     "loop_max_step_ms": ex.loop_max[0], "loop_max_step_cpu_ms": ex.loop_max[2],
+                    "mq_connects": ex.mq_connects, "ring_moves": ex.ring_moves,
                     "rules_seen": sorted(ex.rules_seen)})
             op_time[st["op"]][0] += 1
             op_time[st["op"]][1] += dt
