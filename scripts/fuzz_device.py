@@ -38,6 +38,16 @@ is timing, and so is the state a restart leaves. Steps are of three sorts:
   fault show/set/clear (valid and bad specs), capture start and stop (read or never read), garbage lines, a line over
   the limit, idle clients held open, and a held "session" client.
 
+Multiqueue (docs/multiqueue.md): the backend serves --queues N pairs
+(default 2). MQ_SHARE of the connects negotiate VIRTIO_NET_F_MQ and
+PROTOCOL_F_MQ, ask GET_QUEUE_NUM and set up all 2N rings (each in its own
+RING_SLOT of region 0; now and then only pair 0, or a later pair left
+disabled), and "venable" steps switch single rings on and off. Every
+ring-level step then draws its ring from the connection's 2N (pair 0's
+most often), traffic runs on every pair (RX 2k, TX 2k+1), and the used-ring
+oracle and packed driver models are kept per ring. --queues 1 is the
+one-pair fuzzer: no MQ draws and no venable steps, rings 0 and 1 only.
+
 Targeted generators add the sequences that random steps reach too rarely,
 one per class of issue 7: a too-small merged RX buffer (rxsmall), an RX
 avail jump while a frame waits (rxjump), unsealed memory shrunk under the
@@ -95,6 +105,7 @@ Examples:
     PYTHONPATH=$PWD nice -n 10 python3 scripts/fuzz_device.py --workers 4 --seed 100 --steps 1000000
     PYTHONPATH=$PWD python3 scripts/fuzz_device.py --replay 1 --steps 4242
     PYTHONPATH=$PWD python3 scripts/fuzz_device.py --only feed,long --seed 3 --steps 20
+    PYTHONPATH=$PWD python3 scripts/fuzz_device.py --queues 1 --seed 1 --steps 2000   # one pair, no MQ
     PYTHONPATH=$PWD python3 scripts/fuzz_device.py --tree /path/to/other/checkout --seconds 30
 """
 from __future__ import annotations
@@ -132,16 +143,21 @@ ROOT = Path(__file__).resolve().parent.parent   # the tree the backend runs from
 # One memfd: [guard][region 0][guard][region 1][guard]. Only the regions are
 # declared to the backend (through mmap_offset); the guards hold a canary.
 GUARD = 64 << 10
-REGION = 4 << 20
+REGION = 8 << 20       # room for MAX_QUEUES pairs' rings (RING_SLOT each) and buffers in region 0
 MEM_SIZE = 3 * GUARD + 2 * REGION
 REGION_OFF = (GUARD, 2 * GUARD + REGION)          # memfd offset of each region
 REGION_GPA = (0, REGION)                          # contiguous in guest-physical space
 REGION_UVA = (0x7F00_0000_0000, 0x7F10_0000_0000)  # "QEMU" addresses, apart
 GUARDS = ((0, GUARD), (GUARD + REGION, 2 * GUARD + REGION), (2 * GUARD + 2 * REGION, MEM_SIZE))
 CANARY = (bytes(range(1, 256)) * (GUARD // 255 + 1))[:GUARD]
-RING_SLOT = 0x100000        # each ring's desc/avail/used in its own 1 MiB of region 0
-RING_GPA = (0x10000, 0x10000 + RING_SLOT)
-BUF_LO, BUF_HI = 0x210000, 2 * REGION              # where buffers and tables go
+# Multiqueue (docs/multiqueue.md): pair k's RX ring is 2k, its TX ring 2k+1.
+MAX_QUEUES = 3              # --queues: the pairs whose rings fit in region 0 below BUF_LO
+DEFAULT_QUEUES = 2
+MQ_SHARE = 0.4              # connects that negotiate VIRTIO_NET_F_MQ and PROTOCOL_F_MQ (with --queues > 1)
+MQ_BIT = 1 << F.MQ          # virtio 1.2 §5.1.3
+RING_SLOT = 0x100000        # each ring's desc/avail/used in its own 1 MiB of region 0 (32768 split: 832 KiB)
+RING_GPA = tuple(0x10000 + k * RING_SLOT for k in range(2 * MAX_QUEUES))
+BUF_LO, BUF_HI = RING_GPA[-1] + RING_SLOT, 2 * REGION   # where buffers and tables go
 QUEUE_SIZES = (1, 2, 16, 256, 256, 1024, 32768)    # virtio 1.2 §2.7: a power of 2, at most 32768
 RXQ, TXQ = 0, 1
 VNET_HDR = struct.Struct("<BBHHHHH")               # virtio 1.2 §5.1.6
@@ -166,7 +182,6 @@ IDLE_BLOCKS = 3         # a backend that blocked this often in the window is pol
 IDLE_CONFIRM = 3        # windows more, after IDLE_PAUSE, before two busy ones are a finding
 IDLE_PAUSE = 0.25
 RSS_SLACK = 96 << 20
-CONN_FDS = 1 + 3 * 2 + P.MAX_MEM_REGIONS  # a connection: its socket, kick, call, err per queue, region fds if kept
 FD_SLACK = 8            # trio internals, a capture being set up, timing of closes
 MAX_IDLE_CLIENTS = 20   # more than the backend's 16-client limit
 MAX_CONTROL_REPLY = 64 << 20
@@ -179,7 +194,7 @@ STACK_SAMPLES = 5       # faulthandler samples of a hung backend's stack
 # of the connects, with their own hostile moves (g_pbad, g_pevent).
 OFFERED = F.DEFAULT_FEATURES & ~(1 << F.RING_PACKED) | 1 << F.PROTOCOL_FEATURES
 PACKED_BIT = 1 << F.RING_PACKED
-OFFERED_ANY = OFFERED | PACKED_BIT
+OFFERED_ANY = OFFERED | PACKED_BIT | MQ_BIT
 PACKED_SHARE = 0.3
 PACKED_EVENT = 4                                   # §2.8.14: struct pvirtq_event_suppress
 PACKED_KINDS = ("noend", "nested", "indirect_len", "indirect_chain", "id_oob", "id_inflight", "not_avail",
@@ -196,6 +211,11 @@ HARMLESS_REQUESTS = {Req.GET_FEATURES, Req.GET_PROTOCOL_FEATURES, Req.GET_QUEUE_
                      Req.SET_PROTOCOL_FEATURES, Req.GET_STATUS}
 ALL_REQUESTS = [int(r) for r in Req] + [0, 41, 99, 0xFFFF, 0x7FFFFFFF]
 DATA_FD_KINDS = [k for k in FD_KINDS]
+
+
+def conn_fds(queues: int) -> int:
+    """A connection's fds: its socket, kick, call, err per ring (2 rings per pair), region fds if kept."""
+    return 1 + 3 * 2 * queues + P.MAX_MEM_REGIONS
 
 
 def ring_addrs(q: int, n: int, packed: bool = False) -> tuple[int, int, int]:
@@ -254,6 +274,10 @@ def frame(kind: str, size: int, rng: random.Random) -> bytes:
 # Steps that start a new connection (and so end the last one).
 CONNECTING_OPS = {"connect", "mrgref", "rxsmall", "rxjump", "shrink", "feed", "long", "eofkick"}
 
+# Steps aimed at one ring (st["q"]), with the ring of those that name none (the pair-0 defaults).
+RING_OPS = {"tx": 1, "rx": 0, "ptx": 1, "prx": 0, "bad": 0, "avail": 0, "aflags": 0, "pbad": 0, "pevent": 0,
+            "kick": 0, "stale": 0, "ring": 0, "venable": 0, "descbomb": 0}
+
 # Ops whose generator is named otherwise (g_rx_small makes "rxsmall" steps).
 _GEN_OF_OP = {"rxsmall": "g_rx_small", "rxjump": "g_rx_jump", "mrgref": "g_mrg_refused",
               "descbomb": "g_desc_bomb", "idleflood": "g_idle_flood", "resize": "g_resize",
@@ -273,9 +297,11 @@ def op_names() -> list[str]:
 class Gen:
     """Draws steps (plain dicts) from a seeded RNG and its own model of what it set up."""
 
-    def __init__(self, seed: int, only: set[str] | None = None):
+    def __init__(self, seed: int, only: set[str] | None = None, queues: int = DEFAULT_QUEUES):
         self.rng = random.Random(seed)
         self.n = 0
+        self.queues = queues     # the pairs the backend serves (--queues)
+        self.nq = 2              # rings on this connection: 2 * queues once MQ was negotiated, else 2
         self.qsize = [256, 256]
         self.feats = 0
         self.regions = 2
@@ -290,6 +316,8 @@ class Gen:
             (0.15, self.g_long), (0.05, self.g_feed), (0.2, self.g_mrg_refused), (0.15, self.g_rx_small),
             (0.15, self.g_rx_jump), (0.15, self.g_shrink), (0.1, self.g_eof_kick),
         ]
+        if queues > 1:   # with one pair the op mix (and so every seed's sequence) is the one-pair fuzzer's
+            self.ops.append((1, self.g_venable))
         if only:   # --only: just these ops (the first step still connects)
             self.ops = [(w, g) for w, g in self.ops if g.__name__ in {f"g_{o}" for o in only} | OP_ALIASES(only)]
             if not self.ops:
@@ -309,6 +337,29 @@ class Gen:
 
     def head(self, q: int) -> int:
         return self.rng.randrange(self.qsize[q])
+
+    def ring_q(self) -> int:
+        """A ring of this connection: pair 0's two rings most often. Without MQ, 0 or 1
+        with the very draw of the one-pair fuzzer."""
+        r = self.rng
+        if self.nq == 2:
+            return r.choice([0, 1])
+        return r.choices(range(self.nq), [2, 2] + [1] * (self.nq - 2))[0]
+
+    def pair(self) -> int:
+        """A queue pair of this connection for a traffic step (no draw without MQ)."""
+        if self.nq == 2:
+            return 0
+        return self.rng.choices(range(self.nq // 2), [2] + [1] * (self.nq // 2 - 1))[0]
+
+    def no_mq(self, st: dict) -> dict:
+        """A targeted connect that sets up one pair of its own: MQ not negotiated."""
+        st.update(mq=False, q=st["q"][:2], feats=st["feats"] & ~MQ_BIT, setup=1, disabled=[])
+        self.nq = 2
+        self.feats &= ~MQ_BIT
+        self.qsize = self.qsize[:2]
+        self.planted = self.planted[:2]
+        return st
 
     def buf_addr(self, length: int) -> int:
         r = self.rng
@@ -341,8 +392,26 @@ class Gen:
         self.planted = [None, None]
         kick = r.choices(["eventfd", "pipe", "pipe_eof", "socket_eof", "none", "opath"],
                          [40, 2, 1, 1, 2, 0.5])[0]
-        return {"op": "connect", "feats": feats, "q": q, "sealed": r.random() < 0.8,
-                "regions": self.regions, "ack": r.random() < 0.7, "enable": r.random() < 0.95, "kick": kick}
+        st = {"op": "connect", "feats": feats, "q": q, "sealed": r.random() < 0.8,
+              "regions": self.regions, "ack": r.random() < 0.7, "enable": r.random() < 0.95, "kick": kick}
+        # Multiqueue (drawn after everything above, and only with --queues > 1: one
+        # pair's sequences stay the one-pair fuzzer's): MQ and PROTOCOL_F_MQ,
+        # GET_QUEUE_NUM, all 2N rings; now and then only pair 0 set up, or a
+        # later pair's rings left disabled.
+        self.nq = 2
+        mq = self.queues > 1 and r.random() < MQ_SHARE
+        st.update(mq=mq, setup=1, disabled=[])
+        if mq:
+            self.nq = 2 * self.queues
+            q += [r.choice(QUEUE_SIZES) for _ in range(self.nq - 2)]
+            feats |= MQ_BIT
+            self.qsize = list(q)
+            self.feats = feats if not feats & ~OFFERED_ANY else 0
+            self.planted = [None] * self.nq
+            setup = self.queues if r.random() < 0.85 else 1
+            off = r.randrange(1, self.queues)
+            st.update(feats=feats, q=q, setup=setup, disabled=[2 * off, 2 * off + 1] if r.random() < 0.2 else [])
+        return st
 
     def g_msg(self) -> dict:
         r = self.rng
@@ -361,6 +430,8 @@ class Gen:
     def payload(self, req: int) -> bytes:
         r = self.rng
         q = r.choices([0, 1, 2, 0xFF, 0x100, 0x101, r.getrandbits(32)], [10, 10, 1, 1, 2, 2, 1])[0]
+        if q in (0, 1) and self.nq > 2:
+            q = self.ring_q()    # with MQ: any ring of the connection
         num = r.choice([0, 1, 3, 16, 256, 1024, 32768, 65535, 65536, r.getrandbits(32)])
         mode = r.random()
         if mode < 0.05:
@@ -375,7 +446,7 @@ class Gen:
         if req in (Req.SET_VRING_NUM, Req.SET_VRING_BASE, Req.GET_VRING_BASE, Req.SET_VRING_ENABLE):
             return STATE.pack(q & 0xFFFFFFFF, num if req != Req.SET_VRING_ENABLE else r.choice([0, 1, 1, 2]))
         if req == Req.SET_VRING_ADDR:
-            qi = q & 1
+            qi = q % self.nq if q < 0x100 else q & 1
             n = r.choice([self.qsize[qi], r.choice(QUEUE_SIZES)])
             d, a, u = ring_addrs(qi, n, self.packed)
             addrs = [gpa_to_uva(d), gpa_to_uva(u), gpa_to_uva(a)]
@@ -432,7 +503,7 @@ class Gen:
     def g_ring(self) -> dict:
         """A (mostly) well-formed ring set-up, in a random order now and then."""
         r = self.rng
-        q = r.choice([0, 1])
+        q = self.ring_q()
         n = r.choice([self.qsize[q]] * 3 + list(QUEUE_SIZES) + [0, 3, 65536])
         order = ["num", "base", "addr", "call", "kick", "enable"]
         if r.random() < 0.3:
@@ -461,7 +532,7 @@ class Gen:
     def g_resize(self) -> dict:
         """Targeted (case 8): SET_VRING_NUM again after SET_VRING_ADDR, larger, then start and use it."""
         r = self.rng
-        q = r.choice([0, 1])
+        q = self.ring_q()
         small = r.choice([1, 2, 16, 256])
         return {"op": "ring", "q": q, "num": small, "num2": small * r.choice([2, 16, 128]), "base": 0,
                 "addr_n": small, "order": ["stop", "num", "base", "addr", "num2", "call", "kick", "enable"],
@@ -469,7 +540,7 @@ class Gen:
 
     def g_mrg_refused(self) -> dict:
         """Targeted (case 11): merged RX buffers, one too small and the next refused, and a frame to place."""
-        st = self.g_connect()
+        st = self.no_mq(self.g_connect())
         self.packed = False   # its own set-up is split rings
         st.update(op="mrgref", feats=OFFERED, q=[256, 256], kick="eventfd", enable=True, sealed=True)
         self.feats, self.qsize = OFFERED, [256, 256]
@@ -480,7 +551,7 @@ class Gen:
 
     def g_rx_small(self) -> dict:
         """Targeted (case 1): MRG_RXBUF, RX buffers that together cannot hold the frame, a frame for them."""
-        st = self.g_connect()
+        st = self.no_mq(self.g_connect())
         self.packed = False   # its own set-up is split rings
         st.update(op="rxsmall", feats=OFFERED, q=[256, 256], kick="eventfd", enable=True, sealed=True)
         self.feats, self.qsize = OFFERED, [256, 256]
@@ -490,7 +561,7 @@ class Gen:
 
     def g_rx_jump(self) -> dict:
         """Targeted (case 2): a frame waits for RX buffers, and RX avail->idx jumps past the queue size."""
-        st = self.g_connect()
+        st = self.no_mq(self.g_connect())
         self.packed = False   # its own set-up is split rings
         r = self.rng
         st.update(op="rxjump", q=[r.choice([16, 256]), 256], kick="eventfd", enable=True, sealed=True,
@@ -526,7 +597,7 @@ class Gen:
 
     def g_stale(self) -> dict:
         """Targeted (case 4): a refused SET_VRING_KICK, then a control client, then a restart."""
-        return {"op": "stale", "q": self.rng.choice([0, 1])}
+        return {"op": "stale", "q": self.ring_q()}
 
     # -- driver
     def g_tx(self) -> dict:
@@ -537,8 +608,9 @@ class Gen:
         size = r.choice([0, 1, 56, 200, 1000, 1472, 3000, 9000, 65000])
         hdr = "ok" if r.random() < 0.8 else "rand"
         nseg = r.choices([1, 2, 3], [6, 3, 1])[0]
-        heads = [self.head(TXQ) for _ in range(nseg)]
-        return {"op": "tx", "kind": kind, "size": size, "hdr": hdr, "descs": heads,
+        q = 2 * self.pair() + 1
+        heads = [self.head(q) for _ in range(nseg)]
+        return {"op": "tx", "q": q, "kind": kind, "size": size, "hdr": hdr, "descs": heads,
                 "addr": self.buf_addr(size + 200), "kick": r.random() < 0.8, "s": r.getrandbits(32),
                 "hl": self.hdr_len}
 
@@ -549,10 +621,11 @@ class Gen:
         count = r.choice([1, 1, 4, 16, 64, 256])
         size = r.choice([1, 12, 20, 60, 100, 1526, 4096, 65562, "mix"])
         bufs = []
-        for _ in range(min(count, self.qsize[RXQ])):
+        q = 2 * self.pair()
+        for _ in range(min(count, self.qsize[q])):
             s = r.choice([1, 12, 30, 64, 1526, 4096]) if size == "mix" else size
-            bufs.append((self.head(RXQ), self.buf_addr(s), s, r.random() < 0.05))
-        return {"op": "rx", "bufs": bufs, "kick": r.random() < 0.8}
+            bufs.append((self.head(q), self.buf_addr(s), s, r.random() < 0.05))
+        return {"op": "rx", "q": q, "bufs": bufs, "kick": r.random() < 0.8}
 
     def g_bad(self) -> dict:
         if self.packed:
@@ -561,7 +634,7 @@ class Gen:
 
     def split_bad(self) -> dict:
         r = self.rng
-        q = r.choice([0, 1])
+        q = self.ring_q()
         kind = r.choice(["loop", "oob", "guard", "gap", "indirect", "nested", "next_oob", "readafterwrite",
                          "huge_indirect", "indirect_loop", "zero_len", "head_oob"])
         head = self.head(q)
@@ -574,7 +647,7 @@ class Gen:
         r = self.rng
         if self.packed:
             return self.g_pevent()
-        q = r.choice([0, 1])
+        q = self.ring_q()
         n = self.qsize[q]
         mode = r.choice(["fwd", "jump", "back", "rand"])
         k = {"fwd": r.randrange(1, n + 1), "jump": n + r.randrange(1, 100), "back": -r.randrange(1, 50),
@@ -585,7 +658,7 @@ class Gen:
         r = self.rng
         if self.packed:
             return self.g_pevent()
-        return {"op": "aflags", "q": r.choice([0, 1]), "flags": r.choice([0, 1, 0xFFFF]),
+        return {"op": "aflags", "q": self.ring_q(), "flags": r.choice([0, 1, 0xFFFF]),
                 "used_event": r.getrandbits(16)}
 
     # -- driver, packed rings (virtio 1.2 §2.8): the executor's PackedDriver writes them
@@ -593,7 +666,7 @@ class Gen:
         r = self.rng
         kind = r.choices(["arp", "ping", "udp", "junk"], [3, 4, 3, 1])[0]
         size = r.choice([0, 1, 56, 200, 1000, 1472, 3000, 9000, 65000])
-        return {"op": "ptx", "kind": kind, "size": size, "hdr": "ok" if r.random() < 0.8 else "rand",
+        return {"op": "ptx", "q": 2 * self.pair() + 1, "kind": kind, "size": size, "hdr": "ok" if r.random() < 0.8 else "rand",
                 "nseg": r.choices([1, 2, 3], [6, 3, 1])[0], "addr": self.buf_addr(size + 200),
                 "kick": r.random() < 0.8, "s": r.getrandbits(32), "hl": self.hdr_len,
                 "indirect": r.random() < 0.15}
@@ -603,33 +676,41 @@ class Gen:
         count = r.choice([1, 1, 4, 16, 64, 256])
         size = r.choice([1, 12, 20, 60, 100, 1526, 4096, 65562, "mix"])
         bufs = []
-        for _ in range(min(count, self.qsize[RXQ])):
+        q = 2 * self.pair()
+        for _ in range(min(count, self.qsize[q])):
             sz = r.choice([1, 12, 30, 64, 1526, 4096]) if size == "mix" else size
             bufs.append((self.buf_addr(sz), sz, r.random() < 0.05))
-        return {"op": "prx", "bufs": bufs, "kick": r.random() < 0.8}
+        return {"op": "prx", "q": q, "bufs": bufs, "kick": r.random() < 0.8}
 
     def g_pbad(self) -> dict:
         """A packed-ring hostile move (§2.8): each should be refused with a packed_* finding."""
         r = self.rng
-        q = r.choice([0, 1])
+        q = self.ring_q()
         return {"op": "pbad", "q": q, "kind": r.choice(PACKED_KINDS), "s": r.getrandbits(32),
                 "n": self.qsize[q], "kick": r.random() < 0.85}
 
     def g_pevent(self) -> dict:
         """Event suppression games (§2.8.10, §2.8.14): the driver's structure, and scribbles on ours."""
         r = self.rng
-        return {"op": "pevent", "q": r.choice([0, 1]), "flags": r.choice([0, 1, 2, 3, 3, r.getrandbits(16)]),
-                "off": r.choice([0, 1, self.qsize[0] - 1, self.qsize[0], 0x7FFF, r.getrandbits(15)]),
+        q = self.ring_q()
+        return {"op": "pevent", "q": q, "flags": r.choice([0, 1, 2, 3, 3, r.getrandbits(16)]),
+                "off": r.choice([0, 1, self.qsize[q] - 1, self.qsize[q], 0x7FFF, r.getrandbits(15)]),
                 "wrap": r.random() < 0.5, "device": r.random() < 0.2, "raw": r.getrandbits(32),
                 "kick": r.random() < 0.7}
 
     def g_kick(self) -> dict:
-        return {"op": "kick", "q": self.rng.choice([0, 1])}
+        return {"op": "kick", "q": self.ring_q()}
+
+    def g_venable(self) -> dict:
+        """SET_VRING_ENABLE on one ring of this connection, as the guest's
+        VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET becomes in QEMU (docs/multiqueue.md)."""
+        r = self.rng
+        return {"op": "venable", "q": self.ring_q(), "on": r.random() < 0.6, "kick": r.random() < 0.5}
 
     def g_long(self) -> dict:
         """Targeted (case 12): min(512, n) copies of a chain as long as the queue, n up to 32768."""
         r = self.rng
-        st = self.g_connect()
+        st = self.no_mq(self.g_connect())
         self.packed = False   # its own set-up is split rings
         n = r.choice([1024, 32768, 32768])
         st.update(op="long", q=[256, n], kick="eventfd", enable=True, sealed=True, indirect=r.random() < 0.5)
@@ -649,7 +730,7 @@ class Gen:
         # On its own connection with the largest queue: a driver thread on a
         # shared machine is not always running, and a 32768-entry ring gives
         # it time to refill before the backend catches up.
-        st = self.g_connect()
+        st = self.no_mq(self.g_connect())
         self.packed = False   # its own set-up is split rings
         st.update(op="feed", q=[256, 32768], kick="eventfd", enable=True, sealed=True, secs=0.3)
         self.qsize = [256, 32768]
@@ -658,7 +739,7 @@ class Gen:
     # -- control
     def g_ctl(self) -> dict:
         r = self.rng
-        q = r.choice([0, 1])
+        q = self.ring_q()
         head = self.planted[q] if self.planted[q] is not None and r.random() < 0.6 else r.randrange(0, 300)
         req = r.choices([
             {"cmd": "inspect"}, {"cmd": "stats"}, {"cmd": "ping"}, {"cmd": "desc", "queue": q, "head": head},
@@ -691,9 +772,10 @@ WRAPPER = ("import faulthandler, signal, sys; faulthandler.register(signal.SIGUS
 class Backend:
     """A `vhostnet serve` subprocess with its socket, log, and /proc views."""
 
-    def __init__(self, workdir: str, tree: Path):
+    def __init__(self, workdir: str, tree: Path, queues: int = 1):
         self.workdir = workdir
         self.tree = tree
+        self.queues = queues
         self.sock_path = os.path.join(workdir, "v.sock")
         self.ctl_path = self.sock_path + ".ctl"
         self.proc: subprocess.Popen | None = None
@@ -706,7 +788,8 @@ class Backend:
         log = open(self.log_path, "wb")
         env = dict(os.environ, PYTHONPATH=str(self.tree))
         self.proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-c", WRAPPER, "serve",
-                                      "--socket", self.sock_path, "--log-level", "warning"],
+                                      "--socket", self.sock_path, "--log-level", "warning",
+                                      "--queues", str(self.queues)],
                                      stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                                      cwd=self.workdir)
         log.close()
@@ -1041,12 +1124,18 @@ class Executor:
         self.canary = mmap.mmap(self.canary_fd, GUARD, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.canary[:] = CANARY
         self.kept: dict[str, int] = {}             # "kick0", "call1"...: fds we keep to drive
-        self.kick_kind = ["none", "none"]
-        self.oracle: list[RingOracle | None] = [None, None]
-        self.qsize = [256, 256]
+        self.rings = 2 * backend.queues            # every ring the backend serves (2 per pair)
+        self.nq = 2                                # rings of this connection: all of them once MQ was negotiated
+        self.kick_kind = ["none"] * self.rings
+        self.oracle: list[RingOracle | None] = [None] * self.rings
+        self.qsize = [256] * self.rings
         self.feats = 0
         self.packed = False                        # this connection negotiated RING_PACKED
-        self.pdrv: list[PackedDriver | None] = [None, None]   # the packed driver model per queue
+        self.pdrv: list[PackedDriver | None] = [None] * self.rings   # the packed driver model per ring
+        self.mq_connects = 0                       # connects that negotiated MQ
+        self.ring_moves = [0] * self.rings         # driver and ring steps aimed at each ring
+        self.ring_chains = [0] * self.rings        # inspect's per-ring chains, errors: the most one connection had
+        self.ring_errors = [0] * self.rings
         self.rules_seen: set[str] = set()          # refusal rule ids inspect showed (findings.py)
         self.last_connect: dict | None = None
         self.idle: list[Ctl] = []
@@ -1126,8 +1215,8 @@ class Executor:
         if self.mem is not None:
             self.mem.close()
             self.mem = None
-        self.oracle = [None, None]
-        self.pdrv = [None, None]
+        self.oracle = [None] * self.rings
+        self.pdrv = [None] * self.rings
 
     # -- probe
     def probe(self) -> float:
@@ -1203,11 +1292,11 @@ class Executor:
         fds, rss = self.b.fds(), self.b.rss()
         self.fd_max, self.rss_max = max(self.fd_max, fds), max(self.rss_max, rss)
         held = len(self.idle) + len(self.captures) + (self.session is not None)
-        if fds > self.base_fds + CONN_FDS + held + FD_SLACK:
+        if fds > self.base_fds + conn_fds(self.b.queues) + held + FD_SLACK:
             raise Failure("fd_leak", f"{fds} fds open (idle {self.base_fds}, {held} control clients held)")
         if rss > self.base_rss + 2 * MEM_SIZE + RSS_SLACK:
             raise Failure("rss", f"RSS {rss >> 20} MiB (idle {self.base_rss >> 20} MiB)")
-        for q in (RXQ, TXQ):
+        for q in range(self.rings):
             self.check_used(q)
         for c, _read in self.captures:
             if _read:
@@ -1260,6 +1349,10 @@ class Executor:
         self.note_loop(doc["result"].get("loop"))
         for q in doc["result"].get("queues", []):
             self.rules_seen.update(q.get("errors", {}))
+            i = q.get("index", -1)
+            if 0 <= i < self.rings:
+                self.ring_chains[i] = max(self.ring_chains[i], q.get("chains", 0))
+                self.ring_errors[i] = max(self.ring_errors[i], sum(q.get("errors", {}).values()))
         return sum(q.get("chains", 0) + q.get("bytes", 0) + sum(q.get("errors", {}).values())
                    for q in doc["result"].get("queues", []))
 
@@ -1294,7 +1387,8 @@ class Executor:
             if p0 is None or p1 is None or p1 != p0:
                 return   # working on guest work (or we cannot tell): not idle
         raise Failure("busy_when_idle", f"runnable {busy:.0%} of the time with nothing sent; the kick fds it was given: "
-                                        f"rx {self.kick_kind[RXQ]}, tx {self.kick_kind[TXQ]}", self.b.dump_stack())
+                                        ", ".join(f"{i}: {k}" for i, k in enumerate(self.kick_kind[:self.nq])),
+                             self.b.dump_stack())
 
     def check_control(self) -> None:
         """A fresh control client is answered (held idle ones must not lock it out)."""
@@ -1331,27 +1425,36 @@ class Executor:
         self.mem = GuestMem(st["sealed"])
         self.vh_connect()
         feats, q = st["feats"], st["q"]
-        self.qsize = list(q)
+        mq = st.get("mq", False) and 2 * self.b.queues == len(q)
+        self.nq = len(q) if mq else 2
+        self.qsize = (list(q) + [256] * self.rings)[:self.rings]
         self.feats = feats
         self.packed = bool(feats & PACKED_BIT) and not feats & ~OFFERED_ANY
         self.send(Req.GET_FEATURES)
         self.send(Req.GET_PROTOCOL_FEATURES)
         pf = 1 << P.ProtoFeat.MTU | (1 << P.ProtoFeat.REPLY_ACK if st["ack"] else 0)
+        if mq:
+            pf |= 1 << P.ProtoFeat.MQ
+            self.mq_connects += 1
         self.send(Req.SET_PROTOCOL_FEATURES, U64.pack(pf))
+        if mq:
+            self.send(Req.GET_QUEUE_NUM)       # answered; the probe reads past the reply
         self.send(Req.SET_OWNER)
-        for i in (RXQ, TXQ):
+        for i in range(self.nq):
             self.send_fds(Req.SET_VRING_CALL, U64.pack(i), ["eventfd"], keep_as=f"call{i}")
             self.send(Req.SET_VRING_ENABLE, STATE.pack(i, 0))
         self.send(Req.SET_FEATURES, U64.pack(feats))
         self.send_mem_table(st["regions"])
-        for i in (RXQ, TXQ):
+        ready = range(2 * st.get("setup", 1) if mq else 2)
+        for i in ready:
             self.setup_ring(i, q[i], st["kick"])
             # The used-ring oracle reads split used rings; a packed ring's refusals
             # are checked through the findings inspect names (rules_seen).
             self.oracle[i] = None if self.packed else RingOracle(q[i])
         if st["enable"]:
-            for i in (RXQ, TXQ):
-                self.send(Req.SET_VRING_ENABLE, STATE.pack(i, 1))
+            for i in ready:
+                if i not in st.get("disabled", ()):
+                    self.send(Req.SET_VRING_ENABLE, STATE.pack(i, 1))
 
     def send_mem_table(self, n: int) -> None:
         regs = [(REGION_GPA[i], REGION, REGION_UVA[i], REGION_OFF[i]) for i in range(n)]
@@ -1400,7 +1503,7 @@ class Executor:
             self.send_fds(Req.SET_VRING_CALL, U64.pack(i), [kind], keep_as=f"call{i}")
 
     def disarm(self, q: int | None = None) -> None:
-        for i in ((RXQ, TXQ) if q is None else (q,)):
+        for i in (range(self.rings) if q is None else (q,)):
             if self.oracle[i] is not None:
                 self.oracle[i].armed = False
 
@@ -1410,7 +1513,7 @@ class Executor:
         if req in VRING_REQUESTS and len(payload) >= 4:
             # A ring message can only change the ring it names (VRING_IDX_MASK).
             q = payload[0]
-            if q in (RXQ, TXQ):
+            if q < self.rings:
                 self.disarm(q)
         elif req not in HARMLESS_REQUESTS:
             self.disarm()
@@ -1464,7 +1567,8 @@ class Executor:
             data = bytes(12) + frame("arp", 0, rng)
             if self.mem is not None:
                 self.mem.write(BUF_LO, data)
-                self.mem.write(d, DESC.pack(BUF_LO, len(data) if q == TXQ else 4096, 0 if q == TXQ else F_WRITE, 0))
+                tx = q % 2 == TXQ
+                self.mem.write(d, DESC.pack(BUF_LO, len(data) if tx else 4096, 0 if tx else F_WRITE, 0))
                 self.mem.write(a + 4, b"\0\0")
                 self.mem.write(a + 2, struct.pack("<H", 1))
             self.disarm(q)
@@ -1510,7 +1614,7 @@ class Executor:
         self.probe()
         self.mem.truncate(st["to"])      # unsealed: it works
         self.disarm()
-        for q in (RXQ, TXQ):             # any ring access now touches pages that are gone
+        for q in range(self.nq):         # any ring access now touches pages that are gone
             self.kick(q)
 
     def x_eofkick(self, st: dict) -> None:
@@ -1612,32 +1716,34 @@ class Executor:
         if self.mem is not None:
             self.mem.write(addr, data)
         descs = st["descs"]
+        q = st.get("q", TXQ)      # a pair's TX ring (2k+1)
         cuts = sorted(rng.randrange(len(data) + 1) for _ in range(len(descs) - 1))
         bounds = [0] + cuts + [len(data)]
         for k, i in enumerate(descs):
             last = k == len(descs) - 1
-            self.desc(TXQ, i, addr + bounds[k], bounds[k + 1] - bounds[k], 0 if last else F_NEXT,
+            self.desc(q, i, addr + bounds[k], bounds[k + 1] - bounds[k], 0 if last else F_NEXT,
                       0 if last else descs[k + 1])
-        self.push(TXQ, descs[0])
+        self.push(q, descs[0])
         if st["kick"]:
-            self.kick(TXQ)
+            self.kick(q)
 
     def x_rx(self, st: dict) -> None:
+        q = st.get("q", RXQ)      # a pair's RX ring (2k)
         for head, addr, size, split in st["bufs"]:
             if split and size > 1:
-                nxt = (head + 1) % self.qsize[RXQ]
-                self.desc(RXQ, head, addr, size // 2, F_WRITE | F_NEXT, nxt)
-                self.desc(RXQ, nxt, addr + size // 2, size - size // 2, F_WRITE, 0)
+                nxt = (head + 1) % self.qsize[q]
+                self.desc(q, head, addr, size // 2, F_WRITE | F_NEXT, nxt)
+                self.desc(q, nxt, addr + size // 2, size - size // 2, F_WRITE, 0)
             else:
-                self.desc(RXQ, head, addr, size, F_WRITE, 0)
-            self.push(RXQ, head)
+                self.desc(q, head, addr, size, F_WRITE, 0)
+            self.push(q, head)
         if st["kick"]:
-            self.kick(RXQ)
+            self.kick(q)
 
     def x_bad(self, st: dict) -> None:
         rng = random.Random(st["s"])
         q, kind, head, n = st["q"], st["kind"], st["head"], st["n"]
-        w = F_WRITE if q == RXQ else 0
+        w = F_WRITE if q % 2 == RXQ else 0
         a = rng.randrange(BUF_LO, REGION - 0x2000)
         nxt = (head + 1) % n
         if kind == "loop":
@@ -1734,7 +1840,8 @@ class Executor:
         return drv.add(bufs, buf_id=buf_id)
 
     def x_ptx(self, st: dict) -> None:
-        drv = self._pdrv(TXQ)
+        q = st.get("q", TXQ)
+        drv = self._pdrv(q)
         if drv is None:
             return
         rng = random.Random(st["s"])
@@ -1753,10 +1860,11 @@ class Executor:
             segs = [(table, 16 * len(segs), F_INDIRECT)]
         self._padd(drv, segs)
         if st["kick"]:
-            self.kick(TXQ)
+            self.kick(q)
 
     def x_prx(self, st: dict) -> None:
-        drv = self._pdrv(RXQ)
+        q = st.get("q", RXQ)
+        drv = self._pdrv(q)
         if drv is None:
             return
         for addr, size, split in st["bufs"]:
@@ -1767,7 +1875,7 @@ class Executor:
             if self._padd(drv, bufs) is None:
                 break
         if st["kick"]:
-            self.kick(RXQ)
+            self.kick(q)
 
     def x_pbad(self, st: dict) -> None:
         """One hostile packed move; moves that leave the ring with no safe position break it
@@ -1777,7 +1885,7 @@ class Executor:
         if drv is None:
             return
         rng = random.Random(st["s"])
-        w = F_WRITE if q == RXQ else 0
+        w = F_WRITE if q % 2 == RXQ else 0
         a = rng.randrange(BUF_LO, REGION - 0x2000)
         avail = drv.avail_flags(drv.avail_wrap)
         slot = drv.next_avail
@@ -1862,6 +1970,12 @@ class Executor:
 
     def x_kick(self, st: dict) -> None:
         self.kick(st["q"])
+
+    def x_venable(self, st: dict) -> None:
+        """One ring enabled or disabled: what it holds stays, so the used-ring check stays armed."""
+        self.send(Req.SET_VRING_ENABLE, STATE.pack(st["q"], int(st["on"])))
+        if st["kick"]:
+            self.kick(st["q"])
 
     def x_long(self, st: dict) -> None:
         self.x_connect(st)
@@ -2124,8 +2238,8 @@ def restart(ex: Executor, backend: Backend) -> None:
 def run(args) -> dict:
     tree = Path(args.tree).resolve()
     workdir = tempfile.mkdtemp(prefix="fuzz-device-")
-    backend = Backend(workdir, tree)
-    gen = Gen(args.seed, args.only)
+    backend = Backend(workdir, tree, args.queues)
+    gen = Gen(args.seed, args.only, args.queues)
     ex = Executor(backend)
     history: collections.deque = collections.deque(maxlen=2000)
     findings: dict[str, dict] = {}
@@ -2208,9 +2322,12 @@ def run(args) -> dict:
                     "seed": args.seed, "steps": steps, "seconds": round(last_progress - t_start, 1),
                     "findings": {k: v["count"] for k, v in findings.items()},
                     "loop_max_step_ms": ex.loop_max[0], "loop_max_step_cpu_ms": ex.loop_max[2],
+                    "mq_connects": ex.mq_connects, "ring_moves": ex.ring_moves,
                     "rules_seen": sorted(ex.rules_seen)})
             op_time[st["op"]][0] += 1
             op_time[st["op"]][1] += dt
+            if st["op"] in RING_OPS and st.get("q", 0) < ex.rings:
+                ex.ring_moves[st.get("q", RING_OPS[st["op"]])] += 1
             if dt > longest[0]:
                 longest = (dt, st["op"])
     finally:
@@ -2227,7 +2344,8 @@ def run(args) -> dict:
         "seconds_recovering": round(recovering, 2),
         "steps_per_s_fuzzing": round(steps / (elapsed - recovering), 1) if elapsed > recovering else 0.0,
         "connections": ex.connections, "disconnects_by_backend": ex.disconnects,
-        "backend_starts": backend.starts,
+        "backend_starts": backend.starts, "queues": args.queues, "mq_connects": ex.mq_connects,
+        "ring_moves": ex.ring_moves, "ring_chains_max": ex.ring_chains, "ring_errors_max": ex.ring_errors,
         "crashes": stats["crashes"], "hangs": stats["hangs"],
         "fd_idle": ex.base_fds, "fd_max": ex.fd_max,
         "rss_idle_mib": round(ex.base_rss / (1 << 20), 1), "rss_max_mib": round(ex.rss_max / (1 << 20), 1),
@@ -2259,6 +2377,11 @@ JSON_FIELDS = {
     "connections": "vhost-user connections the fuzzer made (connect steps, reconnects after the backend closed one)",
     "disconnects_by_backend": "connections the backend closed (allowed after a protocol error)",
     "backend_starts": "backend processes started (1 + restarts after failures with --keep-going)",
+    "queues": "queue pairs the backend serves (--queues; `vhostnet serve --queues N`)",
+    "mq_connects": "connect steps that negotiated VIRTIO_NET_F_MQ and PROTOCOL_F_MQ and set up 2N rings",
+    "ring_moves": "per ring index (pair k: RX 2k, TX 2k+1), passing driver and ring steps aimed at it",
+    "ring_chains_max": "per ring index, the most chains inspect counted on it on one connection (idle checks)",
+    "ring_errors_max": "per ring index, the most refusals (inspect's errors, summed) it had on one connection",
     "crashes": "failures where the backend process exited",
     "hangs": "failures where it did not answer in time (GET_FEATURES or a control request)",
     "fd_idle": "the backend's open fds with one idle connection, before the first step",
@@ -2315,6 +2438,7 @@ def run_workers(args) -> dict:
             cmd.append("--keep-going")
         if args.only:
             cmd += ["--only", ",".join(sorted(args.only))]
+        cmd += ["--queues", str(args.queues)]
         if args.progress:
             cmd += ["--progress", f"{args.progress}.{sd}"]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE))
@@ -2353,6 +2477,10 @@ def run_workers(args) -> dict:
         "steps_per_s_fuzzing": round(steps / (seconds - recovering), 1) if seconds > recovering else 0.0,
         "connections": total("connections"), "disconnects_by_backend": total("disconnects_by_backend"),
         "backend_starts": total("backend_starts"), "crashes": total("crashes"), "hangs": total("hangs"),
+        "queues": args.queues, "mq_connects": total("mq_connects"),
+        "ring_moves": [sum(v) for v in zip(*(d["ring_moves"] for d in docs))],
+        "ring_chains_max": [max(v) for v in zip(*(d["ring_chains_max"] for d in docs))],
+        "ring_errors_max": [max(v) for v in zip(*(d["ring_errors_max"] for d in docs))],
         "fd_idle": max(d["fd_idle"] for d in docs), "fd_max": max(d["fd_max"] for d in docs),
         "rss_idle_mib": max(d["rss_idle_mib"] for d in docs), "rss_max_mib": max(d["rss_max_mib"] for d in docs),
         "longest_probe_ms": max(d["longest_probe_ms"] for d in docs),
@@ -2374,6 +2502,8 @@ def report_failure(rec: dict, args) -> None:
     more = " --keep-going" if rec.get("after_failures") else ""
     if args.only:
         more += " --only " + ",".join(sorted(args.only))
+    if args.queues != DEFAULT_QUEUES:
+        more += f" --queues {args.queues}"
     print(f"  seed {rec['seed']}, step {rec['step']}; replay: python3 scripts/fuzz_device.py "
           f"--replay {rec['seed']} --steps {rec['step']}{more}", file=out)
     print("  steps since the last connect:", file=out)
@@ -2395,6 +2525,10 @@ def table(doc: dict) -> str:
             ("connections", doc["connections"]),
             ("  closed by the backend", doc["disconnects_by_backend"]),
             ("backend starts", doc["backend_starts"]), ("crashes", doc["crashes"]), ("hangs", doc["hangs"]),
+            ("queue pairs / MQ connects", f"{doc['queues']} / {doc['mq_connects']}"),
+            ("moves per ring", " ".join(map(str, doc["ring_moves"]))),
+            ("chains / errors per ring", " ".join(f"{c}/{e}" for c, e in zip(doc["ring_chains_max"],
+                                                                             doc["ring_errors_max"]))),
             ("fd idle / max", f"{doc['fd_idle']} / {doc['fd_max']}"),
             ("RSS idle / max", f"{doc['rss_idle_mib']} / {doc['rss_max_mib']} MiB"),
             ("longest probe", f"{doc['longest_probe_ms']} ms"),
@@ -2430,6 +2564,9 @@ def main(argv=None) -> int:
     p.add_argument("--verbose", action="store_true", help="print every step")
     p.add_argument("--only", metavar="OP,OP", help="draw only these ops, e.g. ctl,idle,idleflood "
                    "(replay with the same --only); ops: " + ", ".join(op_names()))
+    p.add_argument("--queues", type=int, default=DEFAULT_QUEUES, metavar="N",
+                   help=f"queue pairs the backend serves (1..{MAX_QUEUES}, default {DEFAULT_QUEUES}); with N > 1, "
+                        f"{MQ_SHARE:.0%} of connects negotiate MQ and drive all 2N rings; 1: the one-pair fuzzer")
     p.add_argument("--tree", default=str(ROOT), help="the vhostnet tree the backend runs from (default: this one)")
     p.add_argument("--keep-workdir", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -2448,6 +2585,8 @@ def main(argv=None) -> int:
         args.steps = 1 << 62 if args.seconds else 10000
     if args.steps < 1 or (args.seconds is not None and args.seconds <= 0):
         p.error("--steps and --seconds must be positive")
+    if not 1 <= args.queues <= MAX_QUEUES:
+        p.error(f"--queues must be 1..{MAX_QUEUES} (the rings of more pairs do not fit the guest memory layout)")
     if args.workers < 1 or (args.workers > 1 and args.replay is not None):
         p.error("--workers must be at least 1, and 1 with --replay")
     doc = run_workers(args) if args.workers > 1 else run(args)

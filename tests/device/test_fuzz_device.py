@@ -6,6 +6,7 @@ since the last connect, the backend's stack) if any check fails. The other
 tests hold the fuzzer to what it promises: a seed names one sequence of
 steps, and its checks see what they are meant to see.
 """
+import collections
 import importlib.util
 import json
 import os
@@ -160,7 +161,7 @@ def test_packed_moves_are_refused_with_named_findings():
     """A seeded run with packed connects: no check fails, and the backend named
     the packed refusals (inspect's errors, vhostnet/virtio/findings.py)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--seed", "31", "--steps", "1500", "--json"],
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--seed", "32", "--steps", "1500", "--json"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.stdout, proc.stderr[-4000:]
     doc = json.loads(proc.stdout)
@@ -196,3 +197,59 @@ def test_a_late_answer_from_a_backend_waiting_for_a_core_is_counted_not_failed(t
         os.kill(backend.pid, signal.SIGCONT)
         ex.close_all()
         backend.stop()
+
+
+def test_mq_connects_draw_every_ring_and_one_pair_draws_two():
+    """With --queues 2, MQ connects set up 4 rings and every ring-level step then
+    draws from all of them (pair 0's most often); without MQ, and with --queues 1
+    always, only rings 0 and 1. Traffic runs on pair 1 too (RX 2, TX 3)."""
+    def draw(queues, n=20000):
+        g = fz.Gen(11, queues=queues)
+        mq_connects, rings, traffic = 0, collections.Counter(), set()
+        for _ in range(n):
+            st = g.next()
+            if st["op"] in fz.CONNECTING_OPS:
+                mq_connects += st["mq"]
+                assert len(st["q"]) == (2 * queues if st["mq"] else 2)
+            if st["op"] in fz.RING_OPS and "q" in st:
+                assert 0 <= st["q"] < g.nq, st
+                rings[st["q"]] += 1
+                if st["op"] in ("tx", "ptx", "rx", "prx"):
+                    traffic.add((st["op"].lstrip("p"), st["q"]))
+        return mq_connects, rings, traffic, g
+    mq_connects, rings, traffic, g = draw(2)
+    assert mq_connects >= 50
+    assert set(rings) == {0, 1, 2, 3}
+    assert min(rings[0], rings[1]) > max(rings[2], rings[3])   # pair 0 the most common
+    assert {("tx", 1), ("tx", 3), ("rx", 0), ("rx", 2)} <= traffic
+    assert any(gen.__name__ == "g_venable" for _w, gen in g.ops)
+    mq_connects, rings, traffic, g = draw(1)
+    assert mq_connects == 0 and set(rings) == {0, 1}
+    assert not any(gen.__name__ == "g_venable" for _w, gen in g.ops)
+
+
+def test_mq_run_drives_pair_one_and_finds_nothing():
+    """A seeded run against `serve --queues 2` with MQ connects: no check fails,
+    and the backend's own inspect counters show that rings 2 and 3 (pair 1)
+    refused hostile chains and carried traffic, which they cannot if the
+    fuzzer's steps only name rings 0 and 1."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--seed", "42", "--steps", "1500", "--queues", "2", "--json"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.stdout, proc.stderr[-4000:]
+    doc = json.loads(proc.stdout)
+    assert doc["findings"] == [], proc.stderr[-6000:]
+    assert doc["queues"] == 2 and doc["mq_connects"] >= 3
+    assert len(doc["ring_moves"]) == len(doc["ring_errors_max"]) == len(doc["ring_chains_max"]) == 4
+    assert doc["ring_moves"][2] > 0 and doc["ring_moves"][3] > 0
+    # What the backend counted (inspect's per-queue errors and chains), not what we sent.
+    assert doc["ring_errors_max"][2] > 0 and doc["ring_errors_max"][3] > 0, doc["ring_errors_max"]
+    assert doc["ring_chains_max"][2] > 0 and doc["ring_chains_max"][3] > 0, doc["ring_chains_max"]
+
+
+def test_queues_option_is_checked():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for bad in ("0", str(fz.MAX_QUEUES + 1)):
+        proc = subprocess.run([sys.executable, str(SCRIPT), "--queues", bad, "--steps", "1"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and "--queues" in proc.stderr
