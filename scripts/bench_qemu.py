@@ -109,6 +109,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 _MODES = "|".join(ALL_TESTS)
 RESULT = re.compile(rf"^bench: ({_MODES}) ([0-9.]+) (\S+)(.*)$")
 START = re.compile(rf"^bench: ({_MODES}) start$")
+IRQS = re.compile(rf"^bench: ({_MODES}) irqs ([0-9]+)$")     # qemu/init: the NIC's interrupts in a test
 BUILTIN_PORTS = {"BENCH_DISCARD_PORT": 9, "BENCH_CHARGEN_PORT": 19, "BENCH_ECHO_PORT": 7}
 RSS_CONNECTIONS = 1000
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1bc")
@@ -209,6 +210,7 @@ class Run:
     backend: str
     results: dict = field(default_factory=dict)     # test -> (value, unit, details)
     cpu: dict = field(default_factory=dict)         # test -> {Meters.NAMES: %}
+    irqs: dict = field(default_factory=dict)        # test -> interrupts the guest took for the NIC
     problems: list = field(default_factory=list)
     skipped: str | None = None
     notes: list = field(default_factory=list)
@@ -441,6 +443,8 @@ class Bench:
                         log(f"{run.backend}: {m[1]} {m[2]} {m[3]}  ({m[4].strip()})")
                         if stats:
                             self._stats(ctl, m[1], stats)
+                    elif m := IRQS.match(line):
+                        run.irqs[m[1]] = int(m[2])
                     elif "FAIL:" in line:
                         run.problems.append(line.strip())
                         log(f"{run.backend}: {line.strip()}")
@@ -486,7 +490,17 @@ def median(values: list[float]) -> float:
     return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
 
 
-def median_of(runs: list[Run]) -> Run:
+def operations(test: str, value: float, seconds: float) -> float:
+    """How many operations a test's result stands for: round trips or
+    connections (rate x seconds), pings (5 a second), or MB for the bulk tests."""
+    if test == "ping":
+        return seconds * 5
+    if test in ("crr", "udp"):
+        return value * seconds
+    return value * seconds / 8       # Mbit/s -> MB
+
+
+def median_of(runs: list[Run], seconds: float = 0.0) -> Run:
     """One row from a backend's repeated boots: per test the median of the
     boots that gave a result (and how many did), the median of each CPU
     figure over the same boots; every boot's problems, numbered."""
@@ -501,6 +515,9 @@ def median_of(runs: list[Run]) -> Run:
         cpus = [r.cpu[t] for r in got if r.cpu.get(t)]
         if cpus:
             out.cpu[t] = {n: median([c[n] for c in cpus]) for n in Meters.NAMES}
+        per_op = [r.irqs[t] / ops for r in got if t in r.irqs and (ops := operations(t, r.results[t][0], seconds))]
+        if per_op:
+            out.irqs[t] = median(per_op)
     for i, r in enumerate(runs):
         out.problems += [f"boot {i + 1}: {p}" if len(runs) > 1 else p for p in r.problems]
         out.notes += [n for n in r.notes if n not in out.notes]
@@ -562,6 +579,12 @@ def table(rows: list[Run], tests: list[str], base: str = BASE) -> str:
                            f"{c['others']:.0f}" if (c := r.cpu.get(t)) else "-" for t in tests]
             for r in rows if not r.skipped]
     lines += _grid(["backend"] + tests, body)
+    if any(r.irqs for r in rows):
+        lines += ["", "interrupts the guest took for its NIC, per operation (round trip, connection, "
+                      "ping; per MB for bulk; median):"]
+        body = [[r.backend] + [f"{r.irqs[t]:.2f}" if t in r.irqs else "-" for t in tests]
+                for r in rows if not r.skipped]
+        lines += _grid(["backend"] + tests, body)
     return "\n".join(lines)
 
 
@@ -769,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
                 all_runs.append(bench.run(b, rep))
     finally:
         bench.close()
-    rows = [median_of([r for r in all_runs if r.backend == b]) for b in backends]
+    rows = [median_of([r for r in all_runs if r.backend == b], args.seconds) for b in backends]
     end_avg = os.getloadavg()
     print()
     if args.builtin:

@@ -103,3 +103,17 @@ def test_table_shows_values_ratios_cpu_and_skips(bq):
 def test_table_without_slirp_prints_no_ratios(bq):
     text = bq.table([run(bq, "vhostnet", send=1.0)], ["send"])
     assert "ratio to" not in text
+
+
+def test_guest_interrupts_per_operation_are_a_median_over_boots(bq):
+    """qemu/init's `bench: MODE irqs N` per boot -> interrupts per round trip
+    (udp: rate x seconds round trips), per ping (5 a second), per MB (bulk)."""
+    boots = [run(bq, "vhostnet", udp=1000.0, send=80.0, ping=2.0) for _ in range(3)]
+    for b, n in zip(boots, (3000, 6000, 4500)):
+        b.irqs.update(udp=n, send=160, ping=20)
+    row = bq.median_of(boots, seconds=3.0)
+    assert row.irqs["udp"] == 1.5                       # 4,500 / 3,000 round trips
+    assert row.irqs["send"] == 160 / 30                 # 30 MB in 3 s at 80 Mbit/s
+    assert row.irqs["ping"] == 20 / 15
+    assert "interrupts the guest took" in bq.table([row], ["udp", "send", "ping"], base="slirp")
+    assert not bq.median_of(boots).irqs                 # no seconds given: no per-op figure
