@@ -163,15 +163,23 @@ async def test_udp_answer_reaches_the_guest_in_the_kick_step(backend, nursery): 
     srv, _ = backend
     with _host_echo(_ECHO) as port:
         g = await _attached_with_rx(srv, nursery)
+        device = srv.current.device
+        calls = []                       # ring index of each call eventfd write, in order
+        signal = device._signal
+        device._signal = lambda q: calls.append(q.index) or signal(q)
         for i in range(3):
             payload = b"answer %d" % i
+            calls.clear()
+            g.fe.tx.set_used_event(g.fe.tx.used_idx())   # as Linux does: interrupt at the next completion
             g.fe.post_tx(_frame(GW / UDP(sport=41001, dport=port) / payload))
             _step(srv)
             got = [Ether(f) for _h, f in g.fe.read_rx()]   # no await since the step
             answers = [p for p in got if UDP in p and p[UDP].dport == 41001]
             assert answers and answers[0][UDP].load == payload
+            # The TX call after the RX one, so QEMU raises one interrupt for both.
+            assert calls == [0, 1]
             await trio.sleep(0)
-        assert srv.current.device.proxy.counters["spin_answered"] == 3
+        assert device.proxy.counters["spin_answered"] == 3
 
 
 @pytest.mark.hostnet_kw(answer_spin=0.001)
