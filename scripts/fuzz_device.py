@@ -2442,7 +2442,6 @@ def run_workers(args) -> dict:
         if args.progress:
             cmd += ["--progress", f"{args.progress}.{sd}"]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE))
-    t0 = time.monotonic()
     docs = []
     for pr in procs:
         out, _ = pr.communicate()
@@ -2450,7 +2449,6 @@ def run_workers(args) -> dict:
             docs.append(json.loads(out))
         except ValueError:
             docs.append(None)
-    wall = time.monotonic() - t0
     lost = [sd for sd, d in zip(seeds, docs) if d is None]
     docs = [d for d in docs if d is not None]
     if not docs:
