@@ -4,6 +4,7 @@ The frontend plays QEMU's -netdev vhost-user,queues=N: one connection, rings
 2k/2k+1 per pair, SET_FEATURES once per pair, SET_VRING_ENABLE per pair.
 Replies of the stack's UDP echo (10.0.2.2:7) show where RX goes.
 """
+import contextlib
 import logging
 
 import pytest
@@ -40,6 +41,32 @@ async def connect(srv, pairs, queue_size=64, packed=False):
     fe = Frontend(pairs=pairs, queue_size=queue_size, packed=packed)
     await fe.connect(srv.socket_path)
     return fe
+
+
+@contextlib.asynccontextmanager
+async def session(tmp_path, nursery, pairs, **kw):
+    """A server of PAIRS pairs and a frontend that did the whole handshake; shut down after."""
+    srv = await serve(tmp_path, nursery, pairs)
+    fe = await connect(srv, pairs, **kw)
+    try:
+        await fe.handshake()
+        yield srv, fe
+    finally:
+        await fe.shutdown(srv)
+
+
+def post_rx_on(fe, *pairs: int) -> None:
+    """RX buffers posted and kicked on each of PAIRS."""
+    for k in pairs:
+        fe.post_rx(pair=k)
+        fe.pair_rings[k][0].kick()
+
+
+def send_on(fe, pair: int, *frames: bytes) -> None:
+    """FRAMES on PAIR's TX ring, one kick."""
+    for f in frames:
+        fe.post_tx(f, pair=pair)
+    fe.pair_rings[pair][1].kick()
 
 
 async def collect(fe, want: dict[int, int], timeout: float = 5.0) -> dict[int, list[bytes]]:
@@ -87,15 +114,10 @@ async def test_one_pair_offers_no_mq_feature(tmp_path, nursery):
 
 @pytest.mark.parametrize("pairs,packed", [(2, False), (4, False), (2, True)])
 async def test_rx_goes_back_on_the_pair_the_flow_came_from(tmp_path, nursery, pairs, packed):
-    srv = await serve(tmp_path, nursery, pairs)
-    fe = await connect(srv, pairs, packed=packed)
-    try:
-        await fe.handshake()
+    async with session(tmp_path, nursery, pairs, packed=packed) as (srv, fe):
         dev = srv.current.device
         assert [q.name for q in srv.current.backend.queues][:4] == ["rx", "tx", "rx1", "tx1"]
-        for k in range(pairs):
-            fe.post_rx(pair=k)
-            fe.pair_rings[k][0].kick()
+        post_rx_on(fe, *range(pairs))
         # Three flows per pair, each sent from its pair.
         for k in range(pairs):
             for j in range(3):
@@ -112,50 +134,33 @@ async def test_rx_goes_back_on_the_pair_the_flow_came_from(tmp_path, nursery, pa
         for q in srv.current.backend.queues:
             assert q.stats["chains"] > 0, q.name
             assert q.packed is packed
-    finally:
-        await fe.shutdown(srv)
 
 
 async def test_disabled_pair_gets_no_frames(tmp_path, nursery):
     """`ethtool -L eth0 combined 1`: QEMU disables pair 1; its flows' replies come on pair 0."""
-    srv = await serve(tmp_path, nursery, 2)
-    fe = await connect(srv, 2)
-    try:
-        await fe.handshake()
-        for k in (0, 1):
-            fe.post_rx(pair=k)
-            fe.pair_rings[k][0].kick()
-        fe.post_tx(udp(41000), pair=1)
-        fe.pair_rings[1][1].kick()
+    async with session(tmp_path, nursery, 2) as (srv, fe):
+        post_rx_on(fe, 0, 1)
+        send_on(fe, 1, udp(41000))
         got = await collect(fe, {1: 1})
         assert len(got[1]) == 1 and not got[0]
         # Pair 1 off (both rings). The flow learned on pair 1, sent again from pair 0
         # (the guest moved it, as XPS does), answered on pair 0; so is a new flow.
         await fe.enable_pair(1, False)
         rx1_chains = srv.current.backend.queues[2].stats["chains"]
-        fe.post_tx(udp(41000), pair=0)
-        fe.post_tx(udp(41001), pair=0)
-        fe.tx.kick()
+        send_on(fe, 0, udp(41000), udp(41001))
         got = await collect(fe, {0: 2})
         assert sorted(Ether(f)[UDP].dport for f in got[0]) == [41000, 41001]
         assert not got[1] and srv.current.backend.queues[2].stats["chains"] == rx1_chains
         # Back on: the flow that pair 1 sends again goes back there.
         await fe.enable_pair(1, True)
-        fe.post_tx(udp(41002), pair=1)
-        fe.pair_rings[1][1].kick()
+        send_on(fe, 1, udp(41002))
         got = await collect(fe, {1: 1})
         assert [Ether(f)[UDP].dport for f in got[1]] == [41002] and not got[0]
-    finally:
-        await fe.shutdown(srv)
 
 
 async def test_frames_waiting_on_a_disabled_pair_move_to_an_enabled_one(tmp_path, nursery):
-    srv = await serve(tmp_path, nursery, 2)
-    fe = await connect(srv, 2)
-    try:
-        await fe.handshake()
-        fe.post_rx(pair=0)
-        fe.rx.kick()
+    async with session(tmp_path, nursery, 2) as (srv, fe):
+        post_rx_on(fe, 0)
         # Pair 1 posts no RX buffers: its replies wait in its deque.
         for j in range(4):
             fe.post_tx(udp(42000 + j), pair=1)
@@ -170,8 +175,6 @@ async def test_frames_waiting_on_a_disabled_pair_move_to_an_enabled_one(tmp_path
         got = await collect(fe, {0: 5})
         assert sorted(Ether(f)[UDP].dport for f in got[0]) == [42000, 42001, 42002, 42003, 42100]
         assert dev.rx_waiting() == 0
-    finally:
-        await fe.shutdown(srv)
 
 
 async def test_too_many_pairs_is_told_once_across_connections(tmp_path, nursery, caplog):
@@ -196,12 +199,8 @@ async def test_too_many_pairs_is_told_once_across_connections(tmp_path, nursery,
 
 async def test_hostile_ring_of_pair_one_leaves_pair_zero_working(tmp_path, nursery):
     """A descriptor index past the ring on tx1: a finding on tx1, refused; pair 0 still echoes."""
-    srv = await serve(tmp_path, nursery, 2)
-    fe = await connect(srv, 2, queue_size=64)
-    try:
-        await fe.handshake()
-        fe.post_rx(pair=0)
-        fe.rx.kick()
+    async with session(tmp_path, nursery, 2, queue_size=64) as (srv, fe):
+        post_rx_on(fe, 0)
         tx1 = fe.pair_rings[1][1]
         tx1.push_avail(1000)           # head 1000 in a 64-entry ring (virtio 1.2 §2.7.13.1)
         tx1.kick()
@@ -212,8 +211,6 @@ async def test_hostile_ring_of_pair_one_leaves_pair_zero_working(tmp_path, nurse
         assert not backend.queues[1].errors
         got = await fe.exchange([udp(43000)], want=1)
         assert Ether(got[0])[UDP].dport == 43000
-    finally:
-        await fe.shutdown(srv)
 
 
 def test_flow_key_is_symmetric_and_hash_spreads():
@@ -247,14 +244,9 @@ async def test_inspect_and_stats_show_every_queue(tmp_path, nursery):
     import json
     from vhostnet.observe.report import inspect_doc, stats_doc
     from ..observe import check_doc
-    srv = await serve(tmp_path, nursery, 2)
-    fe = await connect(srv, 2)
-    try:
-        await fe.handshake()
-        fe.post_rx(pair=1)
-        fe.pair_rings[1][0].kick()
-        fe.post_tx(udp(44000), pair=1)
-        fe.pair_rings[1][1].kick()
+    async with session(tmp_path, nursery, 2) as (srv, fe):
+        post_rx_on(fe, 1)
+        send_on(fe, 1, udp(44000))
         assert len((await collect(fe, {1: 1}))[1]) == 1
         await fe.enable_pair(1, False)
         ins = json.loads(json.dumps(inspect_doc(srv)))
@@ -268,8 +260,6 @@ async def test_inspect_and_stats_show_every_queue(tmp_path, nursery):
         rings = {q["name"]: q for q in st["queues"]}
         assert rings["tx1"]["chains"] == 1 and rings["rx1"]["chains"] == 1 and not rings["rx1"]["enabled"]
         assert rings["tx"]["chains"] == 0
-    finally:
-        await fe.shutdown(srv)
 
 
 async def test_a_late_disconnect_is_not_taken_for_too_many_pairs(tmp_path, nursery, caplog, monkeypatch):
@@ -291,13 +281,8 @@ async def test_a_late_disconnect_is_not_taken_for_too_many_pairs(tmp_path, nurse
 async def test_safety_poll_watches_every_pair(tmp_path, nursery):
     """A frame made available on tx1 without a kick: pair 1's own safety poll finds it
     (its `unkicked` count), and its reply comes back on rx1."""
-    srv = await serve(tmp_path, nursery, 2)
-    fe = await connect(srv, 2)
-    try:
-        await fe.handshake()
-        rx1, tx1 = fe.pair_rings[1]
-        fe.post_rx(pair=1)
-        rx1.kick()
+    async with session(tmp_path, nursery, 2) as (srv, fe):
+        post_rx_on(fe, 1)
         fe.post_tx(udp(45000), pair=1)      # no kick
         queues = srv.current.backend.queues
         with trio.fail_after(5):
@@ -306,5 +291,3 @@ async def test_safety_poll_watches_every_pair(tmp_path, nursery):
         got = await collect(fe, {1: 1})
         assert [Ether(f)[UDP].dport for f in got[1]] == [45000] and not got[0]
         assert queues[1].stats["unkicked"] == 0
-    finally:
-        await fe.shutdown(srv)
