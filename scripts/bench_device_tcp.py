@@ -50,7 +50,6 @@ import argparse
 import os
 import select
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,7 +62,7 @@ import trio
 from stack import Frame, NetConfig, Stack
 from stack.tcp.config import TcpConfig
 from vhostnet.testing.frontend import NET_HDR, Frontend
-from vhostnet.testing.processes import end
+from vhostnet.testing.processes import end, start, wait_path_async
 from vhostnet.virtio import features as F
 
 GUEST_IP = bytes([10, 0, 2, 15])
@@ -205,17 +204,11 @@ async def one_run(direction: str, offloads: bool, seconds: float, log_dir: Path,
                 "--log-level", "warning"]
         if not offloads:
             argv += ["--disable-feature", "offloads"]
-        logf = open(log_dir / f"backend-{direction}-{'offloads' if offloads else 'none'}.log", "wb")
-        backend = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=logf,
-                                   stderr=subprocess.STDOUT)
-        logf.close()
+        backend = start(argv, log_dir / f"backend-{direction}-{'offloads' if offloads else 'none'}.log",
+                        cwd=ROOT)
         fe = None
         try:
-            deadline = time.monotonic() + 15
-            while not os.path.exists(sock):
-                if backend.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the backend did not start (status {backend.poll()})")
-                await trio.sleep(0.02)
+            await wait_path_async(sock, backend, "vhostnet serve")
             fe = Frontend(mem_size=32 << 20, queue_size=256, packed=packed)
             await fe.connect(sock)
             await fe.handshake()

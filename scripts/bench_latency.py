@@ -52,7 +52,7 @@ from scapy.layers.l2 import Ether  # noqa: E402
 from stack import NetConfig  # noqa: E402
 from tests.hostnet.guest import FeGuest  # noqa: E402
 from vhostnet.testing.frontend import Frontend  # noqa: E402
-from vhostnet.testing.processes import end  # noqa: E402
+from vhostnet.testing.processes import end, start, wait_path  # noqa: E402
 from vhostnet.virtio import features as F  # noqa: E402
 
 CFG = NetConfig()
@@ -170,9 +170,7 @@ async def one_test(sock: str, test: str, echo_port: int):
 def run_backend(tree: Path, sock: str, log: Path) -> subprocess.Popen:
     argv = [sys.executable, "-m", "vhostnet", "serve", "--socket", sock, "--once",
             "--no-services", "--log-level", "warning"]
-    env = dict(os.environ, PYTHONPATH=str(tree))
-    return subprocess.Popen(argv, cwd=tree, env=env, stdin=subprocess.DEVNULL,
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    return start(argv, log, cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree)))
 
 
 def measure(tree: Path, test: str, seconds: float, echo_port: int, tmp: Path, *,
@@ -184,12 +182,10 @@ def measure(tree: Path, test: str, seconds: float, echo_port: int, tmp: Path, *,
     proc = run_backend(tree, sock, tmp / "backend.log")
     res: dict = {}
     try:
-        deadline = time.monotonic() + 15
-        while not os.path.exists(sock + ".ctl"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("backend did not start: "
-                                   + (tmp / "backend.log").read_text()[-500:])
-            time.sleep(0.02)
+        try:
+            wait_path(sock + ".ctl", proc, "vhostnet serve")
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}: " + (tmp / "backend.log").read_text()[-500:]) from None
         pid = proc.pid
         tools: list[subprocess.Popen] = []
 

@@ -92,6 +92,7 @@ sys.path.insert(0, str(ROOT))
 
 from vhostnet.launch import qemu  # noqa: E402
 from vhostnet.testing.hostservers import HostServers  # noqa: E402
+from vhostnet.testing.processes import wait_path  # noqa: E402
 
 ALL_BACKENDS = ("vhostnet", "vhostnet-nooffloads", "slirp", "passt", "vhostnet-q2", "vhostnet-q4",
                 "vhostnet-nospin")
@@ -135,16 +136,6 @@ def stop(proc: subprocess.Popen | None, grace: float = 3.0) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
-
-
-def wait_path(path: Path, proc: subprocess.Popen, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {proc.returncode} before creating {path}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not create {path} within {timeout:.0f} s")
-        time.sleep(0.02)
 
 
 def cpu_seconds(pid: int, tid: int | None = None) -> float:

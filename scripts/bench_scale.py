@@ -81,7 +81,7 @@ from bench_device_tcp import GATEWAY_IP, GUEST_IP, Guest, guest_stack, host_busy
 from stack import Frame
 from vhostnet.testing.frontend import Frontend
 from vhostnet.testing.hostservers import HostServers
-from vhostnet.testing.processes import end
+from vhostnet.testing.processes import end, start, wait_path_async
 
 RSS_IDLE_TARGET_MB = 80         # issue 12 §6
 RSS_1000_TARGET_MB = 200        # issue 12 §6, with 1,000 NAT TCP connections
@@ -409,18 +409,11 @@ async def one_run(args, port: int, log_dir: Path, run: int) -> dict:
                 "--log-level", "warning", "--max-nat-tcp", str(max(max(counts), 1000))]
         if args.pcap:
             argv += ["--pcap", f"{args.pcap}-{run}.pcap"]
-        logf = open(log_dir / f"backend-{run}.log", "wb")
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        backend = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=logf,
-                                   stderr=subprocess.STDOUT, env=env)
-        logf.close()
+        backend = start(argv, log_dir / f"backend-{run}.log", cwd=ROOT,
+                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
         fe = None
         try:
-            deadline = time.monotonic() + 15
-            while not os.path.exists(sock):
-                if backend.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the backend did not start (status {backend.poll()})")
-                await trio.sleep(0.02)
+            await wait_path_async(sock, backend, "vhostnet serve")
             pid = backend.pid
             fe = Frontend(mem_size=args.mem_mb << 20, queue_size=256)
             await fe.connect(sock)
