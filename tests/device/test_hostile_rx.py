@@ -5,7 +5,6 @@ loop); what was written before it is published; a ring that breaks stops
 work on it; and chains taken for a frame that then did not fit are given
 back exactly once, in order, refused ones included.
 """
-import struct
 
 import trio
 from scapy.layers.inet import ICMP
@@ -97,22 +96,28 @@ async def test_chains_given_back_for_a_frame_are_returned_once_and_in_order(fe, 
     assert server.current.backend.queues[0].errors == {"rx_readonly_buffer": 1}
 
 
+async def _reply_behind_a_looping_chain(fe, first_len: int) -> None:
+    """MRG_RXBUF negotiated; RX: one FIRST_LEN-byte buffer, then a chain whose
+    NEXT is itself; then a ping, whose reply cannot fit and waits."""
+    await fe.handshake()
+    assert fe.features >> 15 & 1                   # MRG_RXBUF
+    r = fe.rx
+    r.add([(r.buf(r.free[-1]), first_len, F_WRITE)])
+    loop = r.free.pop()
+    r.write_desc(loop, r.buf(loop), 64, F_WRITE | 1, loop)
+    r.push_avail(loop)
+    r.kick()
+    fe.post_tx(ping(seq=1))
+    fe.tx.kick()
+
+
 async def test_a_frame_waiting_behind_a_looping_rx_chain_does_not_poll_for_ever(fe, server):
     """Found by scripts/fuzz_device.py (seed 1, step 544): with MRG_RXBUF, RX
     buffers too small to hold a frame followed by a chain that loops. The
     gather walks the loop, gives everything back and spends the step's budget;
     that must read as "wait for the driver", not "more work now", or the
     device asks to be polled again at once, for ever, with no kick."""
-    await fe.handshake()
-    assert fe.features >> 15 & 1                   # MRG_RXBUF
-    r = fe.rx
-    r.add([(r.buf(r.free[-1]), 16, F_WRITE)])     # room for the header and 4 bytes
-    loop = r.free.pop()
-    r.write_desc(loop, r.buf(loop), 64, F_WRITE | 1, loop)   # NEXT to itself
-    r.push_avail(loop)
-    r.kick()
-    fe.post_tx(ping(seq=1))                        # its reply cannot fit: it waits
-    fe.tx.kick()
+    await _reply_behind_a_looping_chain(fe, 16)   # room for the header and 4 bytes
     dev = None
     with trio.fail_after(5):
         while dev is None or len(dev.rx_pending) != 1:
@@ -140,16 +145,7 @@ async def test_a_waiting_frame_is_not_tried_again_until_the_driver_posts_more(fe
     drain, timer poll, host socket and (for a polled ring) every millisecond,
     walking a looping chain each time. It waits for the driver now: nothing is
     walked again until avail moves or the ring restarts."""
-    await fe.handshake()
-    assert fe.features >> 15 & 1                   # MRG_RXBUF
-    r = fe.rx
-    r.add([(r.buf(r.free[-1]), 1, F_WRITE)])      # smaller than the header: refused
-    loop = r.free.pop()
-    r.write_desc(loop, r.buf(loop), 64, F_WRITE | 1, loop)   # NEXT to itself
-    r.push_avail(loop)
-    r.kick()
-    fe.post_tx(ping(seq=1))                        # its reply cannot fit: it waits
-    fe.tx.kick()
+    await _reply_behind_a_looping_chain(fe, 1)    # smaller than the header: refused
     with trio.fail_after(5):
         while server.current is None or len(server.current.device.rx_pending) != 1:
             await trio.sleep(0.01)
@@ -167,7 +163,7 @@ async def test_a_waiting_frame_is_not_tried_again_until_the_driver_posts_more(fe
     await wait_counter(dev, "tx_frames", 5)
     for _ in range(50):
         assert dev.flush_rx(rings) is False
-    r.kick()
+    fe.rx.kick()
     for _ in range(20):
         await trio.sleep(0)
     assert dev.rx_waits == waits
@@ -175,11 +171,11 @@ async def test_a_waiting_frame_is_not_tried_again_until_the_driver_posts_more(fe
     assert len(dev.rx_pending) == 5
     # More room from the driver: the frames go out past the bad chains.
     fe.post_rx(count=8, size=2048)
-    r.kick()
+    fe.rx.kick()
     seqs = []
     with trio.fail_after(5):
         while len(seqs) < 5:
-            await r.wait_call(0.1)
+            await fe.rx.wait_call(0.1)
             seqs += [Ether(f)[ICMP].seq for _h, f in fe.read_rx() if Ether(f).haslayer(ICMP)]
     assert seqs == [1, 2, 3, 4, 5]
     assert not dev.rx_pending
