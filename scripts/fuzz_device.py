@@ -1149,6 +1149,7 @@ class Executor:
         self.fd_max = 0
         self.rss_max = 0
         self.probe_max = 0.0
+        self.cpu0 = 0.0                 # the backend's CPU seconds when the current probe began
         self.late_loaded = 0
         self.idle_due = False
         # The longest event-loop step the backend timed (ms, kind, its CPU ms), read

@@ -79,7 +79,7 @@ class HostProxy:
         # Inbound UDP forwards: (listening socket fd, peer) -> fid, and back.
         self._udp_in: dict[tuple, int] = {}
         self.spin_max = spin_max
-        self._asked: list = []              # datagram relays that sent in this step (spin())
+        self._asked: dict = {}              # relays that sent in this step (spin()); a dict: ordered, no repeats
         self._spin_misses = 0
         self._spin_resume = 0.0             # no spinning before this time (backoff)
 
@@ -100,8 +100,8 @@ class HostProxy:
 
     def expect_answer(self, relay) -> None:
         """RELAY sent the guest's bytes to its host socket in this step: spin() looks for the answer."""
-        if relay not in self._asked:
-            self._asked.append(relay)
+        if self.spin_max > 0:
+            self._asked[relay] = None
 
     def spin(self) -> bool:
         """Wait up to spin_max for answers to what the relays sent in this step
@@ -114,7 +114,7 @@ class HostProxy:
         asked = self._asked
         if not asked:
             return False
-        if self.spin_max <= 0 or self.now() < self._spin_resume:
+        if self.now() < self._spin_resume:
             asked.clear()
             return False
         got = False
@@ -123,7 +123,7 @@ class HostProxy:
             for r in tuple(asked):
                 res = None if r.closed else r.receive_one()
                 if res is not False:
-                    asked.remove(r)
+                    del asked[r]
                     got = got or bool(res)
             if not asked or time.perf_counter() >= end:
                 break

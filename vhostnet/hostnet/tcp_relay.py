@@ -234,9 +234,9 @@ class TcpRelay:
         self.can_read = True            # edge-triggered: a look we make ourselves
         before = self.read_bytes
         self._guarded(self._to_guest)
-        if self.closed:
-            return None
-        return self.read_bytes > before or (None if self.host_eof else False)
+        if self.read_bytes > before:
+            return True
+        return None if self.closed or self.host_eof else False
 
     def _to_guest(self) -> None:
         """Host bytes into the stack while the socket has some and the guest has room."""
