@@ -17,9 +17,16 @@ from __future__ import annotations
 import logging
 import sys
 
-__all__ = ["setup", "OneLineFormatter", "LEVELS"]
+__all__ = ["setup", "OneLineFormatter", "LEVELS", "one_line_traceback"]
 
 LEVELS = ("debug", "info", "warning", "error")
+
+
+def one_line_traceback(e: BaseException) -> str:
+    """E's traceback as one line (" | " between its lines), for a rate-limited log record."""
+    import traceback
+    return " | ".join(line.strip() for chunk in traceback.format_exception(e)
+                      for line in chunk.splitlines() if line.strip())
 
 
 class OneLineFormatter(logging.Formatter):

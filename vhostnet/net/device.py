@@ -48,6 +48,7 @@ from stack.services.config import ServicesConfig
 from stack.services.dns import DnsQuery
 
 from vhostnet.hostnet.dns import DnsForwarder
+from vhostnet.logging_setup import one_line_traceback
 
 from vhostnet.virtio import features as F
 from vhostnet.net.steering import Steering
@@ -85,12 +86,6 @@ MAX_QUEUE_PAIRS = 64
 def queue_names(pairs: int) -> tuple[str, ...]:
     """rx, tx for pair 0 (as with one pair), then rx1, tx1, rx2, tx2..."""
     return ("rx", "tx") + tuple(f"{d}{k}" for k in range(1, pairs) for d in ("rx", "tx"))
-
-
-def _one_line_traceback(e: BaseException) -> str:
-    import traceback
-    return " | ".join(line.strip() for chunk in traceback.format_exception(e)
-                      for line in chunk.splitlines() if line.strip())
 
 
 class NetDevice:
@@ -302,7 +297,7 @@ class NetDevice:
                 self.counters["tx_internal_error"] += 1
                 # A guest can trigger this per frame: rate-limited, one line.
                 self.rlog.log(logging.ERROR, "tx_internal_error",
-                              "internal error handling a TX frame: %s", _one_line_traceback(e))
+                              "internal error handling a TX frame: %s", one_line_traceback(e))
             # The buffer goes back only after the stack is done with it:
             # frame views point into guest memory.
             q.push(chain.head, 0)

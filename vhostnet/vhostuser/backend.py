@@ -44,6 +44,7 @@ import os
 import struct
 from typing import Callable
 
+from vhostnet.logging_setup import one_line_traceback
 from vhostnet.vhostuser import protocol as P
 from vhostnet.vhostuser.fdkind import require_eventfd
 from vhostnet.vhostuser.memory import GuestMemory, MemoryError_
@@ -82,12 +83,6 @@ def _close(fd: int | None) -> None:
 
 def _no_op(q) -> None:
     pass
-
-
-def _one_line_traceback(e: BaseException) -> str:
-    import traceback
-    return " | ".join(line.strip() for chunk in traceback.format_exception(e)
-                      for line in chunk.splitlines() if line.strip())
 
 
 def _keep(fds: list[int], fd: int) -> int:
@@ -181,7 +176,7 @@ class Backend:
         except Exception as e:  # a handler bug must not end the connection, nor the process
             self.errors["internal_error"] = self.errors.get("internal_error", 0) + 1
             self.rlog.log(logging.ERROR, "internal_error", "internal error handling %s: %s", name,
-                          _one_line_traceback(e))
+                          one_line_traceback(e))
             return self._fail(request, name, f"{name}: internal error: {e!r}", need_reply, payload)
         finally:
             for fd in fds:

@@ -40,6 +40,7 @@ import time
 
 import trio
 
+from vhostnet.logging_setup import one_line_traceback
 from vhostnet.vhostuser.backend import Backend
 from vhostnet.vhostuser.channel import FramingError, close_all, read_message
 from vhostnet.vhostuser import protocol as P
@@ -67,12 +68,6 @@ QUEUE_NUM_LOG_INTERVAL = 60.0
 # count after pair 0's vhost_dev is set up); a connection that ends later without
 # SET_FEATURES is something else (a guest that never loaded its driver, a crash).
 QUEUE_NUM_GIVE_UP = 2.0
-
-
-def _traceback_line(e: BaseException) -> str:
-    """E's traceback on one log line."""
-    import traceback
-    return " | ".join(line.strip() for line in traceback.format_exception(e) if line.strip())
 
 
 class StepStats:
@@ -202,7 +197,7 @@ class Connection:
             q.broken = "internal_error"
         self.backend.errors["internal_error"] = self.backend.errors.get("internal_error", 0) + 1
         self.server.rlog.log(logging.ERROR, "internal_error", "%s: internal error, ring stopped: %s",
-                             q.name if q is not None else "device", _traceback_line(e))
+                             q.name if q is not None else "device", one_line_traceback(e))
 
     async def _run_poll(self, q, poll: SafetyPoll) -> None:
         try:
@@ -217,7 +212,7 @@ class Connection:
         self.backend.errors["safety_poll_error"] = self.backend.errors.get("safety_poll_error", 0) + 1
         self.server.rlog.log(logging.ERROR, "safety_poll_error",
                              "%s: internal error in the safety poll, which stops for this ring: %s",
-                             q.name, _traceback_line(e))
+                             q.name, one_line_traceback(e))
 
     async def _drain(self, q) -> None:
         while self._work(q):
