@@ -115,9 +115,10 @@ def test_inspect_shows_the_rings_advance_while_the_guest_pings(rundir):
                 break   # the backend went away with the guest
             if doc["connected"] and doc["queues"][1]["avail_idx"] is not None:
                 samples.append(doc)
-                if cli is None and doc["queues"][1]["used_idx"] >= 4:
-                    # The CLI in a thread, so that sampling goes on meanwhile
-                    # (a Python start-up can outlast the guest's remaining tests).
+                if cli is None:
+                    # The CLI in a thread, so that sampling goes on meanwhile, and
+                    # as soon as the rings run: a Python start-up can outlast the
+                    # guest's few pings (CI once saw it start after poweroff).
                     cli = threading.Thread(target=text_inspect)
                     cli.start()
                 try:
