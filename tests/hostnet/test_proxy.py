@@ -329,6 +329,52 @@ async def test_udp_round_trip_and_port_unreachable(backend, nursery):
     assert bytes(icmp[ICMP].payload)[22:24] == closed.to_bytes(2, "big")
 
 
+def task_count() -> int:
+    """Every task in this trio run."""
+    n, todo = 0, [trio.lowlevel.current_root_task()]
+    while todo:
+        t = todo.pop()
+        n += 1
+        for nursery in t.child_nurseries:
+            todo.extend(nursery.child_tasks)
+    return n
+
+
+async def test_udp_flows_cost_no_task_and_a_burst_past_the_budget_all_arrives(backend, nursery):
+    """Datagram flows' sockets are the reactor's (level-triggered), so a flow
+    adds no task, and a host burst longer than one pass's DATAGRAM_BUDGET is
+    still delivered whole (an edge-triggered socket would stop after 16)."""
+    from vhostnet.hostnet.datagram import DATAGRAM_BUDGET
+    srv, _ = backend
+    host = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    host.bind(("127.0.0.1", 0))
+    us = trio.socket.from_stdlib_socket(host)
+    port = us.getsockname()[1]
+    g = await attach(srv, nursery)
+    burst = 3 * DATAGRAM_BUDGET + 1
+
+    def udp_in() -> list:
+        return [p for p in g.other_ip() if UDP in p and p[UDP].sport == port]
+
+    g.send_ip(IP(src=GUEST_IP, dst="10.0.2.2") / UDP(sport=41000, dport=port) / Raw(b"first"))
+    with trio.fail_after(5):
+        _d, peer = await us.recvfrom(100)
+    tasks = task_count()
+    for sport in range(41001, 41011):         # ten more flows
+        g.send_ip(IP(src=GUEST_IP, dst="10.0.2.2") / UDP(sport=sport, dport=port) / Raw(b"more"))
+    with trio.fail_after(5):
+        for _ in range(10):
+            await us.recvfrom(100)
+    assert srv.current.device.stack.flows.counts()["udp"] == 11
+    assert task_count() == tasks
+    for i in range(burst):                    # all at once, before the backend looks
+        host.sendto(b"b%03d" % i, peer)
+    with trio.fail_after(10):
+        while len(udp_in()) < burst:
+            await trio.sleep(0.005)
+    assert sorted(p[Raw].load for p in udp_in()) == [b"b%03d" % i for i in range(burst)]
+
+
 @pytest.mark.hostnet_kw(flows=FlowConfig(max_udp=40, udp_idle=60.0))
 async def test_udp_spray_is_capped_and_fds_stay_bounded(backend, nursery):
     srv, _ = backend

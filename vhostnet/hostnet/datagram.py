@@ -13,16 +13,22 @@ net.ipv4.ping_group_range decides who may open one). The kernel picks the
 echo identifier and filters replies by it; the stack puts the guest's own
 identifier back.
 
+Receiving: no task per flow. Each outbound flow's socket is registered with
+the proxy's reactor (reactor.py), level-triggered: a socket with datagrams
+left after its pass's DATAGRAM_BUDGET is reported again on the next pass, so a
+host that floods one flow gets a bounded share and the loop a checkpoint
+between passes (issue 12: a task per flow cost a scheduler pass and two
+epoll_ctl calls per datagram that missed the answer spin).
+
 Flows end when the stack says so (idle timeout, stack/flows.py): the socket
-closes and the receive task is cancelled.
+leaves the reactor and closes.
 """
 from __future__ import annotations
 
 import errno
+import select
 import socket
 import struct
-
-import trio
 
 from stack import flows as F
 from stack.wire import icmp as icmpw
@@ -31,30 +37,35 @@ __all__ = ["UdpRelay", "PingRelay"]
 
 UDP_MAX_DATAGRAM = 65535 - 20 - 8           # RFC 768 over IPv4
 ICMP_ECHO = struct.Struct("!BBHHH")         # RFC 792: type, code, checksum, id, seq
+#: Datagrams taken from one socket per reactor pass (then the other sockets, then a checkpoint).
+DATAGRAM_BUDGET = 16
+#: Level-triggered (epoll(7)): what is left after a pass's budget is reported again.
+READABLE = select.EPOLLIN | select.EPOLLERR
 
 
 class _DatagramRelay:
     def __init__(self, proxy, fid: int):
         self.p = proxy
         self.fid = fid
-        self.scope = trio.CancelScope()
         self.sock: socket.socket | None = None
         self.closed = False
 
     def event(self, ev) -> None:
         if type(ev) in (F.UdpEnded, F.IcmpEnded):
-            self.scope.cancel()
             self.close()
             self.p.forget(self.fid)
+
+    def start(self, reactor) -> None:
+        """Datagrams from the host reach the stack from now on."""
+        reactor.add(self.sock.fileno(), self._on_socket, READABLE)
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             if self.sock is not None:
-                try:
-                    trio.lowlevel.notify_closing(self.sock)
-                except RuntimeError:
-                    pass
+                r = self.p.reactor
+                if r is not None:
+                    r.remove(self.sock.fileno())   # before close: the number may be reused
                 self.sock.close()
 
     # (counter, rate-limit key, message) for a failed recv; and what a
@@ -67,14 +78,16 @@ class _DatagramRelay:
     def _refused_by_host(self) -> None:
         self.p.count(self.RECV_ERROR[0])
 
-    async def run(self) -> None:
-        """Every datagram the host socket receives, for the life of the flow.
-        Each wait is a checkpoint, so a host that floods cannot starve the loop."""
-        with self.scope:
-            while True:
-                await trio.lowlevel.wait_readable(self.sock)
-                if self.receive_one() is not None:
-                    self.p.flush()
+    def _on_socket(self, _events: int) -> None:
+        """The reactor saw the socket readable: up to DATAGRAM_BUDGET datagrams into the stack."""
+        got = False
+        for _ in range(DATAGRAM_BUDGET):
+            res = self.receive_one()
+            if res is False or self.closed:
+                break
+            got = True
+        if got:
+            self.p.flush()
 
     def receive_one(self) -> bool | None:
         """One datagram from the host socket into the stack, if one is there.

@@ -13,9 +13,8 @@ the kick handler sleeps again (no second task to wake: issue 12's latency
 profile, one trio scheduling pass and one epoll_wait fewer per datagram).
 Past the budget, the rest waits for the loop, which sleeps on `wake` and
 takes at most EVENT_BUDGET events per pass and yields, so a guest flooding
-SYNs or datagrams cannot starve the vhost-user message loop. A datagram
-flow's host socket is read by the flow's own task; TCP relays' sockets are
-all waited on by one task (reactor.py). The relays call back into the
+SYNs or datagrams cannot starve the vhost-user message loop. Every relay's
+host socket, datagram or TCP, is waited on by one task (reactor.py). The relays call back into the
 stack and then `flush()`, which hands the
 frames that made to the guest and re-arms the stack's timer.
 
@@ -74,7 +73,7 @@ class HostProxy:
         self.relays: dict[int, object] = {}
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self.reactor: Reactor | None = None    # the TCP relays' sockets, while run() runs
+        self.reactor: Reactor | None = None    # the relays' host sockets, while run() runs
         self._flush = None
         # Inbound UDP forwards: (listening socket fd, peer) -> fid, and back.
         self._udp_in: dict[tuple, int] = {}
@@ -242,7 +241,7 @@ class HostProxy:
                 self._socket_failed("udp", e, ev.fid)
                 return
             self.relays[ev.fid] = r
-            self._nursery.start_soon(r.run)
+            r.start(self.reactor)
         r.from_guest(ev.payload)
         if r.sock is not None:
             self.expect_answer(r)
@@ -268,7 +267,7 @@ class HostProxy:
                 self._socket_failed("icmp", e, ev.fid)
                 return
             self.relays[ev.fid] = r
-            self._nursery.start_soon(r.run)
+            r.start(self.reactor)
         r.from_guest(ev.seq, ev.payload)
         self.expect_answer(r)
 
