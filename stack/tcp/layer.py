@@ -210,8 +210,21 @@ class TcpLayer:
                 conn._on_timer(now)
 
     def next_deadline(self) -> float | None:
-        # The top may be stale (earlier than needed); that only costs an idle poll.
-        return self._heap[0][0] if self._heap else None
+        # A top that is stale because its connection has since closed is
+        # dropped here, not at its time: a connect/echo/close race left one
+        # such entry per connection, each a wasted timer wake-up of the
+        # event loop about an RTO later (issue 12: 1.4 timer wakes per NATed
+        # connection). A top that is early because its deadline moved later
+        # still costs one idle poll, which re-pushes it.
+        heap = self._heap
+        while heap:
+            when, _, conn = heap[0]
+            if conn._heap_when == when and conn.state is not State.CLOSED:
+                return when
+            heapq.heappop(heap)
+            if conn._heap_when == when:
+                conn._heap_when = None
+        return None
 
     def snapshot(self, limit: int | None = None) -> list[dict]:
         """Listeners, then connections (at most LIMIT of them, the newest)."""

@@ -271,3 +271,24 @@ def test_tso_segments_carry_gso_size():
     assert big and all(g == 1000 and len(r.payload) % 1000 == 0 for r, g in big)
     assert all(len(r.payload) <= 65535 - 20 - 60 for r, _ in out)
     assert all(g == 0 for r, g in out if len(r.payload) <= 1000)
+
+
+def test_a_closed_connection_leaves_no_timer_deadline():
+    """The passive closer's connection ends CLOSED with its retransmission
+    timer's heap entry still in place; next_deadline() must not ask the event
+    loop to wake for it (issue 12: one wasted wake-up per NATed connection)."""
+    sim = Sim()
+    A, B = sim.layers[A_IP], sim.layers[B_IP]
+    assert B.next_deadline() is None
+    c, s = established_pair(sim)
+    c.send(b"ping")
+    sim.run(until=lambda: s.recv() == b"ping")
+    s.send(b"pong")                      # arms B's RTO; the ACK that stops it comes later
+    sim.run(until=lambda: c.recv() == b"pong")
+    c.close()
+    sim.run(until=lambda: s.state is State.CLOSE_WAIT)
+    s.close()
+    sim.run(until=lambda: s.state is State.CLOSED)
+    assert c.state is State.TIME_WAIT    # A keeps its 2MSL timer, as it must
+    assert A.next_deadline() is not None
+    assert B.next_deadline() is None
