@@ -24,9 +24,11 @@ Receive path, top to bottom (`receive`):
   With `services=False` the built-in echo/discard/chargen are not
   installed, so gateway ports 7, 9 and 19 go to the NAT (the host) as well.
 
-Hot path: the ICMP echo of a single-frame request is answered in place from
-one copy of the frame (RFC 1624 checksum patch), with no objects beyond the
-reply bytearray and its Frame. Everything else goes through `_send_ip`,
+Hot path: an ICMP echo request to one of our addresses (no IP options,
+checksums not offloaded, within the MTU) is answered by one call,
+stack/native `icmp_echo_reply` (C, or its Python twin): it checks the ICMP
+checksum and builds the reply from the request (RFC 1624 checksum patch),
+with no objects beyond the reply bytearray and its Frame. Everything else goes through `_send_ip`,
 which picks full or partial L4 checksums, fragments to the MTU and resolves
 the destination MAC (queueing behind ARP when needed).
 
@@ -47,6 +49,7 @@ from .config import NetConfig
 from .frame import Frame
 from .deadline import earliest
 from .loopback import loop_back
+from .native import icmp_echo_reply
 from .reassembly import Reassembler
 from .segment import SegmentError, segment_tcp
 from .services import udp_services
@@ -57,7 +60,7 @@ from .wire import icmp as icmpw
 from .wire import ndp
 from .wire.udp import HEADER as _UDPH
 from .wire.ethernet import BROADCAST, MIN_FRAME
-from .wire.ipv4 import (FLAG_DF, FLAG_MF, HEADER as IPH, OFFSET_MASK, PROTO_ICMP, PROTO_TCP,
+from .wire.ipv4 import (FLAG_DF, FLAG_MF, OFFSET_MASK, PROTO_ICMP, PROTO_TCP,
                         PROTO_UDP, Ipv4Error, build_header, check_header, fragment_payload)
 from .flows import FlowConfig, FlowTable
 
@@ -366,7 +369,8 @@ class Stack:
         if dmac != self._gw_mac and not l2bcast:
             c["drop_eth_not_for_us"] += 1
             return
-        route = self._route(dst, l2bcast)
+        # The routing step, its first verdict inline (the common case).
+        route = ROUTE_LOCAL if dst in self._hosts else self._route(dst, l2bcast)
         if route == ROUTE_NONE:
             c["drop_ipv4_no_route"] += 1
             return
@@ -441,6 +445,21 @@ class Stack:
             c["drop_icmp_truncated"] += 1
             return
         verified = not (frame.csum_valid or frame.csum_start) or reassembled
+        if (verified and ihl == 20 and route == ROUTE_LOCAL and buf[off] == icmpw.ECHO_REQUEST
+                and buf[off + 1] == 0 and end - ETH_HLEN <= self._mtu):
+            # The hot path: an echo request to one of our addresses, answered
+            # in one call that checks its ICMP checksum and builds the reply
+            # from it (stack/native icmp_echo_reply). The counters are the
+            # ones the general path below would count for the same frame.
+            ident = (self._ip_id + 1) & 0xFFFF
+            r = icmp_echo_reply(buf, end, self._gw_mac, ident)
+            if r is None:
+                c["drop_icmp_bad_checksum"] += 1
+                return
+            self._ip_id = ident
+            c["icmp_echo"] += 1
+            self._emit(Frame(r))
+            return
         if verified and ones_sum(buf[off:end]) != 0xFFFF:
             c["drop_icmp_bad_checksum"] += 1
             return
@@ -462,29 +481,8 @@ class Stack:
             c["drop_icmp_bad_code"] += 1
             return
         c["icmp_echo"] += 1
-        tot = end - 14
-        if ihl == 20 and tot <= self._mtu and verified:
-            r = bytearray(buf if end == len(buf) else buf[:end])
-            r[0:6] = smac
-            r[6:12] = self._gw_mac
-            ident = self._ip_id = (self._ip_id + 1) & 0xFFFF
-            IPH.pack_into(r, 14, 0x45, tos, tot, ident, 0, 64, 1, 0, dst, src)
-            cs = checksum(r[14:34])
-            r[24] = cs >> 8
-            r[25] = cs & 0xFF
-            r[34] = 0
-            cs = icmpw.echo_reply_checksum((buf[36] << 8) | buf[37])
-            if cs == 0:
-                # Only an all-zero message sums to zero; canonical form is 0xFFFF
-                # then, and a recomputation gives exactly that.
-                r[36] = r[37] = 0
-                cs = checksum(r[34:])
-            r[36] = cs >> 8
-            r[37] = cs & 0xFF
-            if len(r) < MIN_FRAME:
-                r += bytes(MIN_FRAME - len(r))
-            self._emit(Frame(r))
-            return
+        # Options, a partial checksum, or over the MTU (reassembled): a
+        # fresh reply through _send_ip (fragmented if need be).
         msg = bytearray(buf[off:end])
         msg[0] = 0
         msg[2] = msg[3] = 0

@@ -10,6 +10,9 @@ install time through setup.py's `cffi_modules`):
                                           (C only for long view lists: see copy)
     segment(data, ihl, doff, tot, gso, count, partial) -> list of frames
                                           the software-TSO loop (segment.py)
+    icmp_echo_reply(frame, end, gw_mac, ident) -> bytearray | None
+                                          the reply to a checked echo request,
+                                          None if its ICMP checksum is wrong
 
 Selection: the compiled module `stack.native._native` is used when it
 imports and VHOSTNET_NATIVE is not "0"; otherwise every name above comes
@@ -30,7 +33,8 @@ import os
 
 from . import fallback
 
-__all__ = ["NATIVE", "IMPLEMENTATION", "REASON", "ones_sum", "l4_sum", "copy", "segment", "describe"]
+__all__ = ["NATIVE", "IMPLEMENTATION", "REASON", "ones_sum", "l4_sum", "copy", "segment", "icmp_echo_reply",
+           "describe"]
 
 log = logging.getLogger("stack.native")
 
@@ -127,10 +131,29 @@ if NATIVE:
             frames.append(mv[o:o + n])
             o += n
         return frames
+
+    # -- ICMP echo reply (issue 12, item 5; native.c's last section) --------
+    _echo = _lib.vn_icmp_echo_reply
+    _ECHO_BAD_CHECKSUM = 1     # native.c VN_ECHO_BAD_CHECKSUM
+    _MIN_FRAME = 60            # IEEE 802.3 minimum frame without the FCS
+
+    def icmp_echo_reply(frame, end: int, gw_mac: bytes, ident: int):
+        """The reply to the echo request frame[:end] in one C call (see
+        fallback.icmp_echo_reply): a new bytearray padded to the Ethernet
+        minimum, or None if the request's ICMP checksum is wrong."""
+        out = bytearray(end if end > _MIN_FRAME else _MIN_FRAME)
+        rc = _echo(frame if type(frame) is bytes else _from_buffer(frame), len(frame), end,
+                   _from_buffer(out), len(out), gw_mac, len(gw_mac), ident)
+        if rc:
+            if rc == _ECHO_BAD_CHECKSUM:
+                return None
+            raise ValueError(f"echo request of {end} bytes in a {len(frame)}-byte frame")
+        return out
 else:
     ones_sum = fallback.ones_sum
     l4_sum = fallback.l4_sum
     copy = fallback.copy
     segment = fallback.segment
+    icmp_echo_reply = fallback.icmp_echo_reply
 
 log.debug("hot paths: %s%s", IMPLEMENTATION, f" ({REASON})" if REASON else "")

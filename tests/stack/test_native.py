@@ -325,3 +325,96 @@ def test_tcp_emit_without_offload_per_scapy():
     q[TCP].chksum = None
     assert IP(bytes(q))[TCP].chksum == r[TCP].chksum
     assert struct.unpack("!H", bytes(out.data)[50:52])[0] == r[TCP].chksum
+
+
+# -- ICMP echo reply (native.c's last section) ---------------------------------
+
+GW_MAC_B = bytes.fromhex(GW_MAC.replace(":", ""))
+
+
+def echo_request(payload: bytes, ident: int = 0x1234, seq: int = 1, tos: int = 0, ip_id: int = 7,
+                 flags: int = 0, ttl: int = 64, pad: bytes = b"", chksum=None) -> bytes:
+    from scapy.layers.inet import ICMP
+    p = Ether(src=GUEST_MAC, dst=GW_MAC) / IP(src=GUEST_IP, dst=GW_IP, tos=tos, id=ip_id, flags=flags,
+                                              ttl=ttl) / ICMP(type=8, id=ident, seq=seq, chksum=chksum) / payload
+    return bytes(p) + pad
+
+
+@pytest.mark.parametrize("impl", ["c", "python"])
+def test_echo_reply_per_scapy(impl):
+    from scapy.layers.inet import ICMP
+    fn = native.icmp_echo_reply if impl == "c" else fallback.icmp_echo_reply
+    req = echo_request(b"ping" * 14, tos=0x10, ip_id=0x4242, flags=2, ttl=3)
+    r = fn(req, len(req), GW_MAC_B, 0xBEEF)
+    assert type(r) is bytearray and len(r) == len(req)
+    p = Ether(bytes(r))
+    assert p.src == GW_MAC and p.dst == GUEST_MAC
+    assert (p[IP].src, p[IP].dst, p[IP].id, p[IP].ttl, p[IP].tos) == (GW_IP, GUEST_IP, 0xBEEF, 64, 0x10)
+    assert p[IP].flags == 0 and p[IP].frag == 0 and p[IP].ihl == 5 and p[IP].len == len(req) - 14
+    assert (p[ICMP].type, p[ICMP].code, p[ICMP].id, p[ICMP].seq) == (0, 0, 0x1234, 1)
+    assert bytes(p[ICMP].payload) == b"ping" * 14
+    assert_checksums(p)
+
+
+@SETTINGS
+@given(payload=hs.binary(max_size=1472), ident=hs.integers(0, 0xFFFF), seq=hs.integers(0, 0xFFFF),
+       tos=hs.integers(0, 255), ip_id=hs.integers(0, 0xFFFF), reply_id=hs.integers(0, 0xFFFF),
+       pad=hs.binary(max_size=8), shift=hs.integers(0, 7))
+def test_echo_reply_agrees_with_python(payload, ident, seq, tos, ip_id, reply_id, pad, shift):
+    req = echo_request(payload, ident, seq, tos, ip_id, pad=pad)
+    end = len(req) - len(pad)       # Ethernet padding after the datagram is not echoed
+    c = native.icmp_echo_reply(misaligned(req, shift), end, GW_MAC_B, reply_id)
+    py = fallback.icmp_echo_reply(req, end, GW_MAC_B, reply_id)
+    assert c == py
+    assert len(c) == max(end, 60) and c[end:] == bytes(len(c) - end)
+    assert_checksums(Ether(bytes(c)))
+
+
+def test_echo_reply_whose_patched_checksum_is_zero_is_recomputed():
+    # type 8, code 0, checksum 0xF7FF, id and sequence 0, no data: sums to
+    # 0xFFFF. Patched, the reply's checksum would be 0x0000; an all-zero
+    # message stores 0xFFFF (as a full computation gives).
+    req = echo_request(b"", ident=0, seq=0, chksum=0xF7FF)
+    for fn in (native.icmp_echo_reply, fallback.icmp_echo_reply):
+        r = fn(req, len(req), GW_MAC_B, 1)
+        assert r[34:42] == b"\0\0\xff\xff\0\0\0\0"
+
+
+@pytest.mark.parametrize("impl", ["c", "python"])
+def test_echo_reply_bad_checksum_is_none(impl):
+    fn = native.icmp_echo_reply if impl == "c" else fallback.icmp_echo_reply
+    req = echo_request(b"x" * 56, chksum=0xDEAD)
+    assert fn(req, len(req), GW_MAC_B, 1) is None
+    # all zero (type 0 too): sums to 0, never a correct message
+    zero = bytes(req[:34]) + bytes(8)
+    assert fn(zero, len(zero), GW_MAC_B, 1) is None
+
+
+@pytest.mark.parametrize("impl", ["c", "python"])
+def test_echo_reply_lengths_that_do_not_add_up_are_refused(impl):
+    fn = native.icmp_echo_reply if impl == "c" else fallback.icmp_echo_reply
+    req = echo_request(b"abcd")
+    for end, mac in ((41, GW_MAC_B), (len(req) + 1, GW_MAC_B), (len(req), GW_MAC_B[:5])):
+        with pytest.raises(ValueError):
+            fn(req, end, mac, 1)
+
+
+def test_stack_echo_through_the_python_twin_per_scapy(monkeypatch):
+    """The stack's hot path gives the same frames with the fallback."""
+    import stack.interface as iface
+    from scapy.layers.inet import ICMP
+    outs = []
+    for fn in (native.icmp_echo_reply, fallback.icmp_echo_reply):
+        monkeypatch.setattr(iface, "icmp_echo_reply", fn)
+        st = Stack(NetConfig())
+        st.receive(Frame(echo_request(b"q" * 64)), 0.0)
+        bad = echo_request(b"q" * 64, chksum=0x1111)
+        st.receive(Frame(bad), 0.0)
+        out = st.take_frames()
+        assert len(out) == 1 and st.counters["drop_icmp_bad_checksum"] == 1
+        assert st.counters["icmp_echo"] == 1
+        p = Ether(bytes(out[0].data))
+        assert p[ICMP].type == 0 and p[IP].dst == GUEST_IP
+        assert_checksums(p)
+        outs.append(bytes(out[0].data))
+    assert outs[0] == outs[1]
