@@ -46,6 +46,7 @@ from collections import Counter
 from .arp_cache import ArpCache
 from .checksum import checksum, finalize_l4_checksum, l4_sum, ones_sum, pseudo_sum
 from .config import NetConfig
+from .counters import Counters
 from .frame import Frame
 from .deadline import earliest
 from .loopback import loop_back
@@ -131,7 +132,7 @@ class Stack:
                  flows: FlowConfig | None = None, services: bool = True,
                  net_services: ServicesConfig | None = None):
         cfg = self.config = config or NetConfig()
-        self.counters: Counter = Counter()
+        self.counters: Counter = Counters()   # Counter with item assignment at dict speed
         self._out: list[Frame] = []
         self.max_out = max_out
         self._now = 0.0

@@ -44,6 +44,7 @@ import trio
 
 from stack import Frame, NetConfig, Stack
 from stack.checksum import finalize_l4_checksum
+from stack.counters import Counters
 from stack.services.config import ServicesConfig
 from stack.services.dns import DnsQuery
 
@@ -137,7 +138,7 @@ class NetDevice:
         self.rx_pendings: list[collections.deque[Frame]] = [collections.deque() for _ in range(queue_pairs)]
         self.rx_pending = self.rx_pendings[0]
         self.rx_pending_limit = rx_pending_limit
-        self.counters = collections.Counter()
+        self.counters = Counters()   # a Counter with item assignment at dict speed (stack/counters.py)
         # Link taps, callables tap(direction, frame), "tx" = from the guest.
         # The list is the caller's: a capture can outlive a connection.
         self.taps: list = taps if taps is not None else []

@@ -554,7 +554,13 @@ class PackedRing:
                 ndesc = n
                 del self._inflight[k]
                 self._held -= n
-                self._untake_id(buf_id)
+                # _untake_id(buf_id), inline (once per frame)
+                c = self._id_count
+                left = c.get(buf_id, 0) - 1
+                if left > 0:
+                    c[buf_id] = left
+                else:
+                    c.pop(buf_id, None)
                 break
         flags = (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) if self.used_wrap else 0
         if length:
@@ -565,7 +571,8 @@ class PackedRing:
             self.used_idx = pos
         else:
             self.used_idx, self.used_wrap = self._advance(self.used_idx, self.used_wrap, ndesc)
-        self.stats["bytes"] += length
+        if length:      # not for TX, whose chains go back with 0: a dict update less per frame
+            self.stats["bytes"] += length
 
     def has_unpublished(self) -> bool:
         return bool(self._unpublished)

@@ -535,7 +535,8 @@ class SplitRing:
         ui[1 + 2 * slot] = head
         ui[2 + 2 * slot] = length
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        self.stats["bytes"] += length
+        if length:      # not for TX, whose chains go back with 0: a dict update less per frame
+            self.stats["bytes"] += length
         if self.checks:
             self._unpublished.append(head)
 
