@@ -244,6 +244,11 @@ class Stack:
         return out
 
     # ------------------------------------------------------------- receive
+    def receiver(self, now: float):
+        """What the link layers in front hand a batch of frames to (the
+        vhostnet/link Link protocol): receive."""
+        return self.receive
+
     def receive(self, frame: Frame, now: float) -> None:
         """One frame the guest transmitted. Never raises on bad input."""
         self._now = now

@@ -290,9 +290,11 @@ class NetDevice:
         b = Budget(TX_BUDGET if budget is None else budget)
         # Per frame, the fewest Python calls: the ring's fast path first (pop()
         # would start with it too), the frame counters summed here and added
-        # once per drain, the link bound once.
+        # once per drain, and the link layers asked once which of them has
+        # work to do on this batch (Link.receiver: the stack's own receive
+        # when no fault is in force and no stack-side tap installed).
         pop_fast, pop, push = q.pop_fast, q.pop, q.push
-        receive = self.link.receive
+        receive = self.link.receiver(now)
         taps = self.taps
         steering = self.steering
         frames = nbytes = 0
