@@ -26,7 +26,7 @@ Receive path, top to bottom (`receive`):
 
 Hot path: an ICMP echo request to one of our addresses (no IP options,
 checksums not offloaded, within the MTU) is answered by one call,
-stack/native `icmp_echo_reply` (C, or its Python twin): it checks the ICMP
+stack/native `EchoReplier` (C, or its Python twin): it checks the ICMP
 checksum and builds the reply from the request (RFC 1624 checksum patch),
 with no objects beyond the reply bytearray and its Frame. Everything else goes through `_send_ip`,
 which picks full or partial L4 checksums, fragments to the MTU and resolves
@@ -50,7 +50,7 @@ from .counters import Counters
 from .frame import Frame
 from .deadline import earliest
 from .loopback import loop_back
-from .native import icmp_echo_reply
+from .native import EchoReplier
 from .reassembly import Reassembler
 from .segment import SegmentError, segment_tcp
 from .services import udp_services
@@ -143,6 +143,7 @@ class Stack:
         self._gw_ip = cfg.gateway_ip_b
         self._dns_ip = cfg.dns_ip_b
         self._gw_mac = cfg.gateway_mac_b
+        self._echo = EchoReplier(self._gw_mac).reply    # the echo hot path (stack/native)
         self._mtu = cfg.mtu
         net = ipaddress.IPv4Network(f"{cfg.guest_ip}/{cfg.prefix_len}", strict=False)
         self._net = int(net.network_address)
@@ -455,10 +456,10 @@ class Stack:
                 and buf[off + 1] == 0 and end - ETH_HLEN <= self._mtu):
             # The hot path: an echo request to one of our addresses, answered
             # in one call that checks its ICMP checksum and builds the reply
-            # from it (stack/native icmp_echo_reply). The counters are the
+            # from it (stack/native EchoReplier). The counters are the
             # ones the general path below would count for the same frame.
             ident = (self._ip_id + 1) & 0xFFFF
-            r = icmp_echo_reply(buf, end, self._gw_mac, ident)
+            r = self._echo(buf, end, ident)
             if r is None:
                 c["drop_icmp_bad_checksum"] += 1
                 return

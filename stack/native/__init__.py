@@ -10,7 +10,7 @@ install time through setup.py's `cffi_modules`):
                                           (C only for long view lists: see copy)
     segment(data, ihl, doff, tot, gso, count, partial) -> list of frames
                                           the software-TSO loop (segment.py)
-    icmp_echo_reply(frame, end, gw_mac, ident) -> bytearray | None
+    EchoReplier(gw_mac).reply(frame, end, ident) -> bytearray | None
                                           the reply to a checked echo request,
                                           None if its ICMP checksum is wrong
 
@@ -33,7 +33,7 @@ import os
 
 from . import fallback
 
-__all__ = ["NATIVE", "IMPLEMENTATION", "REASON", "ones_sum", "l4_sum", "copy", "segment", "icmp_echo_reply",
+__all__ = ["NATIVE", "IMPLEMENTATION", "REASON", "ones_sum", "l4_sum", "copy", "segment", "EchoReplier",
            "describe"]
 
 log = logging.getLogger("stack.native")
@@ -137,23 +137,42 @@ if NATIVE:
     _ECHO_BAD_CHECKSUM = 1     # native.c VN_ECHO_BAD_CHECKSUM
     _MIN_FRAME = 60            # IEEE 802.3 minimum frame without the FCS
 
-    def icmp_echo_reply(frame, end: int, gw_mac: bytes, ident: int):
-        """The reply to the echo request frame[:end] in one C call (see
-        fallback.icmp_echo_reply): a new bytearray padded to the Ethernet
-        minimum, or None if the request's ICMP checksum is wrong."""
-        out = bytearray(end if end > _MIN_FRAME else _MIN_FRAME)
-        rc = _echo(frame if type(frame) is bytes else _from_buffer(frame), len(frame), end,
-                   _from_buffer(out), len(out), gw_mac, len(gw_mac), ident)
-        if rc:
-            if rc == _ECHO_BAD_CHECKSUM:
-                return None
-            raise ValueError(f"echo request of {end} bytes in a {len(frame)}-byte frame")
-        return out
+    class EchoReplier:
+        """Replies to ICMP echo requests in one C call each (see
+        fallback.icmp_echo_reply for what is checked and written).
+
+        C writes into this object's own scratch buffer, pinned once, and the
+        reply is copied out of it: an ffi.from_buffer of a fresh bytearray
+        per reply cost more than the copy. One per Stack (a Stack is never
+        shared between threads, and the C call releases the GIL)."""
+        __slots__ = ("gw_mac", "_buf", "_pinned")
+
+        def __init__(self, gw_mac: bytes):
+            if len(gw_mac) != 6:
+                raise ValueError("a MAC address is 6 bytes")
+            self.gw_mac = bytes(gw_mac)
+            self._buf = bytearray(fallback.ECHO_MAX_FRAME)
+            self._pinned = _from_buffer(self._buf, require_writable=True)
+
+        def reply(self, frame, end: int, ident: int):
+            """The reply to the echo request frame[:end], padded to the
+            Ethernet minimum, as a new bytearray; None if the request's ICMP
+            checksum is wrong. ValueError if the lengths do not add up."""
+            n = end if end > _MIN_FRAME else _MIN_FRAME
+            if n > fallback.ECHO_MAX_FRAME:
+                n = fallback.ECHO_MAX_FRAME    # and C refuses: out_len < end
+            rc = _echo(frame if type(frame) is bytes else _from_buffer(frame), len(frame), end,
+                       self._pinned, n, self.gw_mac, 6, ident)
+            if rc:
+                if rc == _ECHO_BAD_CHECKSUM:
+                    return None
+                raise ValueError(f"echo request of {end} bytes in a {len(frame)}-byte frame")
+            return self._buf[:n]
 else:
     ones_sum = fallback.ones_sum
     l4_sum = fallback.l4_sum
     copy = fallback.copy
     segment = fallback.segment
-    icmp_echo_reply = fallback.icmp_echo_reply
+    EchoReplier = fallback.EchoReplier
 
 log.debug("hot paths: %s%s", IMPLEMENTATION, f" ({REASON})" if REASON else "")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 
-__all__ = ["ones_sum", "l4_sum", "copy", "segment", "icmp_echo_reply"]
+__all__ = ["ones_sum", "l4_sum", "copy", "segment", "icmp_echo_reply", "EchoReplier", "ECHO_MAX_FRAME"]
 
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
@@ -167,6 +167,9 @@ _ECHO_TTL = 64              # the stack's TTL for everything it sends (ipv4.buil
 _PROTO_ICMP = 1             # RFC 790
 # RFC 1624 eqn. 3, the type byte 8 -> 0: ~m + m' = 0xFFFF - 0x0800.
 _ECHO_TYPE_DELTA = 0xF7FF
+# The largest reply: an IPv4 datagram of the largest total length (RFC 791
+# §3.1) in an Ethernet frame; the stack answers only up to its MTU.
+ECHO_MAX_FRAME = _ETH_HLEN + 65535
 
 
 def icmp_echo_reply(frame, end: int, gw_mac: bytes, ident: int):
@@ -174,7 +177,7 @@ def icmp_echo_reply(frame, end: int, gw_mac: bytes, ident: int):
     checked, 20 bytes), padded to the Ethernet minimum, as a new bytearray;
     None if the request's ICMP checksum is wrong. ValueError if the
     lengths do not add up."""
-    if end < _L4 + _ICMP_HLEN or end > len(frame) or len(gw_mac) != 6:
+    if end < _L4 + _ICMP_HLEN or end > ECHO_MAX_FRAME or end > len(frame) or len(gw_mac) != 6:
         raise ValueError(f"echo request of {end} bytes in a {len(frame)}-byte frame")
     if ones_sum(frame[_L4:end]) != _ONES:
         return None
@@ -200,3 +203,17 @@ def icmp_echo_reply(frame, end: int, gw_mac: bytes, ident: int):
     if end < _MIN_FRAME:
         r += bytes(_MIN_FRAME - end)
     return r
+
+
+class EchoReplier:
+    """icmp_echo_reply for one gateway MAC: the interface of the native
+    EchoReplier (stack/native/__init__.py), which keeps a scratch buffer."""
+    __slots__ = ("gw_mac",)
+
+    def __init__(self, gw_mac: bytes):
+        if len(gw_mac) != 6:
+            raise ValueError("a MAC address is 6 bytes")
+        self.gw_mac = bytes(gw_mac)
+
+    def reply(self, frame, end: int, ident: int):
+        return icmp_echo_reply(frame, end, self.gw_mac, ident)

@@ -267,6 +267,7 @@ long vn_segment_tcp(const char *frame, size_t n, uint32_t ihl, uint32_t doff,
 #define ICMP_ECHO_REPLY_T   0       /* RFC 792 */
 /* RFC 1624 eqn. 3 with m = 0x08cc, m' = 0x00cc: ~m + m' = 0xFFFF - 0x0800 = 0xF7FF. */
 #define ECHO_TYPE_DELTA     0xF7FFu
+#define IP_MAX_TOTLEN       65535   /* RFC 791 section 3.1: a 16-bit total length */
 #define VN_ECHO_OK          0
 #define VN_ECHO_BAD_CHECKSUM 1      /* the request's ICMP checksum is wrong: nothing written */
 #define VN_ECHO_BAD_ARGS    (-1)    /* lengths that do not add up: nothing written */
@@ -278,7 +279,8 @@ int vn_icmp_echo_reply(const char *request, size_t req_len, size_t end,
     const uint8_t *req = (const uint8_t *)request;
     uint8_t *out = (uint8_t *)outbuf;
     size_t l4 = ETH_HLEN + IP_HLEN_PLAIN;
-    if (end < l4 + ICMP_HLEN || end > req_len || out_len < end || mac_len != ETH_ALEN)
+    if (end < l4 + ICMP_HLEN || end > ETH_HLEN + IP_MAX_TOTLEN || end > req_len || out_len < end
+        || mac_len != ETH_ALEN)
         return VN_ECHO_BAD_ARGS;
     /* A correct message sums to 0xFFFF (RFC 1071); vn_ones_sum returns 0
      * only for an all-zero message, which is wrong too. */

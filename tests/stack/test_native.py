@@ -332,6 +332,11 @@ def test_tcp_emit_without_offload_per_scapy():
 GW_MAC_B = bytes.fromhex(GW_MAC.replace(":", ""))
 
 
+def c_echo(frame, end, gw_mac, ident):
+    """The C routine through its wrapper (native.EchoReplier), as the stack calls it."""
+    return native.EchoReplier(gw_mac).reply(frame, end, ident)
+
+
 def echo_request(payload: bytes, ident: int = 0x1234, seq: int = 1, tos: int = 0, ip_id: int = 7,
                  flags: int = 0, ttl: int = 64, pad: bytes = b"", chksum=None) -> bytes:
     from scapy.layers.inet import ICMP
@@ -343,7 +348,7 @@ def echo_request(payload: bytes, ident: int = 0x1234, seq: int = 1, tos: int = 0
 @pytest.mark.parametrize("impl", ["c", "python"])
 def test_echo_reply_per_scapy(impl):
     from scapy.layers.inet import ICMP
-    fn = native.icmp_echo_reply if impl == "c" else fallback.icmp_echo_reply
+    fn = c_echo if impl == "c" else fallback.icmp_echo_reply
     req = echo_request(b"ping" * 14, tos=0x10, ip_id=0x4242, flags=2, ttl=3)
     r = fn(req, len(req), GW_MAC_B, 0xBEEF)
     assert type(r) is bytearray and len(r) == len(req)
@@ -363,7 +368,7 @@ def test_echo_reply_per_scapy(impl):
 def test_echo_reply_agrees_with_python(payload, ident, seq, tos, ip_id, reply_id, pad, shift):
     req = echo_request(payload, ident, seq, tos, ip_id, pad=pad)
     end = len(req) - len(pad)       # Ethernet padding after the datagram is not echoed
-    c = native.icmp_echo_reply(misaligned(req, shift), end, GW_MAC_B, reply_id)
+    c = c_echo(misaligned(req, shift), end, GW_MAC_B, reply_id)
     py = fallback.icmp_echo_reply(req, end, GW_MAC_B, reply_id)
     assert c == py
     assert len(c) == max(end, 60) and c[end:] == bytes(len(c) - end)
@@ -375,14 +380,14 @@ def test_echo_reply_whose_patched_checksum_is_zero_is_recomputed():
     # 0xFFFF. Patched, the reply's checksum would be 0x0000; an all-zero
     # message stores 0xFFFF (as a full computation gives).
     req = echo_request(b"", ident=0, seq=0, chksum=0xF7FF)
-    for fn in (native.icmp_echo_reply, fallback.icmp_echo_reply):
+    for fn in (c_echo, fallback.icmp_echo_reply):
         r = fn(req, len(req), GW_MAC_B, 1)
         assert r[34:42] == b"\0\0\xff\xff\0\0\0\0"
 
 
 @pytest.mark.parametrize("impl", ["c", "python"])
 def test_echo_reply_bad_checksum_is_none(impl):
-    fn = native.icmp_echo_reply if impl == "c" else fallback.icmp_echo_reply
+    fn = c_echo if impl == "c" else fallback.icmp_echo_reply
     req = echo_request(b"x" * 56, chksum=0xDEAD)
     assert fn(req, len(req), GW_MAC_B, 1) is None
     # all zero (type 0 too): sums to 0, never a correct message
@@ -392,11 +397,34 @@ def test_echo_reply_bad_checksum_is_none(impl):
 
 @pytest.mark.parametrize("impl", ["c", "python"])
 def test_echo_reply_lengths_that_do_not_add_up_are_refused(impl):
-    fn = native.icmp_echo_reply if impl == "c" else fallback.icmp_echo_reply
+    fn = c_echo if impl == "c" else fallback.icmp_echo_reply
     req = echo_request(b"abcd")
     for end, mac in ((41, GW_MAC_B), (len(req) + 1, GW_MAC_B), (len(req), GW_MAC_B[:5])):
         with pytest.raises(ValueError):
             fn(req, end, mac, 1)
+
+
+def test_replies_are_copies_out_of_the_scratch_buffer():
+    # The native replier writes every reply into one buffer: each reply
+    # returned must be its own bytearray, untouched by the next.
+    rep = native.EchoReplier(GW_MAC_B)
+    a, b = echo_request(b"a" * 100, seq=1), echo_request(b"b" * 30, seq=2)
+    ra = rep.reply(a, len(a), 1)
+    ra_bytes = bytes(ra)
+    rb = rep.reply(b, len(b), 2)
+    assert bytes(ra) == ra_bytes and ra is not rb
+    assert rb == fallback.icmp_echo_reply(b, len(b), GW_MAC_B, 2) and len(rb) == len(b)
+    assert ra == fallback.icmp_echo_reply(a, len(a), GW_MAC_B, 1)
+
+
+def test_replier_refuses_a_request_larger_than_any_datagram():
+    big = echo_request(b"z" * 1000) + bytes(65536)   # longer than 14 + 65535: no IPv4 datagram is
+    for rep in (native.EchoReplier(GW_MAC_B), fallback.EchoReplier(GW_MAC_B)):
+        with pytest.raises(ValueError):
+            rep.reply(big, fallback.ECHO_MAX_FRAME + 1, 1)
+    for cls in (native.EchoReplier, fallback.EchoReplier):
+        with pytest.raises(ValueError):
+            cls(GW_MAC_B[:5])
 
 
 def test_stack_echo_through_the_python_twin_per_scapy(monkeypatch):
@@ -404,8 +432,8 @@ def test_stack_echo_through_the_python_twin_per_scapy(monkeypatch):
     import stack.interface as iface
     from scapy.layers.inet import ICMP
     outs = []
-    for fn in (native.icmp_echo_reply, fallback.icmp_echo_reply):
-        monkeypatch.setattr(iface, "icmp_echo_reply", fn)
+    for cls in (native.EchoReplier, fallback.EchoReplier):
+        monkeypatch.setattr(iface, "EchoReplier", cls)
         st = Stack(NetConfig())
         st.receive(Frame(echo_request(b"q" * 64)), 0.0)
         bad = echo_request(b"q" * 64, chksum=0x1111)
