@@ -322,7 +322,7 @@ class NetDevice:
             # The buffer goes back only after the stack is done with it:
             # frame views point into guest memory.
             push(chain.head, 0)
-            chain = frame = None
+        chain = frame = None    # no view of guest memory outlives the drain
         if frames:
             c = self.counters
             c["tx_frames"] += frames

@@ -549,19 +549,28 @@ class PackedRing:
     def push(self, head: int, length: int) -> None:
         """One used descriptor; written at publish()."""
         ndesc = 1
-        for k, (buf_id, n) in enumerate(self._inflight):
-            if buf_id == head:
-                ndesc = n
-                del self._inflight[k]
-                self._held -= n
-                # _untake_id(buf_id), inline (once per frame)
-                c = self._id_count
-                left = c.get(buf_id, 0) - 1
-                if left > 0:
-                    c[buf_id] = left
-                else:
-                    c.pop(buf_id, None)
-                break
+        inflight = self._inflight
+        if inflight and inflight[0][0] == head:
+            # In order (every chain of a TX drain, most RX): the oldest in flight.
+            ndesc = inflight.popleft()[1]
+            found = True
+        else:
+            found = False
+            for k, (buf_id, n) in enumerate(inflight):
+                if buf_id == head:
+                    ndesc = n
+                    del inflight[k]
+                    found = True
+                    break
+        if found:
+            self._held -= ndesc
+            # _untake_id(head), inline (once per frame)
+            c = self._id_count
+            left = c.get(head, 0) - 1
+            if left > 0:
+                c[head] = left
+            else:
+                c.pop(head, None)
         flags = (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) if self.used_wrap else 0
         if length:
             flags |= VIRTQ_DESC_F_WRITE   # §2.8.3: the device wrote into the buffer
