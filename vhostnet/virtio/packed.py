@@ -384,7 +384,7 @@ class PackedRing:
         self._id_count[buf_id] = 1     # not in flight before: checked above
         self.stats["chains"] += 1
         # Chain(...) without its __init__ (a Python call; a third of this
-        # method's time): every slot set here, as tests/device/test_hostile.py
+        # method's time): every slot set here, as tests/device/test_packed_ring.py
         # ::test_fast_path_chains_have_every_field checks.
         c = _new_chain(Chain)
         c.head = buf_id
