@@ -46,6 +46,9 @@ ENV_SWITCH = "VHOSTNET_NATIVE"
 # the Python slice loop is faster (see copy()).
 COPY_C_MIN_VIEWS = 64
 
+# Every C routine stack/native/build.py declares.
+_ROUTINES = ("vn_ones_sum", "vn_l4_sum", "vn_copy", "vn_segment_tcp", "vn_icmp_echo_reply")
+
 _lib = _ffi = None
 if os.environ.get(ENV_SWITCH, "1") == "0":
     REASON = f"{ENV_SWITCH}=0"
@@ -55,6 +58,15 @@ else:
         REASON = ""
     except ImportError as e:  # not built: a plain checkout, or no compiler at install
         REASON = f"extension not built ({e})"
+    else:
+        # An extension built from an older native.c lacks the newer routines:
+        # all of them from Python then, with the reason shown, rather than an
+        # AttributeError on import or a mix of the two.
+        _missing = [name for name in _ROUTINES if not hasattr(_lib, name)]
+        if _missing:
+            _lib = _ffi = None
+            REASON = (f"extension out of date (no {', '.join(_missing)}): rebuild it "
+                      "(python stack/native/build.py, or pip install -e .)")
 
 NATIVE = _lib is not None
 IMPLEMENTATION = "cffi" if NATIVE else "python"

@@ -9,7 +9,11 @@ explicit request for the fallback) skips them instead.
 from __future__ import annotations
 
 import os
+import re
 import struct
+import subprocess
+import sys
+import textwrap
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -34,6 +38,7 @@ except ImportError as e:  # pragma: no cover - the failure message is the point
     pytest.fail(f"the cffi extension is not built ({e}): run `pip install -e .` or "
                 "`python stack/native/build.py`", pytrace=False)
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 G = bytes([10, 0, 2, 15])
 GW = bytes([10, 0, 2, 2])
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -63,6 +68,37 @@ def test_selection_is_native_and_visible():
     assert native.describe() == {"native": True, "implementation": "cffi", "reason": ""}
     # the stack's checksum module uses the selected routine, not a copy of its own
     assert ones_sum is native.ones_sum
+
+
+def test_routines_are_the_ones_build_declares():
+    from stack.native import build
+    declared = set(re.findall(r"\b(vn_\w+)\(", build.CDEF))
+    assert declared == set(native._ROUTINES)
+
+
+def test_an_out_of_date_extension_means_python_for_everything():
+    """An extension built from an older native.c (no vn_icmp_echo_reply):
+    the fallback for every routine, and the reason says why."""
+    code = textwrap.dedent("""
+        import importlib, sys, types
+        import stack.native._native as real     # (imports stack.native, with the real one)
+        lib = types.SimpleNamespace(**{n: getattr(real.lib, n) for n in dir(real.lib)
+                                       if n != "vn_icmp_echo_reply"})
+        sys.modules["stack.native._native"] = types.SimpleNamespace(ffi=real.ffi, lib=lib)
+        import stack.native as native
+        native = importlib.reload(native)      # the selection again, with the stale one
+        from stack import NetConfig, Stack
+        from stack.native import fallback
+        assert not native.NATIVE and "out of date" in native.REASON, native.REASON
+        assert "vn_icmp_echo_reply" in native.REASON
+        assert native.EchoReplier is fallback.EchoReplier and native.ones_sum is fallback.ones_sum
+        Stack(NetConfig())
+        print("ok")
+    """)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop(native.ENV_SWITCH, None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
 # ------------------------------------------------------------------ ones_sum
