@@ -24,9 +24,11 @@ Receive path, top to bottom (`receive`):
   With `services=False` the built-in echo/discard/chargen are not
   installed, so gateway ports 7, 9 and 19 go to the NAT (the host) as well.
 
-Hot path: the ICMP echo of a single-frame request is answered in place from
-one copy of the frame (RFC 1624 checksum patch), with no objects beyond the
-reply bytearray and its Frame. Everything else goes through `_send_ip`,
+Hot path: an ICMP echo request to one of our addresses (no IP options,
+checksums not offloaded, within the MTU) is answered by one call,
+stack/native `EchoReplier` (C, or its Python twin): it checks the ICMP
+checksum and builds the reply from the request (RFC 1624 checksum patch),
+with no objects beyond the reply bytearray and its Frame. Everything else goes through `_send_ip`,
 which picks full or partial L4 checksums, fragments to the MTU and resolves
 the destination MAC (queueing behind ARP when needed).
 
@@ -44,9 +46,11 @@ from collections import Counter
 from .arp_cache import ArpCache
 from .checksum import checksum, finalize_l4_checksum, l4_sum, ones_sum, pseudo_sum
 from .config import NetConfig
+from .counters import Counters
 from .frame import Frame
 from .deadline import earliest
 from .loopback import loop_back
+from .native import EchoReplier
 from .reassembly import Reassembler
 from .segment import SegmentError, segment_tcp
 from .services import udp_services
@@ -57,7 +61,7 @@ from .wire import icmp as icmpw
 from .wire import ndp
 from .wire.udp import HEADER as _UDPH
 from .wire.ethernet import BROADCAST, MIN_FRAME
-from .wire.ipv4 import (FLAG_DF, FLAG_MF, HEADER as IPH, OFFSET_MASK, PROTO_ICMP, PROTO_TCP,
+from .wire.ipv4 import (FLAG_DF, FLAG_MF, OFFSET_MASK, PROTO_ICMP, PROTO_TCP,
                         PROTO_UDP, Ipv4Error, build_header, check_header, fragment_payload)
 from .flows import FlowConfig, FlowTable
 
@@ -128,7 +132,7 @@ class Stack:
                  flows: FlowConfig | None = None, services: bool = True,
                  net_services: ServicesConfig | None = None):
         cfg = self.config = config or NetConfig()
-        self.counters: Counter = Counter()
+        self.counters: Counter = Counters()   # Counter with item assignment at dict speed
         self._out: list[Frame] = []
         self.max_out = max_out
         self._now = 0.0
@@ -139,6 +143,7 @@ class Stack:
         self._gw_ip = cfg.gateway_ip_b
         self._dns_ip = cfg.dns_ip_b
         self._gw_mac = cfg.gateway_mac_b
+        self._echo = EchoReplier(self._gw_mac).reply    # the echo hot path (stack/native)
         self._mtu = cfg.mtu
         net = ipaddress.IPv4Network(f"{cfg.guest_ip}/{cfg.prefix_len}", strict=False)
         self._net = int(net.network_address)
@@ -240,6 +245,11 @@ class Stack:
         return out
 
     # ------------------------------------------------------------- receive
+    def receiver(self, now: float):
+        """What the link layers in front hand a batch of frames to (the
+        vhostnet/link Link protocol): receive."""
+        return self.receive
+
     def receive(self, frame: Frame, now: float) -> None:
         """One frame the guest transmitted. Never raises on bad input."""
         self._now = now
@@ -366,7 +376,8 @@ class Stack:
         if dmac != self._gw_mac and not l2bcast:
             c["drop_eth_not_for_us"] += 1
             return
-        route = self._route(dst, l2bcast)
+        # The routing step, its first verdict inline (the common case).
+        route = ROUTE_LOCAL if dst in self._hosts else self._route(dst, l2bcast)
         if route == ROUTE_NONE:
             c["drop_ipv4_no_route"] += 1
             return
@@ -441,6 +452,21 @@ class Stack:
             c["drop_icmp_truncated"] += 1
             return
         verified = not (frame.csum_valid or frame.csum_start) or reassembled
+        if (verified and ihl == 20 and route == ROUTE_LOCAL and buf[off] == icmpw.ECHO_REQUEST
+                and buf[off + 1] == 0 and end - ETH_HLEN <= self._mtu):
+            # The hot path: an echo request to one of our addresses, answered
+            # in one call that checks its ICMP checksum and builds the reply
+            # from it (stack/native EchoReplier). The counters are the
+            # ones the general path below would count for the same frame.
+            ident = (self._ip_id + 1) & 0xFFFF
+            r = self._echo(buf, end, ident)
+            if r is None:
+                c["drop_icmp_bad_checksum"] += 1
+                return
+            self._ip_id = ident
+            c["icmp_echo"] += 1
+            self._emit(Frame(r))
+            return
         if verified and ones_sum(buf[off:end]) != 0xFFFF:
             c["drop_icmp_bad_checksum"] += 1
             return
@@ -462,29 +488,8 @@ class Stack:
             c["drop_icmp_bad_code"] += 1
             return
         c["icmp_echo"] += 1
-        tot = end - 14
-        if ihl == 20 and tot <= self._mtu and verified:
-            r = bytearray(buf if end == len(buf) else buf[:end])
-            r[0:6] = smac
-            r[6:12] = self._gw_mac
-            ident = self._ip_id = (self._ip_id + 1) & 0xFFFF
-            IPH.pack_into(r, 14, 0x45, tos, tot, ident, 0, 64, 1, 0, dst, src)
-            cs = checksum(r[14:34])
-            r[24] = cs >> 8
-            r[25] = cs & 0xFF
-            r[34] = 0
-            cs = icmpw.echo_reply_checksum((buf[36] << 8) | buf[37])
-            if cs == 0:
-                # Only an all-zero message sums to zero; canonical form is 0xFFFF
-                # then, and a recomputation gives exactly that.
-                r[36] = r[37] = 0
-                cs = checksum(r[34:])
-            r[36] = cs >> 8
-            r[37] = cs & 0xFF
-            if len(r) < MIN_FRAME:
-                r += bytes(MIN_FRAME - len(r))
-            self._emit(Frame(r))
-            return
+        # Options, a partial checksum, or over the MTU (reassembled): a
+        # fresh reply through _send_ip (fragmented if need be).
         msg = bytearray(buf[off:end])
         msg[0] = 0
         msg[2] = msg[3] = 0

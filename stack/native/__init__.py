@@ -10,6 +10,9 @@ install time through setup.py's `cffi_modules`):
                                           (C only for long view lists: see copy)
     segment(data, ihl, doff, tot, gso, count, partial) -> list of frames
                                           the software-TSO loop (segment.py)
+    EchoReplier(gw_mac).reply(frame, end, ident) -> bytearray | None
+                                          the reply to a checked echo request,
+                                          None if its ICMP checksum is wrong
 
 Selection: the compiled module `stack.native._native` is used when it
 imports and VHOSTNET_NATIVE is not "0"; otherwise every name above comes
@@ -30,7 +33,8 @@ import os
 
 from . import fallback
 
-__all__ = ["NATIVE", "IMPLEMENTATION", "REASON", "ones_sum", "l4_sum", "copy", "segment", "describe"]
+__all__ = ["NATIVE", "IMPLEMENTATION", "REASON", "ones_sum", "l4_sum", "copy", "segment", "EchoReplier",
+           "describe"]
 
 log = logging.getLogger("stack.native")
 
@@ -42,6 +46,9 @@ ENV_SWITCH = "VHOSTNET_NATIVE"
 # the Python slice loop is faster (see copy()).
 COPY_C_MIN_VIEWS = 64
 
+# Every C routine stack/native/build.py declares.
+_ROUTINES = ("vn_ones_sum", "vn_l4_sum", "vn_copy", "vn_segment_tcp", "vn_icmp_echo_reply")
+
 _lib = _ffi = None
 if os.environ.get(ENV_SWITCH, "1") == "0":
     REASON = f"{ENV_SWITCH}=0"
@@ -51,6 +58,15 @@ else:
         REASON = ""
     except ImportError as e:  # not built: a plain checkout, or no compiler at install
         REASON = f"extension not built ({e})"
+    else:
+        # An extension built from an older native.c lacks the newer routines:
+        # all of them from Python then, with the reason shown, rather than an
+        # AttributeError on import or a mix of the two.
+        _missing = [name for name in _ROUTINES if not hasattr(_lib, name)]
+        if _missing:
+            _lib = _ffi = None
+            REASON = (f"extension out of date (no {', '.join(_missing)}): rebuild it "
+                      "(python stack/native/build.py, or pip install -e .)")
 
 NATIVE = _lib is not None
 IMPLEMENTATION = "cffi" if NATIVE else "python"
@@ -127,10 +143,48 @@ if NATIVE:
             frames.append(mv[o:o + n])
             o += n
         return frames
+
+    # -- ICMP echo reply (issue 12, item 5; native.c's last section) --------
+    _echo = _lib.vn_icmp_echo_reply
+    _ECHO_BAD_CHECKSUM = 1     # native.c VN_ECHO_BAD_CHECKSUM
+    _MIN_FRAME = 60            # IEEE 802.3 minimum frame without the FCS
+
+    class EchoReplier:
+        """Replies to ICMP echo requests in one C call each (see
+        fallback.icmp_echo_reply for what is checked and written).
+
+        C writes into this object's own scratch buffer, pinned once, and the
+        reply is copied out of it: an ffi.from_buffer of a fresh bytearray
+        per reply cost more than the copy. One per Stack (a Stack is never
+        shared between threads, and the C call releases the GIL)."""
+        __slots__ = ("gw_mac", "_buf", "_pinned")
+
+        def __init__(self, gw_mac: bytes):
+            if len(gw_mac) != 6:
+                raise ValueError("a MAC address is 6 bytes")
+            self.gw_mac = bytes(gw_mac)
+            self._buf = bytearray(fallback.ECHO_MAX_FRAME)
+            self._pinned = _from_buffer(self._buf, require_writable=True)
+
+        def reply(self, frame, end: int, ident: int):
+            """The reply to the echo request frame[:end], padded to the
+            Ethernet minimum, as a new bytearray; None if the request's ICMP
+            checksum is wrong. ValueError if the lengths do not add up."""
+            n = end if end > _MIN_FRAME else _MIN_FRAME
+            if n > fallback.ECHO_MAX_FRAME:
+                n = fallback.ECHO_MAX_FRAME    # and C refuses: out_len < end
+            rc = _echo(frame if type(frame) is bytes else _from_buffer(frame), len(frame), end,
+                       self._pinned, n, self.gw_mac, 6, ident)
+            if rc:
+                if rc == _ECHO_BAD_CHECKSUM:
+                    return None
+                raise ValueError(f"echo request of {end} bytes in a {len(frame)}-byte frame")
+            return self._buf[:n]
 else:
     ones_sum = fallback.ones_sum
     l4_sum = fallback.l4_sum
     copy = fallback.copy
     segment = fallback.segment
+    EchoReplier = fallback.EchoReplier
 
 log.debug("hot paths: %s%s", IMPLEMENTATION, f" ({REASON})" if REASON else "")

@@ -26,6 +26,9 @@ size_t vn_copy(char *const *dst, const size_t *dlen, size_t nd,
 long vn_segment_tcp(const char *frame, size_t n, uint32_t ihl, uint32_t doff,
                     uint32_t tot, uint32_t gso, uint32_t count, int partial,
                     char *outbuf, size_t cap, uint32_t *seg_len);
+int vn_icmp_echo_reply(const char *request, size_t req_len, size_t end,
+                       char *outbuf, size_t out_len, const char *gw_mac, size_t mac_len,
+                       uint32_t ident);
 """
 
 ffibuilder = FFI()

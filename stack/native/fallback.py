@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 
-__all__ = ["ones_sum", "l4_sum", "copy", "segment"]
+__all__ = ["ones_sum", "l4_sum", "copy", "segment", "icmp_echo_reply", "EchoReplier", "ECHO_MAX_FRAME"]
 
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
@@ -152,3 +152,68 @@ def segment(data, ihl: int, doff: int, tot: int, gso: int, count: int,
             _U16.pack_into(f, l4 + 16, (~ones_sum(memoryview(f)[l4:], ps)) & 0xFFFF)
         out.append(f)
     return out
+
+
+# ======================================================================
+# ICMP echo reply (issue 12, item 5: the per-frame echo path); the twin of
+# native.c's vn_icmp_echo_reply, which documents what is checked and written.
+# ======================================================================
+_MIN_FRAME = 60             # IEEE 802.3 minimum frame without the FCS
+_L4 = _ETH_HLEN + 20        # RFC 791 §3.1: Ethernet + an IPv4 header without options
+_ICMP_HLEN = 8              # RFC 792: type, code, checksum, id, sequence
+_ECHO_HEAD = struct.Struct("!BBHHHBBH4s4s")   # RFC 791 §3.1 header, as stack/wire/ipv4.HEADER
+_VIHL_PLAIN = 0x45          # version 4, IHL 5 words
+_ECHO_TTL = 64              # the stack's TTL for everything it sends (ipv4.build_header)
+_PROTO_ICMP = 1             # RFC 790
+# RFC 1624 eqn. 3, the type byte 8 -> 0: ~m + m' = 0xFFFF - 0x0800.
+_ECHO_TYPE_DELTA = 0xF7FF
+# The largest reply: an IPv4 datagram of the largest total length (RFC 791
+# §3.1) in an Ethernet frame; the stack answers only up to its MTU.
+ECHO_MAX_FRAME = _ETH_HLEN + 65535
+
+
+def icmp_echo_reply(frame, end: int, gw_mac: bytes, ident: int):
+    """The reply to the echo request frame[:end] (IPv4 header already
+    checked, 20 bytes), padded to the Ethernet minimum, as a new bytearray;
+    None if the request's ICMP checksum is wrong. ValueError if the
+    lengths do not add up."""
+    if end < _L4 + _ICMP_HLEN or end > ECHO_MAX_FRAME or end > len(frame) or len(gw_mac) != 6:
+        raise ValueError(f"echo request of {end} bytes in a {len(frame)}-byte frame")
+    if ones_sum(frame[_L4:end]) != _ONES:
+        return None
+    r = bytearray(frame[:end])
+    r[0:6] = frame[6:12]
+    r[6:12] = gw_mac
+    _ECHO_HEAD.pack_into(r, _ETH_HLEN, _VIHL_PLAIN, frame[15], (frame[16] << 8) | frame[17],
+                         ident & 0xFFFF, 0, _ECHO_TTL, _PROTO_ICMP, 0,
+                         bytes(frame[30:34]), bytes(frame[26:30]))
+    cs = (~ones_sum(memoryview(r)[_ETH_HLEN:_L4])) & 0xFFFF
+    r[24] = cs >> 8
+    r[25] = cs & 0xFF
+    r[_L4] = 0
+    s = (~((frame[36] << 8) | frame[37]) & 0xFFFF) + _ECHO_TYPE_DELTA
+    s = (s & 0xFFFF) + (s >> 16)
+    cs = ~s & 0xFFFF
+    if cs == 0:
+        # Both zeros look alike to the patch: recompute (see native.c).
+        r[36] = r[37] = 0
+        cs = (~ones_sum(memoryview(r)[_L4:])) & 0xFFFF
+    r[36] = cs >> 8
+    r[37] = cs & 0xFF
+    if end < _MIN_FRAME:
+        r += bytes(_MIN_FRAME - end)
+    return r
+
+
+class EchoReplier:
+    """icmp_echo_reply for one gateway MAC: the interface of the native
+    EchoReplier (stack/native/__init__.py), which keeps a scratch buffer."""
+    __slots__ = ("gw_mac",)
+
+    def __init__(self, gw_mac: bytes):
+        if len(gw_mac) != 6:
+            raise ValueError("a MAC address is 6 bytes")
+        self.gw_mac = bytes(gw_mac)
+
+    def reply(self, frame, end: int, ident: int):
+        return icmp_echo_reply(frame, end, self.gw_mac, ident)

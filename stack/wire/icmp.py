@@ -12,7 +12,7 @@ from ..checksum import checksum
 
 __all__ = ["HEADER", "ECHO_REPLY", "DEST_UNREACH", "ECHO_REQUEST", "TIME_EXCEEDED",
            "UNREACH_NET", "UNREACH_HOST", "UNREACH_PROTO", "UNREACH_PORT",
-           "UNREACH_FRAG_NEEDED", "build_error", "is_error_type", "echo_reply_checksum",
+           "UNREACH_FRAG_NEEDED", "build_error", "is_error_type",
            "may_send_error"]
 
 HEADER = struct.Struct("!BBHHH")  # type, code, checksum, id, seq (or unused/next-hop MTU)
@@ -38,14 +38,6 @@ _INFORMATIONAL = frozenset({0, 8, 13, 14, 15, 16, 17, 18})
 
 def is_error_type(icmp_type: int) -> bool:
     return icmp_type not in _INFORMATIONAL
-
-
-def echo_reply_checksum(request_checksum: int) -> int:
-    """RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m'). The first word changes from
-    (8 << 8 | code) to (0 << 8 | code), i.e. m - m' = 0x0800."""
-    s = (~request_checksum & 0xFFFF) + 0xF7FF
-    s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def build_error(icmp_type: int, code: int, original_ip_packet, rest: int = 0) -> bytearray:

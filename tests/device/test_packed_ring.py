@@ -350,6 +350,29 @@ def test_random_descriptor_bytes_never_raise_or_hang(raw, start, wrap):
         r.close()
 
 
+def test_fast_path_chains_have_every_field(rig):
+    """pop_fast builds its Chain without Chain.__init__: every slot must be
+    set, to what the walk gives for the same buffer."""
+    from vhostnet.virtio.ring import Chain
+
+    def fields(c):
+        return {k: (tuple(bytes(v) for v in getattr(c, k)) if k in ("readable", "writable") else getattr(c, k))
+                for k in Chain.__slots__}
+    r = rig(num=8)
+    got = []
+    for i, flags in enumerate((F_WRITE, 0, F_WRITE, 0)):   # two walks, then the fast path
+        r.drv.add([(r.buf(i)[0], 10, flags)], buf_id=1)
+        if i < 2:
+            r.ring._rcache = None       # no region cached: pop() walks
+        c = r.ring.pop() if i < 2 else r.ring.pop_fast(Budget(8))
+        assert type(c) is Chain
+        got.append(fields(c))
+        r.ring.push(c.head, 0)
+        r.ring.publish()
+    assert got[2] == got[0] and got[3] == got[1]
+    assert got[0]["write_len"] == 10 and got[1]["read_len"] == 10
+
+
 def test_pop_fast_takes_only_what_needs_no_finding(rig):
     """pop_fast (the device's RX fast path) takes a plain one-descriptor chain
     and leaves anything a finding would be recorded for to pop(), untouched:

@@ -9,7 +9,11 @@ explicit request for the fallback) skips them instead.
 from __future__ import annotations
 
 import os
+import re
 import struct
+import subprocess
+import sys
+import textwrap
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -34,6 +38,7 @@ except ImportError as e:  # pragma: no cover - the failure message is the point
     pytest.fail(f"the cffi extension is not built ({e}): run `pip install -e .` or "
                 "`python stack/native/build.py`", pytrace=False)
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 G = bytes([10, 0, 2, 15])
 GW = bytes([10, 0, 2, 2])
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -63,6 +68,37 @@ def test_selection_is_native_and_visible():
     assert native.describe() == {"native": True, "implementation": "cffi", "reason": ""}
     # the stack's checksum module uses the selected routine, not a copy of its own
     assert ones_sum is native.ones_sum
+
+
+def test_routines_are_the_ones_build_declares():
+    from stack.native import build
+    declared = set(re.findall(r"\b(vn_\w+)\(", build.CDEF))
+    assert declared == set(native._ROUTINES)
+
+
+def test_an_out_of_date_extension_means_python_for_everything():
+    """An extension built from an older native.c (no vn_icmp_echo_reply):
+    the fallback for every routine, and the reason says why."""
+    code = textwrap.dedent("""
+        import importlib, sys, types
+        import stack.native._native as real     # (imports stack.native, with the real one)
+        lib = types.SimpleNamespace(**{n: getattr(real.lib, n) for n in dir(real.lib)
+                                       if n != "vn_icmp_echo_reply"})
+        sys.modules["stack.native._native"] = types.SimpleNamespace(ffi=real.ffi, lib=lib)
+        import stack.native as native
+        native = importlib.reload(native)      # the selection again, with the stale one
+        from stack import NetConfig, Stack
+        from stack.native import fallback
+        assert not native.NATIVE and "out of date" in native.REASON, native.REASON
+        assert "vn_icmp_echo_reply" in native.REASON
+        assert native.EchoReplier is fallback.EchoReplier and native.ones_sum is fallback.ones_sum
+        Stack(NetConfig())
+        print("ok")
+    """)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop(native.ENV_SWITCH, None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
 # ------------------------------------------------------------------ ones_sum
@@ -325,3 +361,124 @@ def test_tcp_emit_without_offload_per_scapy():
     q[TCP].chksum = None
     assert IP(bytes(q))[TCP].chksum == r[TCP].chksum
     assert struct.unpack("!H", bytes(out.data)[50:52])[0] == r[TCP].chksum
+
+
+# -- ICMP echo reply (native.c's last section) ---------------------------------
+
+GW_MAC_B = bytes.fromhex(GW_MAC.replace(":", ""))
+
+
+def c_echo(frame, end, gw_mac, ident):
+    """The C routine through its wrapper (native.EchoReplier), as the stack calls it."""
+    return native.EchoReplier(gw_mac).reply(frame, end, ident)
+
+
+def echo_request(payload: bytes, ident: int = 0x1234, seq: int = 1, tos: int = 0, ip_id: int = 7,
+                 flags: int = 0, ttl: int = 64, pad: bytes = b"", chksum=None) -> bytes:
+    from scapy.layers.inet import ICMP
+    p = Ether(src=GUEST_MAC, dst=GW_MAC) / IP(src=GUEST_IP, dst=GW_IP, tos=tos, id=ip_id, flags=flags,
+                                              ttl=ttl) / ICMP(type=8, id=ident, seq=seq, chksum=chksum) / payload
+    return bytes(p) + pad
+
+
+@pytest.mark.parametrize("impl", ["c", "python"])
+def test_echo_reply_per_scapy(impl):
+    from scapy.layers.inet import ICMP
+    fn = c_echo if impl == "c" else fallback.icmp_echo_reply
+    req = echo_request(b"ping" * 14, tos=0x10, ip_id=0x4242, flags=2, ttl=3)
+    r = fn(req, len(req), GW_MAC_B, 0xBEEF)
+    assert type(r) is bytearray and len(r) == len(req)
+    p = Ether(bytes(r))
+    assert p.src == GW_MAC and p.dst == GUEST_MAC
+    assert (p[IP].src, p[IP].dst, p[IP].id, p[IP].ttl, p[IP].tos) == (GW_IP, GUEST_IP, 0xBEEF, 64, 0x10)
+    assert p[IP].flags == 0 and p[IP].frag == 0 and p[IP].ihl == 5 and p[IP].len == len(req) - 14
+    assert (p[ICMP].type, p[ICMP].code, p[ICMP].id, p[ICMP].seq) == (0, 0, 0x1234, 1)
+    assert bytes(p[ICMP].payload) == b"ping" * 14
+    assert_checksums(p)
+
+
+@SETTINGS
+@given(payload=hs.binary(max_size=1472), ident=hs.integers(0, 0xFFFF), seq=hs.integers(0, 0xFFFF),
+       tos=hs.integers(0, 255), ip_id=hs.integers(0, 0xFFFF), reply_id=hs.integers(0, 0xFFFF),
+       pad=hs.binary(max_size=8), shift=hs.integers(0, 7))
+def test_echo_reply_agrees_with_python(payload, ident, seq, tos, ip_id, reply_id, pad, shift):
+    req = echo_request(payload, ident, seq, tos, ip_id, pad=pad)
+    end = len(req) - len(pad)       # Ethernet padding after the datagram is not echoed
+    c = c_echo(misaligned(req, shift), end, GW_MAC_B, reply_id)
+    py = fallback.icmp_echo_reply(req, end, GW_MAC_B, reply_id)
+    assert c == py
+    assert len(c) == max(end, 60) and c[end:] == bytes(len(c) - end)
+    assert_checksums(Ether(bytes(c)))
+
+
+def test_echo_reply_whose_patched_checksum_is_zero_is_recomputed():
+    # type 8, code 0, checksum 0xF7FF, id and sequence 0, no data: sums to
+    # 0xFFFF. Patched, the reply's checksum would be 0x0000; an all-zero
+    # message stores 0xFFFF (as a full computation gives).
+    req = echo_request(b"", ident=0, seq=0, chksum=0xF7FF)
+    for fn in (c_echo, fallback.icmp_echo_reply):
+        r = fn(req, len(req), GW_MAC_B, 1)
+        assert r[34:42] == b"\0\0\xff\xff\0\0\0\0"
+
+
+@pytest.mark.parametrize("impl", ["c", "python"])
+def test_echo_reply_bad_checksum_is_none(impl):
+    fn = c_echo if impl == "c" else fallback.icmp_echo_reply
+    req = echo_request(b"x" * 56, chksum=0xDEAD)
+    assert fn(req, len(req), GW_MAC_B, 1) is None
+    # all zero (type 0 too): sums to 0, never a correct message
+    zero = bytes(req[:34]) + bytes(8)
+    assert fn(zero, len(zero), GW_MAC_B, 1) is None
+
+
+@pytest.mark.parametrize("impl", ["c", "python"])
+def test_echo_reply_lengths_that_do_not_add_up_are_refused(impl):
+    fn = c_echo if impl == "c" else fallback.icmp_echo_reply
+    req = echo_request(b"abcd")
+    for end, mac in ((41, GW_MAC_B), (len(req) + 1, GW_MAC_B), (len(req), GW_MAC_B[:5])):
+        with pytest.raises(ValueError):
+            fn(req, end, mac, 1)
+
+
+def test_replies_are_copies_out_of_the_scratch_buffer():
+    # The native replier writes every reply into one buffer: each reply
+    # returned must be its own bytearray, untouched by the next.
+    rep = native.EchoReplier(GW_MAC_B)
+    a, b = echo_request(b"a" * 100, seq=1), echo_request(b"b" * 30, seq=2)
+    ra = rep.reply(a, len(a), 1)
+    ra_bytes = bytes(ra)
+    rb = rep.reply(b, len(b), 2)
+    assert bytes(ra) == ra_bytes and ra is not rb
+    assert rb == fallback.icmp_echo_reply(b, len(b), GW_MAC_B, 2) and len(rb) == len(b)
+    assert ra == fallback.icmp_echo_reply(a, len(a), GW_MAC_B, 1)
+
+
+def test_replier_refuses_a_request_larger_than_any_datagram():
+    big = echo_request(b"z" * 1000) + bytes(65536)   # longer than 14 + 65535: no IPv4 datagram is
+    for rep in (native.EchoReplier(GW_MAC_B), fallback.EchoReplier(GW_MAC_B)):
+        with pytest.raises(ValueError):
+            rep.reply(big, fallback.ECHO_MAX_FRAME + 1, 1)
+    for cls in (native.EchoReplier, fallback.EchoReplier):
+        with pytest.raises(ValueError):
+            cls(GW_MAC_B[:5])
+
+
+def test_stack_echo_through_the_python_twin_per_scapy(monkeypatch):
+    """The stack's hot path gives the same frames with the fallback."""
+    import stack.interface as iface
+    from scapy.layers.inet import ICMP
+    outs = []
+    for cls in (native.EchoReplier, fallback.EchoReplier):
+        monkeypatch.setattr(iface, "EchoReplier", cls)
+        st = Stack(NetConfig())
+        st.receive(Frame(echo_request(b"q" * 64)), 0.0)
+        bad = echo_request(b"q" * 64, chksum=0x1111)
+        st.receive(Frame(bad), 0.0)
+        out = st.take_frames()
+        assert len(out) == 1 and st.counters["drop_icmp_bad_checksum"] == 1
+        assert st.counters["icmp_echo"] == 1
+        p = Ether(bytes(out[0].data))
+        assert p[ICMP].type == 0 and p[IP].dst == GUEST_IP
+        assert_checksums(p)
+        outs.append(bytes(out[0].data))
+    assert outs[0] == outs[1]

@@ -27,7 +27,7 @@ connection's device `compose`, which builds that connection's layers.
 """
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 from stack import Frame
 
@@ -40,6 +40,14 @@ class Link(Protocol):
     def receive(self, frame: Frame, now: float) -> None:
         """A frame from the guest. FRAME.data may be a view of guest memory,
         valid only during this call: a layer that keeps it copies it."""
+
+    def receiver(self, now: float) -> Callable[[Frame, float], None]:
+        """What to call with the frames of one TX batch at NOW: this layer's
+        receive, or, when the layer has nothing to do to them (no faults in
+        force, no taps), the next layer's receiver. The device asks once per
+        batch, so a layer that only hands frames on costs nothing per frame;
+        nothing a layer decides on changes inside a batch (settings change
+        from the control socket, between the loop's steps)."""
 
     def take_frames(self) -> list[Frame]:
         """Frames for the guest, ready now."""

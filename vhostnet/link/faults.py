@@ -310,6 +310,17 @@ class FaultInjector:
             self.inner.receive(f, now)
         d.own_fresh()
 
+    def receiver(self, now: float):
+        """The stack side's receiver while the TX direction passes frames
+        through untouched (no faults, nothing queued or held), else receive."""
+        if now > self._now:
+            self._now = now
+        if self.settings.spec is not self._spec:
+            self._sync()
+        if self.tx.passthrough:
+            return self.inner.receiver(now)
+        return self.receive
+
     def take_frames(self) -> list[Frame]:
         if self.settings.spec is not self._spec:
             self._sync()

@@ -28,6 +28,10 @@ class StackTaps:
             tap("tx", frame)
         self.inner.receive(frame, now)
 
+    def receiver(self, now: float):
+        """receive while a tap is installed, else the stack's receiver."""
+        return self.receive if self.taps else self.inner.receiver(now)
+
     def take_frames(self) -> list[Frame]:
         out = self.inner.take_frames()
         if self.taps:

@@ -72,6 +72,7 @@ BASE_INDEX_MASK = 0x7FFF
 DESC = struct.Struct("<QIHH")    # addr, len, id, flags
 _desc_unpack = DESC.unpack_from
 _NEXT_OR_INDIRECT = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT
+_new_chain = object.__new__
 _AVAIL_USED = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
 _FLAGS_H = 7                     # flags as the 8th 16-bit word of a descriptor
 _ID_H = 6
@@ -382,9 +383,23 @@ class PackedRing:
         self._held += 1
         self._id_count[buf_id] = 1     # not in flight before: checked above
         self.stats["chains"] += 1
+        # Chain(...) without its __init__ (a Python call; a third of this
+        # method's time): every slot set here, as tests/device/test_packed_ring.py
+        # ::test_fast_path_chains_have_every_field checks.
+        c = _new_chain(Chain)
+        c.head = buf_id
+        c.ndesc = 1
         if flags & VIRTQ_DESC_F_WRITE:
-            return Chain(buf_id, (), (v,), 0, length, 1)
-        return Chain(buf_id, (v,), (), length, 0, 1)
+            c.readable = ()
+            c.writable = (v,)
+            c.read_len = 0
+            c.write_len = length
+        else:
+            c.readable = (v,)
+            c.writable = ()
+            c.read_len = length
+            c.write_len = 0
+        return c
 
     def _take(self, buf_id: int, ndesc: int) -> None:
         self.last_avail_idx, self.avail_wrap = self._advance(self.last_avail_idx, self.avail_wrap, ndesc)
@@ -549,13 +564,28 @@ class PackedRing:
     def push(self, head: int, length: int) -> None:
         """One used descriptor; written at publish()."""
         ndesc = 1
-        for k, (buf_id, n) in enumerate(self._inflight):
-            if buf_id == head:
-                ndesc = n
-                del self._inflight[k]
-                self._held -= n
-                self._untake_id(buf_id)
-                break
+        inflight = self._inflight
+        if inflight and inflight[0][0] == head:
+            # In order (every chain of a TX drain, most RX): the oldest in flight.
+            ndesc = inflight.popleft()[1]
+            found = True
+        else:
+            found = False
+            for k, (buf_id, n) in enumerate(inflight):
+                if buf_id == head:
+                    ndesc = n
+                    del inflight[k]
+                    found = True
+                    break
+        if found:
+            self._held -= ndesc
+            # _untake_id(head), inline (once per frame)
+            c = self._id_count
+            left = c.get(head, 0) - 1
+            if left > 0:
+                c[head] = left
+            else:
+                c.pop(head, None)
         flags = (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) if self.used_wrap else 0
         if length:
             flags |= VIRTQ_DESC_F_WRITE   # §2.8.3: the device wrote into the buffer
@@ -565,7 +595,8 @@ class PackedRing:
             self.used_idx = pos
         else:
             self.used_idx, self.used_wrap = self._advance(self.used_idx, self.used_wrap, ndesc)
-        self.stats["bytes"] += length
+        if length:      # not for TX, whose chains go back with 0: a dict update less per frame
+            self.stats["bytes"] += length
 
     def has_unpublished(self) -> bool:
         return bool(self._unpublished)

@@ -72,6 +72,10 @@ class Chain:
     `readable` / `writable` are sequences (lists, or tuples on the rings'
     one-descriptor fast path) of views straight into guest memory, in chain
     order; drop the chain before the memory is unmapped.
+
+    The rings' pop_fast builds it with object.__new__ and sets every slot
+    itself (no __init__ call per chain): a new slot must be set there too
+    (tests/device: test_fast_path_chains_have_every_field).
     """
     __slots__ = ("head", "readable", "writable", "read_len", "write_len", "ndesc")
 
