@@ -36,6 +36,7 @@ import itertools
 import random
 from collections import Counter, OrderedDict
 
+from ..counters import Counters
 from ..wire.tcp import ACK, FIN, HEADER, RST, SYN, TcpPacket, TcpParseError, TcpRepr
 from .config import TcpConfig
 from .connection import TcpConnection, TcpError
@@ -76,7 +77,7 @@ class TcpLayer:
         self._acks_owed: dict = {}      # connections, in order (a dict as an ordered set)
         self.config = config or TcpConfig()
         self.rng = rng if rng is not None else random.SystemRandom()
-        self.counters: Counter = Counter()
+        self.counters: Counter = Counters()   # item assignment at dict speed (stack/counters.py)
         self.now = 0.0
         self.tso_max: int | None = None
         self._conns: dict[tuple, TcpConnection] = {}
