@@ -13,6 +13,9 @@ install time through setup.py's `cffi_modules`):
     EchoReplier(gw_mac).reply(frame, end, ident) -> bytearray | None
                                           the reply to a checked echo request,
                                           None if its ICMP checksum is wrong
+    scatter_region(region, offs, lens, hdr, data) -> int
+                                          hdr + data into region[off:off+len]
+                                          pieces (mergeable RX buffers)
 
 Selection: the compiled module `stack.native._native` is used when it
 imports and VHOSTNET_NATIVE is not "0"; otherwise every name above comes
@@ -34,7 +37,7 @@ import os
 from . import fallback
 
 __all__ = ["NATIVE", "IMPLEMENTATION", "REASON", "ones_sum", "l4_sum", "copy", "segment", "EchoReplier",
-           "describe"]
+           "scatter_region", "describe"]
 
 log = logging.getLogger("stack.native")
 
@@ -47,7 +50,7 @@ ENV_SWITCH = "VHOSTNET_NATIVE"
 COPY_C_MIN_VIEWS = 64
 
 # Every C routine stack/native/build.py declares.
-_ROUTINES = ("vn_ones_sum", "vn_l4_sum", "vn_copy", "vn_segment_tcp", "vn_icmp_echo_reply")
+_ROUTINES = ("vn_ones_sum", "vn_l4_sum", "vn_copy", "vn_segment_tcp", "vn_icmp_echo_reply", "vn_scatter_region")
 
 _lib = _ffi = None
 if os.environ.get(ENV_SWITCH, "1") == "0":
@@ -180,11 +183,33 @@ if NATIVE:
                     return None
                 raise ValueError(f"echo request of {end} bytes in a {len(frame)}-byte frame")
             return self._buf[:n]
+    # ---- RX scatter into one guest region (native.c vn_scatter_region) ----
+    _scatter = _lib.vn_scatter_region
+    _SCATTER_OUT_OF_RANGE = -1   # native.c VN_SCATTER_OUT_OF_RANGE
+
+    def scatter_region(region, offs, lens, hdr, data) -> int:
+        """hdr + data into region[offs[i]:offs[i] + lens[i]] in order (see
+        fallback.scatter_region): one C call for all of a frame's RX
+        buffers; a pair outside the region raises ValueError, nothing written."""
+        n = len(offs)
+        if len(lens) != n:
+            raise ValueError(f"{n} offsets, {len(lens)} lengths")
+        try:
+            # size_t arrays: cffi refuses a negative entry (OverflowError)
+            r = _scatter(_from_buffer(region, require_writable=True), len(region), _new("size_t[]", offs),
+                         _new("size_t[]", lens), n, hdr if type(hdr) is bytes else _from_buffer(hdr),
+                         len(hdr), data if type(data) is bytes else _from_buffer(data), len(data))
+        except OverflowError:
+            raise ValueError("negative offset or length") from None
+        if r == _SCATTER_OUT_OF_RANGE:
+            raise ValueError(f"a buffer outside the {len(region)}-byte region")
+        return r
 else:
     ones_sum = fallback.ones_sum
     l4_sum = fallback.l4_sum
     copy = fallback.copy
     segment = fallback.segment
     EchoReplier = fallback.EchoReplier
+    scatter_region = fallback.scatter_region
 
 log.debug("hot paths: %s%s", IMPLEMENTATION, f" ({REASON})" if REASON else "")

@@ -29,6 +29,8 @@ long vn_segment_tcp(const char *frame, size_t n, uint32_t ihl, uint32_t doff,
 int vn_icmp_echo_reply(const char *request, size_t req_len, size_t end,
                        char *outbuf, size_t out_len, const char *gw_mac, size_t mac_len,
                        uint32_t ident);
+long vn_scatter_region(char *region, size_t region_len, const size_t *offs, const size_t *lens,
+                       size_t n, const char *hdr, size_t hlen, const char *data, size_t dlen);
 """
 
 ffibuilder = FFI()

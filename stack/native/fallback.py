@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import struct
 
-__all__ = ["ones_sum", "l4_sum", "copy", "segment", "icmp_echo_reply", "EchoReplier", "ECHO_MAX_FRAME"]
+__all__ = ["ones_sum", "l4_sum", "copy", "segment", "icmp_echo_reply", "EchoReplier", "ECHO_MAX_FRAME",
+           "scatter_region"]
 
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
@@ -217,3 +218,19 @@ class EchoReplier:
 
     def reply(self, frame, end: int, ident: int):
         return icmp_echo_reply(frame, end, self.gw_mac, ident)
+
+
+# ---- RX scatter into one guest region (native.c vn_scatter_region) ------
+
+def scatter_region(region, offs, lens, hdr, data) -> int:
+    """Copy hdr then data into region[offs[i]:offs[i] + lens[i]] for each i in
+    order, up to the shorter total; returns the bytes copied. Every pair is
+    checked against len(region) first: a pair outside it raises ValueError
+    with nothing written."""
+    size = len(region)
+    if len(offs) != len(lens):
+        raise ValueError(f"{len(offs)} offsets, {len(lens)} lengths")
+    for o, k in zip(offs, lens):
+        if o < 0 or k < 0 or o + k > size:
+            raise ValueError(f"buffer {o}+{k} outside a {size}-byte region")
+    return copy([region[o:o + k] for o, k in zip(offs, lens)], (hdr, data))

@@ -76,3 +76,100 @@ async def test_tso_frame_spans_multi_descriptor_rx_chains(fe, monkeypatch, impl)
     base = layout[used[0][0]][0][0]
     assert bytes(fe.mem[base + PIECES[0]:base + GAP]) == bytes(GAP - PIECES[0])
     assert Ether(body)[TCP].seq == 1000 and Ether(body)[IP].id == 7
+
+
+def _impl(monkeypatch, impl):
+    """The copy implementation under test, for both of the device's copies."""
+    if impl == "native" and not native.NATIVE:
+        if native.REASON.startswith(native.ENV_SWITCH):
+            pytest.skip("VHOSTNET_NATIVE=0: the fallback was asked for")
+        pytest.fail("the cffi extension is not built (pip install -e . builds it)")
+    if impl == "fallback":
+        from vhostnet.net import device
+        monkeypatch.setattr(header, "copy", fallback.copy)
+        monkeypatch.setattr(device, "scatter_region", fallback.scatter_region)
+
+
+def _spy_runs(monkeypatch) -> list:
+    """Record how many buffers each batched take found."""
+    from vhostnet.virtio.split import SplitRing
+    runs = []
+    take = SplitRing.take_writable
+
+    def spy(self, need, min_len, budget):
+        got = take(self, need, min_len, budget)
+        runs.append(len(got[1]))
+        return got
+    monkeypatch.setattr(SplitRing, "take_writable", spy)
+    return runs
+
+
+async def _warm(fe) -> None:
+    """One small frame through the RX ring first: its walk caches the guest
+    region that take_writable's buffers must be in."""
+    from .test_datapath import ping
+    fe.post_rx(count=1)
+    fe.rx.kick()
+    fe.post_tx(ping(seq=1))
+    fe.tx.kick()
+    assert await fe.rx.wait_call()
+    assert len(fe.rx.take_used()) == 1
+    fe.tx.take_used()
+
+
+def _read_frame(fe, used):
+    """The header and frame of one MRG_RXBUF frame from its used elements (Linux's page_to_skb)."""
+    stream = b"".join(bytes(fe.mem[fe.rx.buf(h):fe.rx.buf(h) + n]) for h, n in used)
+    return NET_HDR.unpack(stream[:12]), stream[12:]
+
+
+@pytest.mark.parametrize("impl", ["native", "fallback"])
+async def test_tso_frame_into_plain_4k_buffers_in_one_run(fe, monkeypatch, impl):
+    """Linux's layout: one-descriptor 4 KiB buffers. The ring's batched take
+    (take_writable) finds them all, and one scatter_region call fills them."""
+    _impl(monkeypatch, impl)
+    runs = _spy_runs(monkeypatch)
+    await fe.handshake()
+    await _warm(fe)
+    fe.post_rx(count=20)
+    fe.rx.kick()
+    frame = tso_frame(30000)
+    fe.post_tx(frame, hdr=fe.net_hdr(flags=1, gso_type=1, hdr_len=54, gso_size=1448,
+                                     csum_start=34, csum_offset=16))
+    fe.tx.kick()
+    assert await fe.rx.wait_call()
+    used = fe.rx.take_used()
+    need = 12 + len(frame)
+    k = -(-need // 4096)
+    assert [n for _h, n in used] == [4096] * (k - 1) + [need - 4096 * (k - 1)]
+    (flags, gso_type, _hl, gso_size, cs, co, nbuf), body = _read_frame(fe, used)
+    assert (flags, gso_type, gso_size, cs, co, nbuf) == (1, 1, 1448, 34, 16, k)
+    assert body == frame
+    assert [n for n in runs if n] == [k]      # all of them in one batched take
+
+
+@pytest.mark.parametrize("impl", ["native", "fallback"])
+async def test_a_readonly_buffer_in_the_run_is_refused_and_the_frame_still_fits(fe, server, monkeypatch, impl):
+    """The batched take stops at the read-only buffer; pop() refuses it (length
+    0, ahead of the frame's buffers in the used ring) and takes the rest."""
+    _impl(monkeypatch, impl)
+    runs = _spy_runs(monkeypatch)
+    await fe.handshake()
+    r = fe.rx
+    await _warm(fe)
+    fe.post_rx(count=3)
+    ro = r.free[-1]
+    r.add([(r.buf(ro), 4096, 0)])          # device-readable: useless for RX
+    fe.post_rx(count=10)
+    fe.rx.kick()
+    frame = tso_frame(30000)
+    fe.post_tx(frame, hdr=fe.net_hdr(flags=1, gso_type=1, hdr_len=54, gso_size=1448,
+                                     csum_start=34, csum_offset=16))
+    fe.tx.kick()
+    assert await fe.rx.wait_call()
+    used = fe.rx.take_used()
+    assert used[0] == (ro, 0)
+    (_f, _g, _hl, _gs, _cs, _co, nbuf), body = _read_frame(fe, used[1:])
+    assert nbuf == len(used) - 1 == -(-(12 + len(frame)) // 4096) and body == frame
+    assert server.current.device.counters["rx_readonly_buffer"] == 1
+    assert [n for n in runs if n] == [3]      # the run stopped at the read-only buffer; pop() did the rest

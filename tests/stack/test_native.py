@@ -482,3 +482,49 @@ def test_stack_echo_through_the_python_twin_per_scapy(monkeypatch):
         assert_checksums(p)
         outs.append(bytes(out[0].data))
     assert outs[0] == outs[1]
+
+
+# ------------------------------------------------------------ scatter_region
+@SETTINGS
+@given(hdr=hs.binary(max_size=12), data=hs.binary(max_size=3000),
+       bufs=hs.lists(hs.tuples(hs.integers(0, 300), hs.integers(0, 900)), max_size=8),
+       shift=hs.integers(0, 7))
+def test_scatter_region_agrees_on_random_input(hdr, data, bufs, shift):
+    """C and fallback write the same bytes, and only into the pairs' pieces,
+    in pair order: the model is a copy into the pieces one after another."""
+    size = shift + sum(g + k for g, k in bufs) + 5
+    offs, lens, o = [], [], shift
+    for gap, k in bufs:          # pieces in order with gaps between them
+        o += gap
+        offs.append(o)
+        lens.append(k)
+        o += k
+    want = bytearray(b"\xa5" * size)
+    stream = hdr + data
+    pos = 0
+    for off, k in zip(offs, lens):
+        take = stream[pos:pos + k]
+        want[off:off + len(take)] = take
+        pos += len(take)
+    for impl in (native.scatter_region, fallback.scatter_region):
+        backing = bytearray(b"\xa5" * size)
+        region = memoryview(backing)
+        assert impl(region, offs, lens, hdr, misaligned(data, shift)) == pos
+        assert backing == want
+
+
+@pytest.mark.parametrize("impl", [native.scatter_region, fallback.scatter_region])
+def test_scatter_region_refuses_a_pair_outside_and_writes_nothing(impl):
+    backing = bytearray(64)
+    region = memoryview(backing)
+    for offs, lens in (([0, 60], [8, 8]),           # runs past the end
+                       ([0, 65], [8, 0]),           # starts past the end
+                       ([8], [2 ** 64 - 4]),         # off + len wraps around in 64 bits
+                       ([0, -1], [8, 4]),           # negative
+                       ([0], [8, 8])):              # lists that do not pair up
+        with pytest.raises(ValueError):
+            impl(region, offs, lens, b"hdr", b"x" * 40)
+        assert backing == bytes(64)
+    with pytest.raises((TypeError, BufferError, ValueError)):
+        impl(memoryview(bytes(64)), [0], [8], b"hdr", b"data")   # a read-only region
+    assert impl(region, [60], [4], b"", b"abcdefgh") == 4 and backing[60:] == b"abcd"

@@ -55,6 +55,7 @@ from vhostnet.virtio import features as F
 from vhostnet.net.steering import Steering
 from vhostnet.net.header import (DATA_VALID, GSO_ECN, GSO_NONE, GSO_TCPV4, HDR10, HDR12, MAX_FRAME,
                                   NEEDS_CSUM, hdr_len_for, scatter)
+from stack.native import scatter_region
 from vhostnet.ratelimit import RateLimitedLog
 from vhostnet.virtio.ring import MAX_CHAIN_DESCS, Budget, Ring
 
@@ -548,29 +549,32 @@ class NetDevice:
             flags = DATA_VALID
         need = self.hdr_len + n
         if self.mrg:
-            # Fast path: the next buffer holds header and frame (a 64 B echo in
-            # a 4 KiB buffer): no tentative take. pop_fast takes only a chain
-            # that needs no finding, so giving a too-small one back (nothing
-            # pushed since) leaves nothing behind, and _gather decides.
-            c = q.pop_fast(budget)
-            if c is not None:
-                if c.writable and c.write_len >= need:
-                    hdr = HDR12.pack(flags, gso_type, hdr_len, gso_size, cs, co, 1)
-                    self._write_merged(q, (c,), hdr, data, need)
-                    self.counters["rx_frames"] += 1
-                    self.counters["rx_bytes"] += n
-                    for tap in self.taps:
-                        tap("rx", f)
-                    return True
-                q.unpop()
-                budget.left += c.ndesc   # _gather charges it again
-            chains = self._gather(q, need, budget)
-            if chains is None:
+            # Fast path for a frame up to the MTU (a 64 B echo in a 4 KiB
+            # buffer): the next buffer holds header and frame, no tentative
+            # take. pop_fast takes only a chain that needs no finding, so
+            # giving a too-small one back (nothing pushed since) leaves
+            # nothing behind, and _gather decides. A TSO frame goes straight
+            # to _gather: it needs many buffers (17 of Linux's 4 KiB ones).
+            if need <= self.hdr_len + RX_FRAME_MAX:
+                c = q.pop_fast(budget)
+                if c is not None:
+                    if c.writable and c.write_len >= need:
+                        hdr = HDR12.pack(flags, gso_type, hdr_len, gso_size, cs, co, 1)
+                        self._write_one(q, c, hdr, data, need)
+                        self.counters["rx_frames"] += 1
+                        self.counters["rx_bytes"] += n
+                        for tap in self.taps:
+                            tap("rx", f)
+                        return True
+                    q.unpop()
+                    budget.left += c.ndesc   # _gather charges it again
+            got = self._gather(q, need, budget)
+            if got is None:
                 return False
-            if not chains:
+            if not got:
                 return True   # dropped, counted
-            hdr = HDR12.pack(flags, gso_type, hdr_len, gso_size, cs, co, len(chains))
-            self._write_merged(q, chains, hdr, data, need)
+            hdr = HDR12.pack(flags, gso_type, hdr_len, gso_size, cs, co, len(got[0]))
+            self._write_merged(q, got, hdr, data, need)
         else:
             c = q.pop(budget)
             if c is None:
@@ -599,19 +603,34 @@ class NetDevice:
         return True
 
     def _gather(self, q, need: int, budget: Budget):
-        """MRG_RXBUF: chains holding NEED bytes; [] if the frame is dropped; None if no room yet.
+        """MRG_RXBUF (virtio 1.2 §5.1.6.4): buffers holding NEED bytes for one frame.
+
+        Returns None if there is no room yet, () if the frame is dropped
+        (counted), else (heads, lengths, region, offsets, views): the
+        buffers' heads and lengths in ring order, and where they are: in
+        the one guest region REGION at OFFSETS (the batched take, the
+        common case), or (REGION None) as the flat list of writable VIEWS.
 
         A tentative take (Ring.mark): on no room everything taken is given
         back, refused chains included, so retrying later returns each chain
-        exactly once and in ring order. Refused buffers (read-only, smaller
-        than the header) are pushed with length 0 before the frame's own, so
-        the frame's num_buffers buffers stay consecutive in the used ring.
+        exactly once and in ring order. Ring.take_writable takes the run of
+        plain one-descriptor buffers in one call; anything else (a chain of
+        several descriptors, a buffer in another region, one to refuse) goes
+        through pop() one chain at a time, as before. Refused buffers
+        (read-only, smaller than the header) are pushed with length 0 before
+        the frame's own, so the frame's num_buffers buffers stay consecutive
+        in the used ring.
         """
         mark = q.mark()
         frame_budget = Budget(MAX_CHAIN_DESCS)   # bounds one frame's walk, whatever the ring holds
-        chains = []
+        region, heads, offs, lens, room = q.take_writable(need, self.hdr_len, frame_budget)
+        if room >= need:
+            budget.left -= MAX_CHAIN_DESCS - frame_budget.left
+            q.commit()
+            return heads, lens, region, offs, None
+        # The run stopped short: the rest chain by chain, the run as views.
+        views = [region[o:o + k] for o, k in zip(offs, lens)]
         refused = []
-        room = 0
         while room < need:
             c = q.pop(frame_budget)
             if c is None:
@@ -623,15 +642,17 @@ class NetDevice:
                 # Every buffer the driver can post, together, is too small (or too
                 # fragmented): waiting would stop RX for ever. Drop this frame.
                 self._refuse(q, "rx_ring_too_small",
-                             {"expected": f">= {need} bytes", "seen": f"{room} bytes in {len(chains)} buffers"},
+                             {"expected": f">= {need} bytes", "seen": f"{room} bytes in {len(heads)} buffers"},
                              "rx: the %d RX buffers posted hold %d bytes, not the %d this frame needs; frame dropped",
-                             len(chains), room, need)
-                return []
+                             len(heads), room, need)
+                return ()
             if not c.writable or c.write_len < self.hdr_len:
                 q.push(c.head, 0)
                 refused.append(c)
                 continue
-            chains.append(c)
+            heads.append(c.head)
+            lens.append(c.write_len)
+            views.extend(c.writable)
             room += c.write_len
         budget.left -= MAX_CHAIN_DESCS - frame_budget.left
         q.commit()
@@ -644,28 +665,30 @@ class NetDevice:
                              {"head": c.head, "expected": f">= {self.hdr_len} bytes", "seen": c.write_len},
                              "rx: buffer at descriptor %d holds %d bytes, less than the %d-byte header",
                              c.head, c.write_len, self.hdr_len)
-        return chains
+        return heads, lens, None, None, views
 
     @staticmethod
-    def _write_merged(q, chains, hdr: bytes, data, need: int) -> None:
-        if len(chains) == 1:
-            c = chains[0]
-            v = c.writable[0]
-            if len(v) >= need:
-                v[:12] = hdr
-                v[12:need] = data
-            else:
-                scatter(c.writable, hdr, data)
-            q.push(c.head, need)
-            return
-        # One copy over every chain's buffers in order: each chain is filled
-        # before the next, so chain i gets min(write_len, left).
-        scatter([v for c in chains for v in c.writable], hdr, data)
-        left = need
-        for c in chains:
-            take = min(c.write_len, left)
-            q.push(c.head, take)
-            left -= take
+    def _write_merged(q, got: tuple, hdr: bytes, data, need: int) -> None:
+        """Header and frame into the buffers _gather found; their used elements, in ring order."""
+        heads, lens, region, offs, views = got
+        if region is not None:
+            scatter_region(region, offs, lens, hdr, data)   # one C call, however many buffers
+        else:
+            scatter(views, hdr, data)
+        # Every buffer but the last is full: _gather stops at NEED bytes.
+        lens[-1] -= sum(lens) - need
+        q.push_many(heads, lens)
+
+    @staticmethod
+    def _write_one(q, c, hdr: bytes, data, need: int) -> None:
+        """A frame in one buffer (the fast path: NEED fits c's first view or its chain)."""
+        v = c.writable[0]
+        if len(v) >= need:
+            v[:12] = hdr
+            v[12:need] = data
+        else:
+            scatter(c.writable, hdr, data)
+        q.push(c.head, need)
 
     def describe(self) -> dict:
         return {

@@ -73,6 +73,7 @@ DESC = struct.Struct("<QIHH")    # addr, len, id, flags
 _desc_unpack = DESC.unpack_from
 _NEXT_OR_INDIRECT = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT
 _new_chain = object.__new__
+_NEXT_INDIRECT_WRITE = _NEXT_OR_INDIRECT | VIRTQ_DESC_F_WRITE
 _AVAIL_USED = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
 _FLAGS_H = 7                     # flags as the 8th 16-bit word of a descriptor
 _ID_H = 6
@@ -401,6 +402,59 @@ class PackedRing:
             c.write_len = 0
         return c
 
+    def take_writable(self, need: int, min_len: int, budget) -> tuple:
+        """Consecutive RX buffers in one call, for a frame of NEED bytes (MRG_RXBUF).
+
+        As on the split ring (split.py take_writable): chains pop_fast()
+        would take, only device-writable ones of at least MIN_LEN bytes,
+        until NEED bytes, the BUDGET (one per chain) or the first other
+        chain, which stays where it is for pop() to judge. Returns
+        (region, buffer ids, offsets in the region, lengths, room).
+        """
+        ids: list[int] = []
+        offs: list[int] = []
+        lens: list[int] = []
+        desc_h = self._desc_h
+        rc = self._rcache
+        if self.broken is not None or desc_h is None or rc is None:
+            return None, ids, offs, lens, 0
+        num = self.num
+        r_gpa, r_end, region = rc
+        table = self._desc
+        id_count = self._id_count
+        inflight = self._inflight
+        pos = self.last_avail_idx
+        wrap = self.avail_wrap
+        expect = VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED
+        free = num - self._held        # slots the driver can have made available
+        left = budget.left
+        room = 0
+        while room < need and free > 0 and left > 0:
+            addr, length, buf_id, flags = _desc_unpack(table, pos * DESC_SIZE)
+            if (flags & _NEXT_INDIRECT_WRITE != VIRTQ_DESC_F_WRITE or flags & _AVAIL_USED != expect
+                    or length < min_len or not length or not (r_gpa <= addr and addr + length <= r_end)
+                    or buf_id >= num or buf_id in id_count):
+                break
+            id_count[buf_id] = 1       # _take(buf_id, 1), inline; an id twice stops the run
+            inflight.append((buf_id, 1))
+            ids.append(buf_id)
+            offs.append(addr - r_gpa)
+            lens.append(length)
+            room += length
+            pos += 1
+            if pos == num:
+                pos = 0
+                wrap = not wrap
+                expect = VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED
+            free -= 1
+            left -= 1
+        if ids:
+            self.last_avail_idx, self.avail_wrap = pos, wrap
+            self._held += len(ids)
+            budget.left = left
+            self.stats["chains"] += len(ids)
+        return region, ids, offs, lens, room
+
     def _take(self, buf_id: int, ndesc: int) -> None:
         self.last_avail_idx, self.avail_wrap = self._advance(self.last_avail_idx, self.avail_wrap, ndesc)
         self._inflight.append((buf_id, ndesc))
@@ -597,6 +651,11 @@ class PackedRing:
             self.used_idx, self.used_wrap = self._advance(self.used_idx, self.used_wrap, ndesc)
         if length:      # not for TX, whose chains go back with 0: a dict update less per frame
             self.stats["bytes"] += length
+
+    def push_many(self, heads: list[int], lens: list[int]) -> None:
+        """push(heads[i], lens[i]) for each i, in order: one frame's buffers (MRG_RXBUF)."""
+        for head, length in zip(heads, lens):
+            self.push(head, length)
 
     def has_unpublished(self) -> bool:
         return bool(self._unpublished)

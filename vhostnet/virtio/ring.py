@@ -13,6 +13,9 @@ Taking and returning buffers:
     chain = ring.pop_fast(budget)   # the same, but only a one-descriptor chain needing no
                                 # finding; else None and nothing taken (no refusal either)
     ring.push(chain.head, n)    # a used element: n bytes written into the chain
+    region, heads, offs, lens, room = ring.take_writable(need, min_len, budget)
+                                # RX buffers for one frame (MRG_RXBUF), in one call; inside mark()
+    ring.push_many(heads, used_lens)   # their used elements, in order
     if ring.publish(): ...      # make them visible; True if the driver wants an interrupt
     ring.want_kick_at_next()    # ask for a kick before sleeping; True if work raced in
 
@@ -108,6 +111,10 @@ class Ring(Protocol):
     # The common case only (a one-descriptor chain needing no finding), else
     # None with nothing taken or recorded: pop() itself starts with it.
     def pop_fast(self, budget: Budget | None = None) -> Chain | None: ...
+    # MRG_RXBUF, inside mark(): pop_fast()'s writable chains, several at once, as
+    # (region view, heads, offsets in it, lengths, bytes); push_many() returns them.
+    def take_writable(self, need: int, min_len: int, budget: Budget) -> tuple: ...
+    def push_many(self, heads: list[int], lens: list[int]) -> None: ...
     def unpop(self) -> None: ...
     def mark(self) -> tuple: ...
     def commit(self) -> None: ...

@@ -54,6 +54,7 @@ DESC = struct.Struct("<QIHH")
 _desc_unpack = DESC.unpack_from
 _NEXT_OR_INDIRECT = VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT
 _new_chain = object.__new__
+_NEXT_INDIRECT_WRITE = _NEXT_OR_INDIRECT | VRING_DESC_F_WRITE
 
 _barrier_lock = threading.Lock()
 _ONE = (1).to_bytes(8, "little")   # an eventfd increment
@@ -369,6 +370,72 @@ class SplitRing:
             c.write_len = 0
         return c
 
+    def take_writable(self, need: int, min_len: int, budget: Budget) -> tuple:
+        """Consecutive RX buffers in one call, for a frame of NEED bytes (MRG_RXBUF).
+
+        Takes, in ring order, chains that pop_fast() would take, and only
+        those that are device-writable and hold at least MIN_LEN bytes,
+        until they hold NEED bytes together, the BUDGET (one descriptor per
+        chain) is spent, or the next chain is anything else, which stays in
+        the ring untaken and unjudged for pop() to decide. So every check
+        and count is pop_fast()'s: each head in range and not held, each
+        buffer inside the cached guest region (the region of a walk's
+        buffer), and looping or long chains are never taken here at all
+        (a NEXT or INDIRECT descriptor stops the run). Call it inside
+        mark(): rollback() gives the buffers back like popped ones.
+
+        Returns (region, heads, offsets, lengths, room): the cached region's
+        view, and for each buffer its head, its offset in that view and its
+        length; room is their sum. One view and offsets, not a view per
+        buffer: a 64 KiB frame in 4 KiB buffers is 17 of them, and
+        stack.native.scatter_region copies into all of them in one call.
+        """
+        heads: list[int] = []
+        offs: list[int] = []
+        lens: list[int] = []
+        avail_h = self._avail_h
+        rc = self._rcache
+        if self.broken is not None or avail_h is None or rc is None:
+            return None, heads, offs, lens, 0
+        num = self.num
+        mask = num - 1
+        last = self.last_avail_idx
+        ahead = (avail_h[1] - last) & 0xFFFF
+        if ahead > num:
+            ahead = 0               # a jump or a step back: pop() refuses it
+        r_gpa, r_end, region = rc
+        table = self._desc
+        checks = self.checks
+        held = self._held
+        left = budget.left
+        room = 0
+        while room < need and ahead and left > 0:
+            head = avail_h[2 + (last & mask)]
+            if head >= num or (checks and held[head]):
+                break
+            addr, length, flags, _nxt = _desc_unpack(table, head << 4)
+            if (flags & _NEXT_INDIRECT_WRITE != VRING_DESC_F_WRITE or length < min_len or not length
+                    or not (r_gpa <= addr and addr + length <= r_end)):
+                break
+            if checks:
+                held[head] = 1      # a head twice in the run stops it at the second
+            heads.append(head)
+            offs.append(addr - r_gpa)
+            lens.append(length)
+            room += length
+            last = (last + 1) & 0xFFFF
+            ahead -= 1
+            left -= 1
+        if heads:
+            self.last_avail_idx = last
+            budget.left = left
+            self.stats["chains"] += len(heads)
+            if checks:
+                self._walk_indirect = None
+                if self._marked_heads is not None:
+                    self._marked_heads.extend(heads)
+        return region, heads, offs, lens, room
+
     def unpop(self) -> None:
         """Give back the one chain pop() just returned (nothing pushed since): no use for it yet."""
         self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
@@ -554,6 +621,21 @@ class SplitRing:
             self.stats["bytes"] += length
         if self.checks:
             self._unpublished.append(head)
+
+    def push_many(self, heads: list[int], lens: list[int]) -> None:
+        """push(heads[i], lens[i]) for each i, in order: one frame's buffers (MRG_RXBUF)."""
+        mask = self.num - 1
+        ui = self._used_i
+        idx = self.used_idx
+        for head, length in zip(heads, lens):
+            slot = idx & mask
+            ui[1 + 2 * slot] = head
+            ui[2 + 2 * slot] = length
+            idx = (idx + 1) & 0xFFFF
+        self.used_idx = idx
+        self.stats["bytes"] += sum(lens)
+        if self.checks:
+            self._unpublished.extend(heads)
 
     def publish(self) -> bool:
         """Publish used->idx; True if the driver wants an interrupt for it."""

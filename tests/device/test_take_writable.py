@@ -1,0 +1,308 @@
+"""Ring.take_writable: a frame's mergeable RX buffers in one call (split and packed).
+
+The batched take must take exactly what pop_fast() would, one chain after
+another, and leave everything else in the ring untaken and unjudged for
+pop(): a looping chain, a buffer outside guest memory (or outside the cached
+region), one shorter than the header, a read-only one, a head the device
+still holds. Taken inside mark(), rollback() gives all of it back; push_many()
+returns the buffers in ring order. Real memory: a memfd mapped by
+GuestMemory, the driver writing into its own mapping of it, as in
+test_packed_ring.py.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from vhostnet.testing.frontend import UVA_BASE
+from vhostnet.testing.packed_driver import PackedDriver
+from vhostnet.virtio.packed import PackedRing
+from vhostnet.virtio.ring import Budget
+from vhostnet.virtio.split import SplitRing
+from vhostnet.vhostuser.memory import GuestMemory
+
+GPA = 0x10000
+SIZE = 1 << 20
+DESC_OFF, AVAIL_OFF, USED_OFF, BUF_OFF = 0x0, 0x1000, 0x2000, 0x10000
+PDRIVER_OFF, PDEVICE_OFF = 0x8000, 0x8010   # packed: the event suppression areas
+F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
+BUF = 256          # bytes per test buffer
+HDR = 12           # the virtio-net header with MRG_RXBUF (§5.1.6)
+DESC = struct.Struct("<QIHH")
+
+
+class SplitRig:
+    """A split ring with a driver that writes descriptors and avail entries itself."""
+    packed = False
+
+    def __init__(self, num: int):
+        self.fd = os.memfd_create("take-writable")
+        os.ftruncate(self.fd, SIZE)
+        self.mem = GuestMemory()
+        self.mem.add(self.fd, GPA, SIZE, UVA_BASE, 0)
+        self.mm = mmap.mmap(self.fd, SIZE)
+        self.view = memoryview(self.mm)
+        self.num = num
+        self.ring = q = SplitRing(0, "rx")
+        q.num = num
+        q.desc_uva, q.avail_uva, q.used_uva = UVA_BASE + DESC_OFF, UVA_BASE + AVAIL_OFF, UVA_BASE + USED_OFF
+        q.attach(self.mem)
+        q.started = q.enabled = True
+        self.next_head = 0
+
+    def post(self, length=BUF, flags=F_WRITE, addr=None, head=None, nxt=0) -> int:
+        """One one-descriptor buffer (or whatever FLAGS say) made available; returns its head."""
+        if head is None:
+            head = self.next_head % self.num
+            self.next_head += 1
+        if addr is None:
+            addr = GPA + BUF_OFF + head * 4096
+        DESC.pack_into(self.view, DESC_OFF + 16 * head, addr, length, flags, nxt)
+        self.offer(head)
+        return head
+
+    def offer(self, head: int) -> None:
+        idx = struct.unpack_from("<H", self.view, AVAIL_OFF + 2)[0]
+        struct.pack_into("<H", self.view, AVAIL_OFF + 4 + 2 * (idx % self.num), head)
+        struct.pack_into("<H", self.view, AVAIL_OFF + 2, (idx + 1) & 0xFFFF)
+
+    def used(self) -> list[tuple[int, int]]:
+        self.ring.publish()
+        n = struct.unpack_from("<H", self.view, USED_OFF + 2)[0]
+        return [struct.unpack_from("<II", self.view, USED_OFF + 4 + 8 * (i % self.num)) for i in range(n)]
+
+    def position(self):
+        return self.ring.last_avail_idx
+
+    def close(self):
+        self.ring.detach()
+        self.view.release()
+        self.mm.close()
+        self.mem.close()
+        os.close(self.fd)
+
+
+class PackedRig(SplitRig):
+    packed = True
+
+    def __init__(self, num: int):
+        self.fd = os.memfd_create("take-writable-packed")
+        os.ftruncate(self.fd, SIZE)
+        self.mem = GuestMemory()
+        self.mem.add(self.fd, GPA, SIZE, UVA_BASE, 0)
+        self.mm = mmap.mmap(self.fd, SIZE)
+        self.view = memoryview(self.mm)
+        self.num = num
+        self.ring = q = PackedRing(0, "rx")
+        q.num = num
+        q.desc_uva, q.avail_uva, q.used_uva = UVA_BASE + DESC_OFF, UVA_BASE + PDRIVER_OFF, UVA_BASE + PDEVICE_OFF
+        q.attach(self.mem)
+        q.started = q.enabled = True
+        q.on_start()
+        self.drv = PackedDriver(self.view, num, DESC_OFF, PDRIVER_OFF, PDEVICE_OFF)
+        self.next_id = 0
+
+    def post(self, length=BUF, flags=F_WRITE, addr=None, head=None, nxt=0) -> int:
+        if head is None:
+            head = self.next_id % self.num
+            self.next_id += 1
+        if addr is None:
+            addr = GPA + BUF_OFF + head * 4096
+        if flags & F_NEXT:       # a chain of two: this descriptor, then one more
+            return self.drv.add([(addr, length, flags & ~F_NEXT), (addr + 1024, length, flags & ~F_NEXT)],
+                                buf_id=head)
+        return self.drv.add([(addr, length, flags)], buf_id=head)
+
+    def used(self):
+        self.ring.publish()
+        return self.drv.used()
+
+    def position(self):
+        return self.ring.last_avail_idx, self.ring.avail_wrap
+
+
+@pytest.fixture(params=["split", "packed"])
+def rig(request):
+    rigs = []
+
+    def make(num=16):
+        r = (PackedRig if request.param == "packed" else SplitRig)(num)
+        rigs.append(r)
+        return r
+    yield make
+    for r in rigs:
+        r.close()
+
+
+def warm(r) -> None:
+    """pop() one buffer and return it: the walk caches the region take_writable works in."""
+    h = r.post()
+    c = r.ring.pop()
+    assert c is not None and c.head == h
+    r.ring.push(c.head, 0)
+    r.ring.publish()
+
+
+def test_takes_until_the_frame_fits_and_push_many_returns_them_in_order(rig):
+    r = rig()
+    warm(r)
+    heads = [r.post() for _ in range(6)]
+    q = r.ring
+    b = Budget(100)
+    q.mark()
+    region, got, offs, lens, room = q.take_writable(4 * BUF - 10, HDR, b)
+    assert got == heads[:4] and lens == [BUF] * 4 and room == 4 * BUF
+    assert b.left == 96 and q.stats["chains"] == 5
+    for h, o in zip(got, offs):     # each offset is the buffer's place in the region's view
+        region[o:o + 4] = b"mark"
+        assert bytes(r.view[BUF_OFF + h * 4096:BUF_OFF + h * 4096 + 4]) == b"mark"
+    q.commit()
+    q.push_many(got, [BUF, BUF, BUF, BUF - 10])
+    assert r.used()[1:] == [(h, n) for h, n in zip(got, [BUF, BUF, BUF, BUF - 10])]
+    assert q.errors == {}
+    # the rest are still there, for pop() or the next take
+    assert q.pop().head == heads[4]
+
+
+def test_nothing_taken_without_a_cached_region_or_when_empty(rig):
+    r = rig()
+    q = r.ring
+    r.post()
+    assert q.take_writable(100, HDR, Budget(10))[1:] == ([], [], [], 0)   # no walk yet: no region
+    q.pop()
+    assert q.take_writable(100, HDR, Budget(10))[1:] == ([], [], [], 0)   # nothing available
+    assert q.errors == {}
+
+
+def test_budget_stops_the_run(rig):
+    r = rig()
+    warm(r)
+    for _ in range(8):
+        r.post()
+    b = Budget(3)
+    _, got, _, _, room = r.ring.take_writable(8 * BUF, HDR, b)
+    assert len(got) == 3 and room == 3 * BUF and b.left == 0
+    assert r.ring.take_writable(8 * BUF, HDR, b)[1] == []
+
+
+@pytest.mark.parametrize("bad", ["looping", "chain", "indirect", "out_of_memory", "other_region",
+                                 "below_header", "empty", "readonly"])
+def test_a_buffer_pop_must_judge_stops_the_run_untaken(rig, bad):
+    """The run ends before BAD; it stays in the ring with nothing recorded,
+    and pop() then refuses (or takes) it exactly as it would have anyway."""
+    r = rig()
+    warm(r)
+    q = r.ring
+    good = [r.post(), r.post()]
+    if bad == "looping":
+        if r.packed:
+            pytest.skip("a packed chain is ring order, it cannot loop (§2.8.6); chain covers NEXT")
+        h = r.next_head
+        r.next_head += 1
+        bad_head = r.post(head=h, flags=F_WRITE | F_NEXT, nxt=h)  # NEXT to itself
+    elif bad == "chain":
+        bad_head = r.post(flags=F_WRITE | F_NEXT, nxt=(r.next_head + 1) % r.num if not r.packed else 0)
+        if not r.packed:
+            DESC.pack_into(r.view, DESC_OFF + 16 * (r.next_head % r.num), GPA + 0x30000, BUF, F_WRITE, 0)
+            r.next_head += 1
+    elif bad == "indirect":
+        table = GPA + 0x40000
+        DESC.pack_into(r.view, 0x40000, GPA + 0x41000, BUF, F_WRITE, 0)
+        bad_head = r.post(addr=table, length=16, flags=F_INDIRECT)
+    elif bad == "out_of_memory":
+        bad_head = r.post(addr=GPA + SIZE - 16)                 # runs past the end of guest memory
+    elif bad == "other_region":
+        bad_head = r.post(addr=0x10 << 30)                      # in no region at all
+    elif bad == "below_header":
+        bad_head = r.post(length=HDR - 1)
+    elif bad == "empty":
+        bad_head = r.post(length=0)
+    else:
+        bad_head = r.post(flags=0)                                       # device-readable
+    after = r.post()
+    before = q.stats["chains"]
+    mark = q.mark()
+    _, got, _, _, room = q.take_writable(10 * BUF, HDR, Budget(100))
+    assert got == good and room == 2 * BUF
+    assert q.errors == {} and q.stats["chains"] == before + 2
+    taken_pos = r.position()
+    q.rollback(mark)                      # all given back: pop() starts from the first good one
+    assert q.stats["chains"] == before
+    assert [q.pop().head for _ in good] == good
+    assert r.position() == taken_pos
+    c = q.pop()                           # pop() judges BAD as it always did
+    expected = {"looping": "chain_too_long", "out_of_memory": "desc_out_of_bounds",
+                "other_region": "desc_out_of_bounds"}.get(bad)
+    if r.packed and expected:
+        expected = "packed_" + expected if bad != "looping" else expected
+    if expected:                          # refused and returned with length 0; pop() goes on
+        assert c.head == after and list(q.errors) == [expected]
+        assert r.used()[-1] == (bad_head, 0)
+    else:                                 # a chain the device takes through pop() (and judges itself)
+        assert q.errors == {} and c.head == bad_head
+
+
+def test_a_head_the_device_holds_stops_the_run(rig):
+    r = rig()
+    warm(r)
+    q = r.ring
+    h = r.post()
+    if r.packed:
+        r.post(head=h)                   # the same buffer id again, still in flight once taken
+    else:
+        r.offer(h)                       # the same head twice in the avail ring
+    mark = q.mark()
+    _, got, _, _, _ = q.take_writable(10 * BUF, HDR, Budget(100))
+    assert got == [h] and q.errors == {}
+    q.rollback(mark)
+    assert q.pop().head == h
+    q.pop()
+    assert list(q.errors) == ["packed_id_in_flight" if r.packed else "avail_head_in_use"]
+
+
+def test_wraps_the_ring(rig):
+    """Index arithmetic past the end of the ring (and the packed wrap counter)."""
+    r = rig(num=4)
+    warm(r)
+    q = r.ring
+    for _lap in range(5):
+        heads = [r.post() for _ in range(3)]
+        q.mark()
+        _, got, _, lens, room = q.take_writable(3 * BUF, HDR, Budget(10))
+        assert got == heads and room == 3 * BUF
+        q.commit()
+        q.push_many(got, lens)
+        assert r.used()[-3:] == [(h, BUF) for h in heads]
+    assert q.errors == {}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(desc=st.binary(min_size=16 * 8, max_size=16 * 8), ring=st.binary(min_size=20, max_size=20),
+       need=st.integers(1, 1 << 20))
+def test_random_split_ring_bytes_take_only_in_region_buffers(desc, ring, need):
+    """Whatever the driver wrote: every buffer taken is inside the cached
+    region, writable, one descriptor, at least the header, taken once."""
+    r = SplitRig(8)
+    try:
+        warm(r)
+        q = r.ring
+        r.view[DESC_OFF:DESC_OFF + len(desc)] = desc
+        r.view[AVAIL_OFF + 2:AVAIL_OFF + 2 + len(ring)] = ring
+        q.last_avail_idx = 0
+        q.reset_held()
+        mark = q.mark()
+        region, got, offs, lens, room = q.take_writable(need, HDR, Budget(64))
+        assert len(got) == len(set(got)) <= 8 and room == sum(lens)
+        for h, o, k in zip(got, offs, lens):
+            addr, length, flags, _ = DESC.unpack_from(r.view, DESC_OFF + 16 * h)
+            assert flags & (F_NEXT | F_INDIRECT | F_WRITE) == F_WRITE
+            assert length == k >= HDR and 0 <= o and o + k <= len(region)
+            assert r.mem.contains_gpa(addr, length)
+        q.rollback(mark)
+        assert q.last_avail_idx == 0 and not any(q._held)
+    finally:
+        r.close()
