@@ -16,6 +16,9 @@ install time through setup.py's `cffi_modules`):
     scatter_region(region, offs, lens, hdr, data) -> int
                                           hdr + data into region[off:off+len]
                                           pieces (mergeable RX buffers)
+    split_take_writable(avail, desc, held, ...) -> (heads, offs, lens, room)
+                                          the split ring's batched take of RX
+                                          buffers (vhostnet/virtio/split.py)
 
 Selection: the compiled module `stack.native._native` is used when it
 imports and VHOSTNET_NATIVE is not "0"; otherwise every name above comes
@@ -31,13 +34,14 @@ keeps a pointer after it returns.
 """
 from __future__ import annotations
 
+import array
 import logging
 import os
 
 from . import fallback
 
 __all__ = ["NATIVE", "IMPLEMENTATION", "REASON", "ones_sum", "l4_sum", "copy", "segment", "EchoReplier",
-           "scatter_region", "describe"]
+           "scatter_region", "split_take_writable", "describe"]
 
 log = logging.getLogger("stack.native")
 
@@ -50,7 +54,8 @@ ENV_SWITCH = "VHOSTNET_NATIVE"
 COPY_C_MIN_VIEWS = 64
 
 # Every C routine stack/native/build.py declares.
-_ROUTINES = ("vn_ones_sum", "vn_l4_sum", "vn_copy", "vn_segment_tcp", "vn_icmp_echo_reply", "vn_scatter_region")
+_ROUTINES = ("vn_ones_sum", "vn_l4_sum", "vn_copy", "vn_segment_tcp", "vn_icmp_echo_reply", "vn_scatter_region",
+             "vn_split_take_writable")
 
 _lib = _ffi = None
 if os.environ.get(ENV_SWITCH, "1") == "0":
@@ -204,6 +209,27 @@ if NATIVE:
         if r == _SCATTER_OUT_OF_RANGE:
             raise ValueError(f"a buffer outside the {len(region)}-byte region")
         return r
+
+    # ---- RX: the split ring's batched take (native.c vn_split_take_writable) ----
+    _take = _lib.vn_split_take_writable
+    _U64_ZERO = array.array("Q", [0])
+
+    def split_take_writable(avail_h, desc, held, checks: bool, num: int, last: int, ahead: int,
+                            r_gpa: int, r_end: int, need: int, min_len: int, max_take: int):
+        """SplitRing.take_writable's loop in C (see fallback.split_take_writable)."""
+        m = min(ahead, max_take)
+        if m <= 0:
+            return [], [], [], 0
+        # The results go to an array.array, not an ffi.new array: tolist()
+        # makes the ints in C, ffi.unpack took 0.8 us per 17 of them.
+        out = _U64_ZERO * (3 * m + 1)            # heads, offsets, lengths, room
+        p = _from_buffer("uint64_t[]", out)
+        n = _take(_from_buffer("uint16_t[]", avail_h), len(avail_h), _from_buffer(desc), len(desc),
+                  _from_buffer(held, require_writable=True), len(held), 1 if checks else 0, num, last,
+                  ahead, r_gpa, r_end, need, min_len, m, p, p + m, p + 2 * m, p + 3 * m)
+        if n < 0:
+            raise ValueError("ring sizes do not cover the queue size")
+        return out[:n].tolist(), out[m:m + n].tolist(), out[2 * m:2 * m + n].tolist(), out[3 * m]
 else:
     ones_sum = fallback.ones_sum
     l4_sum = fallback.l4_sum
@@ -211,5 +237,6 @@ else:
     segment = fallback.segment
     EchoReplier = fallback.EchoReplier
     scatter_region = fallback.scatter_region
+    split_take_writable = fallback.split_take_writable
 
 log.debug("hot paths: %s%s", IMPLEMENTATION, f" ({REASON})" if REASON else "")

@@ -31,6 +31,11 @@ int vn_icmp_echo_reply(const char *request, size_t req_len, size_t end,
                        uint32_t ident);
 long vn_scatter_region(char *region, size_t region_len, const size_t *offs, const size_t *lens,
                        size_t n, const char *hdr, size_t hlen, const char *data, size_t dlen);
+long vn_split_take_writable(const uint16_t *avail, size_t avail_words, const char *desc, size_t desc_len,
+                            uint8_t *held, size_t held_len, int checks, uint32_t num, uint32_t last,
+                            uint32_t ahead, uint64_t r_gpa, uint64_t r_end, uint64_t need,
+                            uint32_t min_len, uint32_t max_take,
+                            uint64_t *heads, uint64_t *offs, uint64_t *lens, uint64_t *room);
 """
 
 ffibuilder = FFI()

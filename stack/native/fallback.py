@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 
 __all__ = ["ones_sum", "l4_sum", "copy", "segment", "icmp_echo_reply", "EchoReplier", "ECHO_MAX_FRAME",
-           "scatter_region"]
+           "scatter_region", "split_take_writable"]
 
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
@@ -234,3 +234,46 @@ def scatter_region(region, offs, lens, hdr, data) -> int:
         if o < 0 or k < 0 or o + k > size:
             raise ValueError(f"buffer {o}+{k} outside a {size}-byte region")
     return copy([region[o:o + k] for o, k in zip(offs, lens)], (hdr, data))
+
+
+# ---- RX: the split ring's batched take (native.c vn_split_take_writable) ----
+
+_DESC = struct.Struct("<QIHH")        # virtio 1.2 §2.7.5 struct virtq_desc: addr, len, flags, next
+_F_NEXT, _F_WRITE, _F_INDIRECT = 1, 2, 4
+_NEXT_INDIRECT_WRITE = _F_NEXT | _F_INDIRECT | _F_WRITE
+
+
+def split_take_writable(avail_h, desc, held, checks: bool, num: int, last: int, ahead: int,
+                        r_gpa: int, r_end: int, need: int, min_len: int, max_take: int):
+    """The loop of vhostnet/virtio/split.py SplitRing.take_writable (see
+    native.c vn_split_take_writable): (heads, offsets, lengths, room) of the
+    one-descriptor writable buffers of at least MIN_LEN bytes inside the
+    region [r_gpa, r_end), from avail ring index LAST on, at most AHEAD and
+    MAX_TAKE of them, until they hold NEED bytes; the first other entry ends
+    the run. Taken heads are marked in HELD when CHECKS."""
+    if not num or num & (num - 1) or len(avail_h) < 2 + num or len(desc) < 16 * num \
+            or (checks and len(held) < num) or ahead > num:
+        raise ValueError("ring sizes do not cover the queue size")
+    heads: list[int] = []
+    offs: list[int] = []
+    lens: list[int] = []
+    mask = num - 1
+    room = 0
+    n = 0
+    limit = min(ahead, max_take)
+    while room < need and n < limit:
+        head = avail_h[2 + ((last + n) & mask)]
+        if head >= num or (checks and held[head]):
+            break
+        addr, length, flags, _nxt = _DESC.unpack_from(desc, head << 4)
+        if (flags & _NEXT_INDIRECT_WRITE != _F_WRITE or length < min_len or not length
+                or not (r_gpa <= addr and addr + length <= r_end)):
+            break
+        if checks:
+            held[head] = 1      # a head twice in the run stops it at the second
+        heads.append(head)
+        offs.append(addr - r_gpa)
+        lens.append(length)
+        room += length
+        n += 1
+    return heads, offs, lens, room

@@ -362,3 +362,74 @@ long vn_scatter_region(char *region, size_t region_len, const size_t *offs, cons
     }
     return (long)done;
 }
+
+/* ---- RX: the split ring's batched take (vhostnet/virtio/split.py) -----
+ *
+ * vn_split_take_writable: the loop of SplitRing.take_writable, which takes
+ * a frame's mergeable RX buffers (virtio 1.2 section 5.1.6.4) in one call.
+ * avail is the driver's avail ring as 16-bit words (flags, idx, ring[num]),
+ * desc its descriptor table, held the device's byte per descriptor (taken
+ * and not yet returned).  From avail ring index `last` on, for at most
+ * `ahead` entries (what the driver made available) and `max_take` chains
+ * (the work budget), while the buffers hold less than `need` bytes: take
+ * the head if it is in range and not held, and its descriptor is one
+ * device-writable buffer (no NEXT, no INDIRECT: so no loop, no chain to
+ * walk) of at least min_len bytes wholly inside the guest region
+ * [r_gpa, r_end).  The first entry that is anything else ends the run
+ * untouched, for the Python pop() to judge.  Taken heads are marked held
+ * when `checks`.  heads/offs/lens (max_take entries) receive each buffer's
+ * head, offset in the region and length; *room their total.  Returns the
+ * number taken, or -1 when the sizes given do not cover num entries.
+ *
+ * Every read is bounded by the sizes given: a head indexes desc and held
+ * only after head < num, and the avail slot is masked to num - 1.
+ */
+#define VRING_DESC_F_NEXT     1     /* virtio 1.2 section 2.7.5 */
+#define VRING_DESC_F_WRITE    2
+#define VRING_DESC_F_INDIRECT 4
+#define VRING_DESC_SIZE       16    /* struct virtq_desc: addr, len, flags, next */
+
+static inline uint16_t le16(uint16_t v) { return little_endian() ? v : bswap16(v); }
+static inline uint32_t le32(uint32_t v) { return little_endian() ? v : __builtin_bswap32(v); }
+static inline uint64_t le64(uint64_t v) { return little_endian() ? v : __builtin_bswap64(v); }
+
+long vn_split_take_writable(const uint16_t *avail, size_t avail_words, const char *desc, size_t desc_len,
+                            uint8_t *held, size_t held_len, int checks, uint32_t num, uint32_t last,
+                            uint32_t ahead, uint64_t r_gpa, uint64_t r_end, uint64_t need,
+                            uint32_t min_len, uint32_t max_take,
+                            uint64_t *heads, uint64_t *offs, uint64_t *lens, uint64_t *room)
+{
+    if (num == 0 || (num & (num - 1)) || avail_words < 2 + (size_t)num
+        || desc_len < VRING_DESC_SIZE * (size_t)num || (checks && held_len < num) || ahead > num)
+        return -1;
+    uint32_t mask = num - 1;
+    uint64_t total = 0;
+    uint32_t n = 0;
+    while (total < need && n < ahead && n < max_take) {
+        uint16_t head = le16(avail[2 + ((last + n) & mask)]);
+        if (head >= num || (checks && held[head]))
+            break;
+        const char *d = desc + VRING_DESC_SIZE * (size_t)head;
+        uint64_t addr;
+        uint32_t len;
+        uint16_t flags;
+        memcpy(&addr, d, 8);
+        memcpy(&len, d + 8, 4);
+        memcpy(&flags, d + 12, 2);
+        addr = le64(addr);
+        len = le32(len);
+        flags = le16(flags);
+        if ((flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE)) != VRING_DESC_F_WRITE
+            || len < min_len || len == 0 || addr < r_gpa || addr > r_end || len > r_end - addr)
+            break;
+        if (checks)
+            held[head] = 1;     /* a head twice in the run stops it at the second */
+        heads[n] = head;
+        offs[n] = addr - r_gpa;
+        lens[n] = len;
+        total += len;
+        n++;
+    }
+    *room = total;
+    return (long)n;
+}

@@ -306,3 +306,67 @@ def test_random_split_ring_bytes_take_only_in_region_buffers(desc, ring, need):
         assert q.last_avail_idx == 0 and not any(q._held)
     finally:
         r.close()
+
+
+# Descriptors near a 128 KiB region, mostly writable ones, so that runs are long and every check is met.
+_DESCS = st.lists(st.tuples(st.integers(0, 1 << 17), st.sampled_from([4096] * 4 + [100, 12, 0, 5, 1 << 16, 0xFFFFFFFF]),
+                            st.sampled_from([2] * 10 + [0, 1, 3, 4, 6]), st.integers(0, 9)),
+                  min_size=8, max_size=8).map(lambda ds: b"".join(DESC.pack(*d) for d in ds))
+
+
+@settings(max_examples=300, deadline=None)
+@given(desc=_DESCS, ring=st.lists(st.sampled_from(list(range(8)) * 4 + [8, 9, 0xFFFF]), min_size=8, max_size=8).map(
+           lambda hs: struct.pack("<8H", *hs)),
+       held=st.lists(st.sampled_from([0] * 9 + [1]), min_size=8, max_size=8).map(bytes),
+       checks=st.booleans(), last=st.integers(0, 0xFFFF),
+       ahead=st.sampled_from([8, 8, 5, 1, 0]), need=st.sampled_from([1 << 18, 20000, 4097, 1, 0]),
+       min_len=st.sampled_from([12, 12, 0, 101, 5000]), max_take=st.sampled_from([10, 10, 3, 0]),
+       region=st.tuples(st.sampled_from([0, 0, 4096, 1 << 17]), st.sampled_from([1 << 18, 1 << 17, 5000, 0])))
+def test_the_c_take_agrees_with_its_python_twin(desc, ring, held, checks, last, ahead, need, min_len,
+                                                max_take, region):
+    """stack.native.split_take_writable (C) and fallback.split_take_writable
+    take the same buffers from the same bytes, and mark the same heads held."""
+    import stack.native as native
+    from stack.native import fallback
+    if not native.NATIVE:
+        if native.REASON.startswith(native.ENV_SWITCH):
+            pytest.skip("VHOSTNET_NATIVE=0: the fallback was asked for")
+        pytest.fail("the cffi extension is not built (python stack/native/build.py)")
+    avail = memoryview(bytearray(4) + ring + bytearray(2)).cast("H")   # flags, idx, ring[8], used_event
+    r_gpa, r_len = region
+    results = []
+    for impl in (native.split_take_writable, fallback.split_take_writable):
+        h = bytearray(held)
+        got = impl(avail, memoryview(desc), h, checks, 8, last, ahead, r_gpa, r_gpa + r_len, need, min_len, max_take)
+        results.append((got, bytes(h)))
+    assert results[0] == results[1]
+    (heads, offs, lens, room), _ = results[0]
+    TAKEN.append(len(heads))
+    assert len(heads) <= min(ahead, max_take) and room == sum(lens)
+    for o, k in zip(offs, lens):
+        assert o + k <= r_len and k >= max(min_len, 1)
+
+
+TAKEN: list[int] = []
+
+
+def test_the_random_rings_took_runs():
+    """The property above saw real runs, not only empty ones (runs after it)."""
+    if TAKEN:
+        assert max(TAKEN) >= 3 and sum(1 for n in TAKEN if n) > len(TAKEN) // 20
+
+
+def test_the_c_take_refuses_sizes_that_do_not_cover_the_queue():
+    import stack.native as native
+    from stack.native import fallback
+    avail = memoryview(bytearray(2 * (2 + 8))).cast("H")
+    desc = memoryview(bytearray(16 * 8))
+    for impl in {native.split_take_writable, fallback.split_take_writable}:
+        for args in ((avail[:9], desc, bytearray(8), True, 8),       # avail ring one entry short
+                     (avail, desc[:16 * 7], bytearray(8), True, 8),  # descriptor table short
+                     (avail, desc, bytearray(7), True, 8),           # held short
+                     (avail, desc, bytearray(8), True, 6)):          # not a power of two
+            with pytest.raises(ValueError):
+                impl(*args, 0, 8, 0, 1 << 20, 100, 12, 8)
+        with pytest.raises(ValueError):
+            impl(avail, desc, bytearray(8), True, 8, 0, 9, 0, 1 << 20, 100, 12, 8)   # more ahead than the ring

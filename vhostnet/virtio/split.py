@@ -36,6 +36,7 @@ import os
 import struct
 import threading
 
+from stack.native import split_take_writable
 from vhostnet.virtio.findings import Findings
 from vhostnet.virtio.ring import chain_truncated, describe_common, refusal_doc, MAX_CHAIN_DESCS, Budget, Chain, ChainError
 from vhostnet.vhostuser.memory import GuestMemory, OutOfBounds
@@ -54,7 +55,6 @@ DESC = struct.Struct("<QIHH")
 _desc_unpack = DESC.unpack_from
 _NEXT_OR_INDIRECT = VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT
 _new_chain = object.__new__
-_NEXT_INDIRECT_WRITE = _NEXT_OR_INDIRECT | VRING_DESC_F_WRITE
 
 _barrier_lock = threading.Lock()
 _ONE = (1).to_bytes(8, "little")   # an eventfd increment
@@ -382,7 +382,9 @@ class SplitRing:
         buffer inside the cached guest region (the region of a walk's
         buffer), and looping or long chains are never taken here at all
         (a NEXT or INDIRECT descriptor stops the run). Call it inside
-        mark(): rollback() gives the buffers back like popped ones.
+        mark(): rollback() gives the buffers back like popped ones. The
+        loop itself is stack.native.split_take_writable: C, or its Python
+        twin (tests/device/test_take_writable.py holds them to each other).
 
         Returns (region, heads, offsets, lengths, room): the cached region's
         view, and for each buffer its head, its offset in that view and its
@@ -390,45 +392,22 @@ class SplitRing:
         buffer: a 64 KiB frame in 4 KiB buffers is 17 of them, and
         stack.native.scatter_region copies into all of them in one call.
         """
-        heads: list[int] = []
-        offs: list[int] = []
-        lens: list[int] = []
         avail_h = self._avail_h
         rc = self._rcache
         if self.broken is not None or avail_h is None or rc is None:
-            return None, heads, offs, lens, 0
+            return None, [], [], [], 0
         num = self.num
-        mask = num - 1
         last = self.last_avail_idx
         ahead = (avail_h[1] - last) & 0xFFFF
         if ahead > num:
             ahead = 0               # a jump or a step back: pop() refuses it
         r_gpa, r_end, region = rc
-        table = self._desc
         checks = self.checks
-        held = self._held
-        left = budget.left
-        room = 0
-        while room < need and ahead and left > 0:
-            head = avail_h[2 + (last & mask)]
-            if head >= num or (checks and held[head]):
-                break
-            addr, length, flags, _nxt = _desc_unpack(table, head << 4)
-            if (flags & _NEXT_INDIRECT_WRITE != VRING_DESC_F_WRITE or length < min_len or not length
-                    or not (r_gpa <= addr and addr + length <= r_end)):
-                break
-            if checks:
-                held[head] = 1      # a head twice in the run stops it at the second
-            heads.append(head)
-            offs.append(addr - r_gpa)
-            lens.append(length)
-            room += length
-            last = (last + 1) & 0xFFFF
-            ahead -= 1
-            left -= 1
+        heads, offs, lens, room = split_take_writable(avail_h, self._desc, self._held, checks, num, last,
+                                                      ahead, r_gpa, r_end, need, min_len, budget.left)
         if heads:
-            self.last_avail_idx = last
-            budget.left = left
+            self.last_avail_idx = (last + len(heads)) & 0xFFFF
+            budget.left -= len(heads)
             self.stats["chains"] += len(heads)
             if checks:
                 self._walk_indirect = None
