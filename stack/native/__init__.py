@@ -19,6 +19,8 @@ install time through setup.py's `cffi_modules`):
     split_take_writable(avail, desc, held, ...) -> (heads, offs, lens, room)
                                           the split ring's batched take of RX
                                           buffers (vhostnet/virtio/split.py)
+    split_put_frame(...) -> heads         that run, the copy and the used
+                                          elements of one frame in one call
 
 Selection: the compiled module `stack.native._native` is used when it
 imports and VHOSTNET_NATIVE is not "0"; otherwise every name above comes
@@ -41,7 +43,7 @@ import os
 from . import fallback
 
 __all__ = ["NATIVE", "IMPLEMENTATION", "REASON", "ones_sum", "l4_sum", "copy", "segment", "EchoReplier",
-           "scatter_region", "split_take_writable", "describe"]
+           "scatter_region", "split_take_writable", "split_put_frame", "describe"]
 
 log = logging.getLogger("stack.native")
 
@@ -55,7 +57,7 @@ COPY_C_MIN_VIEWS = 64
 
 # Every C routine stack/native/build.py declares.
 _ROUTINES = ("vn_ones_sum", "vn_l4_sum", "vn_copy", "vn_segment_tcp", "vn_icmp_echo_reply", "vn_scatter_region",
-             "vn_split_take_writable")
+             "vn_split_take_writable", "vn_split_put_frame")
 
 _lib = _ffi = None
 if os.environ.get(ENV_SWITCH, "1") == "0":
@@ -230,6 +232,31 @@ if NATIVE:
         if n < 0:
             raise ValueError("ring sizes do not cover the queue size")
         return out[:n].tolist(), out[m:m + n].tolist(), out[2 * m:2 * m + n].tolist(), out[3 * m]
+
+    # ---- RX: a whole frame into the split ring's next buffers (native.c vn_split_put_frame) ----
+    _put = _lib.vn_split_put_frame
+    PUT_MAX_BUFFERS = fallback.PUT_MAX_BUFFERS
+
+    def split_put_frame(avail_h, desc, held, checks: bool, used_i, num: int, last: int, ahead: int,
+                        used_idx: int, region, r_gpa: int, min_len: int, max_take: int, hdr, data,
+                        count_off: int) -> list:
+        """The take, the copy and the used elements of one frame in one C call
+        (see fallback.split_put_frame). Returns the heads used, [] if the run
+        does not hold the frame."""
+        m = min(ahead, max_take, PUT_MAX_BUFFERS)
+        if m <= 0:
+            return []
+        out = _U64_ZERO * m
+        n = _put(_from_buffer("uint16_t[]", avail_h), len(avail_h), _from_buffer(desc), len(desc),
+                 _from_buffer(held, require_writable=True), len(held), 1 if checks else 0,
+                 _from_buffer("uint32_t[]", used_i, require_writable=True), len(used_i), num, last, ahead,
+                 used_idx, _from_buffer(region, require_writable=True), r_gpa, len(region), min_len, m,
+                 hdr if type(hdr) is bytes else _from_buffer(hdr), len(hdr),
+                 data if type(data) is bytes else _from_buffer(data), len(data), count_off,
+                 _from_buffer("uint64_t[]", out))
+        if n < 0:
+            raise ValueError("used ring shorter than the queue, or the count outside the first buffer")
+        return out[:n].tolist() if n else []
 else:
     ones_sum = fallback.ones_sum
     l4_sum = fallback.l4_sum
@@ -238,5 +265,6 @@ else:
     EchoReplier = fallback.EchoReplier
     scatter_region = fallback.scatter_region
     split_take_writable = fallback.split_take_writable
+    split_put_frame = fallback.split_put_frame
 
 log.debug("hot paths: %s%s", IMPLEMENTATION, f" ({REASON})" if REASON else "")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 
 __all__ = ["ones_sum", "l4_sum", "copy", "segment", "icmp_echo_reply", "EchoReplier", "ECHO_MAX_FRAME",
-           "scatter_region", "split_take_writable"]
+           "scatter_region", "split_take_writable", "split_put_frame"]
 
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
@@ -277,3 +277,44 @@ def split_take_writable(avail_h, desc, held, checks: bool, num: int, last: int, 
         room += length
         n += 1
     return heads, offs, lens, room
+
+
+# ---- RX: a whole frame into the split ring's next buffers (native.c vn_split_put_frame) ----
+
+PUT_MAX_BUFFERS = 256     # native.c VN_PUT_MAX_BUFFERS: a frame needing more goes the slow way
+
+
+def split_put_frame(avail_h, desc, held, checks: bool, used_i, num: int, last: int, ahead: int,
+                    used_idx: int, region, r_gpa: int, min_len: int, max_take: int, hdr, data,
+                    count_off: int) -> list:
+    """split_take_writable's run for len(hdr) + len(data) bytes; if it holds
+    them, the copy into the region, the used elements (USED_I: the used ring
+    as 32-bit words) from USED_IDX on, and the number of buffers as a
+    little-endian 16-bit value at COUNT_OFF of the stream. Returns the heads
+    used; [] (nothing written, nothing left marked) when the run does not
+    hold the frame."""
+    if len(used_i) < 1 + 2 * num or count_off + 2 > min_len:
+        raise ValueError("used ring shorter than the queue, or the count outside the first buffer")
+    need = len(hdr) + len(data)
+    heads, offs, lens, room = split_take_writable(avail_h, desc, held, checks, num, last, ahead, r_gpa,
+                                                  r_gpa + len(region), need, min_len,
+                                                  min(max_take, PUT_MAX_BUFFERS))
+    if not heads or room < need:
+        if checks:
+            for h in heads:
+                held[h] = 0     # given back: the device no longer holds them
+        return []
+    n = len(heads)
+    scatter_region(region, offs, lens, hdr, data)
+    o = offs[0] + count_off
+    region[o] = n & 0xFF
+    region[o + 1] = n >> 8 & 0xFF
+    mask = num - 1
+    left = need
+    for i, (h, k) in enumerate(zip(heads, lens)):
+        slot = (used_idx + i) & mask
+        k = k if k < left else left
+        used_i[1 + 2 * slot] = h
+        used_i[2 + 2 * slot] = k
+        left -= k
+    return heads

@@ -433,3 +433,66 @@ long vn_split_take_writable(const uint16_t *avail, size_t avail_words, const cha
     *room = total;
     return (long)n;
 }
+
+/* ---- RX: a whole frame into the split ring's next buffers, one call ----
+ *
+ * vn_split_put_frame: vn_split_take_writable's run, and if the buffers
+ * taken hold hdr + data, the copy (vn_scatter_region) and their used
+ * elements (virtio 1.2 section 2.7.8: id, bytes written; each full but the
+ * last) at used ring index used_idx on, and the number of buffers as a
+ * little-endian 16-bit value at count_off of the stream (the virtio-net
+ * header's num_buffers, section 5.1.6.4; count_off + 2 <= min_len, so it
+ * lies in the first buffer).  Returns the buffers used, their heads in
+ * heads[]; 0 when the run does not hold the frame (at most
+ * VN_PUT_MAX_BUFFERS buffers, or the ring has fewer): then nothing is
+ * written and no head stays marked, and the caller takes the slow way.
+ * -1 when the sizes given do not cover the queue.  used_idx/avail index
+ * updates stay with the caller (split.py), as does publishing used->idx.
+ */
+#define VN_PUT_MAX_BUFFERS 256
+
+long vn_split_put_frame(const uint16_t *avail, size_t avail_words, const char *desc, size_t desc_len,
+                        uint8_t *held, size_t held_len, int checks, uint32_t *used, size_t used_words,
+                        uint32_t num, uint32_t last, uint32_t ahead, uint32_t used_idx,
+                        char *region, uint64_t r_gpa, uint64_t r_size, uint32_t min_len, uint32_t max_take,
+                        const char *hdr, size_t hlen, const char *data, size_t dlen, uint32_t count_off,
+                        uint64_t *heads)
+{
+    uint64_t offs[VN_PUT_MAX_BUFFERS], lens[VN_PUT_MAX_BUFFERS], room = 0;
+    size_t sizes[VN_PUT_MAX_BUFFERS], starts[VN_PUT_MAX_BUFFERS];
+    if (used_words < 1 + 2 * (size_t)num || (size_t)count_off + 2 > min_len || r_size > UINT64_MAX - r_gpa)
+        return -1;
+    uint64_t need = (uint64_t)hlen + dlen;
+    if (max_take > VN_PUT_MAX_BUFFERS)
+        max_take = VN_PUT_MAX_BUFFERS;
+    long n = vn_split_take_writable(avail, avail_words, desc, desc_len, held, held_len, checks, num, last,
+                                    ahead, r_gpa, r_gpa + r_size, need, min_len, max_take,
+                                    heads, offs, lens, &room);
+    if (n < 0)
+        return -1;
+    if (n == 0 || room < need) {
+        if (checks)
+            for (long i = 0; i < n; i++)
+                held[heads[i]] = 0;     /* given back: the device no longer holds them */
+        return 0;
+    }
+    for (long i = 0; i < n; i++) {
+        starts[i] = (size_t)offs[i];
+        sizes[i] = (size_t)lens[i];
+    }
+    if (vn_scatter_region(region, (size_t)r_size, starts, sizes, (size_t)n, hdr, hlen, data, dlen) != (long)need)
+        return -1;                      /* cannot happen: the run holds need bytes inside the region */
+    char *first = region + starts[0] + count_off;
+    first[0] = (char)(n & 0xFF);
+    first[1] = (char)((n >> 8) & 0xFF);
+    uint32_t mask = num - 1;
+    uint64_t left = need;
+    for (long i = 0; i < n; i++) {
+        uint32_t slot = (used_idx + (uint32_t)i) & mask;
+        uint32_t k = (uint32_t)(lens[i] < left ? lens[i] : left);
+        used[1 + 2 * (size_t)slot] = le32((uint32_t)heads[i]);
+        used[2 + 2 * (size_t)slot] = le32(k);
+        left -= k;
+    }
+    return n;
+}

@@ -314,7 +314,8 @@ _DESCS = st.lists(st.tuples(st.integers(0, 1 << 17), st.sampled_from([4096] * 4 
                   min_size=8, max_size=8).map(lambda ds: b"".join(DESC.pack(*d) for d in ds))
 
 
-@settings(max_examples=300, deadline=None)
+# derandomize: the same examples every run, so that the coverage check after it is stable
+@settings(max_examples=300, deadline=None, derandomize=True)
 @given(desc=_DESCS, ring=st.lists(st.sampled_from(list(range(8)) * 4 + [8, 9, 0xFFFF]), min_size=8, max_size=8).map(
            lambda hs: struct.pack("<8H", *hs)),
        held=st.lists(st.sampled_from([0] * 9 + [1]), min_size=8, max_size=8).map(bytes),
@@ -370,3 +371,143 @@ def test_the_c_take_refuses_sizes_that_do_not_cover_the_queue():
                 impl(*args, 0, 8, 0, 1 << 20, 100, 12, 8)
         with pytest.raises(ValueError):
             impl(avail, desc, bytearray(8), True, 8, 0, 9, 0, 1 << 20, 100, 12, 8)   # more ahead than the ring
+
+
+# -- put_frame: the take, the copy and the used elements of one frame at once (split rings) --
+
+COUNT_OFF = 10    # num_buffers in the 12-byte virtio-net header (§5.1.6)
+
+
+@pytest.fixture(params=["native", "fallback"])
+def split_rig(request, monkeypatch):
+    import stack.native as native
+    from stack.native import fallback
+    from vhostnet.virtio import split
+    if request.param == "native" and not native.NATIVE:
+        if native.REASON.startswith(native.ENV_SWITCH):
+            pytest.skip("VHOSTNET_NATIVE=0: the fallback was asked for")
+        pytest.fail("the cffi extension is not built (python stack/native/build.py)")
+    if request.param == "fallback":
+        monkeypatch.setattr(split, "split_put_frame", fallback.split_put_frame)
+        monkeypatch.setattr(split, "split_take_writable", fallback.split_take_writable)
+    rigs = []
+
+    def make(num=16):
+        r = SplitRig(num)
+        rigs.append(r)
+        return r
+    yield make
+    for r in rigs:
+        r.close()
+
+
+def _stream(r, used):
+    return b"".join(bytes(r.view[BUF_OFF + h * 4096:BUF_OFF + h * 4096 + n]) for h, n in used)
+
+
+def test_put_frame_writes_the_frame_its_count_and_the_used_elements(split_rig):
+    r = split_rig()
+    warm(r)
+    heads = [r.post() for _ in range(5)]
+    q = r.ring
+    b = Budget(100)
+    hdr = bytes(range(12))
+    data = bytes((i * 7) & 0xFF for i in range(3 * BUF + 40))
+    assert q.put_frame(hdr, data, HDR, b, COUNT_OFF) == 4
+    assert b.left == 96 and q.last_avail_idx == 5 and q.stats["bytes"] == len(hdr) + len(data)
+    used = r.used()[1:]
+    assert used == [(h, BUF) for h in heads[:3]] + [(heads[3], 12 + len(data) - 3 * BUF)]
+    got = _stream(r, used)
+    assert got[:10] == hdr[:10] and got[10:12] == (4).to_bytes(2, "little") and got[12:] == data
+    assert q.errors == {} and q.pop().head == heads[4]
+    assert not q._held[heads[0]]        # published: the device no longer holds them
+
+
+@pytest.mark.parametrize("bad", ["looping", "out_of_memory", "below_header", "readonly", "too_few"])
+def test_put_frame_takes_nothing_when_the_run_does_not_hold_the_frame(split_rig, bad):
+    """The run stops at anything pop() must judge (or the buffers run out)
+    before the frame fits: 0, nothing taken, written, marked or recorded."""
+    r = split_rig()
+    warm(r)
+    q = r.ring
+    good = [r.post(), r.post()]
+    if bad == "looping":
+        h = r.next_head
+        r.next_head += 1
+        r.post(head=h, flags=F_WRITE | F_NEXT, nxt=h)
+    elif bad == "out_of_memory":
+        r.post(addr=GPA + SIZE - 16)
+    elif bad == "below_header":
+        r.post(length=HDR - 1)
+    elif bad == "readonly":
+        r.post(flags=0)
+    r.post()
+    before = (q.last_avail_idx, q.used_idx, dict(q.stats), bytes(q._held))
+    snapshot = bytes(r.view[BUF_OFF:BUF_OFF + 16 * 4096])
+    assert q.put_frame(bytes(12), b"x" * (4 * BUF), HDR, Budget(100), COUNT_OFF) == 0
+    assert (q.last_avail_idx, q.used_idx, dict(q.stats), bytes(q._held)) == before
+    assert bytes(r.view[BUF_OFF:BUF_OFF + 16 * 4096]) == snapshot and q.errors == {}
+    assert [q.pop().head for _ in good] == good
+
+
+def test_put_frame_stops_at_the_budget_and_at_a_held_head(split_rig):
+    r = split_rig()
+    warm(r)
+    q = r.ring
+    for _ in range(4):
+        r.post()
+    assert q.put_frame(bytes(12), b"y" * (3 * BUF), HDR, Budget(3), COUNT_OFF) == 0   # needs 4
+    h = r.post()
+    r.offer(h)                           # the same head again, behind the first
+    assert q.put_frame(bytes(12), b"y" * (5 * BUF), HDR, Budget(100), COUNT_OFF) == 0
+    assert q.errors == {} and not any(q._held)
+
+
+# Mostly good buffers, so that many frames fit several of them (and some do not).
+_GOOD_DESCS = st.lists(st.tuples(st.integers(0, 1 << 17), st.sampled_from([4096] * 8 + [100, 12, 5, 0xFFFFFFFF]),
+                                 st.sampled_from([2] * 20 + [0, 1, 4]), st.integers(0, 9)),
+                       min_size=8, max_size=8).map(lambda ds: b"".join(DESC.pack(*d) for d in ds))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(desc=_GOOD_DESCS, ring=st.permutations(list(range(8))).map(lambda hs: struct.pack("<8H", *hs))
+       | st.lists(st.sampled_from(list(range(8)) * 4 + [8, 0xFFFF]), min_size=8,
+                  max_size=8).map(lambda hs: struct.pack("<8H", *hs)),
+       held=st.lists(st.sampled_from([0] * 19 + [1]), min_size=8, max_size=8).map(bytes),
+       checks=st.booleans(), last=st.integers(0, 0xFFFF), used_idx=st.integers(0, 0xFFFF),
+       ahead=st.sampled_from([8, 8, 5, 1, 0]), dlen=st.sampled_from([0, 50, 4000, 5000, 9000, 20000]),
+       max_take=st.sampled_from([10, 10, 3, 0]), r_gpa=st.sampled_from([0, 4096]))
+def test_the_c_put_frame_agrees_with_its_python_twin(desc, ring, held, checks, last, used_idx, ahead, dlen,
+                                                     max_take, r_gpa):
+    """Same heads, same bytes in the region, same used ring, same marks."""
+    import stack.native as native
+    from stack.native import fallback
+    if not native.NATIVE:
+        if native.REASON.startswith(native.ENV_SWITCH):
+            pytest.skip("VHOSTNET_NATIVE=0: the fallback was asked for")
+        pytest.fail("the cffi extension is not built (python stack/native/build.py)")
+    avail = memoryview(bytearray(4) + ring + bytearray(2)).cast("H")
+    hdr = bytes(range(12))
+    data = bytes((i * 13) & 0xFF for i in range(dlen))
+    results = []
+    for impl in (native.split_put_frame, fallback.split_put_frame):
+        h = bytearray(held)
+        region = bytearray(b"\xa5" * (1 << 18))
+        used = memoryview(bytearray(4 + 8 * 8 + 2)).cast("B")[:4 + 8 * 8].cast("I")
+        got = impl(avail, memoryview(desc), h, checks, used, 8, last, ahead, used_idx, memoryview(region),
+                   r_gpa, HDR, max_take, hdr, data, COUNT_OFF)
+        results.append((got, bytes(h), bytes(region), used.tolist()))
+    assert results[0] == results[1]
+    heads, h, _, _ = results[0]
+    if not heads:
+        assert h == held                  # nothing left marked
+    TAKEN_PUT.append(len(heads))
+
+
+TAKEN_PUT: list[int] = []
+
+
+def test_the_random_rings_put_frames():
+    """The property above wrote frames into several buffers, not only none or one."""
+    if TAKEN_PUT:
+        assert max(TAKEN_PUT) >= 3 and sum(1 for n in TAKEN_PUT if n) > len(TAKEN_PUT) // 20

@@ -455,6 +455,12 @@ class PackedRing:
             self.stats["chains"] += len(ids)
         return region, ids, offs, lens, room
 
+    def put_frame(self, hdr, data, min_len: int, budget, count_off: int) -> int:
+        """Split rings write a frame's run in one call (split.py put_frame);
+        packed rings take the general way: 0, nothing taken, so the device
+        goes through mark()/take_writable()/pop()."""
+        return 0
+
     def _take(self, buf_id: int, ndesc: int) -> None:
         self.last_avail_idx, self.avail_wrap = self._advance(self.last_avail_idx, self.avail_wrap, ndesc)
         self._inflight.append((buf_id, ndesc))

@@ -36,7 +36,7 @@ import os
 import struct
 import threading
 
-from stack.native import split_take_writable
+from stack.native import split_put_frame, split_take_writable
 from vhostnet.virtio.findings import Findings
 from vhostnet.virtio.ring import chain_truncated, describe_common, refusal_doc, MAX_CHAIN_DESCS, Budget, Chain, ChainError
 from vhostnet.vhostuser.memory import GuestMemory, OutOfBounds
@@ -414,6 +414,44 @@ class SplitRing:
                 if self._marked_heads is not None:
                     self._marked_heads.extend(heads)
         return region, heads, offs, lens, room
+
+    def put_frame(self, hdr, data, min_len: int, budget: Budget, count_off: int) -> int:
+        """HDR + DATA into the next buffers, the common case in one call (MRG_RXBUF).
+
+        take_writable()'s run (the same checks: stack.native.split_put_frame
+        is its loop, the copy and the used elements, in C or its Python
+        twin); if those buffers hold the frame, it is written, their used
+        elements pushed (every one full but the last), and the number of
+        buffers stored at COUNT_OFF of the stream (the header's
+        num_buffers, §5.1.6.4). Returns that number; 0 when the run does
+        not hold the frame, with nothing taken, written or recorded: the
+        caller then goes through mark()/take_writable()/pop().
+        """
+        avail_h = self._avail_h
+        rc = self._rcache
+        if self.broken is not None or avail_h is None or rc is None or budget.left <= 0:
+            return 0
+        num = self.num
+        last = self.last_avail_idx
+        ahead = (avail_h[1] - last) & 0xFFFF
+        if not 0 < ahead <= num:
+            return 0                # nothing, or a jump or a step back: pop() refuses it
+        checks = self.checks
+        heads = split_put_frame(avail_h, self._desc, self._held, checks, self._used_i, num, last, ahead,
+                                self.used_idx, rc[2], rc[0], min_len, budget.left, hdr, data, count_off)
+        n = len(heads)
+        if n:
+            self.last_avail_idx = (last + n) & 0xFFFF
+            self.used_idx = (self.used_idx + n) & 0xFFFF
+            budget.left -= n
+            self.stats["chains"] += n
+            self.stats["bytes"] += len(hdr) + len(data)
+            if checks:
+                self._walk_indirect = None
+                if self._marked_heads is not None:
+                    self._marked_heads.extend(heads)
+                self._unpublished.extend(heads)
+        return n
 
     def unpop(self) -> None:
         """Give back the one chain pop() just returned (nothing pushed since): no use for it yet."""
