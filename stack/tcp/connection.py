@@ -193,7 +193,7 @@ class TcpConnection(InputMixin, OutputMixin, TimersMixin):
     @property
     def unsent(self) -> int:
         """Bytes queued but not yet acknowledged by the peer."""
-        return len(self.sndbuf.buf)
+        return len(self.sndbuf)
 
     def send(self, data) -> int:
         if self.state not in APP_CAN_SEND or self.fin_queued:
@@ -322,7 +322,7 @@ class TcpConnection(InputMixin, OutputMixin, TimersMixin):
             "retransmits": self.retransmits,
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "segs_in": self.segs_in, "segs_out": self.segs_out,
-            "unread": len(self.rcvbuf.buf), "unacked": len(self.sndbuf.buf),
+            "unread": len(self.rcvbuf.buf), "unacked": len(self.sndbuf),
             "ooo_bytes": self.ooo.nbytes, "held": self.held,
             "error": self.error,
         }

@@ -339,7 +339,7 @@ class InputMixin:
             self.rtt.sample(now - self.rtt_time)
             self.rtt_seq = None
         sb = self.sndbuf
-        room_before = sb.cap - len(sb.buf)
+        room_before = sb.cap - len(sb)
         sb.ack_to(min(ack, sb.end))
         self.snd_una = ack
         self.bytes_out += acked
@@ -378,7 +378,7 @@ class InputMixin:
             self._arm("t_rtx", now + self.rtt.rto)     # RFC 6298 5.3: restart
         # Wake the writer when half the buffer is free (a low-water mark, like
         # Linux's sk_stream_wspace), not for every ACK: fewer, larger writes.
-        if room_before < sb.cap // 2 <= sb.cap - len(sb.buf):
+        if room_before < sb.cap // 2 <= sb.cap - len(sb):
             self._n_write = True
 
     def _dupack(self, now: float) -> None:

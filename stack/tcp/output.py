@@ -90,7 +90,7 @@ class OutputMixin:
                 self._send_ack(now)
             return
         sndbuf = self.sndbuf
-        data_end = sndbuf.seq + len(sndbuf.buf)
+        data_end = sndbuf.seq + sndbuf.length
         fin = self.fin_queued
         if not (self.lost_end > self.retx_nxt or data_end > self.snd_nxt
                 or (fin and self.snd_nxt == data_end)):

@@ -285,7 +285,7 @@ async def test_slow_guest_closes_the_host_side(backend, nursery):
     assert flows.send_space(fid) < sndbuf // 2
     assert conn.readable <= 16384
     assert state["sent"] < 8 << 20, "the host side never felt the back-pressure"
-    assert len(srv.current.device.stack.tcp.connections[0].sndbuf.buf) <= sndbuf
+    assert len(srv.current.device.stack.tcp.connections[0].sndbuf) <= sndbuf
     assert not done.is_set()
     data = await g.recv_until_eof(conn, timeout=120)
     assert data == blob
