@@ -9,9 +9,11 @@ bytearray FIFO (`del buf[:n]` on ACK, `+=` on write), but CPython grows a
 bytearray whose front was deleted by allocating anew and copying all of it:
 a bulk sender's ACK-then-write cycle copied the whole 256 KiB buffer to add
 64 KiB (40 us a cycle, against 3 us for the 64 KiB memcpy). The storage
-grows by doubling up to the capacity as the connection needs it (an idle
-flow holds none) and is let go when everything is acknowledged. No
-memoryview of it outlives a call, so it can always be replaced.
+grows by doubling up to the capacity as the connection needs it (a flow
+that never sent much holds little) and stays for the connection's life:
+letting it go whenever everything was acknowledged made a bulk sender regrow
+it all the time. No memoryview of it outlives a call, so it can always be
+replaced.
 
 The receive buffer is still a bytearray FIFO: CPython deletes from the front
 in O(1) (it moves its start pointer) and appends amortised O(n).
@@ -93,8 +95,7 @@ class SendBuffer:
         self.length -= n
         self.seq += n
         if not self.length:
-            self.store = bytearray()     # all acknowledged: an idle connection holds no storage
-            self.head = 0
+            self.head = 0                # all acknowledged: the storage stays (regrowing it cost more)
         else:
             h = self.head + n
             size = len(self.store)
