@@ -3,14 +3,17 @@
 
 Single core, no device, no guest: this measures the stack's share of the
 per-packet budget. Frames are handed over as memoryviews, as the device does.
-Usage: python scripts/bench_stack_udp.py [seconds-per-case] [--cpu]
+    python3 scripts/bench_stack_udp.py              # 1 s per case, wall clock
+    python3 scripts/bench_stack_udp.py 3 --cpu      # 3 s per case, this process's CPU time
+
 --cpu times with process_time (this process's CPU) instead of the wall
-clock, which other processes on a shared machine inflate less.
+clock, which other processes on a shared machine inflate less. Prints a
+table; not a test.
 """
 from __future__ import annotations
 
+import argparse
 import struct
-import sys
 import time
 
 from stack import Frame, NetConfig
@@ -59,10 +62,15 @@ def run(proto: int, size: int, seconds: float, offload: bool,
             return done / dt, dt / done * 1e6
 
 
-def main() -> None:
-    args = [a for a in sys.argv[1:] if a != "--cpu"]
-    clock = time.process_time if "--cpu" in sys.argv[1:] else time.perf_counter
-    seconds = float(args[0]) if args else 1.0
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("seconds", nargs="?", type=float, default=1.0, help="per case (default 1)")
+    p.add_argument("--cpu", action="store_true", help="time with process_time, not the wall clock")
+    a = p.parse_args(argv)
+    clock = time.process_time if a.cpu else time.perf_counter
+    seconds = a.seconds
     # ICMP sizes are ICMP message bytes (ping -s 56 -> 64 B; -s 1464 -> 1472 B);
     # UDP sizes are UDP payload bytes (1472 fills a 1500-byte MTU).
     cases = [("ICMP echo", 1, 64, False), ("ICMP echo", 1, 1472, False),

@@ -2565,7 +2565,7 @@ def main(argv=None) -> int:
                    "(replay with the same --only); ops: " + ", ".join(op_names()))
     p.add_argument("--queues", type=int, default=DEFAULT_QUEUES, metavar="N",
                    help=f"queue pairs the backend serves (1..{MAX_QUEUES}, default {DEFAULT_QUEUES}); with N > 1, "
-                        f"{MQ_SHARE:.0%} of connects negotiate MQ and drive all 2N rings; 1: the one-pair fuzzer")
+                        f"{MQ_SHARE * 100:.0f}%% of connects negotiate MQ and drive all 2N rings; 1: the one-pair fuzzer")
     p.add_argument("--tree", default=str(ROOT), help="the vhostnet tree the backend runs from (default: this one)")
     p.add_argument("--keep-workdir", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
