@@ -102,14 +102,17 @@ class SendBuffer:
             self.head = h - size if h >= size else h
         return n
 
+    def _start(self, seq: int) -> int:
+        """Where sequence number SEQ is in the store."""
+        start = self.head + (seq - self.seq)
+        size = len(self.store)
+        return start - size if start >= size else start
+
     def append_to(self, out: bytearray, seq: int, n: int) -> None:
         """out += the n bytes starting at sequence number seq."""
-        store = self.store
-        size = len(store)
-        start = self.head + (seq - self.seq)
-        if start >= size:
-            start -= size
-        with memoryview(store) as mv:
+        start = self._start(seq)
+        size = len(self.store)
+        with memoryview(self.store) as mv:
             if start + n <= size:
                 out += mv[start:start + n]
             else:
@@ -118,12 +121,9 @@ class SendBuffer:
 
     def append_to_view(self, out, seq: int, n: int) -> None:
         """out[:n] = the n bytes starting at sequence number seq (OUT: a writable buffer)."""
-        store = self.store
-        size = len(store)
-        start = self.head + (seq - self.seq)
-        if start >= size:
-            start -= size
-        with memoryview(store) as mv:
+        start = self._start(seq)
+        size = len(self.store)
+        with memoryview(self.store) as mv:
             if start + n <= size:
                 out[:n] = mv[start:start + n]
             else:

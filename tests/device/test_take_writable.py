@@ -40,6 +40,13 @@ class SplitRig:
     packed = False
 
     def __init__(self, num: int):
+        q = self._map(num, SplitRing(0, "rx"), AVAIL_OFF, USED_OFF)
+        q.attach(self.mem)
+        q.started = q.enabled = True
+        self.next_head = 0
+
+    def _map(self, num: int, ring, avail_off: int, used_off: int):
+        """A memfd as guest memory, and RING (num NUM) laid out in it."""
         self.fd = os.memfd_create("take-writable")
         os.ftruncate(self.fd, SIZE)
         self.mem = GuestMemory()
@@ -47,12 +54,11 @@ class SplitRig:
         self.mm = mmap.mmap(self.fd, SIZE)
         self.view = memoryview(self.mm)
         self.num = num
-        self.ring = q = SplitRing(0, "rx")
-        q.num = num
-        q.desc_uva, q.avail_uva, q.used_uva = UVA_BASE + DESC_OFF, UVA_BASE + AVAIL_OFF, UVA_BASE + USED_OFF
-        q.attach(self.mem)
-        q.started = q.enabled = True
-        self.next_head = 0
+        self.ring = ring
+        ring.num = num
+        ring.desc_uva, ring.avail_uva, ring.used_uva = (UVA_BASE + DESC_OFF, UVA_BASE + avail_off,
+                                                         UVA_BASE + used_off)
+        return ring
 
     def post(self, length=BUF, flags=F_WRITE, addr=None, head=None, nxt=0) -> int:
         """One one-descriptor buffer (or whatever FLAGS say) made available; returns its head."""
@@ -90,16 +96,7 @@ class PackedRig(SplitRig):
     packed = True
 
     def __init__(self, num: int):
-        self.fd = os.memfd_create("take-writable-packed")
-        os.ftruncate(self.fd, SIZE)
-        self.mem = GuestMemory()
-        self.mem.add(self.fd, GPA, SIZE, UVA_BASE, 0)
-        self.mm = mmap.mmap(self.fd, SIZE)
-        self.view = memoryview(self.mm)
-        self.num = num
-        self.ring = q = PackedRing(0, "rx")
-        q.num = num
-        q.desc_uva, q.avail_uva, q.used_uva = UVA_BASE + DESC_OFF, UVA_BASE + PDRIVER_OFF, UVA_BASE + PDEVICE_OFF
+        q = self._map(num, PackedRing(0, "rx"), PDRIVER_OFF, PDEVICE_OFF)
         q.attach(self.mem)
         q.started = q.enabled = True
         q.on_start()

@@ -43,7 +43,7 @@ import collections
 import struct
 
 from vhostnet.virtio.findings import Findings
-from vhostnet.virtio.ring import MAX_CHAIN_DESCS, describe_common, chain_truncated, refusal_doc, Chain, ChainError
+from vhostnet.virtio.ring import MAX_CHAIN_DESCS, describe_common, chain_truncated, refusal_doc, Chain, ChainError, one_buffer_chain
 from vhostnet.virtio.split import MAX_QUEUE_SIZE, full_barrier
 from vhostnet.vhostuser.memory import GuestMemory, OutOfBounds
 
@@ -72,7 +72,6 @@ BASE_INDEX_MASK = 0x7FFF
 DESC = struct.Struct("<QIHH")    # addr, len, id, flags
 _desc_unpack = DESC.unpack_from
 _NEXT_OR_INDIRECT = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT
-_new_chain = object.__new__
 _NEXT_INDIRECT_WRITE = _NEXT_OR_INDIRECT | VIRTQ_DESC_F_WRITE
 _AVAIL_USED = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
 _FLAGS_H = 7                     # flags as the 8th 16-bit word of a descriptor
@@ -384,23 +383,7 @@ class PackedRing:
         self._held += 1
         self._id_count[buf_id] = 1     # not in flight before: checked above
         self.stats["chains"] += 1
-        # Chain(...) without its __init__ (a Python call; a third of this
-        # method's time): every slot set here, as tests/device/test_packed_ring.py
-        # ::test_fast_path_chains_have_every_field checks.
-        c = _new_chain(Chain)
-        c.head = buf_id
-        c.ndesc = 1
-        if flags & VIRTQ_DESC_F_WRITE:
-            c.readable = ()
-            c.writable = (v,)
-            c.read_len = 0
-            c.write_len = length
-        else:
-            c.readable = (v,)
-            c.writable = ()
-            c.read_len = length
-            c.write_len = 0
-        return c
+        return one_buffer_chain(buf_id, v, length, flags & VIRTQ_DESC_F_WRITE)
 
     def take_writable(self, need: int, min_len: int, budget) -> tuple:
         """Consecutive RX buffers in one call, for a frame of NEED bytes (MRG_RXBUF).

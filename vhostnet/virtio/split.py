@@ -38,7 +38,7 @@ import threading
 
 from stack.native import split_put_frame, split_take_writable
 from vhostnet.virtio.findings import Findings
-from vhostnet.virtio.ring import chain_truncated, describe_common, refusal_doc, MAX_CHAIN_DESCS, Budget, Chain, ChainError
+from vhostnet.virtio.ring import chain_truncated, describe_common, refusal_doc, MAX_CHAIN_DESCS, Budget, Chain, ChainError, one_buffer_chain
 from vhostnet.vhostuser.memory import GuestMemory, OutOfBounds
 
 __all__ = ["SplitRing", "Chain", "VRING_DESC_F_NEXT", "VRING_DESC_F_WRITE",
@@ -54,7 +54,6 @@ MAX_QUEUE_SIZE = 32768
 DESC = struct.Struct("<QIHH")
 _desc_unpack = DESC.unpack_from
 _NEXT_OR_INDIRECT = VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT
-_new_chain = object.__new__
 
 _barrier_lock = threading.Lock()
 _ONE = (1).to_bytes(8, "little")   # an eventfd increment
@@ -352,23 +351,7 @@ class SplitRing:
         if budget is not None:
             budget.left -= 1
         self.stats["chains"] += 1
-        # Chain(...) without its __init__ (a Python call; a third of this
-        # method's time): every slot set here, as tests/device/test_hostile.py
-        # ::test_fast_path_chains_have_every_field checks.
-        c = _new_chain(Chain)
-        c.head = head
-        c.ndesc = 1
-        if flags & VRING_DESC_F_WRITE:
-            c.readable = ()
-            c.writable = (v,)
-            c.read_len = 0
-            c.write_len = length
-        else:
-            c.readable = (v,)
-            c.writable = ()
-            c.read_len = length
-            c.write_len = 0
-        return c
+        return one_buffer_chain(head, v, length, flags & VRING_DESC_F_WRITE)
 
     def take_writable(self, need: int, min_len: int, budget: Budget) -> tuple:
         """Consecutive RX buffers in one call, for a frame of NEED bytes (MRG_RXBUF).
