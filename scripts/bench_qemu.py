@@ -49,8 +49,10 @@ Rows (--backends, comma-separated):
 
 All rows use the same NIC (virtio-net-pci, vectors=0) and guest MTU 1500.
 --repeat N boots every backend N times, round-robin (vhostnet, nooffloads,
-slirp, passt, vhostnet, ...), so a burst of load from other tenants hits
-every row alike; each cell is the median of the N boots. Every metric is
+slirp, passt, then nooffloads, slirp, passt, vhostnet, ...: the order
+rotates each round, so every row boots in every place of a round equally
+often), so a burst of load from other tenants hits every row alike; each
+cell is the median of the N boots. Every metric is
 also printed as a ratio to slirp's median in the same run.
 
 --builtin: the old comparison, kept apart and labelled as such: the vhostnet
@@ -406,10 +408,13 @@ class Bench:
 
     @staticmethod
     def _spawn(argv: list[str], logfile: Path, tree: Path | None = None) -> subprocess.Popen:
-        """Start ARGV (with TREE's code on PYTHONPATH, run from TREE, if given)."""
-        env = None if tree is None else dict(os.environ, PYTHONPATH=str(tree))
+        """Start ARGV with TREE's code (default: this one) on PYTHONPATH, run from TREE,
+        so that every vhostnet row runs the code of a named tree (not whatever
+        an editable install elsewhere points at) in the same environment."""
+        tree = tree or ROOT
+        env = dict(os.environ, PYTHONPATH=str(tree))
         with open(logfile, "wb") as out:
-            return subprocess.Popen(argv, cwd=tree or ROOT, stdin=subprocess.DEVNULL, stdout=out,
+            return subprocess.Popen(argv, cwd=tree, stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, env=env)
 
     def _watch(self, run: Run, proc: subprocess.Popen, meters: Meters, ctl: str | None) -> None:
@@ -489,6 +494,15 @@ def operations(test: str, value: float, seconds: float) -> float:
     if test in ("crr", "udp"):
         return value * seconds
     return value * seconds / 8       # Mbit/s -> MB
+
+
+def round_order(backends: list[str], rep: int) -> list[str]:
+    """The rows' boot order in round REP: rotated by one each round, so that
+    every row boots in every place of a round equally often, and a place
+    that is slower (after a given row, or first after a pause) costs every
+    row alike."""
+    k = rep % len(backends)
+    return backends[k:] + backends[:k]
 
 
 def median_of(runs: list[Run], seconds: float = 0.0) -> Run:
@@ -779,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
     all_runs: list[Run] = []
     try:
         for rep in range(args.repeat):          # round-robin: noise hits every row alike
-            for b in backends:
+            for b in round_order(backends, rep):
                 all_runs.append(bench.run(b, rep))
     finally:
         bench.close()

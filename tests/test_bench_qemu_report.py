@@ -117,3 +117,12 @@ def test_guest_interrupts_per_operation_are_a_median_over_boots(bq):
     assert row.irqs["ping"] == 20 / 15
     assert "interrupts the guest took" in bq.table([row], ["udp", "send", "ping"], base="slirp")
     assert not bq.median_of(boots).irqs                 # no seconds given: no per-op figure
+
+
+def test_every_row_boots_in_every_place_of_a_round(bq):
+    rows = ["vhostnet", "vhostnet-nooffloads", "slirp", "passt"]
+    rounds = [bq.round_order(rows, rep) for rep in range(8)]
+    assert all(sorted(r) == sorted(rows) for r in rounds)
+    for place in range(len(rows)):
+        seen = [r[place] for r in rounds]
+        assert sorted(seen) == sorted(rows * 2)     # each row twice in each place over 8 rounds
