@@ -302,7 +302,7 @@ class NetDevice:
         while True:
             chain = pop_fast(b)
             if chain is None:
-                chain = pop(b)
+                chain = pop(b, False)    # pop_fast just looked: straight to the walk
                 if chain is None:
                     break
             try:

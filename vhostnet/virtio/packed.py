@@ -297,8 +297,9 @@ class PackedRing:
             pos, wrap = self._advance(pos, wrap, 1)
         return n
 
-    def pop(self, budget=None) -> Chain | None:
+    def pop(self, budget=None, fast: bool = True) -> Chain | None:
         """Next well-formed chain, or None. Refused chains are returned used with length 0.
+        (FAST: the split ring's hint; this walk has no separate fast path to skip.)
 
         Chain.head is the buffer id: what push() returns to the driver.
         """

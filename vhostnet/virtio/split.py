@@ -235,17 +235,21 @@ class SplitRing:
 
     # -- taking chains -----------------------------------------------------
 
-    def pop(self, budget: Budget | None = None) -> Chain | None:
+    def pop(self, budget: Budget | None = None, fast: bool = True) -> Chain | None:
         """Next well-formed chain, or None. Bad chains are returned used with length 0.
 
         With a BUDGET, every avail entry consumed is charged to it (refused
         ones too) and None comes back once it is spent: the caller yields.
+        FAST false: the caller's own pop_fast() just found nothing to take,
+        so the first entry goes straight to the walk.
         """
         avail_h = self._avail_h
         while budget is None or budget.left > 0:
-            chain = self.pop_fast(budget)
-            if chain is not None:
-                return chain
+            if fast:
+                chain = self.pop_fast(budget)
+                if chain is not None:
+                    return chain
+            fast = True
             if self.broken is not None:   # --strict broke it inside this batch
                 return None
             avail = avail_h[1]
