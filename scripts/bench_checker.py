@@ -28,6 +28,9 @@ import trio
 from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import Ether
 
+# This tree's code, whether or not it is the installed one (a second clone, a worktree).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from vhostnet.launch.serve import make_server
 from vhostnet.testing.frontend import Frontend
 

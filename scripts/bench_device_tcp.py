@@ -59,6 +59,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 import trio
 
+# This tree's code, whether or not it is the installed one (a second clone, a worktree).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from stack import Frame, NetConfig, Stack
 from stack.tcp.config import TcpConfig
 from vhostnet.testing.frontend import NET_HDR, Frontend

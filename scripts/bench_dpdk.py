@@ -58,6 +58,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# This tree's code, whether or not it is the installed one (a second clone, a worktree).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from vhostnet.testing.dpdk import (GATEWAY_IP, GATEWAY_MAC, GUEST_IP, TestPmd,
                                  VhostnetServe, parse_port_stats, skip_reason)
 

@@ -30,6 +30,10 @@ import trio
 from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import Ether
 
+import sys
+# This tree's code, whether or not it is the installed one (a second clone, a worktree).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from vhostnet.testing.dpdk import VhostnetServe
 from vhostnet.testing.frontend import F_INDIRECT, F_NEXT, F_WRITE, Frontend
 from vhostnet.vhostuser.protocol import Req

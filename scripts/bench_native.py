@@ -37,6 +37,9 @@ import subprocess
 import sys
 import time
 
+# This tree's code, whether or not it is the installed one (a second clone, a worktree).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import stack.native as native
 from stack.native import fallback
 

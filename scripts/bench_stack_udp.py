@@ -16,6 +16,11 @@ import argparse
 import struct
 import time
 
+import os
+import sys
+# This tree's code, whether or not it is the installed one (a second clone, a worktree).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from stack import Frame, NetConfig
 from stack.checksum import checksum, pseudo_sum
 from stack.interface import Stack

@@ -20,6 +20,10 @@ from collections import deque
 from pathlib import Path
 
 
+import os
+# This tree's code, whether or not it is the installed one (a second clone, a worktree).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from stack.tcp.config import TcpConfig
 from stack.tcp.layer import TcpLayer
 

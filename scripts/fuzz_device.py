@@ -128,6 +128,9 @@ import threading
 import time
 from pathlib import Path
 
+# This tree's code, whether or not it is the installed one (a second clone, a worktree).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from stack.config import NetConfig
 from vhostnet.testing.frontend import (FD_KINDS, PACKED_FRESH_BASE, encode_message, make_fd, make_memfd,
                                        recv_message, send_message)
