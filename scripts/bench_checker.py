@@ -159,21 +159,7 @@ async def paced(fe, rate: float, deadline: float) -> int:
 
 
 async def flood(fe, deadline: float, window: int = 32) -> int:
-    n = in_flight = 0
-    frame = ping_frame()
-    while time.perf_counter() < deadline:
-        while in_flight < window and fe.tx.free:
-            fe.post_tx(frame)
-            in_flight += 1
-        fe.tx.kick()
-        await fe.rx.wait_call(1.0)
-        got = fe.read_rx()
-        n += len(got)
-        in_flight -= len(got)
-        fe.tx.take_used()
-        fe.post_rx()
-        fe.rx.kick()
-    return n
+    return await fe.flood(ping_frame(), deadline, window)
 
 
 async def bench_poll(seconds: float, rate: float) -> None:

@@ -71,22 +71,8 @@ async def run_server(size: int, seconds: float, window: int, packed: bool = Fals
     async with connected(packed=packed) as (_srv, fe):
         fe.post_rx()
         fe.rx.kick()
-        frame = ping_frame(size)
-        done = in_flight = 0
         t0 = time.perf_counter()
-        deadline = t0 + seconds
-        while time.perf_counter() < deadline:
-            while in_flight < window and fe.tx.free:
-                fe.post_tx(frame)
-                in_flight += 1
-            fe.tx.kick()
-            await fe.rx.wait_call(1.0)
-            got = fe.read_rx()
-            done += len(got)
-            in_flight -= len(got)
-            fe.tx.take_used()
-            fe.post_rx()
-            fe.rx.kick()
+        done = await fe.flood(ping_frame(size), t0 + seconds, window)
         elapsed = time.perf_counter() - t0
     return done / elapsed
 

@@ -31,6 +31,19 @@ async def test_arp_for_gateway_is_answered(ready):
     assert reply.dst == GUEST_MAC
 
 
+async def test_flood_keeps_a_window_in_flight_and_counts_every_answer(ready, server):
+    # Frontend.flood drives bench_device.py and bench_checker.py: what it
+    # counts must be the device's answers, window after window.
+    import time
+    deadline = time.perf_counter() + 0.5
+    done = await ready.flood(ping(), deadline, window=8)
+    echoed = server.current.device.stack.counters["icmp_echo"]
+    assert done > 8                      # more than one window's worth
+    # What it counts is answers: at most one per echo the stack answered,
+    # and at most a window's worth still in flight when it stopped.
+    assert echoed - 8 <= done <= echoed
+
+
 async def test_ping_gateway(ready, server):
     frames = [ping(seq=i) for i in range(10)]
     got = await ready.exchange(frames, want=10)

@@ -20,6 +20,8 @@ import os
 import socket
 import struct
 
+import time
+
 import trio
 
 from vhostnet.vhostuser import protocol as P
@@ -377,6 +379,24 @@ class Frontend:
                 await self.rx.wait_call(0.05)
         self.tx.take_used()
         return got
+
+    async def flood(self, frame: bytes, deadline: float, window: int) -> int:
+        """Keep WINDOW copies of FRAME in flight until time.perf_counter() passes
+        DEADLINE, one kick per refill; the frames the device answered with."""
+        done = in_flight = 0
+        while time.perf_counter() < deadline:
+            while in_flight < window and self.tx.free:
+                self.post_tx(frame)
+                in_flight += 1
+            self.tx.kick()
+            await self.rx.wait_call(1.0)
+            got = self.read_rx()
+            done += len(got)
+            in_flight -= len(got)
+            self.tx.take_used()
+            self.post_rx()
+            self.rx.kick()
+        return done
 
     async def close(self) -> None:
         if self.sock is not None:
