@@ -75,6 +75,10 @@ except ModuleNotFoundError as e:  # only "not written yet"; a broken layer must 
 __all__ = ["Stack", "finalize_l4_checksum"]
 
 ETH_HLEN = 14                  # IEEE 802.3: two MACs and the EtherType
+# What TCP reserves in front of each segment (TcpLayer headroom): Ethernet +
+# an IPv4 header without options (RFC 791 §3.1), so _send_ip builds the
+# frame in place.
+FRAME_HEADROOM = ETH_HLEN + 20
 _ETH_IP = b"\x08\x00"
 _ETH_ARP = b"\x08\x06"
 _ETH_IPV6 = b"\x86\xdd"
@@ -162,7 +166,8 @@ class Stack:
         self.flows: FlowTable | None = None
         if TcpLayer is not None:
             # ACKs batched per take_frames(): see TcpLayer.flush_acks.
-            self.tcp = TcpLayer(self._tcp_emit, defer_acks=True, config=_tcp_config_for(flows))
+            self.tcp = TcpLayer(self._tcp_emit, defer_acks=True, config=_tcp_config_for(flows),
+                                headroom=FRAME_HEADROOM)
             if flows is not None:
                 self.flows = FlowTable(flows, self.tcp, self.counters, self._gw_ip,
                                        set_now=self._set_now, udp_output=self._udp_output,
@@ -574,11 +579,12 @@ class Stack:
         routed = self.flows is not None and (route == ROUTE_FORWARD or dst == self._gw_ip)
         self.tcp.receive(now, src, dst, memoryview(buf)[off:end], routed)
 
-    def _tcp_emit(self, src_ip: bytes, dst_ip: bytes, segment, gso_size: int) -> None:
-        seg = segment if isinstance(segment, bytearray) else bytearray(segment)
+    def _tcp_emit(self, src_ip: bytes, dst_ip: bytes, segment: bytearray, gso_size: int) -> None:
+        # The layer reserved FRAME_HEADROOM in front (TcpLayer headroom): the
+        # frame is built in place.
         self.counters["tcp_tx_segments"] += 1
-        self._send_ip(src_ip, dst_ip, 6, seg, self._now, csum_off=16, df=True,
-                      gso_size=gso_size)
+        self._send_ip(src_ip, dst_ip, 6, segment, self._now, csum_off=16, df=True,
+                      gso_size=gso_size, in_place=True)
 
     # --------------------------------------------------- for the flow table
     def _set_now(self, now: float) -> None:
@@ -609,15 +615,20 @@ class Stack:
         self._out.append(f)
 
     def _send_ip(self, src, dst, proto, l4: bytearray, now, *, csum_off=None, df=False,
-                 dst_mac=None, tos=0, gso_size=0) -> None:
+                 dst_mac=None, tos=0, gso_size=0, in_place=False) -> None:
         """Wrap an L4 payload in IPv4 + Ethernet and send it to the guest.
 
         csum_off: offset of an L4 checksum field (zero on entry) that this
         function fills: partial when the guest accepts it and the datagram
         travels whole, else in full. Datagrams over the MTU are fragmented
-        unless `df`; gso_size > 0 sends one TSO frame (or software segments)."""
+        unless `df`; gso_size > 0 sends one TSO frame (or software segments).
+        in_place: the L4 payload is l4[FRAME_HEADROOM:], the bytes in front
+        reserved for the two headers: they are written there and l4 itself
+        becomes the frame (one copy of a TCP payload less); csum_off still
+        counts from the start of the L4 payload."""
         c = self.counters
-        n = len(l4)
+        lo = FRAME_HEADROOM if in_place else 0
+        n = len(l4) - lo
         mtu = self._mtu
         fits = 20 + n <= mtu
         if 20 + n > 65535:
@@ -627,16 +638,17 @@ class Stack:
             gso_size = 0
         partial = csum_off is not None and self._csum and (fits or gso_size)
         if csum_off is not None:
+            co = lo + csum_off
             if partial:
                 ps = pseudo_sum(src, dst, proto, n)
-                l4[csum_off] = ps >> 8
-                l4[csum_off + 1] = ps & 0xFF
+                l4[co] = ps >> 8
+                l4[co + 1] = ps & 0xFF
             else:
-                cs = (~l4_sum(l4, 0, n, src, dst, proto)) & 0xFFFF
+                cs = (~l4_sum(l4, lo, n, src, dst, proto)) & 0xFFFF
                 if cs == 0 and proto == 17:
                     cs = 0xFFFF
-                l4[csum_off] = cs >> 8
-                l4[csum_off + 1] = cs & 0xFF
+                l4[co] = cs >> 8
+                l4[co + 1] = cs & 0xFF
         if dst_mac is None:
             dst_mac = self.arp.lookup(dst, now)
         mac = dst_mac if dst_mac is not None else b"\0" * 6
@@ -644,9 +656,15 @@ class Stack:
         frames = []
         ident = self._ip_id = (self._ip_id + 1) & 0xFFFF
         if fits or gso_size:
-            f = bytearray(eth)
-            f += build_header(src, dst, proto, n, ident, FLAG_DF if df else 0, tos=tos)
-            f += l4
+            iph = build_header(src, dst, proto, n, ident, FLAG_DF if df else 0, tos=tos)
+            if in_place:
+                f = l4
+                f[:14] = eth
+                f[14:FRAME_HEADROOM] = iph
+            else:
+                f = bytearray(eth)
+                f += iph
+                f += l4
             if gso_size and not self._tso:
                 try:
                     segs = segment_tcp(f, gso_size, partial=self._csum)
@@ -664,6 +682,8 @@ class Stack:
             c["drop_tx_df_too_big"] += 1
             return
         else:
+            if in_place:
+                l4 = l4[FRAME_HEADROOM:]     # rare (TCP sets df): a copy, then as before
             pieces = fragment_payload(n, mtu)
             last = len(pieces) - 1
             mv = memoryview(l4)

@@ -7,6 +7,11 @@ segments nobody wants, and the timer heap. This is what interface.py talks to.
     tcp.poll(now); tcp.next_deadline()
     emit(src_ip, dst_ip, segment: bytearray, gso_size)   # called for every segment we send
 
+With `headroom=N` every segment handed to emit has N bytes reserved in
+front of the TCP header (zeros; the segment proper is segment[N:]), so the
+owner can write its lower-layer headers there and send the bytearray as
+the frame, with no copy of the payload (Stack reserves Ethernet + IPv4).
+
 Connections are found by (local ip, local port, remote ip, remote port) in a
 dict. A listener bound to 0.0.0.0 takes any local address. A listener's
 backlog bounds its connections still in SYN-RECEIVED; SYNs beyond it are
@@ -48,6 +53,10 @@ ANY = b"\x00\x00\x00\x00"
 M = 0xFFFFFFFF
 HALF = 0x80000000
 EPHEMERAL = (49152, 65535)
+# Room reserved in front of emitted segments, at most: an Ethernet header
+# with two VLAN tags (IEEE 802.1ad, 22 B) + an IPv4 header with options (RFC 791
+# §3.1, 60 B), rounded up.
+MAX_HEADROOM = 128
 
 
 class Listener:
@@ -68,8 +77,13 @@ class Listener:
 
 class TcpLayer:
     def __init__(self, emit, *, rng=None, config: TcpConfig | None = None,
-                 defer_acks: bool = False):
+                 defer_acks: bool = False, headroom: int = 0):
         self._emit = emit
+        if not 0 <= headroom <= MAX_HEADROOM:
+            raise ValueError(f"headroom {headroom} outside 0..{MAX_HEADROOM}")
+        # Segments start with this many zero bytes (see the module docstring).
+        self.headroom = headroom
+        self.pad = bytes(headroom)
         # defer_acks: bare ACKs earned while receiving wait for flush_acks(),
         # which the owner calls when a batch of received frames is done
         # (Stack.take_frames does). Off, every ACK goes out at once.
@@ -298,8 +312,8 @@ class TcpLayer:
     def _send_reset(self, local_ip: bytes, remote_ip: bytes, lport: int, rport: int,
                     seq: int, ack: int, flags: int) -> None:
         self.counters["rst_sent"] += 1
-        seg = bytearray(HEADER.pack(lport, rport, seq & M, ack & M, (20 << 10) | flags,
-                                    0, 0, 0))
+        seg = bytearray(self.pad)
+        seg += HEADER.pack(lport, rport, seq & M, ack & M, (20 << 10) | flags, 0, 0, 0)
         self._tx(local_ip, remote_ip, seg, 0)
 
     def _tx(self, src_ip: bytes, dst_ip: bytes, seg: bytearray, gso: int) -> None:

@@ -47,10 +47,12 @@ class OutputMixin:
         else:
             self.rtt_seq = None          # retransmitted SYN: no RTT sample from it (Karn)
             self.syn_time = -1.0
-        hdr = HEADER.pack(self.local_port, self.remote_port, self.iss & M,
-                          (self.rcv_nxt & M) if with_ack else 0,
-                          ((20 + len(opts)) << 10) | flags, win, 0, 0) + opts
-        self._emit(bytearray(hdr), 0)
+        seg = bytearray(self._layer.pad)
+        seg += HEADER.pack(self.local_port, self.remote_port, self.iss & M,
+                           (self.rcv_nxt & M) if with_ack else 0,
+                           ((20 + len(opts)) << 10) | flags, win, 0, 0)
+        seg += opts
+        self._emit(seg, 0)
         if flags & ACK:
             self.unacked_rx = 0
             self.t_delack = None
@@ -191,9 +193,12 @@ class OutputMixin:
             flags |= FIN
         if plen > 0 and dend == data_end:
             flags |= PSH
-        seg = bytearray(HEADER.pack(self.local_port, self.remote_port, seq & M,
-                                    self.rcv_nxt & M, ((20 + len(opts)) << 10) | flags,
-                                    self._rcv_window(), 0, 0))
+        # The layer's headroom first (zeros): the owner writes its headers
+        # there and sends this bytearray as the frame, the payload copied once.
+        seg = bytearray(self._layer.pad)
+        seg += HEADER.pack(self.local_port, self.remote_port, seq & M,
+                           self.rcv_nxt & M, ((20 + len(opts)) << 10) | flags,
+                           self._rcv_window(), 0, 0)
         seg += opts
         if plen > 0:
             self.sndbuf.append_to(seg, seq, plen)
@@ -233,9 +238,10 @@ class OutputMixin:
 
     def _xmit(self, now: float, seq: int, flags: int, opts: bytes) -> None:
         """A segment without payload (ACK, probe)."""
-        seg = bytearray(HEADER.pack(self.local_port, self.remote_port, seq & M,
-                                    self.rcv_nxt & M, ((20 + len(opts)) << 10) | flags,
-                                    self._rcv_window(), 0, 0))
+        seg = bytearray(self._layer.pad)
+        seg += HEADER.pack(self.local_port, self.remote_port, seq & M,
+                           self.rcv_nxt & M, ((20 + len(opts)) << 10) | flags,
+                           self._rcv_window(), 0, 0)
         seg += opts
         self._emit(seg, 0)
         if flags & ACK:
@@ -255,8 +261,9 @@ class OutputMixin:
 
     def _send_rst_ack(self, now: float) -> None:
         self._c["rst_sent"] += 1
-        seg = bytearray(HEADER.pack(self.local_port, self.remote_port, self.snd_nxt & M,
-                                    self.rcv_nxt & M, (20 << 10) | RST | ACK, 0, 0, 0))
+        seg = bytearray(self._layer.pad)
+        seg += HEADER.pack(self.local_port, self.remote_port, self.snd_nxt & M,
+                           self.rcv_nxt & M, (20 << 10) | RST | ACK, 0, 0, 0)
         self._emit(seg, 0)
 
     def _emit(self, seg: bytearray, gso: int) -> None:

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from stack import Frame, NetConfig
-from stack.interface import TSO_MAX_PAYLOAD, Stack
+from stack.interface import FRAME_HEADROOM, TSO_MAX_PAYLOAD, Stack
 from stack.checksum import finalize_l4_checksum
 from tests.stack.conftest import (GUEST_IP, GUEST_MAC, GW_IP, GW_MAC, ICMP, IP, Ether,
                                   assert_checksums, eth, ip, send, send_raw)
@@ -102,10 +102,50 @@ def test_tcp_delivery_checks_checksum(st_tcp):
 
 
 def tcp_segment(payload_len, flags=0x18):
+    """A segment as the TCP layer hands it to Stack._tcp_emit: FRAME_HEADROOM
+    bytes in front (TcpLayer(headroom=...)), checksum field zero."""
     seg = bytes(TCP(sport=7, dport=40000, seq=1000, ack=1, flags=flags, window=100))
     seg = bytearray(seg)
     seg[16] = seg[17] = 0
-    return seg + bytes((i * 3) & 0xFF for i in range(payload_len))
+    return bytearray(FRAME_HEADROOM) + seg + bytes((i * 3) & 0xFF for i in range(payload_len))
+
+
+def test_tcp_frame_built_in_the_segment(st):
+    """The frame is the segment's own bytearray, the headers written into
+    its headroom: no copy of the payload (full checksum, partial, TSO)."""
+    send(st, eth() / ip() / ICMP(type=8))
+    for csum, tso, plen, gso in ((False, False, 100, 0), (True, False, 100, 0), (True, True, 10000, 1460)):
+        st.set_offloads(csum=csum, tso=tso)
+        seg = tcp_segment(plen)
+        tcp = bytes(seg[FRAME_HEADROOM:])
+        st._tcp_emit(GW, G, seg, gso)
+        f, = st.take_frames()
+        assert f.data is seg
+        p = Ether(bytes(f.data))
+        assert p.dst == GUEST_MAC and p[IP].len == 20 + len(tcp) and p[IP].flags.DF
+        raw = bytes(p[IP].payload)
+        assert raw[:16] == tcp[:16] and raw[18:] == tcp[18:]     # all but the checksum field
+        finalize_l4_checksum(f)
+        p = Ether(bytes(f.data))
+        q = p[IP].copy()
+        q[TCP].chksum = None
+        assert IP(bytes(q))[TCP].chksum == p[TCP].chksum
+        assert IP(bytes(p[IP])).chksum == p[IP].chksum
+
+
+def test_tcp_layer_emits_segments_with_the_stacks_headroom(st):
+    """The stack's TCP layer reserves exactly FRAME_HEADROOM zero bytes in
+    front of every segment it emits (what _send_ip writes over)."""
+    seen = []
+    emit = st._tcp_emit
+    st.tcp._emit = lambda s, d, seg, gso: (seen.append(bytes(seg)), emit(s, d, seg, gso))
+    send(st, eth() / ip() / ICMP(type=8))
+    syn = eth() / ip() / TCP(sport=40001, dport=9, seq=1, flags="S", options=[("MSS", 1460)])
+    send(st, syn)
+    assert st.tcp.headroom == FRAME_HEADROOM and seen
+    for seg in seen:
+        assert seg[:FRAME_HEADROOM] == bytes(FRAME_HEADROOM)
+        assert TCP(seg[FRAME_HEADROOM:]).flags == "SA"
 
 
 def test_tcp_emit_full_checksum(st):
