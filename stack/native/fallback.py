@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 
 __all__ = ["ones_sum", "l4_sum", "copy", "segment", "icmp_echo_reply", "EchoReplier", "ECHO_MAX_FRAME",
-           "scatter_region", "split_take_writable", "split_put_frame"]
+           "scatter_region", "split_take_writable", "split_put_frame", "SplitPins"]
 
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
@@ -318,3 +318,35 @@ def split_put_frame(avail_h, desc, held, checks: bool, used_i, num: int, last: i
         used_i[2 + 2 * slot] = k
         left -= k
     return heads
+
+
+class SplitPins:
+    """A split ring's RX arguments held for split_put_frame, once per mapping.
+
+    The C twin (stack.native.SplitPins) pins the ring's views for the life of
+    this object, so a frame costs no per-call pinning; this one only keeps
+    its own slices of the views (the same lifetime rules, nothing to pin).
+    The owner makes a new one whenever any of the views is replaced
+    (SplitRing: attach, the held bytes reset, another guest region) and
+    release()s the old: its slices do not keep the views from being
+    released, and after release() put_frame raises ValueError."""
+    __slots__ = ("_args",)
+
+    def __init__(self, avail_h, desc, held, used_i, region):
+        self._args = (avail_h[:], desc[:], held, used_i[:], region[:])
+
+    def put_frame(self, checks: bool, num: int, last: int, ahead: int, used_idx: int, r_gpa: int,
+                  min_len: int, max_take: int, hdr, data, count_off: int) -> list:
+        """split_put_frame over the held views (same arguments otherwise)."""
+        if self._args is None:
+            raise ValueError("SplitPins used after release()")
+        avail_h, desc, held, used_i, region = self._args
+        return split_put_frame(avail_h, desc, held, checks, used_i, num, last, ahead, used_idx, region,
+                               r_gpa, min_len, max_take, hdr, data, count_off)
+
+    def release(self) -> None:
+        if self._args is not None:
+            for v in self._args:
+                if isinstance(v, memoryview):
+                    v.release()
+            self._args = None

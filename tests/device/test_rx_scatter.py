@@ -85,7 +85,7 @@ def _impl(monkeypatch, impl):
         monkeypatch.setattr(header, "copy", fallback.copy)
         monkeypatch.setattr(device, "scatter_region", fallback.scatter_region)
         monkeypatch.setattr(split, "split_take_writable", fallback.split_take_writable)
-        monkeypatch.setattr(split, "split_put_frame", fallback.split_put_frame)
+        monkeypatch.setattr(split, "SplitPins", fallback.SplitPins)
 
 
 def _spy_runs(monkeypatch) -> list:

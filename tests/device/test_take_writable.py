@@ -385,7 +385,7 @@ def split_rig(request, monkeypatch):
             pytest.skip("VHOSTNET_NATIVE=0: the fallback was asked for")
         pytest.fail("the cffi extension is not built (python stack/native/build.py)")
     if request.param == "fallback":
-        monkeypatch.setattr(split, "split_put_frame", fallback.split_put_frame)
+        monkeypatch.setattr(split, "SplitPins", fallback.SplitPins)
         monkeypatch.setattr(split, "split_take_writable", fallback.split_take_writable)
     rigs = []
 
@@ -460,6 +460,73 @@ def test_put_frame_stops_at_the_budget_and_at_a_held_head(split_rig):
     assert q.errors == {} and not any(q._held)
 
 
+def test_put_frame_pins_follow_the_ring_and_go_at_detach(split_rig):
+    """put_frame's views are pinned once (SplitPins), made again when the
+    ring's views or held bytes are replaced, and released at detach: the
+    guest mapping can then be closed (a pin left would keep it open)."""
+    r = split_rig()
+    warm(r)
+    q = r.ring
+    hdr, data = bytes(12), b"p" * (BUF + 10)
+    heads = [r.post() for _ in range(2)]
+    assert q.put_frame(hdr, data, HDR, Budget(100), COUNT_OFF) == 2
+    first = q._pins
+    assert first is not None and all(q._held[h] for h in heads)
+    r.used()
+    heads = [r.post() for _ in range(2)]
+    assert q.put_frame(hdr, data, HDR, Budget(100), COUNT_OFF) == 2
+    assert q._pins is first                          # kept: nothing was replaced
+    r.used()
+    q.on_start()                                     # the held bytes are a new bytearray
+    assert q._pins is None
+    heads = [r.post() for _ in range(2)]
+    assert q.put_frame(hdr, data, HDR, Budget(100), COUNT_OFF) == 2
+    assert q._pins is not first and all(q._held[h] for h in heads)   # marked in the new bytes
+    with pytest.raises(ValueError):
+        first[3].put_frame(True, q.num, 0, 1, 0, GPA, HDR, 1, hdr, data, COUNT_OFF)   # released
+    q.detach()
+    assert q._pins is None
+    reg = r.mem.regions[0]
+    r.mem.close()
+    assert reg.mm.closed                             # no pin held the mapping open
+    r.mem = GuestMemory()
+
+
+def test_put_frame_writes_into_the_region_of_its_buffers(split_rig):
+    """Buffers in a second guest region: the pins follow the region the walk
+    cached, the frame lands there and nowhere in the first."""
+    r = split_rig()
+    q = r.ring
+    fd2 = os.memfd_create("take-writable-2")
+    os.ftruncate(fd2, SIZE)
+    gpa2 = GPA + 2 * SIZE
+    r.mem.add(fd2, gpa2, SIZE, UVA_BASE + 2 * SIZE, 0)
+    mm2 = mmap.mmap(fd2, SIZE)
+    try:
+        warm(r)                                      # region 1 cached
+        r.post()
+        r.post()
+        assert q.put_frame(bytes(12), b"1" * (BUF + 10), HDR, Budget(100), COUNT_OFF) == 2
+        r.used()
+        h = r.post(addr=gpa2)                        # pop() walks it: region 2 cached
+        c = q.pop()
+        assert c is not None and c.head == h
+        q.push(c.head, 0)
+        r.used()
+        before = bytes(r.view[BUF_OFF:BUF_OFF + 16 * 4096])
+        heads = [r.post(addr=gpa2 + 4096 * (i + 1)) for i in range(2)]
+        data = bytes((i * 5) & 0xFF for i in range(BUF + 10))
+        assert q.put_frame(bytes(12), data, HDR, Budget(100), COUNT_OFF) == 2
+        assert bytes(r.view[BUF_OFF:BUF_OFF + 16 * 4096]) == before
+        got = mm2[4096:4096 + BUF] + mm2[2 * 4096:2 * 4096 + 22]
+        assert got[12:] == data and got[10:12] == (2).to_bytes(2, "little")
+        assert [u[0] for u in r.used()[-2:]] == heads
+    finally:
+        q.detach()
+        mm2.close()
+        os.close(fd2)
+
+
 # Mostly good buffers, so that many frames fit several of them (and some do not).
 _GOOD_DESCS = st.lists(st.tuples(st.integers(0, 1 << 17), st.sampled_from([4096] * 8 + [100, 12, 5, 0xFFFFFFFF]),
                                  st.sampled_from([2] * 20 + [0, 1, 4]), st.integers(0, 9)),
@@ -487,14 +554,23 @@ def test_the_c_put_frame_agrees_with_its_python_twin(desc, ring, held, checks, l
     hdr = bytes(range(12))
     data = bytes((i * 13) & 0xFF for i in range(dlen))
     results = []
-    for impl in (native.split_put_frame, fallback.split_put_frame):
+    def pinned(impl):
+        def put(avail, desc, held, checks, used, num, last, ahead, used_idx, region, *rest):
+            pins = impl(avail, desc, held, used, region)
+            try:
+                return pins.put_frame(checks, num, last, ahead, used_idx, *rest)
+            finally:
+                pins.release()
+        return put
+    for impl in (native.split_put_frame, fallback.split_put_frame, pinned(native.SplitPins),
+                 pinned(fallback.SplitPins)):
         h = bytearray(held)
         region = bytearray(b"\xa5" * (1 << 18))
         used = memoryview(bytearray(4 + 8 * 8 + 2)).cast("B")[:4 + 8 * 8].cast("I")
         got = impl(avail, memoryview(desc), h, checks, used, 8, last, ahead, used_idx, memoryview(region),
                    r_gpa, HDR, max_take, hdr, data, COUNT_OFF)
         results.append((got, bytes(h), bytes(region), used.tolist()))
-    assert results[0] == results[1]
+    assert results[0] == results[1] == results[2] == results[3]
     heads, h, _, _ = results[0]
     if not heads:
         assert h == held                  # nothing left marked

@@ -36,7 +36,7 @@ import os
 import struct
 import threading
 
-from stack.native import split_put_frame, split_take_writable
+from stack.native import SplitPins, split_take_writable
 from vhostnet.virtio.findings import Findings
 from vhostnet.virtio.ring import chain_truncated, describe_common, refusal_doc, MAX_CHAIN_DESCS, Budget, Chain, ChainError, one_buffer_chain
 from vhostnet.vhostuser.memory import GuestMemory, OutOfBounds
@@ -116,6 +116,12 @@ class SplitRing:
         # common case: Linux's TX frame with any_layout, every RX buffer).
         # Cleared at attach/detach, so it never outlives the mapping.
         self._rcache: tuple | None = None
+        # put_frame's views pinned for C once, not per frame: (the _rcache
+        # tuple, _held and _desc they were made from, the SplitPins). Made
+        # again when any of the three is another object; released at
+        # attach, detach and reset_held. The pins hold their own slices,
+        # so a pin left behind keeps a stale mapping alive, never a freed one.
+        self._pins: tuple | None = None
 
     # -- set-up ------------------------------------------------------------
 
@@ -129,6 +135,7 @@ class SplitRing:
                              f"(desc {self.desc_uva:#x}, avail {self.avail_uva:#x}, used {self.used_uva:#x})")
         self.mem = mem
         self._rcache = None
+        self._unpin()
         self.epoch += 1
         self.reset_held()
         self._desc = mem.uva_view(self.desc_uva, 16 * n)
@@ -139,10 +146,17 @@ class SplitRing:
 
     def reset_held(self) -> None:
         """The ring (re)starts: the device holds no chain."""
+        self._unpin()
         self._held = bytearray(self.num)
         self._unpublished.clear()
 
+    def _unpin(self) -> None:
+        pins, self._pins = self._pins, None
+        if pins is not None:
+            pins[3].release()
+
     def detach(self) -> None:
+        self._unpin()
         for v in (self._desc, self._avail_h, self._used_h, self._used_i):
             if v is not None:
                 v.release()
@@ -424,8 +438,11 @@ class SplitRing:
         if not 0 < ahead <= num:
             return 0                # nothing, or a jump or a step back: pop() refuses it
         checks = self.checks
-        heads = split_put_frame(avail_h, self._desc, self._held, checks, self._used_i, num, last, ahead,
-                                self.used_idx, rc[2], rc[0], min_len, budget.left, hdr, data, count_off)
+        pins = self._pins
+        if pins is None or pins[0] is not rc or pins[1] is not self._held or pins[2] is not self._desc:
+            pins = self._pin(rc)
+        heads = pins[3].put_frame(checks, num, last, ahead, self.used_idx, rc[0], min_len, budget.left,
+                                  hdr, data, count_off)
         n = len(heads)
         if n:
             self.last_avail_idx = (last + n) & 0xFFFF
@@ -439,6 +456,13 @@ class SplitRing:
                     self._marked_heads.extend(heads)
                 self._unpublished.extend(heads)
         return n
+
+    def _pin(self, rc: tuple) -> tuple:
+        """New pins for put_frame over the current views and region RC (the old ones released)."""
+        self._unpin()
+        self._pins = (rc, self._held, self._desc,
+                      SplitPins(self._avail_h, self._desc, self._held, self._used_i, rc[2]))
+        return self._pins
 
     def unpop(self) -> None:
         """Give back the one chain pop() just returned (nothing pushed since): no use for it yet."""
