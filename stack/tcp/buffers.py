@@ -64,12 +64,20 @@ class SendBuffer:
         if tail >= size:
             tail -= size
         first = size - tail
-        with memoryview(data) as mv:
+        # Into a memoryview of the store, not the bytearray itself: CPython's
+        # bytearray slice assignment from anything but a bytearray first
+        # copies the source into a temporary bytearray (two 64 KiB copies
+        # and an allocation, against one memcpy here).
+        # (A source of another format goes the bytearray way: a memoryview
+        # assignment wants the same item format on both sides.)
+        with memoryview(data) as mv, memoryview(store) as sv:
+            if mv.format != "B":
+                sv = store
             if n <= first:
-                store[tail:tail + n] = mv[:n] if n < len(mv) else mv
+                sv[tail:tail + n] = mv[:n] if n < len(mv) else mv
             else:
-                store[tail:] = mv[:first]
-                store[:n - first] = mv[first:n]
+                sv[tail:] = mv[:first]
+                sv[:n - first] = mv[first:n]
         self.length = total
         return n
 
