@@ -421,7 +421,8 @@ class SplitRing:
 
         take_writable()'s run (the same checks: stack.native.split_put_frame
         is its loop, the copy and the used elements, in C or its Python
-        twin); if those buffers hold the frame, it is written, their used
+        twin, called through SplitPins so the ring's views are pinned once,
+        see _pins); if those buffers hold the frame, it is written, their used
         elements pushed (every one full but the last), and the number of
         buffers stored at COUNT_OFF of the stream (the header's
         num_buffers, §5.1.6.4). Returns that number; 0 when the run does
