@@ -78,6 +78,11 @@ NUM_BUFFERS_OFFSET = 10
 # and the other ring get their turn. At a few microseconds per descriptor
 # plus the stack's work per frame this keeps a step well under 10 ms.
 TX_BUDGET = 256
+# Chains ahead in a split TX ring from which drain_tx takes them as a run in
+# one call (SplitRing.take_readable); fewer go one by one through pop_fast(),
+# cheaper than the call's set-up for one or two (docs/benchmarks.md, "The
+# split TX walk").
+TX_RUN_MIN = 4
 RX_BUDGET = 256
 # `serve --queues`: the most queue pairs offered. QEMU's own limit for
 # -netdev vhost-user,queues= is MAX_QUEUE_NUM (include/net/net.h, 1024); one
@@ -310,7 +315,7 @@ class NetDevice:
         frames = nbytes = 0
         while True:
             if take is not None:
-                region, heads, offs, lens = take(b)
+                region, heads, offs, lens = take(b, TX_RUN_MIN)
                 if heads:
                     done = 0
                     for head, off, n in zip(heads, offs, lens):
@@ -338,7 +343,10 @@ class NetDevice:
                     # them: frame views point into guest memory.
                     q.push_read(heads)
                     continue
-                chain = pop(b, False)    # take() just looked: straight to the walk
+                if region is not None:
+                    chain = pop(b, False)    # take() just looked: straight to the walk
+                else:
+                    chain = pop_fast(b) or pop(b, False)
             else:
                 chain = pop_fast(b)
                 if chain is None:

@@ -50,6 +50,10 @@ VRING_DESC_F_INDIRECT = 4
 VRING_AVAIL_F_NO_INTERRUPT = 1
 VRING_USED_F_NO_NOTIFY = 1
 MAX_QUEUE_SIZE = 32768
+# push_read(): from this many used elements on, one C call (split_put_used)
+# is cheaper than the Python loop (scripts/bench_native.py-style timing in
+# docs/benchmarks.md, "The split TX walk").
+PUSH_READ_C_MIN = 8
 
 DESC = struct.Struct("<QIHH")
 _desc_unpack = DESC.unpack_from
@@ -440,7 +444,7 @@ class SplitRing:
                 self._unpublished.extend(heads)
         return n
 
-    def take_readable(self, budget: Budget) -> tuple:
+    def take_readable(self, budget: Budget, min_run: int = 1) -> tuple:
         """Consecutive TX chains in one call: the run pop_fast() would take.
 
         Takes, in ring order, chains that pop_fast() would take, and only
@@ -461,6 +465,10 @@ class SplitRing:
         Returns (region, heads, offsets, lengths): the cached region's view
         and each chain's head, its buffer's offset in that view and length.
         push_read() returns them; untake() gives back a tail not used.
+        Region None: nothing looked at (fewer than MIN_RUN entries ahead, for
+        which the caller's pop_fast() is cheaper than this call; no cached
+        region; a broken ring; a spent budget). Region set and no heads:
+        the first entry is not the common case, pop() must walk it.
         """
         avail_h = self._avail_h
         rc = self._rcache
@@ -469,8 +477,8 @@ class SplitRing:
         num = self.num
         last = self.last_avail_idx
         ahead = (avail_h[1] - last) & 0xFFFF
-        if not 0 < ahead <= num:
-            return None, (), (), ()     # nothing, or a jump or a step back: pop() refuses it
+        if ahead < min_run or ahead > num:
+            return None, (), (), ()     # too few, or a jump or a step back: pop() refuses it
         checks = self.checks
         heads, offs, lens = split_take_readable(avail_h, self._desc, self._held, checks, num, last, ahead,
                                                 rc[0], rc[1], budget.left)
@@ -502,12 +510,27 @@ class SplitRing:
                 del self._marked_heads[-k:]
 
     def push_read(self, heads: list[int]) -> None:
-        """push(head, 0) for each head, in order, in one call: chains the device
-        only read (TX). Visible at the next publish()."""
-        if heads:
+        """push(head, 0) for each head, in order: chains the device only read
+        (TX). Visible at the next publish(). In C (split_put_used) from
+        PUSH_READ_C_MIN heads on; below, the Python loop is cheaper than the
+        call's set-up."""
+        n = len(heads)
+        if n >= PUSH_READ_C_MIN:
             self.used_idx = split_put_used(self._used_i, self.num, self.used_idx, heads, 0)
-            if self.checks:
-                self._unpublished.extend(heads)
+        elif n:
+            mask = self.num - 1
+            ui = self._used_i
+            idx = self.used_idx
+            for head in heads:
+                slot = idx & mask
+                ui[1 + 2 * slot] = head
+                ui[2 + 2 * slot] = 0
+                idx = (idx + 1) & 0xFFFF
+            self.used_idx = idx
+        else:
+            return
+        if self.checks:
+            self._unpublished.extend(heads)
 
     def unpop(self) -> None:
         """Give back the one chain pop() just returned (nothing pushed since): no use for it yet."""
