@@ -30,6 +30,7 @@ import stack.native as native
 from stack.native import fallback
 from vhostnet.net import device
 from vhostnet.net.device import NetDevice
+from vhostnet.net.header import MAX_FRAME
 from vhostnet.testing.frontend import UVA_BASE
 from vhostnet.virtio import features as F
 from vhostnet.virtio.ring import Budget
@@ -614,7 +615,11 @@ def test_multi_descriptor_chains_between_runs():
 
 # A random TX ring: each descriptor one of these kinds, a random avail ring over them.
 KINDS = ["good"] * 8 + ["chain", "looping", "indirect", "out_of_region", "other_region", "huge_len", "empty",
-                        "writable", "runt", "num_buffers", "bad_gso", "boom"]
+                        "writable", "runt", "num_buffers", "bad_gso", "boom", "csum", "bad_csum", "data_valid",
+                        "oversize", "largest", "smallest", "just_short"]
+CSUM_HDR = struct.pack("<BBHHHH", 1, 0, 0, 0, 34, 2) + bytes(2)        # NEEDS_CSUM at the ICMP checksum
+BAD_CSUM_HDR = struct.pack("<BBHHHH", 1, 0, 0, 0, 34, 2000) + bytes(2)  # ... outside the frame
+DATA_VALID_HDR = struct.pack("<BBHHHH", 2, 0, 0, 0, 0, 0) + bytes(2)
 
 
 def _random_ring(r, kinds, heads, jump):
@@ -652,6 +657,17 @@ def _random_ring(r, kinds, heads, jump):
             r.frame(i, f, hdr=bytes(10) + b"\x02\x00")
         elif kind == "bad_gso":
             r.frame(i, f, hdr=bytes([0, 3]) + bytes(HDR - 2))
+        elif kind == "csum":
+            r.frame(i, f, hdr=CSUM_HDR)
+        elif kind == "bad_csum":
+            r.frame(i, f, hdr=BAD_CSUM_HDR)
+        elif kind == "data_valid":
+            r.frame(i, f, hdr=DATA_VALID_HDR)
+        elif kind in ("oversize", "largest"):     # one byte over the largest frame, and the largest
+            n = HDR + MAX_FRAME + (kind == "oversize")
+            r.desc(i, GPA + 0x20000, n)
+        elif kind in ("smallest", "just_short"):  # an Ethernet header exactly, and a byte less
+            r.frame(i, f[:14 - (kind == "just_short")])
     r.offer(*heads)
     if jump:
         r.jump(jump)
