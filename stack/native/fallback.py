@@ -4,7 +4,8 @@ Used when the cffi extension was not built (a source checkout run through
 PYTHONPATH, a machine without a C compiler) or when VHOSTNET_NATIVE=0 asks
 for them. Each function has the same signature and result as its C
 counterpart's wrapper in stack/native/__init__.py; tests/stack/test_native.py
-checks that on random input.
+checks that on random input (the split ring's loops: tests/device/
+test_take_writable.py and test_take_readable.py).
 """
 from __future__ import annotations
 

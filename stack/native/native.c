@@ -12,6 +12,12 @@
  *                    scatter/gather lists <-> frames)
  *   vn_segment_tcp   software TSO: one TCP/IPv4 frame -> MSS-sized frames
  *
+ * and, in later sections, the ICMP echo reply, the RX scatter and the split
+ * ring's batched loops (vn_split_take_writable / vn_split_put_frame for RX
+ * buffers, vn_split_take_readable / vn_split_put_used for TX chains; their
+ * twins are held to them by tests/device/test_take_writable.py and
+ * test_take_readable.py).
+ *
  * Checksums: the ones'-complement sum is independent of byte order
  * (RFC 1071 section 2(B)), so we add native-endian 32-bit loads into a
  * 64-bit accumulator, fold with end-around carry, and swap the folded

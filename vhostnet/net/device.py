@@ -5,6 +5,13 @@ Data path, top to bottom:
     kick fd -> TX ring (vhostnet/virtio) -> NetDevice.drain_tx -> header.py -> taps (pcap) -> link -> stack
     stack -> link -> NetDevice.flush_rx -> header.py -> taps -> RX ring buffers -> call fd
 
+TX on a split ring goes by runs: from TX_RUN_MIN chains ahead, the run of
+one-buffer chains pop_fast() would take comes in one call
+(SplitRing.take_readable, C), the stack gets each frame, and the buffers go
+back in one call (push_read) once it is done with them; whatever ends a run
+goes through pop() as always. Packed rings (and `tx_batch=False`) go chain
+by chain.
+
 `link` is the outermost link layer (vhostnet/link: fault injection, taps
 on the stack's side), built by the `link_layers` the constructor is given;
 without one it is the stack itself.
