@@ -318,7 +318,7 @@ class NetDevice:
         tx_frame = self._tx_frame
         hl = self.hdr_len
         hl12 = hl == 12                              # num_buffers is there (§5.1.6)
-        short, long = hl + 13, hl + MAX_FRAME        # _tx_frame's tx_runt and tx_oversize bounds
+        shortest, longest = hl + 14, hl + MAX_FRAME  # _tx_frame's tx_runt and tx_oversize bounds
         receive = self.link.receiver(now)
         taps = self.taps
         steering = self.steering
@@ -336,7 +336,7 @@ class NetDevice:
                             # 0: ARP, ICMP, anything sent without offloads) needs
                             # nothing of _tx_frame but its length check: built
                             # here, a call less per frame. Anything else goes there.
-                            if short < n <= long and not (v[0] or v[1] or (hl12 and (v[10] or v[11]))):
+                            if shortest <= n <= longest and not (v[0] or v[1] or (hl12 and (v[10] or v[11]))):
                                 frame = Frame(v[hl:])
                             else:
                                 frame = tx_frame(q, head, (v,), n)
