@@ -24,6 +24,11 @@ install time through setup.py's `cffi_modules`):
     SplitPins(avail, desc, held, used, region).put_frame(...) -> heads
                                           the same with the ring's views
                                           pinned once, not per frame
+    split_take_readable(avail, desc, held, ...) -> (heads, offs, lens)
+                                          the split ring's batched take of TX
+                                          chains (one readable buffer each)
+    split_put_used(used, num, idx, heads, len) -> idx
+                                          many used elements in one call
 
 Selection: the compiled module `stack.native._native` is used when it
 imports and VHOSTNET_NATIVE is not "0"; otherwise every name above comes
@@ -50,7 +55,8 @@ import os
 from . import fallback
 
 __all__ = ["NATIVE", "IMPLEMENTATION", "REASON", "ones_sum", "l4_sum", "copy", "segment", "EchoReplier",
-           "scatter_region", "split_take_writable", "split_put_frame", "SplitPins", "describe"]
+           "scatter_region", "split_take_writable", "split_put_frame", "SplitPins", "split_take_readable",
+           "split_put_used", "describe"]
 
 log = logging.getLogger("stack.native")
 
@@ -64,7 +70,7 @@ COPY_C_MIN_VIEWS = 64
 
 # Every C routine stack/native/build.py declares.
 _ROUTINES = ("vn_ones_sum", "vn_l4_sum", "vn_copy", "vn_segment_tcp", "vn_icmp_echo_reply", "vn_scatter_region",
-             "vn_split_take_writable", "vn_split_put_frame")
+             "vn_split_take_writable", "vn_split_put_frame", "vn_split_take_readable", "vn_split_put_used")
 
 _lib = _ffi = None
 if os.environ.get(ENV_SWITCH, "1") == "0":
@@ -315,6 +321,40 @@ if NATIVE:
             for v in self._views:
                 v.release()
             self._pins = self._views = self._held = self._outp = None
+
+    # ---- TX: the split ring's batched take (native.c vn_split_take_readable) ----
+    _take_r = _lib.vn_split_take_readable
+
+    def split_take_readable(avail_h, desc, held, checks: bool, num: int, last: int, ahead: int,
+                            r_gpa: int, r_end: int, max_take: int):
+        """SplitRing.take_readable's loop in C (see fallback.split_take_readable)."""
+        m = min(ahead, max_take)
+        if m <= 0:
+            return [], [], []
+        out = _U64_ZERO * (3 * m)                # heads, offsets, lengths
+        p = _from_buffer("uint64_t[]", out)
+        n = _take_r(_from_buffer("uint16_t[]", avail_h), len(avail_h), _from_buffer(desc), len(desc),
+                    _from_buffer(held, require_writable=True), len(held), 1 if checks else 0, num, last,
+                    ahead, r_gpa, r_end, m, p, p + m, p + 2 * m)
+        if n < 0:
+            raise ValueError("ring sizes do not cover the queue size")
+        if not n:
+            return [], [], []
+        return out[:n].tolist(), out[m:m + n].tolist(), out[2 * m:2 * m + n].tolist()
+
+    # ---- many used elements in one call (native.c vn_split_put_used) ----
+    _put_used = _lib.vn_split_put_used
+
+    def split_put_used(used_i, num: int, used_idx: int, heads, length: int) -> int:
+        """Used elements (heads[i], LENGTH) from USED_IDX on (see fallback.split_put_used)."""
+        try:
+            r = _put_used(_from_buffer("uint32_t[]", used_i, require_writable=True), len(used_i), num,
+                          used_idx, _new("uint64_t[]", heads), len(heads), length)
+        except OverflowError:       # a negative head: cffi refuses it for uint64_t
+            r = -1
+        if r < 0:
+            raise ValueError("used ring shorter than the queue, a head out of range, or too many heads")
+        return r
 else:
     ones_sum = fallback.ones_sum
     l4_sum = fallback.l4_sum
@@ -325,5 +365,7 @@ else:
     split_take_writable = fallback.split_take_writable
     split_put_frame = fallback.split_put_frame
     SplitPins = fallback.SplitPins
+    split_take_readable = fallback.split_take_readable
+    split_put_used = fallback.split_put_used
 
 log.debug("hot paths: %s%s", IMPLEMENTATION, f" ({REASON})" if REASON else "")

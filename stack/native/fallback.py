@@ -4,14 +4,16 @@ Used when the cffi extension was not built (a source checkout run through
 PYTHONPATH, a machine without a C compiler) or when VHOSTNET_NATIVE=0 asks
 for them. Each function has the same signature and result as its C
 counterpart's wrapper in stack/native/__init__.py; tests/stack/test_native.py
-checks that on random input.
+checks that on random input (the split ring's loops: tests/device/
+test_take_writable.py and test_take_readable.py).
 """
 from __future__ import annotations
 
 import struct
 
 __all__ = ["ones_sum", "l4_sum", "copy", "segment", "icmp_echo_reply", "EchoReplier", "ECHO_MAX_FRAME",
-           "scatter_region", "split_take_writable", "split_put_frame", "SplitPins"]
+           "scatter_region", "split_take_writable", "split_put_frame", "SplitPins", "split_take_readable",
+           "split_put_used"]
 
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
@@ -350,3 +352,55 @@ class SplitPins:
                 if isinstance(v, memoryview):
                     v.release()
             self._args = None
+
+# ---- TX: the split ring's batched take (native.c vn_split_take_readable) ----
+
+def split_take_readable(avail_h, desc, held, checks: bool, num: int, last: int, ahead: int,
+                        r_gpa: int, r_end: int, max_take: int):
+    """The loop of vhostnet/virtio/split.py SplitRing.take_readable (see
+    native.c vn_split_take_readable): (heads, offsets, lengths) of the
+    one-descriptor device-readable chains of at least one byte inside the
+    region [r_gpa, r_end), from avail ring index LAST on, at most AHEAD and
+    MAX_TAKE of them; the first other entry ends the run. Taken heads are
+    marked in HELD when CHECKS. Each entry and descriptor is read once."""
+    if not num or num & (num - 1) or len(avail_h) < 2 + num or len(desc) < 16 * num \
+            or (checks and len(held) < num) or ahead > num:
+        raise ValueError("ring sizes do not cover the queue size")
+    heads: list[int] = []
+    offs: list[int] = []
+    lens: list[int] = []
+    mask = num - 1
+    n = 0
+    limit = min(ahead, max_take)
+    while n < limit:
+        head = avail_h[2 + ((last + n) & mask)]
+        if head >= num or (checks and held[head]):
+            break
+        addr, length, flags, _nxt = _DESC.unpack_from(desc, head << 4)
+        if flags & _NEXT_INDIRECT_WRITE or not length or not (r_gpa <= addr and addr + length <= r_end):
+            break
+        if checks:
+            held[head] = 1      # a head twice in the run stops it at the second
+        heads.append(head)
+        offs.append(addr - r_gpa)
+        lens.append(length)
+        n += 1
+    return heads, offs, lens
+
+
+def split_put_used(used_i, num: int, used_idx: int, heads, length: int) -> int:
+    """Used elements (heads[i], LENGTH) into USED_I (the used ring as 32-bit
+    words) from USED_IDX on, in order (native.c vn_split_put_used); returns
+    the used index after them. ValueError, nothing written, when the used
+    ring is shorter than NUM entries, a head is not below NUM, or there are
+    more than NUM heads."""
+    n = len(heads)
+    if not num or num & (num - 1) or len(used_i) < 1 + 2 * num or n > num \
+            or any(h >= num or h < 0 for h in heads):
+        raise ValueError("used ring shorter than the queue, a head out of range, or too many heads")
+    mask = num - 1
+    for i, h in enumerate(heads):
+        slot = (used_idx + i) & mask
+        used_i[1 + 2 * slot] = h
+        used_i[2 + 2 * slot] = length
+    return (used_idx + n) & 0xFFFF

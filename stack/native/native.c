@@ -12,6 +12,12 @@
  *                    scatter/gather lists <-> frames)
  *   vn_segment_tcp   software TSO: one TCP/IPv4 frame -> MSS-sized frames
  *
+ * and, in later sections, the ICMP echo reply, the RX scatter and the split
+ * ring's batched loops (vn_split_take_writable / vn_split_put_frame for RX
+ * buffers, vn_split_take_readable / vn_split_put_used for TX chains; their
+ * twins are held to them by tests/device/test_take_writable.py and
+ * test_take_readable.py).
+ *
  * Checksums: the ones'-complement sum is independent of byte order
  * (RFC 1071 section 2(B)), so we add native-endian 32-bit loads into a
  * 64-bit accumulator, fold with end-around carry, and swap the folded
@@ -495,4 +501,96 @@ long vn_split_put_frame(const uint16_t *avail, size_t avail_words, const char *d
         left -= k;
     }
     return n;
+}
+
+/* ---- TX: the split ring's batched take (vhostnet/virtio/split.py) -----
+ *
+ * vn_split_take_readable: the loop of SplitRing.take_readable, which takes
+ * the TX ring's common chains (one device-readable buffer each: Linux's TX
+ * frame with any_layout, virtio 1.2 section 5.1.6.2) several per call.
+ * The same arguments as vn_split_take_writable without need/min_len: from
+ * avail ring index `last` on, at most `ahead` entries and `max_take`
+ * chains, take the head if it is in range and not held (when `checks`),
+ * and its descriptor is one device-readable buffer (no NEXT, no INDIRECT,
+ * no WRITE) of at least one byte wholly inside [r_gpa, r_end).  The first
+ * entry that is anything else ends the run untouched, for the Python
+ * pop() to judge (a device-writable one too: pop() takes it and the device
+ * refuses it as a runt, as it did when SplitRing.pop_fast took it).
+ * Taken heads are marked held when `checks`, so a head twice in one run
+ * stops it at the second.  heads/offs/lens (max_take entries) receive each
+ * chain's head, its buffer's offset in the region and its length.
+ * Returns the number taken, or -1 when the sizes do not cover num entries.
+ *
+ * The driver may write the ring while we read it: each avail entry and
+ * each descriptor is copied once into locals behind a compiler barrier,
+ * and only the copies are checked and used.  Every read is bounded as in
+ * vn_split_take_writable.
+ */
+#define VN_COMPILER_BARRIER() __asm__ __volatile__("" ::: "memory")
+
+long vn_split_take_readable(const uint16_t *avail, size_t avail_words, const char *desc, size_t desc_len,
+                            uint8_t *held, size_t held_len, int checks, uint32_t num, uint32_t last,
+                            uint32_t ahead, uint64_t r_gpa, uint64_t r_end, uint32_t max_take,
+                            uint64_t *heads, uint64_t *offs, uint64_t *lens)
+{
+    if (num == 0 || (num & (num - 1)) || avail_words < 2 + (size_t)num
+        || desc_len < VRING_DESC_SIZE * (size_t)num || (checks && held_len < num) || ahead > num)
+        return -1;
+    uint32_t mask = num - 1;
+    uint32_t n = 0;
+    while (n < ahead && n < max_take) {
+        uint16_t head;
+        memcpy(&head, &avail[2 + ((last + n) & mask)], 2);
+        VN_COMPILER_BARRIER();      /* the check below and the use are of this one read */
+        head = le16(head);
+        if (head >= num || (checks && held[head]))
+            break;
+        char d[VRING_DESC_SIZE];
+        memcpy(d, desc + VRING_DESC_SIZE * (size_t)head, VRING_DESC_SIZE);
+        VN_COMPILER_BARRIER();
+        uint64_t addr;
+        uint32_t len;
+        uint16_t flags;
+        memcpy(&addr, d, 8);
+        memcpy(&len, d + 8, 4);
+        memcpy(&flags, d + 12, 2);
+        addr = le64(addr);
+        len = le32(len);
+        flags = le16(flags);
+        if ((flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE)) != 0
+            || len == 0 || addr < r_gpa || addr > r_end || len > r_end - addr)
+            break;
+        if (checks)
+            held[head] = 1;
+        heads[n] = head;
+        offs[n] = addr - r_gpa;
+        lens[n] = len;
+        n++;
+    }
+    return (long)n;
+}
+
+/* vn_split_put_used: used elements (id heads[i], len `len`: the bytes
+ * written into the buffer, 0 for a TX chain the device only read; virtio
+ * 1.2 section 2.7.8) at used ring index used_idx on, n of them, in order.
+ * used is the used ring as 32-bit words (flags/idx, then id/len pairs).
+ * Returns the used index after them (mod 2^16), or -1 when the used ring
+ * given is shorter than num entries, a head is not below num, or n > num
+ * (nothing written then).  Publishing used->idx stays with the caller.
+ */
+long vn_split_put_used(uint32_t *used, size_t used_words, uint32_t num, uint32_t used_idx,
+                       const uint64_t *heads, size_t n, uint32_t len)
+{
+    if (num == 0 || (num & (num - 1)) || used_words < 1 + 2 * (size_t)num || n > num)
+        return -1;
+    for (size_t i = 0; i < n; i++)
+        if (heads[i] >= num)
+            return -1;
+    uint32_t mask = num - 1;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t slot = (used_idx + (uint32_t)i) & mask;
+        used[1 + 2 * (size_t)slot] = le32((uint32_t)heads[i]);
+        used[2 + 2 * (size_t)slot] = le32(len);
+    }
+    return (long)((used_idx + n) & 0xFFFFu);
 }

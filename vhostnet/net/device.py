@@ -5,6 +5,13 @@ Data path, top to bottom:
     kick fd -> TX ring (vhostnet/virtio) -> NetDevice.drain_tx -> header.py -> taps (pcap) -> link -> stack
     stack -> link -> NetDevice.flush_rx -> header.py -> taps -> RX ring buffers -> call fd
 
+TX on a split ring goes by runs: from TX_RUN_MIN chains ahead, the run of
+one-buffer chains pop_fast() would take comes in one call
+(SplitRing.take_readable, C), the stack gets each frame, and the buffers go
+back in one call (push_read) once it is done with them; whatever ends a run
+goes through pop() as always. Packed rings (and `tx_batch=False`) go chain
+by chain.
+
 `link` is the outermost link layer (vhostnet/link: fault injection, taps
 on the stack's side), built by the `link_layers` the constructor is given;
 without one it is the stack itself.
@@ -78,6 +85,11 @@ NUM_BUFFERS_OFFSET = 10
 # and the other ring get their turn. At a few microseconds per descriptor
 # plus the stack's work per frame this keeps a step well under 10 ms.
 TX_BUDGET = 256
+# Chains ahead in a split TX ring from which drain_tx takes them as a run in
+# one call (SplitRing.take_readable); fewer go one by one through pop_fast(),
+# cheaper than the call's set-up for one or two (docs/benchmarks.md, "The
+# split TX walk").
+TX_RUN_MIN = 4
 RX_BUDGET = 256
 # `serve --queues`: the most queue pairs offered. QEMU's own limit for
 # -netdev vhost-user,queues= is MAX_QUEUE_NUM (include/net/net.h, 1024); one
@@ -97,8 +109,12 @@ class NetDevice:
     def __init__(self, config: NetConfig | None = None, *, features: int = F.DEFAULT_FEATURES,
                  queue_pairs: int = 1, rx_pending_limit: int = 1024, rlog: RateLimitedLog | None = None,
                  taps: list | None = None, link_layers=None, hostnet=None,
-                 net_services: ServicesConfig | None = None, dns_upstreams=()):
+                 net_services: ServicesConfig | None = None, dns_upstreams=(), tx_batch: bool = True):
         self.config = config or NetConfig()
+        # Split TX rings: take runs of chains per call (SplitRing.take_readable).
+        # False: one chain at a time, as on packed rings (tests and benchmarks
+        # hold the two to the same outcome and compare their speed).
+        self.tx_batch = tx_batch
         if not 1 <= queue_pairs <= MAX_QUEUE_PAIRS:
             raise ValueError(f"queue pairs {queue_pairs} not in 1..{MAX_QUEUE_PAIRS}")
         self.queue_pairs = queue_pairs
@@ -295,18 +311,68 @@ class NetDevice:
         # work to do on this batch (Link.receiver: the stack's own receive
         # when no fault is in force and no stack-side tap installed).
         pop_fast, pop, push = q.pop_fast, q.pop, q.push
+        # Split rings: the run of common chains in one call (take_readable:
+        # pop_fast()'s checks, in C), their frames, then their used elements
+        # in one call (push_read); whatever ends a run goes through pop().
+        take = None if q.packed or not self.tx_batch else q.take_readable
+        tx_frame = self._tx_frame
+        hl = self.hdr_len
+        hl12 = hl == 12                              # num_buffers is there (§5.1.6)
+        shortest, longest = hl + 14, hl + MAX_FRAME  # _tx_frame's tx_runt and tx_oversize bounds
         receive = self.link.receiver(now)
         taps = self.taps
         steering = self.steering
         frames = nbytes = 0
         while True:
-            chain = pop_fast(b)
-            if chain is None:
-                chain = pop(b, False)    # pop_fast just looked: straight to the walk
+            if take is not None:
+                region, heads, offs, lens = take(b, TX_RUN_MIN)
+                if heads:
+                    done = 0
+                    for head, off, n in zip(heads, offs, lens):
+                        done += 1
+                        v = region[off:off + n]
+                        try:
+                            # A plain frame (header flags 0, GSO_NONE, num_buffers
+                            # 0: ARP, ICMP, anything sent without offloads) needs
+                            # nothing of _tx_frame but its length check: built
+                            # here, a call less per frame. Anything else goes there.
+                            if shortest <= n <= longest and not (v[0] or v[1] or (hl12 and (v[10] or v[11]))):
+                                frame = Frame(v[hl:])
+                            else:
+                                frame = tx_frame(q, head, (v,), n)
+                            if frame is not None:
+                                frames += 1
+                                nbytes += len(frame.data)
+                                if steering is not None:
+                                    steering.learn(frame.data, pair)
+                                for tap in taps:
+                                    tap("tx", frame)
+                                receive(frame, now)
+                        except Exception as e:  # a stack bug must not take the device down
+                            self._tx_internal_error(e)
+                        if q.broken is not None:
+                            # --strict: this frame's violation broke the ring. The
+                            # chains after it go back untaken, as pop_fast() would
+                            # never have taken them.
+                            q.untake(heads[done:], b)
+                            del heads[done:]
+                            break
+                    # The buffers go back only after the stack is done with
+                    # them: frame views point into guest memory.
+                    q.push_read(heads)
+                    continue
+                if region is not None:
+                    chain = pop(b, False)    # take() just looked: straight to the walk
+                else:
+                    chain = pop_fast(b) or pop(b, False)
+            else:
+                chain = pop_fast(b)
                 if chain is None:
-                    break
+                    chain = pop(b, False)    # pop_fast just looked: straight to the walk
+            if chain is None:
+                break
             try:
-                frame = self._tx_frame(q, chain)
+                frame = tx_frame(q, chain.head, chain.readable, chain.read_len)
                 if frame is not None:
                     frames += 1
                     nbytes += len(frame.data)
@@ -316,14 +382,11 @@ class NetDevice:
                         tap("tx", frame)
                     receive(frame, now)
             except Exception as e:  # a stack bug must not take the device down
-                self.counters["tx_internal_error"] += 1
-                # A guest can trigger this per frame: rate-limited, one line.
-                self.rlog.log(logging.ERROR, "tx_internal_error",
-                              "internal error handling a TX frame: %s", one_line_traceback(e))
+                self._tx_internal_error(e)
             # The buffer goes back only after the stack is done with it:
             # frame views point into guest memory.
             push(chain.head, 0)
-        chain = frame = None    # no view of guest memory outlives the drain
+        chain = frame = region = v = None    # no view of guest memory outlives the drain
         if frames:
             c = self.counters
             c["tx_frames"] += frames
@@ -351,20 +414,25 @@ class NetDevice:
             self._signal(q)
         return more
 
-    def _tx_frame(self, q, chain) -> Frame | None:
-        """The frame of one TX chain, its virtio-net header checked and turned
-        into offload fields; None if refused (counted, a finding recorded)."""
+    def _tx_internal_error(self, e: Exception) -> None:
+        self.counters["tx_internal_error"] += 1
+        # A guest can trigger this per frame: rate-limited, one line.
+        self.rlog.log(logging.ERROR, "tx_internal_error",
+                      "internal error handling a TX frame: %s", one_line_traceback(e))
+
+    def _tx_frame(self, q, head: int, views, total: int) -> Frame | None:
+        """The frame of the TX chain at HEAD (its device-readable VIEWS, TOTAL
+        bytes), its virtio-net header checked and turned into offload fields;
+        None if refused (counted, a finding recorded)."""
         hl = self.hdr_len
-        total = chain.read_len
         if total < hl + 14:
-            return self._refuse(q, "tx_runt", {"head": chain.head, "expected": f">= {hl + 14} bytes", "seen": total},
+            return self._refuse(q, "tx_runt", {"head": head, "expected": f">= {hl + 14} bytes", "seen": total},
                                 "tx: chain of %d bytes is shorter than the %d-byte virtio-net header plus an Ethernet header",
                                 total, hl)
         if total > hl + MAX_FRAME:
-            return self._refuse(q, "tx_oversize", {"head": chain.head, "expected": f"<= {hl + MAX_FRAME} bytes",
+            return self._refuse(q, "tx_oversize", {"head": head, "expected": f"<= {hl + MAX_FRAME} bytes",
                                                    "seen": total},
                                 "tx: frame of %d bytes exceeds the %d-byte maximum", total - hl, MAX_FRAME)
-        views = chain.readable
         first = views[0]
         if len(views) == 1:
             hdr = first
@@ -389,14 +457,14 @@ class NetDevice:
         if q.checks and ((hl == 12 and (hdr[10] or hdr[11]))
                          or flags & (DATA_VALID | VIRTIO_NET_HDR_F_RSC_INFO)
                          or (flags & NEEDS_CSUM and not self.host_csum)):
-            self._check_tx_header(q, chain.head, hdr, flags, gso_type)
+            self._check_tx_header(q, head, hdr, flags, gso_type)
             if q.broken is not None:
                 return   # --strict: the violation broke the ring; its frame goes nowhere
         frame = Frame(data)
         if flags & NEEDS_CSUM:
             if csum_start + csum_offset + 2 > len(data) or csum_start < 14:
                 return self._refuse(q, "tx_bad_csum_offset",
-                                    {"head": chain.head, "csum_start": csum_start, "csum_offset": csum_offset,
+                                    {"head": head, "csum_start": csum_start, "csum_offset": csum_offset,
                                      "expected": f"14 <= csum_start, csum_start + csum_offset + 2 <= {len(data)}",
                                      "seen": csum_start + csum_offset + 2},
                                     "tx: NEEDS_CSUM with csum_start %d + csum_offset %d outside the %d-byte frame",
@@ -408,18 +476,18 @@ class NetDevice:
         if gso_type != GSO_NONE:
             if gso_type & ~GSO_ECN != GSO_TCPV4 or not self.host_tso:
                 return self._refuse(q, "tx_bad_gso",
-                                    {"head": chain.head, "gso_type": gso_type, "gso_size": gso_size,
+                                    {"head": head, "gso_type": gso_type, "gso_size": gso_size,
                                      "expected": "TCPV4 with HOST_TSO4" if self.host_tso else "GSO_NONE",
                                      "seen": f"gso_type {gso_type} gso_size {gso_size}"},
                                     "tx: gso_type %d gso_size %d not allowed by the negotiated features (HOST_TSO4=%s)",
                                     gso_type, gso_size, self.host_tso)
             if gso_size == 0:
                 return self._refuse(q, "tx_gso_without_size",
-                                    {"head": chain.head, "gso_type": gso_type, "expected": "gso_size > 0 (the MSS)",
+                                    {"head": head, "gso_type": gso_type, "expected": "gso_size > 0 (the MSS)",
                                      "seen": 0}, "tx: gso_type %d with gso_size 0", gso_type)
             if not flags & NEEDS_CSUM:
                 return self._refuse(q, "tx_gso_without_csum",
-                                    {"head": chain.head, "gso_type": gso_type, "expected": "NEEDS_CSUM in flags",
+                                    {"head": head, "gso_type": gso_type, "expected": "NEEDS_CSUM in flags",
                                      "seen": f"flags {flags:#x}"},
                                     "tx: gso_type %d without NEEDS_CSUM", gso_type)
             frame.gso_size = gso_size

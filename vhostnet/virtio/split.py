@@ -36,7 +36,7 @@ import os
 import struct
 import threading
 
-from stack.native import SplitPins, split_take_writable
+from stack.native import SplitPins, split_put_used, split_take_readable, split_take_writable
 from vhostnet.virtio.findings import Findings
 from vhostnet.virtio.ring import chain_truncated, describe_common, refusal_doc, MAX_CHAIN_DESCS, Budget, Chain, ChainError, one_buffer_chain
 from vhostnet.vhostuser.memory import GuestMemory, OutOfBounds
@@ -50,10 +50,16 @@ VRING_DESC_F_INDIRECT = 4
 VRING_AVAIL_F_NO_INTERRUPT = 1
 VRING_USED_F_NO_NOTIFY = 1
 MAX_QUEUE_SIZE = 32768
+# push_read(): from this many used elements on, one C call (split_put_used)
+# is cheaper than the Python loop (scripts/bench_native.py-style timing in
+# docs/benchmarks.md, "The split TX walk").
+PUSH_READ_C_MIN = 8
 
 DESC = struct.Struct("<QIHH")
 _desc_unpack = DESC.unpack_from
 _NEXT_OR_INDIRECT = VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT
+_NEXT_INDIRECT_WRITE = _NEXT_OR_INDIRECT | VRING_DESC_F_WRITE
+_DESC_FLAGS_LOW = 12    # struct virtq_desc's flags (le16) at byte 12: the three flags are in its low byte
 
 _barrier_lock = threading.Lock()
 _ONE = (1).to_bytes(8, "little")   # an eventfd increment
@@ -464,6 +470,100 @@ class SplitRing:
         self._pins = (rc, self._held, self._desc,
                       SplitPins(self._avail_h, self._desc, self._held, self._used_i, rc[2]))
         return self._pins
+
+    def take_readable(self, budget: Budget, min_run: int = 1) -> tuple:
+        """Consecutive TX chains in one call: the run pop_fast() would take.
+
+        Takes, in ring order, chains that pop_fast() would take, and only
+        those that are device-readable (a TX frame in one buffer, Linux's
+        layout with any_layout), while the BUDGET (one descriptor per chain)
+        lasts; the first other entry stays in the ring untaken and unjudged
+        for pop() to decide. So every check and count is pop_fast()'s: the
+        avail index moved by at most the queue size, each head in range and
+        not held (when checks are on; a head twice in the run stops it at
+        the second), one descriptor without NEXT or INDIRECT, non-empty, the
+        buffer wholly inside the cached guest region. A device-writable
+        chain, which pop_fast() would take, also stops the run: pop() then
+        takes it, and the device refuses it as a runt either way. The loop
+        is stack.native.split_take_readable: C, or its Python twin
+        (tests/device/test_take_readable.py holds them to each other and to
+        pop_fast()).
+
+        Returns (region, heads, offsets, lengths): the cached region's view
+        and each chain's head, its buffer's offset in that view and length.
+        push_read() returns them; untake() gives back a tail not used.
+        Region None: nothing looked at (fewer than MIN_RUN entries ahead, for
+        which the caller's pop_fast() is cheaper than this call; no cached
+        region; a broken ring; a spent budget). Region set and no heads:
+        the first entry is not the common case, pop() must walk it.
+        """
+        avail_h = self._avail_h
+        rc = self._rcache
+        if self.broken is not None or avail_h is None or rc is None or budget.left <= 0:
+            return None, (), (), ()
+        num = self.num
+        last = self.last_avail_idx
+        ahead = (avail_h[1] - last) & 0xFFFF
+        if ahead < min_run or ahead > num:
+            return None, (), (), ()     # too few, or a jump or a step back: pop() refuses it
+        # The first chain in several descriptors (a TSO frame: header, then the
+        # data) ends the run before it starts: seen here from one byte, for
+        # less than the C call's set-up. Only a shortcut: C checks it all again.
+        head = avail_h[2 + (last & (num - 1))]
+        if head >= num or self._desc[(head << 4) + _DESC_FLAGS_LOW] & _NEXT_INDIRECT_WRITE:
+            return rc[2], (), (), ()
+        checks = self.checks
+        heads, offs, lens = split_take_readable(avail_h, self._desc, self._held, checks, num, last, ahead,
+                                                rc[0], rc[1], budget.left)
+        if heads:
+            n = len(heads)
+            self.last_avail_idx = (last + n) & 0xFFFF
+            budget.left -= n
+            self.stats["chains"] += n
+            if checks:
+                self._walk_indirect = None
+                if self._marked_heads is not None:
+                    self._marked_heads.extend(heads)
+        return rc[2], heads, offs, lens
+
+    def untake(self, heads: list[int], budget: Budget) -> None:
+        """Give back HEADS, the last chains take_readable() returned (in its
+        order), none of them pushed: as if never taken, budget included."""
+        k = len(heads)
+        if not k:
+            return
+        self.last_avail_idx = (self.last_avail_idx - k) & 0xFFFF
+        self.stats["chains"] -= k
+        budget.left += k
+        if self.checks:
+            held = self._held
+            for h in heads:
+                held[h] = 0
+            if self._marked_heads is not None:
+                del self._marked_heads[-k:]
+
+    def push_read(self, heads: list[int]) -> None:
+        """push(head, 0) for each head, in order: chains the device only read
+        (TX). Visible at the next publish(). In C (split_put_used) from
+        PUSH_READ_C_MIN heads on; below, the Python loop is cheaper than the
+        call's set-up."""
+        n = len(heads)
+        if n >= PUSH_READ_C_MIN:
+            self.used_idx = split_put_used(self._used_i, self.num, self.used_idx, heads, 0)
+        elif n:
+            mask = self.num - 1
+            ui = self._used_i
+            idx = self.used_idx
+            for head in heads:
+                slot = idx & mask
+                ui[1 + 2 * slot] = head
+                ui[2 + 2 * slot] = 0
+                idx = (idx + 1) & 0xFFFF
+            self.used_idx = idx
+        else:
+            return
+        if self.checks:
+            self._unpublished.extend(heads)
 
     def unpop(self) -> None:
         """Give back the one chain pop() just returned (nothing pushed since): no use for it yet."""
