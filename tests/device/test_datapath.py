@@ -1,6 +1,9 @@
 """TX and RX through the real server, driven by the in-process frontend."""
 import struct
 
+import pytest
+import trio
+
 from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import ARP, Ether
 
@@ -123,4 +126,54 @@ async def test_rx_pending_is_bounded(tmp_path, nursery):
     dev = srv.current.device
     assert len(dev.rx_pending) == 5
     assert dev.counters["rx_dropped_no_buffers"] == 7
+    await fe.shutdown(srv)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+async def test_a_burst_past_the_step_bytes_is_answered_in_steps(tmp_path, nursery, packed):
+    """A TX burst larger than TX_STEP_BYTES ends its first step early: the
+    answers so far (for TCP: the ACKs the guest waits for to send more) and
+    the used buffers go to the guest, and the next step takes the rest."""
+    from vhostnet.net.device import TX_STEP_BYTES, NetDevice
+    from vhostnet.testing.frontend import Frontend
+    from vhostnet.vhostuser.server import Server
+
+    steps = []      # per drain_tx: (chains taken, frames answered so far, more)
+
+    class Spy(NetDevice):
+        def drain_tx(self, rings, now, *a, **kw):
+            before = rings[1].stats["chains"]
+            more = super().drain_tx(rings, now, *a, **kw)
+            steps.append((rings[1].stats["chains"] - before, self.counters["rx_frames"], more))
+            return more
+
+    srv = Server(str(tmp_path / "s.sock"), Spy)
+    srv.listen()
+    nursery.start_soon(srv.serve)
+    await srv.ready.wait()
+    fe = Frontend(packed=packed)
+    await fe.connect(srv.socket_path)
+    await fe.handshake()
+    fe.post_rx()
+    fe.rx.kick()
+    frame = ping(payload=b"b" * 1472)
+    burst = TX_STEP_BYTES // len(frame) + 20         # past one step's bytes, within the ring
+    assert burst < fe.tx.size
+    for i in range(burst):
+        fe.post_tx(frame)
+    fe.tx.kick()
+    got = 0
+    with trio.fail_after(10):
+        while got < burst:
+            got += len(fe.read_rx())
+            if fe.rx.free:
+                fe.post_rx()
+                fe.rx.kick()
+            await fe.rx.wait_call(0.05)
+    busy = [s for s in steps if s[0]]
+    first = busy[0]
+    per_step = -(-TX_STEP_BYTES // len(frame))       # frames until the step's bytes are reached
+    assert first[0] == per_step and first[2] is True  # ended by its bytes, more to come
+    assert first[1] >= 1                             # its answers were out before the rest was taken
+    assert sum(s[0] for s in busy) == burst
     await fe.shutdown(srv)

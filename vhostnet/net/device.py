@@ -90,6 +90,14 @@ TX_BUDGET = 256
 # cheaper than the call's set-up for one or two (docs/benchmarks.md, "The
 # split TX walk").
 TX_RUN_MIN = 4
+# Frame bytes per TX step: past them the step ends (its ACKs and used
+# buffers go to the guest, the call is written) and the next one starts at
+# once. The guest's TCP can send no more than the window until our ACK comes;
+# with the ACKs of a burst all at its end, the guest and the device take
+# turns and each waits for the other. RFC 5681 §4.2 / RFC 9293 §3.8.6.3:
+# a receiver ACKs at least every second full-sized segment; two 64 KiB TSO
+# frames is that at TSO's scale (docs/benchmarks.md, "ACKs within a burst").
+TX_STEP_BYTES = 128 * 1024
 RX_BUDGET = 256
 # `serve --queues`: the most queue pairs offered. QEMU's own limit for
 # -netdev vhost-user,queues= is MAX_QUEUE_NUM (include/net/net.h, 1024); one
@@ -109,12 +117,14 @@ class NetDevice:
     def __init__(self, config: NetConfig | None = None, *, features: int = F.DEFAULT_FEATURES,
                  queue_pairs: int = 1, rx_pending_limit: int = 1024, rlog: RateLimitedLog | None = None,
                  taps: list | None = None, link_layers=None, hostnet=None,
-                 net_services: ServicesConfig | None = None, dns_upstreams=(), tx_batch: bool = True):
+                 net_services: ServicesConfig | None = None, dns_upstreams=(), tx_batch: bool = True,
+                 tx_step_bytes: int = TX_STEP_BYTES):
         self.config = config or NetConfig()
         # Split TX rings: take runs of chains per call (SplitRing.take_readable).
         # False: one chain at a time, as on packed rings (tests and benchmarks
         # hold the two to the same outcome and compare their speed).
         self.tx_batch = tx_batch
+        self.tx_step_bytes = tx_step_bytes
         if not 1 <= queue_pairs <= MAX_QUEUE_PAIRS:
             raise ValueError(f"queue pairs {queue_pairs} not in 1..{MAX_QUEUE_PAIRS}")
         self.queue_pairs = queue_pairs
@@ -305,6 +315,7 @@ class NetDevice:
         if not q.ready:
             return False
         b = Budget(TX_BUDGET if budget is None else budget)
+        step_bytes = self.tx_step_bytes
         # Per frame, the fewest Python calls: the ring's fast path first (pop()
         # would start with it too), the frame counters summed here and added
         # once per drain, and the link layers asked once which of them has
@@ -350,16 +361,19 @@ class NetDevice:
                                 receive(frame, now)
                         except Exception as e:  # a stack bug must not take the device down
                             self._tx_internal_error(e)
-                        if q.broken is not None:
-                            # --strict: this frame's violation broke the ring. The
-                            # chains after it go back untaken, as pop_fast() would
-                            # never have taken them.
+                        if q.broken is not None or nbytes >= step_bytes:
+                            # --strict: this frame's violation broke the ring; or
+                            # the step's bytes are done. The chains after it go
+                            # back untaken, as pop_fast() would never have taken them.
                             q.untake(heads[done:], b)
                             del heads[done:]
                             break
                     # The buffers go back only after the stack is done with
                     # them: frame views point into guest memory.
                     q.push_read(heads)
+                    if nbytes >= step_bytes:
+                        b.left = 0
+                        break
                     continue
                 if region is not None:
                     chain = pop(b, False)    # take() just looked: straight to the walk
@@ -386,6 +400,9 @@ class NetDevice:
             # The buffer goes back only after the stack is done with it:
             # frame views point into guest memory.
             push(chain.head, 0)
+            if nbytes >= step_bytes:
+                b.left = 0      # "more": the next step starts as soon as the loop allows
+                break
         chain = frame = region = v = None    # no view of guest memory outlives the drain
         if frames:
             c = self.counters
