@@ -88,6 +88,7 @@ class TcpConnection(InputMixin, OutputMixin, TimersMixin):
         self.max_snd_wnd = 0
         self.snd_wscale = 0
         self.sndbuf = SendBuffer(cfg.sndbuf, iss + 1)
+        self.sndbuf_grown = 0           # bytes of the layer's sndbuf_grow_total this one holds
         self.fin_queued = False         # app closed: FIN goes after sndbuf's last byte
 
         # --- receive sequence space ---

@@ -340,6 +340,11 @@ class InputMixin:
             self.rtt_seq = None
         sb = self.sndbuf
         room_before = sb.cap - len(sb)
+        if room_before == 0 and flight_before >= sb.cap - sb.cap // 4 \
+                and self.snd_wnd > flight_before and self.cc.cwnd > flight_before:
+            # Full, nearly all of it in flight, and neither the peer's window
+            # nor cwnd the limit: the buffer is (TcpConfig.sndbuf_max).
+            self._layer._grow_sndbuf(self)
         sb.ack_to(min(ack, sb.end))
         self.snd_una = ack
         self.bytes_out += acked

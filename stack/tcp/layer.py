@@ -95,6 +95,7 @@ class TcpLayer:
         self.now = 0.0
         self.tso_max: int | None = None
         self._conns: dict[tuple, TcpConnection] = {}
+        self._sndbuf_grown = 0          # the connections' send-buffer growth (TcpConfig.sndbuf_grow_total)
         self._listeners: dict[tuple, Listener] = {}
         self._unclaimed: Listener | None = None
         self._time_wait: OrderedDict = OrderedDict()
@@ -353,6 +354,7 @@ class TcpLayer:
             heapq.heappush(self._heap, (when, next(self._heap_seq), conn))
 
     def _enter_time_wait(self, conn: TcpConnection) -> None:
+        self._release_sndbuf(conn)      # all it sent is acknowledged; it sends no more
         tw = self._time_wait
         tw[conn.key] = conn
         while len(tw) > self.config.max_time_wait:
@@ -360,7 +362,37 @@ class TcpLayer:
             self.counters["time_wait_evicted"] += 1
             old._set_state(Event.ABORT)
 
+    def _grow_sndbuf(self, conn: TcpConnection) -> None:
+        """Double CONN's send buffer up to sndbuf_max, within the layer's
+        sndbuf_grow_total (counted: tcp_sndbuf_grown, tcp_sndbuf_grow_refused)."""
+        cfg = self.config
+        sb = conn.sndbuf
+        new = min(2 * sb.cap, cfg.sndbuf_max)
+        delta = new - sb.cap
+        if delta <= 0:
+            return
+        if self._sndbuf_grown + delta > cfg.sndbuf_grow_total:
+            self.counters["tcp_sndbuf_grow_refused"] += 1
+            return
+        sb.cap = new
+        conn.sndbuf_grown += delta
+        self._sndbuf_grown += delta
+        self.counters["tcp_sndbuf_grown"] += 1
+
+    def _release_sndbuf(self, conn: TcpConnection) -> None:
+        """CONN sends no more data: its growth goes back to the layer's total,
+        and an empty buffer its storage (a TIME-WAIT connection holds none)."""
+        sb = conn.sndbuf
+        if conn.sndbuf_grown:
+            self._sndbuf_grown -= conn.sndbuf_grown
+            sb.cap -= conn.sndbuf_grown
+            conn.sndbuf_grown = 0
+        if not sb.length:
+            sb.store = bytearray()
+            sb.head = 0
+
     def _forget(self, conn: TcpConnection) -> None:
+        self._release_sndbuf(conn)
         key = conn.key
         if self._conns.get(key) is conn:
             del self._conns[key]
