@@ -253,6 +253,16 @@ def split_take_writable(avail_h, desc, held, checks: bool, num: int, last: int, 
     region [r_gpa, r_end), from avail ring index LAST on, at most AHEAD and
     MAX_TAKE of them, until they hold NEED bytes; the first other entry ends
     the run. Taken heads are marked in HELD when CHECKS."""
+    return _take_run(avail_h, desc, held, checks, num, last, ahead, r_gpa, r_end, _F_WRITE, need, min_len,
+                     max_take)
+
+
+def _take_run(avail_h, desc, held, checks: bool, num: int, last: int, ahead: int, r_gpa: int, r_end: int,
+              want: int, need: int, min_len: int, max_take: int):
+    """The run both takes share (native.c split_take_run): one-descriptor
+    buffers whose flags among NEXT|INDIRECT|WRITE are WANT, until NEED
+    bytes, MAX_TAKE buffers or the first other entry. (heads, offsets,
+    lengths, room)."""
     if not num or num & (num - 1) or len(avail_h) < 2 + num or len(desc) < 16 * num \
             or (checks and len(held) < num) or ahead > num:
         raise ValueError("ring sizes do not cover the queue size")
@@ -268,7 +278,7 @@ def split_take_writable(avail_h, desc, held, checks: bool, num: int, last: int, 
         if head >= num or (checks and held[head]):
             break
         addr, length, flags, _nxt = _DESC.unpack_from(desc, head << 4)
-        if (flags & _NEXT_INDIRECT_WRITE != _F_WRITE or length < min_len or not length
+        if (flags & _NEXT_INDIRECT_WRITE != want or length < min_len or not length
                 or not (r_gpa <= addr and addr + length <= r_end)):
             break
         if checks:
@@ -363,28 +373,8 @@ def split_take_readable(avail_h, desc, held, checks: bool, num: int, last: int, 
     region [r_gpa, r_end), from avail ring index LAST on, at most AHEAD and
     MAX_TAKE of them; the first other entry ends the run. Taken heads are
     marked in HELD when CHECKS. Each entry and descriptor is read once."""
-    if not num or num & (num - 1) or len(avail_h) < 2 + num or len(desc) < 16 * num \
-            or (checks and len(held) < num) or ahead > num:
-        raise ValueError("ring sizes do not cover the queue size")
-    heads: list[int] = []
-    offs: list[int] = []
-    lens: list[int] = []
-    mask = num - 1
-    n = 0
-    limit = min(ahead, max_take)
-    while n < limit:
-        head = avail_h[2 + ((last + n) & mask)]
-        if head >= num or (checks and held[head]):
-            break
-        addr, length, flags, _nxt = _DESC.unpack_from(desc, head << 4)
-        if flags & _NEXT_INDIRECT_WRITE or not length or not (r_gpa <= addr and addr + length <= r_end):
-            break
-        if checks:
-            held[head] = 1      # a head twice in the run stops it at the second
-        heads.append(head)
-        offs.append(addr - r_gpa)
-        lens.append(length)
-        n += 1
+    heads, offs, lens, _room = _take_run(avail_h, desc, held, checks, num, last, ahead, r_gpa, r_end, 0,
+                                         1 << 64, 1, max_take)
     return heads, offs, lens
 
 

@@ -399,11 +399,20 @@ static inline uint16_t le16(uint16_t v) { return little_endian() ? v : bswap16(v
 static inline uint32_t le32(uint32_t v) { return little_endian() ? v : __builtin_bswap32(v); }
 static inline uint64_t le64(uint64_t v) { return little_endian() ? v : __builtin_bswap64(v); }
 
-long vn_split_take_writable(const uint16_t *avail, size_t avail_words, const char *desc, size_t desc_len,
-                            uint8_t *held, size_t held_len, int checks, uint32_t num, uint32_t last,
-                            uint32_t ahead, uint64_t r_gpa, uint64_t r_end, uint64_t need,
-                            uint32_t min_len, uint32_t max_take,
-                            uint64_t *heads, uint64_t *offs, uint64_t *lens, uint64_t *room)
+/* The driver may write the ring while we read it: each avail entry and
+ * each descriptor is copied once into locals behind a compiler barrier,
+ * and only the copies are checked and used. */
+#define VN_COMPILER_BARRIER() __asm__ __volatile__("" ::: "memory")
+
+/* The run of one-descriptor buffers both takes share: `want` is the
+ * descriptor's flags among NEXT|INDIRECT|WRITE (WRITE for RX buffers, 0
+ * for TX chains); the run stops at `need` bytes, `max_take` buffers or
+ * the first other entry. */
+static long split_take_run(const uint16_t *avail, size_t avail_words, const char *desc, size_t desc_len,
+                           uint8_t *held, size_t held_len, int checks, uint32_t num, uint32_t last,
+                           uint32_t ahead, uint64_t r_gpa, uint64_t r_end, uint16_t want, uint64_t need,
+                           uint32_t min_len, uint32_t max_take,
+                           uint64_t *heads, uint64_t *offs, uint64_t *lens, uint64_t *room)
 {
     if (num == 0 || (num & (num - 1)) || avail_words < 2 + (size_t)num
         || desc_len < VRING_DESC_SIZE * (size_t)num || (checks && held_len < num) || ahead > num)
@@ -412,10 +421,15 @@ long vn_split_take_writable(const uint16_t *avail, size_t avail_words, const cha
     uint64_t total = 0;
     uint32_t n = 0;
     while (total < need && n < ahead && n < max_take) {
-        uint16_t head = le16(avail[2 + ((last + n) & mask)]);
+        uint16_t head;
+        memcpy(&head, &avail[2 + ((last + n) & mask)], 2);
+        VN_COMPILER_BARRIER();      /* the check below and the use are of this one read */
+        head = le16(head);
         if (head >= num || (checks && held[head]))
             break;
-        const char *d = desc + VRING_DESC_SIZE * (size_t)head;
+        char d[VRING_DESC_SIZE];
+        memcpy(d, desc + VRING_DESC_SIZE * (size_t)head, VRING_DESC_SIZE);
+        VN_COMPILER_BARRIER();
         uint64_t addr;
         uint32_t len;
         uint16_t flags;
@@ -425,7 +439,7 @@ long vn_split_take_writable(const uint16_t *avail, size_t avail_words, const cha
         addr = le64(addr);
         len = le32(len);
         flags = le16(flags);
-        if ((flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE)) != VRING_DESC_F_WRITE
+        if ((flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE)) != want
             || len < min_len || len == 0 || addr < r_gpa || addr > r_end || len > r_end - addr)
             break;
         if (checks)
@@ -438,6 +452,16 @@ long vn_split_take_writable(const uint16_t *avail, size_t avail_words, const cha
     }
     *room = total;
     return (long)n;
+}
+
+long vn_split_take_writable(const uint16_t *avail, size_t avail_words, const char *desc, size_t desc_len,
+                            uint8_t *held, size_t held_len, int checks, uint32_t num, uint32_t last,
+                            uint32_t ahead, uint64_t r_gpa, uint64_t r_end, uint64_t need,
+                            uint32_t min_len, uint32_t max_take,
+                            uint64_t *heads, uint64_t *offs, uint64_t *lens, uint64_t *room)
+{
+    return split_take_run(avail, avail_words, desc, desc_len, held, held_len, checks, num, last, ahead,
+                          r_gpa, r_end, VRING_DESC_F_WRITE, need, min_len, max_take, heads, offs, lens, room);
 }
 
 /* ---- RX: a whole frame into the split ring's next buffers, one call ----
@@ -520,54 +544,16 @@ long vn_split_put_frame(const uint16_t *avail, size_t avail_words, const char *d
  * stops it at the second.  heads/offs/lens (max_take entries) receive each
  * chain's head, its buffer's offset in the region and its length.
  * Returns the number taken, or -1 when the sizes do not cover num entries.
- *
- * The driver may write the ring while we read it: each avail entry and
- * each descriptor is copied once into locals behind a compiler barrier,
- * and only the copies are checked and used.  Every read is bounded as in
- * vn_split_take_writable.
+ * The loop is split_take_run's, vn_split_take_writable's too.
  */
-#define VN_COMPILER_BARRIER() __asm__ __volatile__("" ::: "memory")
-
 long vn_split_take_readable(const uint16_t *avail, size_t avail_words, const char *desc, size_t desc_len,
                             uint8_t *held, size_t held_len, int checks, uint32_t num, uint32_t last,
                             uint32_t ahead, uint64_t r_gpa, uint64_t r_end, uint32_t max_take,
                             uint64_t *heads, uint64_t *offs, uint64_t *lens)
 {
-    if (num == 0 || (num & (num - 1)) || avail_words < 2 + (size_t)num
-        || desc_len < VRING_DESC_SIZE * (size_t)num || (checks && held_len < num) || ahead > num)
-        return -1;
-    uint32_t mask = num - 1;
-    uint32_t n = 0;
-    while (n < ahead && n < max_take) {
-        uint16_t head;
-        memcpy(&head, &avail[2 + ((last + n) & mask)], 2);
-        VN_COMPILER_BARRIER();      /* the check below and the use are of this one read */
-        head = le16(head);
-        if (head >= num || (checks && held[head]))
-            break;
-        char d[VRING_DESC_SIZE];
-        memcpy(d, desc + VRING_DESC_SIZE * (size_t)head, VRING_DESC_SIZE);
-        VN_COMPILER_BARRIER();
-        uint64_t addr;
-        uint32_t len;
-        uint16_t flags;
-        memcpy(&addr, d, 8);
-        memcpy(&len, d + 8, 4);
-        memcpy(&flags, d + 12, 2);
-        addr = le64(addr);
-        len = le32(len);
-        flags = le16(flags);
-        if ((flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE)) != 0
-            || len == 0 || addr < r_gpa || addr > r_end || len > r_end - addr)
-            break;
-        if (checks)
-            held[head] = 1;
-        heads[n] = head;
-        offs[n] = addr - r_gpa;
-        lens[n] = len;
-        n++;
-    }
-    return (long)n;
+    uint64_t room;
+    return split_take_run(avail, avail_words, desc, desc_len, held, held_len, checks, num, last, ahead,
+                          r_gpa, r_end, 0, UINT64_MAX, 1, max_take, heads, offs, lens, &room);
 }
 
 /* vn_split_put_used: used elements (id heads[i], len `len`: the bytes
