@@ -551,15 +551,7 @@ class SplitRing:
         if n >= PUSH_READ_C_MIN:
             self.used_idx = split_put_used(self._used_i, self.num, self.used_idx, heads, 0)
         elif n:
-            mask = self.num - 1
-            ui = self._used_i
-            idx = self.used_idx
-            for head in heads:
-                slot = idx & mask
-                ui[1 + 2 * slot] = head
-                ui[2 + 2 * slot] = 0
-                idx = (idx + 1) & 0xFFFF
-            self.used_idx = idx
+            self._write_used(heads, (0,) * n)
         else:
             return
         if self.checks:
@@ -753,6 +745,13 @@ class SplitRing:
 
     def push_many(self, heads: list[int], lens: list[int]) -> None:
         """push(heads[i], lens[i]) for each i, in order: one frame's buffers (MRG_RXBUF)."""
+        self._write_used(heads, lens)
+        self.stats["bytes"] += sum(lens)
+        if self.checks:
+            self._unpublished.extend(heads)
+
+    def _write_used(self, heads, lens) -> None:
+        """The used elements (heads[i], lens[i]) from used_idx on, used_idx moved past them."""
         mask = self.num - 1
         ui = self._used_i
         idx = self.used_idx
@@ -762,9 +761,6 @@ class SplitRing:
             ui[2 + 2 * slot] = length
             idx = (idx + 1) & 0xFFFF
         self.used_idx = idx
-        self.stats["bytes"] += sum(lens)
-        if self.checks:
-            self._unpublished.extend(heads)
 
     def publish(self) -> bool:
         """Publish used->idx; True if the driver wants an interrupt for it."""
