@@ -22,6 +22,7 @@ import argparse
 import os
 import shutil
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -30,7 +31,6 @@ import trio
 from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import Ether
 
-import sys
 # This tree's code, whether or not it is the installed one (a second clone, a worktree).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

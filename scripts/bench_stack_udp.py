@@ -13,11 +13,11 @@ table; not a test.
 from __future__ import annotations
 
 import argparse
+import os
 import struct
+import sys
 import time
 
-import os
-import sys
 # This tree's code, whether or not it is the installed one (a second clone, a worktree).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

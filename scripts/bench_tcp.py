@@ -13,14 +13,13 @@ reads and discards. Reports wall-clock throughput of the Python stack itself
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
 from collections import deque
 from pathlib import Path
 
-
-import os
 # This tree's code, whether or not it is the installed one (a second clone, a worktree).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
