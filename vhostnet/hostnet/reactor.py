@@ -47,6 +47,10 @@ class Reactor:
     def __len__(self) -> int:
         return len(self._handlers)
 
+    def fileno(self) -> int:
+        """The epoll fd: readable while a registered socket has an event."""
+        return self._ep.fileno()
+
     def add(self, fd: int, handler: Handler, events: int = EDGE) -> None:
         self._ep.register(fd, events)
         self._handlers[fd] = handler

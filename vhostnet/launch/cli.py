@@ -31,6 +31,7 @@ from vhostnet import __version__
 from vhostnet.link import cli as link_cli
 from vhostnet.observe import check as check_cli
 from vhostnet.virtio import features
+from vhostnet.vhostuser.idle_poll import DEFAULT_IDLE_POLL, MAX_IDLE_POLL
 
 EXIT_NO_QEMU = 3
 
@@ -303,9 +304,24 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-unsealed-memory", action="store_true",
                    help="accept guest memory without F_SEAL_SHRINK (memory-backend-file, memfd seal=off, "
                         "DPDK); a front-end that shrinks it then kills the backend (SIGBUS): trusted front-ends only")
+    p.add_argument("--idle-poll-us", type=_idle_poll_us, default=round(DEFAULT_IDLE_POLL * 1e6), metavar="US",
+                   help="after a kick's work, read the kick eventfd for up to US microseconds before "
+                        "sleeping, while the guest kicks again within that time (request/response "
+                        "traffic); 0 always sleeps. Costs CPU only while it catches kicks "
+                        f"(0..{round(MAX_IDLE_POLL * 1e6)}; default %(default)s)")
     link_cli.add_fault_option(p)
     check_cli.add_strict_option(p)
     _add_net_options(p)
+
+
+def _idle_poll_us(text: str) -> int:
+    try:
+        us = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of microseconds: {text!r}") from None
+    if not 0 <= us <= MAX_IDLE_POLL * 1e6:
+        raise argparse.ArgumentTypeError(f"must be 0..{round(MAX_IDLE_POLL * 1e6)} microseconds")
+    return us
 
 
 def _add_machine_options(p: argparse.ArgumentParser) -> None:

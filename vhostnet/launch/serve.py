@@ -26,6 +26,7 @@ from vhostnet.observe.pcap import FileTap
 from vhostnet.ratelimit import RateLimitedLog
 from vhostnet.sockets import SocketInUse
 from vhostnet.virtio import features as F
+from vhostnet.vhostuser.idle_poll import DEFAULT_IDLE_POLL
 from vhostnet.vhostuser.server import Server
 
 __all__ = ["make_server", "make_backend", "close_listeners", "serve_backend"]
@@ -40,7 +41,7 @@ def make_server(socket_path: str, *, config: NetConfig | None = None,
                 device_rlog: RateLimitedLog | None = None, link: LinkSettings | None = None,
                 listener=None, hostnet=None, allow_unsealed_memory: bool = False,
                 strict: bool = False, checks: bool = True, safety_poll: bool = True,
-                **device_kw) -> Server:
+                idle_poll: float = DEFAULT_IDLE_POLL, **device_kw) -> Server:
     """A Server making one NetDevice per connection; all share the server's taps
     and LINK (give the same LinkSettings to the ControlServer).
     LISTENER: an already-listening socket to serve instead of binding SOCKET_PATH.
@@ -58,7 +59,7 @@ def make_server(socket_path: str, *, config: NetConfig | None = None,
 
     return Server(socket_path, make_device, once=once, rlog=rlog, taps=taps, listener=listener,
                   hostnet=hostnet, allow_unsealed_memory=allow_unsealed_memory,
-                  strict=strict, checks=checks, safety_poll=safety_poll)
+                  strict=strict, checks=checks, safety_poll=safety_poll, idle_poll=idle_poll)
 
 
 def _net_config(args):
@@ -98,7 +99,8 @@ def make_backend(args, socket_path: str, listener=None, control_path: str | None
                          hostnet=hostnet, net_services=net_services, dns_upstreams=dns_upstreams,
                          allow_unsealed_memory=getattr(args, "allow_unsealed_memory", False),
                          queue_pairs=getattr(args, "queues", 1),
-                         strict=getattr(args, "strict", False))
+                         strict=getattr(args, "strict", False),
+                         idle_poll=getattr(args, "idle_poll_us", 0) * 1e-6)
     control = None
     ctl_path = args.control or control_path or default_control_path(socket_path)
     if not args.no_control:

@@ -225,6 +225,12 @@ class NetDevice:
         if p is not None and self.stack.flows.pending:
             p.pump()
 
+    def idle_watch_fds(self) -> tuple[int, ...]:
+        """What a kick waiter's idle poll gives way to: the host sockets' reactor, while it runs."""
+        p = self.proxy
+        r = p.reactor if p is not None else None
+        return () if r is None else (r.fileno(),)
+
     def next_deadline(self):
         if self._rx_more:
             return 0.0   # RX work left over from a spent budget: poll() as soon as the loop allows

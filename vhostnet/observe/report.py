@@ -146,7 +146,7 @@ def inspect_doc(server, control=None) -> dict:
         "queues": [{**_queue(q), **_ring_heads(vq)} for q, vq in zip(d["queues"], b.queues)],
         "requests": d["requests"], "request_errors": d["errors"],
         "messages": conn.messages,
-        "loop": conn.steps.describe(),
+        "loop": conn.describe_loop(),
     })
     return doc
 
@@ -366,7 +366,7 @@ def stats_doc(server, control=None) -> dict:
         "queue_pairs": _queue_pairs(conn),
         "queues": [{"name": q.name, "pair": q.index >> 1, "enabled": q.enabled, **q.stats,
                     "errors": dict(q.errors)} for q in conn.backend.queues],
-        "loop": conn.steps.describe(),
+        "loop": conn.describe_loop(),
         "faults": stats_faults(dev),
         "stack": {
             "drops": {k: v for k, v in sorted(sc.items()) if "drop" in k},

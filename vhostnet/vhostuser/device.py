@@ -51,5 +51,9 @@ class Device(Protocol):
         proxy), in the connection's nursery; return at once if there are none.
         `after_work()` re-arms the timer after work done outside process/poll."""
 
+    def idle_watch_fds(self) -> tuple[int, ...]:
+        """Fds of the device's own tasks (its host sockets) that a kick
+        waiter's idle poll (idle_poll.py) gives way to; optional."""
+
     def describe(self) -> dict:
         """JSON-able state for the inspection tools."""

@@ -45,6 +45,7 @@ from vhostnet.vhostuser.backend import Backend
 from vhostnet.vhostuser.channel import FramingError, close_all, read_message
 from vhostnet.vhostuser import protocol as P
 from vhostnet.vhostuser.protocol import request_name
+from vhostnet.vhostuser.idle_poll import DEFAULT_IDLE_POLL, IdlePoll
 from vhostnet.vhostuser.safety_poll import SafetyPoll, safety_poll_for
 from vhostnet.ratelimit import RateLimitedLog
 from vhostnet.sockets import SocketInUse, bind_unix
@@ -134,11 +135,19 @@ class Connection:
                                strict=server.strict, checks=server.checks)
         self._kick_scopes: dict[int, trio.CancelScope] = {}
         self._polls: dict[int, SafetyPoll] = {}
+        self._idle: dict[int, IdlePoll] = {}
         # The timer task sleeps in this scope until its deadline: the stack's next deadline.
         self._timer_scope = trio.CancelScope()
         self.messages = 0
         self.steps = StepStats()
         self.opened = time.monotonic()
+
+    def describe_loop(self) -> dict:
+        """The event loop's steps, and each kick waiter's idle poll (serve --idle-poll-us)."""
+        doc = self.steps.describe()
+        if self.server.idle_poll > 0:
+            doc["idle_poll"] = {self.backend.queues[i].name: p.describe() for i, p in sorted(self._idle.items())}
+        return doc
 
     # -- queues ----------------------------------------------------------
 
@@ -170,6 +179,9 @@ class Connection:
         poll = self._polls.pop(q.index, None)
         if poll is not None:
             poll.close()
+        idle = self._idle.pop(q.index, None)
+        if idle is not None:
+            idle.close()
         scope = self._kick_scopes.pop(q.index, None)
         if scope is not None:
             scope.cancel()
@@ -221,8 +233,16 @@ class Connection:
     async def _kick_loop(self, q, fd: int, poll: SafetyPoll) -> None:
         try:
             await self._drain(q)  # chains posted before the kick fd arrived
+            idle = self._idle[q.index] = IdlePoll(fd, self.server.idle_poll,
+                                                  getattr(self.device, "idle_watch_fds", tuple))
             while True:
-                await trio.lowlevel.wait_readable(fd)
+                if idle.look():
+                    if idle.must_checkpoint():
+                        await trio.lowlevel.checkpoint()
+                else:
+                    slept = time.perf_counter()
+                    await trio.lowlevel.wait_readable(fd)
+                    idle.slept(time.perf_counter() - slept)
                 try:
                     got = os.read(fd, 8)
                 except BlockingIOError:
@@ -334,13 +354,15 @@ class Server:
                  rlog: RateLimitedLog | None = None, taps: list | None = None,
                  listener: socket.socket | None = None, hostnet=None,
                  allow_unsealed_memory: bool = False,
-                 strict: bool = False, checks: bool = True, safety_poll: bool = True):
+                 strict: bool = False, checks: bool = True, safety_poll: bool = True,
+                 idle_poll: float = DEFAULT_IDLE_POLL):
         self.socket_path = socket_path
         self.owns_path = listener is None
         self.allow_unsealed_memory = allow_unsealed_memory
         self.strict = strict            # a MUST finding breaks the ring (serve --strict)
         self.checks = checks            # the conformance checks (off only to measure their cost)
         self.safety_poll = safety_poll  # look for unkicked entries (off only to measure its cost)
+        self.idle_poll = idle_poll      # seconds a kick waiter reads its eventfd before sleeping (idle_poll.py)
         # The host network's server-level part (port forwards), served next to
         # the accept loop so its listeners outlive a QEMU reconnect; or None.
         self.hostnet = hostnet
