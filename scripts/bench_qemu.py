@@ -40,6 +40,20 @@ Rows (--backends, comma-separated):
                        min(vCPUs, N) pairs and XPS puts each CPU's sends on its pair)
   vhostnet-nospin      `serve --nat-spin-us 0`: the NAT does not wait in the
                        step for datagram answers (not in the default set)
+  vhostnet-idle100, -idle300
+                       `serve --idle-poll-us 100` / `300`: the kick waiter
+                       polls its eventfd that long before sleeping (not in
+                       the default set)
+  dpdk-floor           the floor of the udp column (not in the default set;
+                       udp only): DPDK's testpmd as the vhost-user back-end,
+                       its `5tswap` mode sending every frame straight back
+                       with MACs, IPs and ports swapped, so the guest's
+                       datagram to 10.0.2.2:echo returns as the echo's
+                       answer. C, busy-polling, no stack, no host socket:
+                       about the least a vhost-user back-end can spend on a
+                       round trip. The NIC has no offloads (the swapped frame
+                       keeps the guest's checksum, which must be whole) and
+                       the guest a static ARP entry for the gateway
 
   vhostnet-base        with --base-tree DIR: "vhostnet" run from DIR's code
                        (another checkout), so a change is measured before and
@@ -93,15 +107,26 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from vhostnet.launch import qemu  # noqa: E402
+from vhostnet.testing import dpdk  # noqa: E402
 from vhostnet.testing.hostservers import HostServers  # noqa: E402
 from vhostnet.testing.processes import wait_path  # noqa: E402
 
 ALL_BACKENDS = ("vhostnet", "vhostnet-nooffloads", "slirp", "passt", "vhostnet-q2", "vhostnet-q4",
-                "vhostnet-nospin")
+                "vhostnet-nospin", "vhostnet-idle100", "vhostnet-idle300", "dpdk-floor")
 #: Rows that are not in the default set (--backends names them).
-EXTRA_ROWS = ("vhostnet-q2", "vhostnet-q4", "vhostnet-nospin")
+EXTRA_ROWS = ("vhostnet-q2", "vhostnet-q4", "vhostnet-nospin", "vhostnet-idle100", "vhostnet-idle300",
+              "dpdk-floor")
+FLOOR_ROW = "dpdk-floor"
+#: The tests the floor row can run: a swapped UDP datagram is the echo's answer;
+#: a swapped SYN or ping request is not.
+FLOOR_TESTS = ("udp",)
+#: QEMU virtio-net-pci properties that turn every offload off (the floor row).
+NO_OFFLOADS = ",".join(f"{k}=off" for k in (
+    "csum", "guest_csum", "gso", "host_tso4", "host_tso6", "host_ecn", "host_ufo",
+    "guest_tso4", "guest_tso6", "guest_ecn", "guest_ufo"))
 # Multiqueue rows: `serve --queues N`, -netdev vhost-user,queues=N, virtio-net-pci,mq=on.
 QUEUE_ROWS = {"vhostnet-q2": 2, "vhostnet-q4": 4}
+IDLE_POLL_ROWS = {"vhostnet-idle100": 100, "vhostnet-idle300": 300}    # serve --idle-poll-us
 BASE_ROW = "vhostnet-base"      # --base-tree: the same as "vhostnet", from another tree
 ALL_TESTS = ("isend", "irecv", "send", "recv", "crr", "udp", "ping")
 BUILTIN_TESTS = ("send", "recv", "crr", "udp", "ping")   # the services have no iperf3
@@ -292,14 +317,21 @@ class Bench:
         if tool and shutil.which(tool) is None:
             run.skipped = f"{tool} not found (apt-get install {tool})"
             return run
+        tests = self.row_tests(name)
+        if name == FLOOR_ROW:
+            why = dpdk.skip_reason(pmd="vhost")
+            if why or not tests:
+                run.skipped = why or f"runs only {', '.join(FLOOR_TESTS)}"
+                return run
         run.log_dir = self.out_dir / (name if rep == 0 else f"{name}.{rep + 1}")
         run.log_dir.mkdir(parents=True, exist_ok=True)
         sock = self.tmp / f"{name}.sock"
         procs: list[subprocess.Popen] = []
+        testpmd = None
         qemu_proc = None
         try:
             builtin = self.args.builtin and name.startswith("vhostnet")
-            if builtin:
+            if builtin or name == FLOOR_ROW:
                 ports = dict(BUILTIN_PORTS)
             else:
                 ports = self._host_servers(run, procs)
@@ -313,6 +345,8 @@ class Bench:
                     argv += ["--disable-feature", "offloads"]
                 if name == "vhostnet-nospin":
                     argv += ["--nat-spin-us", "0"]
+                if name in IDLE_POLL_ROWS:
+                    argv += ["--idle-poll-us", str(IDLE_POLL_ROWS[name])]
                 pairs = QUEUE_ROWS.get(name, 1)
                 if pairs > 1:
                     argv += ["--queues", str(pairs)]
@@ -325,6 +359,14 @@ class Bench:
                 netdev = qemu.nic_args(sock, queue_pairs=pairs)
             elif name == "slirp":
                 netdev = qemu.nic_args(None, netdev="user")
+            elif name == FLOOR_ROW:
+                testpmd = dpdk.TestPmd(str(sock), vdev=f"net_vhost0,iface={sock},queues=1",
+                                       app_args=("--forward-mode=5tswap",),
+                                       log=run.log_dir / "backend.log").__enter__()
+                testpmd.cmd("start")
+                backend_pid = testpmd.proc.pid
+                netdev = qemu.nic_args(sock)
+                netdev[-1] += "," + NO_OFFLOADS
             else:
                 # passt drops root for nobody before it binds the socket (and this
                 # 2023 version says "bound" even when that bind fails): give it a
@@ -349,8 +391,10 @@ class Bench:
                                      f"addr.path={sock}",
                           "-device", f"virtio-net-pci,netdev=net0,mac={qemu.DEFAULT_MAC},"
                                      f"vectors=0,romfile="]
-            guest_vars = {"BENCH": ",".join(self.args.tests),
+            guest_vars = {"BENCH": ",".join(tests),
                           "BENCH_SECONDS": self.args.seconds, **ports}
+            if name == FLOOR_ROW:
+                guest_vars["BENCH_STATIC_ARP"] = 1
             if self.args.streams > 1:
                 guest_vars["BENCH_IPERF_STREAMS"] = self.args.streams
             # debug-threads: the vCPU thread is called "CPU 0/TCG", so its CPU time can be told apart
@@ -360,22 +404,26 @@ class Bench:
                     *(["-smp", str(self.args.smp)] if self.args.smp > 1 else []),
                     *qemu.boot_args(self.image, qemu.kernel_append(guest_vars))]
             run.notes.append("backend: " + {"slirp": "QEMU's main thread (slirp + virtio-net "
-                                            "emulation)", "passt": "the passt process"}.get(
+                                            "emulation)", "passt": "the passt process",
+                                            FLOOR_ROW: "dpdk-testpmd (net_vhost, 5tswap; its "
+                                            "forwarding lcore busy-polls a core)"}.get(
                 name, "the vhostnet Python process, " + ("built-in services" if builtin
                                                          else "--no-services (NAT)")))
             (run.log_dir / "qemu.cmd").write_text(qemu.format_argv(argv) + "\n")
-            log(f"{name}: booting the guest ({', '.join(self.args.tests)}, "
+            log(f"{name}: booting the guest ({', '.join(tests)}, "
                 f"{self.args.seconds:g} s each)")
             qemu_proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             meters = Meters(qemu_proc.pid, backend_pid, name == "slirp",
                             [qemu_proc.pid, *(p.pid for p in procs)])
             ctl = str(sock) + ".ctl" if name.startswith("vhostnet") else None
-            self._watch(run, qemu_proc, meters, ctl)
-        except RuntimeError as e:
+            self._watch(run, qemu_proc, meters, ctl, tests)
+        except (RuntimeError, dpdk.TestPmdError) as e:
             run.problems.append(str(e))
         finally:
             stop(qemu_proc, 0.5)
+            if testpmd is not None:
+                testpmd.__exit__(None, None, None)
             for p in reversed(procs):
                 stop(p)
                 if p.stdout:
@@ -417,7 +465,14 @@ class Bench:
             return subprocess.Popen(argv, cwd=tree, stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, env=env)
 
-    def _watch(self, run: Run, proc: subprocess.Popen, meters: Meters, ctl: str | None) -> None:
+    def row_tests(self, name: str) -> list[str]:
+        """The tests row NAME runs: all asked for, or for the floor row those it can."""
+        if name == FLOOR_ROW:
+            return [t for t in self.args.tests if t in FLOOR_TESTS]
+        return list(self.args.tests)
+
+    def _watch(self, run: Run, proc: subprocess.Popen, meters: Meters, ctl: str | None,
+               tests: list[str]) -> None:
         """Read the console until QEMU exits or the deadline; sample CPU at the marks."""
         deadline = time.monotonic() + self.timeout()
         timer = threading.Timer(self.timeout(), lambda: stop(proc, 0.5))
@@ -453,7 +508,7 @@ class Bench:
             run.problems.append(f"timeout: the guest did not finish within {self.timeout():.0f} s")
         elif proc.returncode != 0:
             run.problems.append(f"QEMU exited with status {proc.returncode}")
-        for t in self.args.tests:
+        for t in tests:
             if t not in run.results and not any(t in p for p in run.problems):
                 run.problems.append(f"no result for {t}")
 
@@ -584,6 +639,14 @@ def table(rows: list[Run], tests: list[str], base: str = BASE) -> str:
                            f"{c['others']:.0f}" if (c := r.cpu.get(t)) else "-" for t in tests]
             for r in rows if not r.skipped]
     lines += _grid(["backend"] + tests, body)
+    lat = [t for t in tests if t in PER_OP_TESTS]
+    if lat:
+        lines += ["", "CPU per operation, µs: backend / QEMU main thread / guest vCPU (their sum) "
+                      "against the operation's time (1 s / rate). One operation is "
+                      "in flight, so the three mostly take turns: the sum is about the least the "
+                      "operation can take with them (median):"]
+        body = [[r.backend] + [per_op(r, t) for t in lat] for r in rows if not r.skipped]
+        lines += _grid(["backend"] + lat, body)
     if any(r.irqs for r in rows):
         lines += ["", "interrupts the guest took for its NIC, per operation (round trip, connection, "
                       "ping; per MB for bulk; median):"]
@@ -591,6 +654,25 @@ def table(rows: list[Run], tests: list[str], base: str = BASE) -> str:
                 for r in rows if not r.skipped]
         lines += _grid(["backend"] + tests, body)
     return "\n".join(lines)
+
+
+#: The request/response tests, one operation in flight: their CPU per operation.
+#: (Not ping: at 5 a second, a backend's background work, timers and safety
+#: polls, would outweigh the ping's own.)
+PER_OP_TESTS = ("crr", "udp")
+
+
+def per_op(r: Run, test: str) -> str:
+    """'b/m/v (sum) of T': each party's CPU per operation of TEST in µs, and the operation's time."""
+    c = r.cpu.get(test)
+    value = r.results.get(test, (0,))[0]
+    if not c or not value:
+        return "-"
+    us = {k: c[k] * 1e4 / value for k in ("backend", "qemu_main", "vcpu")}   # % of a core -> µs per op
+    if r.backend == "slirp":
+        us["qemu_main"] = 0.0          # slirp's "backend" is QEMU's main thread: count it once
+    total = sum(us.values())
+    return f"{us['backend']:.0f}/{us['qemu_main']:.0f}/{us['vcpu']:.0f} ({total:.0f}) of {1e6 / value:.0f}"
 
 
 # Issue 12, part 4: each as a ratio to slirp in the same run (and bulk to passt).

@@ -15,8 +15,9 @@
 #                                      and the cffi extension stack.native._native
 #                    python3-dev       Python headers for that extension (pip install builds it)
 #                    xz-utils cpio     unpack the guest kernel, pack the initramfs
-#                    dpdk-dev librte-net-virtio23
-#                                      DPDK's virtio-user as a second frontend;
+#                    dpdk-dev librte-net-virtio23 librte-net-vhost23
+#                                      DPDK: virtio-user as a second frontend, and the
+#                                      vhost back-end of bench_qemu.py's floor row;
 #                                      optional: skipped when apt does not have it
 #                    qemu-system-misc opensbi
 #                                      QEMU 7.2 for riscv64 and OpenSBI (its -bios) for the
@@ -38,7 +39,7 @@ PYTHON=${PYTHON:-python3}
 
 REQUIRED=(qemu-system-x86 qemu-system-arm u-boot-qemu ipxe tshark tcpdump iperf3 redis-server git passt
           gcc libc6-dev python3-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross xz-utils cpio make iproute2 util-linux)
-OPTIONAL=(dpdk-dev librte-net-virtio23 qemu-system-misc opensbi)
+OPTIONAL=(dpdk-dev librte-net-virtio23 librte-net-vhost23 qemu-system-misc opensbi)
 
 say() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }

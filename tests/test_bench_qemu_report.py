@@ -126,3 +126,20 @@ def test_every_row_boots_in_every_place_of_a_round(bq):
     for place in range(len(rows)):
         seen = [r[place] for r in rounds]
         assert sorted(seen) == sorted(rows * 2)     # each row twice in each place over 8 rounds
+
+
+def test_cpu_per_operation_by_party_and_slirp_counted_once(bq):
+    """% of a core / rate -> µs per operation; slirp's backend is QEMU's main
+    thread, so its main-thread column is not added a second time."""
+    v = bq.Run("vhostnet")
+    v.results["udp"] = (4000.0, "rt/s", "")
+    v.cpu["udp"] = {"backend": 40.0, "qemu_main": 12.0, "vcpu": 36.0, "others": 0.0}
+    s = bq.Run("slirp")
+    s.results["udp"] = (10000.0, "rt/s", "")
+    s.cpu["udp"] = {"backend": 30.0, "qemu_main": 30.0, "vcpu": 60.0, "others": 0.0}
+    assert bq.per_op(v, "udp") == "100/30/90 (220) of 250"
+    assert bq.per_op(s, "udp") == "30/0/60 (90) of 100"
+    assert bq.per_op(v, "crr") == "-"                   # no result, no figure
+    text = bq.table([v, s], ["udp", "ping"])
+    block = text.split("CPU per operation")[1]
+    assert "100/30/90 (220) of 250" in block and "ping" not in block.splitlines()[1]

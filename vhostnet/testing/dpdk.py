@@ -64,13 +64,14 @@ def pmd_available(name: str) -> bool:
                 or glob.glob(f"/usr/local/lib*/**/librte_net_{name}.so*", recursive=True))
 
 
-def skip_reason() -> str | None:
-    """Why testpmd cannot be used here, or None."""
+def skip_reason(pmd: str = "virtio") -> str | None:
+    """Why testpmd cannot be used here with the PMD it needs (virtio: the
+    virtio-user front-end; vhost: the vhost-user back-end), or None."""
     if TESTPMD is None:
         return ("dpdk-testpmd is not installed (Debian: apt-get install dpdk-dev librte-net-virtio23; "
                 "scripts/setup.sh installs them when apt has them)")
-    if not pmd_available("virtio"):
-        return "DPDK's virtio PMD is missing (apt-get install librte-net-virtio23)"
+    if not pmd_available(pmd):
+        return f"DPDK's {pmd} PMD is missing (apt-get install librte-net-{pmd}23)"
     if os.geteuid() != 0:
         return "dpdk-testpmd needs root here (EAL memory setup)"
     if shutil.which("stdbuf") is None:
@@ -216,7 +217,10 @@ class TestPmd:
     """dpdk-testpmd with one virtio-user port on `socket`, driven over stdin.
 
     `vdev_args` are added to the virtio-user devargs (e.g. `mrg_rxbuf=0`;
-    they override our path/queues/queue_size/mac),
+    they override our path/queues/queue_size/mac); `vdev`, if given,
+    replaces that port altogether (bench_qemu.py's floor row:
+    `net_vhost0,iface=SOCK`, testpmd as the vhost-user back-end, `socket_path`
+    then unused),
     `extra_vdevs` are more --vdev values (a net_pcap port becomes port 1),
     `app_args` go after `--` (e.g. `--forward-mode=txonly`, `--tx-udp=...`).
     lcores: EAL --lcores, the main lcore (reads stdin) and one forwarding
@@ -229,13 +233,14 @@ class TestPmd:
     def __init__(self, socket_path: str, *, app_args: tuple[str, ...] = (),
                  vdev_args: str = "", extra_vdevs: tuple[str, ...] = (),
                  lcores: str | None = None, mem_mb: int = 256, mbufs: int = 8192,
-                 queue_size: int = 256, log: str | os.PathLike | None = None):
+                 queue_size: int = 256, log: str | os.PathLike | None = None,
+                 vdev: str | None = None):
         TestPmd._count += 1
         self.prefix = f"vhostnet-dpdk-{os.getpid()}-{TestPmd._count}"
         opts = {"path": socket_path, "queues": "1", "queue_size": str(queue_size), "mac": GUEST_MAC}
         # vdev_args override these (virtio-user ignores a key given twice).
         opts.update(kv.split("=", 1) for kv in vdev_args.split(",") if kv)
-        devargs = "net_virtio_user0," + ",".join(f"{k}={v}" for k, v in opts.items())
+        devargs = vdev or "net_virtio_user0," + ",".join(f"{k}={v}" for k, v in opts.items())
         if lcores is None:
             cpus = sorted(os.sched_getaffinity(0))
             # main lcore (command line, mostly asleep) on the first CPU, the
