@@ -434,7 +434,10 @@ class NetDevice:
             self.proxy.spin()
         self.flush_rx(rings)
         if notify:
-            self._signal(q)
+            if q.still_wants_call():
+                self._signal(q)
+            else:
+                q.stats["calls_late_suppressed"] += 1
         return more
 
     def _tx_internal_error(self, e: Exception) -> None:

@@ -110,7 +110,8 @@ def _queue_text(q: dict) -> list[str]:
     posted = f"  RX buffers posted {q['rx_buffers_posted']}" if q["rx_buffers_posted"] is not None else ""
     lines.append(f"  pending {q['pending']}  in flight {q['in_flight']}{posted}  "
                  f"chains {q['chains']}  bytes {q['bytes']}")
-    notif = f"  kicks {q['kicks']}  calls {q['calls']}  calls suppressed {q['calls_suppressed']}"
+    notif = (f"  kicks {q['kicks']}  calls {q['calls']}  calls suppressed {q['calls_suppressed']}"
+             f" (+{q['calls_late_suppressed']} late)")
     if q.get("format") == "packed":
         pass   # the event suppression lines above
     elif q["event_idx"]:
@@ -184,7 +185,8 @@ def stats_text(doc: dict, prev: dict | None = None) -> str:
     out += _pairs_text(doc.get("queue_pairs"))
     for q in doc["queues"]:
         out.append(f"queue {q['name']:<5} kicks {q['kicks']}  calls {q['calls']}  suppressed "
-                   f"{q['calls_suppressed']}  chains {q['chains']}  errors: {_kv(q['errors'])}")
+                   f"{q['calls_suppressed']} (+{q['calls_late_suppressed']} late)  chains {q['chains']}  "
+                   f"errors: {_kv(q['errors'])}")
     flt = doc.get("faults")
     if flt and flt["spec"] != "none":
         out.append(f"faults     {flt['spec']}")

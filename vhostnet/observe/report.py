@@ -76,6 +76,7 @@ def _queue(q: dict) -> dict:
         "pending": q["pending"], "in_flight": q["in_flight"],
         "rx_buffers_posted": q["pending"] if q["name"].startswith("rx") else None,
         "kicks": q["kicks"], "calls": q["calls"], "calls_suppressed": q["calls_suppressed"],
+        "calls_late_suppressed": q["calls_late_suppressed"],
         "chains": q["chains"], "bytes": q["bytes"], "unkicked": q["unkicked"],
         "event_idx": q["event_idx"], "avail_flags": q["avail_flags"], "used_flags": q["used_flags"],
         "used_event": q["used_event"], "avail_event": q["avail_event"],

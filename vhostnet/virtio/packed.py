@@ -150,7 +150,7 @@ class PackedRing:
         self.epoch = 0   # bumped by attach() and on_start(), as on the split ring
         # Where the last publish() started: the range an EVENT_IDX check covers.
         self._published_from = (0, True)
-        self.stats = {"kicks": 0, "calls": 0, "calls_suppressed": 0, "chains": 0, "bytes": 0,
+        self.stats = {"kicks": 0, "calls": 0, "calls_suppressed": 0, "calls_late_suppressed": 0, "chains": 0, "bytes": 0,
                       "unkicked": 0}   # the safety poll does not run on packed rings: stays 0
         self.findings = Findings(self.name)
         self.on_error = on_error
@@ -670,6 +670,10 @@ class PackedRing:
         if ev_flags == RING_EVENT_FLAGS_DESC and self.event_idx:
             return self._passed(old, (self.used_idx, self.used_wrap),
                                 (ev_desc & EVENT_OFF_MASK, bool(ev_desc >> EVENT_WRAP_BIT)))
+        return True
+
+    def still_wants_call(self) -> bool:
+        """publish()'s answer stands (split rings ask again: SplitRing.still_wants_call)."""
         return True
 
     def _linear(self, pos: int, wrap: bool) -> int:

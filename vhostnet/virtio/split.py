@@ -96,7 +96,8 @@ class SplitRing:
         self._avail_h: memoryview | None = None
         self._used_h: memoryview | None = None
         self._used_i: memoryview | None = None
-        self.stats = {"kicks": 0, "calls": 0, "calls_suppressed": 0,
+        self._published = (0, 0)             # (old, new) used->idx of the last publish() that moved it
+        self.stats = {"kicks": 0, "calls": 0, "calls_suppressed": 0, "calls_late_suppressed": 0,
                       "chains": 0, "bytes": 0, "unkicked": 0}
         self.findings = Findings(self.name)
         # Chain refusals of a tentative take (mark() .. commit()/rollback()), not yet counted.
@@ -771,6 +772,7 @@ class SplitRing:
         if old == new:
             return False
         self._used_h[1] = new
+        self._published = (old, new)
         full_barrier()
         flags = self._avail_h[0]
         if self.event_idx:
@@ -781,6 +783,23 @@ class SplitRing:
         if flags > VRING_AVAIL_F_NO_INTERRUPT and self.checks:
             self._flags_finding(flags, "0 or 1")
         return not flags & VRING_AVAIL_F_NO_INTERRUPT
+
+    def still_wants_call(self) -> bool:
+        """publish() said the driver wants an interrupt; ask again now, as
+        Linux's vhost does at signal time (vhost_notify): a driver that has
+        meanwhile taken what was published (and moved used_event past it, or
+        set NO_INTERRUPT) does not want one any more. The driver re-checks the
+        used ring after each such write (§2.7.10), so asking late loses nothing."""
+        if self._used_h is None:
+            return True
+        old, new = self._published
+        if new != self._used_h[1]:
+            return True             # published again since: that publish() decided
+        full_barrier()
+        if self.event_idx:
+            used_event = self._avail_h[2 + self.num]
+            return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        return not self._avail_h[0] & VRING_AVAIL_F_NO_INTERRUPT
 
     def _release_published(self) -> None:
         held = self._held
