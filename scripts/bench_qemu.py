@@ -44,16 +44,18 @@ Rows (--backends, comma-separated):
                        `serve --idle-poll-us 100` / `300`: the kick waiter
                        polls its eventfd that long before sleeping (not in
                        the default set)
-  dpdk-floor           the floor of the udp column (not in the default set;
-                       udp only): DPDK's testpmd as the vhost-user back-end,
-                       its `5tswap` mode sending every frame straight back
-                       with MACs, IPs and ports swapped, so the guest's
-                       datagram to 10.0.2.2:echo returns as the echo's
-                       answer. C, busy-polling, no stack, no host socket:
-                       about the least a vhost-user back-end can spend on a
-                       round trip. The NIC has no offloads (the swapped frame
-                       keeps the guest's checksum, which must be whole) and
-                       the guest a static ARP entry for the gateway
+  dpdk-floor           the floor of the udp and ping columns (not in the
+                       default set; only those two): DPDK's testpmd as the
+                       vhost-user back-end. For udp its `5tswap` mode sends
+                       every frame straight back with MACs, IPs and ports
+                       swapped, so the guest's datagram to 10.0.2.2:echo
+                       returns as the echo's answer; for ping its `icmpecho`
+                       mode answers. C, busy-polling, no stack, no host
+                       socket: about the least a vhost-user back-end can
+                       spend on a round trip. The NIC has no offloads (the
+                       swapped frame keeps the guest's checksum, which must
+                       be whole) and the guest a static ARP entry for the
+                       gateway
 
   vhostnet-base        with --base-tree DIR: "vhostnet" run from DIR's code
                        (another checkout), so a change is measured before and
@@ -117,9 +119,13 @@ ALL_BACKENDS = ("vhostnet", "vhostnet-nooffloads", "slirp", "passt", "vhostnet-q
 EXTRA_ROWS = ("vhostnet-q2", "vhostnet-q4", "vhostnet-nospin", "vhostnet-idle100", "vhostnet-idle300",
               "dpdk-floor")
 FLOOR_ROW = "dpdk-floor"
-#: The tests the floor row can run: a swapped UDP datagram is the echo's answer;
-#: a swapped SYN or ping request is not.
-FLOOR_TESTS = ("udp",)
+#: The tests the floor row can run, and testpmd's forwarding mode for each: a
+#: UDP datagram sent back with MACs, IPs and ports swapped is the echo's
+#: answer; `icmpecho` answers ARP and ICMP echo requests. (A swapped SYN is
+#: not a SYN-ACK: no crr, no bulk.) The mode is switched when the guest
+#: prints the result of the test before.
+FLOOR_MODES = {"udp": "5tswap", "ping": "icmpecho"}
+FLOOR_TESTS = tuple(FLOOR_MODES)
 #: QEMU virtio-net-pci properties that turn every offload off (the floor row).
 NO_OFFLOADS = ",".join(f"{k}=off" for k in (
     "csum", "guest_csum", "gso", "host_tso4", "host_tso6", "host_ecn", "host_ufo",
@@ -276,6 +282,14 @@ class Meters:
             if dt > 0 else {}
 
 
+def floor_next_mode(testpmd, tests: list[str], done: str) -> None:
+    """The floor row: TESTS[i] just ended; testpmd forwards for TESTS[i+1] from now on."""
+    i = tests.index(done) + 1 if done in tests else len(tests)
+    if i < len(tests) and FLOOR_MODES[tests[i]] != FLOOR_MODES[done]:
+        for line in ("stop", f"set fwd {FLOOR_MODES[tests[i]]}", "start"):
+            testpmd.cmd(line)
+
+
 class Bench:
     def __init__(self, args, image: qemu.GuestImage, accel: str, out_dir: Path):
         self.args = args
@@ -361,8 +375,8 @@ class Bench:
                 netdev = qemu.nic_args(None, netdev="user")
             elif name == FLOOR_ROW:
                 testpmd = dpdk.TestPmd(str(sock), vdev=f"net_vhost0,iface={sock},queues=1",
-                                       app_args=("--forward-mode=5tswap",),
                                        log=run.log_dir / "backend.log").__enter__()
+                testpmd.cmd(f"set fwd {FLOOR_MODES[tests[0]]}")
                 testpmd.cmd("start")
                 backend_pid = testpmd.proc.pid
                 netdev = qemu.nic_args(sock)
@@ -405,7 +419,7 @@ class Bench:
                     *qemu.boot_args(self.image, qemu.kernel_append(guest_vars))]
             run.notes.append("backend: " + {"slirp": "QEMU's main thread (slirp + virtio-net "
                                             "emulation)", "passt": "the passt process",
-                                            FLOOR_ROW: "dpdk-testpmd (net_vhost, 5tswap; its "
+                                            FLOOR_ROW: "dpdk-testpmd (net_vhost, 5tswap / icmpecho; its "
                                             "forwarding lcore busy-polls a core)"}.get(
                 name, "the vhostnet Python process, " + ("built-in services" if builtin
                                                          else "--no-services (NAT)")))
@@ -417,7 +431,8 @@ class Bench:
             meters = Meters(qemu_proc.pid, backend_pid, name == "slirp",
                             [qemu_proc.pid, *(p.pid for p in procs)])
             ctl = str(sock) + ".ctl" if name.startswith("vhostnet") else None
-            self._watch(run, qemu_proc, meters, ctl, tests)
+            self._watch(run, qemu_proc, meters, ctl, tests,
+                        (lambda t: floor_next_mode(testpmd, tests, t)) if testpmd else None)
         except (RuntimeError, dpdk.TestPmdError) as e:
             run.problems.append(str(e))
         finally:
@@ -472,7 +487,7 @@ class Bench:
         return list(self.args.tests)
 
     def _watch(self, run: Run, proc: subprocess.Popen, meters: Meters, ctl: str | None,
-               tests: list[str]) -> None:
+               tests: list[str], on_result=None) -> None:
         """Read the console until QEMU exits or the deadline; sample CPU at the marks."""
         deadline = time.monotonic() + self.timeout()
         timer = threading.Timer(self.timeout(), lambda: stop(proc, 0.5))
@@ -494,6 +509,8 @@ class Bench:
                         log(f"{run.backend}: {m[1]} {m[2]} {m[3]}  ({m[4].strip()})")
                         if stats:
                             self._stats(ctl, m[1], stats)
+                        if on_result is not None:
+                            on_result(m[1])
                     elif m := IRQS.match(line):
                         run.irqs[m[1]] = int(m[2])
                     elif "FAIL:" in line:
