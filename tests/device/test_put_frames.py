@@ -35,11 +35,15 @@ from vhostnet.net import device
 from vhostnet.net.device import RX_FRAME_MAX, NetDevice
 from vhostnet.testing.frontend import UVA_BASE
 from vhostnet.virtio import features as F
+from vhostnet.virtio.ring import Budget
 from vhostnet.virtio.split import SplitRing
 from vhostnet.vhostuser.memory import GuestMemory
 
 from .conftest import make_server
 from .test_datapath import ping
+from .test_take_writable import GPA as _TW_GPA, SplitRig
+
+assert _TW_GPA == 0x10000       # SplitRig's guest memory: the same layout as the rigs here
 
 GPA = 0x10000
 SIZE = 1 << 21
@@ -64,7 +68,8 @@ def need_native():
 # -- the C routine against its Python twin -------------------------------------
 
 # Descriptors in and near a 128 KiB region, mostly good writable buffers so that runs are long.
-_DESCS = st.lists(st.tuples(st.sampled_from([4096 * i for i in range(32)] + [0, 5, 1 << 18, (1 << 18) - 100]),
+_DESCS = st.lists(st.tuples(st.sampled_from([4096 * i for i in range(32)]
+                                            + [0, 5, 1 << 18, (1 << 18) - 100, (1 << 18) - 110, 4096 + (1 << 18) - 110]),
                             st.sampled_from([4096] * 40 + [200, 110, 109, 12, 1, 0, 0xFFFFFFFF]),
                             st.sampled_from([F_WRITE] * 60 + [0, 1, 3, 4, 6]), st.integers(0, 9)),
                   min_size=8, max_size=8).map(lambda ds: b"".join(DESC.pack(*d) for d in ds))
@@ -91,15 +96,21 @@ def _run_all(avail, desc, held, checks, num, last, ahead, used_idx, r_gpa, max_t
     out = []
     for _name, impl in IMPLS:
         h = bytearray(held)
-        region = bytearray(b"\xa5" * (1 << 18))
+        # The region is a slice of a larger buffer: a write past its end lands
+        # in the guard bytes (and fails below) instead of in someone's heap.
+        mem = bytearray(b"\xa5" * ((1 << 18) + GUARD))
         used = memoryview(bytearray(b"\x5a" * (4 + 8 * num + 2)))[:4 + 8 * num].cast("I")
         try:
             got = impl(avail, memoryview(desc), h, checks, used, num, last, ahead, used_idx,
-                       memoryview(region), r_gpa, max_take, blob, lens)
+                       memoryview(mem)[:1 << 18], r_gpa, max_take, blob, lens)
         except ValueError:
             got = "refused"
-        out.append((got, bytes(h), bytes(region), used.tolist()))
+        assert mem[1 << 18:] == b"\xa5" * GUARD, f"{_name} wrote past the region"
+        out.append((got, bytes(h), bytes(mem[:1 << 18]), used.tolist()))
     return out
+
+
+GUARD = 1 << 13     # bytes after a test region that nothing may write
 
 
 @settings(max_examples=400, deadline=None, derandomize=True)
@@ -201,6 +212,26 @@ def test_the_c_put_frames_refuses_sizes_that_do_not_cover_the_queue():
                     0, 8, blob, [100, 100]) == [0, 1]
 
 
+@pytest.mark.parametrize("r_gpa", [0, 0x10000])
+def test_a_buffer_one_byte_past_the_region_end_stops_the_run(r_gpa):
+    """The region bound is exact: a buffer ending at the region's last byte
+    is written, one ending a byte past it ends the run, nothing written there."""
+    need_native()
+    size = 1 << 16
+    avail = memoryview(bytearray(4) + struct.pack("<8H", *range(8)) + bytearray(2)).cast("H")
+    for end, want in ((r_gpa + size, [0, 1, 2]), (r_gpa + size + 1, [0, 1])):
+        desc = b"".join(DESC.pack(r_gpa + 4096 * i, 4096, F_WRITE, 0) for i in range(2)) \
+            + DESC.pack(end - 110, 110, F_WRITE, 0) + b"".join(DESC.pack(r_gpa, 4096, F_WRITE, 0) for _ in range(5))
+        for _name, impl in IMPLS:
+            mem = bytearray(size + GUARD)
+            used = memoryview(bytearray(4 + 8 * 8)).cast("I")
+            got = impl(avail, memoryview(desc), bytearray(8), True, used, 8, 0, 8, 0, memoryview(mem)[:size], r_gpa,
+                       8, b"\x11" * 330, [110, 110, 110])
+            assert mem[size:] == bytes(GUARD), f"{_name} wrote past the region"
+            assert got == want, _name
+            assert mem[size - 110:size] == (b"\x11" * 110 if len(want) == 3 else bytes(110)), _name
+
+
 def test_a_head_twice_in_the_run_stops_it_at_the_second_with_the_checks_on():
     need_native()
     avail = memoryview(bytearray(4) + struct.pack("<8H", 0, 1, 2, 1, 4, 5, 6, 7) + bytearray(2)).cast("H")
@@ -208,6 +239,98 @@ def test_a_head_twice_in_the_run_stops_it_at_the_second_with_the_checks_on():
     for checks, want in ((True, [0, 1, 2]), (False, [0, 1, 2, 1, 4, 5])):
         got = _run_all(avail, desc, bytes(8), checks, 8, 0, 8, 0, 0, 10, bytes(600), [100] * 6)
         assert all(r == got[0] for r in got) and got[0][0] == want
+
+
+# -- SplitRing.put_frames against pop_fast + the write + push ----------------------
+
+def _ring_rig(kinds, base: int = 0):
+    r = SplitRig(16)
+    q = r.ring
+    q.set_base(base)
+    struct.pack_into("<H", r.view, AVAIL_OFF + 2, base)
+    struct.pack_into("<H", r.view, USED_OFF + 2, base)
+    warm = r.post(length=BUF, head=15)                  # a walk caches the region
+    assert q.pop().head == warm
+    q.push(warm, 0)
+    q.publish()
+    for h, (length, flags) in enumerate(kinds):
+        r.post(length=length, flags=flags, head=h)
+    return r
+
+
+_RING = struct.Struct("<H")
+
+
+_ODD_BUFS = [(110, F_WRITE), (109, F_WRITE), (BUF, 0), (BUF, F_WRITE | F_NEXT), (0, F_WRITE)]
+_ODD_LENS = [12, 109, 111, BUF, BUF + 1]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(kinds=st.lists(st.sampled_from([(BUF, F_WRITE)] * 12 + _ODD_BUFS), min_size=1, max_size=12)
+       | st.tuples(st.integers(0, 11), st.sampled_from(_ODD_BUFS)).map(     # good buffers but one
+           lambda t: [(BUF, F_WRITE)] * t[0] + [t[1]] + [(BUF, F_WRITE)] * (11 - t[0])),
+       lens=st.lists(st.sampled_from([110] * 8 + _ODD_LENS), min_size=1, max_size=12)
+       | st.tuples(st.integers(0, 11), st.sampled_from(_ODD_LENS)).map(     # pings but one
+           lambda t: [110] * t[0] + [t[1]] + [110] * (11 - t[0])),
+       budget=st.sampled_from([100, 100, 5, 3, 1, 0]), base=st.sampled_from([0, 0xFFFC]),
+       checks=st.booleans())
+def test_put_frames_writes_what_pop_fast_and_push_write(kinds, lens, budget, base, checks):
+    """One call == _rx_one's fast path per frame (pop_fast, the buffer holds
+    the record, the record at its start, push), up to the first buffer that
+    path would give back: the same memory, used ring, positions, held
+    heads, stats and budget."""
+    a, b = _ring_rig(kinds, base), _ring_rig(kinds, base)
+    try:
+        a.ring.checks = b.ring.checks = checks
+        blob = bytes((i * 7 + 3) & 0xFF for i in range(sum(lens)))
+        ba, bb = Budget(budget), Budget(budget)
+        n = a.ring.put_frames(blob, lens, ba)
+        pos = 0
+        done = 0
+        for k in lens:
+            c = b.ring.pop_fast(bb)
+            if c is None:
+                break
+            if not c.writable or c.write_len < k:
+                b.ring.unpop()
+                bb.left += 1
+                break
+            c.writable[0][:k] = blob[pos:pos + k]
+            b.ring.push(c.head, k)
+            pos += k
+            done += 1
+        assert n == done
+        for r in (a, b):
+            r.ring.publish()
+        qa, qb = a.ring, b.ring
+        assert (qa.last_avail_idx, qa.used_idx, bytes(qa._held), qa.stats, qa.errors, ba.left) == \
+            (qb.last_avail_idx, qb.used_idx, bytes(qb._held), qb.stats, qb.errors, bb.left)
+        assert bytes(a.view) == bytes(b.view)
+        RING_RUNS.append(n)
+    finally:
+        a.close()
+        b.close()
+
+
+RING_RUNS: list[int] = []
+
+
+def test_the_ring_runs_were_long_and_budgets_stopped_some():
+    if RING_RUNS:
+        assert max(RING_RUNS) >= 10 and sum(1 for n in RING_RUNS if n > 2) > 20
+
+
+def test_put_frames_stops_at_the_budget():
+    r = _ring_rig([(BUF, F_WRITE)] * 8)
+    try:
+        b = Budget(3)
+        assert r.ring.put_frames(bytes(110 * 6), [110] * 6, b) == 3 and b.left == 0
+        assert r.ring.put_frames(bytes(110 * 3), [110] * 3, b) == 0
+        assert r.ring.put_frames(bytes(110 * 3), [110] * 3, Budget(10), min_run=6) == 0   # 5 ahead
+        assert r.ring.put_frames(bytes(110 * 6), [110] * 6, Budget(10), min_run=5) == 5
+        assert [h for h, _ in r.used()[1:]] == list(range(8)) and r.ring.errors == {}
+    finally:
+        r.close()
 
 
 # -- the device: a run per call == frame by frame -------------------------------
@@ -232,8 +355,8 @@ def udp(n: int, seq: int = 0) -> bytes:
 
 
 # What a frame waiting for the guest can be (the stack's own output).
-FRAME_KINDS = ["ping"] * 10 + ["valid", "partial", "bad_partial", "gso", "largest", "over", "big", "tiny",
-                                "bytearray", "memoryview"]
+FRAME_KINDS = ["ping"] * 10 + ["valid", "partial", "bad_partial", "gso", "small_gso", "largest", "over", "big",
+                                "tiny", "bytearray", "memoryview"]
 
 
 def make_frame(kind: str, i: int) -> Frame:
@@ -247,6 +370,8 @@ def make_frame(kind: str, i: int) -> Frame:
         return Frame(udp(90, i), csum_start=34, csum_offset=2000)
     if kind == "gso":
         return Frame(udp(3000, i), csum_start=34, csum_offset=6, gso_size=1448)
+    if kind == "small_gso":               # GSO, yet no larger than the MTU: _rx_one's fast path, its own header
+        return Frame(udp(1000, i), csum_start=34, csum_offset=6, gso_size=1448)
     if kind == "largest":
         return Frame(udp(RX_FRAME_MAX, i))
     if kind == "over":
@@ -357,6 +482,10 @@ class RxRig:
             self.desc(h, self.buf(h), 0xFFFFFFFF)
         elif kind == "crosses_end":
             self.desc(h, GPA + SIZE - 16, BUF)
+        elif kind == "past_end_by_one":  # a buffer for a ping that ends one byte past guest memory
+            self.desc(h, GPA + SIZE - HDR - 98 + 1, HDR + 98)
+        elif kind == "at_end":           # ... and one that ends at its last byte
+            self.desc(h, GPA + SIZE - HDR - 98, HDR + 98)
         elif kind == "empty":
             self.desc(h, self.buf(h), 0)
         elif kind == "head_out_of_range":
@@ -470,7 +599,8 @@ def test_a_burst_of_pings_goes_into_one_buffer_each():
 
 @pytest.mark.parametrize("bad", ["small", "exact", "one_short", "below_header", "readonly", "chain", "looping",
                                  "indirect", "nested_indirect", "out_of_region", "other_region", "huge_len",
-                                 "crosses_end", "empty", "head_out_of_range", "held_head"])
+                                 "crosses_end", "past_end_by_one", "at_end", "empty", "head_out_of_range",
+                                 "held_head"])
 @pytest.mark.parametrize("checks", [True, False])
 @pytest.mark.usefixtures("rx_run_min")
 def test_a_buffer_the_run_leaves_goes_through_rx_one_as_before(bad, checks):
@@ -486,8 +616,8 @@ def test_a_buffer_the_run_leaves_goes_through_rx_one_as_before(bad, checks):
     assert out["counters"].get("rx_frames", 0) >= 4
 
 
-@pytest.mark.parametrize("kind", ["valid", "partial", "bad_partial", "gso", "largest", "over", "big", "tiny",
-                                  "bytearray", "memoryview"])
+@pytest.mark.parametrize("kind", ["valid", "partial", "bad_partial", "gso", "small_gso", "largest", "over", "big",
+                                  "tiny", "bytearray", "memoryview"])
 @pytest.mark.parametrize("features", [RX_FEATURES, 1 << F.VERSION_1 | 1 << F.MRG_RXBUF],
                          ids=["offloads", "no_offloads"])
 @pytest.mark.usefixtures("rx_run_min")
@@ -589,16 +719,20 @@ def test_a_ring_without_mrg_rxbuf_goes_frame_by_frame():
 # A random RX ring: each descriptor one of these kinds, a random avail ring over them, random frames.
 BUF_KINDS = ["good"] * 40 + ["small", "exact", "one_short", "below_header", "readonly", "chain", "looping",
                              "indirect", "nested_indirect", "out_of_region", "other_region", "huge_len",
-                             "crosses_end", "empty", "head_out_of_range"]
+                             "crosses_end", "past_end_by_one", "at_end", "empty", "head_out_of_range"]
 
 
 @settings(max_examples=150, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(kinds=st.lists(st.sampled_from(BUF_KINDS), min_size=16, max_size=16),
+@given(kinds=st.lists(st.sampled_from(BUF_KINDS), min_size=16, max_size=16)
+       | st.tuples(st.integers(0, 15), st.sampled_from(BUF_KINDS)).map(      # good ones but one
+           lambda t: ["good"] * t[0] + [t[1]] + ["good"] * (15 - t[0])),
        heads=st.permutations(list(range(16)))
        | st.lists(st.sampled_from(list(range(16)) * 3 + [16, 0xFFFF]), min_size=1, max_size=16),
        more=st.lists(st.sampled_from(list(range(16))), max_size=8),
-       frames=st.lists(st.sampled_from(FRAME_KINDS + ["ping"] * 20), min_size=1, max_size=24),
+       frames=st.lists(st.sampled_from(FRAME_KINDS + ["ping"] * 20), min_size=1, max_size=24)
+       | st.tuples(st.integers(0, 20), st.sampled_from(FRAME_KINDS)).map(   # pings but one
+           lambda t: ["ping"] * t[0] + [t[1]] + ["ping"] * (20 - t[0])),
        base=st.sampled_from([0, 0xFFF8, 0xFFFF, 1000]), budget=st.sampled_from([None, None, 1, 3, 8]),
        checks=st.booleans(), strict=st.sampled_from([False, False, True]), event_idx=st.booleans(),
        features=st.sampled_from([RX_FEATURES, RX_FEATURES, 1 << F.VERSION_1 | 1 << F.MRG_RXBUF]),
@@ -625,7 +759,7 @@ def test_random_rings_end_alike(kinds, heads, more, frames, base, budget, checks
 def test_the_random_rings_were_filled_in_runs():
     """The property above went through the run, not only through _rx_one (runs after it)."""
     if RUNS:
-        assert max(RUNS) >= 6 and sum(1 for n in RUNS if n > 1) > 40
+        assert max(RUNS) >= 12 and sum(1 for n in RUNS if n > 1) > 100
 
 
 # -- through the real server: an echo burst reaches the guest alike ---------------
