@@ -101,10 +101,11 @@ TX_RUN_MIN = 4
 TX_STEP_BYTES = 128 * 1024
 RX_BUDGET = 256
 # Frames waiting from which a split RX ring with MRG_RXBUF gets a run of
-# them in one call (SplitRing.put_frames, C); fewer go one by one through
-# _rx_one, cheaper than the run's set-up for one or two (docs/benchmarks.md,
-# "The split RX run").
-RX_RUN_MIN = 4
+# them in one call (SplitRing.put_frames, C); a lone frame goes through
+# _rx_one, cheaper than the run's set-up (scripts/bench_rx_run.py: a run of
+# 1 costs 1.05-1.2x _rx_one, of 2 0.8-0.85x; docs/benchmarks.md, "The split
+# RX run").
+RX_RUN_MIN = 2
 # `serve --queues`: the most queue pairs offered. QEMU's own limit for
 # -netdev vhost-user,queues= is MAX_QUEUE_NUM (include/net/net.h, 1024); one
 # Python thread runs every ring, so more pairs than guest CPUs only adds rings to poll.
@@ -606,7 +607,11 @@ class NetDevice:
         run = self._rx_run if self.mrg and self.rx_batch and not q.packed else None
         while pending and not b.spent and q.ready:
             if run is not None and len(pending) >= RX_RUN_MIN:
-                run(q, pending, b)
+                if not run(q, pending, b):
+                    # The ring holds an entry the run does not take: the rest
+                    # of this fill frame by frame, so that a ring of such
+                    # entries costs one run's set-up per fill, not per frame.
+                    run = None
                 if not pending or b.spent:
                     break
             if self._rx_one(q, pending[0], b):
@@ -632,11 +637,13 @@ class NetDevice:
         # "more" then would poll the same ring for ever without a kick.
         return bool(pending) and b.spent and q.ready and not waiting
 
-    def _rx_run(self, q, pending: collections.deque, budget: Budget) -> int:
+    def _rx_run(self, q, pending: collections.deque, budget: Budget) -> bool:
         """The frames at the head of PENDING that _rx_one's fast path would
         write whole into one buffer each, as a run in one call
-        (SplitRing.put_frames); popped from PENDING and counted. Returns
-        how many were written.
+        (SplitRing.put_frames); popped from PENDING and counted. False if
+        the ring stopped the run short (an entry it does not take, or no
+        cached region yet); True if it took every frame it was given, or
+        there were fewer than RX_RUN_MIN to give (no call made).
 
         A frame joins the run if _rx_one would give it the fast path with
         no work of its own: no GSO, at most RX_FRAME_MAX bytes, a partial
@@ -654,7 +661,11 @@ class NetDevice:
         pack = HDR12.pack
         parts = []
         lens = array.array("I")
-        limit = budget.left
+        # No more frames than the budget and the buffers posted could take
+        # (a jump past the queue size: put_frames refuses, _rx_one judges).
+        limit = min(budget.left, q.pending())
+        if limit < RX_RUN_MIN:
+            return True
         for f in pending:
             if f.gso_size:
                 break
@@ -674,13 +685,13 @@ class NetDevice:
                 break
         k = len(lens)
         if k < RX_RUN_MIN:
-            return 0
+            return True
         done = q.put_frames(b"".join(parts), lens, budget)
         if not done:
-            return 0
+            return False
         c = self.counters
         c["rx_frames"] += done
-        c["rx_bytes"] += sum(lens[:done]) - 12 * done if done < k else sum(lens) - 12 * k
+        c["rx_bytes"] += sum(lens[:done]) - 12 * done
         taps = self.taps
         popleft = pending.popleft
         if taps:
@@ -693,7 +704,7 @@ class NetDevice:
         else:
             for _ in range(done):
                 popleft()
-        return done
+        return done == k
 
     def _rx_one(self, q, f: Frame, budget: Budget) -> bool:
         """Write one frame into posted RX buffers, or drop it. False: no room yet, try later."""
