@@ -12,6 +12,13 @@ back in one call (push_read) once it is done with them; whatever ends a run
 goes through pop() as always. Packed rings (and `tx_batch=False`) go chain
 by chain.
 
+RX on a split ring with MRG_RXBUF goes by runs too: from RX_RUN_MIN
+frames waiting, those that fit one posted buffer each (no GSO, up to the
+MTU) go with their headers into the next buffers and their used elements
+in one call (_rx_run -> SplitRing.put_frames, C); whatever ends a run (an
+odd frame, a buffer pop_fast would not take or too small) goes through
+_rx_one as always. Packed rings (and `rx_batch=False`) go frame by frame.
+
 `link` is the outermost link layer (vhostnet/link: fault injection, taps
 on the stack's side), built by the `link_layers` the constructor is given;
 without one it is the stack itself.
