@@ -21,9 +21,13 @@ install time through setup.py's `cffi_modules`):
                                           buffers (vhostnet/virtio/split.py)
     split_put_frame(...) -> heads         that run, the copy and the used
                                           elements of one frame in one call
+    split_put_frames(..., blob, lens) -> heads
+                                          a run of small frames, each whole
+                                          into the next buffer, one call
     SplitPins(avail, desc, held, used, region).put_frame(...) -> heads
-                                          the same with the ring's views
-                                          pinned once, not per frame
+    SplitPins(...).put_frames(...) -> heads
+                                          the same two with the ring's views
+                                          pinned once, not per call
     split_take_readable(avail, desc, held, ...) -> (heads, offs, lens)
                                           the split ring's batched take of TX
                                           chains (one readable buffer each)
@@ -55,8 +59,8 @@ import os
 from . import fallback
 
 __all__ = ["NATIVE", "IMPLEMENTATION", "REASON", "ones_sum", "l4_sum", "copy", "segment", "EchoReplier",
-           "scatter_region", "split_take_writable", "split_put_frame", "SplitPins", "split_take_readable",
-           "split_put_used", "describe"]
+           "scatter_region", "split_take_writable", "split_put_frame", "split_put_frames", "SplitPins",
+           "split_take_readable", "split_put_used", "describe"]
 
 log = logging.getLogger("stack.native")
 
@@ -70,7 +74,8 @@ COPY_C_MIN_VIEWS = 64
 
 # Every C routine stack/native/build.py declares.
 _ROUTINES = ("vn_ones_sum", "vn_l4_sum", "vn_copy", "vn_segment_tcp", "vn_icmp_echo_reply", "vn_scatter_region",
-             "vn_split_take_writable", "vn_split_put_frame", "vn_split_take_readable", "vn_split_put_used")
+             "vn_split_take_writable", "vn_split_put_frame", "vn_split_put_frames", "vn_split_take_readable",
+             "vn_split_put_used")
 
 _lib = _ffi = None
 if os.environ.get(ENV_SWITCH, "1") == "0":
@@ -271,6 +276,34 @@ if NATIVE:
             raise ValueError("used ring shorter than the queue, or the count outside the first buffer")
         return out[:n].tolist() if n else []
 
+    # ---- RX: a run of small frames, one per buffer (native.c vn_split_put_frames) ----
+    _put_n = _lib.vn_split_put_frames
+
+    def _lens_array(lens):
+        """LENS as the uint32 array C reads (an array('I') as it is: the device builds one)."""
+        if type(lens) is array.array and lens.typecode == "I":
+            return lens
+        try:
+            return array.array("I", lens)
+        except OverflowError:      # negative, or past 32 bits: no frame is that long
+            raise ValueError("a frame length outside 0..2**32-1") from None
+
+    def split_put_frames(avail_h, desc, held, checks: bool, used_i, num: int, last: int, ahead: int,
+                         used_idx: int, region, r_gpa: int, max_take: int, blob, lens) -> list:
+        """The run of frames in one C call (see fallback.split_put_frames). Returns the heads used."""
+        la = _lens_array(lens)
+        m = min(ahead, max_take, len(la), PUT_MAX_BUFFERS)
+        out = _U64_ZERO * max(m, 1)
+        n = _put_n(_from_buffer("uint16_t[]", avail_h), len(avail_h), _from_buffer(desc), len(desc),
+                   _from_buffer(held, require_writable=True), len(held), 1 if checks else 0,
+                   _from_buffer("uint32_t[]", used_i, require_writable=True), len(used_i), num, last, ahead,
+                   used_idx, _from_buffer(region, require_writable=True), r_gpa, len(region), max(m, 0),
+                   blob if type(blob) is bytes else _from_buffer(blob), len(blob),
+                   _from_buffer("uint32_t[]", la), len(la), _from_buffer("uint64_t[]", out))
+        if n < 0:
+            raise ValueError("ring sizes do not cover the queue size, or the lengths overrun the blob")
+        return out[:n].tolist() if n else []
+
     _release = _ffi.release
 
     class SplitPins:
@@ -309,6 +342,25 @@ if NATIVE:
                      data if type(data) is bytes else _from_buffer(data), len(data), count_off, self._outp)
             if n < 0:
                 raise ValueError("used ring shorter than the queue, or the count outside the first buffer")
+            return self._out[:n].tolist() if n else []
+
+        def put_frames(self, checks: bool, num: int, last: int, ahead: int, used_idx: int, r_gpa: int,
+                       max_take: int, blob, lens) -> list:
+            """split_put_frames over the pinned views (same arguments otherwise)."""
+            pins = self._pins
+            if pins is None:
+                raise ValueError("SplitPins used after release()")
+            la = _lens_array(lens)
+            m = min(ahead, max_take, len(la), PUT_MAX_BUFFERS)
+            if m < 0:
+                m = 0
+            pa, pd, ph, pu, pr = pins
+            la_, ld, lh, lu, lr = self._lens
+            n = _put_n(pa, la_, pd, ld, ph, lh, 1 if checks else 0, pu, lu, num, last, ahead, used_idx,
+                       pr, r_gpa, lr, m, blob if type(blob) is bytes else _from_buffer(blob), len(blob),
+                       _from_buffer("uint32_t[]", la), len(la), self._outp)
+            if n < 0:
+                raise ValueError("ring sizes do not cover the queue size, or the lengths overrun the blob")
             return self._out[:n].tolist() if n else []
 
         def release(self) -> None:
@@ -364,6 +416,7 @@ else:
     scatter_region = fallback.scatter_region
     split_take_writable = fallback.split_take_writable
     split_put_frame = fallback.split_put_frame
+    split_put_frames = fallback.split_put_frames
     SplitPins = fallback.SplitPins
     split_take_readable = fallback.split_take_readable
     split_put_used = fallback.split_put_used

@@ -42,6 +42,12 @@ long vn_split_put_frame(const uint16_t *avail, size_t avail_words, const char *d
                         char *region, uint64_t r_gpa, uint64_t r_size, uint32_t min_len, uint32_t max_take,
                         const char *hdr, size_t hlen, const char *data, size_t dlen, uint32_t count_off,
                         uint64_t *heads);
+long vn_split_put_frames(const uint16_t *avail, size_t avail_words, const char *desc, size_t desc_len,
+                         uint8_t *held, size_t held_len, int checks, uint32_t *used, size_t used_words,
+                         uint32_t num, uint32_t last, uint32_t ahead, uint32_t used_idx,
+                         char *region, uint64_t r_gpa, uint64_t r_size, uint32_t max_take,
+                         const char *blob, size_t blob_len, const uint32_t *lens, size_t nframes,
+                         uint64_t *heads);
 long vn_split_take_readable(const uint16_t *avail, size_t avail_words, const char *desc, size_t desc_len,
                             uint8_t *held, size_t held_len, int checks, uint32_t num, uint32_t last,
                             uint32_t ahead, uint64_t r_gpa, uint64_t r_end, uint32_t max_take,

@@ -12,8 +12,8 @@ from __future__ import annotations
 import struct
 
 __all__ = ["ones_sum", "l4_sum", "copy", "segment", "icmp_echo_reply", "EchoReplier", "ECHO_MAX_FRAME",
-           "scatter_region", "split_take_writable", "split_put_frame", "SplitPins", "split_take_readable",
-           "split_put_used"]
+           "scatter_region", "split_take_writable", "split_put_frame", "split_put_frames", "SplitPins",
+           "split_take_readable", "split_put_used"]
 
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
@@ -243,6 +243,7 @@ def scatter_region(region, offs, lens, hdr, data) -> int:
 _DESC = struct.Struct("<QIHH")        # virtio 1.2 §2.7.5 struct virtq_desc: addr, len, flags, next
 _F_NEXT, _F_WRITE, _F_INDIRECT = 1, 2, 4
 _NEXT_INDIRECT_WRITE = _F_NEXT | _F_INDIRECT | _F_WRITE
+_U64_MAX = (1 << 64) - 1              # guest physical addresses are 64-bit (§2.7.5)
 
 
 def split_take_writable(avail_h, desc, held, checks: bool, num: int, last: int, ahead: int,
@@ -332,6 +333,50 @@ def split_put_frame(avail_h, desc, held, checks: bool, used_i, num: int, last: i
     return heads
 
 
+def split_put_frames(avail_h, desc, held, checks: bool, used_i, num: int, last: int, ahead: int,
+                     used_idx: int, region, r_gpa: int, max_take: int, blob, lens) -> list:
+    """A run of small frames, each whole into the next posted buffer
+    (native.c vn_split_put_frames): record i is LENS[i] bytes of BLOB (the
+    records back to back: header, then frame). While the entry at avail
+    ring index LAST + i is one device-writable buffer inside the region
+    that holds record i (the checks of _take_run), the record goes to the
+    buffer's start and its used element (head, LENS[i]) to USED_I at
+    USED_IDX + i; at most AHEAD, MAX_TAKE and PUT_MAX_BUFFERS of them. The
+    first other entry ends the run untouched. Returns the heads used.
+    ValueError, nothing read or written, when the sizes do not cover the
+    queue or the lengths overrun the blob."""
+    if not num or num & (num - 1) or len(avail_h) < 2 + num or len(desc) < 16 * num \
+            or (checks and len(held) < num) or ahead > num or len(used_i) < 1 + 2 * num:
+        raise ValueError("ring sizes do not cover the queue size")
+    if r_gpa + len(region) > _U64_MAX:
+        raise ValueError("the region wraps the address space")
+    if sum(lens) > len(blob) or any(k < 0 for k in lens):
+        raise ValueError("the frames' lengths overrun their blob")
+    mask = num - 1
+    r_end = r_gpa + len(region)
+    heads: list[int] = []
+    pos = 0
+    for i in range(min(len(lens), ahead, max_take, PUT_MAX_BUFFERS)):
+        k = lens[i]
+        head = avail_h[2 + ((last + i) & mask)]
+        if head >= num or (checks and held[head]):
+            break
+        addr, length, flags, _nxt = _DESC.unpack_from(desc, head << 4)
+        if (flags & _NEXT_INDIRECT_WRITE != _F_WRITE or length < k or not length
+                or not (r_gpa <= addr and addr + length <= r_end)):
+            break
+        if checks:
+            held[head] = 1      # a head twice in the run stops it at the second
+        off = addr - r_gpa
+        region[off:off + k] = blob[pos:pos + k]
+        pos += k
+        slot = (used_idx + i) & mask
+        used_i[1 + 2 * slot] = head
+        used_i[2 + 2 * slot] = k
+        heads.append(head)
+    return heads
+
+
 class SplitPins:
     """A split ring's RX arguments held for split_put_frame, once per mapping.
 
@@ -355,6 +400,15 @@ class SplitPins:
         avail_h, desc, held, used_i, region = self._args
         return split_put_frame(avail_h, desc, held, checks, used_i, num, last, ahead, used_idx, region,
                                r_gpa, min_len, max_take, hdr, data, count_off)
+
+    def put_frames(self, checks: bool, num: int, last: int, ahead: int, used_idx: int, r_gpa: int,
+                   max_take: int, blob, lens) -> list:
+        """split_put_frames over the held views (same arguments otherwise)."""
+        if self._args is None:
+            raise ValueError("SplitPins used after release()")
+        avail_h, desc, held, used_i, region = self._args
+        return split_put_frames(avail_h, desc, held, checks, used_i, num, last, ahead, used_idx, region,
+                                r_gpa, max_take, blob, lens)
 
     def release(self) -> None:
         if self._args is not None:

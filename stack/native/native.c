@@ -13,9 +13,10 @@
  *   vn_segment_tcp   software TSO: one TCP/IPv4 frame -> MSS-sized frames
  *
  * and, in later sections, the ICMP echo reply, the RX scatter and the split
- * ring's batched loops (vn_split_take_writable / vn_split_put_frame for RX
- * buffers, vn_split_take_readable / vn_split_put_used for TX chains; their
- * twins are held to them by tests/device/test_take_writable.py and
+ * ring's batched loops (vn_split_take_writable / vn_split_put_frame /
+ * vn_split_put_frames for RX buffers, vn_split_take_readable /
+ * vn_split_put_used for TX chains; their twins are held to them by
+ * tests/device/test_take_writable.py, test_put_frames.py and
  * test_take_readable.py).
  *
  * Checksums: the ones'-complement sum is independent of byte order
@@ -404,6 +405,58 @@ static inline uint64_t le64(uint64_t v) { return little_endian() ? v : __builtin
  * and only the copies are checked and used. */
 #define VN_COMPILER_BARRIER() __asm__ __volatile__("" ::: "memory")
 
+/* One avail entry of a run, the checks every run makes (and pop_fast()
+ * in split.py): avail ring index idx names a head in range, not held
+ * (when `checks`), whose descriptor has `want` among NEXT|INDIRECT|WRITE
+ * (so no chain to walk, no loop) and is one buffer of at least min_len
+ * bytes (and at least one) wholly inside the guest region [r_gpa, r_end).
+ * Returns 1 and the head, its buffer's offset in the region and its
+ * length, the head marked held when `checks` (so a head twice in a run
+ * stops it at the second); 0, nothing marked, for anything else.  The
+ * caller has checked num against the sizes of avail, desc and held. */
+static inline int split_take_one(const uint16_t *avail, const char *desc, uint8_t *held, int checks,
+                                 uint32_t num, uint32_t idx, uint64_t r_gpa, uint64_t r_end, uint16_t want,
+                                 uint64_t min_len, uint64_t *head_out, uint64_t *off_out, uint64_t *len_out)
+{
+    uint16_t head;
+    memcpy(&head, &avail[2 + (idx & (num - 1))], 2);
+    VN_COMPILER_BARRIER();      /* the check below and the use are of this one read */
+    head = le16(head);
+    if (head >= num || (checks && held[head]))
+        return 0;
+    char d[VRING_DESC_SIZE];
+    memcpy(d, desc + VRING_DESC_SIZE * (size_t)head, VRING_DESC_SIZE);
+    VN_COMPILER_BARRIER();
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags;
+    memcpy(&addr, d, 8);
+    memcpy(&len, d + 8, 4);
+    memcpy(&flags, d + 12, 2);
+    addr = le64(addr);
+    len = le32(len);
+    flags = le16(flags);
+    if ((flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE)) != want
+        || len < min_len || len == 0 || addr < r_gpa || addr > r_end || len > r_end - addr)
+        return 0;
+    if (checks)
+        held[head] = 1;
+    *head_out = head;
+    *off_out = addr - r_gpa;
+    *len_out = len;
+    return 1;
+}
+
+/* The sizes every run checks before it reads: num a power of two that
+ * avail (flags, idx, ring[num]), desc and held (when `checks`) cover, and
+ * no more entries ahead than the ring holds. */
+static inline int split_sizes_ok(size_t avail_words, size_t desc_len, size_t held_len, int checks,
+                                 uint32_t num, uint32_t ahead)
+{
+    return !(num == 0 || (num & (num - 1)) || avail_words < 2 + (size_t)num
+             || desc_len < VRING_DESC_SIZE * (size_t)num || (checks && held_len < num) || ahead > num);
+}
+
 /* The run of one-descriptor buffers both takes share: `want` is the
  * descriptor's flags among NEXT|INDIRECT|WRITE (WRITE for RX buffers, 0
  * for TX chains); the run stops at `need` bytes, `max_take` buffers or
@@ -414,40 +467,14 @@ static long split_take_run(const uint16_t *avail, size_t avail_words, const char
                            uint32_t min_len, uint32_t max_take,
                            uint64_t *heads, uint64_t *offs, uint64_t *lens, uint64_t *room)
 {
-    if (num == 0 || (num & (num - 1)) || avail_words < 2 + (size_t)num
-        || desc_len < VRING_DESC_SIZE * (size_t)num || (checks && held_len < num) || ahead > num)
+    if (!split_sizes_ok(avail_words, desc_len, held_len, checks, num, ahead))
         return -1;
-    uint32_t mask = num - 1;
     uint64_t total = 0;
     uint32_t n = 0;
-    while (total < need && n < ahead && n < max_take) {
-        uint16_t head;
-        memcpy(&head, &avail[2 + ((last + n) & mask)], 2);
-        VN_COMPILER_BARRIER();      /* the check below and the use are of this one read */
-        head = le16(head);
-        if (head >= num || (checks && held[head]))
-            break;
-        char d[VRING_DESC_SIZE];
-        memcpy(d, desc + VRING_DESC_SIZE * (size_t)head, VRING_DESC_SIZE);
-        VN_COMPILER_BARRIER();
-        uint64_t addr;
-        uint32_t len;
-        uint16_t flags;
-        memcpy(&addr, d, 8);
-        memcpy(&len, d + 8, 4);
-        memcpy(&flags, d + 12, 2);
-        addr = le64(addr);
-        len = le32(len);
-        flags = le16(flags);
-        if ((flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE)) != want
-            || len < min_len || len == 0 || addr < r_gpa || addr > r_end || len > r_end - addr)
-            break;
-        if (checks)
-            held[head] = 1;     /* a head twice in the run stops it at the second */
-        heads[n] = head;
-        offs[n] = addr - r_gpa;
-        lens[n] = len;
-        total += len;
+    while (total < need && n < ahead && n < max_take
+           && split_take_one(avail, desc, held, checks, num, last + n, r_gpa, r_end, want, min_len,
+                             &heads[n], &offs[n], &lens[n])) {
+        total += lens[n];
         n++;
     }
     *room = total;
@@ -525,6 +552,67 @@ long vn_split_put_frame(const uint16_t *avail, size_t avail_words, const char *d
         left -= k;
     }
     return n;
+}
+
+/* ---- RX: a run of small frames, one per buffer, in one call ----------
+ *
+ * vn_split_put_frames: the common case of a device with MRG_RXBUF
+ * negotiated and several small frames waiting (an echo burst, a window's
+ * ACKs): each frame goes whole into the next posted buffer, as
+ * SplitRing.pop_fast() + NetDevice._write_one did one Python call at a
+ * time.  blob holds the records back to back, record i being lens[i]
+ * bytes: the frame's virtio-net header (num_buffers 1, section 5.1.6.4)
+ * and the frame, built by the device.  For i = 0.. while i < nframes,
+ * `ahead` and `max_take` (the work budget, capped at VN_PUT_MAX_BUFFERS):
+ * the entry at avail ring index last + i must pass split_take_one with
+ * want WRITE and min_len lens[i] (one device-writable buffer that holds
+ * the record); then the record is copied to the start of the buffer and
+ * its used element (virtio 1.2 section 2.7.8: the head, lens[i] bytes
+ * written) stored at used ring index used_idx + i.  The first entry that
+ * does not pass ends the run untouched: that frame and the rest go the
+ * per-frame way, which judges that entry as before.  Each frame is done
+ * when the next is looked at, so nothing is given back.  heads[] receives
+ * the heads used; returns their number, or -1 (nothing read or written)
+ * when the sizes do not cover the queue, the lengths overrun the blob or
+ * the region wraps the address space.  Moving used_idx and the avail
+ * index, and publishing used->idx, stay with the caller (split.py).
+ */
+long vn_split_put_frames(const uint16_t *avail, size_t avail_words, const char *desc, size_t desc_len,
+                         uint8_t *held, size_t held_len, int checks, uint32_t *used, size_t used_words,
+                         uint32_t num, uint32_t last, uint32_t ahead, uint32_t used_idx,
+                         char *region, uint64_t r_gpa, uint64_t r_size, uint32_t max_take,
+                         const char *blob, size_t blob_len, const uint32_t *lens, size_t nframes,
+                         uint64_t *heads)
+{
+    if (!split_sizes_ok(avail_words, desc_len, held_len, checks, num, ahead)
+        || used_words < 1 + 2 * (size_t)num || r_size > UINT64_MAX - r_gpa)
+        return -1;
+    size_t total = 0;
+    for (size_t i = 0; i < nframes; i++) {
+        if (lens[i] > blob_len - total)
+            return -1;
+        total += lens[i];
+    }
+    if (max_take > VN_PUT_MAX_BUFFERS)
+        max_take = VN_PUT_MAX_BUFFERS;
+    uint32_t mask = num - 1;
+    uint64_t r_end = r_gpa + r_size;
+    size_t pos = 0;
+    uint32_t n = 0;
+    while (n < nframes && n < ahead && n < max_take) {
+        uint64_t off, len;
+        if (!split_take_one(avail, desc, held, checks, num, last + n, r_gpa, r_end, VRING_DESC_F_WRITE,
+                            lens[n], &heads[n], &off, &len))
+            break;
+        /* off + lens[n] <= off + len <= r_size: inside the region */
+        memcpy(region + off, blob + pos, lens[n]);
+        pos += lens[n];
+        uint32_t slot = (used_idx + n) & mask;
+        used[1 + 2 * (size_t)slot] = le32((uint32_t)heads[n]);
+        used[2 + 2 * (size_t)slot] = le32(lens[n]);
+        n++;
+    }
+    return (long)n;
 }
 
 /* ---- TX: the split ring's batched take (vhostnet/virtio/split.py) -----

@@ -12,6 +12,13 @@ back in one call (push_read) once it is done with them; whatever ends a run
 goes through pop() as always. Packed rings (and `tx_batch=False`) go chain
 by chain.
 
+RX on a split ring with MRG_RXBUF goes by runs too: from RX_RUN_MIN
+frames waiting, those that fit one posted buffer each (no GSO, up to the
+MTU) go with their headers into the next buffers and their used elements
+in one call (_rx_run -> SplitRing.put_frames, C); whatever ends a run (an
+odd frame, a buffer pop_fast would not take or too small) goes through
+_rx_one as always. Packed rings (and `rx_batch=False`) go frame by frame.
+
 `link` is the outermost link layer (vhostnet/link: fault injection, taps
 on the stack's side), built by the `link_layers` the constructor is given;
 without one it is the stack itself.
@@ -41,6 +48,7 @@ rate-limited.
 """
 from __future__ import annotations
 
+import array
 import collections
 import logging
 import os
@@ -99,6 +107,12 @@ TX_RUN_MIN = 4
 # frames is that at TSO's scale (docs/benchmarks.md, "ACKs within a burst").
 TX_STEP_BYTES = 128 * 1024
 RX_BUDGET = 256
+# Frames waiting from which a split RX ring with MRG_RXBUF gets a run of
+# them in one call (SplitRing.put_frames, C); a lone frame goes through
+# _rx_one, cheaper than the run's set-up (scripts/bench_rx_run.py: a run of
+# 1 costs 1.05-1.2x _rx_one, of 2 0.8-0.85x; docs/benchmarks.md, "The split
+# RX run").
+RX_RUN_MIN = 2
 # `serve --queues`: the most queue pairs offered. QEMU's own limit for
 # -netdev vhost-user,queues= is MAX_QUEUE_NUM (include/net/net.h, 1024); one
 # Python thread runs every ring, so more pairs than guest CPUs only adds rings to poll.
@@ -118,12 +132,16 @@ class NetDevice:
                  queue_pairs: int = 1, rx_pending_limit: int = 1024, rlog: RateLimitedLog | None = None,
                  taps: list | None = None, link_layers=None, hostnet=None,
                  net_services: ServicesConfig | None = None, dns_upstreams=(), tx_batch: bool = True,
-                 tx_step_bytes: int = TX_STEP_BYTES):
+                 tx_step_bytes: int = TX_STEP_BYTES, rx_batch: bool = True):
         self.config = config or NetConfig()
         # Split TX rings: take runs of chains per call (SplitRing.take_readable).
         # False: one chain at a time, as on packed rings (tests and benchmarks
         # hold the two to the same outcome and compare their speed).
         self.tx_batch = tx_batch
+        # Split RX rings with MRG_RXBUF: small frames a run per call
+        # (SplitRing.put_frames); False: each through _rx_one, as on packed
+        # rings (tests hold the two to the same end state).
+        self.rx_batch = rx_batch
         self.tx_step_bytes = tx_step_bytes
         if not 1 <= queue_pairs <= MAX_QUEUE_PAIRS:
             raise ValueError(f"queue pairs {queue_pairs} not in 1..{MAX_QUEUE_PAIRS}")
@@ -171,6 +189,10 @@ class NetDevice:
         self.taps: list = taps if taps is not None else []
         self.mtu = self.config.mtu
         self.rx_min = self.hdr_len + RX_FRAME_MAX   # §5.1.6.3.1, set again by set_features
+        # The headers of _rx_run's frames without a partial checksum: plain,
+        # and vouched for (DATA_VALID when GUEST_CSUM allows it; plain else),
+        # num_buffers 1 (§5.1.6.4). Set again by set_features.
+        self._rx_hdr_plain = self._rx_hdr_valid = HDR12.pack(0, GSO_NONE, 0, 0, 0, 0, 1)
         self._rx_more = False   # flush_rx stopped on its budget with work left
         # RX ring index -> the ring's epoch when the head of its pending frames
         # found no room; present only while the driver has posted nothing since. See _fill.
@@ -187,6 +209,7 @@ class NetDevice:
         rx_gso = has(F.GUEST_TSO4) or has(F.GUEST_TSO6) or has(F.GUEST_UFO)
         self.rx_min = self.hdr_len + (RX_GSO_FRAME_MAX if rx_gso else RX_FRAME_MAX)
         self.guest_csum = has(F.GUEST_CSUM)
+        self._rx_hdr_valid = HDR12.pack(DATA_VALID if self.guest_csum else 0, GSO_NONE, 0, 0, 0, 0, 1)
         self.guest_tso = has(F.GUEST_TSO4) and self.guest_csum
         self.host_csum = has(F.CSUM)
         self.host_tso = has(F.HOST_TSO4) and self.host_csum
@@ -594,7 +617,19 @@ class NetDevice:
         self._rx_stalled.pop(q.index, None)
         b = Budget(RX_BUDGET)
         waiting = False
+        # MRG_RXBUF on a split ring: the frames that fit a buffer each, a run
+        # per call (_rx_run); whatever ends a run (a frame to treat, a buffer
+        # that is not the common case) goes through _rx_one.
+        run = self._rx_run if self.mrg and self.rx_batch and not q.packed else None
         while pending and not b.spent and q.ready:
+            if run is not None and len(pending) >= RX_RUN_MIN:
+                if not run(q, pending, b):
+                    # The ring holds an entry the run does not take: the rest
+                    # of this fill frame by frame, so that a ring of such
+                    # entries costs one run's set-up per fill, not per frame.
+                    run = None
+                if not pending or b.spent:
+                    break
             if self._rx_one(q, pending[0], b):
                 pending.popleft()
                 continue
@@ -617,6 +652,75 @@ class NetDevice:
         # chain walked and given back, say) can spend the budget too, and
         # "more" then would poll the same ring for ever without a kick.
         return bool(pending) and b.spent and q.ready and not waiting
+
+    def _rx_run(self, q, pending: collections.deque, budget: Budget) -> bool:
+        """The frames at the head of PENDING that _rx_one's fast path would
+        write whole into one buffer each, as a run in one call
+        (SplitRing.put_frames); popped from PENDING and counted. False if
+        the ring stopped the run short (an entry it does not take, or no
+        cached region yet); True if it took every frame it was given, or
+        there were fewer than RX_RUN_MIN to give (no call made).
+
+        A frame joins the run if _rx_one would give it the fast path with
+        no work of its own: no GSO, at most RX_FRAME_MAX bytes, a partial
+        checksum only when the guest takes it (GUEST_CSUM: NEEDS_CSUM in
+        the header; without it _rx_one completes the checksum, which can
+        fail and be counted). Its header is _rx_one's, num_buffers 1. The
+        run ends at the first other frame, and the ring ends it at the
+        first buffer pop_fast would not take or that is too small, exactly
+        where _rx_one's fast path would give up: what follows goes through
+        _rx_one, which does with it what it did before. Taps see each
+        frame in order once the run is written.
+        """
+        plain, valid = self._rx_hdr_plain, self._rx_hdr_valid
+        guest_csum = self.guest_csum
+        pack = HDR12.pack
+        parts = []
+        lens = array.array("I")
+        # No more frames than the budget and the buffers posted could take
+        # (a jump past the queue size: put_frames refuses, _rx_one judges).
+        limit = min(budget.left, q.pending())
+        if limit < RX_RUN_MIN:
+            return True
+        for f in pending:
+            if f.gso_size:
+                break
+            data = f.data
+            n = len(data)
+            if n > RX_FRAME_MAX:
+                break
+            if f.csum_start:
+                if not guest_csum:
+                    break
+                parts.append(pack(NEEDS_CSUM, GSO_NONE, 0, 0, f.csum_start, f.csum_offset, 1))
+            else:
+                parts.append(valid if f.csum_valid else plain)
+            parts.append(data)
+            lens.append(12 + n)
+            if len(lens) >= limit:
+                break
+        k = len(lens)
+        if k < RX_RUN_MIN:
+            return True
+        done = q.put_frames(b"".join(parts), lens, budget)
+        if not done:
+            return False
+        c = self.counters
+        c["rx_frames"] += done
+        c["rx_bytes"] += sum(lens[:done]) - 12 * done
+        taps = self.taps
+        popleft = pending.popleft
+        if taps:
+            for _ in range(done):
+                f = popleft()
+                for tap in taps:
+                    tap("rx", f)
+        elif done == len(pending):
+            pending.clear()
+        else:
+            for _ in range(done):
+                popleft()
+        return done == k
 
     def _rx_one(self, q, f: Frame, budget: Budget) -> bool:
         """Write one frame into posted RX buffers, or drop it. False: no room yet, try later."""

@@ -123,7 +123,7 @@ class SplitRing:
         # common case: Linux's TX frame with any_layout, every RX buffer).
         # Cleared at attach/detach, so it never outlives the mapping.
         self._rcache: tuple | None = None
-        # put_frame's views pinned for C once, not per frame: (the _rcache
+        # put_frame's and put_frames' views pinned for C once, not per call: (the _rcache
         # tuple, _held and _desc they were made from, the SplitPins). Made
         # again when any of the three is another object; released at
         # attach, detach and reset_held. The pins hold their own slices,
@@ -458,6 +458,53 @@ class SplitRing:
             budget.left -= n
             self.stats["chains"] += n
             self.stats["bytes"] += len(hdr) + len(data)
+            if checks:
+                self._walk_indirect = None
+                if self._marked_heads is not None:
+                    self._marked_heads.extend(heads)
+                self._unpublished.extend(heads)
+        return n
+
+    def put_frames(self, blob, lens, budget: Budget, min_run: int = 1) -> int:
+        """A run of small frames, each whole into the next buffer, in one call (MRG_RXBUF).
+
+        BLOB holds the frames back to back, frame i being LENS[i] bytes
+        with its virtio-net header (num_buffers 1) in front. Frame i goes to
+        the next avail entry if pop_fast() would take it (the same checks:
+        the avail index moved by at most the queue size, the head in range
+        and not held, one descriptor without NEXT or INDIRECT inside the
+        cached region) and it is one device-writable buffer of at least
+        LENS[i] bytes: what NetDevice._rx_one's fast path (pop_fast, then
+        _write_one and push) does with it. The first entry that is
+        anything else ends the run untaken and unjudged: the device's
+        per-frame path takes that frame and the rest. Each frame is one
+        descriptor of the BUDGET. The loop, the copies and the used
+        elements are stack.native.split_put_frames through SplitPins (C or
+        its Python twin; tests/device/test_put_frames.py holds them to each
+        other and to the per-frame path). Returns the frames written, 0
+        with nothing looked at when fewer than MIN_RUN entries are ahead.
+        """
+        avail_h = self._avail_h
+        rc = self._rcache
+        if self.broken is not None or avail_h is None or rc is None or budget.left <= 0:
+            return 0
+        num = self.num
+        last = self.last_avail_idx
+        ahead = (avail_h[1] - last) & 0xFFFF
+        if ahead < min_run or ahead > num or not ahead:
+            return 0                # too few, or a jump or a step back: pop() refuses it
+        checks = self.checks
+        pins = self._pins
+        if pins is None or pins[0] is not rc or pins[1] is not self._held or pins[2] is not self._desc:
+            pins = self._pin(rc)
+        heads = pins[3].put_frames(checks, num, last, ahead, self.used_idx, rc[0], budget.left, blob, lens)
+        n = len(heads)
+        if n:
+            self.last_avail_idx = (last + n) & 0xFFFF
+            self.used_idx = (self.used_idx + n) & 0xFFFF
+            budget.left -= n
+            self.stats["chains"] += n
+            self.stats["bytes"] += sum(lens[:n])
             if checks:
                 self._walk_indirect = None
                 if self._marked_heads is not None:
