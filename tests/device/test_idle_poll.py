@@ -5,6 +5,7 @@ before the look that must find it: no thread, no timing to hope for.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -149,12 +150,10 @@ def test_the_option_is_bounded(text, ok, capsys):
         assert "--idle-poll-us" in capsys.readouterr().err
 
 
-async def test_in_one_thread_with_the_driver_the_look_backs_off(tmp_path, nursery):
-    """The in-process frontend runs in the backend's own thread, so no kick
-    can come while the backend looks: the worst case, a look always in the
-    way. It must back off (one window lost per BACKOFF, not per ping), and
-    every ping is still answered."""
-    srv = make_server(tmp_path / "v.sock", idle_poll=WINDOW)
+@contextlib.asynccontextmanager
+async def served(tmp_path, nursery, **kw):
+    """A server as `vhostnet serve` builds it (KW: its options) and a frontend, ready."""
+    srv = make_server(tmp_path / "v.sock", **kw)
     nursery.start_soon(srv.serve)
     await srv.ready.wait()
     fe = Frontend()
@@ -162,27 +161,28 @@ async def test_in_one_thread_with_the_driver_the_look_backs_off(tmp_path, nurser
     await fe.handshake()
     fe.post_rx()
     fe.rx.kick()
-    done = await fe.flood(ping(), time.perf_counter() + 0.3, window=1)
-    assert done > 0
-    doc = srv.current.describe_loop()["idle_poll"]["tx"]
+    yield srv, fe
+    await fe.shutdown(srv)
+
+
+async def test_in_one_thread_with_the_driver_the_look_backs_off(tmp_path, nursery):
+    """The in-process frontend runs in the backend's own thread, so no kick
+    can come while the backend looks: the worst case, a look always in the
+    way. It must back off (one window lost per BACKOFF, not per ping), and
+    every ping is still answered."""
+    async with served(tmp_path, nursery, idle_poll=WINDOW) as (srv, fe):
+        done = await fe.flood(ping(), time.perf_counter() + 0.3, window=1)
+        assert done > 0
+        doc = srv.current.describe_loop()["idle_poll"]["tx"]
     assert doc["hits"] == 0
     assert doc["backoffs"] >= 1
     # A miss after a slow gap turns looking off without a back-off, so a
     # back-off can cost two misses; a look per ping would be hundreds.
     assert doc["misses"] <= 2 * (doc["backoffs"] + 1)
     assert done >= 10 * doc["misses"]
-    await fe.shutdown(srv)
 
 
 async def test_no_idle_poll_no_stats(tmp_path, nursery):
-    srv = make_server(tmp_path / "v.sock")
-    nursery.start_soon(srv.serve)
-    await srv.ready.wait()
-    fe = Frontend()
-    await fe.connect(srv.socket_path)
-    await fe.handshake()
-    fe.post_rx()
-    fe.rx.kick()
-    assert await fe.flood(ping(), time.perf_counter() + 0.05, window=1) > 0
-    assert "idle_poll" not in srv.current.describe_loop()
-    await fe.shutdown(srv)
+    async with served(tmp_path, nursery) as (srv, fe):
+        assert await fe.flood(ping(), time.perf_counter() + 0.05, window=1) > 0
+        assert "idle_poll" not in srv.current.describe_loop()
