@@ -235,8 +235,11 @@ class Connection:
             await self._drain(q)  # chains posted before the kick fd arrived
             idle = self._idle[q.index] = IdlePoll(fd, self.server.idle_poll,
                                                   getattr(self.device, "idle_watch_fds", tuple))
+            looking = idle.window > 0        # off (the default): the plain wait, nothing timed
             while True:
-                if idle.look():
+                if not looking:
+                    await trio.lowlevel.wait_readable(fd)
+                elif idle.look():
                     if idle.must_checkpoint():
                         await trio.lowlevel.checkpoint()
                 else:
