@@ -674,7 +674,7 @@ class NetDevice:
         """
         plain, valid = self._rx_hdr_plain, self._rx_hdr_valid
         guest_csum = self.guest_csum
-        pack = HDR12.pack
+        pack, hl = HDR12.pack, HDR12.size
         parts = []
         lens = array.array("I")
         # No more frames than the budget and the buffers posted could take
@@ -696,7 +696,7 @@ class NetDevice:
             else:
                 parts.append(valid if f.csum_valid else plain)
             parts.append(data)
-            lens.append(12 + n)
+            lens.append(hl + n)
             if len(lens) >= limit:
                 break
         k = len(lens)
@@ -707,7 +707,7 @@ class NetDevice:
             return False
         c = self.counters
         c["rx_frames"] += done
-        c["rx_bytes"] += sum(lens[:done]) - 12 * done
+        c["rx_bytes"] += sum(lens[:done]) - hl * done
         taps = self.taps
         popleft = pending.popleft
         if taps:

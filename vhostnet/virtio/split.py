@@ -436,34 +436,15 @@ class SplitRing:
         not hold the frame, with nothing taken, written or recorded: the
         caller then goes through mark()/take_writable()/pop().
         """
-        avail_h = self._avail_h
-        rc = self._rcache
-        if self.broken is not None or avail_h is None or rc is None or budget.left <= 0:
+        run = self._put_run(budget, 1)
+        if run is None:
             return 0
-        num = self.num
-        last = self.last_avail_idx
-        ahead = (avail_h[1] - last) & 0xFFFF
-        if not 0 < ahead <= num:
-            return 0                # nothing, or a jump or a step back: pop() refuses it
-        checks = self.checks
-        pins = self._pins
-        if pins is None or pins[0] is not rc or pins[1] is not self._held or pins[2] is not self._desc:
-            pins = self._pin(rc)
-        heads = pins[3].put_frame(checks, num, last, ahead, self.used_idx, rc[0], min_len, budget.left,
-                                  hdr, data, count_off)
-        n = len(heads)
-        if n:
-            self.last_avail_idx = (last + n) & 0xFFFF
-            self.used_idx = (self.used_idx + n) & 0xFFFF
-            budget.left -= n
-            self.stats["chains"] += n
-            self.stats["bytes"] += len(hdr) + len(data)
-            if checks:
-                self._walk_indirect = None
-                if self._marked_heads is not None:
-                    self._marked_heads.extend(heads)
-                self._unpublished.extend(heads)
-        return n
+        pins, rc, last, ahead = run
+        heads = pins.put_frame(self.checks, self.num, last, ahead, self.used_idx, rc[0], min_len, budget.left,
+                               hdr, data, count_off)
+        if heads:
+            self._put_done(last, heads, len(hdr) + len(data), budget)
+        return len(heads)
 
     def put_frames(self, blob, lens, budget: Budget, min_run: int = 1) -> int:
         """A run of small frames, each whole into the next buffer, in one call (MRG_RXBUF).
@@ -484,33 +465,48 @@ class SplitRing:
         other and to the per-frame path). Returns the frames written, 0
         with nothing looked at when fewer than MIN_RUN entries are ahead.
         """
+        run = self._put_run(budget, max(min_run, 1))
+        if run is None:
+            return 0
+        pins, rc, last, ahead = run
+        heads = pins.put_frames(self.checks, self.num, last, ahead, self.used_idx, rc[0], budget.left, blob, lens)
+        n = len(heads)
+        if n:
+            self._put_done(last, heads, sum(lens[:n]), budget)
+        return n
+
+    def _put_run(self, budget: Budget, min_run: int):
+        """What put_frame and put_frames start from: (the SplitPins, the
+        cached region, last_avail_idx, entries ahead), or None when there is
+        nothing to take here (broken, unmapped, no cached region, no budget,
+        fewer than MIN_RUN entries ahead, or a jump or a step back of the
+        avail index: pop() refuses that)."""
         avail_h = self._avail_h
         rc = self._rcache
         if self.broken is not None or avail_h is None or rc is None or budget.left <= 0:
-            return 0
-        num = self.num
+            return None
         last = self.last_avail_idx
         ahead = (avail_h[1] - last) & 0xFFFF
-        if ahead < min_run or ahead > num or not ahead:
-            return 0                # too few, or a jump or a step back: pop() refuses it
-        checks = self.checks
+        if not min_run <= ahead <= self.num:
+            return None
         pins = self._pins
         if pins is None or pins[0] is not rc or pins[1] is not self._held or pins[2] is not self._desc:
             pins = self._pin(rc)
-        heads = pins[3].put_frames(checks, num, last, ahead, self.used_idx, rc[0], budget.left, blob, lens)
+        return pins[3], rc, last, ahead
+
+    def _put_done(self, last: int, heads: list, nbytes: int, budget: Budget) -> None:
+        """The ring's positions, budget, stats and held heads after a put of HEADS (NBYTES in all)."""
         n = len(heads)
-        if n:
-            self.last_avail_idx = (last + n) & 0xFFFF
-            self.used_idx = (self.used_idx + n) & 0xFFFF
-            budget.left -= n
-            self.stats["chains"] += n
-            self.stats["bytes"] += sum(lens[:n])
-            if checks:
-                self._walk_indirect = None
-                if self._marked_heads is not None:
-                    self._marked_heads.extend(heads)
-                self._unpublished.extend(heads)
-        return n
+        self.last_avail_idx = (last + n) & 0xFFFF
+        self.used_idx = (self.used_idx + n) & 0xFFFF
+        budget.left -= n
+        self.stats["chains"] += n
+        self.stats["bytes"] += nbytes
+        if self.checks:
+            self._walk_indirect = None
+            if self._marked_heads is not None:
+                self._marked_heads.extend(heads)
+            self._unpublished.extend(heads)
 
     def _pin(self, rc: tuple) -> tuple:
         """New pins for put_frame over the current views and region RC (the old ones released)."""
@@ -821,15 +817,22 @@ class SplitRing:
         self._used_h[1] = new
         self._published = (old, new)
         full_barrier()
-        flags = self._avail_h[0]
+        if self.checks:
+            flags = self._avail_h[0]
+            if self.event_idx:
+                if flags:
+                    self._flags_finding(flags, "0")
+            elif flags > VRING_AVAIL_F_NO_INTERRUPT:
+                self._flags_finding(flags, "0 or 1")
+        return self._wants_call(old, new)
+
+    def _wants_call(self, old: int, new: int) -> bool:
+        """Does the driver want an interrupt for used->idx moving OLD -> NEW
+        (§2.7.10: used_event with EVENT_IDX, else avail->flags), read now."""
         if self.event_idx:
-            if flags and self.checks:
-                self._flags_finding(flags, "0")
             used_event = self._avail_h[2 + self.num]
             return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-        if flags > VRING_AVAIL_F_NO_INTERRUPT and self.checks:
-            self._flags_finding(flags, "0 or 1")
-        return not flags & VRING_AVAIL_F_NO_INTERRUPT
+        return not self._avail_h[0] & VRING_AVAIL_F_NO_INTERRUPT
 
     def still_wants_call(self) -> bool:
         """publish() said the driver wants an interrupt; ask again now, as
@@ -843,10 +846,7 @@ class SplitRing:
         if new != self._used_h[1]:
             return True             # published again since: that publish() decided
         full_barrier()
-        if self.event_idx:
-            used_event = self._avail_h[2 + self.num]
-            return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-        return not self._avail_h[0] & VRING_AVAIL_F_NO_INTERRUPT
+        return self._wants_call(old, new)
 
     def _release_published(self) -> None:
         held = self._held
