@@ -20,8 +20,6 @@ driver writing into its own mapping of them, as in test_take_readable.py):
 """
 from __future__ import annotations
 
-import mmap
-import os
 import struct
 
 import pytest
@@ -33,24 +31,18 @@ from stack import Frame
 from stack.native import fallback
 from vhostnet.net import device
 from vhostnet.net.device import RX_FRAME_MAX, NetDevice
-from vhostnet.testing.frontend import UVA_BASE
 from vhostnet.virtio import features as F
 from vhostnet.virtio.ring import Budget
 from vhostnet.virtio.split import SplitRing
-from vhostnet.vhostuser.memory import GuestMemory
 
 from .conftest import make_server
+from .ring_rig import AVAIL_OFF, BUF_OFF, DESC_OFF, GPA, GPA2, INDIRECT_OFF, USED_OFF, TwoRegions
 from .test_datapath import ping
 from .test_take_writable import GPA as _TW_GPA, SplitRig
 
 assert _TW_GPA == 0x10000       # SplitRig's guest memory: the same layout as the rigs here
 
-GPA = 0x10000
 SIZE = 1 << 21
-DESC_OFF, AVAIL_OFF, USED_OFF, BUF_OFF = 0x0, 0x1000, 0x2000, 0x10000
-INDIRECT_OFF = 0x8000            # indirect tables, 256 bytes apart
-GPA2, SIZE2 = 0x400000, 1 << 16  # a second guest region: not the cached one
-UVA2 = UVA_BASE + (1 << 24)
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 HDR = 12                         # the virtio-net header with MRG_RXBUF (§5.1.6)
 DESC = struct.Struct("<QIHH")
@@ -387,7 +379,7 @@ def make_frame(kind: str, i: int) -> Frame:
     raise ValueError(kind)
 
 
-class RxRig:
+class RxRig(TwoRegions):
     """A NetDevice and its RX split ring in a memfd, the driver writing the ring itself.
 
     The TX ring is never started. Frames for the guest are put straight
@@ -395,27 +387,10 @@ class RxRig:
 
     def __init__(self, num: int, *, batch: bool, checks: bool = True, strict: bool = False, base: int = 0,
                  features: int = RX_FEATURES, event_idx: bool = False):
-        self.fd = os.memfd_create("rx-batch")
-        os.ftruncate(self.fd, SIZE)
-        self.fd2 = os.memfd_create("rx-batch-2")
-        os.ftruncate(self.fd2, SIZE2)
-        self.mem = GuestMemory()
-        self.mem.add(self.fd, GPA, SIZE, UVA_BASE, 0)
-        self.mem.add(self.fd2, GPA2, SIZE2, UVA2, 0)
-        self.mm = mmap.mmap(self.fd, SIZE)
-        self.mm2 = mmap.mmap(self.fd2, SIZE2)
-        self.view = memoryview(self.mm)
-        self.view2 = memoryview(self.mm2)
-        self.num = num
         q = self.rx = CountingSplitRing(0, "rx", checks=checks, strict=strict)
-        q.num = num
+        super().__init__("rx-batch", SIZE, q, num, base)
         q.event_idx = event_idx
-        q.desc_uva, q.avail_uva, q.used_uva = UVA_BASE + DESC_OFF, UVA_BASE + AVAIL_OFF, UVA_BASE + USED_OFF
-        q.attach(self.mem)
-        q.set_base(base)
-        struct.pack_into("<H", self.view, AVAIL_OFF + 2, base)
-        struct.pack_into("<H", self.view, USED_OFF + 2, base)
-        q.started = q.enabled = True
+        self.start(base)
         self.tx = SplitRing(1, "tx")
         self.dev = NetDevice(rx_batch=batch)
         self.dev.set_features(features)
@@ -439,16 +414,6 @@ class RxRig:
         for h in heads:
             self.desc(h, self.buf(h), length)
         self.offer(*heads)
-
-    def offer(self, *heads: int) -> None:
-        for h in heads:
-            idx = struct.unpack_from("<H", self.view, AVAIL_OFF + 2)[0]
-            struct.pack_into("<H", self.view, AVAIL_OFF + 4 + 2 * (idx % self.num), h)
-            struct.pack_into("<H", self.view, AVAIL_OFF + 2, (idx + 1) & 0xFFFF)
-
-    def jump(self, by: int) -> None:
-        idx = struct.unpack_from("<H", self.view, AVAIL_OFF + 2)[0]
-        struct.pack_into("<H", self.view, AVAIL_OFF + 2, (idx + by) & 0xFFFF)
 
     def bad(self, kind: str, h: int) -> int:
         """Descriptor H made KIND of buffer (not offered); the head to offer."""
@@ -526,15 +491,6 @@ class RxRig:
             "rx_waits": self.dev.rx_waits, "stalled": dict(self.dev._rx_stalled), "rx_more": self.dev._rx_more,
         }
 
-    def close(self) -> None:
-        self.rx.detach()
-        self.view.release()
-        self.view2.release()
-        self.mm.close()
-        self.mm2.close()
-        self.mem.close()
-        os.close(self.fd)
-        os.close(self.fd2)
 
 
 @pytest.fixture(params=[1, device.RX_RUN_MIN], ids=["run_min_1", "run_min_default"])

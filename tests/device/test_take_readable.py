@@ -19,8 +19,6 @@ mapping of them, as in test_take_writable.py):
 """
 from __future__ import annotations
 
-import mmap
-import os
 import struct
 
 import pytest
@@ -31,22 +29,16 @@ from stack.native import fallback
 from vhostnet.net import device
 from vhostnet.net.device import NetDevice
 from vhostnet.net.header import MAX_FRAME
-from vhostnet.testing.frontend import UVA_BASE
 from vhostnet.virtio import features as F
 from vhostnet.virtio.ring import Budget
 from vhostnet.virtio import split
 from vhostnet.virtio.split import SplitRing
-from vhostnet.vhostuser.memory import GuestMemory
 
+from .ring_rig import AVAIL_OFF, BUF_OFF, DESC_OFF, GPA, GPA2, INDIRECT_OFF, USED_OFF, TwoRegions
 from .test_datapath import ping
 from .test_take_writable import SplitRig
 
-GPA = 0x10000
 SIZE = 1 << 20
-DESC_OFF, AVAIL_OFF, USED_OFF, BUF_OFF = 0x0, 0x1000, 0x2000, 0x10000
-INDIRECT_OFF = 0x8000           # indirect tables, 256 bytes apart
-GPA2, SIZE2 = 0x400000, 1 << 16  # a second guest region: not the cached one
-UVA2 = UVA_BASE + (1 << 24)
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 HDR = 12                        # the virtio-net header with VERSION_1 (§5.1.6)
 DESC = struct.Struct("<QIHH")
@@ -315,7 +307,7 @@ class CountingSplitRing(SplitRing):
         return got
 
 
-class TxRig:
+class TxRig(TwoRegions):
     """A NetDevice and its TX split ring in a memfd, the driver writing the ring itself.
 
     The RX ring is never started: the stack's replies wait in rx_pending,
@@ -323,26 +315,9 @@ class TxRig:
 
     def __init__(self, num: int, *, batch: bool, checks: bool = True, strict: bool = False, base: int = 0,
                  tap_fails_on: bytes | None = None):
-        self.fd = os.memfd_create("tx-batch")
-        os.ftruncate(self.fd, SIZE)
-        self.fd2 = os.memfd_create("tx-batch-2")
-        os.ftruncate(self.fd2, SIZE2)
-        self.mem = GuestMemory()
-        self.mem.add(self.fd, GPA, SIZE, UVA_BASE, 0)
-        self.mem.add(self.fd2, GPA2, SIZE2, UVA2, 0)
-        self.mm = mmap.mmap(self.fd, SIZE)
-        self.mm2 = mmap.mmap(self.fd2, SIZE2)
-        self.view = memoryview(self.mm)
-        self.view2 = memoryview(self.mm2)
-        self.num = num
         q = self.tx = CountingSplitRing(1, "tx", checks=checks, strict=strict)
-        q.num = num
-        q.desc_uva, q.avail_uva, q.used_uva = UVA_BASE + DESC_OFF, UVA_BASE + AVAIL_OFF, UVA_BASE + USED_OFF
-        q.attach(self.mem)
-        q.set_base(base)
-        struct.pack_into("<H", self.view, AVAIL_OFF + 2, base)
-        struct.pack_into("<H", self.view, USED_OFF + 2, base)
-        q.started = q.enabled = True
+        super().__init__("tx-batch", SIZE, q, num, base)
+        self.start(base)
         self.rx = SplitRing(0, "rx")
         self.dev = NetDevice(tx_batch=batch)
         self.dev.set_features(1 << F.VERSION_1 | 1 << F.CSUM | 1 << F.HOST_TSO4)
@@ -375,16 +350,6 @@ class TxRig:
             self.view[addr - GPA:addr - GPA + len(blob)] = blob
         self.desc(i, addr, len(blob))
 
-    def offer(self, *heads: int) -> None:
-        for h in heads:
-            idx = struct.unpack_from("<H", self.view, AVAIL_OFF + 2)[0]
-            struct.pack_into("<H", self.view, AVAIL_OFF + 4 + 2 * (idx % self.num), h)
-            struct.pack_into("<H", self.view, AVAIL_OFF + 2, (idx + 1) & 0xFFFF)
-
-    def jump(self, by: int) -> None:
-        idx = struct.unpack_from("<H", self.view, AVAIL_OFF + 2)[0]
-        struct.pack_into("<H", self.view, AVAIL_OFF + 2, (idx + by) & 0xFFFF)
-
     # -- the device -------------------------------------------------------------
 
     def drain(self, budget=None, rounds: int = 12) -> list:
@@ -410,15 +375,6 @@ class TxRig:
             "replies": [bytes(f.data) for f in self.dev.rx_pending],
         }
 
-    def close(self) -> None:
-        self.tx.detach()
-        self.view.release()
-        self.view2.release()
-        self.mm.close()
-        self.mm2.close()
-        self.mem.close()
-        os.close(self.fd)
-        os.close(self.fd2)
 
 
 @pytest.fixture(params=[1, device.TX_RUN_MIN], ids=["run_min_1", "run_min_default"])
