@@ -31,6 +31,7 @@ from vhostnet import __version__
 from vhostnet.link import cli as link_cli
 from vhostnet.observe import check as check_cli
 from vhostnet.virtio import features
+from vhostnet.vhostuser import kick_hook
 from vhostnet.vhostuser.idle_poll import DEFAULT_IDLE_POLL, MAX_IDLE_POLL
 
 EXIT_NO_QEMU = 3
@@ -309,6 +310,11 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
                         "sleeping, while the guest kicks again within that time (request/response "
                         "traffic); 0 always sleeps. Costs CPU only while it catches kicks "
                         f"(0..{round(MAX_IDLE_POLL * 1e6)}; default %(default)s)")
+    p.add_argument("--no-kick-hook", action="store_true",
+                   help="wake for every kick through trio's scheduler, not from the kick hook "
+                        "where trio would sleep (vhostnet/vhostuser/kick_hook.py; on by default: "
+                        "it answers a kick sooner, most of all after an idle spell); "
+                        "to measure the hook, or if it misbehaves")
     link_cli.add_fault_option(p)
     check_cli.add_strict_option(p)
     _add_net_options(p)
@@ -482,8 +488,6 @@ def cmd_serve(args) -> int:
     import functools
     import logging
 
-    import trio
-
     from vhostnet.launch import serve
     from vhostnet.launch.serve import serve_backend
     from vhostnet.logging_setup import setup
@@ -519,7 +523,8 @@ def cmd_serve(args) -> int:
         print(f"vhostnet: writing every frame to {args.pcap}", file=sys.stderr)
     sys.stderr.flush()
     try:
-        trio.run(functools.partial(serve_backend, server, control, tap, handle_signals=True))
+        kick_hook.run(functools.partial(serve_backend, server, control, tap, handle_signals=True),
+                      kick_hook=not args.no_kick_hook)
     except KeyboardInterrupt:
         logging.getLogger("vhostnet").info("interrupted; exiting")
     finally:
@@ -532,8 +537,6 @@ def cmd_run(args) -> int:
     import logging
     import shlex
     import shutil
-
-    import trio
 
     from vhostnet.launch import qemu, serve
     from vhostnet.launch import run as launch
@@ -607,8 +610,9 @@ def cmd_run(args) -> int:
         logging.getLogger("vhostnet.launch").info("qemu: %s", shlex.join(argv))
         try:
             with launch.raw_terminal(args.shell and sys.stdin.isatty()):
-                return trio.run(functools.partial(launch.run_guest, server, control, argv, pcap_tap=tap,
-                                                  forward_stdin=sys.stdin.isatty()))
+                return kick_hook.run(functools.partial(launch.run_guest, server, control, argv, pcap_tap=tap,
+                                                       forward_stdin=sys.stdin.isatty()),
+                                     kick_hook=not args.no_kick_hook)
         finally:
             serve.close_listeners(server, control)
     finally:
@@ -667,7 +671,7 @@ def _backend_argv(args, sock: str, start: int) -> list[str]:
     for spec in getattr(args, "forward", []):
         argv += ["--forward", spec]
     for flag, on in (("--restrict", "restrict"), ("--no-services", "no_services"),
-                     ("--no-map-host-loopback", "no_map_host_loopback")):
+                     ("--no-map-host-loopback", "no_map_host_loopback"), ("--no-kick-hook", "no_kick_hook")):
         if getattr(args, on, False):
             argv.append(flag)
     for flag, name in (("--max-nat-tcp", "max_nat_tcp"), ("--max-nat-udp", "max_nat_udp")):

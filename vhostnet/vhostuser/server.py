@@ -46,6 +46,7 @@ from vhostnet.vhostuser.channel import FramingError, close_all, read_message
 from vhostnet.vhostuser import protocol as P
 from vhostnet.vhostuser.protocol import request_name
 from vhostnet.vhostuser.idle_poll import DEFAULT_IDLE_POLL, IdlePoll
+from vhostnet.vhostuser.kick_hook import current_kick_clock
 from vhostnet.vhostuser.safety_poll import SafetyPoll, safety_poll_for
 from vhostnet.ratelimit import RateLimitedLog
 from vhostnet.sockets import SocketInUse, bind_unix
@@ -136,6 +137,9 @@ class Connection:
         self._kick_scopes: dict[int, trio.CancelScope] = {}
         self._polls: dict[int, SafetyPoll] = {}
         self._idle: dict[int, IdlePoll] = {}
+        # The kick hook (kick_hook.py) when trio runs with its clock, else None.
+        self._hook = current_kick_clock()
+        self._hook_draining: set[int] = set()   # rings whose hook-started drain has a task now
         # The timer task sleeps in this scope until its deadline: the stack's next deadline.
         self._timer_scope = trio.CancelScope()
         self.messages = 0
@@ -147,6 +151,8 @@ class Connection:
         doc = self.steps.describe()
         if self.server.idle_poll > 0:
             doc["idle_poll"] = {self.backend.queues[i].name: p.describe() for i, p in sorted(self._idle.items())}
+        if self._hook is not None:
+            doc["kick_hook"] = self._hook.describe()
         return doc
 
     # -- queues ----------------------------------------------------------
@@ -172,7 +178,7 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 if self.server.safety_poll:
                     nursery.start_soon(self._run_poll, q, poll)
-                await self._kick_loop(q, fd, poll)
+                await self._kick_loop(q, fd, poll, nursery)
                 nursery.cancel_scope.cancel()
 
     def _queue_stop(self, q) -> None:
@@ -186,6 +192,8 @@ class Connection:
         if scope is not None:
             scope.cancel()
         if q.kick_fd is not None:
+            if self._hook is not None:
+                self._hook.unwatch(q.kick_fd)
             # Wake any task waiting on the fd before the backend closes it.
             trio.lowlevel.notify_closing(q.kick_fd)
 
@@ -230,12 +238,79 @@ class Connection:
         while self._work(q):
             await trio.sleep(0)
 
-    async def _kick_loop(self, q, fd: int, poll: SafetyPoll) -> None:
+    def _kicked(self, q, fd: int, poll: SafetyPoll) -> bool | None:
+        """A kick's work once its eventfd is readable: read it, count it, one
+        drain step. True: more work waits (drain again after a checkpoint);
+        False: done (or a spurious wake-up); None: FD is not an eventfd, stop
+        waiting on it. Sync: the kick task runs it after trio's wait, and the
+        kick hook (kick_hook.py) from where trio would sleep."""
+        try:
+            got = os.read(fd, 8)
+        except BlockingIOError:
+            return False
+        if len(got) != 8:
+            # Not an eventfd after all (the backend checks, this is the last line):
+            # readable for ever, so stop waiting rather than spin.
+            self.server.rlog.warning("kick_eof", "%s: kick fd gave %d bytes, not an eventfd "
+                                     "counter; no longer waiting on it", q.name, len(got))
+            return None
+        q.stats["kicks"] += 1
+        if not poll.failed:
+            try:
+                poll.kicked()
+            except Exception as e:
+                self._poll_failed(q, poll, e)
+        self._wake_polls()
+        if not q.ready:
+            return False
+        poll.busy += 1
+        try:
+            return self._work(q)
+        finally:
+            poll.busy -= 1
+
+    async def _drain_more(self, q, poll: SafetyPoll) -> None:
+        """After a step that left work: the rest, a checkpoint between steps."""
+        poll.busy += 1
+        try:
+            await trio.sleep(0)
+            await self._drain(q)
+        finally:
+            poll.busy -= 1
+
+    def _hook_kick(self, q, fd: int, poll: SafetyPoll, nursery: trio.Nursery) -> None:
+        """The kick hook's handler for ring Q: the kick's first step here, the rest in a task."""
+        res = self._kicked(q, fd, poll)
+        if res is None:
+            self._hook.unwatch(fd)        # the kick task stops on the same answer
+        elif res and q.index not in self._hook_draining:
+            self._hook_draining.add(q.index)
+            nursery.start_soon(self._hook_drain, q, poll)
+
+    async def _hook_drain(self, q, poll: SafetyPoll) -> None:
+        try:
+            await self._drain_more(q, poll)
+        finally:
+            self._hook_draining.discard(q.index)
+
+    def _hook_failed(self, q, e: BaseException) -> None:
+        # A bug: _kicked and _work catch what a driver can cause. The ring
+        # goes on through trio's wait; the process and connection stay.
+        self.backend.errors["kick_hook_error"] = self.backend.errors.get("kick_hook_error", 0) + 1
+        self.server.rlog.log(logging.ERROR, "kick_hook_error", "%s: internal error in the kick hook, "
+                             "which stops for this ring: %s", q.name, one_line_traceback(e))
+
+    async def _kick_loop(self, q, fd: int, poll: SafetyPoll, nursery: trio.Nursery) -> None:
+        hook = self._hook
+        token = None
         try:
             await self._drain(q)  # chains posted before the kick fd arrived
             idle = self._idle[q.index] = IdlePoll(fd, self.server.idle_poll,
                                                   getattr(self.device, "idle_watch_fds", tuple))
             looking = idle.window > 0        # off (the default): the plain wait, nothing timed
+            if hook is not None and not looking:
+                token = hook.watch(fd, lambda: self._hook_kick(q, fd, poll, nursery),
+                           lambda e: self._hook_failed(q, e))
             while True:
                 if not looking:
                     await trio.lowlevel.wait_readable(fd)
@@ -246,32 +321,17 @@ class Connection:
                     slept = time.perf_counter()
                     await trio.lowlevel.wait_readable(fd)
                     idle.slept(time.perf_counter() - slept)
-                try:
-                    got = os.read(fd, 8)
-                except BlockingIOError:
-                    continue
-                if len(got) != 8:
-                    # Not an eventfd after all (the backend checks, this is the last line):
-                    # readable for ever, so stop waiting rather than spin.
-                    self.server.rlog.warning("kick_eof", "%s: kick fd gave %d bytes, not an eventfd "
-                                             "counter; no longer waiting on it", q.name, len(got))
+                res = self._kicked(q, fd, poll)
+                if res is None:
                     return
-                q.stats["kicks"] += 1
-                if not poll.failed:
-                    try:
-                        poll.kicked()
-                    except Exception as e:
-                        self._poll_failed(q, poll, e)
-                self._wake_polls()
-                if q.ready:
-                    poll.busy += 1
-                    try:
-                        await self._drain(q)
-                    finally:
-                        poll.busy -= 1
+                if res:
+                    await self._drain_more(q, poll)
         except (trio.ClosedResourceError, OSError) as e:
             if getattr(e, "errno", None) not in (None, errno.EBADF):
                 log.warning("%s: kick fd error: %s", q.name, e)
+        finally:
+            if token is not None:
+                hook.unwatch(fd, token)
 
     async def _poll_loop(self, q, scope: trio.CancelScope) -> None:
         with scope:

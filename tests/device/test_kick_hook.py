@@ -1,0 +1,216 @@
+"""The kick hook (vhostnet/vhostuser/kick_hook.py): kicks handled where trio would sleep.
+
+Real eventfds and socketpairs. A clock fixture makes pytest-trio run the
+test under KickClock (pytest-trio takes a Clock a fixture returns). Writers
+in other threads are waited for on trio Events the handlers set, never on
+a sleep.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+import trio
+
+from vhostnet.vhostuser import kick_hook as K
+from vhostnet.vhostuser.kick_hook import KickClock
+
+from .conftest import make_server
+from .test_datapath import ping
+
+
+@pytest.fixture
+def kick_clock():
+    return KickClock()
+
+
+@pytest.fixture
+def efd():
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    yield fd
+    os.close(fd)
+
+
+def later(fn) -> threading.Thread:
+    """FN in another thread, so that it lands while trio sleeps (or just before)."""
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    return t
+
+
+async def test_a_kick_runs_its_handler_from_the_hook(kick_clock, efd):
+    got = trio.Event()
+
+    def handler():
+        assert os.eventfd_read(efd) == 1
+        got.set()
+    assert kick_clock.watch(efd, handler, pytest.fail) is not None
+    later(lambda: os.eventfd_write(efd, 1)).join()
+    with trio.fail_after(10):
+        await got.wait()      # no task waits on EFD: only the hook can have read it
+    assert kick_clock.kicks == 1 and kick_clock.errors == 0
+    assert K.current_kick_clock() is kick_clock
+    assert kick_clock.describe() == {"available": True, "watching": 1, "kicks": 1,
+                                     "waits": kick_clock.waits, "errors": 0}
+
+
+async def test_other_io_ends_the_hooks_wait(kick_clock, efd):
+    """While the hook waits on a kick fd that stays quiet, a socket a task
+    waits on through trio becomes readable: the task runs."""
+    kick_clock.watch(efd, pytest.fail, pytest.fail)
+    a, b = socket.socketpair()
+    with a, b:
+        a.setblocking(False)
+        later(lambda: b.send(b"x"))
+        with trio.fail_after(10):
+            await trio.lowlevel.wait_readable(a)
+        assert a.recv(1) == b"x"
+    assert kick_clock.waits >= 1
+
+
+async def test_a_deadline_ends_the_hooks_wait(kick_clock, efd):
+    kick_clock.watch(efd, pytest.fail, pytest.fail)
+    t0 = time.perf_counter()
+    with trio.fail_after(10):
+        await trio.sleep(0.02)
+    assert time.perf_counter() - t0 >= 0.02
+    assert kick_clock.waits >= 1
+
+
+async def test_a_handler_that_wakes_a_task_ends_the_wait(kick_clock, efd):
+    """The handler sets an Event: the task it wakes runs before the hook
+    waits again (the count of waits has not moved), kick after kick."""
+    woke = trio.Event()
+    waits_at_handler = []
+
+    def handler():
+        os.eventfd_read(efd)
+        waits_at_handler.append(kick_clock.waits)
+        woke.set()
+    kick_clock.watch(efd, handler, pytest.fail)
+    for n in (1, 2, 3):
+        woke = trio.Event()
+        later(lambda: os.eventfd_write(efd, 1))
+        with trio.fail_after(10):
+            await woke.wait()
+        assert len(waits_at_handler) == n
+        assert kick_clock.waits == waits_at_handler[-1]
+
+
+async def test_a_handler_that_raises_is_unwatched_and_reported(kick_clock, efd):
+    reported = []
+    done = trio.Event()
+
+    def handler():
+        os.eventfd_read(efd)
+        raise RuntimeError("a bug")
+
+    def on_error(e):
+        reported.append(e)
+        done.set()
+    kick_clock.watch(efd, handler, on_error)
+    later(lambda: os.eventfd_write(efd, 1))
+    with trio.fail_after(10):
+        await done.wait()
+    assert [str(e) for e in reported] == ["a bug"]
+    assert kick_clock.errors == 1 and not kick_clock.watching(efd)
+    # trio's run goes on, and the fd can still be waited on the ordinary way.
+    os.eventfd_write(efd, 1)
+    with trio.fail_after(10):
+        await trio.lowlevel.wait_readable(efd)
+    assert os.eventfd_read(efd) == 1
+
+
+async def test_a_stale_token_does_not_unwatch_the_fds_next_owner(kick_clock, efd):
+    old = kick_clock.watch(efd, pytest.fail, pytest.fail)
+    new = kick_clock.watch(efd, lambda: None, pytest.fail)
+    kick_clock.unwatch(efd, old)
+    assert kick_clock.watching(efd)
+    kick_clock.unwatch(efd, new)
+    assert not kick_clock.watching(efd)
+
+
+async def test_off_or_without_trios_internals_nothing_is_watched(efd, monkeypatch):
+    off = KickClock(enabled=False)
+    assert off.watch(efd, pytest.fail, pytest.fail) is None
+    monkeypatch.setattr(K, "_runner", lambda: None)
+    c = KickClock()
+    assert c.watch(efd, pytest.fail, pytest.fail) is None
+    assert c.describe()["available"] is False
+
+
+def kick_in_the_hook(clock: KickClock, kick) -> threading.Thread:
+    """KICK from another thread once the hook is in its wait (its count of
+    waits moved: nothing else runs in trio's thread until the wait ends)."""
+    w0 = clock.waits
+
+    def run():
+        while clock.waits == w0:
+            time.sleep(1e-4)
+        kick()
+    return later(run)
+
+
+# -- the server with the hook: the in-process frontend kicks from this thread,
+# so every kick is there when the hook next waits.
+
+async def served(tmp_path, nursery):
+    srv = make_server(tmp_path / "vhost.sock")
+    nursery.start_soon(srv.serve)
+    await srv.ready.wait()
+    from vhostnet.testing.frontend import Frontend
+    fe = Frontend()
+    await fe.connect(srv.socket_path)
+    await fe.handshake()
+    fe.post_rx()
+    fe.rx.kick()
+    return srv, fe
+
+
+async def test_pings_are_answered_from_the_hook(kick_clock, tmp_path, nursery):
+    srv, fe = await served(tmp_path, nursery)
+    done = await fe.flood(ping(), time.perf_counter() + 0.3, window=1)
+    doc = srv.current.describe_loop()["kick_hook"]
+    await fe.shutdown(srv)
+    assert done > 10
+    assert doc["available"] and doc["watching"] >= 2
+    # Most kicks come through the hook; the rest through trio's wait (when a
+    # task was runnable as the kick landed). Both are the device's kicks.
+    assert doc["kicks"] >= done // 2
+    assert doc["errors"] == 0
+
+
+async def test_a_step_that_leaves_work_hands_the_rest_to_a_task(kick_clock, tmp_path, nursery):
+    """More bytes than one step takes (TX_STEP_BYTES), posted with one kick:
+    the hook's step takes the first part, a task the rest; every frame answered."""
+    from vhostnet.net.device import TX_STEP_BYTES
+    srv, fe = await served(tmp_path, nursery)
+    payload = b"y" * 1400
+    n = 2 * TX_STEP_BYTES // len(payload) + 10
+    fe.post_rx(n + 8)
+    ring_kick = fe.tx.kick
+    fe.tx.kick = lambda: kick_in_the_hook(kick_clock, ring_kick)
+    got = await fe.exchange([ping(payload, seq=i) for i in range(n)], want=n)
+    tx = srv.current.backend.queues[1]
+    kicks, steps = tx.stats["kicks"], srv.current.describe_loop()["steps"]
+    await fe.shutdown(srv)
+    assert len(got) == n
+    assert kicks == 1 and kick_clock.kicks >= 1      # one kick, taken by the hook ...
+    assert steps >= 3                                # ... and more than one step on it
+
+
+async def test_no_kick_hook_is_the_plain_wait(tmp_path, nursery):
+    """Under trio's own clock (pytest-trio's default here) no hook: no stats for it."""
+    srv, fe = await served(tmp_path, nursery)
+    assert await fe.flood(ping(), time.perf_counter() + 0.05, window=1) > 0
+    assert "kick_hook" not in srv.current.describe_loop()
+    await fe.shutdown(srv)
+
+
+def test_the_option_turns_the_hook_off():
+    from vhostnet.launch.cli import build_parser
+    assert build_parser().parse_args(["serve", "--no-kick-hook"]).no_kick_hook
+    assert not build_parser().parse_args(["serve"]).no_kick_hook
