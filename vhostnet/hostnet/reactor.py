@@ -10,7 +10,8 @@ owner keeps its own "ready" flags and reads or writes until EAGAIN), and a
 single task waits on the epoll fd itself (trio polls it like any other fd)
 and calls each socket's handler.
 
-Fairness: one pass handles at most MAX_EVENTS sockets and then waits again,
+Fairness: one pass (run_pass: from this task, or from the kick hook where
+trio would sleep) handles at most MAX_EVENTS sockets and then waits again,
 a checkpoint, so host sockets cannot starve the vhost-user message loop;
 handlers are bounded by their own budgets (tcp_relay: the guest's window).
 """
@@ -21,6 +22,8 @@ import select
 from typing import Callable
 
 import trio
+
+from vhostnet.vhostuser.kick_hook import current_kick_clock
 
 __all__ = ["Reactor", "EDGE", "MAX_EVENTS"]
 
@@ -68,15 +71,28 @@ class Reactor:
         self._ep.close()
 
     async def run(self) -> None:
-        ep, handlers = self._ep, self._handlers
-        fd = ep.fileno()
-        while True:
-            await trio.lowlevel.wait_readable(fd)
-            for sock_fd, events in ep.poll(0, MAX_EVENTS):
-                h = handlers.get(sock_fd)
-                if h is None:
-                    continue
-                try:
-                    h(events)
-                except Exception as e:      # a relay bug must not end the other relays
-                    self._on_error(e)
+        fd = self._ep.fileno()
+        # The kick hook (vhostnet/vhostuser/kick_hook.py) runs a pass from
+        # where trio would sleep, without a scheduler pass of its own; this
+        # task's wait takes the events whenever trio is busy.
+        hook = current_kick_clock()
+        token = None if hook is None else hook.watch(fd, self.run_pass, self._on_error)
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                self.run_pass()
+        finally:
+            if token is not None:
+                hook.unwatch(fd, token)
+
+    def run_pass(self) -> None:
+        """The ready sockets' handlers, at most MAX_EVENTS of them."""
+        handlers = self._handlers
+        for sock_fd, events in self._ep.poll(0, MAX_EVENTS):
+            h = handlers.get(sock_fd)
+            if h is None:
+                continue
+            try:
+                h(events)
+            except Exception as e:      # a relay bug must not end the other relays
+                self._on_error(e)

@@ -77,7 +77,7 @@ class KickClock(trio.abc.Clock):
         self._runner = None
         self._trio_fd = -1
         self.available: bool | None = None    # None: not looked up yet
-        self.kicks = 0                        # handlers run from the hook
+        self.runs = 0                         # handlers run from the hook (kicks, reactor passes)
         self.waits = 0                        # times the hook slept in its epoll
         self.errors = 0
 
@@ -108,7 +108,7 @@ class KickClock(trio.abc.Clock):
                 h = handlers.get(fd)
                 if h is None:
                     continue
-                self.kicks += 1
+                self.runs += 1
                 try:
                     h[0]()
                 except Exception as e:      # never into trio's scheduler
@@ -162,7 +162,7 @@ class KickClock(trio.abc.Clock):
 
     def describe(self) -> dict:
         return {"available": bool(self.available) and self.enabled, "watching": len(self._handlers),
-                "kicks": self.kicks, "waits": self.waits, "errors": self.errors}
+                "runs": self.runs, "waits": self.waits, "errors": self.errors}
 
     def _setup(self) -> bool:
         if self.available is None:
