@@ -5,6 +5,8 @@
     python3 scripts/bench_latency.py --base /work/main     # this tree vs another, interleaved
     python3 scripts/bench_latency.py --strace --tests udp  # syscalls per round trip
     python3 scripts/bench_latency.py --pyspy u.txt --tests udp  # py-spy of the backend
+    python3 scripts/bench_latency.py --base-args=--no-kick-hook --gap 0.2 --tests ping
+                                     # this tree with and without the kick hook, ops 0.2 s apart
 
 No guest CPU in the way (bench_qemu.py is the real race): `vhostnet serve
 --no-services --once` runs as its own process; this process plays QEMU and
@@ -22,11 +24,16 @@ scripts/hostsrv.c on 127.0.0.1, as for bench_qemu.py.
 
 Columns: ops/s; the backend's CPU per op (utime+stime from /proc, µs); how
 often the backend slept per op (voluntary context switches: each is a
-wake-up to pay, and on a loaded machine a wait for a core); with
+wake-up to pay, and on a loaded machine a wait for a core); the median
+time of one op as this process sees it (with --gap, ops GAP seconds apart:
+each then starts from an idle backend, caches cold, as a ping at 5 a second
+does; the rate is then mostly the gap); with
 --strace, the backend's syscalls per op (strace -c -f, which slows the
 backend: look at the counts, not the rate). With --base DIR, every test
 runs on DIR's vhostnet too, alternating (base, this, base, this...) --repeat
-times, and the table gives medians and the ratio this/base. Prints tables;
+times, and the table gives medians and the ratio this/base. --base-args
+gives the base's `vhostnet serve` extra arguments (the base is this tree
+unless --base says otherwise): an option's cost or gain, side by side. Prints tables;
 not a test.
 """
 from __future__ import annotations
@@ -167,19 +174,20 @@ async def one_test(sock: str, test: str, echo_port: int):
     return op, g, fe
 
 
-def run_backend(tree: Path, sock: str, log: Path) -> subprocess.Popen:
+def run_backend(tree: Path, sock: str, log: Path, extra: tuple = ()) -> subprocess.Popen:
     argv = [sys.executable, "-m", "vhostnet", "serve", "--socket", sock, "--once",
-            "--no-services", "--log-level", "warning"]
+            "--no-services", "--log-level", "warning", *extra]
     return start(argv, log, cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree)))
 
 
 def measure(tree: Path, test: str, seconds: float, echo_port: int, tmp: Path, *,
-            strace: bool = False, pyspy: Path | None = None) -> dict:
+            strace: bool = False, pyspy: Path | None = None, extra: tuple = (),
+            gap: float = 0.0) -> dict:
     """One backend process, one test: warm up, then SECONDS of ops. STRACE / PYSPY
     attach to the backend for the measured window only (not start-up)."""
     sock = str(tmp / "lat.sock")
     st = tmp / "strace.txt" if strace else None
-    proc = run_backend(tree, sock, tmp / "backend.log")
+    proc = run_backend(tree, sock, tmp / "backend.log", extra)
     res: dict = {}
     try:
         try:
@@ -202,8 +210,13 @@ def measure(tree: Path, test: str, seconds: float, echo_port: int, tmp: Path, *,
                 await trio.sleep(1.0)           # attached
             c0, t0, z0 = cpu_seconds(pid), time.monotonic(), sleeps(pid)
             n = 0
+            lat = []
             while time.monotonic() - t0 < seconds:
+                if gap:
+                    await trio.sleep(gap)
+                s0 = time.perf_counter()
                 await op()
+                lat.append(time.perf_counter() - s0)
                 n += 1
             t1, c1, z1 = time.monotonic(), cpu_seconds(pid), sleeps(pid)
             for t in tools:
@@ -212,7 +225,7 @@ def measure(tree: Path, test: str, seconds: float, echo_port: int, tmp: Path, *,
             user, sys_ = c1[0] - c0[0], c1[1] - c0[1]
             res.update(ops=n, rate=n / (t1 - t0), cpu_us=1e6 * (user + sys_) / max(n, 1),
                        sys_us=1e6 * sys_ / max(n, 1), cpu_pct=100 * (user + sys_) / (t1 - t0),
-                       sleeps=(z1 - z0) / max(n, 1))
+                       sleeps=(z1 - z0) / max(n, 1), lat_us=1e6 * median(lat))
             await fe.close()
         trio.run(main)
     finally:
@@ -260,6 +273,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--base", type=Path, default=None, metavar="DIR",
                    help="another vhostnet tree to race against, interleaved")
+    p.add_argument("--base-args", default="", metavar="ARGS",
+                   help="extra `vhostnet serve` arguments for the base (space-separated; the base "
+                        "is this tree unless --base names another), e.g. --base-args=--no-kick-hook")
+    p.add_argument("--gap", type=float, default=0.0, metavar="SECONDS",
+                   help="idle time before each op (0..1; default 0: back to back)")
     p.add_argument("--strace", action="store_true", help="count the backend's syscalls per op")
     p.add_argument("--pyspy", type=Path, default=None, metavar="FILE",
                    help="py-spy (collapsed stacks) of the backend during the first test, into FILE")
@@ -268,20 +286,23 @@ def main(argv=None) -> int:
     for t in tests:
         if t not in TESTS:
             p.error(f"unknown test {t!r}")
-    if not 1 <= args.repeat <= 20 or not 0.5 <= args.seconds <= 60:
-        p.error("--repeat 1..20, --seconds 0.5..60")
+    if not 1 <= args.repeat <= 20 or not 0.5 <= args.seconds <= 60 or not 0 <= args.gap <= 1:
+        p.error("--repeat 1..20, --seconds 0.5..60, --gap 0..1")
     if args.base is not None and not (args.base / "vhostnet").is_dir():
         p.error(f"--base {args.base}: not a vhostnet tree")
-    trees = [("this", ROOT)] + ([("base", args.base.resolve())] if args.base else [])
+    base_extra = tuple(args.base_args.split())
+    trees = [("this", ROOT, ())]
+    if args.base is not None or base_extra:
+        trees.append(("base", (args.base or ROOT).resolve(), base_extra))
     tmp = Path(tempfile.mkdtemp(prefix="vhostnet-lat-"))
     hs, echo = start_hostsrv(tmp)
     results: dict = {}
     try:
         if args.pyspy or args.strace:
-            runs = [(name, tree, t) for t in tests for name, tree in trees]
-            for name, tree, t in runs[:1] if args.pyspy else runs:
+            runs = [(name, tree, extra, t) for t in tests for name, tree, extra in trees]
+            for name, tree, extra, t in runs[:1] if args.pyspy else runs:
                 r = measure(tree, t, args.seconds, echo, tmp, strace=args.strace,
-                            pyspy=args.pyspy)
+                            pyspy=args.pyspy, extra=extra, gap=args.gap)
                 print(f"{name} {t}: {r['rate']:.0f}/s, {r['cpu_us']:.0f} µs backend CPU per op "
                       f"({r['sys_us']:.0f} in the kernel), {r['sleeps']:.2f} sleeps per op")
                 if args.strace:
@@ -290,34 +311,37 @@ def main(argv=None) -> int:
             return 0
         for rep in range(args.repeat):
             for t in tests:
-                for name, tree in (trees if rep % 2 == 0 else trees[::-1]):
-                    r = measure(tree, t, args.seconds, echo, tmp)
+                for name, tree, extra in (trees if rep % 2 == 0 else trees[::-1]):
+                    r = measure(tree, t, args.seconds, echo, tmp, extra=extra, gap=args.gap)
                     results.setdefault((name, t), []).append(r)
                     print(f"bench: {name} {t}: {r['rate']:.0f}/s, {r['cpu_us']:.0f} µs/op "
-                          f"({r['sys_us']:.0f} kernel), {r['sleeps']:.2f} sleeps/op",
+                          f"({r['sys_us']:.0f} kernel), {r['sleeps']:.2f} sleeps/op, "
+                          f"{r['lat_us']:.0f} µs latency",
                           file=sys.stderr, flush=True)
     finally:
         hs.terminate()
         hs.wait()
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"# bench_latency: {time.strftime('%Y-%m-%d %H:%M')}, median of {args.repeat}, "
-          f"{args.seconds:g} s per test, load average {os.getloadavg()[0]:.2f}")
+          f"{args.seconds:g} s per test, gap {args.gap:g} s, load average {os.getloadavg()[0]:.2f}"
+          + (f"; base: {trees[1][1]} {' '.join(trees[1][2])}" if len(trees) > 1 else ""))
     head = f"{'test':6} " + "".join(f"{n + ' ops/s':>14}{n + ' µs/op':>14}{n + ' sleeps/op':>17}"
-                                    for n, _ in trees)
+                                    f"{n + ' latency µs':>18}" for n, _, _ in trees)
     if len(trees) > 1:
-        head += f"{'rate this/base':>16}{'cpu this/base':>15}"
+        head += f"{'rate this/base':>16}{'cpu this/base':>15}{'lat this/base':>15}"
     print(head)
     for t in tests:
         cells = []
         meds = {}
-        for n, _ in trees:
+        for n, _, _ in trees:
             rs = results[(n, t)]
             meds[n] = (median([r["rate"] for r in rs]), median([r["cpu_us"] for r in rs]),
-                       median([r["sleeps"] for r in rs]))
-            cells.append(f"{meds[n][0]:14,.0f}{meds[n][1]:14,.0f}{meds[n][2]:17.2f}")
+                       median([r["sleeps"] for r in rs]), median([r["lat_us"] for r in rs]))
+            cells.append(f"{meds[n][0]:14,.0f}{meds[n][1]:14,.0f}{meds[n][2]:17.2f}{meds[n][3]:18,.0f}")
         line = f"{t:6} " + "".join(cells)
         if len(trees) > 1:
-            line += f"{meds['this'][0] / meds['base'][0]:15.2f}x{meds['this'][1] / meds['base'][1]:14.2f}x"
+            line += (f"{meds['this'][0] / meds['base'][0]:15.2f}x{meds['this'][1] / meds['base'][1]:14.2f}x"
+                     f"{meds['this'][3] / meds['base'][3]:14.2f}x")
         print(line)
     return 0
 
