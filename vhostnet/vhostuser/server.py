@@ -310,7 +310,7 @@ class Connection:
             looking = idle.window > 0        # off (the default): the plain wait, nothing timed
             if hook is not None and not looking:
                 token = hook.watch(fd, lambda: self._hook_kick(q, fd, poll, nursery),
-                           lambda e: self._hook_failed(q, e))
+                                   lambda e: self._hook_failed(q, e))
             while True:
                 if not looking:
                     await trio.lowlevel.wait_readable(fd)
