@@ -174,7 +174,7 @@ class _Flow:
         self.last = now
         self.rx = 0                       # bytes (payload) from the guest
         self.tx = 0                       # bytes (payload) to the guest
-        self.host = ""                    # the host side, as the proxy describes it
+        self.host = ""                    # the host side, as the proxy describes it (or a callable that does)
         self.conn = None
         self.want_read = self.want_write = False   # an event is queued already
         self.eof_sent = False
@@ -508,8 +508,10 @@ class FlowTable:
         if f is not None and f.proto != PROTO_TCP:
             self._end(f, None)
 
-    def describe(self, fid: int, host: str) -> None:
-        """The proxy names the host side of a flow, for stats."""
+    def describe(self, fid: int, host) -> None:
+        """The proxy names the host side of a flow, for stats: a string, or a
+        callable returning one, called only when a snapshot is taken (so a
+        name that costs syscalls is paid for only when someone looks)."""
         f = self._flows.get(fid)
         if f is not None:
             f.host = host
@@ -552,9 +554,10 @@ class FlowTable:
                 state = "ACTIVE"
             g = f"{ip_text(f.guest_ip)}:{f.guest_port}"
             d = f"{ip_text(f.dst_ip)}:{f.dst_port}" if f.proto != 1 else ip_text(f.dst_ip)
+            host = f.host if type(f.host) is str else f.host()
             out.append({"id": f.fid, "proto": _PROTO_NAME[f.proto],
                         "direction": "in" if f.inbound else "out",
-                        "guest": g, "remote": d, "host": f.host, "state": state,
+                        "guest": g, "remote": d, "host": host, "state": state,
                         "bytes_from_guest": f.rx, "bytes_to_guest": f.tx,
                         "age_s": round(max(now - f.created, 0.0), 3),
                         "idle_s": round(max(now - f.last, 0.0), 3)})
