@@ -19,12 +19,17 @@ No task does this: the socket is registered once with the proxy's reactor
 (reactor.py, edge-triggered epoll), whose events and the stack's flow
 events (TcpReadable, TcpWritable, TcpEof) call the relay, which reads or
 writes until the socket would block or the far side has no room. Two flags
-remember readiness between edges. Latency (issue 12's profile): the host
+remember readiness between edges. EPOLLOUT joins the registration only
+once a send would block, and the socket leaves the epoll once both
+directions are closed: until then each would be an edge, and a reactor
+pass, for nothing. Latency (issue 12's profile): the host
 connect starts in the proxy's step that saw the SYN, and a loopback
 connect is complete when connect() returns, so the SYN-ACK goes to the
 guest in that same step; only a connect still in progress gets a task, to
 wait for it under the connect timeout. A host read goes into the stack and
 out to the guest in the reactor's step, with no scheduler pass between.
+The host's answer to the guest's bytes, and its FIN after the guest's
+(SHUT_WR), are looked for by HostProxy.spin before the step ends.
 
 EOF maps to FIN both ways (shutdown(SHUT_WR) on the host socket after the
 guest's FIN; close() in the stack after the host's EOF). A reset either way
@@ -67,6 +72,8 @@ class TcpRelay:
         self.pumping = False            # registered with the reactor: bytes move
         self.can_read = False           # readiness seen and not yet used up (edge-triggered)
         self.can_write = False
+        self.registered = False         # the socket is in the reactor's epoll
+        self.out_events = False         # ... with EPOLLOUT (only once a send would block)
         self.host_eof = False
         self.read_bytes = 0             # from the host socket, so far
         self.guest_eof = False
@@ -108,7 +115,8 @@ class TcpRelay:
         s = self.sock
         if s is None:
             return
-        if self.pumping:
+        if self.registered:
+            self.registered = False
             self.p.reactor.remove(s.fileno())
         try:
             trio.lowlevel.notify_closing(s)     # the connect task may be waiting on it
@@ -197,16 +205,37 @@ class TcpRelay:
         if self.fid not in self.p.relays:
             return                          # refused or ended meanwhile
         try:
-            self.p.reactor.add(self.sock.fileno(), self._on_socket)
+            self.p.reactor.add(self.sock.fileno(), self._on_socket, _EDGE_IN)
         except (OSError, ValueError) as e:  # ENOMEM/ENOSPC from epoll: give the flow up
             self._guarded_error(e)
             return
-        self.pumping = True
+        self.pumping = self.registered = True
         # Registration reports the current state as an edge, but whatever the
         # guest has already sent need not wait for it.
         self.can_read = self.can_write = True
         self._guarded(self._to_guest)
         self._guarded(self._to_host)
+
+    def _want_out(self) -> None:
+        """A send would block: from now on the socket's EPOLLOUT edges count.
+        Until then they are left out of the registration: a socket that
+        takes every send has room at every edge, and each ACK from the host
+        peer that frees room is an edge, a reactor pass for nothing (issue
+        12: two per NATed connection). Added, EPOLL_CTL_MOD reports the
+        socket at once if it has room again by then (epoll(7))."""
+        if not self.out_events and self.registered:
+            self.out_events = True
+            self.p.reactor.modify(self.sock.fileno(), _EDGE_IN | select.EPOLLOUT)
+
+    def _leave_reactor_if_done(self) -> None:
+        """Both directions ended (the host's EOF read, the guest's FIN passed
+        on with SHUT_WR): the socket has nothing more to say that the flow
+        needs, but it stays readable and hung up (EPOLLIN, EPOLLHUP), an
+        edge at each wake-up until the guest's last ACK ends the flow. Out
+        of the epoll now, not at close()."""
+        if self.host_eof and self.shut and self.registered:
+            self.registered = False
+            self.p.reactor.remove(self.sock.fileno())
 
     def _on_socket(self, events: int) -> None:
         if events & _READ_EVENTS:
@@ -263,6 +292,7 @@ class TcpRelay:
                 self.host_eof = True
                 flows.close(p.now(), fid)
                 p.flush()
+                self._leave_reactor_if_done()
                 return
             self.read_bytes += len(data)
             flows.send(p.now(), fid, data)
@@ -279,11 +309,17 @@ class TcpRelay:
                 if self.guest_eof and not self.shut:
                     self.shut = True
                     s.shutdown(socket.SHUT_WR)
+                    # A host that closes on EOF (most do) answers with its FIN
+                    # at once on loopback: caught by the spin, it goes out with
+                    # the ACK of the guest's FIN, one segment and step (issue 12).
+                    p.expect_answer(self)
+                    self._leave_reactor_if_done()
                 return
             try:
                 sent = s.send(flows.peek(fid, min(n, SEND_CHUNK)))
             except (BlockingIOError, InterruptedError):
                 self.can_write = False
+                self._want_out()
                 return
             flows.consume(p.now(), fid, sent)
             p.expect_answer(self)
@@ -292,6 +328,8 @@ class TcpRelay:
                 return
 
 
+# The registration (epoll(7), edge-triggered); EPOLLERR and EPOLLHUP are always reported.
+_EDGE_IN = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 _READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _WRITE_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 _NONBLOCK = socket.SOCK_NONBLOCK   # socket(2), Linux
