@@ -252,6 +252,28 @@ async def test_tcp_answer_reaches_the_guest_in_the_kick_step(backend, nursery): 
         await _reset(srv, g, 42002, port, 7005)
 
 
+@pytest.mark.hostnet_kw(answer_spin=0.5)
+async def test_a_kick_step_flushes_the_proxy_once(backend, nursery):  # noqa: F811
+    """The relay calls flush() after each call into the stack; inside the
+    device's pump that is one flush when the batch is done, and inside the
+    spin none (the device flushes after it): here the pump's consume and the
+    spin's echo, one flush, and the echo still in the RX ring."""
+    srv, _ = backend
+    with _host_echo(_TCP_ECHO) as port:
+        g = await _attached_with_rx(srv, nursery)
+        isn = _syn(srv, g, 42005, port, 8000)[0][TCP].seq
+        proxy = srv.current.device.proxy
+        flushes = []
+        real = proxy._flush
+        proxy._flush = lambda: flushes.append(1) or real()
+        g.fe.post_tx(_frame(GW / TCP(sport=42005, dport=port, flags="PA", seq=8001, ack=isn + 1) / b"ping"))
+        _step(srv)
+        got = _tcp_to_guest(g, 42005)
+        assert any(p[TCP].load == b"ping" for p in got if p[TCP].payload), got
+        assert flushes == [1]
+        await _reset(srv, g, 42005, port, 8005)
+
+
 # A TCP echo server that closes its side as soon as the guest's FIN arrives, as most do.
 _TCP_ECHO_CLOSE = """
 import socket, time
