@@ -210,10 +210,11 @@ class TcpRelay:
             self._guarded_error(e)
             return
         self.pumping = self.registered = True
-        # Registration reports the current state as an edge, but whatever the
-        # guest has already sent need not wait for it.
-        self.can_read = self.can_write = True
-        self._guarded(self._to_guest)
+        # Registration reports the current state as an edge: bytes the host
+        # has sent already come as EPOLLIN (a recv now would find none, on
+        # a connect just made, and cost a syscall per connection). Whatever
+        # the guest has already sent need not wait for an edge.
+        self.can_write = True
         self._guarded(self._to_host)
 
     def _want_out(self) -> None:
