@@ -85,6 +85,7 @@ class HostProxy:
         self._spin_resume = 0.0             # no spinning before this time (backoff)
         self._holding = 0                   # inside pump() or spin(): flush() waits for their end
         self._flush_owed = False
+        self._step_now: float | None = None  # now() inside pump() and spin()
 
     # ------------------------------------------------------------ plumbing
     def count(self, key: str, n: int = 1) -> None:
@@ -100,11 +101,11 @@ class HostProxy:
         if self._nursery is None:
             self._wake.set()
             return
-        self._holding += 1
+        self._hold()
         try:
             self._drain()
         finally:
-            self._holding -= 1
+            self._release()
         if self._flush_owed and not self._holding:
             self._flush_owed = False
             self.flush()
@@ -125,12 +126,13 @@ class HostProxy:
         asked = self._asked
         if not asked:
             return False
+        self._hold()                # the caller flushes
         if self.now() < self._spin_resume:
+            self._release()
             asked.clear()
             return False
         got = False
         end = time.perf_counter() + self.spin_max
-        self._holding += 1          # the caller flushes
         try:
             while True:
                 for r in tuple(asked):
@@ -141,7 +143,7 @@ class HostProxy:
                 if not asked or time.perf_counter() >= end:
                     break
         finally:
-            self._holding -= 1
+            self._release()
         if not self._holding:
             self._flush_owed = False    # the caller's flush takes what the answers made
         if asked:
@@ -156,6 +158,16 @@ class HostProxy:
             self.count("spin_answered")
         return got
 
+    def _hold(self) -> None:
+        if not self._holding:
+            self._step_now = trio.current_time()
+        self._holding += 1
+
+    def _release(self) -> None:
+        self._holding -= 1
+        if not self._holding:
+            self._step_now = None
+
     def flush(self) -> None:
         """Frames the last call into the stack made go to the guest now; inside
         pump() once it is done, inside spin() by its caller. A flush (RX ring
@@ -168,9 +180,12 @@ class HostProxy:
         if self.flows.pending:
             self._wake.set()
 
-    @staticmethod
-    def now() -> float:
-        return trio.current_time()
+    def now(self) -> float:
+        """trio's clock; inside pump() and spin() the time they started: one
+        step's calls into the stack share it, as a TX batch's frames share
+        the device's (and trio.current_time() is five calls)."""
+        t = self._step_now
+        return trio.current_time() if t is None else t
 
     def host_addr(self, ip: bytes) -> str | None:
         """Where a guest's destination is on the host; None: nowhere."""
