@@ -101,11 +101,16 @@ class HostProxy:
         if self._nursery is None:
             self._wake.set()
             return
-        self._hold()
+        outer = not self._holding
+        if outer:
+            self._step_now = trio.current_time()
+        self._holding += 1
         try:
             self._drain()
         finally:
-            self._release()
+            self._holding -= 1
+            if outer:
+                self._step_now = None
         if self._flush_owed and not self._holding:
             self._flush_owed = False
             self.flush()
@@ -126,11 +131,14 @@ class HostProxy:
         asked = self._asked
         if not asked:
             return False
-        self._hold()                # the caller flushes
-        if self.now() < self._spin_resume:
-            self._release()
+        now = trio.current_time()
+        if now < self._spin_resume:
             asked.clear()
             return False
+        outer = not self._holding
+        if outer:
+            self._step_now = now
+        self._holding += 1          # the caller flushes
         got = False
         end = time.perf_counter() + self.spin_max
         try:
@@ -143,7 +151,9 @@ class HostProxy:
                 if not asked or time.perf_counter() >= end:
                     break
         finally:
-            self._release()
+            self._holding -= 1
+            if outer:
+                self._step_now = None
         if not self._holding:
             self._flush_owed = False    # the caller's flush takes what the answers made
         if asked:
@@ -151,22 +161,12 @@ class HostProxy:
             self._spin_misses += 1
             if self._spin_misses >= SPIN_MISSES:
                 self._spin_misses = 0
-                self._spin_resume = self.now() + SPIN_BACKOFF
+                self._spin_resume = now + SPIN_BACKOFF
                 self.count("spin_backoff")
         else:
             self._spin_misses = 0
             self.count("spin_answered")
         return got
-
-    def _hold(self) -> None:
-        if not self._holding:
-            self._step_now = trio.current_time()
-        self._holding += 1
-
-    def _release(self) -> None:
-        self._holding -= 1
-        if not self._holding:
-            self._step_now = None
 
     def flush(self) -> None:
         """Frames the last call into the stack made go to the guest now; inside
