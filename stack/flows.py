@@ -202,6 +202,9 @@ class FlowTable:
         self._queued = 0                  # datagram events waiting
         self._ids = itertools.count(1)
         self._flows: dict[int, _Flow] = {}
+        # The TCP flows not ended, by id: what every TCP call in looks up
+        # (several per event: one dict lookup, no checks).
+        self._tcpf: dict[int, _Flow] = {}
         self._by_key: dict[tuple, _Flow] = {}
         self._n = {PROTO_TCP: 0, PROTO_UDP: 0, 1: 0}
         self._idle: list = []             # (deadline, seq, flow) heap, UDP and ICMP
@@ -217,12 +220,12 @@ class FlowTable:
             return None
         t = type(ev)
         if t is TcpReadable:
-            f = self._flows.get(ev.fid)
+            f = self._tcpf.get(ev.fid)
             if f is None:
                 return self.next_event()
             f.want_read = False
         elif t is TcpWritable:
-            f = self._flows.get(ev.fid)
+            f = self._tcpf.get(ev.fid)
             if f is None:
                 return self.next_event()
             f.want_write = False
@@ -307,12 +310,8 @@ class FlowTable:
             self._end(f, TcpClosed(f.fid))
 
     # ----------------------------------------------------------- TCP calls in
-    def _tcp_flow(self, fid: int) -> _Flow | None:
-        f = self._flows.get(fid)
-        return f if f is not None and f.proto == PROTO_TCP and not f.ended else None
-
     def accept(self, now: float, fid: int) -> None:
-        f = self._tcp_flow(fid)
+        f = self._tcpf.get(fid)
         if f is None or not f.conn.held:
             return
         self._set_now(now)
@@ -321,7 +320,7 @@ class FlowTable:
     def refuse(self, now: float, fid: int, icmp_code: int | None = None) -> None:
         """Refuse a held SYN: RST (icmp_code None), or ICMP destination
         unreachable with that code (RFC 792), quoting the guest's SYN."""
-        f = self._tcp_flow(fid)
+        f = self._tcpf.get(fid)
         if f is None or not f.conn.held:
             return
         self._set_now(now)
@@ -334,16 +333,16 @@ class FlowTable:
         self._end(f, None)
 
     def send_space(self, fid: int) -> int:
-        f = self._tcp_flow(fid)
+        f = self._tcpf.get(fid)
         return f.conn.send_space if f is not None else 0
 
     def guest_window(self, fid: int) -> int:
-        f = self._tcp_flow(fid)
+        f = self._tcpf.get(fid)
         return f.conn.snd_wnd if f is not None else 0
 
     def send(self, now: float, fid: int, data) -> int:
         """Queue bytes for the guest; returns how many were taken (<= send_space)."""
-        f = self._tcp_flow(fid)
+        f = self._tcpf.get(fid)
         if f is None or not f.conn.send_space:
             return 0
         self._set_now(now)
@@ -353,18 +352,18 @@ class FlowTable:
         return n
 
     def readable(self, fid: int) -> int:
-        f = self._tcp_flow(fid)
+        f = self._tcpf.get(fid)
         return f.conn.readable if f is not None else 0
 
     def peek(self, fid: int, n: int) -> bytes:
-        f = self._tcp_flow(fid)
+        f = self._tcpf.get(fid)
         if f is None:
             return b""
         return bytes(f.conn.rcvbuf.buf[:n])
 
     def consume(self, now: float, fid: int, n: int) -> None:
         """Drop n bytes the host socket accepted; the window reopens."""
-        f = self._tcp_flow(fid)
+        f = self._tcpf.get(fid)
         if f is None or n <= 0:
             return
         self._set_now(now)
@@ -379,7 +378,7 @@ class FlowTable:
 
     def close(self, now: float, fid: int) -> None:
         """The host side sent EOF: FIN to the guest after the queued bytes."""
-        f = self._tcp_flow(fid)
+        f = self._tcpf.get(fid)
         if f is None:
             return
         self._set_now(now)
@@ -388,7 +387,7 @@ class FlowTable:
 
     def abort(self, now: float, fid: int) -> None:
         """The host side reset (or failed): RST to the guest, flow gone."""
-        f = self._tcp_flow(fid)
+        f = self._tcpf.get(fid)
         if f is None:
             return
         self._set_now(now)
@@ -573,6 +572,8 @@ class FlowTable:
     def _new(self, proto, gip, gport, dip, dport, inbound, now) -> _Flow:
         f = _Flow(next(self._ids), proto, bytes(gip), gport, bytes(dip), dport, inbound, now)
         self._flows[f.fid] = f
+        if proto == PROTO_TCP:
+            self._tcpf[f.fid] = f
         self._by_key[(proto, f.guest_ip, gport, f.dst_ip, dport)] = f
         self._n[proto] += 1
         return f
@@ -582,6 +583,7 @@ class FlowTable:
             return
         f.ended = True
         self._flows.pop(f.fid, None)
+        self._tcpf.pop(f.fid, None)
         key = (f.proto, f.guest_ip, f.guest_port, f.dst_ip, f.dst_port)
         if self._by_key.get(key) is f:
             del self._by_key[key]
