@@ -156,6 +156,8 @@ class HostProxy:
                 self._step_now = None
         if not self._holding:
             self._flush_owed = False    # the caller's flush takes what the answers made
+        if self.flows.pending:
+            self._wake.set()
         if asked:
             asked.clear()
             self._spin_misses += 1
@@ -174,8 +176,11 @@ class HostProxy:
         work and the stack's next deadline for the timer) per relay call was
         two or three per event batch of one NATed connection (issue 12)."""
         if self._holding:
+            # Flow events the call queued: pump()'s drain takes them, spin()
+            # wakes the loop for them when it is done.
             self._flush_owed = True
-        elif self._flush is not None:
+            return
+        if self._flush is not None:
             self._flush()
         if self.flows.pending:
             self._wake.set()
