@@ -85,7 +85,7 @@ class HostProxy:
         self._spin_resume = 0.0             # no spinning before this time (backoff)
         self._holding = 0                   # inside pump() or spin(): flush() waits for their end
         self._flush_owed = False
-        self._step_now: float | None = None  # now() inside pump() and spin()
+        self._step_now: float | None = None  # now() inside pump() and spin(), once asked
 
     # ------------------------------------------------------------ plumbing
     def count(self, key: str, n: int = 1) -> None:
@@ -102,8 +102,6 @@ class HostProxy:
             self._wake.set()
             return
         outer = not self._holding
-        if outer:
-            self._step_now = trio.current_time()
         self._holding += 1
         try:
             self._drain()
@@ -131,14 +129,15 @@ class HostProxy:
         asked = self._asked
         if not asked:
             return False
-        now = trio.current_time()
+        outer = not self._holding
+        self._holding += 1          # the caller flushes
+        now = self.now()
         if now < self._spin_resume:
+            self._holding -= 1
+            if outer:
+                self._step_now = None
             asked.clear()
             return False
-        outer = not self._holding
-        if outer:
-            self._step_now = now
-        self._holding += 1          # the caller flushes
         got = False
         end = time.perf_counter() + self.spin_max
         try:
@@ -186,11 +185,15 @@ class HostProxy:
             self._wake.set()
 
     def now(self) -> float:
-        """trio's clock; inside pump() and spin() the time they started: one
-        step's calls into the stack share it, as a TX batch's frames share
-        the device's (and trio.current_time() is five calls)."""
+        """trio's clock; inside pump() and spin() the time of the first look:
+        one step's calls into the stack share it, as a TX batch's frames
+        share the device's (and trio.current_time() is five calls)."""
         t = self._step_now
-        return trio.current_time() if t is None else t
+        if t is None:
+            t = trio.current_time()
+            if self._holding:
+                self._step_now = t
+        return t
 
     def host_addr(self, ip: bytes) -> str | None:
         """Where a guest's destination is on the host; None: nowhere."""
