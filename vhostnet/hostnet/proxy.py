@@ -325,9 +325,10 @@ class HostProxy:
 
     def forget(self, fid: int) -> None:
         self.relays.pop(fid, None)
-        for k, v in list(self._udp_in.items()):
-            if v == fid:
-                del self._udp_in[k]
+        if self._udp_in:                # inbound UDP forwards' flows (a TCP relay is none)
+            for k, v in list(self._udp_in.items()):
+                if v == fid:
+                    del self._udp_in[k]
 
     # ----------------------------------------------- inbound (forwards)
     def inbound_tcp(self, sock: socket.socket, peer, guest_ip: str, guest_port: int) -> bool:

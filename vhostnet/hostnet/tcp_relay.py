@@ -68,7 +68,9 @@ class TcpRelay:
         self.sock = sock                # the host socket (non-blocking), ours to close
         if sock is not None:
             sock.setblocking(False)
-        self.scope = trio.CancelScope()  # the in-progress connect's task, if any
+        # The in-progress connect's task, if any (a loopback connect has none:
+        # no scope to make, and nothing to tell trio about at close).
+        self.scope: trio.CancelScope | None = None
         self.pumping = False            # registered with the reactor: bytes move
         self.can_read = False           # readiness seen and not yet used up (edge-triggered)
         self.can_write = False
@@ -104,7 +106,7 @@ class TcpRelay:
             self._end()
 
     def _end(self) -> None:
-        self.scope.cancel()
+        self._cancel_connect()
         self.close()
         self.p.forget(self.fid)
 
@@ -118,10 +120,11 @@ class TcpRelay:
         if self.registered:
             self.registered = False
             self.p.reactor.remove(s.fileno())
-        try:
-            trio.lowlevel.notify_closing(s)     # the connect task may be waiting on it
-        except RuntimeError:
-            pass
+        if self.scope is not None:
+            try:
+                trio.lowlevel.notify_closing(s)     # the connect task may be waiting on it
+            except RuntimeError:
+                pass
         if self.reset:
             try:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
@@ -146,9 +149,14 @@ class TcpRelay:
         if err == errno.EINPROGRESS:
             err = _connect_ended(self.sock)
         if err == errno.EINPROGRESS:
+            self.scope = trio.CancelScope()
             nursery.start_soon(self.run_outbound)
         elif self._connected(err):
             self._start_pumps()
+
+    def _cancel_connect(self) -> None:
+        if self.scope is not None:
+            self.scope.cancel()
 
     def _connected(self, err: int) -> bool:
         """Accept or refuse the guest's SYN after the host connect ended with ERR."""
@@ -261,7 +269,7 @@ class TcpRelay:
         self.p.flows.abort(self.p.now(), self.fid)
         self.p.flush()
         self.reset = True
-        self.scope.cancel()
+        self._cancel_connect()
         self.close()
         self.p.forget(self.fid)
 
