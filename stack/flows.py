@@ -273,12 +273,12 @@ class FlowTable:
     def _tcp_readable(self, f: _Flow) -> None:
         if f.ended:
             return
-        conn = f.conn
-        if conn.readable and not f.want_read:
-            f.want_read = True
-            self._events.append(TcpReadable(f.fid))
-        self._check_eof(f)
-        self._check_done(f)
+        if f.conn.readable:
+            if not f.want_read:
+                f.want_read = True
+                self._events.append(TcpReadable(f.fid))
+        else:
+            self._drained(f)
 
     def _tcp_writable(self, f: _Flow) -> None:
         if not f.ended and not f.want_write and f.conn.send_space:
@@ -295,11 +295,16 @@ class FlowTable:
         else:
             self._check_done(f)
 
-    def _check_eof(self, f: _Flow) -> None:
+    def _drained(self, f: _Flow) -> None:
+        """Every byte from the guest taken: TcpEof once its FIN has come, and
+        the flow's end once both sides closed (_check_done, the buffer known empty)."""
         conn = f.conn
-        if not f.eof_sent and conn.fin_received and not conn.readable:
+        if not f.eof_sent and conn.fin_received:
             f.eof_sent = True
             self._events.append(TcpEof(f.fid))
+        st = conn.state
+        if st is TIME_WAIT or (st is CLOSED and not conn.error):
+            self._end(f, TcpClosed(f.fid))
 
     def _check_done(self, f: _Flow) -> None:
         """Both sides closed cleanly and the proxy took every byte: the flow
@@ -373,8 +378,7 @@ class FlowTable:
         if f.conn.readable:
             self._tcp_readable(f)
         else:
-            self._check_eof(f)
-            self._check_done(f)
+            self._drained(f)
 
     def close(self, now: float, fid: int) -> None:
         """The host side sent EOF: FIN to the guest after the queued bytes."""
