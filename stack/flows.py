@@ -174,7 +174,7 @@ class _Flow:
         self.last = now
         self.rx = 0                       # bytes (payload) from the guest
         self.tx = 0                       # bytes (payload) to the guest
-        self.host = ""                    # the host side, as the proxy describes it
+        self.host = ""                    # the host side, as the proxy describes it (or a callable that does)
         self.conn = None
         self.want_read = self.want_write = False   # an event is queued already
         self.eof_sent = False
@@ -202,6 +202,9 @@ class FlowTable:
         self._queued = 0                  # datagram events waiting
         self._ids = itertools.count(1)
         self._flows: dict[int, _Flow] = {}
+        # The TCP flows not ended, by id: what every TCP call in looks up
+        # (several per event: one dict lookup, no checks).
+        self._tcpf: dict[int, _Flow] = {}
         self._by_key: dict[tuple, _Flow] = {}
         self._n = {PROTO_TCP: 0, PROTO_UDP: 0, 1: 0}
         self._idle: list = []             # (deadline, seq, flow) heap, UDP and ICMP
@@ -217,12 +220,12 @@ class FlowTable:
             return None
         t = type(ev)
         if t is TcpReadable:
-            f = self._flows.get(ev.fid)
+            f = self._tcpf.get(ev.fid)
             if f is None:
                 return self.next_event()
             f.want_read = False
         elif t is TcpWritable:
-            f = self._flows.get(ev.fid)
+            f = self._tcpf.get(ev.fid)
             if f is None:
                 return self.next_event()
             f.want_write = False
@@ -270,12 +273,12 @@ class FlowTable:
     def _tcp_readable(self, f: _Flow) -> None:
         if f.ended:
             return
-        conn = f.conn
-        if conn.readable and not f.want_read:
-            f.want_read = True
-            self._events.append(TcpReadable(f.fid))
-        self._check_eof(f)
-        self._check_done(f)
+        if f.conn.readable:
+            if not f.want_read:
+                f.want_read = True
+                self._events.append(TcpReadable(f.fid))
+        else:
+            self._drained(f)
 
     def _tcp_writable(self, f: _Flow) -> None:
         if not f.ended and not f.want_write and f.conn.send_space:
@@ -292,11 +295,16 @@ class FlowTable:
         else:
             self._check_done(f)
 
-    def _check_eof(self, f: _Flow) -> None:
+    def _drained(self, f: _Flow) -> None:
+        """Every byte from the guest taken: TcpEof once its FIN has come, and
+        the flow's end once both sides closed (_check_done, the buffer known empty)."""
         conn = f.conn
-        if not f.eof_sent and conn.fin_received and not conn.readable:
+        if not f.eof_sent and conn.fin_received:
             f.eof_sent = True
             self._events.append(TcpEof(f.fid))
+        st = conn.state
+        if st is TIME_WAIT or (st is CLOSED and not conn.error):
+            self._end(f, TcpClosed(f.fid))
 
     def _check_done(self, f: _Flow) -> None:
         """Both sides closed cleanly and the proxy took every byte: the flow
@@ -307,12 +315,8 @@ class FlowTable:
             self._end(f, TcpClosed(f.fid))
 
     # ----------------------------------------------------------- TCP calls in
-    def _tcp_flow(self, fid: int) -> _Flow | None:
-        f = self._flows.get(fid)
-        return f if f is not None and f.proto == PROTO_TCP and not f.ended else None
-
     def accept(self, now: float, fid: int) -> None:
-        f = self._tcp_flow(fid)
+        f = self._tcpf.get(fid)
         if f is None or not f.conn.held:
             return
         self._set_now(now)
@@ -321,7 +325,7 @@ class FlowTable:
     def refuse(self, now: float, fid: int, icmp_code: int | None = None) -> None:
         """Refuse a held SYN: RST (icmp_code None), or ICMP destination
         unreachable with that code (RFC 792), quoting the guest's SYN."""
-        f = self._tcp_flow(fid)
+        f = self._tcpf.get(fid)
         if f is None or not f.conn.held:
             return
         self._set_now(now)
@@ -334,16 +338,16 @@ class FlowTable:
         self._end(f, None)
 
     def send_space(self, fid: int) -> int:
-        f = self._tcp_flow(fid)
+        f = self._tcpf.get(fid)
         return f.conn.send_space if f is not None else 0
 
     def guest_window(self, fid: int) -> int:
-        f = self._tcp_flow(fid)
+        f = self._tcpf.get(fid)
         return f.conn.snd_wnd if f is not None else 0
 
     def send(self, now: float, fid: int, data) -> int:
         """Queue bytes for the guest; returns how many were taken (<= send_space)."""
-        f = self._tcp_flow(fid)
+        f = self._tcpf.get(fid)
         if f is None or not f.conn.send_space:
             return 0
         self._set_now(now)
@@ -353,18 +357,18 @@ class FlowTable:
         return n
 
     def readable(self, fid: int) -> int:
-        f = self._tcp_flow(fid)
+        f = self._tcpf.get(fid)
         return f.conn.readable if f is not None else 0
 
     def peek(self, fid: int, n: int) -> bytes:
-        f = self._tcp_flow(fid)
+        f = self._tcpf.get(fid)
         if f is None:
             return b""
         return bytes(f.conn.rcvbuf.buf[:n])
 
     def consume(self, now: float, fid: int, n: int) -> None:
         """Drop n bytes the host socket accepted; the window reopens."""
-        f = self._tcp_flow(fid)
+        f = self._tcpf.get(fid)
         if f is None or n <= 0:
             return
         self._set_now(now)
@@ -374,12 +378,11 @@ class FlowTable:
         if f.conn.readable:
             self._tcp_readable(f)
         else:
-            self._check_eof(f)
-            self._check_done(f)
+            self._drained(f)
 
     def close(self, now: float, fid: int) -> None:
         """The host side sent EOF: FIN to the guest after the queued bytes."""
-        f = self._tcp_flow(fid)
+        f = self._tcpf.get(fid)
         if f is None:
             return
         self._set_now(now)
@@ -388,7 +391,7 @@ class FlowTable:
 
     def abort(self, now: float, fid: int) -> None:
         """The host side reset (or failed): RST to the guest, flow gone."""
-        f = self._tcp_flow(fid)
+        f = self._tcpf.get(fid)
         if f is None:
             return
         self._set_now(now)
@@ -508,8 +511,10 @@ class FlowTable:
         if f is not None and f.proto != PROTO_TCP:
             self._end(f, None)
 
-    def describe(self, fid: int, host: str) -> None:
-        """The proxy names the host side of a flow, for stats."""
+    def describe(self, fid: int, host) -> None:
+        """The proxy names the host side of a flow, for stats: a string, or a
+        callable returning one, called only when a snapshot is taken (so a
+        name that costs syscalls is paid for only when someone looks)."""
         f = self._flows.get(fid)
         if f is not None:
             f.host = host
@@ -552,9 +557,10 @@ class FlowTable:
                 state = "ACTIVE"
             g = f"{ip_text(f.guest_ip)}:{f.guest_port}"
             d = f"{ip_text(f.dst_ip)}:{f.dst_port}" if f.proto != 1 else ip_text(f.dst_ip)
+            host = f.host if type(f.host) is str else f.host()
             out.append({"id": f.fid, "proto": _PROTO_NAME[f.proto],
                         "direction": "in" if f.inbound else "out",
-                        "guest": g, "remote": d, "host": f.host, "state": state,
+                        "guest": g, "remote": d, "host": host, "state": state,
                         "bytes_from_guest": f.rx, "bytes_to_guest": f.tx,
                         "age_s": round(max(now - f.created, 0.0), 3),
                         "idle_s": round(max(now - f.last, 0.0), 3)})
@@ -570,6 +576,8 @@ class FlowTable:
     def _new(self, proto, gip, gport, dip, dport, inbound, now) -> _Flow:
         f = _Flow(next(self._ids), proto, bytes(gip), gport, bytes(dip), dport, inbound, now)
         self._flows[f.fid] = f
+        if proto == PROTO_TCP:
+            self._tcpf[f.fid] = f
         self._by_key[(proto, f.guest_ip, gport, f.dst_ip, dport)] = f
         self._n[proto] += 1
         return f
@@ -579,6 +587,7 @@ class FlowTable:
             return
         f.ended = True
         self._flows.pop(f.fid, None)
+        self._tcpf.pop(f.fid, None)
         key = (f.proto, f.guest_ip, f.guest_port, f.dst_ip, f.dst_port)
         if self._by_key.get(key) is f:
             del self._by_key[key]

@@ -63,7 +63,7 @@ def _wscale_for(cap: int) -> int:
 
 class TcpConnection(InputMixin, OutputMixin, TimersMixin):
     def __init__(self, layer, local_ip: bytes, local_port: int, remote_ip: bytes,
-                 remote_port: int, iss: int):
+                 remote_port: int, iss: int, ts_offset: int):
         cfg = layer.config
         self._layer = layer
         self._cfg = cfg
@@ -109,9 +109,10 @@ class TcpConnection(InputMixin, OutputMixin, TimersMixin):
         self.rcv_mss = cfg.mss          # what we expect the peer to send per segment
         self.ts_ok = False
         self.ts_recent = 0
-        # RFC 7323 5.4: a keyed hash of the 4-tuple, so a new connection on the
-        # same pair continues the clock (needed for TIME-WAIT reuse, RFC 6191).
-        self.ts_offset = layer._ts_offset(self.key)
+        # RFC 7323 5.4: a keyed hash of the 4-tuple (TcpLayer._isn), so a new
+        # connection on the same pair continues the clock (needed for
+        # TIME-WAIT reuse, RFC 6191).
+        self.ts_offset = ts_offset
         self.last_ack_sent = 0
         self.sack_ok = False
         self.ws_ok = False

@@ -39,6 +39,7 @@ import hashlib
 import heapq
 import itertools
 import random
+import struct
 from collections import Counter, OrderedDict
 
 from ..counters import Counters
@@ -53,6 +54,8 @@ ANY = b"\x00\x00\x00\x00"
 M = 0xFFFFFFFF
 HALF = 0x80000000
 EPHEMERAL = (49152, 65535)
+# A connection id (local ip, local port, remote ip, remote port), as hashed for its ISN.
+_CONN_ID = struct.Struct("!4sH4sH")
 # Room reserved in front of emitted segments, at most: an Ethernet header
 # with two VLAN tags (IEEE 802.1ad, 22 B) + an IPv4 header with options (RFC 791
 # §3.1, 60 B), rounded up.
@@ -155,7 +158,7 @@ class TcpLayer:
         if len(self._conns) >= self.config.max_connections:
             raise TcpError("too many connections")
         conn = TcpConnection(self, local_ip, local_port, remote_ip, remote_port,
-                             self._isn(now, key))
+                             *self._isn(now, key))
         self._conns[key] = conn
         conn._active_open(now)
         return conn
@@ -286,7 +289,7 @@ class TcpLayer:
         if len(self._conns) >= self.config.max_connections:
             c["conn_limit_drops"] += 1
             return
-        conn = TcpConnection(self, key[0], key[1], key[2], key[3], self._isn(now, key))
+        conn = TcpConnection(self, key[0], key[1], key[2], key[3], *self._isn(now, key))
         conn.listener = lst
         lst.pending += 1
         self._conns[key] = conn
@@ -327,16 +330,14 @@ class TcpLayer:
                 seg.timestamp[0] != conn.ts_recent
         return 0 < (seg.seq - conn.rcv_nxt) & M < HALF
 
-    def _isn(self, now: float, key: tuple) -> int:
-        """RFC 6528: ISN = 4 us clock + keyed hash of the connection id."""
-        h = hashlib.blake2s(key[0] + key[1].to_bytes(2, "big") + key[2]
-                            + key[3].to_bytes(2, "big"), key=self._secret, digest_size=4)
-        return (int(now * 250_000) + int.from_bytes(h.digest(), "big")) & M
-
-    def _ts_offset(self, key: tuple) -> int:
-        h = hashlib.blake2s(b"ts" + key[0] + key[1].to_bytes(2, "big") + key[2]
-                            + key[3].to_bytes(2, "big"), key=self._secret, digest_size=4)
-        return int.from_bytes(h.digest(), "big")
+    def _isn(self, now: float, key: tuple) -> tuple[int, int]:
+        """(ISN, timestamp offset) for the connection KEY: RFC 6528's ISN, a
+        4 us clock plus a keyed hash of the connection id, and RFC 7323 §5.4's
+        per-connection TSval offset, a keyed hash of it too. One 8-byte
+        keyed digest gives both (its halves are independent)."""
+        h = int.from_bytes(hashlib.blake2s(_CONN_ID.pack(*key), key=self._secret,
+                                           digest_size=8).digest(), "big")
+        return (int(now * 250_000) + (h >> 32)) & M, h & M
 
     def _ephemeral(self, local_ip: bytes, remote_ip: bytes, remote_port: int) -> int:
         lo, hi = EPHEMERAL

@@ -18,9 +18,11 @@ import trio
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from .guest import CFG
+from .guest import CFG, FeGuest
 from .test_proxy import attach, backend  # noqa: F401  (the fixture)
 from vhostnet.hostnet.proxy import SPIN_MISSES
+from vhostnet.testing.frontend import Frontend
+from vhostnet.virtio import features as F
 
 TX = 1
 
@@ -46,6 +48,20 @@ async def _attached_with_rx(srv, nursery):
         while not rx.pending():
             await trio.sleep(0.01)
     return g
+
+
+async def _quiet_guest(srv):
+    """A guest whose frames only the test reads (no loop of its own, whose TCP
+    would answer the test's hand-made segments), once it has posted RX buffers."""
+    fe = Frontend()
+    await fe.connect(srv.socket_path)
+    await fe.handshake(features=F.DEFAULT_FEATURES & ~F.OFFLOAD_FEATURES)
+    fe.post_rx()
+    fe.rx.kick()
+    with trio.fail_after(5):
+        while srv.current is None or not srv.current.backend.queues[0].pending():
+            await trio.sleep(0.01)
+    return FeGuest(fe)
 
 
 def _tcp_to_guest(g, sport: int) -> list:
@@ -234,3 +250,100 @@ async def test_tcp_answer_reaches_the_guest_in_the_kick_step(backend, nursery): 
         got = _tcp_to_guest(g, 42002)
         assert any(p[TCP].load == b"ping" for p in got if p[TCP].payload), got
         await _reset(srv, g, 42002, port, 7005)
+
+
+@pytest.mark.hostnet_kw(answer_spin=0.5)
+async def test_a_kick_step_flushes_the_proxy_once(backend, nursery):  # noqa: F811
+    """The relay calls flush() after each call into the stack; inside the
+    device's pump that is one flush when the batch is done, and inside the
+    spin none (the device flushes after it): here the pump's consume and the
+    spin's echo, one flush, and the echo still in the RX ring."""
+    srv, _ = backend
+    with _host_echo(_TCP_ECHO) as port:
+        g = await _attached_with_rx(srv, nursery)
+        isn = _syn(srv, g, 42005, port, 8000)[0][TCP].seq
+        proxy = srv.current.device.proxy
+        flushes = []
+        real = proxy._flush
+        proxy._flush = lambda: flushes.append(1) or real()
+        g.fe.post_tx(_frame(GW / TCP(sport=42005, dport=port, flags="PA", seq=8001, ack=isn + 1) / b"ping"))
+        _step(srv)
+        got = _tcp_to_guest(g, 42005)
+        assert any(p[TCP].load == b"ping" for p in got if p[TCP].payload), got
+        assert flushes == [1]
+        await _reset(srv, g, 42005, port, 8005)
+
+
+# A TCP echo server that closes its side as soon as the guest's FIN arrives, as most do.
+_TCP_ECHO_CLOSE = """
+import socket, time
+ls = socket.socket()
+ls.bind(("127.0.0.1", 0))
+ls.listen(1)
+print(ls.getsockname()[1], flush=True)
+c, _ = ls.accept()
+while True:
+    d = c.recv(2048)
+    if not d:
+        break
+    c.sendall(d)
+c.close()
+time.sleep(60)
+"""
+
+
+@pytest.mark.hostnet_kw(answer_spin=0.5)
+async def test_host_fin_rides_with_the_ack_of_the_guests_fin(backend, nursery):  # noqa: F811
+    """The guest's FIN goes to the host as SHUT_WR and the spin catches the
+    host's EOF: the guest gets the host's FIN in the same step, one segment
+    that also ACKs its FIN, not a bare ACK now and the FIN a wake-up later."""
+    srv, _ = backend
+    with _host_echo(_TCP_ECHO_CLOSE) as port:
+        g = await _attached_with_rx(srv, nursery)
+        isn = _syn(srv, g, 42003, port, 9000)[0][TCP].seq
+        g.fe.post_tx(_frame(GW / TCP(sport=42003, dport=port, flags="FA", seq=9001, ack=isn + 1)))
+        _step(srv)
+        got = _tcp_to_guest(g, 42003)      # no await since the step
+        assert [(p[TCP].flags, p[TCP].seq, p[TCP].ack) for p in got] == [("FA", isn + 1, 9002)]
+        g.fe.post_tx(_frame(GW / TCP(sport=42003, dport=port, flags="A", seq=9002, ack=isn + 2)))
+        _step(srv)
+        assert srv.current.device.stack.flows.counts()["tcp"] == 0
+
+
+def _epoll_targets(epfd: int) -> dict[int, int]:
+    """fd -> registered event mask of the epoll EPFD, as the kernel lists it (proc(5) fdinfo)."""
+    out = {}
+    with open(f"/proc/self/fdinfo/{epfd}") as f:
+        for line in f:
+            if line.startswith("tfd:"):
+                w = line.split()
+                out[int(w[1])] = int(w[3], 16)
+    return out
+
+
+async def test_relay_socket_leaves_epollout_out_and_the_epoll_when_done(backend, nursery):  # noqa: F811
+    """A relay's host socket is registered without EPOLLOUT (a socket with
+    room would report it at every ACK from its peer: a reactor pass for
+    nothing), and leaves the epoll once both directions are closed (it
+    would report EPOLLIN and EPOLLHUP until the flow ends). A send that
+    blocks adds EPOLLOUT: tests/hostnet/test_proxy.py's slow host reader."""
+    import select
+    srv, _ = backend
+    ls, port = _listener()
+    g = await _quiet_guest(srv)
+    isn = _syn(srv, g, 42004, port, 3000)[0][TCP].seq
+    host, _ = ls.accept()
+    epfd = srv.current.device.proxy.reactor.fileno()
+    (mask,) = _epoll_targets(epfd).values()
+    assert mask & select.EPOLLIN and mask & select.EPOLLET and not mask & select.EPOLLOUT
+    g.fe.post_tx(_frame(GW / TCP(sport=42004, dport=port, flags="FA", seq=3001, ack=isn + 1)))
+    _step(srv)
+    assert host.recv(10) == b""            # SHUT_WR: the guest's FIN is on the host
+    assert len(_epoll_targets(epfd)) == 1  # the host's side is still open
+    host.close()
+    with trio.fail_after(5):               # the reactor reads the host's EOF: FIN to the guest
+        while not any(p[TCP].flags.F for p in _tcp_to_guest(g, 42004)):
+            await trio.sleep(0.005)
+    assert _epoll_targets(epfd) == {}
+    assert srv.current.device.stack.flows.counts()["tcp"] == 1   # the flow waits for the guest's ACK
+    ls.close()

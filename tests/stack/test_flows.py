@@ -223,6 +223,22 @@ def test_udp_flow_reply_idle_expiry_and_spray_cap():
     assert g.stack.counters["nat_udp_flow_limit"] == 150
 
 
+def test_tcp_calls_with_a_udp_flows_id_do_nothing():
+    g = NatGuest()
+    g.send_ip(IP(src=GUEST_IP, dst=FAR) / UDP(sport=4001, dport=53) / Raw(b"query"))
+    fid = only(g.events(), UdpDatagram).fid
+    fl = g.flows
+    assert (fl.send_space(fid), fl.readable(fid), fl.peek(fid, 10), fl.guest_window(fid)) == (0, 0, b"", 0)
+    assert fl.send(g.now, fid, b"x") == 0
+    for call in (fl.accept, fl.refuse, fl.close, fl.abort):
+        call(g.now, fid)
+    fl.consume(g.now, fid, 1)
+    assert fl.counts() == {"tcp": 0, "udp": 1, "icmp": 0}
+    fl.udp_send(g.now, fid, b"still here")
+    g.pump()
+    assert g.other[-1][Raw].load == b"still here"
+
+
 def test_icmp_echo_to_a_far_host():
     g = NatGuest()
     g.send_ip(IP(src=GUEST_IP, dst=FAR) / ICMP(type=8, id=0x1234, seq=3) / Raw(b"ping!"))

@@ -16,7 +16,9 @@ takes at most EVENT_BUDGET events per pass and yields, so a guest flooding
 SYNs or datagrams cannot starve the vhost-user message loop. Every relay's
 host socket, datagram or TCP, is waited on by one task (reactor.py). The relays call back into the
 stack and then `flush()`, which hands the
-frames that made to the guest and re-arms the stack's timer.
+frames that made to the guest and re-arms the stack's timer: at once from
+the reactor's step, once at the end from pump(), and from spin() not at
+all (the device flushes after it).
 
 Addresses: the gateway (10.0.2.2) is the host's 127.0.0.1 unless
 --no-map-host-loopback (then a connection to it is refused with a RST and a
@@ -81,6 +83,9 @@ class HostProxy:
         self._asked: dict = {}              # relays that sent in this step (spin()); a dict: ordered, no repeats
         self._spin_misses = 0
         self._spin_resume = 0.0             # no spinning before this time (backoff)
+        self._holding = 0                   # inside pump() or spin(): flush() waits for their end
+        self._flush_owed = False
+        self._step_now: float | None = None  # now() inside pump() and spin(), once asked
 
     # ------------------------------------------------------------ plumbing
     def count(self, key: str, n: int = 1) -> None:
@@ -91,11 +96,22 @@ class HostProxy:
 
     def pump(self) -> None:
         """Handle the flow table's events now (at most EVENT_BUDGET; the loop takes
-        the rest after a yield). Before `run` has started: leave them to it."""
+        the rest after a yield), then flush once. Before `run` has started:
+        leave them to it."""
         if self._nursery is None:
             self._wake.set()
-        else:
+            return
+        outer = not self._holding
+        self._holding += 1
+        try:
             self._drain()
+        finally:
+            self._holding -= 1
+            if outer:
+                self._step_now = None
+        if self._flush_owed and not self._holding:
+            self._flush_owed = False
+            self.flush()
 
     def expect_answer(self, relay) -> None:
         """RELAY sent the guest's bytes to its host socket in this step: spin() looks for the answer."""
@@ -113,25 +129,40 @@ class HostProxy:
         asked = self._asked
         if not asked:
             return False
-        if self.now() < self._spin_resume:
+        outer = not self._holding
+        self._holding += 1          # the caller flushes
+        now = self.now()
+        if now < self._spin_resume:
+            self._holding -= 1
+            if outer:
+                self._step_now = None
             asked.clear()
             return False
         got = False
         end = time.perf_counter() + self.spin_max
-        while True:
-            for r in tuple(asked):
-                res = None if r.closed else r.receive_one()
-                if res is not False:
-                    del asked[r]
-                    got = got or bool(res)
-            if not asked or time.perf_counter() >= end:
-                break
+        try:
+            while True:
+                for r in tuple(asked):
+                    res = None if r.closed else r.receive_one()
+                    if res is not False:
+                        del asked[r]
+                        got = got or bool(res)
+                if not asked or time.perf_counter() >= end:
+                    break
+        finally:
+            self._holding -= 1
+            if outer:
+                self._step_now = None
+        if not self._holding:
+            self._flush_owed = False    # the caller's flush takes what the answers made
+        if self.flows.pending:
+            self._wake.set()
         if asked:
             asked.clear()
             self._spin_misses += 1
             if self._spin_misses >= SPIN_MISSES:
                 self._spin_misses = 0
-                self._spin_resume = self.now() + SPIN_BACKOFF
+                self._spin_resume = now + SPIN_BACKOFF
                 self.count("spin_backoff")
         else:
             self._spin_misses = 0
@@ -139,15 +170,30 @@ class HostProxy:
         return got
 
     def flush(self) -> None:
-        """Frames the last call into the stack made go to the guest now."""
+        """Frames the last call into the stack made go to the guest now; inside
+        pump() once it is done, inside spin() by its caller. A flush (RX ring
+        work and the stack's next deadline for the timer) per relay call was
+        two or three per event batch of one NATed connection (issue 12)."""
+        if self._holding:
+            # Flow events the call queued: pump()'s drain takes them, spin()
+            # wakes the loop for them when it is done.
+            self._flush_owed = True
+            return
         if self._flush is not None:
             self._flush()
         if self.flows.pending:
             self._wake.set()
 
-    @staticmethod
-    def now() -> float:
-        return trio.current_time()
+    def now(self) -> float:
+        """trio's clock; inside pump() and spin() the time of the first look:
+        one step's calls into the stack share it, as a TX batch's frames
+        share the device's (and trio.current_time() is five calls)."""
+        t = self._step_now
+        if t is None:
+            t = trio.current_time()
+            if self._holding:
+                self._step_now = t
+        return t
 
     def host_addr(self, ip: bytes) -> str | None:
         """Where a guest's destination is on the host; None: nowhere."""
@@ -279,9 +325,10 @@ class HostProxy:
 
     def forget(self, fid: int) -> None:
         self.relays.pop(fid, None)
-        for k, v in list(self._udp_in.items()):
-            if v == fid:
-                del self._udp_in[k]
+        if self._udp_in:                # inbound UDP forwards' flows (a TCP relay is none)
+            for k, v in list(self._udp_in.items()):
+                if v == fid:
+                    del self._udp_in[k]
 
     # ----------------------------------------------- inbound (forwards)
     def inbound_tcp(self, sock: socket.socket, peer, guest_ip: str, guest_port: int) -> bool:

@@ -58,6 +58,11 @@ class Reactor:
         self._ep.register(fd, events)
         self._handlers[fd] = handler
 
+    def modify(self, fd: int, events: int) -> None:
+        """New events for a registered fd (EPOLL_CTL_MOD; with EPOLLET, an
+        event already true is reported at once)."""
+        self._ep.modify(fd, events)
+
     def remove(self, fd: int) -> None:
         """Before the fd is closed: a later socket may get the same number."""
         if self._handlers.pop(fd, None) is not None:

@@ -19,12 +19,17 @@ No task does this: the socket is registered once with the proxy's reactor
 (reactor.py, edge-triggered epoll), whose events and the stack's flow
 events (TcpReadable, TcpWritable, TcpEof) call the relay, which reads or
 writes until the socket would block or the far side has no room. Two flags
-remember readiness between edges. Latency (issue 12's profile): the host
+remember readiness between edges. EPOLLOUT joins the registration only
+once a send would block, and the socket leaves the epoll once both
+directions are closed: until then each would be an edge, and a reactor
+pass, for nothing. Latency (issue 12's profile): the host
 connect starts in the proxy's step that saw the SYN, and a loopback
 connect is complete when connect() returns, so the SYN-ACK goes to the
 guest in that same step; only a connect still in progress gets a task, to
 wait for it under the connect timeout. A host read goes into the stack and
 out to the guest in the reactor's step, with no scheduler pass between.
+The host's answer to the guest's bytes, and its FIN after the guest's
+(SHUT_WR), are looked for by HostProxy.spin before the step ends.
 
 EOF maps to FIN both ways (shutdown(SHUT_WR) on the host socket after the
 guest's FIN; close() in the stack after the host's EOF). A reset either way
@@ -63,10 +68,14 @@ class TcpRelay:
         self.sock = sock                # the host socket (non-blocking), ours to close
         if sock is not None:
             sock.setblocking(False)
-        self.scope = trio.CancelScope()  # the in-progress connect's task, if any
+        # The in-progress connect's task, if any (a loopback connect has none:
+        # no scope to make, and nothing to tell trio about at close).
+        self.scope: trio.CancelScope | None = None
         self.pumping = False            # registered with the reactor: bytes move
         self.can_read = False           # readiness seen and not yet used up (edge-triggered)
         self.can_write = False
+        self.registered = False         # the socket is in the reactor's epoll
+        self.out_events = False         # ... with EPOLLOUT (only once a send would block)
         self.host_eof = False
         self.read_bytes = 0             # from the host socket, so far
         self.guest_eof = False
@@ -84,9 +93,12 @@ class TcpRelay:
         elif t is F.TcpEof:
             self.guest_eof = True
             self._guarded(self._to_host)
-        elif t is F.TcpEstablished:     # inbound: the guest accepted
-            self._describe()
-            self._start_pumps()
+        elif t is F.TcpEstablished:
+            # Inbound: the guest accepted. Outbound relays pump (and are
+            # described) since the host connect; the guest's ACK changes nothing.
+            if not self.pumping:
+                self._describe()
+                self._start_pumps()
         elif t is F.TcpReset:
             self.reset = True
             self._end()
@@ -94,7 +106,7 @@ class TcpRelay:
             self._end()
 
     def _end(self) -> None:
-        self.scope.cancel()
+        self._cancel_connect()
         self.close()
         self.p.forget(self.fid)
 
@@ -105,12 +117,14 @@ class TcpRelay:
         s = self.sock
         if s is None:
             return
-        if self.pumping:
+        if self.registered:
+            self.registered = False
             self.p.reactor.remove(s.fileno())
-        try:
-            trio.lowlevel.notify_closing(s)     # the connect task may be waiting on it
-        except RuntimeError:
-            pass
+        if self.scope is not None:
+            try:
+                trio.lowlevel.notify_closing(s)     # the connect task may be waiting on it
+            except RuntimeError:
+                pass
         if self.reset:
             try:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
@@ -124,20 +138,25 @@ class TcpRelay:
         completes at once (loopback) is accepted here, in the proxy's step."""
         p = self.p
         try:
-            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            self.sock.setblocking(False)
+            # Non-blocking from socket(2) on: no FIONBIO ioctl of setblocking.
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | _NONBLOCK)
         except OSError as e:
             p.count("tcp_socket_error")
             p.rlog.warning("tcp_socket", "TCP: cannot open a host socket: %s", e)
             self._refuse(None)
             return
         err = self.sock.connect_ex(self.remote)
-        if err == errno.EINPROGRESS and _writable_now(self.sock):
-            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err == errno.EINPROGRESS:
+            err = _connect_ended(self.sock)
+        if err == errno.EINPROGRESS:
+            self.scope = trio.CancelScope()
             nursery.start_soon(self.run_outbound)
         elif self._connected(err):
             self._start_pumps()
+
+    def _cancel_connect(self) -> None:
+        if self.scope is not None:
+            self.scope.cancel()
 
     def _connected(self, err: int) -> bool:
         """Accept or refuse the guest's SYN after the host connect ended with ERR."""
@@ -175,11 +194,17 @@ class TcpRelay:
         self.p.forget(self.fid)
 
     def _describe(self) -> None:
+        # Told lazily: the two syscalls only when someone asks (stats), not
+        # once per connection (issue 12's connect/close race).
+        self.p.flows.describe(self.fid, self.host_side)
+
+    def host_side(self) -> str:
+        """The host socket's local -> peer addresses ("" once it is gone)."""
         try:
             a, b = self.sock.getsockname(), self.sock.getpeername()
-            self.p.flows.describe(self.fid, f"{a[0]}:{a[1]}->{b[0]}:{b[1]}")
-        except OSError:
-            pass
+        except (OSError, AttributeError):
+            return ""
+        return f"{a[0]}:{a[1]}->{b[0]}:{b[1]}"
 
     # ---------------------------------------------------------- the pumps
     def _start_pumps(self) -> None:
@@ -188,16 +213,38 @@ class TcpRelay:
         if self.fid not in self.p.relays:
             return                          # refused or ended meanwhile
         try:
-            self.p.reactor.add(self.sock.fileno(), self._on_socket)
+            self.p.reactor.add(self.sock.fileno(), self._on_socket, _EDGE_IN)
         except (OSError, ValueError) as e:  # ENOMEM/ENOSPC from epoll: give the flow up
             self._guarded_error(e)
             return
-        self.pumping = True
-        # Registration reports the current state as an edge, but whatever the
-        # guest has already sent need not wait for it.
-        self.can_read = self.can_write = True
-        self._guarded(self._to_guest)
+        self.pumping = self.registered = True
+        # Registration reports the current state as an edge: bytes the host
+        # has sent already come as EPOLLIN (a recv now would find none, on
+        # a connect just made, and cost a syscall per connection). Whatever
+        # the guest has already sent need not wait for an edge.
+        self.can_write = True
         self._guarded(self._to_host)
+
+    def _want_out(self) -> None:
+        """A send would block: from now on the socket's EPOLLOUT edges count.
+        Until then they are left out of the registration: a socket that
+        takes every send has room at every edge, and each ACK from the host
+        peer that frees room is an edge, a reactor pass for nothing (issue
+        12: two per NATed connection). Added, EPOLL_CTL_MOD reports the
+        socket at once if it has room again by then (epoll(7))."""
+        if not self.out_events and self.registered:
+            self.out_events = True
+            self.p.reactor.modify(self.sock.fileno(), _EDGE_IN | select.EPOLLOUT)
+
+    def _leave_reactor_if_done(self) -> None:
+        """Both directions ended (the host's EOF read, the guest's FIN passed
+        on with SHUT_WR): the socket has nothing more to say that the flow
+        needs, but it stays readable and hung up (EPOLLIN, EPOLLHUP), an
+        edge at each wake-up until the guest's last ACK ends the flow. Out
+        of the epoll now, not at close()."""
+        if self.host_eof and self.shut and self.registered:
+            self.registered = False
+            self.p.reactor.remove(self.sock.fileno())
 
     def _on_socket(self, events: int) -> None:
         if events & _READ_EVENTS:
@@ -222,7 +269,7 @@ class TcpRelay:
         self.p.flows.abort(self.p.now(), self.fid)
         self.p.flush()
         self.reset = True
-        self.scope.cancel()
+        self._cancel_connect()
         self.close()
         self.p.forget(self.fid)
 
@@ -254,6 +301,7 @@ class TcpRelay:
                 self.host_eof = True
                 flows.close(p.now(), fid)
                 p.flush()
+                self._leave_reactor_if_done()
                 return
             self.read_bytes += len(data)
             flows.send(p.now(), fid, data)
@@ -270,11 +318,17 @@ class TcpRelay:
                 if self.guest_eof and not self.shut:
                     self.shut = True
                     s.shutdown(socket.SHUT_WR)
+                    # A host that closes on EOF (most do) answers with its FIN
+                    # at once on loopback: caught by the spin, it goes out with
+                    # the ACK of the guest's FIN, one segment and step (issue 12).
+                    p.expect_answer(self)
+                    self._leave_reactor_if_done()
                 return
             try:
                 sent = s.send(flows.peek(fid, min(n, SEND_CHUNK)))
             except (BlockingIOError, InterruptedError):
                 self.can_write = False
+                self._want_out()
                 return
             flows.consume(p.now(), fid, sent)
             p.expect_answer(self)
@@ -283,13 +337,21 @@ class TcpRelay:
                 return
 
 
+# The registration (epoll(7), edge-triggered); EPOLLERR and EPOLLHUP are always reported.
+_EDGE_IN = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 _READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _WRITE_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
-_POLL_OUT = select.POLLOUT | select.POLLERR | select.POLLHUP
+_NONBLOCK = socket.SOCK_NONBLOCK   # socket(2), Linux
 
 
-def _writable_now(sock: socket.socket) -> bool:
-    """Has a non-blocking connect ended already (zero-timeout poll)?"""
-    p = select.poll()
-    p.register(sock, _POLL_OUT)
-    return bool(p.poll(0))
+def _connect_ended(sock: socket.socket) -> int:
+    """How a non-blocking connect that said EINPROGRESS stands now: 0 if
+    connected, its error if it failed, EINPROGRESS if it goes on. On
+    loopback the handshake is done by the time connect() returns, so the
+    common case costs one getpeername (ENOTCONN until connected, connect(2))."""
+    try:
+        sock.getpeername()
+        return 0
+    except OSError:
+        pass
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.EINPROGRESS
