@@ -94,9 +94,11 @@ class HostProxy:
     def wake(self) -> None:
         self._wake.set()
 
-    def pump(self) -> None:
+    def pump(self, flush: bool = True) -> None:
         """Handle the flow table's events now (at most EVENT_BUDGET; the loop takes
-        the rest after a yield), then flush once. Before `run` has started:
+        the rest after a yield), then flush once; FLUSH False: the caller
+        flushes itself when it is done (the device's TX drain does, and the
+        server re-arms the timer after the step). Before `run` has started:
         leave them to it."""
         if self._nursery is None:
             self._wake.set()
@@ -111,7 +113,10 @@ class HostProxy:
                 self._step_now = None
         if self._flush_owed and not self._holding:
             self._flush_owed = False
-            self.flush()
+            if flush:
+                self.flush()
+            elif self.flows.pending:
+                self._wake.set()
 
     def expect_answer(self, relay) -> None:
         """RELAY sent the guest's bytes to its host socket in this step: spin() looks for the answer."""

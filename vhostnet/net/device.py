@@ -243,10 +243,10 @@ class NetDevice:
         self.flush_rx(rings)
         self._wake_proxy()
 
-    def _wake_proxy(self) -> None:
+    def _wake_proxy(self, flush: bool = True) -> None:
         p = self.proxy
         if p is not None and self.stack.flows.pending:
-            p.pump()
+            p.pump(flush)
 
     def idle_watch_fds(self) -> tuple[int, ...]:
         """What a kick waiter's idle poll gives way to: the host sockets' reactor, while it runs."""
@@ -440,7 +440,9 @@ class NetDevice:
         # The NAT first: the guest's datagrams and SYNs go to their host
         # sockets before the eventfd write below, which wakes QEMU and on a
         # busy host may cost this process its core (issue 12 latency profile).
-        self._wake_proxy()
+        # No flush of the proxy's own: this drain flushes RX below, after the
+        # spin, and the server re-arms the timer after the step.
+        self._wake_proxy(flush=False)
         # Chains refused by pop() were pushed too, so publish regardless.
         notify = False
         if q.has_unpublished():
