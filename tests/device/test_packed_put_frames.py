@@ -333,6 +333,110 @@ def test_the_id_bytes_stop_the_run_at_an_id_held_or_seen_twice():
     assert all(r == got[0] for r in got) and got[0][0] == [0, 1] and got[0][2] == held
 
 
+# -- the order of the C's reads and writes of the ring ------------------------------
+#
+# The driver may read and write the ring while the C runs, so the order of
+# its accesses is part of its contract (§2.8.21.1: a descriptor's flags are
+# written last, so read first; §2.8.9 and §2.8.15: a used descriptor's id and
+# len before its flags, the run's first flags last). One test build of
+# native.c, unchanged, with every memcpy (all its ring accesses are memcpys)
+# logged when it touches the ring: the order in the log is the program
+# order, which the C's barriers keep the compiler and the CPU to.
+
+_TRACE_PRELUDE = r"""
+#include <string.h>
+#include <stdint.h>
+#define VN_TRACE_MAX 4096
+static const char *vn_trace_lo;
+static size_t vn_trace_len, vn_trace_n;
+static uint64_t vn_trace_log[VN_TRACE_MAX];
+static void *vn_traced_memcpy(void *d, const void *s, size_t n)
+{
+    const char *dc = (const char *)d, *sc = (const char *)s;
+    if (vn_trace_n < VN_TRACE_MAX) {
+        if (dc >= vn_trace_lo && dc < vn_trace_lo + vn_trace_len)
+            vn_trace_log[vn_trace_n++] = (1ull << 63) | ((uint64_t)(dc - vn_trace_lo) << 8) | n;
+        else if (sc >= vn_trace_lo && sc < vn_trace_lo + vn_trace_len)
+            vn_trace_log[vn_trace_n++] = ((uint64_t)(sc - vn_trace_lo) << 8) | n;
+    }
+    return memcpy(d, s, n);
+}
+#define memcpy vn_traced_memcpy
+"""
+_TRACE_POSTLUDE = r"""
+void vn_trace_start(const char *lo, size_t len) { vn_trace_lo = lo; vn_trace_len = len; vn_trace_n = 0; }
+size_t vn_trace_take(uint64_t *out, size_t max)
+{
+    size_t n = vn_trace_n < max ? vn_trace_n : max;
+    for (size_t i = 0; i < n; i++)
+        out[i] = vn_trace_log[i];
+    return n;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    """native.c built with its ring accesses logged (ffi, lib)."""
+    need_native()
+    import importlib.util
+
+    from cffi import FFI
+
+    from stack.native import build
+    ffi = FFI()
+    ffi.cdef(build.CDEF + "void vn_trace_start(const char *lo, size_t len);\n"
+             "size_t vn_trace_take(uint64_t *out, size_t max);\n")
+    with open(os.path.join(build.HERE, "native.c"), encoding="utf-8") as f:
+        src = _TRACE_PRELUDE + f.read() + _TRACE_POSTLUDE
+    ffi.set_source("_vn_traced", src, extra_compile_args=["-O2", "-std=c99"])
+    so = ffi.compile(tmpdir=str(tmp_path_factory.mktemp("traced")))
+    spec = importlib.util.spec_from_file_location("_vn_traced", so)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.ffi, mod.lib
+
+
+@pytest.mark.parametrize("avail_pos,used_pos,n", [(6, 6, 5), (0, 0, 8), (3, 1, 4), (7, 7, 1)])
+def test_the_c_reads_flags_first_and_writes_the_first_flags_last(traced, avail_pos, used_pos, n):
+    ffi, lib = traced
+    num = 8
+    wrap_at = {p: p >= avail_pos for p in range(num)}           # positions of this lap, then the next
+    ring = bytearray(b"".join(DESC.pack(4096 * p, 4096, p, F_WRITE | avail_bits(wrap_at[p])) for p in range(num)))
+    if n < num:                                                  # the run stops at the descriptor after it
+        stop = (avail_pos + n) % num
+        struct.pack_into("<H", ring, 16 * stop + 14, F_WRITE | avail_bits(not wrap_at[stop]))
+    region = bytearray(REGION)
+    seen = bytearray(num)
+    ids = ffi.new("uint64_t[]", 256)
+    lens = ffi.new("uint32_t[]", [110] * num)
+    rp = ffi.from_buffer(ring)
+    lib.vn_trace_start(rp, len(ring))
+    got = lib.vn_packed_put_frames(rp, len(ring), ffi.from_buffer(seen), num, num, avail_pos, 1, used_pos, 1,
+                                   num, ffi.from_buffer(region), 0, REGION, 256, bytes(110 * num), 110 * num,
+                                   lens, num, ids)
+    assert got == n
+    out = ffi.new("uint64_t[]", 4096)
+    log = [(int(e) >> 63, (int(e) >> 8) & 0xFFFFFFFF, int(e) & 0xFF) for e in out[0:lib.vn_trace_take(out, 4096)]]
+    reads = [(off, k) for w, off, k in log if not w]
+    writes = [(off, k) for w, off, k in log if w]
+    # each descriptor looked at: its flags, then (if they pass) the rest, once each
+    looked = [(avail_pos + i) % num for i in range(min(n + 1, num))]
+    expect_reads = []
+    for i, p in enumerate(looked):
+        expect_reads.append((16 * p + 14, 2))
+        if i < n:
+            expect_reads.append((16 * p, 14))
+    assert reads == expect_reads
+    used = [(used_pos + i) % num for i in range(n)]
+    body = [w for w in writes if w[0] % 16 != 14]
+    flags = [w for w in writes if w[0] % 16 == 14]
+    assert sorted(body) == sorted([(16 * p + 8, 4) for p in used] + [(16 * p + 12, 2) for p in used])
+    assert sorted(flags) == sorted((16 * p + 14, 2) for p in used)
+    assert writes[:len(body)] == body, "a used descriptor's flags before every id and len"
+    assert writes[-1] == (16 * used_pos + 14, 2), "the run's first flags not last"
+
+
 # -- the rig: a packed RX ring in two guest regions, the driver writing it itself ----
 
 class PackedRxRig(TwoRegions):
