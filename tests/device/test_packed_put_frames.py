@@ -585,10 +585,12 @@ class PackedRxRig(TwoRegions):
 
 
 RUNS: list[int] = []      # frames written by every put_frames() call the rigs' rings made
+OFFERED: list[tuple[int, int]] = []   # (frames offered, descriptors available) of each call
 
 
 class CountingPackedRing(PackedRing):
     def put_frames(self, blob, lens, budget, min_run=1):
+        OFFERED.append((len(lens), self.pending()))
         n = super().put_frames(blob, lens, budget, min_run)
         RUNS.append(n)
         return n
@@ -624,8 +626,8 @@ def test_put_frames_writes_what_pop_fast_and_push_write(kinds, lens, budget, pos
     the record, the record at its start, push), up to the first buffer that
     path would give back, then publish(): the same ring and memory,
     positions and wrap counters, chains in flight, stats, budget and the
-    publish's answer; chains taken before (in flight, their ids not to be
-    taken again) and the ring's end included."""
+    publish's answer; the ring's end included. With chains in flight (taken
+    before, not pushed) the run does not start at all."""
     a, b = PackedRxRig(16, pos=pos, wrap=wrap), PackedRxRig(16, pos=pos, wrap=wrap)
     try:
         for r in (a, b):
@@ -637,16 +639,12 @@ def test_put_frames_writes_what_pop_fast_and_push_write(kinds, lens, budget, pos
         blob = bytes((i * 7 + 3) & 0xFF for i in range(sum(lens)))
         ba, bb = Budget(budget), Budget(budget)
         n = a.ring.put_frames(blob, lens, ba, min_run)
-        # The per-frame path, with the run's two rules of its own: no more
-        # frames than the slots the device does not hold, and an id taken
-        # once stops it (pop_fast takes it again once it is pushed; the
-        # device's _rx_one does, after the run).
-        free = b.ring.num - b.ring._held
+        # The per-frame path, with the run's two rules of its own: nothing in
+        # flight, and an id taken once stops it (pop_fast takes it again once
+        # it is pushed; the device's _rx_one does, after the run).
         taken: list = []
         bpos = 0
-        for k in lens if min(free, b.ring.pending()) >= min_run else ():
-            if len(taken) == free:
-                break
+        for k in lens if not inflight and b.ring.pending() >= min_run else ():
             c = b.ring.pop_fast(bb)
             if c is None:
                 break
@@ -851,14 +849,40 @@ def test_runs_across_the_ring_end(pos, wrap):
 @pytest.mark.parametrize("event_idx", [True, False])
 @pytest.mark.usefixtures("rx_run_min")
 def test_fewer_buffers_than_frames_the_rest_wait_and_go_on_when_more_are_posted(event_idx):
+    """And the device offers a run no more frames than there are buffers
+    (the descriptor scan bounds the blob it builds)."""
     def build(r):
         r.post(5)
         pings(r, *range(12))
 
     def then(r):
         r.post(11)
+    OFFERED.clear()
     out = both(build, then=then, event_idx=event_idx)
     assert out["counters"]["rx_frames"] == 12 and out["rx_waits"] == 1
+    assert OFFERED and all(frames <= avail for frames, avail in OFFERED), OFFERED
+
+
+@pytest.mark.parametrize("rewrite", [False, True])
+@pytest.mark.usefixtures("rx_run_min")
+def test_chains_in_flight_keep_the_fill_frame_by_frame(rewrite):
+    """Chains taken and not returned (the device's own RX fill never leaves
+    any): the run does not start, as its used descriptors would land on
+    those chains' slots; with REWRITE the driver has made one of them
+    available again (§2.8.16 forbids it), which the per-frame path takes.
+    Both devices alike."""
+    def build(r):
+        warm(r)
+        r.kept = [r.ring.pop() for _ in r.post(3)]
+        r.post(5)
+        if rewrite:                       # the writer is at position 1 of the next lap: over the first chain in flight
+            assert (r.next_avail, r.avail_wrap) == (1, False)
+            r.write(r.buf(20), BUF, F_WRITE, buf_id=6)
+        pings(r, *range(8))
+    RUNS.clear()
+    out = both(build, num=8)
+    assert out["counters"]["rx_frames"] == (5 if not rewrite else 6) and not any(RUNS)
+    assert out["inflight"] == [(1, 1), (2, 1), (3, 1)]
 
 
 @pytest.mark.usefixtures("rx_run_min")

@@ -152,8 +152,8 @@ class PackedRing:
         # put_frames() wrote used descriptors (visible at once) since the
         # last publish(): publish() still has an interrupt to decide.
         self._put_visible = False
-        # A byte per buffer id, zero between put_frames() calls: the ids the
-        # device holds, marked for the C run to refuse (made at attach).
+        # A byte per buffer id for the C run (the ids it has taken, so that
+        # one twice stops it), zero between put_frames() calls; made at attach.
         self._seen = bytearray(0)
         # put_frames' views pinned for C once, not per call: (the _rcache
         # tuple and _desc they were made from, the PackedPins). Made again
@@ -493,20 +493,24 @@ class PackedRing:
 
         Unlike push(), the used descriptors are visible when this returns
         (the C writes them, the run's first flags last; publish() decides
-        the interrupt); so no run inside a tentative take (mark()), whose
-        rollback() could not take them back. Returns the frames written, 0
-        with nothing looked at when fewer than MIN_RUN descriptors are
-        available.
+        the interrupt). So a run only starts where its used descriptors go
+        exactly where it reads, over descriptors it has just read: nothing
+        in flight, the used position at the avail position (on RX, always:
+        every chain _fill takes is pushed before it returns). With chains
+        in flight they would land on those chains' slots, which the
+        per-frame path reads again if a driver breaking §2.8.16 rewrote
+        them; and no run inside a tentative take (mark()), whose rollback()
+        could not take them back. Returns the frames written, 0 with
+        nothing looked at when it does not start or fewer than MIN_RUN
+        descriptors are available.
         """
         rc = self._rcache
         desc = self._desc
         if (self.broken is not None or desc is None or rc is None or budget.left <= 0
-                or self._deferred is not None):
+                or self._deferred is not None or self._held or self.used_idx != self.last_avail_idx
+                or self.used_wrap != self.avail_wrap):
             return 0
         num = self.num
-        free = num - self._held
-        if free < min_run or free <= 0:
-            return 0
         pins = self._pins
         if pins is None or pins[0] is not rc or pins[1] is not desc:
             self._unpin()
@@ -515,16 +519,8 @@ class PackedRing:
         pos, wrap = self.last_avail_idx, self.avail_wrap
         if min_run > 1 and pins.avail_run(num, pos, wrap, min_run) < min_run:
             return 0
-        held_ids = [i for i in self._id_count if i < num]
-        seen = self._seen
-        for i in held_ids:
-            seen[i] = 1
-        try:
-            ids = pins.put_frames(num, pos, wrap, self.used_idx, self.used_wrap, free, rc[0], budget.left, blob,
-                                  lens)
-        finally:
-            for i in held_ids:
-                seen[i] = 0
+        # Nothing in flight: every slot free, no id held (the id bytes all zero).
+        ids = pins.put_frames(num, pos, wrap, pos, wrap, num, rc[0], budget.left, blob, lens)
         n = len(ids)
         if n:
             pos += n
@@ -532,11 +528,7 @@ class PackedRing:
                 self.last_avail_idx, self.avail_wrap = pos - num, not wrap
             else:
                 self.last_avail_idx = pos
-            pos = self.used_idx + n
-            if pos >= num:
-                self.used_idx, self.used_wrap = pos - num, not self.used_wrap
-            else:
-                self.used_idx = pos
+            self.used_idx, self.used_wrap = self.last_avail_idx, self.avail_wrap
             self._put_visible = True
             budget.left -= n
             self.stats["chains"] += n
