@@ -455,7 +455,7 @@ def split_put_used(used_i, num: int, used_idx: int, heads, length: int) -> int:
 _PDESC = struct.Struct("<QIHH")       # virtio 1.2 §2.8.13 struct pvirtq_desc: addr, len, id, flags
 _PLEN = struct.Struct("<I")           # its len, at byte 8
 _PU16 = struct.Struct("<H")           # its id (byte 12) and flags (byte 14)
-_P_AVAIL, _P_USED = 1 << 7, 1 << 15   # §2.8.1
+_P_AVAIL, _P_USED = 1 << 7, 1 << 15   # §2.8.1 (NEXT, WRITE, INDIRECT: the split values, §2.8.6/§2.8.3/§2.8.7)
 _P_AVAIL_USED = _P_AVAIL | _P_USED
 _PACKED_MAX_QUEUE = 32768             # §2.8: a queue size up to 2**15
 

@@ -720,6 +720,8 @@ long vn_split_put_used(uint32_t *used, size_t used_words, uint32_t num, uint32_t
  * blob or the region wraps the address space.  Moving the positions and
  * counters stays with the caller (packed.py).
  */
+/* NEXT, WRITE and INDIRECT keep the split ring's values (VRING_DESC_F_*,
+ * sections 2.8.6, 2.8.3, 2.8.7); the packed ring adds: */
 #define VIRTQ_DESC_F_AVAIL       (1u << 7)     /* virtio 1.2 section 2.8.1 */
 #define VIRTQ_DESC_F_USED        (1u << 15)
 #define PVIRTQ_DESC_SIZE         16            /* section 2.8.13 struct pvirtq_desc */
