@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""The split RX ring's run of small frames against the frame-by-frame fill, same process.
+"""The RX ring's run of small frames against the frame-by-frame fill, same process.
 
-With MRG_RXBUF on a split ring, NetDevice._fill writes the frames waiting
-that fit one posted buffer each as a run in one call (_rx_run ->
-SplitRing.put_frames, C) when at least RX_RUN_MIN are waiting;
-`NetDevice(rx_batch=False)` writes them one by one through _rx_one
+With MRG_RXBUF, NetDevice._fill writes the frames waiting that fit one
+posted buffer each as a run in one call (_rx_run -> SplitRing.put_frames
+or, with --packed, PackedRing.put_frames, C) when at least RX_RUN_MIN are
+waiting; `NetDevice(rx_batch=False)` writes them one by one through _rx_one
 (pop_fast, the header, the copy, push per frame), which is what _fill did
-before and what packed rings do. This script times flush_rx both ways on
+before. This script times flush_rx both ways on
 a real server's RX ring, switching `rx_batch` between rounds so a busy
 moment of the (shared) machine hits both, and prints ns per frame, best
 and median of the rounds, with the ratio batched / frame by frame.
@@ -22,13 +22,16 @@ Prints a table; not a test.
 
     python3 scripts/bench_rx_run.py                   # 4000 frames a round, 7 rounds
     python3 scripts/bench_rx_run.py --run-min 1       # runs from one frame on
+    python3 scripts/bench_rx_run.py --packed          # the same on packed rings
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import trio
@@ -37,9 +40,11 @@ import trio
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_checker import connected, ping_frame  # noqa: E402
+from bench_checker import ping_frame  # noqa: E402
 from stack import Frame  # noqa: E402
+from vhostnet.launch.serve import make_server  # noqa: E402
 from vhostnet.net import device  # noqa: E402
+from vhostnet.testing.frontend import Frontend  # noqa: E402
 
 RX = 0
 
@@ -64,13 +69,33 @@ def ns_per_frame(fe, srv, per_fill: int, frames: int) -> float:
     return spent / done
 
 
-async def bench(frames: int, rounds: int) -> None:
-    async with connected(safety_poll=False) as (srv, fe):
+@contextlib.asynccontextmanager
+async def connected(packed: bool):
+    """A real server (no safety poll) and a frontend (PACKED: packed rings) after QEMU's handshake."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "vhost.sock")
+        srv = make_server(path, safety_poll=False)
+        srv.listen()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(srv.serve)
+            await srv.ready.wait()
+            fe = Frontend(packed=packed)
+            await fe.connect(path)
+            await fe.handshake()
+            yield srv, fe
+            await fe.shutdown(srv)
+            nursery.cancel_scope.cancel()
+
+
+async def bench(frames: int, rounds: int, packed: bool) -> None:
+    async with connected(packed) as (srv, fe):
         fe.post_rx()
         dev = srv.current.device
         for q in srv.current.backend.queues:
             srv.current._queue_stop(q)
-        print(f"flush_rx ns per frame, split ring, MRG_RXBUF, 98-byte frames into 4 KiB buffers; "
+        assert srv.current.backend.queues[RX].packed is packed
+        print(f"flush_rx ns per frame, {'packed' if packed else 'split'} ring, MRG_RXBUF, 98-byte frames into "
+              f"4 KiB buffers; "
               f"{frames} frames a round, {rounds} rounds alternating; RX_RUN_MIN {device.RX_RUN_MIN}")
         print(f"{'frames per fill':16} {'per frame best':>14} {'batched best':>12} {'ratio':>6}"
               f" {'per frame med':>14} {'batched med':>12} {'ratio':>6}")
@@ -99,6 +124,7 @@ def main() -> None:
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--frames", type=int, default=4000, help="frames per round (default 4000)")
     ap.add_argument("--rounds", type=int, default=7, help="rounds per mode (default 7)")
+    ap.add_argument("--packed", action="store_true", help="packed rings (default: split)")
     ap.add_argument("--run-min", type=int, default=None, metavar="N",
                     help=f"RX_RUN_MIN for this run (default the device's, {device.RX_RUN_MIN})")
     a = ap.parse_args()
@@ -106,7 +132,7 @@ def main() -> None:
         ap.error("--frames and --rounds must be at least 1")
     if a.run_min is not None:
         device.RX_RUN_MIN = a.run_min
-    trio.run(bench, a.frames, a.rounds)
+    trio.run(bench, a.frames, a.rounds, a.packed)
 
 
 if __name__ == "__main__":

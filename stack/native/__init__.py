@@ -33,6 +33,14 @@ install time through setup.py's `cffi_modules`):
                                           chains (one readable buffer each)
     split_put_used(used, num, idx, heads, len) -> idx
                                           many used elements in one call
+    packed_avail_run(desc, num, pos, wrap, limit) -> int
+                                          available descriptors ahead in a
+                                          packed ring (vhostnet/virtio/packed.py)
+    packed_put_frames(desc, seen, ..., blob, lens) -> ids
+    PackedPins(desc, seen, region).put_frames(...) -> ids
+                                          the packed ring's run of small
+                                          frames, each whole into the next
+                                          buffer, used descriptors included
 
 Selection: the compiled module `stack.native._native` is used when it
 imports and VHOSTNET_NATIVE is not "0"; otherwise every name above comes
@@ -48,7 +56,8 @@ keeps a pointer after it returns. The one exception is SplitPins: it pins a
 ring's views once (about 0.3 us a from_buffer, six of them per frame
 before) and keeps the pins until release(); it pins its own slices of
 the views, so a view released early (detach) still releases, and the mapping
-stays valid under the pins until they go.
+stays valid under the pins until they go. PackedPins does the same for a
+packed ring's descriptor ring, its scratch byte per buffer id and the region.
 """
 from __future__ import annotations
 
@@ -60,7 +69,8 @@ from . import fallback
 
 __all__ = ["NATIVE", "IMPLEMENTATION", "REASON", "ones_sum", "l4_sum", "copy", "segment", "EchoReplier",
            "scatter_region", "split_take_writable", "split_put_frame", "split_put_frames", "SplitPins",
-           "split_take_readable", "split_put_used", "describe"]
+           "split_take_readable", "split_put_used", "packed_avail_run", "packed_put_frames", "PackedPins",
+           "describe"]
 
 log = logging.getLogger("stack.native")
 
@@ -75,7 +85,7 @@ COPY_C_MIN_VIEWS = 64
 # Every C routine stack/native/build.py declares.
 _ROUTINES = ("vn_ones_sum", "vn_l4_sum", "vn_copy", "vn_segment_tcp", "vn_icmp_echo_reply", "vn_scatter_region",
              "vn_split_take_writable", "vn_split_put_frame", "vn_split_put_frames", "vn_split_take_readable",
-             "vn_split_put_used")
+             "vn_split_put_used", "vn_packed_avail_run", "vn_packed_put_frames")
 
 _lib = _ffi = None
 if os.environ.get(ENV_SWITCH, "1") == "0":
@@ -407,6 +417,94 @@ if NATIVE:
         if r < 0:
             raise ValueError("used ring shorter than the queue, a head out of range, or too many heads")
         return r
+
+    # ---- RX: a run of small frames into a packed ring (native.c vn_packed_put_frames) ----
+    _p_avail = _lib.vn_packed_avail_run
+    _p_put = _lib.vn_packed_put_frames
+
+    def packed_avail_run(desc, num: int, pos: int, wrap: bool, limit: int) -> int:
+        """Available descriptors from POS on, at most LIMIT (see fallback.packed_avail_run)."""
+        try:
+            n = _p_avail(_from_buffer(desc), len(desc), num, pos, 1 if wrap else 0, max(limit, 0))
+        except OverflowError:       # a negative position: cffi refuses it for uint32_t
+            n = -1
+        if n < 0:
+            raise ValueError("the descriptor ring does not cover the queue size, or the position is outside it")
+        return n
+
+    def _packed_put(pd, ld, ps, ls, num, avail_pos, avail_wrap, used_pos, used_wrap, free, pr, r_gpa, lr,
+                    max_take, blob, lens, outp, out) -> list:
+        la = _lens_array(lens)
+        try:
+            n = _p_put(pd, ld, ps, ls, num, avail_pos, 1 if avail_wrap else 0, used_pos, 1 if used_wrap else 0,
+                       free, pr, r_gpa, lr, max(min(max_take, PUT_MAX_BUFFERS), 0),
+                       blob if type(blob) is bytes else _from_buffer(blob), len(blob),
+                       _from_buffer("uint32_t[]", la), len(la), outp)
+        except OverflowError:       # a negative position or count: cffi refuses it for uint32_t
+            n = -1
+        if n < 0:
+            raise ValueError("ring sizes do not cover the queue size, a position is outside the ring, "
+                             "or the lengths overrun the blob")
+        return out[:n].tolist() if n else []
+
+    def packed_put_frames(desc, seen, num: int, avail_pos: int, avail_wrap: bool, used_pos: int, used_wrap: bool,
+                          free: int, region, r_gpa: int, max_take: int, blob, lens) -> list:
+        """The packed ring's run of frames in one C call (see fallback.packed_put_frames). Returns the ids used."""
+        out = _U64_ZERO * PUT_MAX_BUFFERS
+        return _packed_put(_from_buffer(desc, require_writable=True), len(desc),
+                           _from_buffer(seen, require_writable=True), len(seen), num, avail_pos, avail_wrap,
+                           used_pos, used_wrap, free, _from_buffer(region, require_writable=True), r_gpa,
+                           len(region), max_take, blob, lens, _from_buffer("uint64_t[]", out), out)
+
+    class PackedPins:
+        """packed_put_frames with the ring's views pinned once (see SplitPins
+        for the lifetime rules: its own slices of the views are pinned, so
+        releasing a view is never refused because of a pin)."""
+        __slots__ = ("_views", "_pins", "_lens", "_out", "_outp")
+
+        def __init__(self, desc, seen, region):
+            vd, vr = desc[:], region[:]
+            self._views = (vd, vr)
+            self._out = _U64_ZERO * PUT_MAX_BUFFERS
+            self._outp = _from_buffer("uint64_t[]", self._out)
+            self._pins = (_from_buffer(vd, require_writable=True), _from_buffer(seen, require_writable=True),
+                          _from_buffer(vr, require_writable=True), seen)
+            self._lens = (len(vd), len(seen), len(vr))
+
+        def put_frames(self, num: int, avail_pos: int, avail_wrap: bool, used_pos: int, used_wrap: bool,
+                       free: int, r_gpa: int, max_take: int, blob, lens) -> list:
+            """packed_put_frames over the pinned views (same arguments otherwise)."""
+            pins = self._pins
+            if pins is None:
+                raise ValueError("PackedPins used after release()")
+            ld, ls, lr = self._lens
+            return _packed_put(pins[0], ld, pins[1], ls, num, avail_pos, avail_wrap, used_pos, used_wrap, free,
+                               pins[2], r_gpa, lr, max_take, blob, lens, self._outp, self._out)
+
+        def avail_run(self, num: int, pos: int, wrap: bool, limit: int) -> int:
+            """packed_avail_run over the pinned descriptor ring."""
+            pins = self._pins
+            if pins is None:
+                raise ValueError("PackedPins used after release()")
+            try:
+                n = _p_avail(pins[0], self._lens[0], num, pos, 1 if wrap else 0, max(limit, 0))
+            except OverflowError:
+                n = -1
+            if n < 0:
+                raise ValueError("the descriptor ring does not cover the queue size, or the position is outside it")
+            return n
+
+        def release(self) -> None:
+            """Unpin (at once, not at garbage collection); put_frames raises after it."""
+            if self._pins is None:
+                return
+            for p in self._pins[:3]:
+                _release(p)
+            _release(self._outp)
+            for v in self._views:
+                if isinstance(v, memoryview):
+                    v.release()
+            self._pins = self._views = self._outp = None
 else:
     ones_sum = fallback.ones_sum
     l4_sum = fallback.l4_sum
@@ -420,5 +518,8 @@ else:
     SplitPins = fallback.SplitPins
     split_take_readable = fallback.split_take_readable
     split_put_used = fallback.split_put_used
+    packed_avail_run = fallback.packed_avail_run
+    packed_put_frames = fallback.packed_put_frames
+    PackedPins = fallback.PackedPins
 
 log.debug("hot paths: %s%s", IMPLEMENTATION, f" ({REASON})" if REASON else "")

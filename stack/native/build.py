@@ -54,6 +54,13 @@ long vn_split_take_readable(const uint16_t *avail, size_t avail_words, const cha
                             uint64_t *heads, uint64_t *offs, uint64_t *lens);
 long vn_split_put_used(uint32_t *used, size_t used_words, uint32_t num, uint32_t used_idx,
                        const uint64_t *heads, size_t n, uint32_t len);
+long vn_packed_avail_run(const char *desc, size_t desc_len, uint32_t num, uint32_t pos, int wrap,
+                         uint32_t limit);
+long vn_packed_put_frames(char *desc, size_t desc_len, uint8_t *seen, size_t seen_len, uint32_t num,
+                          uint32_t avail_pos, int avail_wrap, uint32_t used_pos, int used_wrap,
+                          uint32_t free_slots, char *region, uint64_t r_gpa, uint64_t r_size,
+                          uint32_t max_take, const char *blob, size_t blob_len,
+                          const uint32_t *lens, size_t nframes, uint64_t *ids);
 """
 
 ffibuilder = FFI()

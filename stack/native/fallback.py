@@ -13,7 +13,7 @@ import struct
 
 __all__ = ["ones_sum", "l4_sum", "copy", "segment", "icmp_echo_reply", "EchoReplier", "ECHO_MAX_FRAME",
            "scatter_region", "split_take_writable", "split_put_frame", "split_put_frames", "SplitPins",
-           "split_take_readable", "split_put_used"]
+           "split_take_readable", "split_put_used", "packed_avail_run", "packed_put_frames", "PackedPins"]
 
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
@@ -448,3 +448,131 @@ def split_put_used(used_i, num: int, used_idx: int, heads, length: int) -> int:
         used_i[1 + 2 * slot] = h
         used_i[2 + 2 * slot] = length
     return (used_idx + n) & 0xFFFF
+
+
+# ---- RX: a run of small frames into a packed ring (native.c vn_packed_put_frames) ----
+
+_PDESC = struct.Struct("<QIHH")       # virtio 1.2 §2.8.13 struct pvirtq_desc: addr, len, id, flags
+_PLEN = struct.Struct("<I")           # its len, at byte 8
+_PU16 = struct.Struct("<H")           # its id (byte 12) and flags (byte 14)
+_P_AVAIL, _P_USED = 1 << 7, 1 << 15   # §2.8.1 (NEXT, WRITE, INDIRECT: the split values, §2.8.6/§2.8.3/§2.8.7)
+_P_AVAIL_USED = _P_AVAIL | _P_USED
+_PACKED_MAX_QUEUE = 32768             # §2.8: a queue size up to 2**15
+
+
+def _packed_sizes_ok(desc, num: int, pos: int) -> bool:
+    return 0 < num <= _PACKED_MAX_QUEUE and len(desc) >= 16 * num and 0 <= pos < num
+
+
+def packed_avail_run(desc, num: int, pos: int, wrap: bool, limit: int) -> int:
+    """How many descriptors from ring position POS on are available for
+    wrap counter WRAP (§2.8.1: AVAIL equal to it, USED not), at most LIMIT
+    and NUM (native.c vn_packed_avail_run). ValueError when DESC does not
+    cover NUM descriptors or POS is outside the ring."""
+    if not _packed_sizes_ok(desc, num, pos):
+        raise ValueError("the descriptor ring does not cover the queue size, or the position is outside it")
+    expect = _P_AVAIL if wrap else _P_USED
+    n = 0
+    limit = min(limit, num)
+    while n < limit and _PU16.unpack_from(desc, 16 * pos + 14)[0] & _P_AVAIL_USED == expect:
+        n += 1
+        pos += 1
+        if pos == num:
+            pos = 0
+            wrap = not wrap
+            expect = _P_AVAIL if wrap else _P_USED
+    return n
+
+
+def packed_put_frames(desc, seen, num: int, avail_pos: int, avail_wrap: bool, used_pos: int, used_wrap: bool,
+                      free: int, region, r_gpa: int, max_take: int, blob, lens) -> list:
+    """A run of small frames, each whole into the next available buffer of a
+    packed ring (native.c vn_packed_put_frames, which documents the checks
+    and the order of the writes): record i (LENS[i] bytes of BLOB, back to
+    back) goes to the buffer at ring position AVAIL_POS + i while that
+    descriptor is available, one device-writable buffer inside the region
+    that holds the record, with a buffer id below NUM not marked in SEEN;
+    at most len(LENS), MAX_TAKE, FREE and PUT_MAX_BUFFERS of them. Then the
+    used descriptors (id, LENS[i], flags per the used wrap counter) from
+    USED_POS on, the first one's flags last. Returns the buffer ids used;
+    SEEN as it was. ValueError, nothing read or written, when the sizes do
+    not cover the ring, a position is outside it, the lengths overrun the
+    blob or the region wraps the address space."""
+    if not _packed_sizes_ok(desc, num, avail_pos) or not 0 <= used_pos < num or len(seen) < num \
+            or not 0 <= free <= num:
+        raise ValueError("ring sizes do not cover the queue size, or a position is outside the ring")
+    if r_gpa + len(region) > _U64_MAX:
+        raise ValueError("the region wraps the address space")
+    if sum(lens) > len(blob) or any(k < 0 for k in lens):
+        raise ValueError("the frames' lengths overrun their blob")
+    r_end = r_gpa + len(region)
+    pos, wrap = avail_pos, avail_wrap
+    expect = _P_AVAIL if wrap else _P_USED
+    ids: list[int] = []
+    bpos = 0
+    for i in range(min(len(lens), max_take, free, PUT_MAX_BUFFERS)):
+        k = lens[i]
+        addr, length, buf_id, flags = _PDESC.unpack_from(desc, 16 * pos)
+        if (flags & _P_AVAIL_USED != expect or flags & _NEXT_INDIRECT_WRITE != _F_WRITE
+                or length < k or not length or not (r_gpa <= addr and addr + length <= r_end)
+                or buf_id >= num or seen[buf_id]):
+            break
+        seen[buf_id] = 1        # an id twice in the run stops it at the second
+        off = addr - r_gpa
+        region[off:off + k] = blob[bpos:bpos + k]
+        bpos += k
+        ids.append(buf_id)
+        pos += 1
+        if pos == num:
+            pos = 0
+            wrap = not wrap
+            expect = _P_AVAIL if wrap else _P_USED
+    for buf_id in ids:
+        seen[buf_id] = 0
+    flags = []
+    pos, wrap = used_pos, used_wrap
+    for buf_id, k in zip(ids, lens):
+        o = 16 * pos
+        _PLEN.pack_into(desc, o + 8, k)
+        _PU16.pack_into(desc, o + 12, buf_id)
+        flags.append((o + 14, (_P_AVAIL_USED if wrap else 0) | (_F_WRITE if k else 0)))
+        pos += 1
+        if pos == num:
+            pos = 0
+            wrap = not wrap
+    for o, f in reversed(flags):    # the first descriptor's flags last
+        _PU16.pack_into(desc, o, f)
+    return ids
+
+
+class PackedPins:
+    """A packed ring's RX arguments held for packed_put_frames, once per
+    mapping (the twin of stack.native.PackedPins, as SplitPins is of its
+    C twin: the same lifetime rules, nothing to pin). SEEN is the ring's
+    scratch byte per buffer id, zero between calls."""
+    __slots__ = ("_args",)
+
+    def __init__(self, desc, seen, region):
+        self._args = (desc[:], seen, region[:])
+
+    def put_frames(self, num: int, avail_pos: int, avail_wrap: bool, used_pos: int, used_wrap: bool, free: int,
+                   r_gpa: int, max_take: int, blob, lens) -> list:
+        """packed_put_frames over the held views (same arguments otherwise)."""
+        if self._args is None:
+            raise ValueError("PackedPins used after release()")
+        desc, seen, region = self._args
+        return packed_put_frames(desc, seen, num, avail_pos, avail_wrap, used_pos, used_wrap, free, region, r_gpa,
+                                 max_take, blob, lens)
+
+    def avail_run(self, num: int, pos: int, wrap: bool, limit: int) -> int:
+        """packed_avail_run over the held descriptor ring."""
+        if self._args is None:
+            raise ValueError("PackedPins used after release()")
+        return packed_avail_run(self._args[0], num, pos, wrap, limit)
+
+    def release(self) -> None:
+        if self._args is not None:
+            for v in self._args:
+                if isinstance(v, memoryview):
+                    v.release()
+            self._args = None

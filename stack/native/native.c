@@ -17,7 +17,8 @@
  * vn_split_put_frames for RX buffers, vn_split_take_readable /
  * vn_split_put_used for TX chains; their twins are held to them by
  * tests/device/test_take_writable.py, test_put_frames.py and
- * test_take_readable.py).
+ * test_take_readable.py), and the packed ring's RX run
+ * (vn_packed_avail_run, vn_packed_put_frames; test_packed_put_frames.py).
  *
  * Checksums: the ones'-complement sum is independent of byte order
  * (RFC 1071 section 2(B)), so we add native-endian 32-bit loads into a
@@ -667,4 +668,194 @@ long vn_split_put_used(uint32_t *used, size_t used_words, uint32_t num, uint32_t
         used[2 + 2 * (size_t)slot] = le32(len);
     }
     return (long)((used_idx + n) & 0xFFFFu);
+}
+
+/* ---- RX: a run of small frames into a packed ring (vhostnet/virtio/packed.py) ----
+ *
+ * The packed counterpart of vn_split_put_frames (virtio 1.2 section 2.8):
+ * one ring of 16-byte descriptors (struct pvirtq_desc: addr, len, id,
+ * flags; section 2.8.13) that the driver makes available and the device
+ * writes used descriptors back into, both in ring order.
+ *
+ * vn_packed_avail_run: how many descriptors from ring position pos on are
+ * available for wrap counter `wrap` (section 2.8.1: AVAIL equal to it,
+ * USED not), at most `limit` (and num).  PackedRing.pending()'s scan; the
+ * device asks it for the most frames a run could take.  -1 when the sizes
+ * do not cover the ring.
+ *
+ * vn_packed_put_frames: record i of blob (lens[i] bytes: the frame's
+ * virtio-net header, num_buffers 1 (section 5.1.6.4), and the frame) goes
+ * whole into the buffer at ring position avail_pos + i if that descriptor
+ * is what PackedRing.pop_fast() would take and a device-writable buffer
+ * that holds the record: available for the avail wrap counter, neither
+ * NEXT nor INDIRECT, WRITE set, len >= lens[i] and non-zero, wholly inside
+ * the guest region [r_gpa, r_gpa + r_size), its buffer id below num and
+ * not marked in `seen` (ids the device holds, marked by the caller, and
+ * those taken earlier in this run).  At most nframes, max_take (the work
+ * budget, capped at VN_PUT_MAX_BUFFERS) and free_slots (the slots the
+ * device does not hold: past them the ring holds our own earlier
+ * positions) of them.  The first descriptor that is anything else ends
+ * the run untouched: that frame and the rest go the per-frame way, which
+ * judges it.
+ *
+ * Then the used descriptors (section 2.8.6: the buffer id, lens[i] bytes
+ * written, flags AVAIL and USED both equal to the used wrap counter, WRITE
+ * as the device wrote) at ring positions used_pos + i, the used wrap
+ * counter flipping at the ring's end.  The driver may read the ring at any
+ * time: the records go before a release barrier, then every id and len,
+ * a barrier, every flags word but the first, a barrier, and the first
+ * descriptor's flags last (section 2.8.9 and Linux's vhost / DPDK's
+ * "flags of the head last"), so the driver sees the batch all at once or
+ * not at all, and no used descriptor before its id and len (section
+ * 2.8.15: nothing changes in a descriptor once it is marked used).  The run's
+ * used positions trail its avail positions (the caller's free_slots), so
+ * a used descriptor only overwrites a descriptor already read.
+ *
+ * Each descriptor's flags are read first, behind an acquire barrier
+ * (section 2.8.21.1: the driver writes them last), then the rest once into
+ * locals; only the copies are checked and used.  ids[] receives the buffer
+ * ids; the run's own marks in seen are cleared before returning.  Returns
+ * the frames written, or -1 (nothing read or written) when the sizes do
+ * not cover the ring, a position is outside it, the lengths overrun the
+ * blob or the region wraps the address space.  Moving the positions and
+ * counters stays with the caller (packed.py).
+ */
+/* NEXT, WRITE and INDIRECT keep the split ring's values (VRING_DESC_F_*,
+ * sections 2.8.6, 2.8.3, 2.8.7); the packed ring adds: */
+#define VIRTQ_DESC_F_AVAIL       (1u << 7)     /* virtio 1.2 section 2.8.1 */
+#define VIRTQ_DESC_F_USED        (1u << 15)
+#define PVIRTQ_DESC_SIZE         16            /* section 2.8.13 struct pvirtq_desc */
+#define PVIRTQ_LEN_OFF           8
+#define PVIRTQ_ID_OFF            12
+#define PVIRTQ_FLAGS_OFF         14
+#define VN_PACKED_MAX_QUEUE      32768         /* section 2.8: a queue size up to 32768 */
+
+static inline int packed_sizes_ok(size_t desc_len, uint32_t num, uint32_t pos)
+{
+    return num != 0 && num <= VN_PACKED_MAX_QUEUE && desc_len >= PVIRTQ_DESC_SIZE * (size_t)num && pos < num;
+}
+
+/* The flags of descriptor pos, read before anything else of it. */
+static inline uint16_t packed_flags(const char *desc, uint32_t pos)
+{
+    uint16_t f;
+    memcpy(&f, desc + PVIRTQ_DESC_SIZE * (size_t)pos + PVIRTQ_FLAGS_OFF, 2);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return le16(f);
+}
+
+static inline uint16_t packed_avail_bits(int wrap)
+{
+    return (uint16_t)(wrap ? VIRTQ_DESC_F_AVAIL : VIRTQ_DESC_F_USED);
+}
+
+long vn_packed_avail_run(const char *desc, size_t desc_len, uint32_t num, uint32_t pos, int wrap,
+                         uint32_t limit)
+{
+    if (!packed_sizes_ok(desc_len, num, pos))
+        return -1;
+    if (limit > num)
+        limit = num;
+    uint16_t expect = packed_avail_bits(wrap);
+    uint32_t n = 0;
+    while (n < limit && (packed_flags(desc, pos) & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED)) == expect) {
+        n++;
+        if (++pos == num) {
+            pos = 0;
+            expect = packed_avail_bits(!wrap);
+            wrap = !wrap;
+        }
+    }
+    return (long)n;
+}
+
+static inline void packed_store16(char *p, uint16_t v)
+{
+    v = le16(v);
+    memcpy(p, &v, 2);
+}
+
+long vn_packed_put_frames(char *desc, size_t desc_len, uint8_t *seen, size_t seen_len, uint32_t num,
+                          uint32_t avail_pos, int avail_wrap, uint32_t used_pos, int used_wrap,
+                          uint32_t free_slots, char *region, uint64_t r_gpa, uint64_t r_size,
+                          uint32_t max_take, const char *blob, size_t blob_len,
+                          const uint32_t *lens, size_t nframes, uint64_t *ids)
+{
+    if (!packed_sizes_ok(desc_len, num, avail_pos) || used_pos >= num || seen_len < num || free_slots > num
+        || r_size > UINT64_MAX - r_gpa)
+        return -1;
+    size_t total = 0;
+    for (size_t i = 0; i < nframes; i++) {
+        if (lens[i] > blob_len - total)
+            return -1;
+        total += lens[i];
+    }
+    if (max_take > VN_PUT_MAX_BUFFERS)
+        max_take = VN_PUT_MAX_BUFFERS;
+    uint64_t r_end = r_gpa + r_size;
+    uint16_t expect = packed_avail_bits(avail_wrap);
+    uint32_t pos = avail_pos;
+    size_t bpos = 0;
+    uint32_t n = 0;
+    while (n < nframes && n < max_take && n < free_slots) {
+        uint16_t flags = packed_flags(desc, pos);
+        if ((flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED)) != expect
+            || (flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE)) != VRING_DESC_F_WRITE)
+            break;
+        char d[PVIRTQ_FLAGS_OFF];
+        memcpy(d, desc + PVIRTQ_DESC_SIZE * (size_t)pos, PVIRTQ_FLAGS_OFF);
+        VN_COMPILER_BARRIER();      /* the checks below and the use are of this one read */
+        uint64_t addr;
+        uint32_t len;
+        uint16_t id;
+        memcpy(&addr, d, 8);
+        memcpy(&len, d + PVIRTQ_LEN_OFF, 4);
+        memcpy(&id, d + PVIRTQ_ID_OFF, 2);
+        addr = le64(addr);
+        len = le32(len);
+        id = le16(id);
+        if (len < lens[n] || len == 0 || addr < r_gpa || addr > r_end || len > r_end - addr
+            || id >= num || seen[id])
+            break;
+        seen[id] = 1;           /* an id twice in the run stops it at the second */
+        /* addr - r_gpa + lens[n] <= addr - r_gpa + len <= r_size: inside the region */
+        memcpy(region + (addr - r_gpa), blob + bpos, lens[n]);
+        bpos += lens[n];
+        ids[n] = id;
+        n++;
+        if (++pos == num) {
+            pos = 0;
+            avail_wrap = !avail_wrap;
+            expect = packed_avail_bits(avail_wrap);
+        }
+    }
+    for (uint32_t i = 0; i < n; i++)
+        seen[ids[i]] = 0;
+    if (n == 0)
+        return 0;
+    __atomic_thread_fence(__ATOMIC_RELEASE);        /* the frames before their used descriptors */
+    pos = used_pos;
+    for (uint32_t i = 0; i < n; i++) {
+        char *d = desc + PVIRTQ_DESC_SIZE * (size_t)pos;
+        uint32_t len = le32(lens[i]);
+        memcpy(d + PVIRTQ_LEN_OFF, &len, 4);
+        packed_store16(d + PVIRTQ_ID_OFF, (uint16_t)ids[i]);
+        if (++pos == num)
+            pos = 0;
+    }
+    __atomic_thread_fence(__ATOMIC_RELEASE);        /* ids and lens before any flags */
+    uint16_t used_bits = used_wrap ? (uint16_t)(VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) : 0;
+    uint16_t head_flags = (uint16_t)(used_bits | (lens[0] ? VRING_DESC_F_WRITE : 0));
+    pos = used_pos;
+    for (uint32_t i = 1; i < n; i++) {
+        if (++pos == num) {
+            pos = 0;
+            used_bits ^= (uint16_t)(VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED);
+        }
+        packed_store16(desc + PVIRTQ_DESC_SIZE * (size_t)pos + PVIRTQ_FLAGS_OFF,
+                       (uint16_t)(used_bits | (lens[i] ? VRING_DESC_F_WRITE : 0)));
+    }
+    __atomic_thread_fence(__ATOMIC_RELEASE);        /* the first descriptor's flags last */
+    packed_store16(desc + PVIRTQ_DESC_SIZE * (size_t)used_pos + PVIRTQ_FLAGS_OFF, head_flags);
+    return (long)n;
 }

@@ -12,12 +12,12 @@ back in one call (push_read) once it is done with them; whatever ends a run
 goes through pop() as always. Packed rings (and `tx_batch=False`) go chain
 by chain.
 
-RX on a split ring with MRG_RXBUF goes by runs too: from RX_RUN_MIN
+RX with MRG_RXBUF goes by runs too, split and packed: from RX_RUN_MIN
 frames waiting, those that fit one posted buffer each (no GSO, up to the
 MTU) go with their headers into the next buffers and their used elements
-in one call (_rx_run -> SplitRing.put_frames, C); whatever ends a run (an
-odd frame, a buffer pop_fast would not take or too small) goes through
-_rx_one as always. Packed rings (and `rx_batch=False`) go frame by frame.
+in one call (_rx_run -> SplitRing/PackedRing.put_frames, C); whatever ends
+a run (an odd frame, a buffer pop_fast would not take or too small) goes
+through _rx_one as always. `rx_batch=False` goes frame by frame.
 
 `link` is the outermost link layer (vhostnet/link: fault injection, taps
 on the stack's side), built by the `link_layers` the constructor is given;
@@ -138,9 +138,9 @@ class NetDevice:
         # False: one chain at a time, as on packed rings (tests and benchmarks
         # hold the two to the same outcome and compare their speed).
         self.tx_batch = tx_batch
-        # Split RX rings with MRG_RXBUF: small frames a run per call
-        # (SplitRing.put_frames); False: each through _rx_one, as on packed
-        # rings (tests hold the two to the same end state).
+        # RX rings with MRG_RXBUF (split and packed): small frames a run per
+        # call (Ring.put_frames); False: each through _rx_one (tests hold the
+        # two to the same end state).
         self.rx_batch = rx_batch
         self.tx_step_bytes = tx_step_bytes
         if not 1 <= queue_pairs <= MAX_QUEUE_PAIRS:
@@ -619,10 +619,10 @@ class NetDevice:
         self._rx_stalled.pop(q.index, None)
         b = Budget(RX_BUDGET)
         waiting = False
-        # MRG_RXBUF on a split ring: the frames that fit a buffer each, a run
-        # per call (_rx_run); whatever ends a run (a frame to treat, a buffer
-        # that is not the common case) goes through _rx_one.
-        run = self._rx_run if self.mrg and self.rx_batch and not q.packed else None
+        # MRG_RXBUF: the frames that fit a buffer each, a run per call
+        # (_rx_run); whatever ends a run (a frame to treat, a buffer that is
+        # not the common case) goes through _rx_one.
+        run = self._rx_run if self.mrg and self.rx_batch else None
         while pending and not b.spent and q.ready:
             if run is not None and len(pending) >= RX_RUN_MIN:
                 if not run(q, pending, b):
@@ -680,8 +680,9 @@ class NetDevice:
         parts = []
         lens = array.array("I")
         # No more frames than the budget and the buffers posted could take
-        # (a jump past the queue size: put_frames refuses, _rx_one judges).
-        limit = min(budget.left, q.pending())
+        # (a jump past the queue size: put_frames refuses, _rx_one judges);
+        # a packed ring scans its descriptors for that, so no further than needed.
+        limit = min(budget.left, q.pending(min(budget.left, len(pending))) if q.packed else q.pending())
         if limit < RX_RUN_MIN:
             return True
         for f in pending:

@@ -15,6 +15,10 @@ Ordering, since the guest reads concurrently:
   memoryview cast to 'H'), and in reverse order of the batch: the first
   buffer of a multi-buffer request (MRG_RXBUF) becomes visible last
   (§2.8.9), so the driver never sees a partial request;
+- put_frames() (the RX run of small frames, in C) writes its used
+  descriptors itself, visible when it returns: ids and lens, a barrier,
+  the flags, the run's first one last (stack/native/native.c
+  vn_packed_put_frames); publish() then only decides the interrupt;
 - a full barrier separates the flag stores from the read of the driver's
   event suppression structure, and the write of ours from the re-check of
   the next descriptor (see split.py's `full_barrier`).
@@ -42,6 +46,7 @@ from __future__ import annotations
 import collections
 import struct
 
+from stack.native import PackedPins, packed_avail_run
 from vhostnet.virtio.findings import Findings
 from vhostnet.virtio.ring import MAX_CHAIN_DESCS, describe_common, chain_truncated, refusal_doc, Chain, ChainError, one_buffer_chain
 from vhostnet.virtio.split import MAX_QUEUE_SIZE, full_barrier
@@ -144,6 +149,16 @@ class PackedRing:
         # and len go out at publish() too: the slot is the chain's first
         # descriptor, which a rollback() may hand back to the driver unread.
         self._unpublished: list[tuple[int, int, int, int]] = []
+        # put_frames() wrote used descriptors (visible at once) since the
+        # last publish(): publish() still has an interrupt to decide.
+        self._put_visible = False
+        # A byte per buffer id for the C run (the ids it has taken, so that
+        # one twice stops it), zero between put_frames() calls; made at attach.
+        self._seen = bytearray(0)
+        # put_frames' views pinned for C once, not per call: (the _rcache
+        # tuple and _desc they were made from, the PackedPins). Made again
+        # when either is another object; released at attach and detach.
+        self._pins: tuple | None = None
         self._deferred: list | None = None     # findings of a tentative take (mark/commit)
         # Where pop() last found nothing available: what a kick is asked past.
         self.avail_seen: tuple[int, bool] = (0, True)
@@ -175,14 +190,22 @@ class PackedRing:
                              f"(SET_VRING_BASE) are outside a ring of {n}")
         self.mem = mem
         self._rcache = None
+        self._unpin()
         self.epoch += 1
+        self._seen = bytearray(n)
         self._desc = mem.uva_view(self.desc_uva, DESC_SIZE * n)
         self._desc_h = self._desc.cast("H")
         self._desc_i = self._desc.cast("I")
         self._driver_h = mem.uva_view(self.avail_uva, EVENT_SIZE).cast("H")
         self._device_h = mem.uva_view(self.used_uva, EVENT_SIZE).cast("H")
 
+    def _unpin(self) -> None:
+        pins, self._pins = self._pins, None
+        if pins is not None:
+            pins[2].release()
+
     def detach(self) -> None:
+        self._unpin()
         for v in (self._desc_h, self._desc_i, self._desc, self._driver_h, self._device_h):
             if v is not None:
                 v.release()
@@ -219,6 +242,7 @@ class PackedRing:
         self._id_count.clear()
         self._held = 0
         self._unpublished.clear()
+        self._put_visible = False
         self._published_from = (used, uw)
 
     def reset_held(self) -> None:
@@ -232,6 +256,7 @@ class PackedRing:
         self._id_count.clear()
         self._held = 0
         self._unpublished.clear()
+        self._put_visible = False
         self._published_from = (self.used_idx, self.used_wrap)
 
     # -- findings ------------------------------------------------------------
@@ -286,16 +311,18 @@ class PackedRing:
     def next_available(self) -> bool:
         return self._desc_h is not None and _is_avail(self._flags(self.last_avail_idx), self.avail_wrap)
 
-    def pending(self) -> int:
-        """Available descriptors from last_avail_idx on (a bounded scan; for tools)."""
-        if self._desc_h is None:
+    def pending(self, limit: int | None = None) -> int:
+        """Available descriptors from last_avail_idx on, at most LIMIT (and
+        the queue size): a bounded scan of their flags, in C
+        (stack.native.packed_avail_run). For tools, and for the device's
+        RX run, which asks for at most the frames it has."""
+        if self._desc is None:
             return 0
-        pos, wrap = self.last_avail_idx, self.avail_wrap
-        n = 0
-        while n < self.num and _is_avail(self._flags(pos), wrap):
-            n += 1
-            pos, wrap = self._advance(pos, wrap, 1)
-        return n
+        limit = self.num if limit is None else min(limit, self.num)
+        pins = self._pins
+        if pins is not None and pins[1] is self._desc:
+            return pins[2].avail_run(self.num, self.last_avail_idx, self.avail_wrap, limit)
+        return packed_avail_run(self._desc, self.num, self.last_avail_idx, self.avail_wrap, limit)
 
     def pop(self, budget=None, fast: bool = True) -> Chain | None:
         """Next well-formed chain, or None. Refused chains are returned used with length 0.
@@ -444,6 +471,69 @@ class PackedRing:
         packed rings take the general way: 0, nothing taken, so the device
         goes through mark()/take_writable()/pop()."""
         return 0
+
+    def put_frames(self, blob, lens, budget, min_run: int = 1) -> int:
+        """A run of small frames, each whole into the next buffer, in one call (MRG_RXBUF).
+
+        The contract of SplitRing.put_frames: BLOB holds the frames back to
+        back, frame i being LENS[i] bytes with its virtio-net header
+        (num_buffers 1) in front. Frame i goes to the next descriptor if
+        pop_fast() would take it (available, a slot free, one descriptor
+        without NEXT or INDIRECT, non-empty, inside the cached region, its
+        buffer id below the queue size and not in flight) and it is one
+        device-writable buffer of at least LENS[i] bytes: what
+        NetDevice._rx_one's fast path (pop_fast, _write_one, push) does with
+        it. The first descriptor that is anything else (an id twice in the
+        run too) ends the run untaken and unjudged: the device's per-frame
+        path takes that frame and the rest. Each frame is one descriptor of
+        the BUDGET. The loop, the copies and the used descriptors are
+        stack.native.packed_put_frames through PackedPins (C or its Python
+        twin; tests/device/test_packed_put_frames.py holds them to each
+        other and to the per-frame path).
+
+        Unlike push(), the used descriptors are visible when this returns
+        (the C writes them, the run's first flags last; publish() decides
+        the interrupt). So a run only starts where its used descriptors go
+        exactly where it reads, over descriptors it has just read: nothing
+        in flight, the used position at the avail position (on RX, always:
+        every chain _fill takes is pushed before it returns). With chains
+        in flight they would land on those chains' slots, which the
+        per-frame path reads again if a driver breaking §2.8.16 rewrote
+        them; and no run inside a tentative take (mark()), whose rollback()
+        could not take them back. Returns the frames written, 0 with
+        nothing looked at when it does not start or fewer than MIN_RUN
+        descriptors are available.
+        """
+        rc = self._rcache
+        desc = self._desc
+        if (self.broken is not None or desc is None or rc is None or budget.left <= 0
+                or self._deferred is not None or self._held or self.used_idx != self.last_avail_idx
+                or self.used_wrap != self.avail_wrap):
+            return 0
+        num = self.num
+        pins = self._pins
+        if pins is None or pins[0] is not rc or pins[1] is not desc:
+            self._unpin()
+            pins = self._pins = (rc, desc, PackedPins(desc, self._seen, rc[2]))
+        pins = pins[2]
+        pos, wrap = self.last_avail_idx, self.avail_wrap
+        if min_run > 1 and pins.avail_run(num, pos, wrap, min_run) < min_run:
+            return 0
+        # Nothing in flight: every slot free, no id held (the id bytes all zero).
+        ids = pins.put_frames(num, pos, wrap, pos, wrap, num, rc[0], budget.left, blob, lens)
+        n = len(ids)
+        if n:
+            pos += n
+            if pos >= num:
+                self.last_avail_idx, self.avail_wrap = pos - num, not wrap
+            else:
+                self.last_avail_idx = pos
+            self.used_idx, self.used_wrap = self.last_avail_idx, self.avail_wrap
+            self._put_visible = True
+            budget.left -= n
+            self.stats["chains"] += n
+            self.stats["bytes"] += sum(lens[:n])
+        return n
 
     def _take(self, buf_id: int, ndesc: int) -> None:
         self.last_avail_idx, self.avail_wrap = self._advance(self.last_avail_idx, self.avail_wrap, ndesc)
@@ -648,12 +738,13 @@ class PackedRing:
             self.push(head, length)
 
     def has_unpublished(self) -> bool:
-        return bool(self._unpublished)
+        return bool(self._unpublished) or self._put_visible
 
     def publish(self) -> bool:
         """Flag the batch's used descriptors, first one last; True if the driver wants an interrupt."""
-        if not self._unpublished:
+        if not self._unpublished and not self._put_visible:
             return False
+        self._put_visible = False
         h, i = self._desc_h, self._desc_i
         for slot, buf_id, length, _flags in self._unpublished:
             i[slot * 4 + _LEN_I] = length
