@@ -12,7 +12,7 @@ driver writing into its own mapping of them, as in test_take_readable.py):
   bad sizes;
 - a NetDevice filling with the run (rx_batch=True, the default) ends in
   exactly the state of one filling frame by frame (rx_batch=False, the
-  loop _fill had before, which packed rings keep): the same guest memory,
+  loop _fill had before; packed rings: test_packed_put_frames.py): the same guest memory,
   used ring, positions, held heads, ring stats, findings, device counters,
   frames left waiting, stalls, return values and taps, for named hostile
   rings, odd frames, budgets inside a run, index wrap, and random rings;
