@@ -44,7 +44,8 @@ from vhostnet.virtio.ring import Budget
 from .conftest import make_server
 from .ring_rig import AVAIL_OFF, BUF_OFF, DESC_OFF, GPA, GPA2, INDIRECT_OFF, USED_OFF, TwoRegions
 from .test_datapath import ping
-from .test_put_frames import FRAME_KINDS, RX_FEATURES, make_frame, need_native
+from .test_put_frames import FRAME_KINDS, RX_FEATURES, both_alike, make_frame, need_native, pings
+from .test_put_frames import rx_run_min  # noqa: F401  (the fixture, by name)
 
 SIZE = 1 << 21
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
@@ -723,39 +724,9 @@ def test_used_descriptors_of_a_run_are_visible_at_once_and_publish_decides_the_i
 
 # -- the device: a run per call == frame by frame -------------------------------
 
-@pytest.fixture(params=[1, device.RX_RUN_MIN], ids=["run_min_1", "run_min_default"])
-def rx_run_min(request, monkeypatch):
-    """_fill takes runs from RX_RUN_MIN frames waiting: every device test
-    below runs with runs from one frame on too."""
-    monkeypatch.setattr(device, "RX_RUN_MIN", request.param)
-    return request.param
-
-
-def both(build, *, rounds: int = 12, then=None, **kw) -> dict:
-    """BUILD the same ring and frames for a batched and a frame-by-frame
-    device, fill both (THEN, if given, builds more and fills again); they
-    must end alike. Returns the batched one's outcome."""
-    outs = []
-    num = kw.pop("num", 16)
-    for batch in (True, False):
-        r = PackedRxRig(num, batch=batch, **kw)
-        try:
-            build(r)
-            returned = r.fill(rounds)
-            if then is not None:
-                then(r)
-                returned += r.fill(rounds)
-            outs.append(r.outcome(returned))
-        finally:
-            r.close()
-    batched, single = outs
-    for key in single:
-        assert batched[key] == single[key], key
-    return batched
-
-
-def pings(r, *seqs: int) -> None:
-    r.wait(*(("ping", s) for s in seqs))
+def both(build, **kw) -> dict:
+    """test_put_frames.both_alike with packed rigs."""
+    return both_alike(PackedRxRig, build, **kw)
 
 
 def _used(out, first: int, n: int, num: int = 16) -> list:

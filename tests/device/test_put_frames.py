@@ -502,14 +502,15 @@ def rx_run_min(request, monkeypatch):
     return request.param
 
 
-def both(build, *, rounds: int = 12, then=None, **kw) -> dict:
-    """BUILD the same ring and frames for a batched and a frame-by-frame
-    device, fill both (THEN, if given, builds more and fills again); they
-    must end alike. Returns the batched one's outcome."""
+def both_alike(rig, build, *, rounds: int = 12, then=None, **kw) -> dict:
+    """BUILD the same ring and frames in a batched and a frame-by-frame RIG
+    (a device and its ring: RxRig here, PackedRxRig for packed rings), fill
+    both (THEN, if given, builds more and fills again); they must end
+    alike. Returns the batched one's outcome."""
     outs = []
     num = kw.pop("num", 16)
     for batch in (True, False):
-        r = RxRig(num, batch=batch, **kw)
+        r = rig(num, batch=batch, **kw)
         try:
             build(r)
             returned = r.fill(rounds)
@@ -523,6 +524,10 @@ def both(build, *, rounds: int = 12, then=None, **kw) -> dict:
     for key in single:
         assert batched[key] == single[key], key
     return batched
+
+
+def both(build, **kw) -> dict:
+    return both_alike(RxRig, build, **kw)
 
 
 def pings(r, *seqs: int) -> None:
