@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import trio
 
@@ -68,3 +70,18 @@ async def responsive(fe, backend=None, timeout: float = 2.0) -> None:
 
 async def ask_backend(backend, what: str = "inspect") -> dict:
     return await trio.to_thread.run_sync(backend.request, {"cmd": what})
+
+
+@contextlib.asynccontextmanager
+async def served(tmp_path, nursery, **kw):
+    """A server as `vhostnet serve` builds it (KW: its options) and a frontend, ready."""
+    srv = make_server(tmp_path / "v.sock", **kw)
+    nursery.start_soon(srv.serve)
+    await srv.ready.wait()
+    fe = Frontend()
+    await fe.connect(srv.socket_path)
+    await fe.handshake()
+    fe.post_rx()
+    fe.rx.kick()
+    yield srv, fe
+    await fe.shutdown(srv)

@@ -5,18 +5,16 @@ before the look that must find it: no thread, no timing to hope for.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 
 import pytest
 
 from vhostnet.launch.cli import build_parser
-from vhostnet.testing.frontend import Frontend
 from vhostnet.vhostuser import idle_poll as I
 from vhostnet.vhostuser.idle_poll import IdlePoll
 
-from .conftest import make_server
+from .conftest import served
 from .test_datapath import ping
 
 WINDOW = 1e-3
@@ -148,21 +146,6 @@ def test_the_option_is_bounded(text, ok, capsys):
         with pytest.raises(SystemExit):
             p.parse_args(["serve", "--idle-poll-us", text])
         assert "--idle-poll-us" in capsys.readouterr().err
-
-
-@contextlib.asynccontextmanager
-async def served(tmp_path, nursery, **kw):
-    """A server as `vhostnet serve` builds it (KW: its options) and a frontend, ready."""
-    srv = make_server(tmp_path / "v.sock", **kw)
-    nursery.start_soon(srv.serve)
-    await srv.ready.wait()
-    fe = Frontend()
-    await fe.connect(srv.socket_path)
-    await fe.handshake()
-    fe.post_rx()
-    fe.rx.kick()
-    yield srv, fe
-    await fe.shutdown(srv)
 
 
 async def test_in_one_thread_with_the_driver_the_look_backs_off(tmp_path, nursery):

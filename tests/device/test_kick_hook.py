@@ -18,7 +18,7 @@ import trio
 from vhostnet.vhostuser import kick_hook as K
 from vhostnet.vhostuser.kick_hook import KickClock
 
-from .conftest import make_server
+from .conftest import served
 from .test_datapath import ping
 
 
@@ -157,24 +157,10 @@ def kick_in_the_hook(clock: KickClock, kick) -> threading.Thread:
 # -- the server with the hook: the in-process frontend kicks from this thread,
 # so every kick is there when the hook next waits.
 
-async def served(tmp_path, nursery):
-    srv = make_server(tmp_path / "vhost.sock")
-    nursery.start_soon(srv.serve)
-    await srv.ready.wait()
-    from vhostnet.testing.frontend import Frontend
-    fe = Frontend()
-    await fe.connect(srv.socket_path)
-    await fe.handshake()
-    fe.post_rx()
-    fe.rx.kick()
-    return srv, fe
-
-
 async def test_pings_are_answered_from_the_hook(kick_clock, tmp_path, nursery):
-    srv, fe = await served(tmp_path, nursery)
-    done = await fe.flood(ping(), time.perf_counter() + 0.3, window=1)
-    doc = srv.current.describe_loop()["kick_hook"]
-    await fe.shutdown(srv)
+    async with served(tmp_path, nursery) as (srv, fe):
+        done = await fe.flood(ping(), time.perf_counter() + 0.3, window=1)
+        doc = srv.current.describe_loop()["kick_hook"]
     assert done > 10
     assert doc["available"] and doc["watching"] >= 2
     # Most kicks come through the hook; the rest through trio's wait (when a
@@ -187,16 +173,15 @@ async def test_a_step_that_leaves_work_hands_the_rest_to_a_task(kick_clock, tmp_
     """More bytes than one step takes (TX_STEP_BYTES), posted with one kick:
     the hook's step takes the first part, a task the rest; every frame answered."""
     from vhostnet.net.device import TX_STEP_BYTES
-    srv, fe = await served(tmp_path, nursery)
     payload = b"y" * 1400
     n = 2 * TX_STEP_BYTES // len(payload) + 10
-    fe.post_rx(n + 8)
-    ring_kick = fe.tx.kick
-    fe.tx.kick = lambda: kick_in_the_hook(kick_clock, ring_kick)
-    got = await fe.exchange([ping(payload, seq=i) for i in range(n)], want=n)
-    tx = srv.current.backend.queues[1]
-    kicks, steps = tx.stats["kicks"], srv.current.describe_loop()["steps"]
-    await fe.shutdown(srv)
+    async with served(tmp_path, nursery) as (srv, fe):
+        fe.post_rx(n + 8)
+        ring_kick = fe.tx.kick
+        fe.tx.kick = lambda: kick_in_the_hook(kick_clock, ring_kick)
+        got = await fe.exchange([ping(payload, seq=i) for i in range(n)], want=n)
+        tx = srv.current.backend.queues[1]
+        kicks, steps = tx.stats["kicks"], srv.current.describe_loop()["steps"]
     assert len(got) == n
     assert kicks == 1 and kick_clock.runs >= 1      # one kick, taken by the hook ...
     assert steps >= 3                                # ... and more than one step on it
@@ -204,10 +189,9 @@ async def test_a_step_that_leaves_work_hands_the_rest_to_a_task(kick_clock, tmp_
 
 async def test_no_kick_hook_is_the_plain_wait(tmp_path, nursery):
     """Under trio's own clock (pytest-trio's default here) no hook: no stats for it."""
-    srv, fe = await served(tmp_path, nursery)
-    assert await fe.flood(ping(), time.perf_counter() + 0.05, window=1) > 0
-    assert "kick_hook" not in srv.current.describe_loop()
-    await fe.shutdown(srv)
+    async with served(tmp_path, nursery) as (srv, fe):
+        assert await fe.flood(ping(), time.perf_counter() + 0.05, window=1) > 0
+        assert "kick_hook" not in srv.current.describe_loop()
 
 
 def test_the_option_turns_the_hook_off():
