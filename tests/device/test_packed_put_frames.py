@@ -30,7 +30,6 @@ import os
 import struct
 
 import pytest
-import trio
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import stack.native as native
@@ -41,10 +40,9 @@ from vhostnet.virtio import features as F
 from vhostnet.virtio.packed import PackedRing, encode_base
 from vhostnet.virtio.ring import Budget
 
-from .conftest import make_server
 from .ring_rig import AVAIL_OFF, BUF_OFF, DESC_OFF, GPA, GPA2, INDIRECT_OFF, USED_OFF, TwoRegions
 from .test_datapath import ping
-from .test_put_frames import FRAME_KINDS, RX_FEATURES, both_alike, make_frame, need_native, pings
+from .test_put_frames import FRAME_KINDS, RX_FEATURES, both_alike, echo_burst, make_frame, need_native, pings
 from .test_put_frames import rx_run_min  # noqa: F401  (the fixture, by name)
 
 SIZE = 1 << 21
@@ -948,54 +946,14 @@ def test_the_random_rings_were_filled_in_runs():
 
 # -- through the real server: an echo burst reaches the guest alike ---------------
 
-async def _echo_burst(tmp_path, nursery, batch: bool, runs: list) -> tuple:
-    from vhostnet.testing.frontend import Frontend
-    path = tmp_path / f"vhost-{batch}.sock"
-    srv = make_server(path)
-    nursery.start_soon(srv.serve)
-    await srv.ready.wait()
-    fe = Frontend(queue_size=64, packed=True)
-    await fe.connect(srv.socket_path)
-    await fe.handshake()
-    dev = srv.current.device
-    dev.rx_batch = batch
-    rx = srv.current.backend.queues[0]
-    assert rx.packed
-    real = rx.put_frames
-
-    def counting(blob, lens, budget, min_run=1):
-        n = real(blob, lens, budget, min_run)
-        runs.append(n)
-        return n
-    rx.put_frames = counting
-    fe.post_rx()
-    fe.rx.kick()
-    frames = [ping(seq=i, payload=bytes([i]) * (56 + i)) for i in range(48)]
-    got = []
-    for burst in (frames[:1], frames[1:41], frames[41:]):     # one first: its walk caches the region
-        for f in burst:
-            fe.post_tx(f)
-        fe.tx.kick()
-        with trio.fail_after(5):
-            while dev.counters["rx_frames"] < len(got) + len(burst):
-                await trio.sleep(0.005)
-        got += fe.read_rx()
-        fe.post_rx()
-        fe.rx.kick()
-    counters = dict(dev.counters)
-    stats = {k: v for k, v in rx.stats.items() if k not in ("kicks", "calls", "calls_suppressed", "unkicked")}
-    await fe.shutdown(srv)
-    return got, counters, stats, rx.errors
-
-
 async def test_an_echo_burst_through_the_server_reaches_the_guest_alike(tmp_path, nursery):
     """48 pings over packed rings, one then two bursts: the guest reads the
     same headers and replies, and the device counts the same, with the run
     (which took them) and without."""
     runs_b: list = []
     runs_s: list = []
-    batched = await _echo_burst(tmp_path, nursery, True, runs_b)
-    single = await _echo_burst(tmp_path, nursery, False, runs_s)
+    batched = await echo_burst(tmp_path, nursery, True, runs_b, packed=True)
+    single = await echo_burst(tmp_path, nursery, False, runs_s, packed=True)
     assert batched == single
     got = batched[0]
     assert len(got) == 48 and all(h == struct.pack("<BBHHHHH", 0, 0, 0, 0, 0, 0, 1) for h, _ in got)

@@ -747,18 +747,22 @@ def test_the_random_rings_were_filled_in_runs():
 
 # -- through the real server: an echo burst reaches the guest alike ---------------
 
-async def _echo_burst(tmp_path, nursery, batch: bool, runs: list) -> tuple:
+async def echo_burst(tmp_path, nursery, batch: bool, runs: list, packed: bool = False) -> tuple:
+    """48 pings through the real server in three bursts, the RX run on or off
+    (BATCH), split or PACKED rings; RUNS gets each put_frames call's count.
+    Returns what the guest read and what the device counted."""
     from vhostnet.testing.frontend import Frontend
     path = tmp_path / f"vhost-{batch}.sock"
     srv = make_server(path)
     nursery.start_soon(srv.serve)
     await srv.ready.wait()
-    fe = Frontend()
+    fe = Frontend(queue_size=64, packed=True) if packed else Frontend()
     await fe.connect(srv.socket_path)
     await fe.handshake()
     dev = srv.current.device
     dev.rx_batch = batch
     rx = srv.current.backend.queues[0]
+    assert rx.packed == packed
     real = rx.put_frames
 
     def counting(blob, lens, budget, min_run=1):
@@ -791,8 +795,8 @@ async def test_an_echo_burst_through_the_server_reaches_the_guest_alike(tmp_path
     and the device counts the same, with the run (which took them) and without."""
     runs_b: list = []
     runs_s: list = []
-    batched = await _echo_burst(tmp_path, nursery, True, runs_b)
-    single = await _echo_burst(tmp_path, nursery, False, runs_s)
+    batched = await echo_burst(tmp_path, nursery, True, runs_b)
+    single = await echo_burst(tmp_path, nursery, False, runs_s)
     assert batched == single
     got = batched[0]
     assert len(got) == 48 and all(h == struct.pack("<BBHHHHH", 0, 0, 0, 0, 0, 0, 1) for h, _ in got)
