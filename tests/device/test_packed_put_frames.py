@@ -42,7 +42,7 @@ from vhostnet.virtio.ring import Budget
 
 from .ring_rig import AVAIL_OFF, BUF_OFF, DESC_OFF, GPA, GPA2, INDIRECT_OFF, USED_OFF, TwoRegions
 from .test_datapath import ping
-from .test_put_frames import FRAME_KINDS, RX_FEATURES, both_alike, echo_burst, make_frame, need_native, pings
+from .test_put_frames import FRAME_KINDS, RX_FEATURES, DeviceFill, both_alike, echo_burst, need_native, pings
 from .test_put_frames import rx_run_min  # noqa: F401  (the fixture, by name)
 
 SIZE = 1 << 21
@@ -438,7 +438,7 @@ def test_the_c_reads_flags_first_and_writes_the_first_flags_last(traced, avail_p
 
 # -- the rig: a packed RX ring in two guest regions, the driver writing it itself ----
 
-class PackedRxRig(TwoRegions):
+class PackedRxRig(TwoRegions, DeviceFill):
     """A packed RX ring at ring position POS with wrap counters WRAP (both
     sides), in the rig's memory: the descriptor ring at DESC_OFF, the driver
     event suppression at AVAIL_OFF, the device's at USED_OFF. Optionally a
@@ -539,21 +539,7 @@ class PackedRxRig(TwoRegions):
         else:
             raise ValueError(kind)
 
-    def wait(self, *kinds_at: tuple[str, int]) -> None:
-        for kind, i in kinds_at:
-            self.dev.rx_pending.append(make_frame(kind, i))
-
-    # -- the device -------------------------------------------------------------
-
-    def fill(self, rounds: int = 12) -> list:
-        """flush_rx until it has nothing more (or ROUNDS calls); what each returned."""
-        out = []
-        for _ in range(rounds):
-            more = self.dev.flush_rx([self.rx, self.tx])
-            out.append(more)
-            if not more:
-                break
-        return out
+    # -- the device: DeviceFill ----------------------------------------------------
 
     @property
     def rx(self):

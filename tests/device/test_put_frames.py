@@ -379,7 +379,28 @@ def make_frame(kind: str, i: int) -> Frame:
     raise ValueError(kind)
 
 
-class RxRig(TwoRegions):
+class DeviceFill:
+    """What the split and packed RX rigs share: frames waiting for the
+    device (its rx_pending) and its fill, called as the server would."""
+
+    def wait(self, *kinds_at: tuple[str, int]) -> None:
+        for kind, i in kinds_at:
+            self.dev.rx_pending.append(make_frame(kind, i))
+
+    # -- the device -------------------------------------------------------------
+
+    def fill(self, rounds: int = 12) -> list:
+        """flush_rx until it has nothing more (or ROUNDS calls); what each returned."""
+        out = []
+        for _ in range(rounds):
+            more = self.dev.flush_rx([self.rx, self.tx])
+            out.append(more)
+            if not more:
+                break
+        return out
+
+
+class RxRig(TwoRegions, DeviceFill):
     """A NetDevice and its RX split ring in a memfd, the driver writing the ring itself.
 
     The TX ring is never started. Frames for the guest are put straight
@@ -459,21 +480,7 @@ class RxRig(TwoRegions):
             raise ValueError(kind)
         return h
 
-    def wait(self, *kinds_at: tuple[str, int]) -> None:
-        for kind, i in kinds_at:
-            self.dev.rx_pending.append(make_frame(kind, i))
-
-    # -- the device -------------------------------------------------------------
-
-    def fill(self, rounds: int = 12) -> list:
-        """flush_rx until it has nothing more (or ROUNDS calls); what each returned."""
-        out = []
-        for _ in range(rounds):
-            more = self.dev.flush_rx([self.rx, self.tx])
-            out.append(more)
-            if not more:
-                break
-        return out
+    # -- the device: DeviceFill ----------------------------------------------------
 
     def outcome(self, returned) -> dict:
         q = self.rx
