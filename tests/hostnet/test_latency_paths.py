@@ -222,8 +222,11 @@ async def test_udp_spin_backs_off_from_a_silent_host(backend, nursery):  # noqa:
     silent.close()
 
 
-_TCP_ECHO = """
-import socket
+def _tcp_echo(after_eof: str = "") -> str:
+    """A TCP echo server program (for _host_echo): prints its port, echoes one
+    connection until the guest's FIN, then runs AFTER_EOF (Python lines)."""
+    return """
+import socket, time
 ls = socket.socket()
 ls.bind(("127.0.0.1", 0))
 ls.listen(1)
@@ -234,7 +237,10 @@ while True:
     if not d:
         break
     c.sendall(d)
-"""
+""" + after_eof
+
+
+_TCP_ECHO = _tcp_echo()
 
 
 @pytest.mark.hostnet_kw(answer_spin=0.5)
@@ -276,21 +282,7 @@ async def test_a_kick_step_leaves_the_flush_to_the_device(backend, nursery):  # 
 
 
 # A TCP echo server that closes its side as soon as the guest's FIN arrives, as most do.
-_TCP_ECHO_CLOSE = """
-import socket, time
-ls = socket.socket()
-ls.bind(("127.0.0.1", 0))
-ls.listen(1)
-print(ls.getsockname()[1], flush=True)
-c, _ = ls.accept()
-while True:
-    d = c.recv(2048)
-    if not d:
-        break
-    c.sendall(d)
-c.close()
-time.sleep(60)
-"""
+_TCP_ECHO_CLOSE = _tcp_echo("c.close()\ntime.sleep(60)\n")
 
 
 @pytest.mark.hostnet_kw(answer_spin=0.5)
