@@ -258,6 +258,30 @@ def split_take_writable(avail_h, desc, held, checks: bool, num: int, last: int, 
                      max_take)
 
 
+def _take_one(avail_h, desc, held, checks: bool, num: int, slot: int, want: int, min_len: int,
+              r_gpa: int, r_end: int):
+    """The avail entry at SLOT if it is one buffer the runs take: head in range
+    and not held, flags among NEXT|INDIRECT|WRITE equal to WANT, at least
+    MIN_LEN (and one) bytes, inside [r_gpa, r_end); marked held when CHECKS
+    (a head twice in a run stops it at the second). (head, addr, length) or None."""
+    head = avail_h[2 + slot]
+    if head >= num or (checks and held[head]):
+        return None
+    addr, length, flags, _nxt = _DESC.unpack_from(desc, head << 4)
+    if (flags & _NEXT_INDIRECT_WRITE != want or length < min_len or not length
+            or not (r_gpa <= addr and addr + length <= r_end)):
+        return None
+    if checks:
+        held[head] = 1
+    return head, addr, length
+
+
+def _check_lens(lens, blob) -> None:
+    """put_frames' records, LENS bytes back to back, must lie inside BLOB."""
+    if sum(lens) > len(blob) or any(k < 0 for k in lens):
+        raise ValueError("the frames' lengths overrun their blob")
+
+
 def _take_run(avail_h, desc, held, checks: bool, num: int, last: int, ahead: int, r_gpa: int, r_end: int,
               want: int, need: int, min_len: int, max_take: int):
     """The run both takes share (native.c split_take_run): one-descriptor
@@ -275,15 +299,10 @@ def _take_run(avail_h, desc, held, checks: bool, num: int, last: int, ahead: int
     n = 0
     limit = min(ahead, max_take)
     while room < need and n < limit:
-        head = avail_h[2 + ((last + n) & mask)]
-        if head >= num or (checks and held[head]):
+        took = _take_one(avail_h, desc, held, checks, num, (last + n) & mask, want, min_len, r_gpa, r_end)
+        if took is None:
             break
-        addr, length, flags, _nxt = _DESC.unpack_from(desc, head << 4)
-        if (flags & _NEXT_INDIRECT_WRITE != want or length < min_len or not length
-                or not (r_gpa <= addr and addr + length <= r_end)):
-            break
-        if checks:
-            held[head] = 1      # a head twice in the run stops it at the second
+        head, addr, length = took
         heads.append(head)
         offs.append(addr - r_gpa)
         lens.append(length)
@@ -350,23 +369,17 @@ def split_put_frames(avail_h, desc, held, checks: bool, used_i, num: int, last: 
         raise ValueError("ring sizes do not cover the queue size")
     if r_gpa + len(region) > _U64_MAX:
         raise ValueError("the region wraps the address space")
-    if sum(lens) > len(blob) or any(k < 0 for k in lens):
-        raise ValueError("the frames' lengths overrun their blob")
+    _check_lens(lens, blob)
     mask = num - 1
     r_end = r_gpa + len(region)
     heads: list[int] = []
     pos = 0
     for i in range(min(len(lens), ahead, max_take, PUT_MAX_BUFFERS)):
         k = lens[i]
-        head = avail_h[2 + ((last + i) & mask)]
-        if head >= num or (checks and held[head]):
+        took = _take_one(avail_h, desc, held, checks, num, (last + i) & mask, _F_WRITE, k, r_gpa, r_end)
+        if took is None:
             break
-        addr, length, flags, _nxt = _DESC.unpack_from(desc, head << 4)
-        if (flags & _NEXT_INDIRECT_WRITE != _F_WRITE or length < k or not length
-                or not (r_gpa <= addr and addr + length <= r_end)):
-            break
-        if checks:
-            held[head] = 1      # a head twice in the run stops it at the second
+        head, addr, _length = took
         off = addr - r_gpa
         region[off:off + k] = blob[pos:pos + k]
         pos += k
@@ -503,8 +516,7 @@ def packed_put_frames(desc, seen, num: int, avail_pos: int, avail_wrap: bool, us
         raise ValueError("ring sizes do not cover the queue size, or a position is outside the ring")
     if r_gpa + len(region) > _U64_MAX:
         raise ValueError("the region wraps the address space")
-    if sum(lens) > len(blob) or any(k < 0 for k in lens):
-        raise ValueError("the frames' lengths overrun their blob")
+    _check_lens(lens, blob)
     r_end = r_gpa + len(region)
     pos, wrap = avail_pos, avail_wrap
     expect = _P_AVAIL if wrap else _P_USED

@@ -555,6 +555,18 @@ long vn_split_put_frame(const uint16_t *avail, size_t avail_words, const char *d
     return n;
 }
 
+/* The put_frames records, LENS[0..n) bytes back to back, lie inside a blob of BLOB_LEN bytes. */
+static int lens_fit(const uint32_t *lens, size_t n, size_t blob_len)
+{
+    size_t total = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (lens[i] > blob_len - total)
+            return 0;
+        total += lens[i];
+    }
+    return 1;
+}
+
 /* ---- RX: a run of small frames, one per buffer, in one call ----------
  *
  * vn_split_put_frames: the common case of a device with MRG_RXBUF
@@ -588,12 +600,8 @@ long vn_split_put_frames(const uint16_t *avail, size_t avail_words, const char *
     if (!split_sizes_ok(avail_words, desc_len, held_len, checks, num, ahead)
         || used_words < 1 + 2 * (size_t)num || r_size > UINT64_MAX - r_gpa)
         return -1;
-    size_t total = 0;
-    for (size_t i = 0; i < nframes; i++) {
-        if (lens[i] > blob_len - total)
-            return -1;
-        total += lens[i];
-    }
+    if (!lens_fit(lens, nframes, blob_len))
+        return -1;
     if (max_take > VN_PUT_MAX_BUFFERS)
         max_take = VN_PUT_MAX_BUFFERS;
     uint32_t mask = num - 1;
@@ -784,12 +792,8 @@ long vn_packed_put_frames(char *desc, size_t desc_len, uint8_t *seen, size_t see
     if (!packed_sizes_ok(desc_len, num, avail_pos) || used_pos >= num || seen_len < num || free_slots > num
         || r_size > UINT64_MAX - r_gpa)
         return -1;
-    size_t total = 0;
-    for (size_t i = 0; i < nframes; i++) {
-        if (lens[i] > blob_len - total)
-            return -1;
-        total += lens[i];
-    }
+    if (!lens_fit(lens, nframes, blob_len))
+        return -1;
     if (max_take > VN_PUT_MAX_BUFFERS)
         max_take = VN_PUT_MAX_BUFFERS;
     uint64_t r_end = r_gpa + r_size;
