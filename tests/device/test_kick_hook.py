@@ -7,6 +7,7 @@ a sleep.
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 import threading
@@ -98,6 +99,24 @@ async def test_a_handler_that_wakes_a_task_ends_the_wait(kick_clock, efd):
             await woke.wait()
         assert len(waits_at_handler) == n
         assert kick_clock.waits == waits_at_handler[-1]
+
+
+async def test_kicks_without_pause_give_trio_its_pass_after_max_runs(kick_clock, efd):
+    """A kick fd that stays readable (a guest kicking without pause): one call
+    of the hook runs MAX_RUNS handlers and returns, rather than for ever
+    (the handler unwatches itself far past the bound, so a broken bound
+    fails here instead of hanging)."""
+    runs = []
+
+    def handler():
+        runs.append(1)
+        if len(runs) > 10 * K.MAX_RUNS:
+            kick_clock.unwatch(efd)
+    kick_clock.watch(efd, handler, pytest.fail)
+    os.eventfd_write(efd, 1)          # never read: readable at every look
+    assert kick_clock.deadline_to_sleep_time(math.inf) == 0.0
+    assert len(runs) == K.MAX_RUNS
+    kick_clock.unwatch(efd)
 
 
 async def test_a_handler_that_raises_is_unwatched_and_reported(kick_clock, efd):

@@ -26,7 +26,8 @@ the stale readiness without waking the task (epoll(7)).
 
 Bounds: a handler is sync and does one drain step (its ring's budget); a
 step that leaves more work hands it back to a task (the handler's own
-choice), so the hook never loops on one ring. A handler that raises is
+choice), so the hook never loops on one ring; after MAX_RUNS handlers in
+one call trio gets its pass whatever comes. A handler that raises is
 unwatched, counted and reported to its owner; it can never end trio's run.
 
 Private trio API: the runner's epoll, run queue and deadlines
@@ -47,6 +48,9 @@ __all__ = ["KickClock", "current_kick_clock", "run"]
 #: The longest one wait in the hook, in seconds: past it the pass goes on and
 #: trio asks again (a bound on a deadline the hook could not see move).
 MAX_WAIT = 1.0
+#: Handlers run in one call of the hook before trio gets its pass anyway: a
+#: guest that kicks without pause cannot keep trio's scheduler from running.
+MAX_RUNS = 64
 
 
 def _runner():
@@ -95,6 +99,7 @@ class KickClock(trio.abc.Clock):
             return max(timeout, 0.0)
         runner, ep, trio_fd = self._runner, self._ep, self._trio_fd
         handlers = self._handlers
+        runs = 0
         while True:
             self.waits += 1
             events = ep.poll(min(timeout, MAX_WAIT))
@@ -109,6 +114,7 @@ class KickClock(trio.abc.Clock):
                 if h is None:
                     continue
                 self.runs += 1
+                runs += 1
                 try:
                     h[0]()
                 except Exception as e:      # never into trio's scheduler
@@ -118,7 +124,7 @@ class KickClock(trio.abc.Clock):
                         h[1](e)
                     except Exception:
                         pass
-            if runner.runq:
+            if runner.runq or runs >= MAX_RUNS:
                 return 0.0
             # trio's epoll fd was readable: for our own kick fds (armed there
             # by their tasks; read now, so level-triggered epoll drops them)
