@@ -47,6 +47,9 @@ Rows (--backends, comma-separated):
   vhostnet-nohook      `serve --no-kick-hook`: every kick and host-socket
                        pass wakes through trio's scheduler (not in the
                        default set)
+  vhostnet-noexpress   `serve --no-express`: every guest datagram through
+                       the stack's whole path, none by the UDP express (not
+                       in the default set)
   dpdk-floor           the floor of the udp and ping columns (not in the
                        default set; only those two): DPDK's testpmd as the
                        vhost-user back-end. For udp its `5tswap` mode sends
@@ -117,10 +120,10 @@ from vhostnet.testing.hostservers import HostServers  # noqa: E402
 from vhostnet.testing.processes import wait_path  # noqa: E402
 
 ALL_BACKENDS = ("vhostnet", "vhostnet-nooffloads", "slirp", "passt", "vhostnet-q2", "vhostnet-q4",
-                "vhostnet-nospin", "vhostnet-idle100", "vhostnet-idle300", "vhostnet-nohook", "dpdk-floor")
+                "vhostnet-nospin", "vhostnet-idle100", "vhostnet-idle300", "vhostnet-nohook", "vhostnet-noexpress", "dpdk-floor")
 #: Rows that are not in the default set (--backends names them).
 EXTRA_ROWS = ("vhostnet-q2", "vhostnet-q4", "vhostnet-nospin", "vhostnet-idle100", "vhostnet-idle300",
-              "vhostnet-nohook", "dpdk-floor")
+              "vhostnet-nohook", "vhostnet-noexpress", "dpdk-floor")
 FLOOR_ROW = "dpdk-floor"
 #: The tests the floor row can run, and testpmd's forwarding mode for each: a
 #: UDP datagram sent back with MACs, IPs and ports swapped is the echo's
@@ -364,6 +367,8 @@ class Bench:
                     argv += ["--nat-spin-us", "0"]
                 if name == "vhostnet-nohook":
                     argv.append("--no-kick-hook")
+                if name == "vhostnet-noexpress":
+                    argv.append("--no-express")
                 if name in IDLE_POLL_ROWS:
                     argv += ["--idle-poll-us", str(IDLE_POLL_ROWS[name])]
                 pairs = QUEUE_ROWS.get(name, 1)

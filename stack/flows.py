@@ -465,6 +465,15 @@ class FlowTable:
         f.tx += len(payload)
         self._udp_output(f.dst_ip, f.guest_ip, f.dst_port, f.guest_port, payload)
 
+    def udp_expressed(self, now: float, fid: int, nbytes: int) -> None:
+        """NBYTES of payload of flow FID went to the host without an event (the
+        device's UDP express): the flow's activity and bytes, as udp_from_guest
+        counts them."""
+        f = self._flows.get(fid)
+        if f is not None and f.proto == PROTO_UDP:
+            f.last = now
+            f.rx += nbytes
+
     def icmp_from_guest(self, now, src, dst, ident, seq, payload) -> bool:
         c = self._c
         f = self._by_key.get((1, src, ident, dst, 0))

@@ -556,6 +556,22 @@ class Stack:
             self._icmp_error(now, icmpw.DEST_UNREACH, icmpw.UNREACH_PORT, buf[14:end],
                              dst, src, smac)
 
+    def udp_expressed(self, now: float, fid: int, datagrams: int, nbytes: int, mac: bytes) -> None:
+        """DATAGRAMS of NAT flow FID (NBYTES of payload) from the guest's MAC went
+        to the host without passing through receive() (the device's UDP express,
+        vhostnet/hostnet/express.py, which takes only frames receive() would
+        have handed to the flow unchanged): what receive() would have counted
+        and refreshed for them."""
+        if now > self._now:
+            self._now = now
+        c = self.counters
+        c["rx_frames"] += datagrams
+        c["udp_rx"] += datagrams
+        e = self.arp.entries.get(self._guest_ip)
+        if e is not None and e[0] == mac:
+            e[1] = now + self.arp.ttl
+        self.flows.udp_expressed(now, fid, nbytes)
+
     def _udp_output(self, src_ip, dst_ip, src_port, dst_port, payload, dst_mac=None) -> None:
         n = 8 + len(payload)
         d = bytearray(_UDPH.pack(src_port, dst_port, n, 0))

@@ -56,6 +56,9 @@ class UdpLayer:
         self.default_ip = default_ip
         self.max_sockets = max_sockets
         self._socks: dict[tuple, UdpSocket] = {}
+        # Sockets bound so far: a change tells the device's UDP express that a
+        # gateway port it sends straight to the host may be a local one now.
+        self.binds = 0
 
     def bind(self, port: int, on_datagram: OnDatagram, ip: Optional[bytes] = None) -> UdpSocket:
         if not 0 < port < 65536:
@@ -66,6 +69,7 @@ class UdpLayer:
         if len(self._socks) >= self.max_sockets:
             raise OSError(f"too many UDP sockets (limit {self.max_sockets})")
         s = self._socks[key] = UdpSocket(self, ip, port, on_datagram)
+        self.binds += 1
         return s
 
     def close(self, sock: UdpSocket) -> None:

@@ -36,6 +36,7 @@ class HostNetConfig:
     map_host_loopback: bool = True      # gateway address -> 127.0.0.1 (slirp's default)
     connect_timeout: float = 30.0       # a host connect() that takes longer: host unreachable
     answer_spin: float = DEFAULT_ANSWER_SPIN   # seconds; 0: never wait (--nat-spin-us)
+    express: bool = True                # the UDP express (express.py); False: --no-express
     flows: FlowConfig = field(default_factory=FlowConfig)
 
     def __post_init__(self) -> None:

@@ -49,6 +49,7 @@ class _DatagramRelay:
         self.fid = fid
         self.sock: socket.socket | None = None
         self.closed = False
+        self.xslot = None       # its entry in the proxy's UDP express, while it has one
 
     def event(self, ev) -> None:
         if type(ev) in (F.UdpEnded, F.IcmpEnded):
@@ -62,6 +63,8 @@ class _DatagramRelay:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            if self.xslot is not None:
+                self.p.express.remove(self)    # before close: C must never send on a closed fd
             if self.sock is not None:
                 r = self.p.reactor
                 if r is not None:
@@ -116,16 +119,22 @@ class _DatagramRelay:
                 self.sock.sendto(data, addr)
         except (BlockingIOError, InterruptedError):
             self.p.count("datagram_send_dropped")
-        except ConnectionRefusedError:
-            self._refused()
         except OSError as e:
-            self.p.count("datagram_send_error")
-            self.p.rlog.warning("dgram_send", "datagram to the host failed: %s", e)
-            code = {errno.EHOSTUNREACH: icmpw.UNREACH_HOST,
-                    errno.ENETUNREACH: icmpw.UNREACH_NET}.get(e.errno)
-            if code is not None:
-                self.p.flows.unreachable(self.p.now(), self.fid, code)
-                self.p.flush()
+            self.send_failed(e)
+
+    def send_failed(self, e: OSError) -> None:
+        """A send to the host socket failed with E (not a full buffer): here, or
+        in the UDP express (express.py settles its failures here)."""
+        if isinstance(e, ConnectionRefusedError):
+            self._refused()
+            return
+        self.p.count("datagram_send_error")
+        self.p.rlog.warning("dgram_send", "datagram to the host failed: %s", e)
+        code = {errno.EHOSTUNREACH: icmpw.UNREACH_HOST,
+                errno.ENETUNREACH: icmpw.UNREACH_NET}.get(e.errno)
+        if code is not None:
+            self.p.flows.unreachable(self.p.now(), self.fid, code)
+            self.p.flush()
 
     def _refused(self) -> None:
         self.p.count("udp_port_unreachable")

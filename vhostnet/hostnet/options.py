@@ -57,6 +57,11 @@ def add_hostnet_options(p: argparse.ArgumentParser) -> None:
                         "without a wake-up of the backend (a loopback echo answers in 10-30 us). "
                         "8 misses in a row stop it for 1 s, so slow or silent hosts cost little. "
                         "0: never wait (default %(default)s)")
+    g.add_argument("--no-express", action="store_true",
+                   help="every guest datagram through the stack's whole path: no UDP express "
+                        "(by default, a UDP flow's datagrams after its first go from the TX ring "
+                        "straight to its host socket, in C; `vhostnet stats` shows it under "
+                        "hostnet.express)")
 
 
 def hostnet_from_args(args, guest_ip: str):
@@ -70,7 +75,7 @@ def hostnet_from_args(args, guest_ip: str):
     specs = [ForwardSpec.parse(s) for s in args.forward]   # ForwardError is a ValueError
     cfg = HostNetConfig(restrict=args.restrict, services=not args.no_services,
                         map_host_loopback=not args.no_map_host_loopback,
-                        answer_spin=args.nat_spin_us * 1e-6,
+                        answer_spin=args.nat_spin_us * 1e-6, express=not args.no_express,
                         flows=FlowConfig(max_tcp=args.max_nat_tcp, max_udp=args.max_nat_udp,
                                          max_half_open=min(128, args.max_nat_tcp)))
     return HostNet(cfg, Forwards(specs, guest_ip))

@@ -86,6 +86,8 @@ class HostProxy:
         self._holding = 0                   # inside pump() or spin(): flush() waits for their end
         self._flush_owed = False
         self._step_now: float | None = None  # now() inside pump() and spin(), once asked
+        # The UDP express (express.py): set by the device when it runs one.
+        self.express = None
 
     # ------------------------------------------------------------ plumbing
     def count(self, key: str, n: int = 1) -> None:
@@ -296,6 +298,10 @@ class HostProxy:
         r.from_guest(ev.payload)
         if r.sock is not None:
             self.expect_answer(r)
+            xp = self.express
+            if xp is not None and r.xslot is None and not r.closed:
+                # The flow's next datagrams go straight from the TX ring to r's socket.
+                xp.add(r, ev.guest_ip, ev.guest_port, ev.dst_ip, ev.dst_port)
 
     def _icmp(self, ev: F.IcmpEcho) -> None:
         r = self.relays.get(ev.fid)
@@ -370,7 +376,10 @@ class HostProxy:
 
     # -------------------------------------------------------------- stats
     def snapshot(self) -> dict:
-        return {"counters": dict(sorted(self.counters.items())), "relays": len(self.relays)}
+        out = {"counters": dict(sorted(self.counters.items())), "relays": len(self.relays)}
+        if self.express is not None:
+            out["express"] = self.express.snapshot()
+        return out
 
 
 def _ip(text: str) -> bytes:

@@ -671,7 +671,8 @@ def _backend_argv(args, sock: str, start: int) -> list[str]:
     for spec in getattr(args, "forward", []):
         argv += ["--forward", spec]
     for flag, on in (("--restrict", "restrict"), ("--no-services", "no_services"),
-                     ("--no-map-host-loopback", "no_map_host_loopback"), ("--no-kick-hook", "no_kick_hook")):
+                     ("--no-map-host-loopback", "no_map_host_loopback"), ("--no-kick-hook", "no_kick_hook"),
+                     ("--no-express", "no_express")):
         if getattr(args, on, False):
             argv.append(flag)
     for flag, name in (("--max-nat-tcp", "max_nat_tcp"), ("--max-nat-udp", "max_nat_udp")):

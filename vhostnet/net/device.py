@@ -64,6 +64,7 @@ from stack.services.config import ServicesConfig
 from stack.services.dns import DnsQuery
 
 from vhostnet.hostnet.dns import DnsForwarder
+from vhostnet.hostnet.express import UdpExpress
 from vhostnet.logging_setup import one_line_traceback
 
 from vhostnet.virtio import features as F
@@ -164,6 +165,17 @@ class NetDevice:
                                services=hostnet.config.services, net_services=net_services)
             self.proxy = hostnet.make_proxy(self.stack.flows, self.config.gateway_ip_b,
                                             self.config.guest_ip_b)
+        # The UDP express (vhostnet/hostnet/express.py): an established UDP
+        # flow's datagrams from the TX ring to the host socket in one C call.
+        self.express = None
+        self._stack_receive = self.stack.receive
+        self._express_receive = None
+        if self.proxy is not None and hostnet.config.express:
+            xp = UdpExpress(self.stack, self.proxy, hostnet.config.flows.max_udp,
+                            gateway_mac=self.config.gateway_mac_b, guest_ip=self.config.guest_ip_b)
+            if xp.live:
+                self.express = self.proxy.express = xp
+                self._express_receive = xp.receiver(self._stack_receive)
         self._services = net_services is not None
         self.dns = (DnsForwarder(dns_upstreams, budget=net_services.dns_timeout * 0.9,
                                  max_pending=net_services.dns_max_inflight)
@@ -360,6 +372,11 @@ class NetDevice:
         hl12 = hl == 12                              # num_buffers is there (§5.1.6)
         shortest, longest = hl + 14, hl + MAX_FRAME  # _tx_frame's tx_runt and tx_oversize bounds
         receive = self.link.receiver(now)
+        xp = self.express
+        if xp is not None and receive == self._stack_receive:
+            # Nothing between the device and the stack (no faults, no stack-side taps).
+            xp.check_binds(self.stack.udp.binds)
+            receive = self._express_receive
         taps = self.taps
         steering = self.steering
         frames = nbytes = 0
@@ -437,6 +454,8 @@ class NetDevice:
             c = self.counters
             c["tx_frames"] += frames
             c["tx_bytes"] += nbytes
+            if xp is not None:
+                xp.settle(now)
         # The NAT first: the guest's datagrams and SYNs go to their host
         # sockets before the eventfd write below, which wakes QEMU and on a
         # busy host may cost this process its core (issue 12 latency profile).
