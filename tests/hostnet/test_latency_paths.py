@@ -340,3 +340,43 @@ async def test_relay_socket_leaves_epollout_out_and_the_epoll_when_done(backend,
     assert _epoll_targets(epfd) == {}
     assert srv.current.device.stack.flows.counts()["tcp"] == 1   # the flow waits for the guest's ACK
     ls.close()
+
+
+@pytest.mark.parametrize("posts", [2, None], ids=["taken-in-the-step", "bounded"])
+async def test_chains_posted_while_a_step_runs_are_taken_in_that_step(backend, nursery, posts):  # noqa: F811
+    """The driver posts another chain while the step is at the NAT (here: from
+    inside the proxy's pump, after the step's ring loop ended): the same
+    step takes it (drain_tx's rounds), up to TX_ROUNDS; past them the step
+    says "more" and leaves the rest for the next one."""
+    from vhostnet.net.device import TX_ROUNDS
+    srv, _ = backend
+    host = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    host.bind(("127.0.0.1", 0))
+    host.setblocking(False)
+    port = host.getsockname()[1]
+    g = await _quiet_guest(srv)
+    device = srv.current.device
+    sports = iter(range(43000, 43100))      # a new flow each: each is a NAT event, so pump() runs
+    pump = device.proxy.pump
+    extra = []
+
+    def pump_and_post(*a, **kw):
+        pump(*a, **kw)
+        if posts is None or len(extra) < posts:
+            extra.append(next(sports))
+            g.fe.post_tx(_frame(GW / UDP(sport=extra[-1], dport=port) / b"posted"))
+    device.proxy.pump = pump_and_post
+    g.fe.post_tx(_frame(GW / UDP(sport=next(sports), dport=port) / b"first"))
+    more = device.process(srv.current.backend.queues, TX, trio.current_time())
+    got = []
+    while True:
+        try:
+            got.append(host.recv(100))
+        except BlockingIOError:
+            break
+    if posts is None:
+        assert more is True and len(got) == TX_ROUNDS
+    else:
+        assert more is False and got == [b"first"] + [b"posted"] * posts
+    device.proxy.pump = pump
+    host.close()
