@@ -29,7 +29,8 @@ from stack.flows import FlowConfig, UdpDatagram
 from vhostnet import native
 
 from .guest import CFG
-from .test_latency_paths import GW, _attached_with_rx, _frame, _host_echo, _step, _ECHO
+from .test_latency_paths import (GW, _ECHO, _attached_with_rx, _frame, _host_echo, _received, _step,
+                                 _udp_host)
 from .test_proxy import attach, backend, fds  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason=f"no UDP express: {native.REASON}")
@@ -67,9 +68,7 @@ class Table:
 @pytest.fixture
 def pair():
     """A host receiver on 127.0.0.1 and a socket connect()ed to it (the relay's)."""
-    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    rx.bind(("127.0.0.1", 0))
-    rx.setblocking(False)
+    rx, _port = _udp_host()
     tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     tx.connect(rx.getsockname())
     yield rx, tx
@@ -81,21 +80,12 @@ def _valid(payload: bytes = b"express", **ip) -> bytes:
     return _frame(IP(src=CFG.guest_ip, dst=CFG.gateway_ip, **ip) / UDP(sport=SPORT, dport=DPORT) / payload)
 
 
-def _got(rx) -> list[bytes]:
-    out = []
-    while True:
-        try:
-            out.append(rx.recv(70000))
-        except BlockingIOError:
-            return out
-
-
 def test_a_valid_datagram_is_sent_and_counted(pair):
     rx, tx = pair
     t = Table(tx)
     assert t.send(_valid(b"one")) == 0
     assert t.send(_valid(b"two!")) == 0
-    assert _got(rx) == [b"one", b"two!"]
+    assert _received(rx) == [b"one", b"two!"]
     x = t.ent[0]
     assert (x.sent, x.dropped, x.failed, x.bytes, x.dirty) == (2, 0, 0, 7, 1)
     assert t.nd[0] == 1 and t.dirty[0] == 0        # listed once
@@ -143,7 +133,7 @@ def test_what_the_express_leaves_to_the_stack(pair, frame):
     rx, tx = pair
     t = Table(tx)
     assert t.send(frame) == -1
-    assert _got(rx) == []
+    assert _received(rx) == []
     assert t.nd[0] == 0 and t.ent[0].sent == 0
 
 
@@ -152,7 +142,7 @@ def test_a_driver_vouching_for_the_checksum_is_believed(pair):
     rx, tx = pair
     t = Table(tx)
     assert t.send(_bad_udp_checksum(), csum_ok=True) == 0
-    assert _got(rx) == [b"express"]
+    assert _received(rx) == [b"express"]
 
 
 def test_a_refused_send_is_counted_with_its_errno():
@@ -197,7 +187,7 @@ def test_what_the_express_takes_the_stack_would_have_handed_to_the_flow(pair, ed
     frame = bytes(f[:cut] if cut >= 14 else f)
     t = Table(tx)
     took = t.send(frame, csum_ok) >= 0
-    sent = _got(rx)
+    sent = _received(rx)
     s = _stack()
     s.receive(Frame(frame, csum_valid=csum_ok), 1.0)
     handed = []
@@ -215,7 +205,7 @@ def test_the_unmutated_frame_is_taken(pair):
     """The property above is not vacuous: the frame it starts from is the express's."""
     rx, tx = pair
     assert Table(tx).send(_VALID) == 0
-    assert _got(rx) == [b"property payload"]
+    assert _received(rx) == [b"property payload"]
 
 
 # ------------------------------------------------------------------ in the backend
@@ -287,22 +277,19 @@ async def test_a_port_bound_in_the_stack_empties_the_express(backend, nursery): 
     """A flow to a gateway port that a stack service binds later: the service gets
     the guest's next datagram, not the host."""
     srv, _ = backend
-    host = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    host.bind(("127.0.0.1", 0))
-    host.setblocking(False)
-    port = host.getsockname()[1]
+    host, port = _udp_host()
     g = await _attached_with_rx(srv, nursery)
     for payload in (b"one", b"two"):
         g.fe.post_tx(_frame(GW / UDP(sport=41700, dport=port) / payload))
         _step(srv)
-    assert _got(host) == [b"one", b"two"]
+    assert _received(host) == [b"one", b"two"]
     xp = _express(srv)
     assert len(xp) == 1 and xp.snapshot()["datagrams"] == 1
     local = []
     srv.current.device.stack.udp.bind(port, lambda s, data, *_: local.append(bytes(data)))
     g.fe.post_tx(_frame(GW / UDP(sport=41700, dport=port) / b"three"))
     _step(srv)
-    assert local == [b"three"] and _got(host) == []
+    assert local == [b"three"] and _received(host) == []
     assert len(xp) == 0 and xp.snapshot()["flushes"] == 1
     host.close()
 
@@ -310,10 +297,7 @@ async def test_a_port_bound_in_the_stack_empties_the_express(backend, nursery): 
 @pytest.mark.hostnet_kw(answer_spin=0.0, flows=FlowConfig(udp_idle=0.2))
 async def test_a_flow_that_ends_leaves_the_express_before_its_socket_closes(backend, nursery):  # noqa: F811
     srv, _ = backend
-    host = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    host.bind(("127.0.0.1", 0))
-    host.setblocking(False)
-    port = host.getsockname()[1]
+    host, port = _udp_host()
     g = await _attached_with_rx(srv, nursery)
     before = fds()
     for payload in (b"one", b"two"):
@@ -330,6 +314,6 @@ async def test_a_flow_that_ends_leaves_the_express_before_its_socket_closes(back
     for payload in (b"three", b"four"):
         g.fe.post_tx(_frame(GW / UDP(sport=41800, dport=port) / payload))
         _step(srv)
-    assert _got(host) == [b"one", b"two", b"three", b"four"]
+    assert _received(host) == [b"one", b"two", b"three", b"four"]
     assert len(xp) == 1 and xp.snapshot()["datagrams"] == 2
     host.close()

@@ -94,6 +94,24 @@ def _listener():
     return ls, ls.getsockname()[1]
 
 
+def _udp_host():
+    """A non-blocking UDP socket on 127.0.0.1 (a host server the test reads) and its port."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    s.setblocking(False)
+    return s, s.getsockname()[1]
+
+
+def _received(sock) -> list[bytes]:
+    """Every datagram waiting on SOCK now."""
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(70000))
+        except BlockingIOError:
+            return out
+
+
 @contextlib.contextmanager
 def _host_echo(program: str):
     """A host echo server in its own process, as a real one is; yields its port."""
@@ -107,10 +125,7 @@ def _host_echo(program: str):
 
 async def test_udp_datagram_is_on_the_host_socket_in_the_kick_step(backend, nursery):  # noqa: F811
     srv, _ = backend
-    host = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    host.bind(("127.0.0.1", 0))
-    host.setblocking(False)
-    port = host.getsockname()[1]
+    host, port = _udp_host()
     g = await attach(srv, nursery)
     for i in range(3):                   # the flow's first datagram and later ones
         payload = b"latency %d" % i
@@ -350,10 +365,7 @@ async def test_chains_posted_while_a_step_runs_are_taken_in_that_step(backend, n
     says "more" and leaves the rest for the next one."""
     from vhostnet.net.device import TX_ROUNDS
     srv, _ = backend
-    host = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    host.bind(("127.0.0.1", 0))
-    host.setblocking(False)
-    port = host.getsockname()[1]
+    host, port = _udp_host()
     g = await _quiet_guest(srv)
     device = srv.current.device
     sports = iter(range(43000, 43100))      # a new flow each: each is a NAT event, so pump() runs
@@ -368,12 +380,7 @@ async def test_chains_posted_while_a_step_runs_are_taken_in_that_step(backend, n
     device.proxy.pump = pump_and_post
     g.fe.post_tx(_frame(GW / UDP(sport=next(sports), dport=port) / b"first"))
     more = device.process(srv.current.backend.queues, TX, trio.current_time())
-    got = []
-    while True:
-        try:
-            got.append(host.recv(100))
-        except BlockingIOError:
-            break
+    got = _received(host)
     if posts is None:
         assert more is True and len(got) == TX_ROUNDS
     else:
