@@ -31,7 +31,7 @@ from vhostnet import native
 from .guest import CFG
 from .test_latency_paths import (GW, _ECHO, _attached_with_rx, _frame, _host_echo, _received, _step,
                                  _udp_host)
-from .test_proxy import attach, backend, fds  # noqa: F401  (the fixture)
+from .test_proxy import backend, fds  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason=f"no UDP express: {native.REASON}")
 
