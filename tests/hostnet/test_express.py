@@ -317,3 +317,35 @@ async def test_a_flow_that_ends_leaves_the_express_before_its_socket_closes(back
     assert _received(host) == [b"one", b"two", b"three", b"four"]
     assert len(xp) == 1 and xp.snapshot()["datagrams"] == 2
     host.close()
+
+
+async def test_a_stack_side_tap_sees_every_frame_the_express_would_take(tmp_path, nursery):
+    """`capture --at stack` (a tap between the link layers and the stack): while it
+    is installed the frames go through the link layers, so the tap sees them all."""
+    from vhostnet.launch.serve import make_server, serve_backend
+    from vhostnet.link import LinkSettings
+    from vhostnet.observe.control import ControlServer
+    from .test_proxy import hostnet
+    link = LinkSettings()
+    srv = make_server(str(tmp_path / "v.sock"), hostnet=hostnet(answer_spin=0.0), link=link)
+    srv.listen()
+    ctl = ControlServer(srv, str(tmp_path / "v.sock.ctl"), link=link)
+    ctl.listen()
+    await nursery.start(serve_backend, srv, ctl)
+    host, port = _udp_host()
+    g = await _attached_with_rx(srv, nursery)
+    for payload in (b"one", b"two"):
+        g.fe.post_tx(_frame(GW / UDP(sport=41900, dport=port) / payload))
+        _step(srv)
+    xp = _express(srv)
+    assert len(xp) == 1 and xp.snapshot()["datagrams"] == 1
+    seen = []
+    link.stack_taps.append(lambda d, f: seen.append((d, bytes(f.data))))
+    for payload in (b"three", b"four"):
+        g.fe.post_tx(_frame(GW / UDP(sport=41900, dport=port) / payload))
+        _step(srv)
+    assert [Ether(b)[UDP].load for d, b in seen if d == "tx"] == [b"three", b"four"]
+    assert _received(host) == [b"one", b"two", b"three", b"four"]
+    assert xp.snapshot()["datagrams"] == 1        # the stack's path took them
+    link.stack_taps.clear()
+    host.close()
