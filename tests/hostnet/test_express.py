@@ -27,7 +27,9 @@ from scapy.layers.l2 import Ether
 from stack import Frame, NetConfig, Stack
 from stack.flows import FlowConfig, UdpDatagram
 from vhostnet import native
+from vhostnet.observe.render import stats_text
 
+from ..observe import ask
 from .guest import CFG
 from .test_latency_paths import (GW, _ECHO, _attached_with_rx, _frame, _host_echo, _received, _step,
                                  _udp_host)
@@ -220,7 +222,7 @@ def _express(srv):
 async def test_an_established_flow_takes_the_express_and_counts_alike(backend, nursery, on):  # noqa: F811
     """The same datagrams with and without the express: the same answers,
     the same stack counters and flow bytes; only the express's own count differs."""
-    srv, _ = backend
+    srv, ctl = backend
     n = 5
     with _host_echo(_ECHO) as port:
         g = await _attached_with_rx(srv, nursery)
@@ -239,13 +241,16 @@ async def test_an_established_flow_takes_the_express_and_counts_alike(backend, n
         [flow] = [f for f in device.stack.flows.snapshot(trio.current_time()) if f["proto"] == "udp"]
         assert flow["bytes_from_guest"] == sum(len(b"datagram %d" % i) for i in range(n))
         assert flow["bytes_to_guest"] == flow["bytes_from_guest"]
+        doc = await ask(ctl.path, "stats")
         if on:
             xp = device.express
             assert xp is not None and len(xp) == 1
             assert xp.snapshot()["datagrams"] == n - 1      # all but the flow's first
+            assert doc["nat"]["proxy"]["express"]["datagrams"] == n - 1
+            assert f"UDP express: 1/512 flows, {n - 1} datagrams" in stats_text(doc)
         else:
             assert device.express is None
-            assert "express" not in device.proxy.snapshot()
+            assert "express" not in doc["nat"]["proxy"] and "UDP express" not in stats_text(doc)
 
 
 @pytest.mark.hostnet_kw(answer_spin=0.0)

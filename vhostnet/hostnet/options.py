@@ -60,8 +60,8 @@ def add_hostnet_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-express", action="store_true",
                    help="every guest datagram through the stack's whole path: no UDP express "
                         "(by default, a UDP flow's datagrams after its first go from the TX ring "
-                        "straight to its host socket, in C; `vhostnet stats` shows it under "
-                        "hostnet.express)")
+                        "straight to its host socket, in C; `vhostnet stats` shows it, "
+                        "--json under nat.proxy.express)")
 
 
 def hostnet_from_args(args, guest_ip: str):

@@ -222,6 +222,10 @@ def nat_lines(nat: dict | None, forwards: list[dict]) -> list[str]:
         out.append(f"NAT        {'outbound' if nat['outbound'] else 'restricted (forwards only)'}; "
                    f"flows tcp {n['tcp']}/{nat['limits']['tcp']} udp {n['udp']}/{nat['limits']['udp']} "
                    f"icmp {n['icmp']}/{nat['limits']['icmp']}; {_kv(nat['counters'])}")
+        xp = (nat.get("proxy") or {}).get("express")
+        if xp is not None:
+            out.append(f"  UDP express: {xp['flows']}/{xp['capacity']} flows, {xp['datagrams']} datagrams "
+                       f"straight to their host sockets, emptied {xp['flushes']} times by a local bind")
         if nat["flows"]:
             out.append(f"  {'PROTO':<5} {'DIR':<3} {'GUEST':<21} {'REMOTE':<21} {'HOST':<43} "
                        f"{'STATE':<12} {'FROM-GUEST':>10} {'TO-GUEST':>10} {'AGE':>7}")
