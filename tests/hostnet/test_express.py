@@ -256,9 +256,7 @@ async def test_an_established_flow_takes_the_express_and_counts_alike(backend, n
 @pytest.mark.hostnet_kw(answer_spin=0.0)
 async def test_a_send_refused_in_the_express_still_answers_port_unreachable(backend, nursery):  # noqa: F811
     srv, _ = backend
-    host = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    host.bind(("127.0.0.1", 0))
-    port = host.getsockname()[1]
+    host, port = _udp_host()
     g = await _attached_with_rx(srv, nursery)
     g.fe.post_tx(_frame(GW / UDP(sport=41600, dport=port) / b"hello"))
     _step(srv)

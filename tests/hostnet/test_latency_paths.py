@@ -217,9 +217,7 @@ async def test_udp_answer_reaches_the_guest_in_the_kick_step(backend, nursery): 
 async def test_udp_spin_backs_off_from_a_silent_host(backend, nursery):  # noqa: F811
     """A host that never answers: SPIN_MISSES spins, then none for SPIN_BACKOFF."""
     srv, _ = backend
-    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    silent.bind(("127.0.0.1", 0))
-    port = silent.getsockname()[1]
+    silent, port = _udp_host()
     g = await attach(srv, nursery)
     proxy = srv.current.device.proxy
     calls = []
