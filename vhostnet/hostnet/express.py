@@ -25,10 +25,12 @@ and a local UDP socket bound in the stack (a TFTP transfer, say) empties
 the express, since a flow to a gateway port may then belong to the stack's
 service; the flows come back one datagram each, through the proxy.
 
-Off (`live` False) when the C module is not built, with `--no-express`,
-for a guest source address other than the configured one, and whenever
-the device's link layers are in the way (faults, stack-side taps: the
-device hands frames to the link's receiver then, as before).
+The device makes one only when the C module is built (vhostnet/native;
+`backend.express` in inspect and stats says why not) and not with
+`--no-express`. It takes nothing from a guest source address other than
+the configured one, nor while the device's link layers are in the way
+(faults, stack-side taps: the device hands frames to the link's receiver
+then, as before).
 """
 from __future__ import annotations
 
@@ -46,7 +48,6 @@ class UdpExpress:
     def __init__(self, stack, proxy, capacity: int, *, gateway_mac: bytes, guest_ip: bytes):
         self.stack = stack
         self.p = proxy
-        self.live = native.AVAILABLE
         self.capacity = max(int(capacity), 1)
         self.sent = 0           # datagrams that took the express
         self.flushes = 0        # times a local UDP bind emptied it
@@ -56,8 +57,6 @@ class UdpExpress:
         self._deleted = 0
         self._binds = None      # the stack's UDP bind count the entries were made under
         self._guest_mac = None  # the guest's MAC the entries were made under
-        if not self.live:
-            return
         ffi, lib = native.ffi, native.lib
         size = 1
         while size < 2 * self.capacity:
@@ -82,9 +81,8 @@ class UdpExpress:
     # ------------------------------------------------------------ entries
     def add(self, relay, guest_ip: bytes, sport: int, dst_ip: bytes, dport: int) -> bool:
         """Enter RELAY's flow (its socket open and connected). False: not entered
-        (off, another source address, the guest's MAC not known, or full)."""
-        if not self.live or guest_ip != self.guest_ip or getattr(relay, "xslot", None) is not None \
-                or not self._free:
+        (another source address, the guest's MAC not known, or full)."""
+        if guest_ip != self.guest_ip or relay.xslot is not None or not self._free:
             return False
         st = self.stack
         arp = st.arp.entries.get(guest_ip)
@@ -114,7 +112,7 @@ class UdpExpress:
 
     def remove(self, relay) -> None:
         """RELAY's flow out of the express, before its socket closes."""
-        e = getattr(relay, "xslot", None)
+        e = relay.xslot
         if e is None:
             return
         x = self._ent[e]
@@ -158,7 +156,7 @@ class UdpExpress:
     @property
     def pending(self) -> int:
         """Entries with counts to settle."""
-        return self._nd[0] if self.live else 0
+        return self._nd[0]
 
     def settle(self, now: float) -> None:
         """The counts of the datagrams sent since the last settle, to the flow
@@ -179,8 +177,6 @@ class UdpExpress:
             nbytes, dropped, failed, err, sent = x.bytes, x.dropped, x.failed, x.err, x.sent
             x.sent = x.dropped = x.failed = x.err = x.dirty = 0
             x.bytes = 0
-            if r is None:
-                continue
             self.sent += n
             expressed(now, r.fid, n, nbytes, mac)
             if dropped:
@@ -191,6 +187,5 @@ class UdpExpress:
                 p.expect_answer(r)
 
     def snapshot(self) -> dict:
-        return {"available": native.AVAILABLE, "live": self.live, "reason": native.REASON,
-                "flows": len(self), "capacity": self.capacity, "datagrams": self.sent,
+        return {"flows": len(self), "capacity": self.capacity, "datagrams": self.sent,
                 "flushes": self.flushes}

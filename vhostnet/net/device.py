@@ -65,6 +65,7 @@ from stack.services.dns import DnsQuery
 
 from vhostnet.hostnet.dns import DnsForwarder
 from vhostnet.hostnet.express import UdpExpress
+from vhostnet import native as express_native
 from vhostnet.logging_setup import one_line_traceback
 
 from vhostnet.virtio import features as F
@@ -173,12 +174,11 @@ class NetDevice:
         self.express = None
         self._stack_receive = self.stack.receive
         self._express_receive = None
-        if self.proxy is not None and hostnet.config.express:
-            xp = UdpExpress(self.stack, self.proxy, hostnet.config.flows.max_udp,
-                            gateway_mac=self.config.gateway_mac_b, guest_ip=self.config.guest_ip_b)
-            if xp.live:
-                self.express = self.proxy.express = xp
-                self._express_receive = xp.receiver(self._stack_receive)
+        if self.proxy is not None and hostnet.config.express and express_native.AVAILABLE:
+            xp = self.express = self.proxy.express = UdpExpress(
+                self.stack, self.proxy, hostnet.config.flows.max_udp,
+                gateway_mac=self.config.gateway_mac_b, guest_ip=self.config.guest_ip_b)
+            self._express_receive = xp.receiver(self._stack_receive)
         self._services = net_services is not None
         self.dns = (DnsForwarder(dns_upstreams, budget=net_services.dns_timeout * 0.9,
                                  max_pending=net_services.dns_max_inflight)

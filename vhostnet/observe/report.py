@@ -20,6 +20,7 @@ import os
 import time
 
 from stack import native
+from vhostnet import native as express_native
 from stack.services.network import disabled_snapshot
 from vhostnet.hostnet.dns import DnsForwarder
 from vhostnet.link.control import stats_faults
@@ -55,6 +56,7 @@ def _backend_info(server, control=None) -> dict:
         "taps": len(server.taps) + len(getattr(getattr(control, "link", None), "stack_taps", ())),
         "control_errors": control.internal_errors if control else 0,
         "native": native.describe(),
+        "express": express_native.describe(),
     }
 
 
