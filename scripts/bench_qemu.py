@@ -241,6 +241,7 @@ class Run:
     results: dict = field(default_factory=dict)     # test -> (value, unit, details)
     cpu: dict = field(default_factory=dict)         # test -> {Meters.NAMES: %}
     irqs: dict = field(default_factory=dict)        # test -> interrupts the guest took for the NIC
+    lat: dict = field(default_factory=dict)         # test -> {"p50": µs, "p90": µs, "p99": µs} (tcp_bench)
     problems: list = field(default_factory=list)
     skipped: str | None = None
     notes: list = field(default_factory=list)
@@ -516,6 +517,8 @@ class Bench:
                     elif m := RESULT.match(line):
                         run.cpu[m[1]] = meters.end(m[1])
                         run.results[m[1]] = (float(m[2]), m[3], m[4].strip())
+                        if pct := percentiles(m[4]):
+                            run.lat[m[1]] = pct
                         log(f"{run.backend}: {m[1]} {m[2]} {m[3]}  ({m[4].strip()})")
                         if stats:
                             self._stats(ctl, m[1], stats)
@@ -605,6 +608,9 @@ def median_of(runs: list[Run], seconds: float = 0.0) -> Run:
         per_op = [r.irqs[t] / ops for r in got if t in r.irqs and (ops := operations(t, r.results[t][0], seconds))]
         if per_op:
             out.irqs[t] = median(per_op)
+        lats = [r.lat[t] for r in got if t in r.lat]
+        if lats:
+            out.lat[t] = {k: median([x[k] for x in lats]) for k in PERCENTILES}
     for i, r in enumerate(runs):
         out.problems += [f"boot {i + 1}: {p}" if len(runs) > 1 else p for p in r.problems]
         out.notes += [n for n in r.notes if n not in out.notes]
@@ -674,6 +680,15 @@ def table(rows: list[Run], tests: list[str], base: str = BASE) -> str:
                       "operation can take with them (median):"]
         body = [[r.backend] + [per_op(r, t) for t in lat] for r in rows if not r.skipped]
         lines += _grid(["backend"] + lat, body)
+    lat = [t for t in tests if any(t in r.lat for r in rows)]
+    if lat:
+        lines += ["", "one operation's time in the guest, µs: median / 90th / 99th percentile, and the "
+                      "mean (1 s / rate; the rate is what the mean makes, so a slow tail costs it "
+                      "as much as a slow median; median over boots):"]
+        body = [[r.backend] + [(f"{x['p50']:.0f} / {x['p90']:.0f} / {x['p99']:.0f} ({1e6 / r.results[t][0]:.0f})"
+                                if (x := r.lat.get(t)) and r.results.get(t, (0,))[0] else "-") for t in lat]
+                for r in rows if not r.skipped]
+        lines += _grid(["backend"] + lat, body)
     if any(r.irqs for r in rows):
         lines += ["", "interrupts the guest took for its NIC, per operation (round trip, connection, "
                       "ping; per MB for bulk; median):"]
@@ -681,6 +696,18 @@ def table(rows: list[Run], tests: list[str], base: str = BASE) -> str:
                 for r in rows if not r.skipped]
         lines += _grid(["backend"] + tests, body)
     return "\n".join(lines)
+
+
+#: What tcp_bench's crr and udp lines give of one operation's time, in µs.
+PERCENTILES = ("p50", "p90", "p99")
+_PCT = re.compile(r"\b(p50|p90|p99)_us=([0-9]+)")
+
+
+def percentiles(details: str) -> dict[str, float]:
+    """{"p50": µs, ...} from a result line's details; {} when it has none
+    (a guest image built before tcp_bench gave them)."""
+    got = {k: float(v) for k, v in _PCT.findall(details)}
+    return got if len(got) == len(PERCENTILES) else {}
 
 
 #: The request/response tests, one operation in flight: their CPU per operation.

@@ -119,6 +119,22 @@ def test_guest_interrupts_per_operation_are_a_median_over_boots(bq):
     assert not bq.median_of(boots).irqs                 # no seconds given: no per-op figure
 
 
+def test_operation_percentiles_come_from_tcp_bench_and_are_a_median_over_boots(bq):
+    line = "bench: udp 2000.0 rt/s round_trips=6000 seconds=3.000 lost=0 p50_us=400 p90_us=600 p99_us=1000"
+    m = bq.RESULT.match(line)
+    assert bq.percentiles(m[4]) == {"p50": 400.0, "p90": 600.0, "p99": 1000.0}
+    assert bq.percentiles(" round_trips=6000 seconds=3.000 lost=0") == {}     # an older guest image
+    assert bq.percentiles(" p50_us=1 p90_us=2") == {}                        # all three or none
+    boots = [run(bq, "vhostnet", udp=2000.0) for _ in range(3)]
+    for b, p50 in zip(boots, (400, 300, 500)):
+        b.lat["udp"] = {"p50": float(p50), "p90": 2.0 * p50, "p99": 3.0 * p50}
+    row = bq.median_of(boots)
+    assert row.lat["udp"] == {"p50": 400.0, "p90": 800.0, "p99": 1200.0}
+    text = bq.table([row], ["udp"], base="slirp")
+    assert "400 / 800 / 1200 (500)" in text            # the mean: 1 s / 2,000 rt/s
+    assert "one operation's time" not in bq.table([run(bq, "vhostnet", udp=2000.0)], ["udp"])
+
+
 def test_every_row_boots_in_every_place_of_a_round(bq):
     rows = ["vhostnet", "vhostnet-nooffloads", "slirp", "passt"]
     rounds = [bq.round_order(rows, rep) for rep in range(8)]

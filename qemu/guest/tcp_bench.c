@@ -12,8 +12,8 @@
  *
  *   bench: send 123.4 Mbit/s bytes=... seconds=...
  *   bench: recv 456.7 Mbit/s bytes=... seconds=...
- *   bench: crr 1049.0 conn/s conns=... seconds=... avg_ms=...
- *   bench: udp 2345.0 rt/s round_trips=... seconds=... lost=...
+ *   bench: crr 1049.0 conn/s conns=... seconds=... avg_ms=... p50_us=... p90_us=... p99_us=...
+ *   bench: udp 2345.0 rt/s round_trips=... seconds=... lost=... p50_us=... p90_us=... p99_us=...
  *
  * send: write 64 KiB chunks for SECONDS, then shutdown(SHUT_WR) and wait for
  *   the server to close (discard closes after our FIN), so the time counts
@@ -22,6 +22,10 @@
  * crr: a connection per iteration (the guest's ephemeral ports suffice for a
  *   few seconds at a few thousand per second; TIME-WAIT stays on our side).
  * udp: one datagram outstanding; a datagram lost for 200 ms is sent again.
+ *
+ * crr and udp also give percentiles of one operation's time (a histogram of
+ * LAT_STEP_US buckets): the rate is 1 / the mean, so a backend whose median
+ * operation is as fast as another's can still lose on its slow tail.
  *
  * Any failure (timeouts: 10 s to connect, 10 s without progress) prints
  * "FAIL: bench-MODE: ..." and exits 1.
@@ -32,6 +36,30 @@
 #define STALL_MS 10000
 
 static double g_seconds;
+
+/* One operation's time, in buckets of LAT_STEP_US up to LAT_BUCKETS of them;
+ * anything longer lands in the last. */
+#define LAT_STEP_US 5
+#define LAT_BUCKETS 4000
+static unsigned long g_lat[LAT_BUCKETS];
+
+static void lat_add(double seconds)
+{
+    long b = (long)(seconds * 1e6 / LAT_STEP_US);
+    g_lat[b < 0 ? 0 : b >= LAT_BUCKETS ? LAT_BUCKETS - 1 : b]++;
+}
+
+/* The upper edge of the bucket that holds the P-th percentile, in µs. */
+static unsigned long lat_pct(unsigned long total, double p)
+{
+    unsigned long want = (unsigned long)(total * p / 100.0), seen = 0;
+    for (long b = 0; b < LAT_BUCKETS; b++) {
+        seen += g_lat[b];
+        if (seen > want)
+            return (unsigned long)(b + 1) * LAT_STEP_US;
+    }
+    return (unsigned long)LAT_BUCKETS * LAT_STEP_US;
+}
 
 static void result(const char *mode, double value, const char *unit, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
@@ -135,6 +163,7 @@ static void bench_crr(const char *ip, int port)
     double t0 = now(), deadline = t0 + g_seconds, t;
     unsigned long conns = 0;
     while ((t = now()) < deadline) {
+        double op0 = t;
         int fd = tcp_connect(ip, port, 10000);
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
@@ -156,10 +185,12 @@ static void bench_crr(const char *ip, int port)
             fail("connection %lu: echoed 0x%02x, sent 0x%02x", conns, back & 0xff, c & 0xff);
         close(fd);
         conns++;
+        lat_add(now() - op0);
     }
     double secs = t - t0;
-    result("crr", conns / secs, "conn/s", "conns=%lu seconds=%.3f avg_ms=%.3f", conns, secs,
-           conns ? secs * 1e3 / conns : 0.0);
+    result("crr", conns / secs, "conn/s", "conns=%lu seconds=%.3f avg_ms=%.3f p50_us=%lu p90_us=%lu p99_us=%lu",
+           conns, secs, conns ? secs * 1e3 / conns : 0.0,
+           lat_pct(conns, 50), lat_pct(conns, 90), lat_pct(conns, 99));
 }
 
 static void bench_udp(const char *ip, int port)
@@ -175,6 +206,7 @@ static void bench_udp(const char *ip, int port)
     started("udp");
     double t0 = now(), deadline = t0 + g_seconds, t, last_ok = t0;
     while ((t = now()) < deadline) {
+        double op0 = t;
         memcpy(out, &n, sizeof n);
         memset(out + sizeof n, 'u', sizeof out - sizeof n);
         if (send(fd, out, sizeof out, 0) != (ssize_t)sizeof out)
@@ -199,6 +231,7 @@ static void bench_udp(const char *ip, int port)
         if (ok) {
             n++;
             last_ok = now();
+            lat_add(last_ok - op0);
         } else {
             lost++;
             if (now() - last_ok > STALL_MS / 1e3)
@@ -207,7 +240,8 @@ static void bench_udp(const char *ip, int port)
     }
     close(fd);
     double secs = t - t0;
-    result("udp", n / secs, "rt/s", "round_trips=%lu seconds=%.3f lost=%lu", n, secs, lost);
+    result("udp", n / secs, "rt/s", "round_trips=%lu seconds=%.3f lost=%lu p50_us=%lu p90_us=%lu p99_us=%lu",
+           n, secs, lost, lat_pct(n, 50), lat_pct(n, 90), lat_pct(n, 99));
 }
 
 int main(int argc, char **argv)

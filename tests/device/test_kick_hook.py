@@ -55,7 +55,8 @@ async def test_a_kick_runs_its_handler_from_the_hook(kick_clock, efd):
     assert kick_clock.runs == 1 and kick_clock.errors == 0
     assert K.current_kick_clock() is kick_clock
     assert kick_clock.describe() == {"available": True, "watching": 1, "runs": 1,
-                                     "waits": kick_clock.waits, "errors": 0}
+                                     "waits": kick_clock.waits, "calls": kick_clock.calls, "errors": 0}
+    assert kick_clock.calls >= 1        # the pass that slept until the kick asked the hook
 
 
 async def test_other_io_ends_the_hooks_wait(kick_clock, efd):

@@ -83,6 +83,7 @@ class KickClock(trio.abc.Clock):
         self.available: bool | None = None    # None: not looked up yet
         self.runs = 0                         # handlers run from the hook (kicks, reactor passes)
         self.waits = 0                        # times the hook slept in its epoll
+        self.calls = 0                        # trio passes that reached the hook (about to sleep)
         self.errors = 0
 
     # -- trio.abc.Clock ------------------------------------------------------
@@ -94,6 +95,7 @@ class KickClock(trio.abc.Clock):
         return time.perf_counter() + self._offset
 
     def deadline_to_sleep_time(self, deadline: float) -> float:
+        self.calls += 1
         timeout = deadline - self.current_time()
         if timeout <= 0 or not self._handlers or not self._setup():
             return max(timeout, 0.0)
@@ -168,7 +170,7 @@ class KickClock(trio.abc.Clock):
 
     def describe(self) -> dict:
         return {"available": bool(self.available) and self.enabled, "watching": len(self._handlers),
-                "runs": self.runs, "waits": self.waits, "errors": self.errors}
+                "runs": self.runs, "waits": self.waits, "calls": self.calls, "errors": self.errors}
 
     def _setup(self) -> bool:
         if self.available is None:
