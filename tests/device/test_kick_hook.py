@@ -55,7 +55,8 @@ async def test_a_kick_runs_its_handler_from_the_hook(kick_clock, efd):
     assert kick_clock.runs == 1 and kick_clock.errors == 0
     assert K.current_kick_clock() is kick_clock
     assert kick_clock.describe() == {"available": True, "watching": 1, "runs": 1,
-                                     "waits": kick_clock.waits, "calls": kick_clock.calls, "errors": 0}
+                                     "waits": kick_clock.waits, "calls": kick_clock.calls,
+                                     "timers": 0, "timer_runs": 0, "errors": 0}
     assert kick_clock.calls >= 1        # the pass that slept until the kick asked the hook
 
 
@@ -153,9 +154,54 @@ async def test_a_stale_token_does_not_unwatch_the_fds_next_owner(kick_clock, efd
     assert not kick_clock.watching(efd)
 
 
+async def test_a_timer_runs_from_the_hook_while_trio_sleeps_on(kick_clock):
+    """at(): FN runs once its time has passed, again at the time it returns,
+    never after it returns None; trio's own sleep is not cut short by it."""
+    seen = []
+
+    def fn(now):
+        seen.append(now)
+        return now + 0.002 if len(seen) < 5 else None
+    t0 = trio.current_time()
+    assert kick_clock.at(t0 + 0.002, fn, pytest.fail) is not None
+    calls0 = kick_clock.calls
+    with trio.fail_after(10):
+        await trio.sleep(0.1)               # the test's own deadline: one pass to wake it
+    assert len(seen) == 5 and seen[0] >= t0 + 0.002
+    assert all(b - a >= 0.002 for a, b in zip(seen, seen[1:]))
+    assert kick_clock.timer_runs == 5 and kick_clock.describe()["timers"] == 0
+    assert kick_clock.calls - calls0 <= 2   # five timer runs, no scheduler pass for any
+
+
+async def test_a_timer_that_raises_is_dropped_and_reported_and_cancel_stops_one(kick_clock):
+    reported, ran = [], []
+
+    def bad(now):
+        raise RuntimeError("a bug")
+    kick_clock.at(trio.current_time(), bad, reported.append)
+    gone = kick_clock.at(trio.current_time() + 0.001, ran.append, pytest.fail)
+    kick_clock.cancel(gone)
+    kick_clock.cancel(gone)                 # twice: no error
+    with trio.fail_after(10):
+        await trio.sleep(0.02)
+    assert [str(e) for e in reported] == ["a bug"] and kick_clock.errors == 1
+    assert ran == [] and kick_clock.describe()["timers"] == 0
+
+
+async def test_a_timer_that_makes_a_task_runnable_ends_the_wait(kick_clock):
+    ev = trio.Event()
+    kick_clock.at(trio.current_time() + 0.005, lambda now: ev.set(), pytest.fail)
+    waits0 = kick_clock.waits
+    with trio.fail_after(10):
+        await ev.wait()                     # trio's only deadline is 10 s away: the timer ends this
+    assert kick_clock.timer_runs == 1
+    assert kick_clock.waits - waits0 == 1   # the wait for the timer; none after it set the event
+
+
 async def test_off_or_without_trios_internals_nothing_is_watched(efd, monkeypatch):
     off = KickClock(enabled=False)
     assert off.watch(efd, pytest.fail, pytest.fail) is None
+    assert off.at(0.0, pytest.fail, pytest.fail) is None
     monkeypatch.setattr(K, "_runner", lambda: None)
     c = KickClock()
     assert c.watch(efd, pytest.fail, pytest.fail) is None

@@ -18,6 +18,13 @@ kick task runs after its wait (read the eventfd, drain the ring). Anything
 else ready, a deadline due, or a handler that made a task runnable ends the
 wait, and trio's pass goes on with sleep time 0.
 
+Timers (`at`): a sync function the hook runs once trio's clock passes its
+time, inside the same wait, with no scheduler pass; it returns when to run
+next. The safety poll's looks every 5 ms run so (safety_poll.py): as trio
+tasks each was a pass, and a kick that landed during one took trio's path.
+A timer runs only while trio sleeps, so its owner keeps a trio deadline of
+its own for when trio is busy.
+
 Nothing depends on the hook being called: each kick task still waits on
 its fd through trio as before. While trio is busy (tasks runnable, so the
 hook is not called) kicks take that path; when the hook has read a kick,
@@ -37,6 +44,7 @@ kicks take trio's path, and `available` says so.
 """
 from __future__ import annotations
 
+import math
 import select
 import time
 from typing import Callable
@@ -51,6 +59,8 @@ MAX_WAIT = 1.0
 #: Handlers run in one call of the hook before trio gets its pass anyway: a
 #: guest that kicks without pause cannot keep trio's scheduler from running.
 MAX_RUNS = 64
+#: The soonest an at() timer runs again after it ran, in seconds.
+MIN_TIMER = 1e-4
 
 
 def _runner():
@@ -76,6 +86,7 @@ class KickClock(trio.abc.Clock):
         self._offset = 10000.0 + time.perf_counter() % 1000.0
         self.enabled = enabled
         self._handlers: dict[int, tuple[Callable[[], None], Callable[[BaseException], None]]] = {}
+        self._timers: list[list] = []           # [when, fn, on_error] (at())
         self._ep: select.epoll | None = None
         self._trio_ready: select.epoll | None = None
         self._runner = None
@@ -84,6 +95,7 @@ class KickClock(trio.abc.Clock):
         self.runs = 0                         # handlers run from the hook (kicks, reactor passes)
         self.waits = 0                        # times the hook slept in its epoll
         self.calls = 0                        # trio passes that reached the hook (about to sleep)
+        self.timer_runs = 0                   # at() timers run from the hook (safety-poll looks)
         self.errors = 0
 
     # -- trio.abc.Clock ------------------------------------------------------
@@ -96,16 +108,30 @@ class KickClock(trio.abc.Clock):
 
     def deadline_to_sleep_time(self, deadline: float) -> float:
         self.calls += 1
-        timeout = deadline - self.current_time()
-        if timeout <= 0 or not self._handlers or not self._setup():
+        now = self.current_time()
+        timeout = deadline - now
+        if timeout <= 0 or not (self._handlers or self._timers) or not self._setup():
             return max(timeout, 0.0)
         runner, ep, trio_fd = self._runner, self._ep, self._trio_fd
-        handlers = self._handlers
+        handlers, timers = self._handlers, self._timers
         runs = 0
         while True:
+            if timers:
+                soonest = self._run_timers(now)
+                if runner.runq:
+                    return 0.0
+                timeout = min(runner.deadlines.next_deadline(), soonest) - now
+                if timeout <= 0:
+                    return 0.0
             self.waits += 1
             events = ep.poll(min(timeout, MAX_WAIT))
+            now = self.current_time()
             if not events:
+                # A timer of ours came due: run it at the loop's top, trio
+                # sleeps on. Anything else (trio's deadline, MAX_WAIT): its pass.
+                if timers and runner.deadlines.next_deadline() > now and \
+                        min(t[0] for t in timers) <= now:
+                    continue
                 return 0.0
             other = False
             for fd, _ev in events:
@@ -133,11 +159,37 @@ class KickClock(trio.abc.Clock):
             # or for something else. Only something else ends the wait.
             if other and self._trio_ready.poll(0):
                 return 0.0
-            timeout = runner.deadlines.next_deadline() - self.current_time()
+            now = self.current_time()
+            timeout = runner.deadlines.next_deadline() - now
             if timeout <= 0:
                 return 0.0
-            if not handlers:
+            if not handlers and not timers:
                 return timeout
+
+    def _run_timers(self, now: float) -> float:
+        """Run the timers due by NOW; the soonest time left (inf if none)."""
+        soonest = math.inf
+        for t in tuple(self._timers):
+            if t[0] > now:
+                soonest = min(soonest, t[0])
+                continue
+            self.timer_runs += 1
+            try:
+                nxt = t[1](now)
+            except Exception as e:          # never into trio's scheduler
+                self.errors += 1
+                nxt = None
+                try:
+                    t[2](e)
+                except Exception:
+                    pass
+            if nxt is None:
+                self.cancel(t)
+            else:
+                # Never due again at once: a timer cannot keep the hook looping.
+                t[0] = max(nxt, now + MIN_TIMER)
+                soonest = min(soonest, t[0])
+        return soonest
 
     # -- for the kick tasks --------------------------------------------------
 
@@ -165,12 +217,32 @@ class KickClock(trio.abc.Clock):
         except (OSError, ValueError):
             pass        # closed already: epoll dropped it with its last reference
 
+    def at(self, when: float, fn: Callable[[float], float | None],
+           on_error: Callable[[BaseException], None]):
+        """Run FN(now) from the hook once trio's clock passes WHEN, without
+        a scheduler pass; FN returns when to run next, or None for never.
+        Only while trio sleeps: a task that needs it on time keeps a trio
+        deadline of its own as well. Returns a token for cancel(), or None
+        if the hook is off."""
+        if not self.enabled or not self._setup():
+            return None
+        token = [when, fn, on_error]
+        self._timers.append(token)
+        return token
+
+    def cancel(self, token) -> None:
+        try:
+            self._timers.remove(token)
+        except ValueError:
+            pass        # ran its last already
+
     def watching(self, fd: int) -> bool:
         return fd in self._handlers
 
     def describe(self) -> dict:
         return {"available": bool(self.available) and self.enabled, "watching": len(self._handlers),
-                "runs": self.runs, "waits": self.waits, "calls": self.calls, "errors": self.errors}
+                "runs": self.runs, "waits": self.waits, "calls": self.calls,
+                "timers": len(self._timers), "timer_runs": self.timer_runs, "errors": self.errors}
 
     def _setup(self) -> bool:
         if self.available is None:

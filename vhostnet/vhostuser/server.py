@@ -165,7 +165,10 @@ class Connection:
         if q.kick_fd is None:
             self.nursery.start_soon(self._poll_loop, q, scope)
         else:
-            poll = self._polls[q.index] = safety_poll_for(q, self._drain)
+            # With the kick hook, it runs the poll's looks where trio would
+            # sleep (not with --idle-poll-us, whose waiter keeps trio busy).
+            hook = self._hook if self._hook is not None and not self.server.idle_poll else None
+            poll = self._polls[q.index] = safety_poll_for(q, self._drain, hook=hook)
             self.nursery.start_soon(self._queue_tasks, q, q.kick_fd, scope, poll)
 
     def _wake_polls(self) -> None:
