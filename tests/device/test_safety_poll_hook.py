@@ -88,3 +88,22 @@ async def test_the_looks_stop_when_quiet_and_a_kick_resumes_them(kick_clock, rea
     with trio.fail_after(5):
         while kick_clock.describe()["timers"] == 0:
             await trio.sleep(0.01)                  # and its looks are the hook's again
+
+
+async def test_a_look_that_raises_in_the_hook_stops_that_poll_alone(kick_clock, ready, server):
+    """A bug in a look run by the hook reaches the poll's task and the
+    server's usual handling: counted once, that ring's poll stops, the
+    traffic and trio's run go on."""
+    await still_works(ready, seq=1)
+    poll = polls(server)[TX]
+
+    def broken(now):
+        raise RuntimeError("look bug")
+    poll.look = broken
+    with trio.fail_after(5):
+        while not poll.failed:
+            await trio.sleep(0.01)
+    assert server.current.backend.errors["safety_poll_error"] == 1
+    assert kick_clock.errors == 1
+    for seq in (2, 3):
+        await still_works(ready, seq=seq)

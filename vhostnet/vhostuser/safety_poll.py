@@ -144,10 +144,10 @@ class SafetyPoll:
 
     async def _look_from_hook(self) -> None:
         """The same looks, run by the kick hook where trio would sleep: no
-        scheduler pass per look (issue 12: the looks' trio passes cost a
-        UDP round trip about 15 µs of backend CPU in the real race). This
-        task wakes only for what a look found, for the end of the looking
-        spell, or, if trio never slept for FALLBACK, to look itself."""
+        scheduler pass per look (issue 12: in a real guest's 3 s ping test
+        2 trio passes instead of 550, in its UDP test 320 instead of 700-1,000).
+        This task wakes only for what a look found, for the end of the
+        looking spell, or, if trio never slept for FALLBACK, to look itself."""
         self._quiet_since = self.clock()
         while True:
             self._found = self._failed = None
