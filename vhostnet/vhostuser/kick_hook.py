@@ -33,7 +33,8 @@ the stale readiness without waking the task (epoll(7)).
 
 Bounds: a handler is sync and does one drain step (its ring's budget); a
 step that leaves more work hands it back to a task (the handler's own
-choice), so the hook never loops on one ring; after MAX_RUNS handlers in
+choice), so the hook never loops on one ring; a timer never runs again
+sooner than MIN_TIMER after it ran; after MAX_RUNS handlers in
 one call trio gets its pass whatever comes. A handler that raises is
 unwatched, counted and reported to its owner; it can never end trio's run.
 
@@ -116,6 +117,7 @@ class KickClock(trio.abc.Clock):
         handlers, timers = self._handlers, self._timers
         runs = 0
         while True:
+            soonest = math.inf
             if timers:
                 soonest = self._run_timers(now)
                 if runner.runq:
@@ -129,8 +131,7 @@ class KickClock(trio.abc.Clock):
             if not events:
                 # A timer of ours came due: run it at the loop's top, trio
                 # sleeps on. Anything else (trio's deadline, MAX_WAIT): its pass.
-                if timers and runner.deadlines.next_deadline() > now and \
-                        min(t[0] for t in timers) <= now:
+                if soonest <= now < runner.deadlines.next_deadline():
                     continue
                 return 0.0
             other = False
@@ -168,8 +169,12 @@ class KickClock(trio.abc.Clock):
 
     def _run_timers(self, now: float) -> float:
         """Run the timers due by NOW; the soonest time left (inf if none)."""
+        timers = self._timers
+        soonest = min(t[0] for t in timers) if timers else math.inf
+        if soonest > now:
+            return soonest      # the common case (a kick between looks): nothing copied
         soonest = math.inf
-        for t in tuple(self._timers):
+        for t in tuple(timers):     # a timer may cancel or add timers
             if t[0] > now:
                 soonest = min(soonest, t[0])
                 continue

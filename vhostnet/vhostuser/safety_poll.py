@@ -150,8 +150,9 @@ class SafetyPoll:
         looking spell, or, if trio never slept for FALLBACK, to look itself."""
         self._quiet_since = self.clock()
         while True:
-            self._found = self._failed = None
-            self._quiet = False
+            # What the hook's look ended the wait with: ("found", entries),
+            # ("quiet",) or ("failed", exception); None: the guard fired.
+            self._outcome = None
             self._done = done = trio.Event()
             with trio.move_on_after(FALLBACK) as guard:
                 self._guard = guard
@@ -163,19 +164,20 @@ class SafetyPoll:
                     await done.wait()
                 finally:
                     self.hook.cancel(token)
-            if self._failed is not None:
-                raise self._failed
-            if self._quiet:
-                return
+            out = self._outcome
             now = self.clock()
-            if self._found is not None:
-                await self._hand_over(now, self._found)
-                self._quiet_since = now
-            elif guard.cancelled_caught:        # trio busy throughout: look from here
+            if out is None:                 # trio busy throughout: look from here
                 if await self.tick(now):
                     self._quiet_since = now
                 elif now - self._quiet_since >= QUIET_AFTER:
                     return
+            elif out[0] == "found":
+                await self._hand_over(now, out[1])
+                self._quiet_since = now
+            elif out[0] == "failed":
+                raise out[1]
+            else:
+                return
 
     def _hook_look(self, now: float) -> float | None:
         """A look from the hook: when to look next, or None (the task goes on)."""
@@ -183,9 +185,9 @@ class SafetyPoll:
         if moved:
             self._quiet_since = now
         if found is not None:
-            self._found = found
+            self._outcome = ("found", found)
         elif now - self._quiet_since >= QUIET_AFTER:
-            self._quiet = True
+            self._outcome = ("quiet",)
         else:
             self._guard.deadline = now + FALLBACK
             return now + INTERVAL
@@ -193,7 +195,7 @@ class SafetyPoll:
         return None
 
     def _hook_failed(self, e: BaseException) -> None:
-        self._failed = e
+        self._outcome = ("failed", e)
         self._done.set()
 
     async def _parked(self) -> None:
