@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import trio
@@ -177,6 +178,37 @@ def test_serve_mistakes(sockdir):
     r = vhostnet("serve", "--socket", str(sockdir / "v.sock"), "--pcap", str(sockdir / "no" / "x.pcap"))
     assert r.returncode == 1 and "cannot write" in r.stderr
     assert not os.path.exists(sockdir / "v.sock") and not os.path.exists(str(sockdir / "v.sock") + ".ctl")
+
+
+def test_serve_cpu(sockdir):
+    """--cpu: a CPU this process may not use is refused; auto pins, and inspect says where."""
+    mask = os.sched_getaffinity(0)
+    sock = sockdir / "v.sock"
+    if len(mask) >= 2:
+        r = vhostnet("serve", "--socket", str(sock), "--cpu", str(max(mask) + 1))
+        assert r.returncode == 2 and "not among this process's CPUs" in r.stderr
+        assert not sock.exists() and "Traceback" not in r.stderr
+    r = vhostnet("serve", "--cpu", "first")
+    assert r.returncode == 2 and "not a CPU: 'first'" in r.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "vhostnet", "serve", "--socket", str(sock),
+                             "--cpu", "auto", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ctl = str(sock) + ".ctl"
+        deadline = time.monotonic() + 15
+        while not os.path.exists(ctl):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.02)
+        r = vhostnet("inspect", "--control", ctl, "--json")
+        assert r.returncode == EXIT_NO_QEMU, r.stderr     # no QEMU: the backend alone
+        want = [max(mask)] if len(mask) >= 2 else sorted(mask)
+        assert json.loads(r.stdout)["backend"]["cpus"] == want
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert (f"pinned to CPU {max(mask)} (--cpu auto)" in err) == (len(mask) >= 2)
 
 
 def test_client_without_backend(sockdir, capsys):

@@ -23,6 +23,8 @@ FAKE = textwrap.dedent('''\
     path = next(a.split("path=", 1)[1] for a in argv if a.startswith("socket,id=chr0,path="))
     with open(os.environ["FAKE_QEMU_INFO"], "w") as f:
         f.write(f"{{os.getpid()}}\\n{{path}}\\n" + "\\n".join(argv))
+    with open(os.environ["FAKE_QEMU_INFO"] + ".cpus", "w") as f:
+        f.write(" ".join(map(str, sorted(os.sched_getaffinity(0)))))
     s = socket.socket(socket.AF_UNIX)
     s.connect(path)                       # the backend listens before QEMU starts
     print("console: hello from the guest", flush=True)
@@ -53,9 +55,9 @@ def fake_qemu(sockdir):
     return p
 
 
-def start(fake, info, mode, *extra, socket=None):
+def start(fake, info, mode, *extra, socket=None, run_args=()):
     argv = [sys.executable, "-m", "vhostnet", "run", "--qemu", str(fake), "--accel", "tcg",
-            "--log-level", "warning"]
+            "--log-level", "warning", *run_args]
     if socket:
         argv += ["--socket", str(socket)]
     argv += ["--", "-kernel", "bzImage", *extra]
@@ -239,3 +241,35 @@ def test_run_refuses_an_image_of_another_architecture(fake_qemu, sockdir):
                         "--machine", "virt-aarch64", "--image", str(image)],
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 2 and "boots the arm64 image, not amd64" in p.stderr
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs to choose from")
+def test_cpu_auto_pins_the_backend_and_leaves_qemu_its_mask(fake_qemu, sockdir):
+    mask = os.sched_getaffinity(0)
+    info = sockdir / "info"
+    p = start(fake_qemu, info, "hang", run_args=("--cpu", "auto"))
+    try:
+        while "ready" not in p.stdout.readline():
+            assert p.poll() is None, p.stderr.read()
+        assert os.sched_getaffinity(p.pid) == {max(mask)}     # the backend: run's own process
+        qemu_cpus = {int(c) for c in Path(str(info) + ".cpus").read_text().split()}
+        assert qemu_cpus == mask
+    finally:
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=30)
+    assert f"backend pinned to CPU {max(mask)} (--cpu auto)" in err
+    assert gone(info_of(info)[0]) and "Traceback" not in err
+
+
+def test_cpu_not_allowed_is_refused_before_qemu_starts(fake_qemu, sockdir):
+    mask = os.sched_getaffinity(0)
+    info = sockdir / "info"
+    bad = max(mask) + 1
+    p = start(fake_qemu, info, "poweroff", run_args=("--cpu", str(bad)))
+    out, err = p.communicate(timeout=30)
+    if len(mask) < 2:
+        assert p.returncode == 0, err          # one CPU: pinned already, nothing to choose
+        return
+    assert p.returncode == 2, err
+    assert f"--cpu {bad}: not among this process's CPUs" in err
+    assert not info.exists() and "Traceback" not in err

@@ -28,6 +28,7 @@ import sys
 import time
 
 from vhostnet import __version__
+from vhostnet.launch import affinity
 from vhostnet.link import cli as link_cli
 from vhostnet.observe import check as check_cli
 from vhostnet.virtio import features
@@ -310,6 +311,14 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
                         "sleeping, while the guest kicks again within that time (request/response "
                         "traffic); 0 always sleeps. Costs CPU only while it catches kicks "
                         f"(0..{round(MAX_IDLE_POLL * 1e6)}; default %(default)s)")
+    p.add_argument("--cpu", type=affinity.parse_cpu, default=affinity.CpuChoice(affinity.NONE),
+                   metavar="N|auto|none",
+                   help="pin the backend to one CPU: N, or 'auto' (the highest this process may "
+                        "use); QEMU and the guest stay where the scheduler puts them. A wake-up that "
+                        "stays on its CPU is cheaper, but a pinned backend can wait for a busy CPU: "
+                        "on the 2-core test VM it won some races and lost others (docs/benchmarks.md, "
+                        "\"What one wake-up costs\"; scripts/wake_cost.py measures your host). "
+                        "Default %(default)s")
     p.add_argument("--no-kick-hook", action="store_true",
                    help="wake for every kick through trio's scheduler, not from the kick hook "
                         "where trio would sleep (vhostnet/vhostuser/kick_hook.py; on by default: "
@@ -509,6 +518,12 @@ def cmd_serve(args) -> int:
             args.no_control = True
     setup(args.log_level, args.log_file)
     try:
+        cpu, _ = affinity.pin(args.cpu)      # before any thread: they inherit it
+    except (ValueError, OSError) as e:
+        if listener is not None:
+            listener.close()
+        return _fail(str(e), 2)
+    try:
         server, control, tap = serve.make_backend(args, sock_path, listener=listener)
     except (ValueError, OSError) as e:
         if listener is not None:
@@ -521,6 +536,8 @@ def cmd_serve(args) -> int:
               file=sys.stderr)
     if tap is not None:
         print(f"vhostnet: writing every frame to {args.pcap}", file=sys.stderr)
+    if cpu is not None:
+        print(f"vhostnet: pinned to CPU {cpu} (--cpu {args.cpu})", file=sys.stderr)
     sys.stderr.flush()
     try:
         kick_hook.run(functools.partial(serve_backend, server, control, tap, handle_signals=True),
@@ -589,6 +606,7 @@ def cmd_run(args) -> int:
                 launch.remove_dir(tmp)
     try:
         try:
+            cpu, qemu_cpus = affinity.pin(args.cpu)   # before any thread: they inherit it
             server, control, tap = serve.make_backend(args, sock)
         except (ValueError, OSError) as e:
             return _fail(str(e), 2 if isinstance(e, ValueError) else 1)
@@ -603,6 +621,9 @@ def cmd_run(args) -> int:
               f"with {accel}", file=sys.stderr)
         if control is not None:
             print(f"vhostnet: look inside: vhostnet inspect --control {control.path}", file=sys.stderr)
+        if cpu is not None:
+            print(f"vhostnet: backend pinned to CPU {cpu} (--cpu {args.cpu}); QEMU on CPUs "
+                  f"{affinity.describe(qemu_cpus)}", file=sys.stderr)
         if args.shell:
             print("vhostnet: a shell on the guest's console; leave it (exit) to power off, "
                   "Ctrl-A x quits QEMU", file=sys.stderr)
@@ -611,7 +632,8 @@ def cmd_run(args) -> int:
         try:
             with launch.raw_terminal(args.shell and sys.stdin.isatty()):
                 return kick_hook.run(functools.partial(launch.run_guest, server, control, argv, pcap_tap=tap,
-                                                       forward_stdin=sys.stdin.isatty()),
+                                                       forward_stdin=sys.stdin.isatty(),
+                                                       qemu_cpus=qemu_cpus if cpu is not None else None),
                                      kick_hook=not args.no_kick_hook)
         finally:
             serve.close_listeners(server, control)
@@ -675,6 +697,8 @@ def _backend_argv(args, sock: str, start: int) -> list[str]:
                      ("--no-express", "no_express")):
         if getattr(args, on, False):
             argv.append(flag)
+    if str(args.cpu) != affinity.NONE:
+        argv += ["--cpu", str(args.cpu)]
     for flag, name in (("--max-nat-tcp", "max_nat_tcp"), ("--max-nat-udp", "max_nat_udp")):
         if hasattr(args, name):
             argv += [flag, str(getattr(args, name))]

@@ -134,8 +134,9 @@ def _write(f, data: bytes) -> None:
 class _Guest:
     """One QEMU process under supervision."""
 
-    def __init__(self, argv: list[str], err, out):
+    def __init__(self, argv: list[str], err, out, cpus: set[int] | None = None):
         self.argv = argv
+        self.cpus = cpus        # QEMU's CPU mask when the backend is pinned (--cpu)
         self.out, self.err = out, err
         self.proc: trio.Process | None = None
         self.stop_reason: str | None = None
@@ -146,8 +147,13 @@ class _Guest:
         import subprocess
         if self.stop_reason is not None:   # interrupted before QEMU started
             return self.stop_status
+        cpus = self.cpus
+        # A child inherits its parent's CPU mask: QEMU gets the one the
+        # backend had before --cpu pinned it (a sched_setaffinity in the
+        # child, between fork and exec).
+        extra = {} if cpus is None else {"preexec_fn": lambda: os.sched_setaffinity(0, cpus)}
         self.proc = await trio.lowlevel.open_process(
-            self.argv, stdin=subprocess.PIPE if forward_stdin else subprocess.DEVNULL,
+            self.argv, **extra, stdin=subprocess.PIPE if forward_stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         try:
             async with trio.open_nursery() as nursery:
@@ -248,9 +254,10 @@ def _say_how_it_ended(guest: "_Guest", status: int, say) -> None:
 
 async def run_guest(server, control, argv: list[str], *, pcap_tap=None, forward_stdin: bool = False,
                     say=lambda msg: print(msg, file=sys.stderr, flush=True),
-                    err=None, out=None) -> int:
-    """The backend and one QEMU together; returns the exit status (see module doc)."""
-    guest = _Guest(argv, err or sys.stderr.buffer, out or sys.stdout.buffer)
+                    err=None, out=None, qemu_cpus: set[int] | None = None) -> int:
+    """The backend and one QEMU together; returns the exit status (see module doc).
+    QEMU_CPUS: QEMU's CPU mask, when this process (the backend) is pinned."""
+    guest = _Guest(argv, err or sys.stderr.buffer, out or sys.stdout.buffer, qemu_cpus)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_backend, server, control, pcap_tap)

@@ -57,6 +57,7 @@ def _backend_info(server, control=None) -> dict:
         "control_errors": control.internal_errors if control else 0,
         "native": native.describe(),
         "express": express_native.describe(),
+        "cpus": sorted(os.sched_getaffinity(0)),
     }
 
 
