@@ -50,6 +50,10 @@ Rows (--backends, comma-separated):
   vhostnet-noexpress   `serve --no-express`: every guest datagram through
                        the stack's whole path, none by the UDP express (not
                        in the default set)
+  vhostnet-cpu0, -cpu1, -cpuauto
+                       `serve --cpu 0` / `1` / `auto`: the backend pinned to
+                       one CPU, QEMU and the guest left to the scheduler (not
+                       in the default set)
   dpdk-floor           the floor of the udp and ping columns (not in the
                        default set; only those two): DPDK's testpmd as the
                        vhost-user back-end. For udp its `5tswap` mode sends
@@ -120,10 +124,14 @@ from vhostnet.testing.hostservers import HostServers  # noqa: E402
 from vhostnet.testing.processes import wait_path  # noqa: E402
 
 ALL_BACKENDS = ("vhostnet", "vhostnet-nooffloads", "slirp", "passt", "vhostnet-q2", "vhostnet-q4",
-                "vhostnet-nospin", "vhostnet-idle100", "vhostnet-idle300", "vhostnet-nohook", "vhostnet-noexpress", "dpdk-floor")
+                "vhostnet-nospin", "vhostnet-idle100", "vhostnet-idle300", "vhostnet-nohook", "vhostnet-noexpress",
+                "vhostnet-cpu0", "vhostnet-cpu1", "vhostnet-cpuauto", "dpdk-floor")
 #: Rows that are not in the default set (--backends names them).
 EXTRA_ROWS = ("vhostnet-q2", "vhostnet-q4", "vhostnet-nospin", "vhostnet-idle100", "vhostnet-idle300",
-              "vhostnet-nohook", "vhostnet-noexpress", "dpdk-floor")
+              "vhostnet-nohook", "vhostnet-noexpress", "vhostnet-cpu0", "vhostnet-cpu1",
+              "vhostnet-cpuauto", "dpdk-floor")
+#: Rows whose backend is pinned: `serve --cpu` (vhostnet/launch/affinity.py).
+CPU_ROWS = {"vhostnet-cpu0": "0", "vhostnet-cpu1": "1", "vhostnet-cpuauto": "auto"}
 FLOOR_ROW = "dpdk-floor"
 #: The tests the floor row can run, and testpmd's forwarding mode for each: a
 #: UDP datagram sent back with MACs, IPs and ports swapped is the echo's
@@ -370,6 +378,8 @@ class Bench:
                     argv.append("--no-kick-hook")
                 if name == "vhostnet-noexpress":
                     argv.append("--no-express")
+                if name in CPU_ROWS:
+                    argv += ["--cpu", CPU_ROWS[name]]
                 if name in IDLE_POLL_ROWS:
                     argv += ["--idle-poll-us", str(IDLE_POLL_ROWS[name])]
                 pairs = QUEUE_ROWS.get(name, 1)
