@@ -123,6 +123,9 @@ from vhostnet.testing import dpdk  # noqa: E402
 from vhostnet.testing.hostservers import HostServers  # noqa: E402
 from vhostnet.testing.processes import wait_path  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "scripts"))
+import wake_cost  # noqa: E402
+
 ALL_BACKENDS = ("vhostnet", "vhostnet-nooffloads", "slirp", "passt", "vhostnet-q2", "vhostnet-q4",
                 "vhostnet-nospin", "vhostnet-idle100", "vhostnet-idle300", "vhostnet-nohook", "vhostnet-noexpress",
                 "vhostnet-cpu0", "vhostnet-cpu1", "vhostnet-cpuauto", "dpdk-floor")
@@ -931,6 +934,10 @@ def main(argv: list[str] | None = None) -> int:
     accel = qemu.choose_accel(args.accel)
     idle_load = host_load(1.0)
     load_avg = os.getloadavg()
+    # What a wake-up costs now: on a shared VM it moves by 3x within a day,
+    # and every latency column is a chain of them (docs/benchmarks.md, "What
+    # one wake-up costs").
+    wake_start = wake_cost.measure()
     if idle_load > 20:
         log(f"warning: the host is busy before the benchmark ({idle_load:.0f}% of one core in "
             f"use by other processes); the numbers will be low and noisy")
@@ -958,6 +965,8 @@ def main(argv: list[str] | None = None) -> int:
           f"median of {args.repeat} boot(s) per backend, round-robin; host busy before start "
           f"{idle_load:.0f}% of one core; load average {load_avg[0]:.2f} at start, "
           f"{end_avg[0]:.2f} at end")
+    print(f"# {wake_cost.summary(wake_start)} at start; {wake_cost.summary(wake_cost.measure())} at end "
+          f"(scripts/wake_cost.py)")
     print(table(rows, args.tests))
     if not args.builtin:
         t = targets(rows)

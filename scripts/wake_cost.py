@@ -122,8 +122,7 @@ def measure(n: int = ROUND_TRIPS) -> dict[str, float]:
 
 def summary(rows: dict[str, float]) -> str:
     """One line for a benchmark's header."""
-    parts = [f"{v:.0f} µs {k}" for k, v in rows.items()]
-    return "eventfd wake-up round trip " + ", ".join(parts)
+    return "wake-up round trip, µs: " + " / ".join(f"{v:.0f} {k}" for k, v in rows.items())
 
 
 def main(argv: list[str] | None = None) -> int:
