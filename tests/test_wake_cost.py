@@ -6,7 +6,6 @@ import importlib.util
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
