@@ -205,6 +205,17 @@ def host_busy_seconds() -> float:
     return (sum(f[:8]) - f[3] - f[4]) / CLK_TCK
 
 
+#: /proc/stat's cpu line, the field after "cpu": steal, the time the
+#: hypervisor ran something else while this VM's vCPUs wanted to run (proc(5)).
+STEAL_FIELD = 7
+
+
+def steal_seconds() -> float:
+    """CPU seconds the hypervisor has taken from all of this VM's cores since boot."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return f[STEAL_FIELD] / CLK_TCK if len(f) > STEAL_FIELD else 0.0
+
+
 def host_load(seconds: float = 1.0) -> float:
     """Host-wide busy CPU over SECONDS, in % of one core."""
     a = host_busy_seconds()
@@ -938,6 +949,7 @@ def main(argv: list[str] | None = None) -> int:
     # and every latency column is a chain of them (docs/benchmarks.md, "What
     # one wake-up costs").
     wake_start = wake_cost.measure()
+    steal_start, t_start = steal_seconds(), time.monotonic()
     if idle_load > 20:
         log(f"warning: the host is busy before the benchmark ({idle_load:.0f}% of one core in "
             f"use by other processes); the numbers will be low and noisy")
@@ -965,6 +977,9 @@ def main(argv: list[str] | None = None) -> int:
           f"median of {args.repeat} boot(s) per backend, round-robin; host busy before start "
           f"{idle_load:.0f}% of one core; load average {load_avg[0]:.2f} at start, "
           f"{end_avg[0]:.2f} at end")
+    steal = 100.0 * (steal_seconds() - steal_start) / max(time.monotonic() - t_start, 1e-9)
+    print(f"# hypervisor steal during the run: {steal:.0f}% of one core (time the VM's "
+          f"vCPUs wanted and did not get; on a shared VM the races' rates fall with it)")
     print(f"# {wake_cost.summary(wake_start)} at start; {wake_cost.summary(wake_cost.measure())} at end "
           f"(scripts/wake_cost.py)")
     print(table(rows, args.tests))

@@ -159,3 +159,13 @@ def test_cpu_per_operation_by_party_and_slirp_counted_once(bq):
     text = bq.table([v, s], ["udp", "ping"])
     block = text.split("CPU per operation")[1]
     assert "100/30/90 (220) of 250" in block and "ping" not in block.splitlines()[1]
+
+
+def test_steal_is_read_from_the_cpu_line_of_proc_stat(bq, tmp_path, monkeypatch):
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    stat = tmp_path / "stat"
+    stat.write_text(f"cpu  10 0 5 900 1 0 2 {3 * bq.CLK_TCK} 0 0\ncpu0 1 2 3\n")
+    real = bq.Path
+    monkeypatch.setattr(bq, "Path", lambda p: stat if p == "/proc/stat" else real(p))
+    assert bq.steal_seconds() == 3.0
+    assert bq.host_busy_seconds() == (10 + 5 + 2 + 3 * bq.CLK_TCK) / bq.CLK_TCK   # steal counts as busy
