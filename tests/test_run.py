@@ -273,3 +273,9 @@ def test_cpu_not_allowed_is_refused_before_qemu_starts(fake_qemu, sockdir):
     assert p.returncode == 2, err
     assert f"--cpu {bad}: not among this process's CPUs" in err
     assert not info.exists() and "Traceback" not in err
+    # --reconnect: refused as early, not by backend children started over and over.
+    p = start(fake_qemu, info, "poweroff", run_args=("--reconnect", "--cpu", str(bad)))
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 2, err
+    assert err.count("not among this process's CPUs") == 1
+    assert not info.exists() and "Traceback" not in err

@@ -591,6 +591,9 @@ def cmd_run(args) -> int:
             image = image.with_apps()
         accel = qemu.machine_accel(args.accel, machine) if binary == machine.qemu \
             else qemu.choose_accel(args.accel, binary)
+        # Here, so that --reconnect's backend children are not started, and
+        # restarted, only to refuse it one after another.
+        args.cpu.resolve(os.sched_getaffinity(0))
     except qemu.ImageNotBuilt as e:
         return _fail(f"{e}; or boot your own guest: vhostnet run -- -kernel ... (see --help)")
     except (launch.RunError, ValueError) as e:
