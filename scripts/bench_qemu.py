@@ -199,20 +199,26 @@ def cpu_seconds(pid: int, tid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+#: Fields of /proc/stat's "cpu" line, after the word (proc(5)): idle and iowait
+#: are not busy; steal is the time the hypervisor ran something else while
+#: this VM's vCPUs wanted to run.
+IDLE_FIELD, IOWAIT_FIELD, STEAL_FIELD = 3, 4, 7
+
+
+def _cpu_ticks() -> list[int]:
+    """/proc/stat's all-cores "cpu" line, in clock ticks since boot."""
+    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+
 def host_busy_seconds() -> float:
     """CPU seconds all cores have spent busy (not idle/iowait) since boot."""
-    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(f[:8]) - f[3] - f[4]) / CLK_TCK
-
-
-#: /proc/stat's cpu line, the field after "cpu": steal, the time the
-#: hypervisor ran something else while this VM's vCPUs wanted to run (proc(5)).
-STEAL_FIELD = 7
+    f = _cpu_ticks()
+    return (sum(f[:STEAL_FIELD + 1]) - f[IDLE_FIELD] - f[IOWAIT_FIELD]) / CLK_TCK
 
 
 def steal_seconds() -> float:
     """CPU seconds the hypervisor has taken from all of this VM's cores since boot."""
-    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    f = _cpu_ticks()
     return f[STEAL_FIELD] / CLK_TCK if len(f) > STEAL_FIELD else 0.0
 
 
