@@ -19,10 +19,11 @@ woken and wakes us back). Rows:
 
 On a machine where "across CPUs" is far above "one CPU", every extra party
 on an operation's path costs that difference (docs/benchmarks.md, "What
-one wake-up costs"). bench_qemu.py prints the first two rows with every
-table, since they move with the hour on a shared host.
+one wake-up costs"). bench_qemu.py prints all three rows at the start and
+end of every race, since they move with the hour on a shared host.
 
-Python's own cost is in every row (about 2-4 µs per round trip here), so
+Python's own cost is in every row (about 4 µs per round trip here: the same
+writes, polls and reads on one eventfd that is always ready, no wake-up), so
 compare rows, not absolute numbers with a C program's.
 """
 from __future__ import annotations
@@ -129,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--round-trips", type=int, default=ROUND_TRIPS)
+    p.add_argument("--round-trips", type=int, default=ROUND_TRIPS, metavar="N",
+                   help="timed round trips per row, 10..1000000 (default %(default)s; "
+                        f"{WARMUP} more are run first, untimed)")
     p.add_argument("--json", action="store_true", help="the rows as a JSON object, µs per round trip")
     args = p.parse_args(argv)
     if not 10 <= args.round_trips <= 1_000_000:
