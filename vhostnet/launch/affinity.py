@@ -80,14 +80,10 @@ def pin(choice: CpuChoice) -> tuple[int | None, set[int]]:
 
 def describe(cpus: set[int]) -> str:
     """CPUS as a list like taskset's: 0-3,6."""
-    out, run = [], []
+    runs: list[list[int]] = []          # [first, last] of each run of consecutive CPUs
     for c in sorted(cpus):
-        if run and c == run[-1] + 1:
-            run.append(c)
-            continue
-        if run:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [c]
-    if run:
-        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(out)
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
