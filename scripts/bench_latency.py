@@ -5,6 +5,7 @@
     python3 scripts/bench_latency.py --base /work/main     # this tree vs another, interleaved
     python3 scripts/bench_latency.py --strace --tests udp  # syscalls per round trip
     python3 scripts/bench_latency.py --pyspy u.txt --tests udp  # py-spy of the backend
+    python3 scripts/bench_latency.py --path --tests udp,ping    # the backend's path, segment by segment
     python3 scripts/bench_latency.py --base-args=--no-kick-hook --gap 0.2 --tests ping
                                      # this tree with and without the kick hook, ops 0.2 s apart
 
@@ -58,6 +59,7 @@ from scapy.layers.l2 import Ether  # noqa: E402
 
 from stack import NetConfig  # noqa: E402
 from tests.hostnet.guest import FeGuest  # noqa: E402
+import path_trace  # noqa: E402  (scripts/, beside this file)
 from vhostnet.testing.frontend import Frontend  # noqa: E402
 from vhostnet.testing.processes import end, start, wait_path  # noqa: E402
 from vhostnet.virtio import features as F  # noqa: E402
@@ -174,20 +176,29 @@ async def one_test(sock: str, test: str, echo_port: int):
     return op, g, fe
 
 
-def run_backend(tree: Path, sock: str, log: Path, extra: tuple = ()) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "vhostnet", "serve", "--socket", sock, "--once",
+def run_backend(tree: Path, sock: str, log: Path, extra: tuple = (),
+                trace: Path | None = None) -> subprocess.Popen:
+    """`vhostnet serve` of TREE; with TRACE, through scripts/path_trace.py, which stamps its path there."""
+    entry = ["-m", "vhostnet"] if trace is None else [str(ROOT / "scripts" / "path_trace.py")]
+    argv = [sys.executable, *entry, "serve", "--socket", sock, "--once",
             "--no-services", "--log-level", "warning", *extra]
-    return start(argv, log, cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree)))
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    if trace is not None:
+        env[path_trace.ENV] = str(trace)
+    return start(argv, log, cwd=tree, env=env)
 
 
 def measure(tree: Path, test: str, seconds: float, echo_port: int, tmp: Path, *,
             strace: bool = False, pyspy: Path | None = None, extra: tuple = (),
-            gap: float = 0.0) -> dict:
+            gap: float = 0.0, path: bool = False) -> dict:
     """One backend process, one test: warm up, then SECONDS of ops. STRACE / PYSPY
     attach to the backend for the measured window only (not start-up)."""
     sock = str(tmp / "lat.sock")
     st = tmp / "strace.txt" if strace else None
-    proc = run_backend(tree, sock, tmp / "backend.log", extra)
+    trace = tmp / "path.trace" if path else None
+    if trace is not None and trace.exists():
+        trace.unlink()
+    proc = run_backend(tree, sock, tmp / "backend.log", extra, trace)
     res: dict = {}
     try:
         try:
@@ -232,6 +243,10 @@ def measure(tree: Path, test: str, seconds: float, echo_port: int, tmp: Path, *,
         end(proc, linger=5, grace=10, sig=signal.SIGINT)   # --once: it ends when the frontend goes
         if os.path.exists(sock):
             os.unlink(sock)
+    if trace is not None:
+        if not trace.exists():
+            raise RuntimeError("the traced backend wrote no trace: " + (tmp / "backend.log").read_text()[-500:])
+        res["path"] = path_trace.summarize(*path_trace.load(trace))
     if st is not None and st.exists():
         res["syscalls"] = parse_strace(st.read_text(), res.get("ops", 0))
         res["strace"] = st.read_text()
@@ -279,6 +294,9 @@ def main(argv=None) -> int:
     p.add_argument("--gap", type=float, default=0.0, metavar="SECONDS",
                    help="idle time before each op (0..1; default 0: back to back)")
     p.add_argument("--strace", action="store_true", help="count the backend's syscalls per op")
+    p.add_argument("--path", action="store_true",
+                   help="also time the backend's path per op, segment by segment "
+                        "(scripts/path_trace.py: kick, send, answer, call, sleep)")
     p.add_argument("--pyspy", type=Path, default=None, metavar="FILE",
                    help="py-spy (collapsed stacks) of the backend during the first test, into FILE")
     args = p.parse_args(argv)
@@ -312,7 +330,8 @@ def main(argv=None) -> int:
         for rep in range(args.repeat):
             for t in tests:
                 for name, tree, extra in (trees if rep % 2 == 0 else trees[::-1]):
-                    r = measure(tree, t, args.seconds, echo, tmp, extra=extra, gap=args.gap)
+                    r = measure(tree, t, args.seconds, echo, tmp, extra=extra, gap=args.gap,
+                                path=args.path)
                     results.setdefault((name, t), []).append(r)
                     print(f"bench: {name} {t}: {r['rate']:.0f}/s, {r['cpu_us']:.0f} µs/op "
                           f"({r['sys_us']:.0f} kernel), {r['sleeps']:.2f} sleeps/op, "
@@ -343,7 +362,35 @@ def main(argv=None) -> int:
             line += (f"{meds['this'][0] / meds['base'][0]:15.2f}x{meds['this'][1] / meds['base'][1]:14.2f}x"
                      f"{meds['this'][3] / meds['base'][3]:14.2f}x")
         print(line)
+    if args.path:
+        print()
+        print(path_table(tests, trees, results))
     return 0
+
+
+def path_table(tests, trees, results) -> str:
+    """--path: each segment's median µs (the median over runs of each run's
+    median), per test and tree; with a base, the ratio this/base."""
+    names = [n for n, _ in path_trace.SEGMENTS]
+    lines = ["the backend's path per op, µs (median; scripts/path_trace.py: each stamp is a "
+             "Python call more, so compare trees, not absolutes):"]
+    head = f"{'test':6} {'tree':5} " + "".join(f"{n:>14}" for n in names)
+    lines.append(head)
+    for t in tests:
+        meds = {}
+        for n, _, _ in trees:
+            runs = [r["path"] for r in results[(n, t)]]
+            meds[n] = {seg: median([p[seg]["p50_us"] for p in runs if seg in p]) for seg in names}
+            lines.append(f"{t:6} {n:5} " + "".join(
+                f"{'-':>14}" if meds[n][seg] != meds[n][seg] else f"{meds[n][seg]:14.1f}" for seg in names))
+        if len(trees) > 1:
+            cells = []
+            for seg in names:
+                a, b = meds["this"][seg], meds["base"][seg]
+                cells.append(f"{a / b:13.2f}x" if a == a and b == b and b > 0 else f"{'-':>14}")
+            lines.append(f"{t:6} {'ratio':5} " + "".join(cells))
+    lines.append("segments: " + "; ".join(f"{n}: {d}" for n, d in path_trace.SEGMENTS))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
