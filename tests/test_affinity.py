@@ -21,6 +21,9 @@ def test_parse_and_resolve():
     assert parse_cpu("auto").resolve(allowed) == 4
     assert parse_cpu("1").resolve(allowed) == 1
     assert parse_cpu("none").resolve(allowed) is None
-    assert CpuChoice(7).resolve({0}) is None         # one CPU allowed: pinned already
+    assert CpuChoice(0).resolve({0}) is None         # one CPU allowed: pinned already
+    assert parse_cpu("auto").resolve({3}) is None
+    with pytest.raises(ValueError, match=r"--cpu 7: not among this process's CPUs \(0\)"):
+        CpuChoice(7).resolve({0})                   # another CPU named: refused, not ignored
     with pytest.raises(ValueError, match=r"--cpu 2: not among this process's CPUs \(0-1,4\)"):
         parse_cpu("2").resolve(allowed)

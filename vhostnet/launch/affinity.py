@@ -42,15 +42,19 @@ class CpuChoice:
 
     def resolve(self, allowed: set[int]) -> int | None:
         """The CPU to pin to among ALLOWED (this process's mask), or None."""
-        if self.spec == NONE or len(allowed) < 2:
+        if self.spec == NONE:
+            return None
+        if self.spec != AUTO and self.spec not in allowed:
+            # Refused even when one CPU is allowed: the user named another,
+            # and saying nothing would let them think it ran there.
+            raise ValueError(f"--cpu {self.spec}: not among this process's CPUs "
+                             f"({describe(allowed)})")
+        if len(allowed) < 2:
             return None         # one CPU allowed: pinned already
         if self.spec == AUTO:
             # The highest allowed: CPU 0 is where the host tends to take its
             # own interrupts and housekeeping.
             return max(allowed)
-        if self.spec not in allowed:
-            raise ValueError(f"--cpu {self.spec}: not among this process's CPUs "
-                             f"({describe(allowed)})")
         return self.spec
 
 

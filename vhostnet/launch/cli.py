@@ -318,7 +318,7 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
                         "stays on its CPU is cheaper, but a pinned backend can wait for a busy CPU: "
                         "on the 2-core test VM it won some races and lost others (docs/benchmarks.md, "
                         "\"What one wake-up costs\"; scripts/wake_cost.py measures your host). "
-                        "Default %(default)s")
+                        "A CPU this process may not use is refused (exit 2). Default %(default)s")
     p.add_argument("--no-kick-hook", action="store_true",
                    help="wake for every kick through trio's scheduler, not from the kick hook "
                         "where trio would sleep (vhostnet/vhostuser/kick_hook.py; on by default: "
