@@ -6,26 +6,18 @@ as the console parser would fill them, and the checks are on the arithmetic
 and on what the table says about missing or skipped cells."""
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_qemu.py"
+from tests.scripts import script_module
+
 
 
 @pytest.fixture(scope="module")
 def bq():
-    spec = importlib.util.spec_from_file_location("bench_qemu", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod          # its dataclasses look themselves up there
-    try:
-        spec.loader.exec_module(mod)
+    with script_module("bench_qemu") as mod:
         yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def cpu(bq, backend: float) -> dict:

@@ -3,7 +3,6 @@ refusal of a tree it cannot wrap, and a real traced backend under
 bench_latency.py --path. Nothing is timed: the numbers only have to be there."""
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 import subprocess
@@ -13,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.scripts import script_module
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "path_trace.py"
 
 
 @pytest.fixture(scope="module")
 def pt():
-    spec = importlib.util.spec_from_file_location("path_trace", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    with script_module("path_trace") as mod:
+        yield mod
 
 
 def _trace(pt, events):

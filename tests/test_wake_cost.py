@@ -2,23 +2,20 @@
 no process behind. Nothing is timed: the numbers only have to be there."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "wake_cost.py"
+from tests.scripts import script_module
+
 
 
 @pytest.fixture(scope="module")
 def wc():
-    spec = importlib.util.spec_from_file_location("wake_cost", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    with script_module("wake_cost") as mod:
+        yield mod
 
 
 def _no_children() -> bool:
