@@ -306,6 +306,9 @@ def main(argv=None) -> int:
             p.error(f"unknown test {t!r}")
     if not 1 <= args.repeat <= 20 or not 0.5 <= args.seconds <= 60 or not 0 <= args.gap <= 1:
         p.error("--repeat 1..20, --seconds 0.5..60, --gap 0..1")
+    if args.path and (args.strace or args.pyspy):
+        p.error("--path times the table's runs; it does not go with --strace or --pyspy, "
+                "which slow the backend they attach to")
     if args.base is not None and not (args.base / "vhostnet").is_dir():
         p.error(f"--base {args.base}: not a vhostnet tree")
     base_extra = tuple(args.base_args.split())
